@@ -1,0 +1,1 @@
+//! Inventory model (see issue 3/4).
