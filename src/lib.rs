@@ -10,7 +10,13 @@
 //! ([`api`]), which renders the EC2 and OpenStack trees from the
 //! [`inventory`]. Everything that touches io_uring lives in [`rt`].
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod config;
 pub mod http;
 pub mod inventory;
+pub mod log;
+pub mod proxy;
+pub mod rt;
 pub mod sign;
+pub mod signals;

@@ -1,1 +1,75 @@
-fn main() {}
+//! The `metaproxy` command line. `anyhow` is used here only.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use metaproxy::config::{self, ProxyConfig};
+use metaproxy::log::{self, Level};
+
+/// OpenStack's metadata path in one binary: namespace proxy, metadata agent, metadata API.
+#[derive(Parser, Debug)]
+#[command(name = "metaproxy", version, about, long_about = None)]
+struct Cli {
+    /// Log level on stderr.
+    #[arg(long, global = true, value_enum, default_value = "info")]
+    log_level: Level,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Namespace metadata proxy: serve 169.254.169.254 in every configured
+    /// router/network namespace and relay to the metadata agent's Unix socket.
+    Proxy {
+        /// Configuration file (TOML; see the README's reference).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration, print the effective settings and exit.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    log::set_level(cli.log_level);
+    if let Err(e) = run(cli) {
+        log::error(format_args!("{e:#}"));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Proxy { config, check } => run_proxy(&config, check),
+    }
+}
+
+fn load_proxy_config(path: &Path) -> Result<ProxyConfig> {
+    let file = config::load_file(path)?;
+    let Some(p) = file.proxy.as_ref() else {
+        bail!("{}: no [proxy] section", path.display());
+    };
+    Ok(ProxyConfig::try_from(p)?)
+}
+
+fn run_proxy(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_proxy_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    log::info(format_args!("effective proxy config: {cfg:?}"));
+    if check {
+        println!("{} is valid", path.display());
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let handle = metaproxy::proxy::start(cfg)?;
+    metaproxy::signals::notify_ready();
+    let sig = signals.wait_terminate();
+    log::info(format_args!("{sig}: draining and exiting"));
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! Configuration: serde file structs -> validated runtime config, once.
+//!
+//! The file layer uses `deny_unknown_fields` and defaults so a typo is an
+//! error naming the key, not a silently ignored setting. `TryFrom` turns it
+//! into runtime structs with `Duration`s and `NonZero*`; workers never read
+//! the file. Durations are written as `"30s"`, `"250ms"`, `"2m"` or a bare
+//! number of seconds.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::http::Limits;
+
+/// haproxy's `timeout http-request` as Neutron configures it.
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// haproxy's `timeout connect`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// haproxy's `timeout client`.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(32);
+/// haproxy's `timeout server`.
+pub const DEFAULT_SERVER_TIMEOUT: Duration = Duration::from_secs(32);
+/// haproxy's `timeout http-keep-alive`.
+pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long SIGTERM waits for in-flight requests.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Neutron's `metadata_backlog`.
+pub const DEFAULT_BACKLOG: i32 = 4096;
+/// haproxy's `maxconn` per Neutron proxy, here per namespace.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Requests in flight on one pooled agent connection.
+pub const DEFAULT_PIPELINE_DEPTH: usize = 8;
+/// Pooled agent connections per loop.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+/// Largest agent response relayed (user-data is at most 64 KiB in Nova).
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Neutron's default `metadata_proxy_socket` under the default `state_path`.
+pub const DEFAULT_AGENT_SOCKET: &str = "/var/lib/neutron/metadata_proxy";
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type error (the message carries line, column and key).
+    #[error("{path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// toml's message.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("invalid `{key}`: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `proxy.namespace[1].router_id`.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A duration as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurationFile {
+    /// Seconds.
+    Secs(u64),
+    /// `"30s"`, `"250ms"`, `"2m"`.
+    Text(String),
+}
+
+impl DurationFile {
+    fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
+        let d = match self {
+            DurationFile::Secs(s) => Duration::from_secs(*s),
+            DurationFile::Text(t) => parse_duration(t).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!("{t:?} is not a duration like \"30s\" or \"250ms\""),
+                )
+            })?,
+        };
+        if d.is_zero() {
+            return Err(invalid(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+}
+
+/// Parse `"30s"`, `"250ms"`, `"2m"` or `"5"` (seconds).
+pub fn parse_duration(t: &str) -> Option<Duration> {
+    let t = t.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "" | "s" => Some(Duration::from_secs(n)),
+        "ms" => Some(Duration::from_millis(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// One string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `listen = "0.0.0.0:9697"`
+    One(String),
+    /// `listen = ["0.0.0.0:9697", "[::]:9697"]`
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[proxy]`
+    #[serde(default)]
+    pub proxy: Option<ProxyFile>,
+}
+
+/// `[proxy.timeouts]`: haproxy's five timeouts.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    /// Whole request head must arrive within this.
+    pub http_request: Option<DurationFile>,
+    /// Connecting to the agent.
+    pub connect: Option<DurationFile>,
+    /// Client inactivity while reading a body or writing a response.
+    pub client: Option<DurationFile>,
+    /// Agent's response must start within this.
+    pub server: Option<DurationFile>,
+    /// Idle keep-alive connection lifetime.
+    pub keep_alive: Option<DurationFile>,
+}
+
+/// `[proxy.limits]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Request head bytes (431 beyond).
+    pub max_head_bytes: Option<usize>,
+    /// Request headers (431 beyond).
+    pub max_headers: Option<usize>,
+    /// Request body bytes (413 beyond).
+    pub max_body_bytes: Option<u64>,
+    /// Agent response bytes relayed (502 beyond).
+    pub max_response_bytes: Option<u64>,
+}
+
+/// `[proxy]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    /// Event loops; 0 or absent = one per core.
+    pub workers: Option<usize>,
+    /// The agent's Unix socket.
+    pub agent_socket: Option<PathBuf>,
+    /// listen(2) backlog of every TCP listener.
+    pub backlog: Option<i32>,
+    /// Concurrent client connections per namespace.
+    pub max_connections: Option<usize>,
+    /// Requests in flight per pooled agent connection.
+    pub upstream_pipeline_depth: Option<usize>,
+    /// Pooled agent connections per loop.
+    pub upstream_pool_size: Option<usize>,
+    /// SIGTERM drain bound.
+    pub drain_timeout: Option<DurationFile>,
+    /// Directory of named namespaces.
+    pub netns_dir: Option<PathBuf>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Static namespaces.
+    #[serde(default)]
+    pub namespace: Vec<NamespaceFile>,
+}
+
+/// `[[proxy.namespace]]`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceFile {
+    /// A name under the netns dir, or a path; absent = the daemon's own namespace.
+    pub netns: Option<String>,
+    /// Router UUID (qrouter namespaces).
+    pub router_id: Option<String>,
+    /// Network UUID (qdhcp / ovnmeta namespaces).
+    pub network_id: Option<String>,
+    /// Addresses to listen on.
+    pub listen: OneOrMany,
+}
+
+/// Which id the proxy stamps on requests from a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NsIdentity {
+    /// `X-Neutron-Router-ID`
+    Router(String),
+    /// `X-Neutron-Network-ID`
+    Network(String),
+}
+
+impl NsIdentity {
+    /// The header name injected upstream.
+    pub fn header_name(&self) -> &'static str {
+        match self {
+            NsIdentity::Router(_) => "X-Neutron-Router-ID",
+            NsIdentity::Network(_) => "X-Neutron-Network-ID",
+        }
+    }
+    /// The id value.
+    pub fn id(&self) -> &str {
+        match self {
+            NsIdentity::Router(id) | NsIdentity::Network(id) => id,
+        }
+    }
+}
+
+/// haproxy's five timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Whole request head.
+    pub http_request: Duration,
+    /// Agent connect.
+    pub connect: Duration,
+    /// Client body read / response write.
+    pub client: Duration,
+    /// Agent response.
+    pub server: Duration,
+    /// Idle keep-alive.
+    pub keep_alive: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            http_request: DEFAULT_HTTP_REQUEST_TIMEOUT,
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            client: DEFAULT_CLIENT_TIMEOUT,
+            server: DEFAULT_SERVER_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// One served namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceConfig {
+    /// Human name for logs (`qrouter-…` or `host`).
+    pub name: String,
+    /// Namespace file; `None` = own namespace.
+    pub netns: Option<PathBuf>,
+    /// Stamped identity.
+    pub identity: NsIdentity,
+    /// Listen addresses.
+    pub listen: Vec<SocketAddr>,
+}
+
+/// Validated proxy configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Loops.
+    pub workers: NonZeroUsize,
+    /// Agent socket.
+    pub agent_socket: PathBuf,
+    /// listen backlog.
+    pub backlog: i32,
+    /// Per-namespace connection cap.
+    pub max_connections: NonZeroUsize,
+    /// Pipelining depth per agent connection.
+    pub pipeline_depth: NonZeroUsize,
+    /// Agent connections per loop.
+    pub pool_size: NonZeroUsize,
+    /// SIGTERM drain bound.
+    pub drain_timeout: Duration,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Request limits.
+    pub limits: Limits,
+    /// Largest relayed response.
+    pub max_response_bytes: u64,
+    /// Static namespaces.
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+/// Check the canonical 8-4-4-4-12 hex UUID form Neutron uses for ids.
+pub fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+fn nonzero(key: &str, v: Option<usize>, default: usize) -> Result<NonZeroUsize, ConfigError> {
+    NonZeroUsize::new(v.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
+}
+
+fn dur(key: &str, v: &Option<DurationFile>, default: Duration) -> Result<Duration, ConfigError> {
+    v.as_ref().map_or(Ok(default), |d| d.parse(key))
+}
+
+impl TryFrom<&ProxyFile> for ProxyConfig {
+    type Error = ConfigError;
+
+    fn try_from(f: &ProxyFile) -> Result<Self, ConfigError> {
+        let workers = match f.workers {
+            None | Some(0) => {
+                NonZeroUsize::new(crate::rt::available_cpus()).unwrap_or(NonZeroUsize::MIN)
+            }
+            Some(n) if n > 1024 => return Err(invalid("proxy.workers", "at most 1024")),
+            Some(n) => NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
+        };
+        let backlog = f.backlog.unwrap_or(DEFAULT_BACKLOG);
+        if backlog < 1 {
+            return Err(invalid("proxy.backlog", "must be at least 1"));
+        }
+        let t = &f.timeouts;
+        let timeouts = Timeouts {
+            http_request: dur(
+                "proxy.timeouts.http_request",
+                &t.http_request,
+                DEFAULT_HTTP_REQUEST_TIMEOUT,
+            )?,
+            connect: dur(
+                "proxy.timeouts.connect",
+                &t.connect,
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            client: dur("proxy.timeouts.client", &t.client, DEFAULT_CLIENT_TIMEOUT)?,
+            server: dur("proxy.timeouts.server", &t.server, DEFAULT_SERVER_TIMEOUT)?,
+            keep_alive: dur(
+                "proxy.timeouts.keep_alive",
+                &t.keep_alive,
+                DEFAULT_KEEP_ALIVE_TIMEOUT,
+            )?,
+        };
+        let d = Limits::default();
+        let l = &f.limits;
+        let limits = Limits {
+            max_head_bytes: l.max_head_bytes.unwrap_or(d.max_head_bytes),
+            max_headers: l.max_headers.unwrap_or(d.max_headers),
+            max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
+        };
+        if !(256..=1024 * 1024).contains(&limits.max_head_bytes) {
+            return Err(invalid(
+                "proxy.limits.max_head_bytes",
+                "must be between 256 and 1048576",
+            ));
+        }
+        if !(1..=1024).contains(&limits.max_headers) {
+            return Err(invalid(
+                "proxy.limits.max_headers",
+                "must be between 1 and 1024",
+            ));
+        }
+        let netns_dir = f
+            .netns_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::rt::netns::DEFAULT_NETNS_DIR));
+        let mut namespaces = Vec::with_capacity(f.namespace.len());
+        for (i, ns) in f.namespace.iter().enumerate() {
+            namespaces.push(namespace_config(i, ns, &netns_dir)?);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, ns) in namespaces.iter().enumerate() {
+            for a in &ns.listen {
+                if !seen.insert((ns.netns.clone(), *a)) {
+                    return Err(invalid(
+                        format!("proxy.namespace[{i}].listen"),
+                        format!("{a} is already used by another entry in the same namespace"),
+                    ));
+                }
+            }
+        }
+        Ok(ProxyConfig {
+            workers,
+            agent_socket: f
+                .agent_socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
+            backlog,
+            max_connections: nonzero(
+                "proxy.max_connections",
+                f.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
+            pipeline_depth: nonzero(
+                "proxy.upstream_pipeline_depth",
+                f.upstream_pipeline_depth,
+                DEFAULT_PIPELINE_DEPTH,
+            )?,
+            pool_size: nonzero(
+                "proxy.upstream_pool_size",
+                f.upstream_pool_size,
+                DEFAULT_POOL_SIZE,
+            )?,
+            drain_timeout: dur(
+                "proxy.drain_timeout",
+                &f.drain_timeout,
+                DEFAULT_DRAIN_TIMEOUT,
+            )?,
+            timeouts,
+            limits,
+            max_response_bytes: l.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+            namespaces,
+        })
+    }
+}
+
+fn namespace_config(
+    i: usize,
+    ns: &NamespaceFile,
+    netns_dir: &Path,
+) -> Result<NamespaceConfig, ConfigError> {
+    let key = |k: &str| format!("proxy.namespace[{i}].{k}");
+    let identity = match (&ns.router_id, &ns.network_id) {
+        (Some(r), None) if is_uuid(r) => NsIdentity::Router(r.to_ascii_lowercase()),
+        (None, Some(n)) if is_uuid(n) => NsIdentity::Network(n.to_ascii_lowercase()),
+        (Some(r), None) => return Err(invalid(key("router_id"), format!("{r:?} is not a UUID"))),
+        (None, Some(n)) => return Err(invalid(key("network_id"), format!("{n:?} is not a UUID"))),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                key("router_id"),
+                "set exactly one of router_id and network_id, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                key("router_id"),
+                "set exactly one of router_id and network_id",
+            ))
+        }
+    };
+    let mut listen = Vec::new();
+    for (j, a) in ns.listen.items().into_iter().enumerate() {
+        let addr: SocketAddr = a.parse().map_err(|_| {
+            invalid(
+                format!("proxy.namespace[{i}].listen[{j}]"),
+                format!("{a:?} is not an address:port like \"0.0.0.0:9697\" or \"[::]:9697\""),
+            )
+        })?;
+        listen.push(addr);
+    }
+    if listen.is_empty() {
+        return Err(invalid(key("listen"), "needs at least one address"));
+    }
+    let (name, netns) = match &ns.netns {
+        None => ("host".to_string(), None),
+        Some(n) if n.is_empty() => return Err(invalid(key("netns"), "empty name")),
+        Some(n) => (n.clone(), Some(crate::rt::netns::resolve(n, netns_dir))),
+    };
+    Ok(NamespaceConfig {
+        name,
+        netns,
+        identity,
+        listen,
+    })
+}
+
+/// Read and parse a config file.
+///
+/// # Errors
+/// The file is unreadable or not valid TOML for [`FileConfig`].
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_str(&text, path)
+}
+
+/// Parse config text (`path` is only used in messages).
+///
+/// # Errors
+/// Not valid TOML for [`FileConfig`].
+pub fn parse_str(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(text: &str) -> Result<ProxyConfig, ConfigError> {
+        let f = parse_str(text, Path::new("t.toml"))?;
+        ProxyConfig::try_from(&f.proxy.unwrap_or_default())
+    }
+
+    #[test]
+    fn defaults_match_neutron_haproxy() {
+        let c = proxy("[proxy]\n").unwrap();
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.timeouts.client, Duration::from_secs(32));
+        assert_eq!(c.backlog, 4096);
+        assert_eq!(c.max_connections.get(), 1024);
+        assert_eq!(c.pipeline_depth.get(), 8);
+        assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
+    }
+
+    #[test]
+    fn namespace_entries_validate_and_name_the_key() {
+        let ok = proxy(
+            "[[proxy.namespace]]\nnetns = \"qrouter-1\"\nrouter_id = \"6E1F3B0C-9D6A-4F0E-8B7A-2C1D0E9F8A7B\"\nlisten = \"0.0.0.0:9697\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.namespaces[0].netns,
+            Some(PathBuf::from("/run/netns/qrouter-1"))
+        );
+        assert_eq!(
+            ok.namespaces[0].identity,
+            NsIdentity::Router("6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b".into())
+        );
+        let cases = [
+            ("router_id = \"nope\"\nlisten = \"0.0.0.0:1\"", "proxy.namespace[0].router_id"),
+            ("network_id = \"nope\"\nlisten = \"0.0.0.0:1\"", "proxy.namespace[0].network_id"),
+            ("listen = \"0.0.0.0:1\"", "proxy.namespace[0].router_id"),
+            (
+                "router_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\nnetwork_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\nlisten = \"0.0.0.0:1\"",
+                "proxy.namespace[0].router_id",
+            ),
+            (
+                "router_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\nlisten = [\"0.0.0.0:1\", \"localhost\"]",
+                "proxy.namespace[0].listen[1]",
+            ),
+        ];
+        for (body, key) in cases {
+            match proxy(&format!("[[proxy.namespace]]\n{body}\n")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{body}"),
+                other => panic!("{body}: expected Invalid({key}), got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused() {
+        let e = proxy("[proxy]\nworkerz = 2\n").unwrap_err().to_string();
+        assert!(e.contains("workerz"), "{e}");
+        let e = proxy("[proxy.timeouts]\nserver = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy.timeouts.server"), "{e}");
+        let e = proxy("[proxy.timeouts]\nserver = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy.timeouts.server"), "{e}");
+        let e = proxy("[proxy]\nupstream_pipeline_depth = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream_pipeline_depth"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+    }
+}

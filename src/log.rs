@@ -1,0 +1,67 @@
+//! Logging to stderr: one line per event that matters.
+//!
+//! A tiny leveled logger instead of a framework: the daemon logs start,
+//! listeners up and down, upstream errors and reloads, never one line per
+//! request at the default level, and never a secret.
+
+use std::fmt::Arguments;
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Log levels, most severe first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Level {
+    /// Something failed.
+    Error = 0,
+    /// Something is wrong but service continues.
+    Warn = 1,
+    /// Lifecycle events (default).
+    Info = 2,
+    /// Per-connection detail.
+    Debug = 3,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+/// Set the process-wide level.
+pub fn set_level(l: Level) {
+    LEVEL.store(l as u8, Ordering::Relaxed);
+}
+
+/// Whether `l` is enabled.
+pub fn enabled(l: Level) -> bool {
+    (l as u8) <= LEVEL.load(Ordering::Relaxed)
+}
+
+/// Write one line at level `l`.
+pub fn log(l: Level, args: Arguments<'_>) {
+    if !enabled(l) {
+        return;
+    }
+    let tag = match l {
+        Level::Error => "ERROR",
+        Level::Warn => "WARN",
+        Level::Info => "INFO",
+        Level::Debug => "DEBUG",
+    };
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("main");
+    let _ = writeln!(std::io::stderr().lock(), "metaproxy {tag} [{name}] {args}");
+}
+
+/// Log at error level.
+pub fn error(args: Arguments<'_>) {
+    log(Level::Error, args);
+}
+/// Log at warn level.
+pub fn warn(args: Arguments<'_>) {
+    log(Level::Warn, args);
+}
+/// Log at info level.
+pub fn info(args: Arguments<'_>) {
+    log(Level::Info, args);
+}
+/// Log at debug level.
+pub fn debug(args: Arguments<'_>) {
+    log(Level::Debug, args);
+}

@@ -1,0 +1,251 @@
+//! One VM connection: read a request, rewrite its trust headers, relay it
+//! through the upstream pool, write the answer back; repeat while keep-alive.
+//!
+//! Requests pipelined by a client are answered in order because they are
+//! handled one after another from the same buffer. While a connection is idle
+//! between requests it owns no buffer (see [`crate::rt::TcpConn::read_idle`]).
+//! Every wait is bounded by one of haproxy's timeouts via
+//! [`crate::rt::with_deadline`], which cancels the IO on expiry:
+//! - `http_request`: from the first byte of a request (or accept) to its complete head;
+//! - `keep_alive`: idle time between requests;
+//! - `client`: each body read and each response write;
+//! - `server`: inside the pool, from sending to the response.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use futures_util::future::{select, Either};
+
+use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::log;
+use crate::proxy::{LoopCtx, NsRuntime};
+use crate::rt::{self, TcpConn};
+
+/// Bytes asked for per read while a request is being assembled.
+const READ_CHUNK_BYTES: usize = 4096;
+
+/// How a connection ended (for debug logs and tests of the limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Done,
+    PeerClosed,
+    Timeout,
+    Stopping,
+    IoError,
+}
+
+/// Serve one accepted client connection until it closes.
+pub async fn serve(
+    ctx: Rc<LoopCtx>,
+    ns: Rc<NsRuntime>,
+    conn: TcpConn,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let end = serve_inner(&ctx, &ns, &conn, peer, accepted).await;
+    log::debug(format_args!(
+        "{}: connection from {peer} ended: {end:?}",
+        ns.cfg.name
+    ));
+    conn.shutdown();
+}
+
+async fn serve_inner(
+    ctx: &LoopCtx,
+    ns: &NsRuntime,
+    conn: &TcpConn,
+    peer: SocketAddr,
+    accepted: Instant,
+) -> End {
+    let cfg = &ctx.cfg;
+    let t = cfg.timeouts;
+    let mut xff = Vec::with_capacity(40);
+    http::format_ip_for_xff(peer.ip(), &mut xff);
+    let id_name = ns.cfg.identity.header_name().as_bytes();
+    let id_value = ns.cfg.identity.id().as_bytes();
+
+    let mut buf: Vec<u8> = Vec::new();
+    let mut first = true;
+    loop {
+        // 1. Wait for the first bytes of the next request, holding no buffer.
+        let head_deadline;
+        if buf.is_empty() {
+            buf = Vec::new();
+            let idle_deadline = if first {
+                accepted + t.http_request
+            } else {
+                Instant::now() + t.keep_alive
+            };
+            let read = rt::with_deadline(idle_deadline, conn.read_idle(buf, READ_CHUNK_BYTES));
+            let stop = ctx.stopping.wait();
+            futures_util::pin_mut!(read, stop);
+            match select(read, stop).await {
+                Either::Left((Ok((Ok(n), b)), _)) => {
+                    buf = b;
+                    if n == 0 {
+                        return End::PeerClosed;
+                    }
+                }
+                Either::Left((Ok((Err(_), _)), _)) => return End::IoError,
+                Either::Left((Err(rt::Elapsed), _)) => return End::Timeout,
+                Either::Right(_) => return End::Stopping,
+            }
+            head_deadline = if first {
+                accepted + t.http_request
+            } else {
+                Instant::now() + t.http_request
+            };
+        } else {
+            head_deadline = Instant::now() + t.http_request;
+        }
+        first = false;
+
+        // 2. Complete the head.
+        let head = loop {
+            match http::parse_request(&buf, &cfg.limits) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => return reject(ctx, conn, e.status()).await,
+            }
+            let (res, b) =
+                match rt::with_deadline(head_deadline, conn.read_append(buf, READ_CHUNK_BYTES))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(rt::Elapsed) => {
+                        ns.counters
+                            .http_request_timeouts
+                            .set(ns.counters.http_request_timeouts.get() + 1);
+                        return reject(ctx, conn, 408).await;
+                    }
+                };
+            buf = b;
+            match res {
+                Ok(0) => return End::PeerClosed,
+                Ok(_) => {}
+                Err(_) => return End::IoError,
+            }
+        };
+
+        // 3. The body (bounded by limits.max_body_bytes inside the parser/scanner).
+        let body_end = match read_body(ctx, conn, &mut buf, &head).await {
+            Ok(end) => end,
+            Err(BodyErr::Status(s)) => return reject(ctx, conn, s).await,
+            Err(BodyErr::End(e)) => return e,
+        };
+
+        // 4. Rewrite and relay.
+        let mut out = ctx.take_buf();
+        http::rewrite_proxy_request(&buf, &head, &xff, id_name, id_value, &mut out);
+        out.extend_from_slice(&buf[head.head_len..body_end]);
+        let is_head = head.method == http::Method::Head;
+        ns.counters.requests.set(ns.counters.requests.get() + 1);
+        let resp = match ctx.pool.request(out, is_head).await {
+            Ok(r) => r,
+            Err(e) => {
+                ns.counters
+                    .upstream_errors
+                    .set(ns.counters.upstream_errors.get() + 1);
+                log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
+                return reject(ctx, conn, e.status()).await;
+            }
+        };
+
+        // 5. Answer. Keep the client only if both sides allow it.
+        let keep = head.keep_alive && !resp.until_close && !ctx.stopping.is_set();
+        let mut w = ctx.take_buf();
+        http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
+        w.extend_from_slice(resp.body());
+        let write = rt::with_deadline(Instant::now() + t.client, conn.write_all(w)).await;
+        match write {
+            Ok((Ok(()), b)) => ctx.put_buf(b),
+            Ok((Err(_), _)) => return End::IoError,
+            Err(rt::Elapsed) => return End::Timeout,
+        }
+        if !keep {
+            return End::Done;
+        }
+        // Keep any pipelined bytes that followed this request.
+        buf.drain(..body_end);
+        if buf.is_empty() {
+            buf = Vec::new(); // release the capacity while idle
+        }
+    }
+}
+
+enum BodyErr {
+    Status(u16),
+    End(End),
+}
+
+/// Read the request body into `buf`; returns the offset where the request ends.
+async fn read_body(
+    ctx: &LoopCtx,
+    conn: &TcpConn,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+) -> Result<usize, BodyErr> {
+    let t = ctx.cfg.timeouts;
+    let start = head.head_len;
+    let mut sent_continue = false;
+    let mut scanner = match head.body {
+        RequestBody::None => return Ok(start),
+        RequestBody::Length(_) => None,
+        RequestBody::Chunked => Some(ChunkedScanner::new(ctx.cfg.limits.max_body_bytes)),
+    };
+    let mut scanned = 0usize;
+    loop {
+        match (&head.body, scanner.as_mut()) {
+            (RequestBody::Length(n), _) => {
+                let n = usize::try_from(*n).map_err(|_| BodyErr::Status(413))?;
+                if buf.len() >= start + n {
+                    return Ok(start + n);
+                }
+            }
+            (_, Some(sc)) => match sc.scan(&buf[start + scanned..]) {
+                Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
+                Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
+                Err(e) => return Err(BodyErr::Status(e.status())),
+            },
+            _ => return Ok(start),
+        }
+        if head.expect_continue && !sent_continue {
+            sent_continue = true;
+            let w = rt::with_deadline(
+                Instant::now() + t.client,
+                conn.write_static(http::CONTINUE_100),
+            )
+            .await;
+            if !matches!(w, Ok(Ok(()))) {
+                return Err(BodyErr::End(End::IoError));
+            }
+        }
+        let taken = std::mem::take(buf);
+        let (res, b) = match rt::with_deadline(
+            Instant::now() + t.client,
+            conn.read_append(taken, READ_CHUNK_BYTES),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(rt::Elapsed) => return Err(BodyErr::Status(408)),
+        };
+        *buf = b;
+        match res {
+            Ok(0) => return Err(BodyErr::End(End::PeerClosed)),
+            Ok(_) => {}
+            Err(_) => return Err(BodyErr::End(End::IoError)),
+        }
+    }
+}
+
+/// Send a canned error and end the connection.
+async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
+    let _ = rt::with_deadline(
+        Instant::now() + ctx.cfg.timeouts.client,
+        conn.write_static(http::canned(status)),
+    )
+    .await;
+    End::Done
+}

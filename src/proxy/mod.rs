@@ -1,0 +1,340 @@
+//! The namespace metadata proxy: one process, one loop per core, every namespace.
+//!
+//! Start-up creates every listener inside its namespace (a helper thread
+//! does `setns`, bind and listen, see [`crate::rt::netns`]). Each listening
+//! socket is then shared by all loops: every loop adopts a `dup` of it and
+//! runs its own accept on it, so the kernel hands each new connection to one
+//! waiting loop. We do not shard with `SO_REUSEPORT`: a stray haproxy still
+//! bound with `SO_REUSEPORT` would silently take half the traffic, where a
+//! plain bind fails loudly with "address in use".
+//!
+//! Per loop: a [`LoopCtx`] (config, upstream pool, drain event, buffer free
+//! list) and per namespace a [`NsRuntime`] (its config and counters). The
+//! per-namespace connection count is the one cross-core value (an atomic),
+//! because `max_connections` is a namespace limit, not a per-loop one.
+
+pub mod conn;
+pub mod upstream;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{NamespaceConfig, ProxyConfig};
+use crate::log;
+use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
+use crate::rt::{self, TcpAcceptor};
+
+/// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Buffers kept in a loop's free list.
+const FREE_BUFFERS: usize = 256;
+
+/// Messages from the control thread to the loops.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Stop accepting, drain in-flight requests, exit.
+    Stop,
+}
+
+/// One namespace's listeners, created in its namespace, shared by all loops.
+pub struct NamespaceListeners {
+    /// Its config.
+    pub cfg: NamespaceConfig,
+    /// Bound, listening sockets (one per address).
+    pub sockets: Vec<std::net::TcpListener>,
+    /// Connections open now, across all loops.
+    pub open: Arc<AtomicUsize>,
+}
+
+/// Per-namespace state on one loop.
+pub struct NsRuntime {
+    /// Its config.
+    pub cfg: NamespaceConfig,
+    /// Shared open-connection count.
+    pub open: Arc<AtomicUsize>,
+    /// Counters (this loop).
+    pub counters: Counters,
+}
+
+/// Event counters, per loop and namespace.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Connections accepted.
+    pub accepted: Cell<u64>,
+    /// Connections refused with 503 at `max_connections`.
+    pub over_limit: Cell<u64>,
+    /// Requests relayed to the agent.
+    pub requests: Cell<u64>,
+    /// Requests answered 502/503/504 because of the agent.
+    pub upstream_errors: Cell<u64>,
+    /// Heads that did not arrive within `http_request`.
+    pub http_request_timeouts: Cell<u64>,
+}
+
+/// Per-loop context shared by its tasks.
+pub struct LoopCtx {
+    /// Validated configuration.
+    pub cfg: Arc<ProxyConfig>,
+    /// Upstream pool of this loop.
+    pub pool: upstream::Pool,
+    /// Set when the loop drains.
+    pub stopping: Event,
+    /// Connections being served by this loop.
+    pub active: Cell<usize>,
+    free: RefCell<Vec<Vec<u8>>>,
+}
+
+impl LoopCtx {
+    /// A cleared buffer from the free list (or a new one).
+    pub fn take_buf(&self) -> Vec<u8> {
+        self.free.borrow_mut().pop().unwrap_or_default()
+    }
+    /// Return a buffer for reuse.
+    pub fn put_buf(&self, mut b: Vec<u8>) {
+        let mut f = self.free.borrow_mut();
+        if f.len() < FREE_BUFFERS && b.capacity() <= 64 * 1024 {
+            b.clear();
+            f.push(b);
+        }
+    }
+}
+
+/// Create every configured listener inside its namespace.
+///
+/// # Errors
+/// A namespace cannot be entered or an address cannot be bound; the message
+/// names the namespace and address.
+pub fn bind_all(cfg: &ProxyConfig) -> io::Result<Vec<NamespaceListeners>> {
+    let mut out = Vec::with_capacity(cfg.namespaces.len());
+    for ns in &cfg.namespaces {
+        let backlog = cfg.backlog;
+        let addrs = ns.listen.clone();
+        let sockets = rt::netns::in_namespace(ns.netns.as_deref(), move || {
+            addrs
+                .iter()
+                .map(|a| {
+                    rt::listen_tcp(*a, backlog)
+                        .map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))
+                })
+                .collect::<io::Result<Vec<_>>>()
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("namespace {}: {e}", ns.name)))?;
+        for (s, a) in sockets.iter().zip(&ns.listen) {
+            let bound = s.local_addr().unwrap_or(*a);
+            log::info(format_args!(
+                "listener up: {} {} -> {} {}",
+                ns.name,
+                bound,
+                ns.identity.header_name(),
+                ns.identity.id()
+            ));
+        }
+        out.push(NamespaceListeners {
+            cfg: ns.clone(),
+            sockets,
+            open: Arc::new(AtomicUsize::new(0)),
+        });
+    }
+    Ok(out)
+}
+
+/// A running proxy: its loops and their control channels.
+pub struct ProxyHandle {
+    controls: Vec<UnboundedSender<Control>>,
+    threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
+    /// Actual bound addresses, per namespace in config order.
+    pub bound: Vec<Vec<SocketAddr>>,
+}
+
+impl ProxyHandle {
+    /// Ask every loop to drain and wait for them to finish.
+    ///
+    /// # Errors
+    /// A loop failed.
+    pub fn stop(self) -> io::Result<()> {
+        for c in &self.controls {
+            let _ = c.unbounded_send(Control::Stop);
+        }
+        self.join()
+    }
+
+    /// Wait for the loops to end.
+    ///
+    /// # Errors
+    /// A loop failed.
+    pub fn join(self) -> io::Result<()> {
+        let mut first = Ok(());
+        for t in self.threads {
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("proxy loop panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// Bind every listener and start `cfg.workers` loops serving them.
+///
+/// # Errors
+/// Binding failed (the daemon must refuse to start) or a thread could not start.
+pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
+    let listeners = bind_all(&cfg)?;
+    let bound = listeners
+        .iter()
+        .map(|l| {
+            l.sockets
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect()
+        })
+        .collect();
+    let cfg = Arc::new(cfg);
+    let workers = cfg.workers.get();
+    log::info(format_args!(
+        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pipeline depth {}, pool {} per loop",
+        listeners.len(),
+        cfg.agent_socket.display(),
+        cfg.pipeline_depth,
+        cfg.pool_size
+    ));
+    let listeners = Arc::new(listeners);
+    let mut controls = Vec::with_capacity(workers);
+    let mut receivers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = crate::rt::sync::unbounded();
+        controls.push(tx);
+        receivers.push(std::sync::Mutex::new(Some(rx)));
+    }
+    let receivers = Arc::new(receivers);
+    let threads = rt::run_loops(workers, "proxy", move |i| {
+        let cfg = cfg.clone();
+        let listeners = listeners.clone();
+        let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
+        async move {
+            let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
+            run_loop(i, cfg, &listeners, rx).await
+        }
+    })?;
+    Ok(ProxyHandle {
+        controls,
+        threads,
+        bound,
+    })
+}
+
+async fn run_loop(
+    index: usize,
+    cfg: Arc<ProxyConfig>,
+    listeners: &[NamespaceListeners],
+    mut control: UnboundedReceiver<Control>,
+) -> io::Result<()> {
+    use futures_util::StreamExt;
+    let pool = upstream::Pool::new(upstream::PoolConfig {
+        socket: cfg.agent_socket.clone(),
+        size: cfg.pool_size.get(),
+        depth: cfg.pipeline_depth.get(),
+        connect_timeout: cfg.timeouts.connect,
+        server_timeout: cfg.timeouts.server,
+        limits: cfg.limits,
+        max_response_bytes: cfg.max_response_bytes,
+    });
+    let ctx = Rc::new(LoopCtx {
+        cfg: cfg.clone(),
+        pool,
+        stopping: Event::default(),
+        active: Cell::new(0),
+        free: RefCell::new(Vec::new()),
+    });
+    if index == 0 {
+        log::info(format_args!("proxy loops use {:?}", rt::engine()));
+    }
+    let mut accept_tasks = Vec::new();
+    for l in listeners {
+        let ns = Rc::new(NsRuntime {
+            cfg: l.cfg.clone(),
+            open: l.open.clone(),
+            counters: Counters::default(),
+        });
+        for s in &l.sockets {
+            let acceptor = TcpAcceptor::from_std(s.try_clone()?)?;
+            accept_tasks.push(rt::spawn_handle(accept_loop(
+                ctx.clone(),
+                ns.clone(),
+                acceptor,
+            )));
+        }
+    }
+    // Run until told to stop (or the control side is gone).
+    let _ = control.next().await;
+    drop(accept_tasks); // cancels the accepts: no new connections on this loop
+    ctx.stopping.set();
+    let deadline = Instant::now() + cfg.drain_timeout;
+    while ctx.active.get() > 0 && Instant::now() < deadline {
+        rt::sleep(Duration::from_millis(20)).await;
+    }
+    if ctx.active.get() > 0 {
+        log::warn(format_args!(
+            "loop {index}: drain timeout, closing {} connection(s)",
+            ctx.active.get()
+        ));
+    }
+    Ok(())
+}
+
+async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor) {
+    let max = ctx.cfg.max_connections.get();
+    loop {
+        let (conn, peer) = match acceptor.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn(format_args!(
+                    "{}: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}",
+                    ns.cfg.name
+                ));
+                rt::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let accepted = Instant::now();
+        ns.counters.accepted.set(ns.counters.accepted.get() + 1);
+        if ns.open.fetch_add(1, Ordering::AcqRel) >= max {
+            ns.open.fetch_sub(1, Ordering::AcqRel);
+            ns.counters.over_limit.set(ns.counters.over_limit.get() + 1);
+            let timeout = ctx.cfg.timeouts.client;
+            rt::spawn(async move {
+                let _ = rt::with_deadline(
+                    Instant::now() + timeout,
+                    conn.write_static(crate::http::canned(503)),
+                )
+                .await;
+                conn.shutdown();
+            });
+            continue;
+        }
+        ctx.active.set(ctx.active.get() + 1);
+        let (c, n) = (ctx.clone(), ns.clone());
+        rt::spawn(async move {
+            let guard = ActiveGuard(c.clone(), n.clone());
+            conn::serve(c, n, conn, peer, accepted).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Decrements the open/active counts however the connection task ends.
+struct ActiveGuard(Rc<LoopCtx>, Rc<NsRuntime>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get().saturating_sub(1));
+        self.1.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,488 @@
+//! The per-loop pool of pipelined HTTP/1.1 connections to the agent's Unix socket.
+//!
+//! Requests from many VMs are multiplexed over a few persistent connections.
+//! Each connection has one writer task (it batches every queued request into
+//! one write, so a storm costs few syscalls) and one reader task (it frames
+//! responses with [`crate::http::parse_response`] and hands each, whole, to
+//! the waiting request in FIFO order). Responses are buffered whole (they are
+//! small and bounded by `max_response_bytes`), so a slow VM never holds up the
+//! shared connection: rejected alternative was streaming the body straight to
+//! the client, which couples every VM on a connection to the slowest reader.
+//!
+//! Failure rules:
+//! - a connection that dies before any byte of a request's response arrived
+//!   fails that request with [`UpstreamError::Retryable`]; the caller re-sends
+//!   it once on a fresh socket ([`Pool::request`] does this);
+//! - a partial response → 502; agent unreachable → 503; no response within the
+//!   `server` timeout → 504 (and the connection is shut down, because every
+//!   request pipelined behind the silent one is stuck too);
+//! - an agent that answers `Connection: close` (neutron-metadata-agent does,
+//!   one request per connection) switches the pool to one fresh connection per
+//!   request, so pipelined requests are never lost to its closes.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody, ResponseHead};
+use crate::log;
+use crate::rt::sync::{oneshot, Event, Notify};
+use crate::rt::{self, UnixConn};
+
+/// Read size for agent responses.
+const UPSTREAM_READ_BYTES: usize = 16 * 1024;
+
+/// Why an upstream exchange failed; [`UpstreamError::status`] classifies it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connecting to the agent failed or timed out.
+    #[error("agent unreachable: {0}")]
+    Unreachable(String),
+    /// The connection died before any of this response arrived; safe to re-send once.
+    #[error("agent connection lost before the response started")]
+    Retryable,
+    /// The response was cut off or malformed.
+    #[error("agent response broken: {0}")]
+    Broken(String),
+    /// The agent did not answer within the server timeout.
+    #[error("agent did not answer within the server timeout")]
+    Timeout,
+}
+
+impl UpstreamError {
+    /// The status the VM sees.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::Unreachable(_) | UpstreamError::Retryable => 503,
+            UpstreamError::Broken(_) => 502,
+            UpstreamError::Timeout => 504,
+        }
+    }
+}
+
+/// A whole agent response.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    /// Raw bytes: head then body, as received.
+    pub bytes: Vec<u8>,
+    /// Parsed head (offsets into `bytes`).
+    pub head: ResponseHead,
+    /// Body was delimited by the agent closing (client must be closed too).
+    pub until_close: bool,
+}
+
+impl UpstreamResponse {
+    /// Body bytes as received (raw chunked framing kept).
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[self.head.head_len..]
+    }
+}
+
+type Reply = oneshot::Sender<Result<UpstreamResponse, UpstreamError>>;
+
+struct Pending {
+    is_head: bool,
+    reply: Reply,
+}
+
+struct Queued {
+    bytes: Vec<u8>,
+    pending: Pending,
+}
+
+/// One pooled connection.
+struct UpConn {
+    stream: UnixConn,
+    queue: RefCell<VecDeque<Queued>>,
+    in_flight: RefCell<VecDeque<Pending>>,
+    wake_writer: Notify,
+    dead: Cell<bool>,
+}
+
+impl UpConn {
+    fn load(&self) -> usize {
+        self.queue.borrow().len() + self.in_flight.borrow().len()
+    }
+
+    /// Mark dead, shut the socket and fail everything not yet answered.
+    fn kill(&self, first: Option<UpstreamError>) {
+        if self.dead.replace(true) {
+            return;
+        }
+        self.stream.shutdown();
+        let mut first = first;
+        let in_flight: Vec<Pending> = self.in_flight.borrow_mut().drain(..).collect();
+        for p in in_flight {
+            let e = first.take().unwrap_or(UpstreamError::Retryable);
+            let _ = p.reply.send(Err(e));
+        }
+        let queued: Vec<Queued> = self.queue.borrow_mut().drain(..).collect();
+        for q in queued {
+            let _ = q.pending.reply.send(Err(UpstreamError::Retryable));
+        }
+        self.wake_writer.notify();
+    }
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Agent socket path.
+    pub socket: PathBuf,
+    /// Pooled connections.
+    pub size: usize,
+    /// Target requests in flight per connection.
+    pub depth: usize,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Response timeout.
+    pub server_timeout: Duration,
+    /// Response limits.
+    pub limits: Limits,
+    /// Largest response.
+    pub max_response_bytes: u64,
+}
+
+/// Per-loop upstream pool (cheap to clone; not `Send`).
+#[derive(Clone)]
+pub struct Pool(Rc<PoolInner>);
+
+struct PoolInner {
+    cfg: PoolConfig,
+    conns: RefCell<Vec<Rc<UpConn>>>,
+    /// The agent closes after every response: use one connection per request.
+    one_per_conn: Cell<bool>,
+    /// Log "agent unreachable" once per outage, not per request.
+    down_logged: Cell<bool>,
+    /// Pooled dials in progress (they count against `size`).
+    dialing: Cell<usize>,
+    /// Set (and replaced) whenever a pooled dial finishes.
+    dial_done: RefCell<Event>,
+}
+
+impl Pool {
+    /// New empty pool; connections are dialled on demand.
+    pub fn new(cfg: PoolConfig) -> Pool {
+        Pool(Rc::new(PoolInner {
+            cfg,
+            conns: RefCell::new(Vec::new()),
+            one_per_conn: Cell::new(false),
+            down_logged: Cell::new(false),
+            dialing: Cell::new(0),
+            dial_done: RefCell::new(Event::default()),
+        }))
+    }
+
+    /// Send one request (a complete head + body) and wait for its response.
+    /// A request whose connection died before any response byte arrived is
+    /// re-sent once on a fresh connection.
+    ///
+    /// # Errors
+    /// See [`UpstreamError`].
+    pub async fn request(
+        &self,
+        bytes: Vec<u8>,
+        is_head: bool,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        // Keep a copy only for the one permitted re-send.
+        let retry_copy = bytes.clone();
+        match self.exchange(bytes, is_head, false).await {
+            Err(UpstreamError::Retryable) => match self.exchange(retry_copy, is_head, true).await {
+                Err(UpstreamError::Retryable) => Err(UpstreamError::Broken(
+                    "agent connection lost twice before the response started".into(),
+                )),
+                other => other,
+            },
+            other => other,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        bytes: Vec<u8>,
+        is_head: bool,
+        fresh: bool,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let p = &self.0;
+        let conn = if fresh || p.one_per_conn.get() {
+            self.dial(false).await?
+        } else {
+            self.pick().await?
+        };
+        let (tx, rx) = oneshot::channel();
+        conn.queue.borrow_mut().push_back(Queued {
+            bytes,
+            pending: Pending { is_head, reply: tx },
+        });
+        conn.wake_writer.notify();
+        let deadline = Instant::now() + p.cfg.server_timeout;
+        match rt::with_deadline(deadline, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_canceled)) => Err(UpstreamError::Retryable),
+            Err(rt::Elapsed) => {
+                log::warn(format_args!(
+                    "agent at {} did not answer within {:?}; closing that connection",
+                    p.cfg.socket.display(),
+                    p.cfg.server_timeout
+                ));
+                conn.kill(None);
+                Err(UpstreamError::Timeout)
+            }
+        }
+    }
+
+    /// The least-loaded live pooled connection, dialling a new one while the
+    /// pool (counting dials in progress) is below size and every live one is
+    /// at depth. When the pool is full the least-loaded connection takes the
+    /// request even past `depth`: depth is the point where we add connections,
+    /// size is the hard cap the agent sees.
+    async fn pick(&self) -> Result<Rc<UpConn>, UpstreamError> {
+        let p = &self.0;
+        loop {
+            p.conns.borrow_mut().retain(|c| !c.dead.get());
+            let best = p.conns.borrow().iter().min_by_key(|c| c.load()).cloned();
+            let full = p.conns.borrow().len() + p.dialing.get() >= p.cfg.size;
+            match best {
+                Some(c) if c.load() < p.cfg.depth || full => return Ok(c),
+                _ if !full => {
+                    p.dialing.set(p.dialing.get() + 1);
+                    let r = self.dial(true).await;
+                    p.dialing.set(p.dialing.get() - 1);
+                    let done = std::mem::take(&mut *p.dial_done.borrow_mut());
+                    done.set();
+                    return r;
+                }
+                // Every slot is being dialled: wait for one to finish.
+                _ => {
+                    let wait = p.dial_done.borrow().wait();
+                    wait.await;
+                }
+            }
+        }
+    }
+
+    async fn dial(&self, pooled: bool) -> Result<Rc<UpConn>, UpstreamError> {
+        let p = &self.0;
+        let deadline = Instant::now() + p.cfg.connect_timeout;
+        let stream = match rt::with_deadline(deadline, UnixConn::connect(&p.cfg.socket)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(self.unreachable(e.to_string())),
+            Err(rt::Elapsed) => return Err(self.unreachable("connect timed out".into())),
+        };
+        if p.down_logged.replace(false) {
+            log::info(format_args!(
+                "agent at {} reachable again",
+                p.cfg.socket.display()
+            ));
+        }
+        let conn = Rc::new(UpConn {
+            stream,
+            queue: RefCell::new(VecDeque::new()),
+            in_flight: RefCell::new(VecDeque::new()),
+            wake_writer: Notify::default(),
+            dead: Cell::new(false),
+        });
+        rt::spawn(writer(conn.clone()));
+        rt::spawn(reader(self.clone(), conn.clone()));
+        if pooled {
+            p.conns.borrow_mut().push(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    fn unreachable(&self, why: String) -> UpstreamError {
+        let p = &self.0;
+        if !p.down_logged.replace(true) {
+            log::error(format_args!(
+                "agent at {} unreachable: {why}; answering 503 until it is back",
+                p.cfg.socket.display()
+            ));
+        }
+        UpstreamError::Unreachable(why)
+    }
+
+    fn saw_close(&self) {
+        if !self.0.one_per_conn.replace(true) {
+            log::info(format_args!(
+                "agent at {} closes after each response; using one connection per request",
+                self.0.cfg.socket.display()
+            ));
+            // Pooled connections will be closed by the agent; drop them from the pool.
+            self.0.conns.borrow_mut().clear();
+        }
+    }
+}
+
+/// Batch every queued request into one write, in queue order.
+async fn writer(conn: Rc<UpConn>) {
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        if conn.dead.get() {
+            return;
+        }
+        if conn.queue.borrow().is_empty() {
+            conn.wake_writer.notified().await;
+            continue;
+        }
+        out.clear();
+        {
+            let mut q = conn.queue.borrow_mut();
+            let mut f = conn.in_flight.borrow_mut();
+            // Invariant: a request enters `in_flight` in the same order its
+            // bytes enter the socket, so the reader can match FIFO.
+            while let Some(item) = q.pop_front() {
+                out.extend_from_slice(&item.bytes);
+                f.push_back(item.pending);
+            }
+        }
+        let (res, back) = conn.stream.write_all(std::mem::take(&mut out)).await;
+        out = back;
+        if let Err(e) = res {
+            log::debug(format_args!("agent connection write failed: {e}"));
+            conn.kill(None);
+            return;
+        }
+    }
+}
+
+/// Frame responses and hand them out in order.
+async fn reader(pool: Pool, conn: Rc<UpConn>) {
+    let cfg = &pool.0.cfg;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // Deliver every complete response already buffered.
+        loop {
+            let Some(is_head) = conn.in_flight.borrow().front().map(|p| p.is_head) else {
+                break;
+            };
+            match frame(&buf, &cfg.limits, is_head, cfg.max_response_bytes, false) {
+                Ok(None) => break,
+                Ok(Some((len, head))) => {
+                    let rest = buf.split_off(len);
+                    let bytes = std::mem::replace(&mut buf, rest);
+                    let close = !head.keep_alive;
+                    let p = conn
+                        .in_flight
+                        .borrow_mut()
+                        .pop_front()
+                        .expect("front exists");
+                    let _ = p.reply.send(Ok(UpstreamResponse {
+                        bytes,
+                        head,
+                        until_close: false,
+                    }));
+                    if close {
+                        pool.saw_close();
+                        conn.kill(None);
+                        return;
+                    }
+                }
+                Err(why) => {
+                    conn.kill(Some(UpstreamError::Broken(why)));
+                    return;
+                }
+            }
+        }
+        if conn.dead.get() {
+            return;
+        }
+        if !buf.is_empty() && conn.in_flight.borrow().is_empty() {
+            conn.kill(Some(UpstreamError::Broken(
+                "unsolicited bytes from agent".into(),
+            )));
+            return;
+        }
+        let (res, back) = conn.stream.read_append(buf, UPSTREAM_READ_BYTES).await;
+        buf = back;
+        match res {
+            Ok(0) => {
+                // EOF: a close-delimited response is complete now; anything
+                // else partial is broken, and requests with nothing received
+                // are retryable.
+                let front = conn.in_flight.borrow().front().map(|p| p.is_head);
+                if let (Some(is_head), false) = (front, buf.is_empty()) {
+                    match frame(&buf, &cfg.limits, is_head, cfg.max_response_bytes, true) {
+                        Ok(Some((_, head))) => {
+                            let p = conn
+                                .in_flight
+                                .borrow_mut()
+                                .pop_front()
+                                .expect("front exists");
+                            let _ = p.reply.send(Ok(UpstreamResponse {
+                                bytes: std::mem::take(&mut buf),
+                                head,
+                                until_close: true,
+                            }));
+                            conn.kill(None);
+                        }
+                        _ => conn.kill(Some(UpstreamError::Broken(
+                            "agent closed mid-response".into(),
+                        ))),
+                    }
+                } else {
+                    conn.kill(None);
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let first = if buf.is_empty() {
+                    None
+                } else {
+                    Some(UpstreamError::Broken(format!(
+                        "read failed mid-response: {e}"
+                    )))
+                };
+                conn.kill(first);
+                return;
+            }
+        }
+    }
+}
+
+/// If `buf` starts with a complete response, its length and head.
+/// `eof`: the agent has closed, which completes a close-delimited body.
+fn frame(
+    buf: &[u8],
+    limits: &Limits,
+    is_head: bool,
+    max_bytes: u64,
+    eof: bool,
+) -> Result<Option<(usize, ResponseHead)>, String> {
+    let head = match http::parse_response(buf, limits, is_head) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(format!("unparsable response head: {e}")),
+    };
+    let body = &buf[head.head_len..];
+    let total = match head.body {
+        ResponseBody::None => Some(head.head_len),
+        ResponseBody::Length(n) => {
+            if n > max_bytes {
+                return Err(format!("response body of {n} bytes exceeds the limit"));
+            }
+            let n = usize::try_from(n).map_err(|_| "response too large".to_string())?;
+            (body.len() >= n).then_some(head.head_len + n)
+        }
+        ResponseBody::Chunked => {
+            let mut sc = ChunkedScanner::new(max_bytes);
+            match sc.scan(body) {
+                Ok(ChunkProgress::Done { consumed }) => Some(head.head_len + consumed),
+                Ok(ChunkProgress::NeedMore { .. }) => None,
+                Err(e) => return Err(format!("bad chunked body: {e}")),
+            }
+        }
+        ResponseBody::UntilClose => {
+            if body.len() as u64 > max_bytes {
+                return Err("close-delimited response exceeds the limit".into());
+            }
+            eof.then_some(buf.len())
+        }
+    };
+    if total.is_none() && buf.len() as u64 > max_bytes + limits.max_head_bytes as u64 {
+        return Err("response exceeds the limit".into());
+    }
+    Ok(total.map(|t| (t, head)))
+}

@@ -1,0 +1,175 @@
+//! The runtime seam: the only module that names the io_uring runtime (compio)
+//! and the only one allowed `unsafe`.
+//!
+//! Everything above this module sees owned-buffer streams ([`TcpConn`],
+//! [`UnixConn`]), a task spawner, deadlines that really cancel IO
+//! ([`with_deadline`]), listeners created with socket2 so that the backlog and
+//! socket options are ours ([`listen_tcp`], [`listen_unix`]), and per-core
+//! loops ([`run_loops`]). If profiling ever shows compio itself as the cost,
+//! the hot path can move to the raw `io-uring` crate behind these same names
+//! without touching `http`, `proxy` or `agent`.
+//!
+//! Why compio, and why these setup flags: see `docs/adr/0001-runtime.md`.
+//! COOP_TASKRUN + TASKRUN_FLAG + SINGLE_ISSUER + DEFER_TASKRUN are safe here
+//! because each ring is used by exactly one thread (thread-per-core).
+
+pub mod netns;
+mod sock;
+pub mod sync;
+
+pub use sock::{
+    listen_tcp, listen_unix, peer_ip, set_ip_ttl, TcpAcceptor, TcpConn, UnixAcceptor, UnixConn,
+};
+
+use std::future::Future;
+use std::io;
+use std::time::{Duration, Instant};
+
+/// Submission queue entries per ring.
+pub const RING_ENTRIES: u32 = 4096;
+/// Provided buffers in each loop's buffer ring (used for reads on idle connections).
+pub const RING_BUFFERS: u16 = 1024;
+/// Size of each provided buffer: one typical request head fits.
+pub const RING_BUFFER_BYTES: usize = 4096;
+
+/// A deadline expired; the IO it guarded was cancelled and its buffer released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("deadline expired")]
+pub struct Elapsed;
+
+/// Which completion engine a loop got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// io_uring with the setup flags above.
+    IoUring,
+    /// epoll fallback (io_uring blocked, e.g. by a seccomp profile).
+    Poll,
+}
+
+fn build_runtime() -> io::Result<compio::runtime::Runtime> {
+    let mut proactor = compio::driver::ProactorBuilder::new();
+    proactor
+        .capacity(RING_ENTRIES)
+        .coop_taskrun(true)
+        .taskrun_flag(true)
+        .single_issuer(true)
+        .defer_taskrun(true)
+        .buffer_pool_size(std::num::NonZeroU16::new(RING_BUFFERS).expect("non-zero"))
+        .buffer_pool_buffer_len(RING_BUFFER_BYTES)
+        .thread_pool_limit(2);
+    compio::runtime::RuntimeBuilder::new()
+        .with_proactor(proactor)
+        .build()
+}
+
+/// The engine the current loop runs on.
+pub fn engine() -> Engine {
+    compio::runtime::Runtime::with_current(|rt| match rt.driver_type() {
+        compio::driver::DriverType::IoUring => Engine::IoUring,
+        _ => Engine::Poll,
+    })
+}
+
+/// Run `future` to completion on a fresh single-threaded loop in this thread.
+///
+/// # Errors
+/// The ring (and its epoll fallback) could not be created.
+pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
+    let rt = build_runtime()?;
+    Ok(rt.block_on(future))
+}
+
+/// Pin the calling thread to `cpu` (modulo the CPUs this process may use).
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0)).map_err(io::Error::from)?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|c| allowed.is_set(*c).unwrap_or(false))
+        .collect();
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let mut set = CpuSet::new();
+    set.set(cpus[cpu % cpus.len()]).map_err(io::Error::from)?;
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(io::Error::from)
+}
+
+/// Number of CPUs this process may run on (the default worker count).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Start `n` loops, each on its own thread pinned to its own core, each running
+/// `make(index)` to completion. Returns the join handles.
+///
+/// # Errors
+/// A thread could not be spawned.
+pub fn run_loops<F, Fut>(
+    n: usize,
+    name: &str,
+    make: F,
+) -> io::Result<Vec<std::thread::JoinHandle<io::Result<()>>>>
+where
+    F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = io::Result<()>> + 'static,
+{
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let make = make.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                if let Err(e) = pin_to_cpu(i) {
+                    crate::log::warn(format_args!("loop {i}: cannot pin to a core: {e}"));
+                }
+                let rt = build_runtime()?;
+                rt.block_on(make(i))
+            })?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+/// Spawn a task on the current loop. It runs detached; it is dropped (and its
+/// IO cancelled) when the loop ends.
+pub fn spawn<F: Future<Output = ()> + 'static>(future: F) {
+    compio::runtime::spawn(future).detach();
+}
+
+/// Spawn a task and keep a handle; dropping the handle cancels the task.
+pub fn spawn_handle<F: Future + 'static>(future: F) -> Task<F::Output> {
+    Task(compio::runtime::spawn(future))
+}
+
+/// A spawned task; dropping it cancels the task and its in-flight IO.
+pub struct Task<T>(compio::runtime::JoinHandle<T>);
+
+impl<T> Task<T> {
+    /// Wait for the task's result (`None` if it panicked or was cancelled).
+    pub async fn join(self) -> Option<T> {
+        self.0.await.ok()
+    }
+    /// Let the task run on without a handle.
+    pub fn detach(self) {
+        self.0.detach();
+    }
+}
+
+/// Sleep on the current loop.
+pub async fn sleep(d: Duration) {
+    compio::time::sleep(d).await;
+}
+
+/// Run `fut` until `deadline`. On expiry the future is dropped, which cancels
+/// its in-flight io_uring operations (compio submits ASYNC_CANCEL and keeps the
+/// buffer until the kernel completes the cancellation), so an expired read
+/// can never swallow the peer's next bytes. This is the one deadline helper.
+///
+/// # Errors
+/// [`Elapsed`] when the deadline passed first.
+pub async fn with_deadline<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
+    compio::time::timeout_at(deadline, fut)
+        .await
+        .map_err(|_| Elapsed)
+}

@@ -1,0 +1,345 @@
+//! The proxy data plane against a recording fake agent on a tempdir socket.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn start(agent: &FakeAgent, extra: &str) -> (metaproxy::proxy::ProxyHandle, SocketAddr) {
+    let h = metaproxy::proxy::start(proxy_config(&agent.path, extra)).unwrap();
+    let addr = h.bound[0][0];
+    (h, addr)
+}
+
+const GET: &str = "GET /openstack/2018-08-27/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: Cloud-Init/22.4.2\r\nAccept: */*\r\n\r\n";
+
+#[test]
+fn spoofed_trust_headers_never_reach_the_agent() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "");
+    let spoof = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\
+        X-Forwarded-For: 10.0.0.99\r\nx-forwarded-for: 10.0.0.98\r\nFORWARDED: for=10.0.0.97\r\n\
+        X-Real-IP: 10.0.0.96\r\nX-Neutron-Router-ID: 00000000-0000-4000-8000-000000000000\r\n\
+        x-neutron-network-id: 00000000-0000-4000-8000-000000000001\r\nX-OVN-Network-ID: evil\r\n\
+        X-Instance-ID: victim\r\nX-Instance-ID-Signature: abc\r\nX-Tenant-ID: victim-project\r\n\
+        X-Forwarded-For:\r\n\r\n";
+    let r = get(addr, spoof).unwrap();
+    assert_eq!(r.status, 200);
+    let seen = agent.seen();
+    assert_eq!(seen.len(), 1);
+    let s = &seen[0];
+    assert_eq!(s.all("X-Forwarded-For"), vec!["127.0.0.1".to_string()]);
+    assert_eq!(s.all("X-Neutron-Router-ID"), vec![ROUTER.to_string()]);
+    for h in [
+        "Forwarded",
+        "X-Real-IP",
+        "X-Neutron-Network-ID",
+        "X-OVN-Network-ID",
+        "X-Instance-ID",
+        "X-Instance-ID-Signature",
+        "X-Tenant-ID",
+    ] {
+        assert!(s.all(h).is_empty(), "{h} leaked: {:?}", s.headers);
+    }
+    h.stop().unwrap();
+}
+
+#[test]
+fn obs_folded_and_lf_only_spoofing_fails_closed_or_is_stripped() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "");
+    // obs-fold continuation of a trust header: rejected outright.
+    let r = get(
+        addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n 5.6.7.8\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+    // LF-only line endings: parsed, and the spoofed header is still stripped.
+    let r = get(
+        addr,
+        "GET /lf HTTP/1.1\nHost: x\nX-Forwarded-For: 6.6.6.6\nX-Tenant-ID: t\n\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let seen = agent.seen();
+    assert_eq!(seen.len(), 1, "the folded request must not reach the agent");
+    assert_eq!(
+        seen[0].all("X-Forwarded-For"),
+        vec!["127.0.0.1".to_string()]
+    );
+    assert!(seen[0].all("X-Tenant-ID").is_empty());
+    h.stop().unwrap();
+}
+
+#[test]
+fn keep_alive_and_pipelined_requests_answer_in_order() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut batch = String::new();
+    for i in 0..5 {
+        batch.push_str(&format!("GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
+    s.write_all(batch.as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for i in 0..5 {
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        assert!(
+            resp.text().starts_with(&format!("/p{i} for 127.0.0.1")),
+            "{}",
+            resp.text()
+        );
+        assert_eq!(
+            resp.header("X-Agent"),
+            Some("fake"),
+            "agent headers are relayed"
+        );
+    }
+    // Same connection, later request.
+    s.write_all(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut r, false)
+        .unwrap()
+        .text()
+        .starts_with("/later"));
+    h.stop().unwrap();
+}
+
+#[test]
+fn head_chunked_and_large_post_bodies() {
+    let agent = FakeAgent::start(AgentMode::Chunked);
+    let (h, addr) = start(&agent, "");
+    let r = get(addr, GET).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Transfer-Encoding"), Some("chunked"));
+    assert!(
+        r.text()
+            .starts_with("/openstack/2018-08-27/meta_data.json for 127.0.0.1"),
+        "{}",
+        r.text()
+    );
+
+    // HEAD: headers only, and the connection stays usable.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /after-head HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut rd = BufReader::new(s);
+    let head = read_response(&mut rd, true).unwrap();
+    assert_eq!(head.status, 200);
+    let next = read_response(&mut rd, false).unwrap();
+    assert!(next.text().starts_with("/after-head"), "{}", next.text());
+
+    // A 64 KiB POST body arrives intact (with Expect: 100-continue, as curl sends).
+    let body = vec![b'p'; 64 * 1024];
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("POST /openstack/latest/password HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n", body.len()).as_bytes()).unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let cont = read_response(&mut rd, false).unwrap();
+    assert_eq!(cont.status, 100);
+    s.write_all(&body).unwrap();
+    let r = read_response(&mut rd, false).unwrap();
+    assert_eq!(r.status, 200);
+    let seen = agent.seen();
+    let post = seen.iter().find(|s| s.method == "POST").unwrap();
+    assert_eq!(post.body, body);
+    assert!(post.all("Expect").is_empty(), "Expect is hop-by-hop");
+
+    // One byte over the limit: 413, and the agent never sees it.
+    let n = agent.seen().len();
+    let r = get(
+        addr,
+        &format!(
+            "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            64 * 1024 + 1
+        ),
+    )
+    .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(agent.seen().len(), n);
+    h.stop().unwrap();
+}
+
+#[test]
+fn many_concurrent_clients_share_a_small_pool() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(
+        &agent,
+        "upstream_pool_size = 2\nupstream_pipeline_depth = 8",
+    );
+    let threads: Vec<_> = (0..500)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let r = get(
+                    addr,
+                    &format!("GET /vm{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                )
+                .unwrap();
+                assert_eq!(r.status, 200);
+                assert!(r.text().starts_with(&format!("/vm{i} for")), "{}", r.text());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(agent.seen().len(), 500);
+    let conns = agent.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        conns <= 4,
+        "500 requests used {conns} agent connections (2 loops x 2)"
+    );
+    h.stop().unwrap();
+}
+
+#[test]
+fn agent_that_closes_after_each_response_works_at_any_depth() {
+    for depth in [1, 8] {
+        let agent = FakeAgent::start(AgentMode::CloseEach);
+        let (h, addr) = start(&agent, &format!("upstream_pipeline_depth = {depth}"));
+        let threads: Vec<_> = (0..50)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let r = get(addr, &format!("GET /c{i} HTTP/1.1\r\nHost: x\r\n\r\n")).unwrap();
+                    assert_eq!(r.status, 200, "depth {depth}");
+                    assert!(r.text().starts_with(&format!("/c{i} for")));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        h.stop().unwrap();
+    }
+}
+
+#[test]
+fn agent_down_gives_503_and_silent_agent_gives_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nobody-home.sock");
+    let h = metaproxy::proxy::start(proxy_config(&missing, "")).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(get(h.bound[0][0], GET).unwrap().status, 503);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    h.stop().unwrap();
+
+    let agent = FakeAgent::start(AgentMode::Silent);
+    let (h, addr) = start(&agent, "");
+    let t0 = Instant::now();
+    assert_eq!(get(addr, GET).unwrap().status, 504);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    h.stop().unwrap();
+}
+
+#[test]
+fn agent_restart_mid_run_fails_nothing_twice_and_hangs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let agent = FakeAgent::start_at(&path, AgentMode::KeepAlive);
+    let h = metaproxy::proxy::start(proxy_config(&path, "")).unwrap();
+    let addr = h.bound[0][0];
+    for i in 0..20 {
+        assert_eq!(
+            get(addr, &format!("GET /a{i} HTTP/1.1\r\nHost: x\r\n\r\n"))
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    // Restart: pooled connections die; the next requests are re-sent on fresh sockets.
+    agent.stop();
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = FakeAgent::start_at(&path, AgentMode::KeepAlive);
+    for i in 0..20 {
+        let t0 = Instant::now();
+        let r = get(addr, &format!("GET /b{i} HTTP/1.1\r\nHost: x\r\n\r\n")).unwrap();
+        assert_eq!(r.status, 200, "request {i} after restart");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+    drop(agent);
+    h.stop().unwrap();
+}
+
+#[test]
+fn stalled_half_head_is_closed_after_http_request_timeout() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let t0 = Instant::now();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let took = t0.elapsed();
+    assert!(
+        String::from_utf8_lossy(&all).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&all)
+    );
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(agent.seen().is_empty());
+    h.stop().unwrap();
+}
+
+#[test]
+fn connection_limit_answers_503_not_silence() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "max_connections = 3");
+    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let r = get(addr, GET).unwrap();
+    assert_eq!(r.status, 503);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(addr, GET).unwrap().status, 200);
+    h.stop().unwrap();
+}
+
+#[test]
+fn malformed_requests_get_their_status_and_close() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "");
+    let cases = [
+        ("GARBAGE\r\n\r\n", 400),
+        ("DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            400,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            501,
+        ),
+        ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    ];
+    for (raw, want) in cases {
+        let r = get(addr, raw).unwrap();
+        assert_eq!(r.status, want, "{raw:?}");
+    }
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_eq!(get(addr, &big).unwrap().status, 431);
+    assert!(agent.seen().is_empty());
+    h.stop().unwrap();
+}
