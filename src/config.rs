@@ -44,7 +44,7 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/var/lib/neutron/metadata_proxy";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// File path.
         path: PathBuf,

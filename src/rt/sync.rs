@@ -34,7 +34,10 @@ use std::task::{Context, Poll, Waker};
 #[derive(Default)]
 struct EventInner {
     set: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    /// Slab of waiting tasks; a dropped waiter frees its slot, so a
+    /// connection that stops waiting (e.g. it got data) leaves nothing behind.
+    waiters: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<usize>>,
 }
 
 /// A loop-local event that many tasks can wait on; once set it stays set
@@ -46,7 +49,8 @@ impl Event {
     /// Set the event and wake every waiter.
     pub fn set(&self) {
         self.0.set.set(true);
-        for w in self.0.waiters.borrow_mut().drain(..) {
+        let wakers: Vec<Waker> = self.0.waiters.borrow_mut().iter_mut().filter_map(Option::take).collect();
+        for w in wakers {
             w.wake();
         }
     }
@@ -56,24 +60,83 @@ impl Event {
     }
     /// Resolves once the event is set.
     pub fn wait(&self) -> EventWait {
-        EventWait(self.clone())
+        EventWait {
+            event: self.clone(),
+            slot: None,
+        }
+    }
+    /// Tasks currently registered as waiting (for leak tests).
+    pub fn waiting(&self) -> usize {
+        self.0.waiters.borrow().iter().filter(|w| w.is_some()).count()
     }
 }
 
 /// Future returned by [`Event::wait`].
-pub struct EventWait(Event);
+pub struct EventWait {
+    event: Event,
+    slot: Option<usize>,
+}
 
 impl Future for EventWait {
     type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.is_set() {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.event.is_set() {
             return Poll::Ready(());
         }
-        let mut ws = self.0 .0.waiters.borrow_mut();
-        if !ws.iter().any(|w| w.will_wake(cx.waker())) {
-            ws.push(cx.waker().clone());
+        let inner = self.event.0.clone();
+        let mut ws = inner.waiters.borrow_mut();
+        match self.slot {
+            Some(i) => ws[i] = Some(cx.waker().clone()),
+            None => {
+                let i = match inner.free.borrow_mut().pop() {
+                    Some(i) => {
+                        ws[i] = Some(cx.waker().clone());
+                        i
+                    }
+                    None => {
+                        ws.push(Some(cx.waker().clone()));
+                        ws.len() - 1
+                    }
+                };
+                self.slot = Some(i);
+            }
         }
         Poll::Pending
+    }
+}
+
+impl Drop for EventWait {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot.take() {
+            let inner = &self.event.0;
+            if let Some(w) = inner.waiters.borrow_mut().get_mut(i) {
+                *w = None;
+            }
+            inner.free.borrow_mut().push(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_waiters_leave_nothing_registered() {
+        crate::rt::block_on(async {
+            let ev = Event::default();
+            for _ in 0..1000 {
+                let w = ev.wait();
+                futures_util::pin_mut!(w);
+                let waker = futures_util::task::noop_waker();
+                let mut cx = Context::from_waker(&waker);
+                assert!(w.as_mut().poll(&mut cx).is_pending());
+                assert_eq!(ev.waiting(), 1);
+            }
+            assert_eq!(ev.waiting(), 0, "every dropped waiter unregistered");
+            assert!(ev.0.waiters.borrow().len() <= 1, "slots are reused");
+        })
+        .unwrap();
     }
 }
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Side-by-side CPU cost per proxied request: metaproxy's proxy vs Debian's
+# haproxy configured as Neutron renders it (metadata-path.md §1.3), both in
+# front of the same trivial Unix-socket agent, in the same run.
+#
+#   scripts/bench-proxy.sh [seconds=10] [connections=50]
+#
+# Prints req/s and proxy CPU µs per request (utime+stime from /proc) for
+# keep-alive clients and connection-per-request clients. The proxy under test
+# is pinned to CPU 0, wrk to CPU 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR=${1:-10}
+CONNS=${2:-50}
+WORK=$(mktemp -d /tmp/mp-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+for t in wrk haproxy taskset; do command -v $t >/dev/null || { echo "need $t (apt-get install wrk haproxy util-linux)"; exit 1; }; done
+cargo build --release --quiet --bin metaproxy --example echo_agent
+BIN=target/release/metaproxy
+ROUTER=5c0ffee0-0000-4000-8000-000000000001
+
+target/release/examples/echo_agent "$WORK/agent.sock" 2>/dev/null & PIDS+=($!)
+sleep 0.3
+
+cat >"$WORK/proxy.toml" <<TOML
+[proxy]
+workers = 1
+agent_socket = "$WORK/agent.sock"
+[[proxy.namespace]]
+router_id = "$ROUTER"
+listen = "127.0.0.1:18697"
+TOML
+# haproxy exactly as Neutron renders it (L3 router, v4 host), minus user/group/log/daemon.
+cat >"$WORK/haproxy.cfg" <<CFG
+global
+    maxconn     1024
+    nbthread    2
+    pidfile     $WORK/haproxy.pid
+
+defaults
+    mode http
+    option http-server-close
+    option forwardfor
+    retries                 3
+    timeout http-request    30s
+    timeout connect         30s
+    timeout client          32s
+    timeout server          32s
+    timeout http-keep-alive 30s
+
+listen listener
+    bind 127.0.0.1:18698
+    server metadata $WORK/agent.sock
+
+    http-request del-header X-Neutron-Network-ID
+    http-request set-header X-Neutron-Router-ID $ROUTER
+CFG
+
+taskset -c 0 "$BIN" --log-level warn proxy --config "$WORK/proxy.toml" & PIDS+=($!); OURS=$!
+taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!); HAP=$!
+sleep 0.5
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+run() { # name pid port extra-wrk-args...
+  local name=$1 pid=$2 port=$3; shift 3
+  local before after out reqs
+  before=$(cpu_ticks "$pid")
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DUR}s" "$@" "http://127.0.0.1:$port/openstack/2018-08-27/meta_data.json")
+  after=$(cpu_ticks "$pid")
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  local errs; errs=$(echo "$out" | awk '/Non-2xx/ {print $NF}'); errs=${errs:-0}
+  local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  local us; us=$(awk -v t=$((after-before)) -v hz="$HZ" -v r="$reqs" 'BEGIN{printf "%.1f", t/hz*1e6/r}')
+  local rss; rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  printf '%-10s %-16s %10s req/s %8s µs CPU/req  non-2xx %-6s RSS %6s kB\n' "$name" "$MODE" "$rps" "$us" "$errs" "$rss"
+  echo "$name $MODE $us" >>"$WORK/results"
+}
+
+for MODE in keep-alive conn-per-request; do
+  extra=()
+  [ "$MODE" = conn-per-request ] && extra=(-H "Connection: close")
+  run metaproxy "$OURS" 18697 "${extra[@]}"
+  run haproxy "$HAP" 18698 "${extra[@]}"
+done
+echo
+awk '{cost[$1" "$2]=$3} END {
+  for (m in modes) {}
+  split("keep-alive conn-per-request", ms, " ");
+  for (i=1;i<=2;i++) { m=ms[i]; if (cost["haproxy "m]>0) printf "ratio %-16s metaproxy/haproxy CPU per request = %.2fx\n", m, cost["metaproxy "m]/cost["haproxy "m] }
+}' "$WORK/results"

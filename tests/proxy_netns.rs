@@ -1,0 +1,132 @@
+//! Real network namespaces: the proxy listens inside a router/dhcp-style
+//! namespace created with `ip netns`, and a "vm" namespace reaches it over a
+//! veth pair with curl. Needs root (CI is root); otherwise prints SKIPPED.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(st.success(), "{args:?} failed");
+}
+
+fn can_run() -> Result<(), String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("not root (network namespaces need CAP_SYS_ADMIN; CI runs this as root)".into());
+    }
+    for tool in ["ip", "curl"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Err(format!("`{tool}` not installed (scripts/test.sh installs it)"));
+        }
+    }
+    Ok(())
+}
+
+/// qrouter-style namespace + vm namespace joined by a veth pair.
+fn topology(tag: &str) -> (Netns, String, String) {
+    let pid = std::process::id();
+    let router = format!("qrouter-mp{tag}{pid}");
+    let vm = format!("mpvm{tag}{pid}");
+    let guard = Netns(vec![router.clone(), vm.clone()]);
+    let (a, b) = (format!("mpr{tag}{}", pid % 100000), format!("mpv{tag}{}", pid % 100000));
+    sh(&["ip", "netns", "add", &router]);
+    sh(&["ip", "netns", "add", &vm]);
+    sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+    sh(&["ip", "link", "set", &a, "netns", &router]);
+    sh(&["ip", "link", "set", &b, "netns", &vm]);
+    sh(&["ip", "-n", &router, "addr", "add", "10.77.0.1/24", "dev", &a]);
+    sh(&["ip", "-n", &router, "addr", "add", "169.254.169.254/32", "dev", &a]);
+    sh(&["ip", "-n", &vm, "addr", "add", "10.77.0.5/24", "dev", &b]);
+    for (ns, dev) in [(&router, &a), (&vm, &b)] {
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+    }
+    sh(&["ip", "-n", &vm, "route", "add", "169.254.169.254/32", "via", "10.77.0.1"]);
+    (guard, router, vm)
+}
+
+fn curl_in(vm: &str, url: &str, extra: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", vm, "curl", "-sS", "--max-time", "10"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn listener_inside_a_namespace_sees_the_vm_address_and_stamps_the_router() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIPPED listener_inside_a_namespace_sees_the_vm_address_and_stamps_the_router: {why}");
+        return;
+    }
+    let (_guard, router, vm) = topology("a");
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let text = format!(
+        r#"
+[proxy]
+workers = 2
+agent_socket = "{}"
+[[proxy.namespace]]
+netns = "{router}"
+router_id = "{ROUTER}"
+listen = ["0.0.0.0:9697", "169.254.169.254:80"]
+"#,
+        agent.path.display()
+    );
+    let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+    let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
+    let h = metaproxy::proxy::start(cfg).unwrap();
+
+    let body = curl_in(&vm, "http://10.77.0.1:9697/latest/meta-data/instance-id", &[]);
+    assert!(body.starts_with("/latest/meta-data/instance-id for 10.77.0.5"), "{body}");
+    // The well-known address, with spoofing attempts.
+    let body = curl_in(
+        &vm,
+        "http://169.254.169.254/openstack",
+        &["-H", "X-Forwarded-For: 10.77.0.9", "-H", "X-Neutron-Router-ID: 11111111-1111-4111-8111-111111111111"],
+    );
+    assert!(body.starts_with("/openstack for 10.77.0.5"), "{body}");
+    let seen = agent.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.all("X-Forwarded-For"), vec!["10.77.0.5".to_string()]);
+        assert_eq!(s.all("X-Neutron-Router-ID"), vec![ROUTER.to_string()]);
+    }
+    // The host namespace does not have this listener.
+    assert!(std::net::TcpStream::connect("169.254.169.254:80").is_err() || h.bound[0].len() == 2);
+    h.stop().unwrap();
+}
+
+#[test]
+fn a_missing_namespace_is_a_startup_error_naming_it() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIPPED a_missing_namespace_is_a_startup_error_naming_it: {why}");
+        return;
+    }
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let text = format!(
+        "[proxy]\nagent_socket = \"{}\"\n[[proxy.namespace]]\nnetns = \"qrouter-does-not-exist\"\nrouter_id = \"{ROUTER}\"\nlisten = \"0.0.0.0:9697\"\n",
+        agent.path.display()
+    );
+    let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+    let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
+    let err = metaproxy::proxy::start(cfg).err().expect("must refuse to start").to_string();
+    assert!(err.contains("qrouter-does-not-exist"), "{err}");
+}
