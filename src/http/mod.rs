@@ -20,6 +20,8 @@ mod request;
 mod response;
 mod rewrite;
 
+use std::mem::MaybeUninit;
+
 pub use canned::{canned, reason, CONTINUE_100};
 pub use chunked::{ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES};
 pub use request::{parse_request, Method, RequestBody, RequestHead};
@@ -304,16 +306,20 @@ impl Framing {
     }
 }
 
-/// Parse header slots of `max_headers` entries with `f`, on the stack when small enough.
+/// Run `f` with `max_headers` uninitialised header slots, on the stack when small enough.
+///
+/// Uninitialised slots (httparse's safe `*_with_uninit_headers` API) avoid zeroing a few KiB of
+/// slots on every parse attempt, which was a visible share of a cloud-init request's parse time.
 pub(crate) fn with_header_slots<'b, R>(
     max_headers: usize,
-    f: impl FnOnce(&mut [httparse::Header<'b>]) -> R,
+    f: impl FnOnce(&mut [MaybeUninit<httparse::Header<'b>>]) -> R,
 ) -> R {
     if max_headers <= STACK_HEADER_SLOTS {
-        let mut slots = [httparse::EMPTY_HEADER; STACK_HEADER_SLOTS];
+        let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADER_SLOTS];
         f(&mut slots[..max_headers])
     } else {
-        let mut slots = vec![httparse::EMPTY_HEADER; max_headers];
+        let mut slots = Vec::with_capacity(max_headers);
+        slots.resize_with(max_headers, MaybeUninit::uninit);
         f(&mut slots)
     }
 }
