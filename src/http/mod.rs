@@ -20,6 +20,8 @@ mod request;
 mod response;
 mod rewrite;
 
+use std::mem::MaybeUninit;
+
 pub use canned::{canned, reason, CONTINUE_100};
 pub use chunked::{ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES};
 pub use request::{parse_request, Method, RequestBody, RequestHead};
@@ -304,16 +306,20 @@ impl Framing {
     }
 }
 
-/// Parse header slots of `max_headers` entries with `f`, on the stack when small enough.
+/// Run `f` with `max_headers` uninitialised header slots, on the stack when small enough.
+///
+/// Uninitialised slots (httparse's safe `*_with_uninit_headers` API) avoid zeroing a few KiB of
+/// slots on every parse attempt, which was a visible share of a cloud-init request's parse time.
 pub(crate) fn with_header_slots<'b, R>(
     max_headers: usize,
-    f: impl FnOnce(&mut [httparse::Header<'b>]) -> R,
+    f: impl FnOnce(&mut [MaybeUninit<httparse::Header<'b>>]) -> R,
 ) -> R {
     if max_headers <= STACK_HEADER_SLOTS {
-        let mut slots = [httparse::EMPTY_HEADER; STACK_HEADER_SLOTS];
+        let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADER_SLOTS];
         f(&mut slots[..max_headers])
     } else {
-        let mut slots = vec![httparse::EMPTY_HEADER; max_headers];
+        let mut slots = Vec::with_capacity(max_headers);
+        slots.resize_with(max_headers, MaybeUninit::uninit);
         f(&mut slots)
     }
 }
@@ -391,6 +397,59 @@ mod tests {
         assert_eq!(s.get(buf), b"world");
         assert_eq!(s.end(), 11);
         assert_eq!(Span::of(buf, &buf[2..4]), Span { start: 2, len: 2 });
+    }
+
+    /// A connection's view: a chunked POST followed by a pipelined GET arrives in two reads split
+    /// at every byte; the head parses once complete and the scanner finds exactly the body.
+    #[test]
+    fn chunked_post_split_at_every_byte() {
+        let head: &[u8] = b"POST /openstack/2013-04-04/password HTTP/1.1\r\nHost: 169.254.169.254\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n";
+        let body: &[u8] = b"4;x=y\r\nabcd\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\n";
+        let next: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        let stream = [head, body, next].concat();
+        let limits = Limits::default();
+        let want = parse_request(head, &limits).unwrap().unwrap();
+        assert_eq!(want.body, RequestBody::Chunked);
+
+        for split in 0..=stream.len() {
+            let mut buf = Vec::new();
+            let mut parsed = None;
+            let mut scanner = ChunkedScanner::default();
+            let mut payload = Vec::new();
+            let mut body_consumed = 0;
+            let mut done = false;
+            for read in [&stream[..split], &stream[split..]] {
+                let body_part = if parsed.is_none() {
+                    buf.extend_from_slice(read);
+                    match parse_request(&buf, &limits).unwrap() {
+                        None => {
+                            assert!(buf.len() < head.len(), "split {split}");
+                            continue;
+                        }
+                        Some(h) => {
+                            let start = h.head_len;
+                            parsed = Some(h);
+                            &buf[start..]
+                        }
+                    }
+                } else {
+                    read
+                };
+                match scanner.decode(body_part, &mut payload).unwrap() {
+                    ChunkProgress::NeedMore { consumed } => body_consumed += consumed,
+                    ChunkProgress::Done { consumed } => {
+                        body_consumed += consumed;
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            let h = parsed.expect("head parsed");
+            assert_eq!(format!("{h:?}"), format!("{want:?}"), "split {split}");
+            assert!(done, "split {split}");
+            assert_eq!(body_consumed, body.len(), "split {split}");
+            assert_eq!(payload, b"abcd0123456789abcdef", "split {split}");
+        }
     }
 
     #[test]

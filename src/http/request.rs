@@ -122,8 +122,8 @@ impl RequestHead {
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HttpError> {
     let window = head_window(buf, limits);
     let parsed = with_header_slots(limits.max_headers, |slots| {
-        let mut req = httparse::Request::new(slots);
-        match req.parse(window)? {
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(window, slots)? {
             httparse::Status::Partial => Ok::<_, HttpError>(None),
             httparse::Status::Complete(head_len) => {
                 let method = req.method.unwrap_or_default().as_bytes();

@@ -75,8 +75,10 @@ pub fn parse_response(
 ) -> Result<Option<ResponseHead>, HttpError> {
     let window = head_window(buf, limits);
     let parsed = with_header_slots(limits.max_headers, |slots| {
-        let mut res = httparse::Response::new(slots);
-        match res.parse(window)? {
+        let mut res = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, window, slots)?
+        {
             httparse::Status::Partial => Ok::<_, HttpError>(None),
             httparse::Status::Complete(head_len) => Ok(Some((
                 res.code.unwrap_or_default(),
