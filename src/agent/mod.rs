@@ -21,4 +21,5 @@
 //! wires them together. Time enters through [`cache::Clock`] and through the
 //! caller driving [`batch::Batcher`]; that is why neither owns a timer.
 
+pub mod cache;
 pub mod identity;
