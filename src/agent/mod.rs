@@ -23,3 +23,4 @@
 
 pub mod cache;
 pub mod identity;
+pub mod neutron;
