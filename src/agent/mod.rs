@@ -21,6 +21,7 @@
 //! wires them together. Time enters through [`cache::Clock`] and through the
 //! caller driving [`batch::Batcher`]; that is why neither owns a timer.
 
+pub mod batch;
 pub mod cache;
 pub mod identity;
 pub mod neutron;
