@@ -366,7 +366,8 @@ mod tests {
         let network = Ok(Scope::Network(N.into()));
         let too_long = "a".repeat(MAX_ID_CHARS + 1);
         let longest = "A".repeat(MAX_ID_CHARS);
-        let table: Vec<(Vec<(&str, &str)>, Result<Scope, E>)> = vec![
+        type Case<'h> = (Vec<(&'h str, &'h str)>, Result<Scope, E>);
+        let table: Vec<Case> = vec![
             (vec![xff], Err(E::NoRouterOrNetwork)),
             (vec![xff, r], router),
             (vec![xff, n], network.clone()),
