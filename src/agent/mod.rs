@@ -1,0 +1,27 @@
+//! The metadata agent: resolve → sign → forward.
+//!
+//! The namespace proxy hands the agent a request that carries exactly one
+//! `X-Forwarded-For` (the guest's address, as the proxy saw it) and one of
+//! `X-Neutron-Router-ID` / `X-Neutron-Network-ID` / `X-OVN-Network-ID`. The
+//! agent:
+//!
+//! 1. **resolves** the guest: [`identity`] turns those headers into a
+//!    [`identity::Scope`] (router or network) and a [`identity::LookupKey`]
+//!    (IP, or MAC for link-local IPv6), failing closed with 400 on anything
+//!    ambiguous; the key is looked up in a [`cache::TtlCache`] and, on a miss,
+//!    against Neutron with the REST queries built and parsed by [`neutron`].
+//!    Concurrent misses are single-flighted and batched per network set by
+//!    [`batch::Batcher`], so a boot storm costs a handful of Neutron queries
+//!    instead of one per guest request;
+//! 2. **signs** the instance id with [`crate::sign::sign_instance_id`];
+//! 3. **forwards** to the Nova-compatible metadata API.
+//!
+//! Everything in these submodules is pure: no sockets, timers or runtime
+//! types, so each step is unit-tested in isolation and the async layer only
+//! wires them together. Time enters through [`cache::Clock`] and through the
+//! caller driving [`batch::Batcher`]; that is why neither owns a timer.
+
+pub mod batch;
+pub mod cache;
+pub mod identity;
+pub mod neutron;
