@@ -11,7 +11,9 @@ use std::os::unix::net::UnixListener;
 const BODY: &str = r#"{"uuid": "d0d0d0d0-0000-4000-8000-000000000001", "hostname": "demo.novalocal", "name": "demo"}"#;
 
 fn main() -> std::io::Result<()> {
-    let path = std::env::args().nth(1).unwrap_or_else(|| "/tmp/metaproxy/agent.sock".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "/tmp/metaproxy/agent.sock".into());
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = std::path::Path::new(&path).parent() {
         std::fs::create_dir_all(dir)?;

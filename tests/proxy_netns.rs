@@ -20,17 +20,24 @@ impl Drop for Netns {
 }
 
 fn sh(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(st.success(), "{args:?} failed");
 }
 
 fn can_run() -> Result<(), String> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Err("not root (network namespaces need CAP_SYS_ADMIN; CI runs this as root)".into());
+        return Err(
+            "not root (network namespaces need CAP_SYS_ADMIN; CI runs this as root)".into(),
+        );
     }
     for tool in ["ip", "curl"] {
         if Command::new(tool).arg("-V").output().is_err() {
-            return Err(format!("`{tool}` not installed (scripts/test.sh installs it)"));
+            return Err(format!(
+                "`{tool}` not installed (scripts/test.sh installs it)"
+            ));
         }
     }
     Ok(())
@@ -42,20 +49,50 @@ fn topology(tag: &str) -> (Netns, String, String) {
     let router = format!("qrouter-mp{tag}{pid}");
     let vm = format!("mpvm{tag}{pid}");
     let guard = Netns(vec![router.clone(), vm.clone()]);
-    let (a, b) = (format!("mpr{tag}{}", pid % 100000), format!("mpv{tag}{}", pid % 100000));
+    let (a, b) = (
+        format!("mpr{tag}{}", pid % 100000),
+        format!("mpv{tag}{}", pid % 100000),
+    );
     sh(&["ip", "netns", "add", &router]);
     sh(&["ip", "netns", "add", &vm]);
     sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
     sh(&["ip", "link", "set", &a, "netns", &router]);
     sh(&["ip", "link", "set", &b, "netns", &vm]);
-    sh(&["ip", "-n", &router, "addr", "add", "10.77.0.1/24", "dev", &a]);
-    sh(&["ip", "-n", &router, "addr", "add", "169.254.169.254/32", "dev", &a]);
+    sh(&[
+        "ip",
+        "-n",
+        &router,
+        "addr",
+        "add",
+        "10.77.0.1/24",
+        "dev",
+        &a,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &router,
+        "addr",
+        "add",
+        "169.254.169.254/32",
+        "dev",
+        &a,
+    ]);
     sh(&["ip", "-n", &vm, "addr", "add", "10.77.0.5/24", "dev", &b]);
     for (ns, dev) in [(&router, &a), (&vm, &b)] {
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
     }
-    sh(&["ip", "-n", &vm, "route", "add", "169.254.169.254/32", "via", "10.77.0.1"]);
+    sh(&[
+        "ip",
+        "-n",
+        &vm,
+        "route",
+        "add",
+        "169.254.169.254/32",
+        "via",
+        "10.77.0.1",
+    ]);
     (guard, router, vm)
 }
 
@@ -66,14 +103,20 @@ fn curl_in(vm: &str, url: &str, extra: &[&str]) -> String {
         .arg(url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
 fn listener_inside_a_namespace_sees_the_vm_address_and_stamps_the_router() {
     if let Err(why) = can_run() {
-        eprintln!("SKIPPED listener_inside_a_namespace_sees_the_vm_address_and_stamps_the_router: {why}");
+        eprintln!(
+            "SKIPPED listener_inside_a_namespace_sees_the_vm_address_and_stamps_the_router: {why}"
+        );
         return;
     }
     let (_guard, router, vm) = topology("a");
@@ -94,13 +137,25 @@ listen = ["0.0.0.0:9697", "169.254.169.254:80"]
     let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
     let h = metaproxy::proxy::start(cfg).unwrap();
 
-    let body = curl_in(&vm, "http://10.77.0.1:9697/latest/meta-data/instance-id", &[]);
-    assert!(body.starts_with("/latest/meta-data/instance-id for 10.77.0.5"), "{body}");
+    let body = curl_in(
+        &vm,
+        "http://10.77.0.1:9697/latest/meta-data/instance-id",
+        &[],
+    );
+    assert!(
+        body.starts_with("/latest/meta-data/instance-id for 10.77.0.5"),
+        "{body}"
+    );
     // The well-known address, with spoofing attempts.
     let body = curl_in(
         &vm,
         "http://169.254.169.254/openstack",
-        &["-H", "X-Forwarded-For: 10.77.0.9", "-H", "X-Neutron-Router-ID: 11111111-1111-4111-8111-111111111111"],
+        &[
+            "-H",
+            "X-Forwarded-For: 10.77.0.9",
+            "-H",
+            "X-Neutron-Router-ID: 11111111-1111-4111-8111-111111111111",
+        ],
     );
     assert!(body.starts_with("/openstack for 10.77.0.5"), "{body}");
     let seen = agent.seen();
@@ -127,6 +182,9 @@ fn a_missing_namespace_is_a_startup_error_naming_it() {
     );
     let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
     let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
-    let err = metaproxy::proxy::start(cfg).err().expect("must refuse to start").to_string();
+    let err = metaproxy::proxy::start(cfg)
+        .err()
+        .expect("must refuse to start")
+        .to_string();
     assert!(err.contains("qrouter-does-not-exist"), "{err}");
 }

@@ -51,6 +51,9 @@ pub async fn serve(
     conn.shutdown();
 }
 
+/// The idle loop. Its state is all an idle keep-alive connection costs, so it
+/// holds only the wait itself; everything a request needs lives in
+/// [`handle_request`]'s future, boxed and freed when the answer is written.
 async fn serve_inner(
     ctx: &LoopCtx,
     ns: &NsRuntime,
@@ -58,26 +61,21 @@ async fn serve_inner(
     peer: SocketAddr,
     accepted: Instant,
 ) -> End {
-    let cfg = &ctx.cfg;
-    let t = cfg.timeouts;
-    let mut xff = Vec::with_capacity(40);
-    http::format_ip_for_xff(peer.ip(), &mut xff);
-    let id_name = ns.cfg.identity.header_name().as_bytes();
-    let id_value = ns.cfg.identity.id().as_bytes();
-
+    let t = ctx.cfg.timeouts;
     let mut buf: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
-        // 1. Wait for the first bytes of the next request, holding no buffer.
-        let head_deadline;
+        // Wait for the first bytes of the next request, holding no buffer.
         if buf.is_empty() {
-            buf = Vec::new();
             let idle_deadline = if first {
                 accepted + t.http_request
             } else {
                 Instant::now() + t.keep_alive
             };
-            let read = rt::with_deadline(idle_deadline, conn.read_idle(buf, READ_CHUNK_BYTES));
+            let read = rt::with_deadline(
+                idle_deadline,
+                conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
+            );
             let stop = ctx.stopping.wait();
             futures_util::pin_mut!(read, stop);
             match select(read, stop).await {
@@ -91,87 +89,112 @@ async fn serve_inner(
                 Either::Left((Err(rt::Elapsed), _)) => return End::Timeout,
                 Either::Right(_) => return End::Stopping,
             }
-            head_deadline = if first {
-                accepted + t.http_request
-            } else {
-                Instant::now() + t.http_request
-            };
+        }
+        // The head must be complete within `http_request` of its first byte
+        // (of the accept, for a connection's first request).
+        let head_deadline = if first {
+            accepted + t.http_request
         } else {
-            head_deadline = Instant::now() + t.http_request;
-        }
+            Instant::now() + t.http_request
+        };
         first = false;
-
-        // 2. Complete the head.
-        let head = loop {
-            match http::parse_request(&buf, &cfg.limits) {
-                Ok(Some(h)) => break h,
-                Ok(None) => {}
-                Err(e) => return reject(ctx, conn, e.status()).await,
-            }
-            let (res, b) =
-                match rt::with_deadline(head_deadline, conn.read_append(buf, READ_CHUNK_BYTES))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(rt::Elapsed) => {
-                        ns.counters
-                            .http_request_timeouts
-                            .set(ns.counters.http_request_timeouts.get() + 1);
-                        return reject(ctx, conn, 408).await;
-                    }
-                };
-            buf = b;
-            match res {
-                Ok(0) => return End::PeerClosed,
-                Ok(_) => {}
-                Err(_) => return End::IoError,
-            }
-        };
-
-        // 3. The body (bounded by limits.max_body_bytes inside the parser/scanner).
-        let body_end = match read_body(ctx, conn, &mut buf, &head).await {
-            Ok(end) => end,
-            Err(BodyErr::Status(s)) => return reject(ctx, conn, s).await,
-            Err(BodyErr::End(e)) => return e,
-        };
-
-        // 4. Rewrite and relay.
-        let mut out = ctx.take_buf();
-        http::rewrite_proxy_request(&buf, &head, &xff, id_name, id_value, &mut out);
-        out.extend_from_slice(&buf[head.head_len..body_end]);
-        let is_head = head.method == http::Method::Head;
-        ns.counters.requests.set(ns.counters.requests.get() + 1);
-        let resp = match ctx.pool.request(out, is_head).await {
-            Ok(r) => r,
-            Err(e) => {
-                ns.counters
-                    .upstream_errors
-                    .set(ns.counters.upstream_errors.get() + 1);
-                log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
-                return reject(ctx, conn, e.status()).await;
-            }
-        };
-
-        // 5. Answer. Keep the client only if both sides allow it.
-        let keep = head.keep_alive && !resp.until_close && !ctx.stopping.is_set();
-        let mut w = ctx.take_buf();
-        http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
-        w.extend_from_slice(resp.body());
-        let write = rt::with_deadline(Instant::now() + t.client, conn.write_all(w)).await;
-        match write {
-            Ok((Ok(()), b)) => ctx.put_buf(b),
-            Ok((Err(_), _)) => return End::IoError,
-            Err(rt::Elapsed) => return End::Timeout,
+        match Box::pin(handle_request(ctx, ns, conn, peer, &mut buf, head_deadline)).await {
+            Ok(()) => {}
+            Err(end) => return end,
         }
-        if !keep {
-            return End::Done;
-        }
-        // Keep any pipelined bytes that followed this request.
-        buf.drain(..body_end);
         if buf.is_empty() {
             buf = Vec::new(); // release the capacity while idle
         }
     }
+}
+
+/// Read one request (its first bytes are in `buf`), relay it and answer.
+/// `Ok` keeps the connection; pipelined bytes that followed stay in `buf`.
+async fn handle_request(
+    ctx: &LoopCtx,
+    ns: &NsRuntime,
+    conn: &TcpConn,
+    peer: SocketAddr,
+    buf: &mut Vec<u8>,
+    head_deadline: Instant,
+) -> Result<(), End> {
+    let cfg = &ctx.cfg;
+    // 1. Complete the head.
+    let head = loop {
+        match http::parse_request(buf, &cfg.limits) {
+            Ok(Some(h)) => break h,
+            Ok(None) => {}
+            Err(e) => return Err(reject(ctx, conn, e.status()).await),
+        }
+        let taken = std::mem::take(buf);
+        let (res, b) =
+            match rt::with_deadline(head_deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await
+            {
+                Ok(r) => r,
+                Err(rt::Elapsed) => {
+                    ns.counters
+                        .http_request_timeouts
+                        .set(ns.counters.http_request_timeouts.get() + 1);
+                    return Err(reject(ctx, conn, 408).await);
+                }
+            };
+        *buf = b;
+        match res {
+            Ok(0) => return Err(End::PeerClosed),
+            Ok(_) => {}
+            Err(_) => return Err(End::IoError),
+        }
+    };
+
+    // 2. The body (bounded by limits.max_body_bytes inside the parser/scanner).
+    let body_end = match read_body(ctx, conn, buf, &head).await {
+        Ok(end) => end,
+        Err(BodyErr::Status(s)) => return Err(reject(ctx, conn, s).await),
+        Err(BodyErr::End(e)) => return Err(e),
+    };
+
+    // 3. Rewrite and relay.
+    let mut xff = Vec::with_capacity(40);
+    http::format_ip_for_xff(peer.ip(), &mut xff);
+    let mut out = ctx.take_buf();
+    http::rewrite_proxy_request(
+        buf,
+        &head,
+        &xff,
+        ns.cfg.identity.header_name().as_bytes(),
+        ns.cfg.identity.id().as_bytes(),
+        &mut out,
+    );
+    out.extend_from_slice(&buf[head.head_len..body_end]);
+    let is_head = head.method == http::Method::Head;
+    ns.counters.requests.set(ns.counters.requests.get() + 1);
+    let resp = match ctx.pool.request(out, is_head).await {
+        Ok(r) => r,
+        Err(e) => {
+            ns.counters
+                .upstream_errors
+                .set(ns.counters.upstream_errors.get() + 1);
+            log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
+            return Err(reject(ctx, conn, e.status()).await);
+        }
+    };
+
+    // 4. Answer. Keep the client only if both sides allow it.
+    let keep = head.keep_alive && !resp.until_close && !ctx.stopping.is_set();
+    let mut w = ctx.take_buf();
+    http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
+    w.extend_from_slice(resp.body());
+    match rt::with_deadline(Instant::now() + cfg.timeouts.client, conn.write_all(w)).await {
+        Ok((Ok(()), b)) => ctx.put_buf(b),
+        Ok((Err(_), _)) => return Err(End::IoError),
+        Err(rt::Elapsed) => return Err(End::Timeout),
+    }
+    if !keep {
+        return Err(End::Done);
+    }
+    // Keep any pipelined bytes that followed this request.
+    buf.drain(..body_end);
+    Ok(())
 }
 
 enum BodyErr {

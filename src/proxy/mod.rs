@@ -31,6 +31,9 @@ use crate::rt::{self, TcpAcceptor};
 
 /// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Upper bound on a connection task's size: it is what every idle
+/// keep-alive connection costs (see docs/adr/0001-runtime.md).
+pub const CONN_TASK_MAX_BYTES: usize = 1536;
 /// Buffers kept in a loop's free list.
 const FREE_BUFFERS: usize = 256;
 
@@ -321,11 +324,16 @@ async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor)
         }
         ctx.active.set(ctx.active.get() + 1);
         let (c, n) = (ctx.clone(), ns.clone());
-        rt::spawn(async move {
+        let fut = async move {
             let guard = ActiveGuard(c.clone(), n.clone());
             conn::serve(c, n, conn, peer, accepted).await;
             drop(guard);
-        });
+        };
+        debug_assert!(
+            std::mem::size_of_val(&fut) <= CONN_TASK_MAX_BYTES,
+            "idle connection state grew"
+        );
+        rt::spawn(fut);
     }
 }
 

@@ -49,7 +49,13 @@ impl Event {
     /// Set the event and wake every waiter.
     pub fn set(&self) {
         self.0.set.set(true);
-        let wakers: Vec<Waker> = self.0.waiters.borrow_mut().iter_mut().filter_map(Option::take).collect();
+        let wakers: Vec<Waker> = self
+            .0
+            .waiters
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
         for w in wakers {
             w.wake();
         }
@@ -67,7 +73,12 @@ impl Event {
     }
     /// Tasks currently registered as waiting (for leak tests).
     pub fn waiting(&self) -> usize {
-        self.0.waiters.borrow().iter().filter(|w| w.is_some()).count()
+        self.0
+            .waiters
+            .borrow()
+            .iter()
+            .filter(|w| w.is_some())
+            .count()
     }
 }
 
