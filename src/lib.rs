@@ -11,6 +11,7 @@
 //! [`inventory`]. Everything that touches io_uring lives in [`rt`].
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod http;
 pub mod inventory;
 pub mod sign;
