@@ -1,7 +1,7 @@
 //! Nova-compatible metadata API as a pure handler: request in, response out.
 //!
 //! [`MetadataApi::handle`] does what Nova's `MetadataRequestHandler` does
-//! (see `docs`/spec §1): normalise the path, answer `/` without identity,
+//! (`shared/spec/metadata-api.md` §1): normalise the path, answer `/` without identity,
 //! identify the instance (signed `X-Instance-ID` from the agent, or the TCP
 //! peer in direct mode), then render the EC2 tree ([`ec2`]) or the OpenStack
 //! tree ([`openstack`]) from the [`Inventory`]. There are no sockets here so
