@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod http;
 pub mod inventory;

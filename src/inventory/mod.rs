@@ -1,1 +1,690 @@
-//! Inventory model (see issue 3/4).
+//! The instance / port / network / router model shared by the agent and the API.
+//!
+//! An [`Inventory`] is loaded once from a TOML file (see `examples/inventory.toml`),
+//! validated as a whole, and then never mutated: a reload builds a new one and
+//! swaps the `Arc`. Every lookup the hot path needs (router → networks,
+//! (network, ip) → port, (network, mac) → port, ip → instance) is answered from a
+//! hash index built at load, so lookups are O(1) and borrow from the inventory.
+//!
+//! Two layers, as everywhere in metaproxy: `file` holds the serde structs
+//! (`deny_unknown_fields`, defaults), and [`Inventory::from_toml_str`] converts
+//! them into parsed types, naming the offending key (`instance[2].port[0].fixed_ips[1]`)
+//! on the first error. Rejected alternative: validating lazily at lookup time,
+//! which would turn a typo in the file into a 404 for one guest at 3 am.
+//!
+//! Derived values (documented here because guests see them):
+//! - `ec2_id` (EC2 `instance-id` = `i-%08x`) defaults to the first 8 hex digits
+//!   of the UUID (its `time_low` field), or, if those are not hex, the first four
+//!   bytes of SHA-256(uuid). Two instances ending up with the same EC2 id is an
+//!   error: set `ec2_id` explicitly.
+//! - `reservation_id` defaults to `r-%08x` of the EC2 id.
+//! - `name` (display name) defaults to `hostname`.
+//! - `subnet.ip_version` is derived from the CIDR; `subnet.dhcp` defaults to
+//!   true (Neutron's `enable_dhcp` default).
+//! - `port.devname` (the `network_data.json` link id) defaults to `tap` + the
+//!   first 11 characters of the port id, which is what Nova/os-vif name the tap.
+//! - A fixed IP outside every subnet of its network is accepted (lookups and
+//!   `local-ipv4` use it), but it contributes nothing to `network_data.json`.
+
+mod file;
+pub mod net;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+pub use net::Cidr;
+
+/// Errors from loading an inventory file.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    /// The file could not be read.
+    #[error("reading inventory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema; the message carries
+    /// toml's line/column and a snippet of the offending line.
+    #[error("inventory parse error: {message}")]
+    Parse { message: String },
+    /// A value parsed but is not acceptable; `key` names it, e.g. `instance[2].port[0].mac`.
+    #[error("inventory: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> InventoryError {
+    InventoryError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// IPv6 address mode of a subnet (Neutron's `ipv6_address_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Mode {
+    Slaac,
+    Dhcpv6Stateful,
+    Dhcpv6Stateless,
+}
+
+impl Ipv6Mode {
+    /// Neutron's spelling, used in `network_data.json` as `ipv6_<mode>`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ipv6Mode::Slaac => "slaac",
+            Ipv6Mode::Dhcpv6Stateful => "dhcpv6-stateful",
+            Ipv6Mode::Dhcpv6Stateless => "dhcpv6-stateless",
+        }
+    }
+}
+
+/// A host route of a subnet.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub destination: Cidr,
+    pub nexthop: IpAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subnet {
+    pub id: String,
+    pub cidr: Cidr,
+    pub gateway: Option<IpAddr>,
+    pub dns: Vec<IpAddr>,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// A DHCP server serves this subnet (Nova then renders `ipv4_dhcp`/`ipv6_dhcp`).
+    pub dhcp: bool,
+    pub ipv6_mode: Option<Ipv6Mode>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub mtu: Option<u32>,
+    pub subnets: Vec<Subnet>,
+}
+
+impl Network {
+    /// The first subnet (in file order) containing `ip`.
+    pub fn subnet_for(&self, ip: IpAddr) -> Option<&Subnet> {
+        self.subnets.iter().find(|s| s.cidr.contains(ip))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub id: String,
+    pub networks: Vec<String>,
+}
+
+/// A keypair exposed to the instance (Nova shows only the first).
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub name: String,
+    /// `ssh` or `x509`.
+    pub kind: String,
+    pub data: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Port {
+    pub id: String,
+    pub network: String,
+    pub mac: [u8; 6],
+    pub fixed_ips: Vec<IpAddr>,
+    pub device_owner: String,
+    pub vif_type: Option<String>,
+    /// Tap device name (`network_data.json` link id).
+    pub devname: String,
+}
+
+impl Port {
+    /// Neutron's notion of a compute port (`device_owner` = `compute:*`).
+    pub fn is_compute(&self) -> bool {
+        self.device_owner.starts_with("compute:")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub uuid: String,
+    /// Display name.
+    pub name: String,
+    pub hostname: String,
+    pub project: String,
+    pub availability_zone: Option<String>,
+    pub launch_index: u32,
+    /// Flavor name (EC2 `instance-type`).
+    pub flavor: String,
+    pub ec2_id: u32,
+    pub image_ec2_id: u32,
+    pub kernel_ec2_id: Option<u32>,
+    pub ramdisk_ec2_id: Option<u32>,
+    pub reservation_id: String,
+    pub root_device_name: Option<String>,
+    pub security_groups: Vec<String>,
+    pub user_data: Option<Vec<u8>>,
+    pub meta: BTreeMap<String, String>,
+    pub floating_ips: Vec<IpAddr>,
+    pub keys: Vec<Key>,
+    pub ports: Vec<Port>,
+}
+
+impl Instance {
+    /// The first fixed IPv4 over all ports, in file order (EC2 `local-ipv4`).
+    pub fn first_fixed_ipv4(&self) -> Option<IpAddr> {
+        self.ports
+            .iter()
+            .flat_map(|p| p.fixed_ips.iter())
+            .copied()
+            .find(IpAddr::is_ipv4)
+    }
+}
+
+/// A port together with the instance owning it (`device_id` = `instance.uuid`,
+/// tenant = `instance.project`).
+#[derive(Debug, Clone, Copy)]
+pub struct PortRef<'a> {
+    pub instance: &'a Instance,
+    pub port: &'a Port,
+}
+
+/// (instance index, port index) into `Inventory::instances`.
+type Slot = (usize, usize);
+
+/// The loaded, validated, indexed inventory. Immutable after load.
+#[derive(Debug)]
+pub struct Inventory {
+    dhcp_domain: String,
+    networks: Vec<Network>,
+    routers: Vec<Router>,
+    instances: Vec<Instance>,
+    by_uuid: HashMap<String, usize>,
+    by_network: HashMap<String, usize>,
+    by_router: HashMap<String, usize>,
+    by_net_ip: HashMap<(String, IpAddr), Slot>,
+    by_net_mac: HashMap<(String, [u8; 6]), Vec<Slot>>,
+    by_ip: HashMap<IpAddr, Vec<usize>>,
+    ports_of_network: HashMap<String, Vec<Slot>>,
+}
+
+impl Inventory {
+    /// Read and validate an inventory file.
+    ///
+    /// # Errors
+    /// [`InventoryError::Io`] if the file cannot be read, otherwise as
+    /// [`Inventory::from_toml_str`].
+    pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parse and validate inventory TOML.
+    ///
+    /// # Errors
+    /// [`InventoryError::Parse`] for TOML/schema errors (with line and column),
+    /// [`InventoryError::Invalid`] naming the first key that fails validation.
+    pub fn from_toml_str(s: &str) -> Result<Inventory, InventoryError> {
+        let f: file::InventoryFile = toml::from_str(s).map_err(|e| InventoryError::Parse {
+            message: e.to_string(),
+        })?;
+        Self::from_file(f)
+    }
+
+    fn from_file(f: file::InventoryFile) -> Result<Inventory, InventoryError> {
+        let mut networks = Vec::with_capacity(f.network.len());
+        let mut by_network = HashMap::new();
+        for (ni, n) in f.network.into_iter().enumerate() {
+            let key = format!("network[{ni}]");
+            let network = convert_network(&key, n)?;
+            if by_network.insert(network.id.clone(), ni).is_some() {
+                return Err(invalid(format!("{key}.id"), "duplicate network id"));
+            }
+            networks.push(network);
+        }
+
+        let mut routers = Vec::with_capacity(f.router.len());
+        let mut by_router = HashMap::new();
+        for (ri, r) in f.router.into_iter().enumerate() {
+            let key = format!("router[{ri}]");
+            require_id(&format!("{key}.id"), &r.id)?;
+            for (i, n) in r.networks.iter().enumerate() {
+                if !by_network.contains_key(n) {
+                    return Err(invalid(
+                        format!("{key}.networks[{i}]"),
+                        format!("unknown network {n:?}"),
+                    ));
+                }
+            }
+            if by_router.insert(r.id.clone(), ri).is_some() {
+                return Err(invalid(format!("{key}.id"), "duplicate router id"));
+            }
+            routers.push(Router {
+                id: r.id,
+                networks: r.networks,
+            });
+        }
+
+        let mut instances = Vec::with_capacity(f.instance.len());
+        let mut by_uuid = HashMap::new();
+        let mut ec2_ids: HashMap<u32, usize> = HashMap::new();
+        let mut port_ids: HashMap<String, String> = HashMap::new();
+        let mut by_net_ip = HashMap::new();
+        let mut by_net_mac: HashMap<(String, [u8; 6]), Vec<Slot>> = HashMap::new();
+        let mut by_ip: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+        let mut ports_of_network: HashMap<String, Vec<Slot>> = HashMap::new();
+        for (ii, inst) in f.instance.into_iter().enumerate() {
+            let key = format!("instance[{ii}]");
+            let instance = convert_instance(&key, inst, &by_network)?;
+            if by_uuid.insert(instance.uuid.clone(), ii).is_some() {
+                return Err(invalid(format!("{key}.uuid"), "duplicate instance uuid"));
+            }
+            if let Some(other) = ec2_ids.insert(instance.ec2_id, ii) {
+                return Err(invalid(
+                    format!("{key}.ec2_id"),
+                    format!(
+                        "EC2 id {:#010x} also used by instance[{other}]; set ec2_id explicitly",
+                        instance.ec2_id
+                    ),
+                ));
+            }
+            for (pi, p) in instance.ports.iter().enumerate() {
+                let pkey = format!("{key}.port[{pi}]");
+                if let Some(prev) = port_ids.insert(p.id.clone(), pkey.clone()) {
+                    return Err(invalid(
+                        format!("{pkey}.id"),
+                        format!("duplicate port id (also {prev})"),
+                    ));
+                }
+                for (xi, ip) in p.fixed_ips.iter().enumerate() {
+                    if by_net_ip
+                        .insert((p.network.clone(), *ip), (ii, pi))
+                        .is_some()
+                    {
+                        return Err(invalid(
+                            format!("{pkey}.fixed_ips[{xi}]"),
+                            format!("{ip} is already used on network {}", p.network),
+                        ));
+                    }
+                    if !p.is_compute() {
+                        continue;
+                    }
+                    let owners = by_ip.entry(*ip).or_default();
+                    if !owners.contains(&ii) {
+                        owners.push(ii);
+                    }
+                }
+                let macs = by_net_mac.entry((p.network.clone(), p.mac)).or_default();
+                if !macs.is_empty() {
+                    return Err(invalid(
+                        format!("{pkey}.mac"),
+                        format!("MAC already used on network {}", p.network),
+                    ));
+                }
+                macs.push((ii, pi));
+                if p.is_compute() {
+                    ports_of_network
+                        .entry(p.network.clone())
+                        .or_default()
+                        .push((ii, pi));
+                }
+            }
+            instances.push(instance);
+        }
+        // Non-compute ports took part in the duplicate checks but are not
+        // answers to lookups.
+        by_net_ip.retain(|_, (ii, pi)| instances[*ii].ports[*pi].is_compute());
+        by_net_mac.retain(|_, v| {
+            v.retain(|(ii, pi)| instances[*ii].ports[*pi].is_compute());
+            !v.is_empty()
+        });
+
+        Ok(Inventory {
+            dhcp_domain: f.dhcp_domain,
+            networks,
+            routers,
+            instances,
+            by_uuid,
+            by_network,
+            by_router,
+            by_net_ip,
+            by_net_mac,
+            by_ip,
+            ports_of_network,
+        })
+    }
+
+    /// The `dhcp_domain` appended to hostnames (`""` = none).
+    pub fn dhcp_domain(&self) -> &str {
+        &self.dhcp_domain
+    }
+
+    pub fn instance(&self, uuid: &str) -> Option<&Instance> {
+        self.by_uuid.get(uuid).map(|&i| &self.instances[i])
+    }
+
+    pub fn network(&self, id: &str) -> Option<&Network> {
+        self.by_network.get(id).map(|&i| &self.networks[i])
+    }
+
+    /// Networks a router is attached to (empty if unknown router).
+    pub fn router_networks(&self, router_id: &str) -> &[String] {
+        self.by_router
+            .get(router_id)
+            .map_or(&[], |&i| self.routers[i].networks.as_slice())
+    }
+
+    fn port_ref(&self, (ii, pi): Slot) -> PortRef<'_> {
+        let instance = &self.instances[ii];
+        PortRef {
+            instance,
+            port: &instance.ports[pi],
+        }
+    }
+
+    /// Compute ports on any of `networks` carrying fixed IP `ip` (IPv4-mapped
+    /// v6 is NOT converted here). At most one per network.
+    pub fn ports_by_ip(&self, networks: &[&str], ip: IpAddr) -> Vec<PortRef<'_>> {
+        networks
+            .iter()
+            .filter_map(|n| self.by_net_ip.get(&((*n).to_owned(), ip)))
+            .map(|&s| self.port_ref(s))
+            .collect()
+    }
+
+    /// Compute ports on any of `networks` with this MAC.
+    pub fn ports_by_mac(&self, networks: &[&str], mac: [u8; 6]) -> Vec<PortRef<'_>> {
+        networks
+            .iter()
+            .filter_map(|n| self.by_net_mac.get(&((*n).to_owned(), mac)))
+            .flatten()
+            .map(|&s| self.port_ref(s))
+            .collect()
+    }
+
+    /// Instances with a compute port carrying this IP on any network (API
+    /// direct mode). More than one means overlapping networks: ambiguous.
+    pub fn instance_by_ip(&self, ip: IpAddr) -> Vec<&Instance> {
+        self.by_ip
+            .get(&ip)
+            .map(|v| v.iter().map(|&i| &self.instances[i]).collect())
+            .unwrap_or_default()
+    }
+
+    /// All compute ports of a network.
+    pub fn network_ports(&self, network: &str) -> Vec<PortRef<'_>> {
+        self.ports_of_network
+            .get(network)
+            .map(|v| v.iter().map(|&s| self.port_ref(s)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.instances.iter()
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.networks.iter()
+    }
+
+    pub fn routers(&self) -> impl Iterator<Item = &Router> {
+        self.routers.iter()
+    }
+}
+
+fn require_id(key: &str, id: &str) -> Result<(), InventoryError> {
+    if id.trim().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(key, "must not contain whitespace"));
+    }
+    Ok(())
+}
+
+fn parse_ip(key: &str, s: &str) -> Result<IpAddr, InventoryError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not an IP address")))
+}
+
+fn convert_network(key: &str, n: file::NetworkFile) -> Result<Network, InventoryError> {
+    require_id(&format!("{key}.id"), &n.id)?;
+    require_id(&format!("{key}.project"), &n.project)?;
+    let mut subnets = Vec::with_capacity(n.subnet.len());
+    for (si, s) in n.subnet.into_iter().enumerate() {
+        let skey = format!("{key}.subnet[{si}]");
+        require_id(&format!("{skey}.id"), &s.id)?;
+        let cidr = Cidr::parse(&s.cidr).ok_or_else(|| {
+            invalid(
+                format!("{skey}.cidr"),
+                format!("{:?} is not a CIDR", s.cidr),
+            )
+        })?;
+        let version = cidr.version();
+        if let Some(v) = s.ip_version {
+            if v != version {
+                return Err(invalid(
+                    format!("{skey}.ip_version"),
+                    format!("{v} does not match cidr {cidr}"),
+                ));
+            }
+        }
+        let family = |k: String, ip: IpAddr| {
+            if (ip.is_ipv4() && version == 4) || (ip.is_ipv6() && version == 6) {
+                Ok(ip)
+            } else {
+                Err(invalid(k, format!("{ip} is not IPv{version}")))
+            }
+        };
+        let gateway = match &s.gateway {
+            Some(g) => {
+                let k = format!("{skey}.gateway");
+                Some(family(k.clone(), parse_ip(&k, g)?)?)
+            }
+            None => None,
+        };
+        let dns = s
+            .dns
+            .iter()
+            .enumerate()
+            .map(|(i, d)| parse_ip(&format!("{skey}.dns[{i}]"), d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ipv6_mode = match s.ipv6_mode.as_deref() {
+            None => None,
+            Some(m) => {
+                let k = format!("{skey}.ipv6_mode");
+                if version != 6 {
+                    return Err(invalid(k, "only valid on IPv6 subnets"));
+                }
+                Some(match m {
+                    "slaac" => Ipv6Mode::Slaac,
+                    "dhcpv6-stateful" => Ipv6Mode::Dhcpv6Stateful,
+                    "dhcpv6-stateless" => Ipv6Mode::Dhcpv6Stateless,
+                    _ => {
+                        return Err(invalid(
+                            k,
+                            format!("{m:?}: expected slaac, dhcpv6-stateful or dhcpv6-stateless"),
+                        ))
+                    }
+                })
+            }
+        };
+        let mut routes = Vec::with_capacity(s.routes.len());
+        for (ri, r) in s.routes.iter().enumerate() {
+            let rkey = format!("{skey}.routes[{ri}]");
+            let destination = Cidr::parse(&r.destination).ok_or_else(|| {
+                invalid(
+                    format!("{rkey}.destination"),
+                    format!("{:?} is not a CIDR", r.destination),
+                )
+            })?;
+            if destination.version() != version {
+                return Err(invalid(
+                    format!("{rkey}.destination"),
+                    format!("{destination} is not IPv{version}"),
+                ));
+            }
+            let k = format!("{rkey}.nexthop");
+            let nexthop = family(k.clone(), parse_ip(&k, &r.nexthop)?)?;
+            routes.push(Route {
+                destination,
+                nexthop,
+            });
+        }
+        subnets.push(Subnet {
+            id: s.id,
+            cidr,
+            gateway,
+            dns,
+            ip_version: version,
+            dhcp: s.dhcp,
+            ipv6_mode,
+            routes,
+        });
+    }
+    Ok(Network {
+        id: n.id,
+        name: n.name,
+        project: n.project,
+        mtu: n.mtu,
+        subnets,
+    })
+}
+
+/// Default EC2 id: the UUID's first 8 hex digits, else 4 bytes of SHA-256.
+fn derive_ec2_id(uuid: &str) -> u32 {
+    let head = uuid.get(..8).unwrap_or("");
+    if head.len() == 8 && head.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if let Ok(v) = u32::from_str_radix(head, 16) {
+            return v;
+        }
+    }
+    let d = Sha256::digest(uuid.as_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn convert_instance(
+    key: &str,
+    i: file::InstanceFile,
+    networks: &HashMap<String, usize>,
+) -> Result<Instance, InventoryError> {
+    require_id(&format!("{key}.uuid"), &i.uuid)?;
+    require_id(&format!("{key}.project"), &i.project)?;
+    if i.hostname.is_empty() {
+        return Err(invalid(format!("{key}.hostname"), "must not be empty"));
+    }
+    let user_data = match (i.user_data, i.user_data_b64) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!("{key}.user_data_b64"),
+                "set either user_data or user_data_b64, not both",
+            ))
+        }
+        (Some(t), None) => Some(t.into_bytes()),
+        (None, Some(b)) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| invalid(format!("{key}.user_data_b64"), format!("not base64: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    let floating_ips = i
+        .floating_ips
+        .iter()
+        .enumerate()
+        .map(|(n, s)| parse_ip(&format!("{key}.floating_ips[{n}]"), s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut keys = Vec::with_capacity(i.key.len());
+    for (ki, k) in i.key.into_iter().enumerate() {
+        let kkey = format!("{key}.key[{ki}]");
+        if k.name.is_empty() {
+            return Err(invalid(format!("{kkey}.name"), "must not be empty"));
+        }
+        if k.kind != "ssh" && k.kind != "x509" {
+            return Err(invalid(
+                format!("{kkey}.type"),
+                format!("{:?}: expected ssh or x509", k.kind),
+            ));
+        }
+        keys.push(Key {
+            name: k.name,
+            kind: k.kind,
+            data: k.data,
+        });
+    }
+    let mut ports = Vec::with_capacity(i.port.len());
+    for (pi, p) in i.port.into_iter().enumerate() {
+        let pkey = format!("{key}.port[{pi}]");
+        require_id(&format!("{pkey}.id"), &p.id)?;
+        if !networks.contains_key(&p.network) {
+            return Err(invalid(
+                format!("{pkey}.network"),
+                format!("unknown network {:?}", p.network),
+            ));
+        }
+        let mac = net::parse_mac(&p.mac)
+            .ok_or_else(|| invalid(format!("{pkey}.mac"), format!("{:?} is not a MAC", p.mac)))?;
+        let mut fixed_ips = Vec::with_capacity(p.fixed_ips.len());
+        for (xi, s) in p.fixed_ips.iter().enumerate() {
+            let ip = parse_ip(&format!("{pkey}.fixed_ips[{xi}]"), s)?;
+            if fixed_ips.contains(&ip) {
+                return Err(invalid(
+                    format!("{pkey}.fixed_ips[{xi}]"),
+                    format!("{ip} listed twice"),
+                ));
+            }
+            fixed_ips.push(ip);
+        }
+        let devname = p
+            .devname
+            .unwrap_or_else(|| format!("tap{}", p.id.chars().take(11).collect::<String>()));
+        ports.push(Port {
+            id: p.id,
+            network: p.network,
+            mac,
+            fixed_ips,
+            device_owner: p.device_owner,
+            vif_type: p.vif_type,
+            devname,
+        });
+    }
+    let ec2_id = i.ec2_id.unwrap_or_else(|| derive_ec2_id(&i.uuid));
+    Ok(Instance {
+        name: i.name.unwrap_or_else(|| i.hostname.clone()),
+        reservation_id: i
+            .reservation_id
+            .unwrap_or_else(|| format!("r-{ec2_id:08x}")),
+        uuid: i.uuid,
+        hostname: i.hostname,
+        project: i.project,
+        availability_zone: i.availability_zone,
+        launch_index: i.launch_index,
+        flavor: i.flavor,
+        ec2_id,
+        image_ec2_id: i.image_ec2_id,
+        kernel_ec2_id: i.kernel_ec2_id,
+        ramdisk_ec2_id: i.ramdisk_ec2_id,
+        root_device_name: i.root_device_name,
+        security_groups: i.security_groups,
+        user_data,
+        meta: i.meta,
+        floating_ips,
+        keys,
+        ports,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! JSON text identical to Nova's `jsonutils.dump_as_bytes`, i.e. Python's
+//! `json.dumps` with default arguments: `", "` and `": "` separators, keys in
+//! insertion order, `ensure_ascii` (everything outside `' '..='~'` escaped as
+//! lowercase `\uXXXX`, astral characters as surrogate pairs), floats as
+//! Python's `repr`.
+//!
+//! A tiny ordered value type rather than `serde_json::to_string`: serde_json's
+//! compact format has no spaces and its `Map` is sorted unless the
+//! `preserve_order` feature is on, and Nova's key order is part of the bytes we
+//! want to match.
+
+use std::fmt::Write as _;
+
+/// An ordered JSON value.
+#[derive(Debug, Clone)]
+pub(crate) enum Json {
+    Null,
+    Int(i64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+    /// An operator-supplied document (vendor data), rendered in its own key order.
+    Value(serde_json::Value),
+}
+
+impl Json {
+    pub(crate) fn str(s: impl Into<String>) -> Json {
+        Json::Str(s.into())
+    }
+
+    /// Render as Python's `json.dumps` would.
+    pub(crate) fn to_python_string(&self) -> String {
+        let mut out = String::with_capacity(256);
+        self.write(&mut out);
+        out
+    }
+
+    fn write(&self, out: &mut String) {
+        match self {
+            Json::Null => out.push_str("null"),
+            Json::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Json::Str(s) => write_str(out, s),
+            Json::Arr(items) => {
+                out.push('[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    v.write(out);
+                }
+                out.push(']');
+            }
+            Json::Obj(members) => {
+                out.push('{');
+                for (i, (k, v)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    write_str(out, k);
+                    out.push_str(": ");
+                    v.write(out);
+                }
+                out.push('}');
+            }
+            Json::Value(v) => write_value(out, v),
+        }
+    }
+}
+
+fn write_value(out: &mut String, v: &serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                let _ = write!(out, "{i}");
+            } else if let Some(u) = n.as_u64() {
+                let _ = write!(out, "{u}");
+            } else if let Some(f) = n.as_f64() {
+                out.push_str(&py_float_repr(f));
+            } else {
+                out.push_str("null");
+            }
+        }
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_str(out, k);
+                out.push_str(": ");
+                write_value(out, item);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// Python's `py_encode_basestring_ascii`.
+fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{u:04x}");
+                }
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, fixed notation for
+/// decimal exponents in `-4..16`, otherwise `d.ddde+XX`.
+fn py_float_repr(f: f64) -> String {
+    if !f.is_finite() {
+        // json.dumps would write NaN/Infinity; serde_json cannot hold them.
+        return "null".to_owned();
+    }
+    let sci = format!("{f:e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (neg, mant) = match mant.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mant),
+    };
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let mut out = String::new();
+    if neg {
+        out.push('-');
+    }
+    if (-4..16).contains(&exp) {
+        if exp >= 0 {
+            let int_len = usize::try_from(exp).unwrap_or(0) + 1;
+            if digits.len() > int_len {
+                out.push_str(&digits[..int_len]);
+                out.push('.');
+                out.push_str(&digits[int_len..]);
+            } else {
+                out.push_str(&digits);
+                out.push_str(&"0".repeat(int_len - digits.len()));
+                out.push_str(".0");
+            }
+        } else {
+            out.push_str("0.");
+            out.push_str(&"0".repeat(usize::try_from(-exp - 1).unwrap_or(0)));
+            out.push_str(&digits);
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(
+            out,
+            "e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.unsigned_abs()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_separators_and_order() {
+        let j = Json::Obj(vec![
+            ("z".into(), Json::Int(1)),
+            ("a".into(), Json::Arr(vec![Json::Null, Json::str("x")])),
+            ("e".into(), Json::Arr(vec![])),
+            ("o".into(), Json::Obj(vec![])),
+        ]);
+        assert_eq!(
+            j.to_python_string(),
+            r#"{"z": 1, "a": [null, "x"], "e": [], "o": {}}"#
+        );
+    }
+
+    #[test]
+    fn ensure_ascii_escapes() {
+        let s = Json::str("é\u{1F600}\"\\\n\r\t\u{8}\u{c}\u{1}\u{7f}/~");
+        assert_eq!(
+            s.to_python_string(),
+            r#""\u00e9\ud83d\ude00\"\\\n\r\t\b\f\u0001\u007f/~""#
+        );
+    }
+
+    #[test]
+    fn floats_like_python_repr() {
+        for (f, py) in [
+            (1.0, "1.0"),
+            (0.5, "0.5"),
+            (-0.0, "-0.0"),
+            (123.456, "123.456"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (1e15, "1000000000000000.0"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.25e-7, "1.25e-07"),
+            (1e100, "1e+100"),
+        ] {
+            assert_eq!(py_float_repr(f), py, "{f}");
+        }
+    }
+
+    #[test]
+    fn serde_values() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"b": [true, false, null, 1.5, -3], "a": "ü"}"#).unwrap();
+        // serde_json without preserve_order sorts keys.
+        assert_eq!(
+            Json::Value(v).to_python_string(),
+            r#"{"a": "\u00fc", "b": [true, false, null, 1.5, -3]}"#
+        );
+    }
+}

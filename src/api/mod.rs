@@ -1,0 +1,468 @@
+//! Nova-compatible metadata API as a pure handler: request in, response out.
+//!
+//! [`MetadataApi::handle`] does what Nova's `MetadataRequestHandler` does
+//! (`shared/spec/metadata-api.md` §1): normalise the path, answer `/` without identity,
+//! identify the instance (signed `X-Instance-ID` from the agent, or the TCP
+//! peer in direct mode), then render the EC2 tree ([`ec2`]) or the OpenStack
+//! tree ([`openstack`]) from the [`Inventory`]. There are no sockets here so
+//! the server glue can run it on any runtime, and tests drive it directly.
+//!
+//! Differences from Nova, all deliberate:
+//! - an extra segment below a leaf is 404 (Nova: 500);
+//! - a leading `//` is collapsed like other repeated slashes (Nova's
+//!   `posixpath.normpath` keeps it and answers the version list);
+//! - the load-balancer path (`X-Metadata-Provider`) is not supported: 400;
+//! - a non-UTF-8 password body is 400 (Nova: 500);
+//! - error bodies always use webob's plain-text format (Nova picks HTML for
+//!   `Accept: */*`); clients only look at the status.
+//!
+//! Only statuses Neutron relays are produced: 200, 400, 403, 404, 409, 500.
+//! There is no render cache: rendering is microseconds (Nova: ~50 ms), and a
+//! cache would have to be invalidated on inventory reload and password POSTs.
+
+mod ec2;
+mod json;
+mod openstack;
+mod password;
+mod path;
+
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use crate::inventory::{Instance, Inventory};
+use crate::sign::verify_instance_signature;
+
+pub use password::{PasswordError, PasswordStore, PASSWORD_LOG_NAME};
+
+/// `Content-Type` of listings, EC2 values, `user_data`, `network_data.json`.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; charset=UTF-8";
+/// `Content-Type` of `meta_data.json` and `vendor_data*.json`.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// `Content-Type` of `password` (webob's default).
+pub const CONTENT_TYPE_HTML: &str = "text/html; charset=UTF-8";
+
+/// Nova's password cap: 4 system_metadata chunks of 255 characters.
+pub const MAX_PASSWORD_BYTES: usize = 1020;
+
+/// Settings of the API (from `[api]`/`[neutron]` in Nova terms).
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// `metadata_proxy_shared_secret`; empty is allowed (HMAC with an empty key).
+    pub shared_secret: Vec<u8>,
+    /// true: identify by signed `X-Instance-ID` (behind the agent); false:
+    /// identify by the TCP peer address.
+    pub service_metadata_proxy: bool,
+    /// Static vendor JSON (`None` → `{}`). Rendered in the `Value`'s key
+    /// order, which is sorted unless serde_json's `preserve_order` is enabled.
+    pub vendor_data: Option<serde_json::Value>,
+    /// Overrides the inventory's `dhcp_domain` (`Some("")` = no suffix).
+    pub dhcp_domain_override: Option<String>,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            shared_secret: Vec::new(),
+            service_metadata_proxy: true,
+            vendor_data: None,
+            dhcp_domain_override: None,
+        }
+    }
+}
+
+/// One request, as received by the server glue.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiRequest<'a> {
+    /// `GET`, `HEAD`, `POST`, `PUT`, ... (compared by value, case-sensitive as HTTP).
+    pub method: &'a str,
+    /// Raw request-target including any query.
+    pub target: &'a [u8],
+    /// All headers as received: names in any case, duplicates kept.
+    pub headers: &'a [(&'a [u8], &'a [u8])],
+    pub body: &'a [u8],
+    /// TCP peer (used in direct mode and as the `local-ipv4` fallback there).
+    pub peer: IpAddr,
+}
+
+/// The handler's answer. For `HEAD` the body is still filled in (so the glue
+/// can send the right `Content-Length`); the server must not send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl ApiResponse {
+    fn ok(content_type: &'static str, body: impl Into<Vec<u8>>) -> ApiResponse {
+        ApiResponse {
+            status: 200,
+            content_type,
+            body: body.into(),
+        }
+    }
+
+    /// webob's plain-text error page: `"<status>\n\n<explanation>\n\n   "`.
+    fn error(status: u16, explanation: &str) -> ApiResponse {
+        let reason = match status {
+            400 => "Bad Request",
+            403 => "Forbidden",
+            404 => "Not Found",
+            409 => "Conflict",
+            _ => "Internal Server Error",
+        };
+        ApiResponse {
+            status,
+            content_type: CONTENT_TYPE_TEXT,
+            body: format!("{status} {reason}\n\n{explanation}\n\n   ").into_bytes(),
+        }
+    }
+
+    fn not_found() -> ApiResponse {
+        Self::error(404, "The resource could not be found.")
+    }
+
+    fn conflict() -> ApiResponse {
+        Self::error(
+            409,
+            "There was a conflict when trying to complete your request.",
+        )
+    }
+
+    fn internal() -> ApiResponse {
+        Self::error(
+            500,
+            "The server has either erred or is incapable of performing the requested operation.",
+        )
+    }
+}
+
+/// What a renderer needs about the identified instance.
+pub(crate) struct RenderCtx<'a> {
+    pub(crate) inventory: &'a Inventory,
+    pub(crate) instance: &'a Instance,
+    /// `hostname[.dhcp_domain]`.
+    pub(crate) hostname: String,
+    /// X-Forwarded-For (proxy mode) or the peer (direct mode); `local-ipv4`
+    /// fallback for instances without a fixed IPv4.
+    pub(crate) remote_address: &'a str,
+    pub(crate) vendor_data: Option<&'a serde_json::Value>,
+}
+
+/// The metadata API. `Sync`: share it behind an `Arc` across workers.
+pub struct MetadataApi {
+    settings: ApiSettings,
+    inventory: RwLock<Arc<Inventory>>,
+    passwords: Arc<PasswordStore>,
+}
+
+impl std::fmt::Debug for MetadataApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataApi")
+            .field(
+                "service_metadata_proxy",
+                &self.settings.service_metadata_proxy,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// One header's occurrences.
+enum Header<'a> {
+    Missing,
+    One(&'a [u8]),
+    Many,
+}
+
+fn header<'a>(req: &ApiRequest<'a>, name: &str) -> Header<'a> {
+    let mut found = Header::Missing;
+    for (k, v) in req.headers {
+        if k.eq_ignore_ascii_case(name.as_bytes()) {
+            found = match found {
+                Header::Missing => Header::One(v.trim_ascii()),
+                _ => return Header::Many,
+            };
+        }
+    }
+    found
+}
+
+/// Who is asking, once identified.
+struct Identity<'a> {
+    instance: &'a Instance,
+    remote_address: String,
+}
+
+impl MetadataApi {
+    pub fn new(
+        settings: ApiSettings,
+        inventory: Arc<Inventory>,
+        passwords: Arc<PasswordStore>,
+    ) -> Self {
+        MetadataApi {
+            settings,
+            inventory: RwLock::new(inventory),
+            passwords,
+        }
+    }
+
+    /// Swap in a reloaded inventory; requests in flight finish on the old one.
+    pub fn set_inventory(&self, inv: Arc<Inventory>) {
+        *self.inventory.write().unwrap_or_else(|e| e.into_inner()) = inv;
+    }
+
+    fn current_inventory(&self) -> Arc<Inventory> {
+        Arc::clone(&self.inventory.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Answer one request. Never panics on guest input; the status is one of
+    /// 200/400/403/404/409/500.
+    pub fn handle(&self, req: &ApiRequest<'_>) -> ApiResponse {
+        self.handle_on(req, &utc_today())
+    }
+
+    /// [`MetadataApi::handle`] with an explicit "today" (`YYYY-MM-DD`) for the
+    /// OpenStack future-version hiding.
+    pub(crate) fn handle_on(&self, req: &ApiRequest<'_>, today: &str) -> ApiResponse {
+        let Some(segs) = path::normalize(req.target) else {
+            return ApiResponse::not_found();
+        };
+        if segs.is_empty() {
+            return ApiResponse::ok(CONTENT_TYPE_TEXT, ec2::version_list());
+        }
+        let inventory = self.current_inventory();
+        let id = match self.identify(req, &inventory) {
+            Ok(id) => id,
+            Err(resp) => return resp,
+        };
+        let domain = self
+            .settings
+            .dhcp_domain_override
+            .as_deref()
+            .unwrap_or(inventory.dhcp_domain());
+        let hostname = if domain.is_empty() {
+            id.instance.hostname.clone()
+        } else {
+            format!("{}.{domain}", id.instance.hostname)
+        };
+        let ctx = RenderCtx {
+            inventory: &inventory,
+            instance: id.instance,
+            hostname,
+            remote_address: &id.remote_address,
+            vendor_data: self.settings.vendor_data.as_ref(),
+        };
+        match segs[0].as_str() {
+            "openstack" => self.openstack(req, &ctx, &segs[1..], today),
+            "ec2" => Self::ec2(&ctx, &segs[1..]),
+            _ => Self::ec2(&ctx, &segs),
+        }
+    }
+
+    fn identify<'i>(
+        &self,
+        req: &ApiRequest<'_>,
+        inventory: &'i Inventory,
+    ) -> Result<Identity<'i>, ApiResponse> {
+        if !self.settings.service_metadata_proxy {
+            return Self::identify_by_peer(req, inventory);
+        }
+        if !matches!(header(req, "X-Metadata-Provider"), Header::Missing) {
+            return Err(ApiResponse::error(
+                400,
+                "X-Metadata-Provider requests are not supported.",
+            ));
+        }
+        let instance_id = header(req, "X-Instance-ID");
+        let signature = header(req, "X-Instance-ID-Signature");
+        let tenant_id = header(req, "X-Tenant-ID");
+        let bad = |msg: &str| Err(ApiResponse::error(400, msg));
+        // Same order of checks (and messages) as Nova.
+        let (instance_id, signature, tenant_id) = match (instance_id, signature, tenant_id) {
+            (Header::Missing, _, _) => return bad("X-Instance-ID header is missing from request."),
+            (_, Header::Missing, _) => {
+                return bad("X-Instance-ID-Signature header is missing from request.")
+            }
+            (_, _, Header::Missing) => return bad("X-Tenant-ID header is missing from request."),
+            (Header::Many, _, _) => {
+                return bad("Multiple X-Instance-ID headers found within request.")
+            }
+            (_, _, Header::Many) => {
+                return bad("Multiple X-Tenant-ID headers found within request.")
+            }
+            (_, Header::Many, _) => {
+                return bad("Multiple X-Instance-ID-Signature headers found within request.")
+            }
+            (Header::One(i), Header::One(s), Header::One(t)) => (i, s, t),
+        };
+        let Ok(instance_id) = std::str::from_utf8(instance_id) else {
+            return bad("X-Instance-ID header is not valid UTF-8.");
+        };
+        if !verify_instance_signature(&self.settings.shared_secret, instance_id, signature) {
+            return Err(ApiResponse::error(403, "Invalid proxy request signature."));
+        }
+        let Some(instance) = inventory.instance(instance_id) else {
+            return Err(ApiResponse::not_found());
+        };
+        // A tenant mismatch is a 404, not a 403: do not confirm the instance exists.
+        if tenant_id != instance.project.as_bytes() {
+            return Err(ApiResponse::not_found());
+        }
+        let remote_address = match header(req, "X-Forwarded-For") {
+            Header::One(v) => String::from_utf8_lossy(v).into_owned(),
+            _ => String::new(),
+        };
+        Ok(Identity {
+            instance,
+            remote_address,
+        })
+    }
+
+    fn identify_by_peer<'i>(
+        req: &ApiRequest<'_>,
+        inventory: &'i Inventory,
+    ) -> Result<Identity<'i>, ApiResponse> {
+        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        let peer = req.peer.to_canonical();
+        if peer.is_unspecified() {
+            return Err(ApiResponse::internal());
+        }
+        match inventory.instance_by_ip(peer).as_slice() {
+            [] => Err(ApiResponse::not_found()),
+            [instance] => Ok(Identity {
+                instance,
+                remote_address: peer.to_string(),
+            }),
+            // Overlapping networks: Nova raises FixedIpAssociatedWithMultipleInstances.
+            _ => Err(ApiResponse::internal()),
+        }
+    }
+
+    fn ec2(ctx: &RenderCtx<'_>, segs: &[String]) -> ApiResponse {
+        let Some((version, rest)) = segs.split_first() else {
+            return ApiResponse::ok(CONTENT_TYPE_TEXT, ec2::version_list());
+        };
+        let Some(version) = ec2::version_index(version) else {
+            return ApiResponse::not_found();
+        };
+        let tree = ec2::build(ctx, version);
+        match tree.find(rest) {
+            Some(node) => ApiResponse::ok(CONTENT_TYPE_TEXT, node.render()),
+            None => ApiResponse::not_found(),
+        }
+    }
+
+    fn openstack(
+        &self,
+        req: &ApiRequest<'_>,
+        ctx: &RenderCtx<'_>,
+        segs: &[String],
+        today: &str,
+    ) -> ApiResponse {
+        let Some((version, rest)) = segs.split_first() else {
+            return ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::version_list(today));
+        };
+        // `content/NNNN` holds injected files, which only config drives have.
+        let Some(version) = openstack::version_index(version) else {
+            return ApiResponse::not_found();
+        };
+        let leaf = match rest {
+            [] => return ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::version_dir(ctx, version)),
+            [leaf] => leaf.as_str(),
+            _ => return ApiResponse::not_found(),
+        };
+        match leaf {
+            "meta_data.json" => match openstack::meta_data(ctx, version) {
+                Ok(body) => ApiResponse::ok(CONTENT_TYPE_JSON, body),
+                Err(_) => ApiResponse::internal(),
+            },
+            "user_data" => match &ctx.instance.user_data {
+                Some(ud) => ApiResponse::ok(CONTENT_TYPE_TEXT, ud.clone()),
+                None => ApiResponse::not_found(),
+            },
+            "vendor_data.json" => openstack::vendor_data(ctx, version)
+                .map_or_else(ApiResponse::not_found, |b| {
+                    ApiResponse::ok(CONTENT_TYPE_JSON, b)
+                }),
+            "vendor_data2.json" => openstack::vendor_data2(ctx, version)
+                .map_or_else(ApiResponse::not_found, |b| {
+                    ApiResponse::ok(CONTENT_TYPE_JSON, b)
+                }),
+            "network_data.json" => ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::network_data(ctx)),
+            "password" if openstack::at_least(version, openstack::GRIZZLY) => {
+                self.password(req, ctx.instance)
+            }
+            _ => ApiResponse::not_found(),
+        }
+    }
+
+    /// `password.handle_password`: the one method-sensitive path.
+    fn password(&self, req: &ApiRequest<'_>, instance: &Instance) -> ApiResponse {
+        match req.method {
+            "GET" => ApiResponse::ok(
+                CONTENT_TYPE_HTML,
+                self.passwords.get(&instance.uuid).unwrap_or_default(),
+            ),
+            "POST" => {
+                // Nova checks the conflict before the size.
+                if self.passwords.get(&instance.uuid).is_some() {
+                    return ApiResponse::conflict();
+                }
+                let declared_too_large = match header(req, "Content-Length") {
+                    Header::One(v) => std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .is_some_and(|n| n > MAX_PASSWORD_BYTES as u64),
+                    _ => false,
+                };
+                if declared_too_large || req.body.len() > MAX_PASSWORD_BYTES {
+                    return ApiResponse::error(400, "Request is too large.");
+                }
+                let Ok(pw) = std::str::from_utf8(req.body) else {
+                    return ApiResponse::error(400, "Password is not valid UTF-8.");
+                };
+                match self.passwords.set_once(&instance.uuid, pw) {
+                    Ok(()) => ApiResponse::ok(CONTENT_TYPE_HTML, Vec::new()),
+                    Err(PasswordError::AlreadySet) => ApiResponse::conflict(),
+                    Err(PasswordError::TooLarge) => {
+                        ApiResponse::error(400, "Request is too large.")
+                    }
+                    Err(PasswordError::Io { .. }) => ApiResponse::internal(),
+                }
+            }
+            _ => ApiResponse::error(400, "GET and POST only are supported."),
+        }
+    }
+}
+
+/// Today's UTC date as `YYYY-MM-DD`.
+fn utc_today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Days since 1970-01-01 → (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
+}
+
+#[cfg(test)]
+mod tests;

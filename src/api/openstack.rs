@@ -1,0 +1,308 @@
+//! The OpenStack tree (`/openstack/<version>/...`): version gates, the
+//! `meta_data.json` and `network_data.json` documents in Nova's key order, and
+//! the vendor-data files. `password` is dispatched from `mod.rs` because it is
+//! the one path that looks at the method and body.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+
+use super::json::Json;
+use super::RenderCtx;
+
+/// Nova's `OPENSTACK_VERSIONS`; `latest` means the last one.
+pub(crate) const OPENSTACK_VERSIONS: [&str; 10] = [
+    "2012-08-10", // Folsom
+    "2013-04-04", // Grizzly
+    "2013-10-17", // Havana
+    "2015-10-15", // Liberty
+    "2016-06-30", // Newton one
+    "2016-10-06", // Newton two
+    "2017-02-22", // Ocata
+    "2018-08-27", // Rocky
+    "2020-10-14", // Victoria
+    "2025-04-04", // Epoxy
+];
+
+pub(crate) const GRIZZLY: &str = "2013-04-04";
+const HAVANA: &str = "2013-10-17";
+const LIBERTY: &str = "2015-10-15";
+const NEWTON_ONE: &str = "2016-06-30";
+const NEWTON_TWO: &str = "2016-10-06";
+const VICTORIA: &str = "2020-10-14";
+
+/// Size of the per-response `random_seed`, in bytes before base64.
+const RANDOM_SEED_BYTES: usize = 512;
+
+/// Nova's `LEGACY_EXPOSED_VIF_TYPES`: shown as the link type; anything else is `phy`.
+const LEGACY_EXPOSED_VIF_TYPES: [&str; 8] = [
+    "bridge",
+    "dvs",
+    "hw_veb",
+    "hyperv",
+    "ovs",
+    "tap",
+    "vhostuser",
+    "vif",
+];
+
+/// The `/openstack` listing: versions not after `today` (`YYYY-MM-DD`, UTC),
+/// then `latest`. Later versions stay requestable explicitly.
+pub(crate) fn version_list(today: &str) -> String {
+    let mut v: Vec<&str> = OPENSTACK_VERSIONS
+        .iter()
+        .copied()
+        .filter(|v| *v <= today)
+        .collect();
+    v.push("latest");
+    v.join("\n")
+}
+
+/// Index of a requested version (`latest` = newest).
+pub(crate) fn version_index(v: &str) -> Option<usize> {
+    if v == "latest" {
+        return Some(OPENSTACK_VERSIONS.len() - 1);
+    }
+    OPENSTACK_VERSIONS.iter().position(|x| *x == v)
+}
+
+pub(crate) fn at_least(version: usize, required: &str) -> bool {
+    OPENSTACK_VERSIONS
+        .iter()
+        .position(|v| *v == required)
+        .is_some_and(|r| version >= r)
+}
+
+/// The `/openstack/<version>` listing (`_handle_version`), in Nova's order.
+pub(crate) fn version_dir(ctx: &RenderCtx<'_>, version: usize) -> String {
+    let mut ret = vec!["meta_data.json"];
+    if ctx.instance.user_data.is_some() {
+        ret.push("user_data");
+    }
+    if at_least(version, GRIZZLY) {
+        ret.push("password");
+    }
+    if at_least(version, HAVANA) {
+        ret.push("vendor_data.json");
+    }
+    if at_least(version, LIBERTY) {
+        ret.push("network_data.json");
+    }
+    if at_least(version, NEWTON_TWO) {
+        ret.push("vendor_data2.json");
+    }
+    ret.join("\n")
+}
+
+/// `meta_data.json`. Fails only if the OS random source fails.
+pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, getrandom::Error> {
+    let inst = ctx.instance;
+    let mut md: Vec<(String, Json)> = Vec::with_capacity(12);
+    md.push(("uuid".into(), Json::str(&inst.uuid)));
+    if !inst.meta.is_empty() {
+        let meta = inst
+            .meta
+            .iter()
+            .map(|(k, v)| (k.clone(), Json::str(v)))
+            .collect();
+        md.push(("meta".into(), Json::Obj(meta)));
+    }
+    if let Some(key) = inst.keys.first() {
+        md.push((
+            "public_keys".into(),
+            Json::Obj(vec![(key.name.clone(), Json::str(&key.data))]),
+        ));
+        md.push((
+            "keys".into(),
+            Json::Arr(vec![Json::Obj(vec![
+                ("name".into(), Json::str(&key.name)),
+                ("type".into(), Json::str(&key.kind)),
+                ("data".into(), Json::str(&key.data)),
+            ])]),
+        ));
+    }
+    md.push(("hostname".into(), Json::str(&ctx.hostname)));
+    md.push(("name".into(), Json::str(&inst.name)));
+    md.push((
+        "launch_index".into(),
+        Json::Int(i64::from(inst.launch_index)),
+    ));
+    md.push((
+        "availability_zone".into(),
+        inst.availability_zone
+            .as_deref()
+            .map_or(Json::Null, Json::str),
+    ));
+    if at_least(version, GRIZZLY) {
+        let mut seed = [0u8; RANDOM_SEED_BYTES];
+        getrandom::fill(&mut seed)?;
+        md.push((
+            "random_seed".into(),
+            Json::Str(base64::engine::general_purpose::STANDARD.encode(seed)),
+        ));
+    }
+    if at_least(version, LIBERTY) {
+        md.push(("project_id".into(), Json::str(&inst.project)));
+    }
+    if at_least(version, NEWTON_ONE) {
+        // No tagged devices in the inventory model (yet).
+        md.push(("devices".into(), Json::Arr(Vec::new())));
+    }
+    if at_least(version, VICTORIA) {
+        md.push(("dedicated_cpus".into(), Json::Arr(Vec::new())));
+    }
+    Ok(Json::Obj(md).to_python_string())
+}
+
+/// `vendor_data.json`: the static document or `{}`; `None` before Havana.
+pub(crate) fn vendor_data(ctx: &RenderCtx<'_>, version: usize) -> Option<String> {
+    at_least(version, HAVANA).then(|| static_vendor(ctx).to_python_string())
+}
+
+/// `vendor_data2.json`: `{"static": ...}`; `None` before Newton.
+pub(crate) fn vendor_data2(ctx: &RenderCtx<'_>, version: usize) -> Option<String> {
+    at_least(version, NEWTON_TWO)
+        .then(|| Json::Obj(vec![("static".into(), static_vendor(ctx))]).to_python_string())
+}
+
+fn static_vendor(ctx: &RenderCtx<'_>) -> Json {
+    ctx.vendor_data
+        .map_or(Json::Obj(Vec::new()), |v| Json::Value(v.clone()))
+}
+
+fn dns_service(ip: IpAddr) -> Json {
+    Json::Obj(vec![
+        ("type".into(), Json::str("dns")),
+        ("address".into(), Json::Str(ip.to_string())),
+    ])
+}
+
+/// `network_data.json` (`nova.virt.netutils.get_network_metadata`): served for
+/// every version, `{}` when the instance has no ports.
+pub(crate) fn network_data(ctx: &RenderCtx<'_>) -> String {
+    let inst = ctx.instance;
+    if inst.ports.is_empty() {
+        return "{}".to_owned();
+    }
+    let mut links = Vec::new();
+    let mut nets = Vec::new();
+    let mut services: Vec<IpAddr> = Vec::new();
+    let mut net_num = 0usize;
+    for port in &inst.ports {
+        let Some(network) = ctx.inventory.network(&port.network) else {
+            continue;
+        };
+        // Nova's VIF carries the subnets the port has addresses in, each with
+        // the port's addresses there.
+        let mut subnets: Vec<(&crate::inventory::Subnet, Vec<IpAddr>)> = Vec::new();
+        for s in &network.subnets {
+            let ips: Vec<IpAddr> = port
+                .fixed_ips
+                .iter()
+                .copied()
+                .filter(|ip| s.cidr.contains(*ip))
+                .collect();
+            if !ips.is_empty() {
+                subnets.push((s, ips));
+            }
+        }
+        if subnets.is_empty() {
+            continue;
+        }
+        let link_id = port.devname.clone();
+        let nic_type = port
+            .vif_type
+            .as_deref()
+            .filter(|t| LEGACY_EXPOSED_VIF_TYPES.contains(t))
+            .unwrap_or("phy");
+        let mtu = if subnets.iter().any(|(s, _)| s.dhcp) {
+            Json::Null
+        } else {
+            network.mtu.map_or(Json::Null, |m| Json::Int(i64::from(m)))
+        };
+        links.push(Json::Obj(vec![
+            ("id".into(), Json::str(&link_id)),
+            ("vif_id".into(), Json::str(&port.id)),
+            ("type".into(), Json::str(nic_type)),
+            ("mtu".into(), mtu),
+            (
+                "ethernet_mac_address".into(),
+                Json::Str(crate::inventory::net::format_mac(&port.mac)),
+            ),
+        ]));
+        for version in [4u8, 6] {
+            let Some((subnet, ips)) = subnets.iter().find(|(s, _)| s.ip_version == version) else {
+                continue;
+            };
+            let id = format!("network{net_num}");
+            net_num += 1;
+            // As Nova: checked against the list before this subnet's entries
+            // are added, so duplicates within one subnet survive.
+            let fresh: Vec<IpAddr> = subnet
+                .dns
+                .iter()
+                .copied()
+                .filter(|ip| !services.contains(ip))
+                .collect();
+            services.extend(fresh);
+            if subnet.dhcp {
+                nets.push(Json::Obj(vec![
+                    ("id".into(), Json::Str(id)),
+                    ("type".into(), Json::Str(format!("ipv{version}_dhcp"))),
+                    ("link".into(), Json::str(&link_id)),
+                    ("network_id".into(), Json::str(&network.id)),
+                ]));
+                continue;
+            }
+            let kind = match subnet.ipv6_mode {
+                Some(mode) if version == 6 => format!("ipv6_{}", mode.as_str()),
+                _ => format!("ipv{version}"),
+            };
+            let mut routes = Vec::new();
+            if let Some(gw) = subnet.gateway {
+                let any = if version == 4 { "0.0.0.0" } else { "::" };
+                routes.push(Json::Obj(vec![
+                    ("network".into(), Json::str(any)),
+                    ("netmask".into(), Json::str(any)),
+                    ("gateway".into(), Json::Str(gw.to_string())),
+                ]));
+            }
+            for r in &subnet.routes {
+                routes.push(Json::Obj(vec![
+                    (
+                        "network".into(),
+                        Json::Str(r.destination.network().to_string()),
+                    ),
+                    (
+                        "netmask".into(),
+                        Json::Str(r.destination.netmask().to_string()),
+                    ),
+                    ("gateway".into(), Json::Str(r.nexthop.to_string())),
+                ]));
+            }
+            let dns: Vec<Json> = subnet.dns.iter().map(|ip| dns_service(*ip)).collect();
+            nets.push(Json::Obj(vec![
+                ("id".into(), Json::Str(id)),
+                ("type".into(), Json::Str(kind)),
+                ("link".into(), Json::str(&link_id)),
+                ("ip_address".into(), Json::Str(ips[0].to_string())),
+                (
+                    "netmask".into(),
+                    Json::Str(subnet.cidr.netmask().to_string()),
+                ),
+                ("routes".into(), Json::Arr(routes)),
+                ("network_id".into(), Json::str(&network.id)),
+                ("services".into(), Json::Arr(dns)),
+            ]));
+        }
+    }
+    Json::Obj(vec![
+        ("links".into(), Json::Arr(links)),
+        ("networks".into(), Json::Arr(nets)),
+        (
+            "services".into(),
+            Json::Arr(services.into_iter().map(dns_service).collect()),
+        ),
+    ])
+    .to_python_string()
+}
