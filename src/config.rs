@@ -145,6 +145,13 @@ pub struct FileConfig {
     /// `[proxy]`
     #[serde(default)]
     pub proxy: Option<ProxyFile>,
+    /// `[agent]`, parsed by `agent::config` (kept raw here so each daemon
+    /// validates only its own section).
+    #[serde(default)]
+    pub agent: Option<toml::Table>,
+    /// `[api]`, parsed by `api::config`.
+    #[serde(default)]
+    pub api: Option<toml::Table>,
 }
 
 /// `[proxy.timeouts]`: haproxy's five timeouts.
