@@ -210,9 +210,43 @@ pub struct ProxyFile {
     /// Limits.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// IMDSv2 session tokens.
+    #[serde(default)]
+    pub imdsv2: Imdsv2File,
+    /// Per-client rate limiting.
+    #[serde(default)]
+    pub rate_limit: RateLimitFile,
     /// Static namespaces.
     #[serde(default)]
     pub namespace: Vec<NamespaceFile>,
+}
+
+/// `[proxy.imdsv2]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Imdsv2File {
+    /// `off`, `optional` (default) or `required`.
+    pub mode: Option<crate::proxy::imdsv2::Mode>,
+    /// IP TTL / hop limit of the token response (1..=64, default 1).
+    pub hop_limit: Option<u32>,
+}
+
+/// `[proxy.rate_limit]` (Neutron's `[metadata_rate_limiting]`).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    /// Off by default.
+    pub enabled: Option<bool>,
+    /// `base_window_duration` (default 10 s).
+    pub base_window: Option<DurationFile>,
+    /// `base_query_rate_limit` (default 10).
+    pub base_limit: Option<u32>,
+    /// `burst_window_duration` (default 10 s).
+    pub burst_window: Option<DurationFile>,
+    /// `burst_query_rate_limit` (default 10).
+    pub burst_limit: Option<u32>,
+    /// Clients tracked at most (default 10 000).
+    pub table_size: Option<usize>,
 }
 
 /// `[[proxy.namespace]]`
@@ -317,6 +351,12 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Largest relayed response.
     pub max_response_bytes: u64,
+    /// IMDSv2 mode.
+    pub imdsv2: crate::proxy::imdsv2::Mode,
+    /// IP TTL of token responses.
+    pub hop_limit: u32,
+    /// Rate limits, when enabled.
+    pub rate_limit: Option<crate::proxy::ratelimit::RateLimitConfig>,
     /// Static namespaces.
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -412,7 +452,21 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 }
             }
         }
+        let hop_limit = f.imdsv2.hop_limit.unwrap_or(1);
+        if !(1..=64).contains(&hop_limit) {
+            return Err(invalid(
+                "proxy.imdsv2.hop_limit",
+                "must be between 1 and 64",
+            ));
+        }
+        let rate_limit = rate_limit_config(&f.rate_limit)?;
         Ok(ProxyConfig {
+            imdsv2: f
+                .imdsv2
+                .mode
+                .unwrap_or(crate::proxy::imdsv2::Mode::Optional),
+            hop_limit,
+            rate_limit,
             workers,
             agent_socket: f
                 .agent_socket
@@ -445,6 +499,36 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
             namespaces,
         })
     }
+}
+
+fn rate_limit_config(
+    f: &RateLimitFile,
+) -> Result<Option<crate::proxy::ratelimit::RateLimitConfig>, ConfigError> {
+    use crate::proxy::ratelimit::{RateLimitConfig, Window, DEFAULT_TABLE_SIZE};
+    if !f.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let ten = Duration::from_secs(10);
+    let limit = |key: &str, v: Option<u32>| match v.unwrap_or(10) {
+        0 => Err(invalid(key, "must be at least 1")),
+        n => Ok(n),
+    };
+    Ok(Some(RateLimitConfig {
+        base: Window {
+            window: dur("proxy.rate_limit.base_window", &f.base_window, ten)?,
+            limit: limit("proxy.rate_limit.base_limit", f.base_limit)?,
+        },
+        burst: Window {
+            window: dur("proxy.rate_limit.burst_window", &f.burst_window, ten)?,
+            limit: limit("proxy.rate_limit.burst_limit", f.burst_limit)?,
+        },
+        table_size: nonzero(
+            "proxy.rate_limit.table_size",
+            f.table_size,
+            DEFAULT_TABLE_SIZE,
+        )?
+        .get(),
+    }))
 }
 
 fn namespace_config(

@@ -14,6 +14,8 @@
 //! because `max_connections` is a namespace limit, not a per-loop one.
 
 pub mod conn;
+pub mod imdsv2;
+pub mod ratelimit;
 pub mod upstream;
 
 use std::cell::{Cell, RefCell};
@@ -77,6 +79,12 @@ pub struct Counters {
     pub upstream_errors: Cell<u64>,
     /// Heads that did not arrive within `http_request`.
     pub http_request_timeouts: Cell<u64>,
+    /// Requests denied with 429.
+    pub rate_limited: Cell<u64>,
+    /// IMDSv2 tokens issued.
+    pub tokens_issued: Cell<u64>,
+    /// Requests rejected for a missing/invalid token (401) or bad token PUT (400/403).
+    pub token_rejected: Cell<u64>,
 }
 
 /// Per-loop context shared by its tasks.
@@ -89,6 +97,10 @@ pub struct LoopCtx {
     pub stopping: Event,
     /// Connections being served by this loop.
     pub active: Cell<usize>,
+    /// IMDSv2 token issuer/validator (one per process).
+    pub tokens: Arc<imdsv2::TokenAuthority>,
+    /// Rate limiter (one per process), when enabled.
+    pub limiter: Option<Arc<ratelimit::RateLimiter>>,
     free: RefCell<Vec<Vec<u8>>>,
 }
 
@@ -209,6 +221,10 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         cfg.pool_size
     ));
     let listeners = Arc::new(listeners);
+    let tokens = Arc::new(imdsv2::TokenAuthority::new()?);
+    let limiter = cfg
+        .rate_limit
+        .map(|r| Arc::new(ratelimit::RateLimiter::new(r)));
     let mut controls = Vec::with_capacity(workers);
     let mut receivers = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -220,10 +236,11 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
     let threads = rt::run_loops(workers, "proxy", move |i| {
         let cfg = cfg.clone();
         let listeners = listeners.clone();
+        let (tokens, limiter) = (tokens.clone(), limiter.clone());
         let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
         async move {
             let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(i, cfg, &listeners, rx).await
+            run_loop(i, cfg, &listeners, rx, tokens, limiter).await
         }
     })?;
     Ok(ProxyHandle {
@@ -238,6 +255,8 @@ async fn run_loop(
     cfg: Arc<ProxyConfig>,
     listeners: &[NamespaceListeners],
     mut control: UnboundedReceiver<Control>,
+    tokens: Arc<imdsv2::TokenAuthority>,
+    limiter: Option<Arc<ratelimit::RateLimiter>>,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
     let pool = upstream::Pool::new(upstream::PoolConfig {
@@ -254,6 +273,8 @@ async fn run_loop(
         pool,
         stopping: Event::default(),
         active: Cell::new(0),
+        tokens,
+        limiter,
         free: RefCell::new(Vec::new()),
     });
     if index == 0 {
