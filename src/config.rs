@@ -37,6 +37,8 @@ pub const DEFAULT_PIPELINE_DEPTH: usize = 8;
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Largest agent response relayed (user-data is at most 64 KiB in Nova).
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Where `metaproxy ctl` finds the proxy.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/metaproxy/proxy.ctl";
 /// Neutron's default `metadata_proxy_socket` under the default `state_path`.
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/lib/neutron/metadata_proxy";
 
@@ -210,6 +212,11 @@ pub struct ProxyFile {
     /// Limits.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// Control socket for `metaproxy ctl` (root-only, mode 0600).
+    pub control_socket: Option<PathBuf>,
+    /// Namespace auto-discovery.
+    #[serde(default)]
+    pub discover: DiscoverFile,
     /// IMDSv2 session tokens.
     #[serde(default)]
     pub imdsv2: Imdsv2File,
@@ -219,6 +226,24 @@ pub struct ProxyFile {
     /// Static namespaces.
     #[serde(default)]
     pub namespace: Vec<NamespaceFile>,
+}
+
+/// `[proxy.discover]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverFile {
+    /// Off by default.
+    pub enabled: Option<bool>,
+    /// Router namespace prefix (default `qrouter-`).
+    pub router_prefix: Option<String>,
+    /// Network namespace prefixes (default `qdhcp-`, `ovnmeta-`).
+    pub network_prefixes: Option<Vec<String>>,
+    /// Router listeners (default `[::]:9697`, falling back to `0.0.0.0:9697`).
+    pub router_listen: Option<OneOrMany>,
+    /// Network listeners (default `169.254.169.254:80`).
+    pub network_listen: Option<OneOrMany>,
+    /// Port for `[fe80::a9fe:a9fe]` in network namespaces that have it (default 80; 0 = off).
+    pub network_v6_port: Option<u16>,
 }
 
 /// `[proxy.imdsv2]`
@@ -351,6 +376,10 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Largest relayed response.
     pub max_response_bytes: u64,
+    /// `metaproxy ctl` socket.
+    pub control_socket: PathBuf,
+    /// Discovery, when enabled.
+    pub discover: Option<crate::proxy::discover::DiscoverConfig>,
     /// IMDSv2 mode.
     pub imdsv2: crate::proxy::imdsv2::Mode,
     /// IP TTL of token responses.
@@ -460,7 +489,13 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
             ));
         }
         let rate_limit = rate_limit_config(&f.rate_limit)?;
+        let discover = discover_config(&f.discover, &netns_dir)?;
         Ok(ProxyConfig {
+            control_socket: f
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+            discover,
             imdsv2: f
                 .imdsv2
                 .mode
@@ -499,6 +534,68 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
             namespaces,
         })
     }
+}
+
+fn addr_list(
+    key: &str,
+    v: &Option<OneOrMany>,
+    default: &[&str],
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    let items: Vec<&str> = v
+        .as_ref()
+        .map_or_else(|| default.to_vec(), OneOrMany::items);
+    let mut out = Vec::with_capacity(items.len());
+    for (j, a) in items.iter().enumerate() {
+        out.push(a.parse().map_err(|_| {
+            invalid(
+                format!("{key}[{j}]"),
+                format!("{a:?} is not an address:port"),
+            )
+        })?);
+    }
+    if out.is_empty() {
+        return Err(invalid(key, "needs at least one address"));
+    }
+    Ok(out)
+}
+
+fn discover_config(
+    f: &DiscoverFile,
+    netns_dir: &Path,
+) -> Result<Option<crate::proxy::discover::DiscoverConfig>, ConfigError> {
+    if !f.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let router_prefix = f.router_prefix.clone().unwrap_or_else(|| "qrouter-".into());
+    let network_prefixes = f
+        .network_prefixes
+        .clone()
+        .unwrap_or_else(|| vec!["qdhcp-".into(), "ovnmeta-".into()]);
+    if router_prefix.is_empty() || network_prefixes.iter().any(String::is_empty) {
+        return Err(invalid(
+            "proxy.discover.router_prefix",
+            "prefixes must not be empty",
+        ));
+    }
+    Ok(Some(crate::proxy::discover::DiscoverConfig {
+        dir: netns_dir.to_path_buf(),
+        router_prefix,
+        network_prefixes,
+        router_listen: addr_list(
+            "proxy.discover.router_listen",
+            &f.router_listen,
+            &["[::]:9697"],
+        )?,
+        network_listen: addr_list(
+            "proxy.discover.network_listen",
+            &f.network_listen,
+            &["169.254.169.254:80"],
+        )?,
+        network_v6_port: match f.network_v6_port.unwrap_or(80) {
+            0 => None,
+            p => Some(p),
+        },
+    }))
 }
 
 fn rate_limit_config(

@@ -31,6 +31,20 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Talk to a running proxy over its control socket (root only).
+    Ctl {
+        /// The proxy's `control_socket`.
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Namespaces, listeners, open connections and per-namespace counters.
+    Status,
 }
 
 fn main() {
@@ -45,6 +59,13 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Proxy { config, check } => run_proxy(&config, check),
+        Command::Ctl { socket, command } => {
+            let cmd = match command {
+                CtlCommand::Status => "status",
+            };
+            print!("{}", metaproxy::proxy::control::ctl_request(&socket, cmd)?);
+            Ok(())
+        }
     }
 }
 
@@ -65,10 +86,44 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
         return Ok(());
     }
     let signals = metaproxy::signals::block_terminating()?;
+    let ctl_path = cfg.control_socket.clone();
+    let discover = cfg.discover.clone();
     let handle = metaproxy::proxy::start(cfg)?;
+    let _ctl = match metaproxy::proxy::control::serve_ctl(&ctl_path, handle.control.clone()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn(format_args!(
+                "control socket {} unavailable: {e}; `metaproxy ctl` will not work",
+                ctl_path.display()
+            ));
+            None
+        }
+    };
+    let watcher = match discover {
+        Some(d) => Some(metaproxy::proxy::discover::start(
+            d,
+            handle.control.clone(),
+        )?),
+        None => None,
+    };
     metaproxy::signals::notify_ready();
-    let sig = signals.wait_terminate();
-    log::info(format_args!("{sig}: draining and exiting"));
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+            metaproxy::signals::Received::Reload => match load_proxy_config(path) {
+                Ok(new) => log::info(format_args!("SIGHUP: {}", handle.control.reload(new))),
+                Err(e) => log::error(format_args!(
+                    "SIGHUP: keeping the running configuration: {e:#}"
+                )),
+            },
+        }
+    }
+    if let Some(w) = watcher {
+        w.stop();
+    }
     handle.stop()?;
     log::info(format_args!("stopped"));
     Ok(())

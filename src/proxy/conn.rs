@@ -77,7 +77,7 @@ async fn serve_inner(
                 idle_deadline,
                 conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
             );
-            let stop = ctx.stopping.wait();
+            let stop = ns.closing.wait();
             futures_util::pin_mut!(read, stop);
             match select(read, stop).await {
                 Either::Left((Ok((Ok(n), b)), _)) => {
@@ -186,7 +186,7 @@ async fn handle_request(
                 ));
                 return Err(reject(ctx, conn, 500).await);
             }
-            let keep = head.keep_alive && !ctx.stopping.is_set();
+            let keep = head.keep_alive && !ns.closing.is_set();
             let mut w = ctx.take_buf();
             w.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-aws-ec2-metadata-token-ttl-seconds: ");
             w.extend_from_slice(ttl.to_string().as_bytes());
@@ -241,7 +241,7 @@ async fn handle_request(
     };
 
     // 6. Answer. Keep the client only if both sides allow it.
-    let keep = head.keep_alive && !resp.until_close && !ctx.stopping.is_set();
+    let keep = head.keep_alive && !resp.until_close && !ns.closing.is_set();
     let mut w = ctx.take_buf();
     http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
     w.extend_from_slice(resp.body());
