@@ -212,8 +212,15 @@ fn run(cfg: DiscoverConfig, control: Arc<ControlPlane>, ino: Inotify, stop: Arc<
                 Err(e) => {
                     let p = pending.get_mut(&name).expect("due entry exists");
                     p.failures += 1;
-                    // One line when it starts failing and then every 10th try: no log flood.
-                    if p.failures == 1 || p.failures % 10 == 0 {
+                    // The first few failures are the normal race with `ip netns add`
+                    // (file before mount) and with the agent adding its address:
+                    // debug only. Then a line every 10th try: no log flood.
+                    if p.failures < 5 {
+                        log::debug(format_args!(
+                            "discovery: {name} not served yet (attempt {}): {e}",
+                            p.failures
+                        ));
+                    } else if p.failures == 5 || p.failures % 10 == 0 {
                         log::warn(format_args!(
                             "discovery: {name} not served yet (attempt {}): {e}; retrying",
                             p.failures
