@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use metaproxy::api::config::ApiConfig;
 use metaproxy::config::{self, ProxyConfig};
 use metaproxy::log::{self, Level};
 
@@ -31,6 +32,18 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Nova-compatible metadata API: serve the EC2 and OpenStack trees from
+    /// the inventory to the metadata agent (or, in direct mode, to guests).
+    /// SIGHUP reloads the inventory; so does changing the file.
+    Api {
+        /// Configuration file (TOML; the `[api]` section is used).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration and the inventory, print the effective
+        /// settings and exit.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() {
@@ -45,6 +58,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Proxy { config, check } => run_proxy(&config, check),
+        Command::Api { config, check } => run_api(&config, check),
     }
 }
 
@@ -69,6 +83,51 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
     metaproxy::signals::notify_ready();
     let sig = signals.wait_terminate();
     log::info(format_args!("{sig}: draining and exiting"));
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+fn load_api_config(path: &Path) -> Result<ApiConfig> {
+    let file = config::load_file(path)?;
+    let Some(t) = file.api.as_ref() else {
+        bail!("{}: no [api] section", path.display());
+    };
+    Ok(ApiConfig::from_table(t)?)
+}
+
+fn run_api(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_api_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    log::info(format_args!("effective api config: {cfg:?}"));
+    if check {
+        let inv = metaproxy::inventory::Inventory::load(&cfg.inventory)
+            .with_context(|| format!("refusing to start with {}", path.display()))?;
+        println!(
+            "{} is valid ({} instance(s) in {})",
+            path.display(),
+            inv.instances().count(),
+            cfg.inventory.display()
+        );
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let handle = metaproxy::api::server::start(cfg)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait_next() {
+            metaproxy::signals::Received::Hangup => {
+                log::info(format_args!("SIGHUP: reloading the inventory"));
+                // A broken file keeps the running inventory; the error is logged.
+                let _ = handle.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
+    }
     handle.stop()?;
     log::info(format_args!("stopped"));
     Ok(())

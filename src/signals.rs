@@ -11,6 +11,15 @@ use nix::sys::signal::{SigSet, Signal};
 /// The blocked set, waited on by the main thread.
 pub struct Signals(SigSet);
 
+/// A signal [`Signals::wait_next`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// SIGTERM or SIGINT (by name): drain and exit.
+    Terminate(&'static str),
+    /// SIGHUP: reload what can be reloaded.
+    Hangup,
+}
+
 /// Block the terminating signals for this thread and every thread it starts.
 ///
 /// # Errors
@@ -25,6 +34,18 @@ pub fn block_terminating() -> io::Result<Signals> {
 }
 
 impl Signals {
+    /// Wait for the next of SIGTERM, SIGINT or SIGHUP.
+    pub fn wait_next(&self) -> Received {
+        loop {
+            match self.0.wait() {
+                Ok(Signal::SIGTERM) => return Received::Terminate("SIGTERM"),
+                Ok(Signal::SIGINT) => return Received::Terminate("SIGINT"),
+                Ok(Signal::SIGHUP) => return Received::Hangup,
+                Ok(_) | Err(_) => {}
+            }
+        }
+    }
+
     /// Wait for SIGTERM or SIGINT (returned by name). SIGHUP is logged:
     /// live reconfiguration is not built yet, so the running config stays.
     pub fn wait_terminate(&self) -> &'static str {

@@ -20,11 +20,13 @@
 //! There is no render cache: rendering is microseconds (Nova: ~50 ms), and a
 //! cache would have to be invalidated on inventory reload and password POSTs.
 
+pub mod config;
 mod ec2;
 mod json;
 mod openstack;
 mod password;
 mod path;
+pub mod server;
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
