@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::{select, Either};
+use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
@@ -511,7 +512,8 @@ async fn handle_request(
     };
 
     // 3. The handler.
-    let headers: Vec<(&[u8], &[u8])> = head
+    // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
+    let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
         .headers
         .iter()
         .map(|h| (h.name.get(buf), h.value.get(buf)))
