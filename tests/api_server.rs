@@ -312,6 +312,129 @@ fn config_errors_name_the_key_and_debug_hides_the_secret() {
     assert!(!d.contains(SECRET), "{d}");
 }
 
+/// One request from a chosen loopback source address.
+fn get_from(source: &str, addr: SocketAddr, raw: &str) -> Resp {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{source}:0").parse().unwrap();
+    sock.bind(&src.into()).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(s), false).unwrap()
+}
+
+#[test]
+fn direct_mode_identifies_by_peer_on_a_dual_stack_listener() {
+    let state = tempfile::tempdir().unwrap();
+    let text = config_text("[::]:0", &demo_inventory(), state.path())
+        .replace("workers = 2", "workers = 1\nservice_metadata_proxy = false");
+    let h = start(api_config(&text)).unwrap();
+    let port = h.bound[0].port();
+    let v4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The peer arrives as ::ffff:127.0.0.x and must be matched as IPv4.
+    let id = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(get_from("127.0.0.1", v4, id).text(), "i-00000001");
+    assert_eq!(get_from("127.0.0.2", v4, id).text(), "i-00000002");
+    let r = get_from(
+        "127.0.0.2",
+        v4,
+        "GET /latest/meta-data/local-ipv4 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(r.text(), "127.0.0.2");
+    // Signed headers mean nothing in direct mode; an unknown peer is 404.
+    assert_eq!(
+        get_from(
+            "127.0.0.9",
+            v4,
+            &signed("GET", "/latest/meta-data/instance-id", DEMO, "", "")
+        )
+        .status,
+        404
+    );
+    h.stop().unwrap();
+}
+
+#[test]
+fn expect_continue_gets_100_before_the_body() {
+    let s = start_demo();
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = signed(
+        "POST",
+        "/openstack/latest/password",
+        DEMO,
+        "Expect: 100-continue\r\n",
+        "",
+    )
+    .replace("Content-Length: 0", "Content-Length: 6");
+    c.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let interim = read_response(&mut r, false).unwrap();
+    assert_eq!(interim.status, 100);
+    c.write_all(b"secret").unwrap();
+    let done = read_response(&mut r, false).unwrap();
+    assert_eq!(done.status, 200, "{}", done.text());
+    let r = get(
+        s.addr,
+        &signed("GET", "/openstack/latest/password", DEMO, "", ""),
+    )
+    .unwrap();
+    assert_eq!(r.text(), "secret");
+    s.handle.stop().unwrap();
+}
+
+#[test]
+fn slow_heads_get_408_and_idle_connections_are_closed() {
+    let state = tempfile::tempdir().unwrap();
+    let text = config_text("127.0.0.1:0", &demo_inventory(), state.path())
+        .replace("http_request = \"2s\"", "http_request = \"300ms\"")
+        .replace("keep_alive = \"2s\"", "keep_alive = \"300ms\"");
+    let h = start(api_config(&text)).unwrap();
+    let addr = h.bound[0];
+    // Half a head, then nothing: 408 and close.
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    let t0 = Instant::now();
+    let r = read_response(&mut BufReader::new(c), false).unwrap();
+    assert_eq!(r.status, 408);
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    // An idle keep-alive connection is closed after keep_alive.
+    let c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = c.try_clone().unwrap();
+    w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut r = BufReader::new(c);
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    h.stop().unwrap();
+}
+
+#[test]
+fn stop_closes_idle_keep_alive_connections() {
+    let s = start_demo();
+    let c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = c.try_clone().unwrap();
+    w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut r = BufReader::new(c);
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    let t0 = Instant::now();
+    s.handle.stop().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "idle connection held the drain"
+    );
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+}
+
 // ---- password durability against the real binary ----
 
 /// The daemon as a child process on a fixed port.
