@@ -470,16 +470,16 @@ fn free_port() -> u16 {
 /// (EADDRINUSE: another test's client may have been given it as its
 /// ephemeral port), try a free one instead.
 fn spawn_daemon(dir: &Path, state: &Path, port: Option<u16>) -> Daemon {
+    spawn_daemon_with(dir, &demo_inventory(), state, port)
+}
+
+fn spawn_daemon_with(dir: &Path, inventory: &Path, state: &Path, port: Option<u16>) -> Daemon {
     let mut port = port;
     for _ in 0..10 {
         let p = port.take().unwrap_or_else(free_port);
         let addr: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
         let conf = dir.join("api.toml");
-        std::fs::write(
-            &conf,
-            config_text(&addr.to_string(), &demo_inventory(), state),
-        )
-        .unwrap();
+        std::fs::write(&conf, config_text(&addr.to_string(), inventory, state)).unwrap();
         let log = std::fs::File::create(dir.join("api.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
             .args(["--log-level", "warn", "api", "--config"])
@@ -540,4 +540,80 @@ fn posted_password_survives_sigkill_and_restart() {
         assert_eq!(r.status, 409, "iteration {i}: {}", r.text());
         d.kill();
     }
+}
+
+#[test]
+fn sighup_reloads_the_inventory_and_sigterm_exits_cleanly() {
+    use nix::sys::signal::{kill, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inventory.toml");
+    let original = std::fs::read_to_string(demo_inventory()).unwrap();
+    std::fs::write(&inv, &original).unwrap();
+    let mut d = spawn_daemon_with(dir.path(), &inv, &dir.path().join("state"), None);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(d.child.id()).unwrap());
+    let hostname = |addr| {
+        get(
+            addr,
+            &signed("GET", "/latest/meta-data/hostname", DEMO, "", ""),
+        )
+        .unwrap()
+        .text()
+    };
+    assert_eq!(hostname(d.addr), "demo.novalocal");
+
+    std::fs::write(&inv, original.replace("novalocal", "hup.test")).unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hostname(d.addr) != "demo.hup.test" {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A broken file on SIGHUP: logged, the daemon keeps serving the old one.
+    std::fs::write(&inv, "[[instance]\n").unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(hostname(d.addr), "demo.hup.test");
+
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(dir.path().join("api.log")).unwrap();
+    assert!(log.contains("inventory reload from"), "{log}");
+    assert!(log.contains("line 1"), "the error names the line: {log}");
+}
+
+#[test]
+fn check_validates_the_inventory_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("api.toml");
+    let run = |inventory: &Path| {
+        std::fs::write(
+            &conf,
+            config_text("127.0.0.1:0", inventory, &dir.path().join("state")),
+        )
+        .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+            .args(["--log-level", "warn", "api", "--check", "--config"])
+            .arg(&conf)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&demo_inventory());
+    assert!(ok.status.success(), "{ok:?}");
+    let missing = run(&dir.path().join("nope.toml"));
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.toml"));
+    // The secret is never printed, even at info level.
+    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["api", "--check", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("effective api config"), "{all}");
+    assert!(!all.contains(SECRET), "{all}");
 }
