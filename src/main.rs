@@ -89,11 +89,10 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
 }
 
 fn load_api_config(path: &Path) -> Result<ApiConfig> {
-    let file = config::load_file(path)?;
-    let Some(t) = file.api.as_ref() else {
-        bail!("{}: no [api] section", path.display());
-    };
-    Ok(ApiConfig::from_table(t)?)
+    match metaproxy::api::config::load(path)? {
+        Some(cfg) => Ok(cfg),
+        None => bail!("{}: no [api] section", path.display()),
+    }
 }
 
 fn run_api(path: &Path, check: bool) -> Result<()> {

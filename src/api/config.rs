@@ -198,6 +198,32 @@ impl ApiConfig {
     }
 }
 
+/// Read the `[api]` section of a config file. Unlike [`ApiConfig::from_table`],
+/// a type error carries toml's line, column and the offending line.
+///
+/// # Errors
+/// The file is unreadable or invalid (see [`crate::config::load_file`]), or
+/// `[api]` is; `Ok(None)` when the file has no `[api]` section.
+pub fn load(path: &Path) -> Result<Option<ApiConfig>, ConfigError> {
+    /// Only `[api]`, parsed from the text so errors keep their spans; the
+    /// other sections were checked by `load_file` and are ignored here.
+    #[derive(Deserialize)]
+    struct Section {
+        #[serde(default)]
+        api: Option<ApiFile>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    crate::config::parse_str(&text, path)?;
+    let section: Section = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    section.api.as_ref().map(ApiConfig::try_from).transpose()
+}
+
 fn read_vendor_data(path: &Path) -> Result<serde_json::Value, ConfigError> {
     const KEY: &str = "api.vendor_data_json";
     let meta = std::fs::metadata(path)
@@ -357,6 +383,24 @@ mod tests {
         assert!(e.contains("api.timeouts.client"), "{e}");
         assert!(err("[api]\ninventory = \"i\"\nworkers = 0\n").contains("api.workers"));
         assert!(err("[api]\ninventory = \"i\"\nbacklog = 0\n").contains("api.backlog"));
+    }
+
+    #[test]
+    fn load_reports_the_line_of_a_type_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[proxy]\n\n[api]\ninventory = \"i\"\nworkers = \"two\"\n",
+        )
+        .unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("workers"), "{e}");
+        std::fs::write(&p, "[proxy]\n").unwrap();
+        assert!(load(&p).unwrap().is_none());
+        std::fs::write(&p, "[api]\ninventory = \"i\"\n").unwrap();
+        assert_eq!(load(&p).unwrap().unwrap().inventory, PathBuf::from("i"));
     }
 
     #[test]
