@@ -71,7 +71,8 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+/// A [`ConfigError::Invalid`] for `key`.
+pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -89,7 +90,11 @@ pub enum DurationFile {
 }
 
 impl DurationFile {
-    fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
+    /// The duration, which must be non-zero.
+    ///
+    /// # Errors
+    /// Unparseable or zero; the error names `key`.
+    pub fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
         let d = match self {
             DurationFile::Secs(s) => Duration::from_secs(*s),
             DurationFile::Text(t) => parse_duration(t).ok_or_else(|| {
@@ -132,7 +137,8 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn items(&self) -> Vec<&str> {
+    /// The items in order (one for the single form).
+    pub fn items(&self) -> Vec<&str> {
         match self {
             OneOrMany::One(s) => vec![s.as_str()],
             OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
@@ -404,7 +410,15 @@ fn nonzero(key: &str, v: Option<usize>, default: usize) -> Result<NonZeroUsize, 
     NonZeroUsize::new(v.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
 }
 
-fn dur(key: &str, v: &Option<DurationFile>, default: Duration) -> Result<Duration, ConfigError> {
+/// `v` parsed (and named `key` in errors), or `default` when absent.
+///
+/// # Errors
+/// As for [`DurationFile::parse`].
+pub fn dur(
+    key: &str,
+    v: &Option<DurationFile>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     v.as_ref().map_or(Ok(default), |d| d.parse(key))
 }
 

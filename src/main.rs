@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use metaproxy::api::config::ApiConfig;
 use metaproxy::config::{self, ProxyConfig};
 use metaproxy::log::{self, Level};
 
@@ -39,6 +40,18 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Nova-compatible metadata API: serve the EC2 and OpenStack trees from
+    /// the inventory to the metadata agent (or, in direct mode, to guests).
+    /// SIGHUP reloads the inventory; so does changing the file.
+    Api {
+        /// Configuration file (TOML; the `[api]` section is used).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration and the inventory, print the effective
+        /// settings and exit.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,6 +79,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", metaproxy::proxy::control::ctl_request(&socket, cmd)?);
             Ok(())
         }
+        Command::Api { config, check } => run_api(&config, check),
     }
 }
 
@@ -123,6 +137,50 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
     }
     if let Some(w) = watcher {
         w.stop();
+    }
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+fn load_api_config(path: &Path) -> Result<ApiConfig> {
+    match metaproxy::api::config::load(path)? {
+        Some(cfg) => Ok(cfg),
+        None => bail!("{}: no [api] section", path.display()),
+    }
+}
+
+fn run_api(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_api_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    log::info(format_args!("effective api config: {cfg:?}"));
+    if check {
+        let inv = metaproxy::inventory::Inventory::load(&cfg.inventory)
+            .with_context(|| format!("refusing to start with {}", path.display()))?;
+        println!(
+            "{} is valid ({} instance(s) in {})",
+            path.display(),
+            inv.instances().count(),
+            cfg.inventory.display()
+        );
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let handle = metaproxy::api::server::start(cfg)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Reload => {
+                log::info(format_args!("SIGHUP: reloading the inventory"));
+                // A broken file keeps the running inventory; the error is logged.
+                let _ = handle.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
     }
     handle.stop()?;
     log::info(format_args!("stopped"));
