@@ -19,6 +19,9 @@ const NET: &str = "4a0e0000-0000-4000-8000-0000000000a1";
 const VM5: &str = "5a0e0000-0000-4000-8000-000000000005";
 const VM6: &str = "6a0e0000-0000-4000-8000-000000000006";
 const PROJECT: &str = "4a0e00000000400080000000000000aa";
+/// The loopback guest the proxy in [`proxy_to_agent_to_api`] relays for.
+const VM_LO: &str = "7a0e0000-0000-4000-8000-000000000007";
+const LO_NET: &str = "4a0e0000-0000-4000-8000-0000000000a2";
 
 fn inventory() -> String {
     format!(
@@ -54,7 +57,31 @@ id = "4a0e0000-0000-4000-8000-0000000000e6"
 network = "{NET}"
 mac = "fa:16:3e:00:00:06"
 fixed_ips = ["10.0.0.6"]
-"#
+
+[[network]]
+id = "{LO_NET}"
+name = "lo"
+project = "{PROJECT}"
+[[network.subnet]]
+id = "4a0e0000-0000-4000-8000-0000000000b2"
+cidr = "127.0.0.0/8"
+dhcp = false
+
+[[router]]
+id = "{proxy_router}"
+networks = ["{LO_NET}"]
+
+[[instance]]
+uuid = "{VM_LO}"
+hostname = "vmlo"
+project = "{PROJECT}"
+[[instance.port]]
+id = "4a0e0000-0000-4000-8000-0000000000e7"
+network = "{LO_NET}"
+mac = "fa:16:3e:00:00:07"
+fixed_ips = ["127.0.0.1"]
+"#,
+        proxy_router = common::ROUTER
     )
 }
 
@@ -67,6 +94,9 @@ enum ApiMode {
     Status(u16),
     /// Reads requests, never answers.
     Silent,
+    /// Like `Echo`, but closes the connection after each response without
+    /// saying so (an API restarting, an idle timeout racing a request).
+    EchoThenClose,
 }
 
 #[derive(Clone, Debug)]
@@ -165,7 +195,7 @@ fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
         seen.lock().unwrap().push(s);
         let m = *mode.lock().unwrap();
         let (status, body) = match m {
-            ApiMode::Echo => (200, format!("instance={instance}")),
+            ApiMode::Echo | ApiMode::EchoThenClose => (200, format!("instance={instance}")),
             ApiMode::Status(n) => (n, format!("status {n}")),
             ApiMode::Silent => {
                 // Hold the connection open, never answer.
@@ -178,7 +208,7 @@ fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
             "HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\nX-Api: fake\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        if w.write_all(resp.as_bytes()).is_err() {
+        if w.write_all(resp.as_bytes()).is_err() || m == ApiMode::EchoThenClose {
             return;
         }
     }
@@ -370,6 +400,8 @@ fn bad_identity_headers_are_400_and_unknown_guest_is_404() {
 
     let r = ask(&agent.socket, &network("10.0.0.99"));
     assert_eq!(r.status, 404);
+    // A pooled client keeps its connection: no close on our own 404.
+    assert_eq!(r.header("Connection"), None);
     assert!(r
         .text()
         .contains(&format!("Instance was not found on network {NET}.")));
@@ -531,4 +563,77 @@ fn stale_socket_is_replaced_and_a_live_one_refuses_start() {
     // The first one still serves.
     assert_eq!(ask(&cfg.socket, &router("10.0.0.5")).status, 200);
     h.stop().unwrap();
+}
+
+#[test]
+fn a_pooled_connection_the_api_closed_is_replaced() {
+    let api = FakeApi::start(ApiMode::EchoThenClose);
+    let agent = start_agent(api.addr, "5s");
+    for vm in [VM5, VM5, VM5] {
+        let r = ask(&agent.socket, &router("10.0.0.5"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("instance={vm}"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(api.seen().len(), 3, "each request reached the API once");
+}
+
+#[test]
+fn inventory_file_changes_are_picked_up_by_polling() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    assert_eq!(ask(&agent.socket, &router("10.0.0.8")).status, 404);
+    let inv = agent._dir.path().join("inventory.toml");
+    std::fs::write(&inv, inventory().replace("10.0.0.6", "10.0.0.8")).unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let r = ask(&agent.socket, &router("10.0.0.8"));
+        if r.status == 200 {
+            assert_eq!(r.text(), format!("instance={VM6}"));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "not reloaded");
+    }
+}
+
+#[test]
+fn socket_gets_the_configured_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+}
+
+#[test]
+fn proxy_to_agent_to_api() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let proxy = metaproxy::proxy::start(common::proxy_config(&agent.socket, "")).unwrap();
+    let addr = proxy.bound[0][0];
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // A guest spoofing its identity gets its own instance anyway.
+    let raw = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+               X-Forwarded-For: 10.0.0.5\r\nX-Instance-ID: victim\r\n\r\n";
+    for _ in 0..3 {
+        s.write_all(raw.as_bytes()).unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.text(), format!("instance={VM_LO}"));
+    }
+    let seen = api.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].get("X-Forwarded-For"), Some("127.0.0.1"));
+    assert_eq!(
+        seen[0].get("X-Instance-ID-Signature"),
+        Some(sign_instance_id(SECRET.as_bytes(), VM_LO).as_str())
+    );
+    assert_eq!(agent.stats().inventory_lookups, 1);
+    proxy.stop().unwrap();
 }

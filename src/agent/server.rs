@@ -512,6 +512,9 @@ async fn serve(ctx: &LoopCtx, conn: &UnixConn) {
         {
             return;
         }
+        if ctx.stopping.is_set() {
+            return;
+        }
         if buf.is_empty() {
             buf = Vec::new(); // release the capacity while idle
         }
@@ -559,8 +562,11 @@ async fn handle_request(
         None => &buf[head.head_len..body_end],
     };
 
-    // 3. Resolve, sign, forward.
-    let keep = head.keep_alive && !ctx.stopping.is_set();
+    // 3. Resolve, sign, forward. Draining does not add `Connection: close`
+    // (metaproxy's proxy would take that as "one-shot agent" for good); the
+    // idle loop closes instead, and a pooled client re-sends what it had
+    // pipelined behind this request.
+    let keep = head.keep_alive;
     let mut out = ctx.take_buf();
     answer(ctx, buf, &head, body, !keep, &mut out).await;
 
