@@ -192,6 +192,7 @@ fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
             body,
         };
         let instance = s.get("X-Instance-ID").unwrap_or("").to_string();
+        let is_head = s.method == "HEAD";
         seen.lock().unwrap().push(s);
         let m = *mode.lock().unwrap();
         let (status, body) = match m {
@@ -205,8 +206,9 @@ fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
             }
         };
         let resp = format!(
-            "HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\nX-Api: fake\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\nX-Api: fake\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            if is_head { "" } else { &body }
         );
         if w.write_all(resp.as_bytes()).is_err() || m == ApiMode::EchoThenClose {
             return;
@@ -636,4 +638,55 @@ fn proxy_to_agent_to_api() {
     );
     assert_eq!(agent.stats().inventory_lookups, 1);
     proxy.stop().unwrap();
+}
+
+#[test]
+fn link_local_v6_resolves_by_mac_and_mapped_v4_as_v4() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let r = ask(&agent.socket, &router("fe80::f816:3eff:fe00:6"));
+    assert_eq!(r.text(), format!("instance={VM6}"));
+    let r = ask(&agent.socket, &network("::ffff:10.0.0.5"));
+    assert_eq!(r.text(), format!("instance={VM5}"));
+    let seen = api.seen();
+    assert_eq!(
+        seen[0].get("X-Forwarded-For"),
+        Some("fe80::f816:3eff:fe00:6")
+    );
+    assert_eq!(seen[1].get("X-Forwarded-For"), Some("::ffff:10.0.0.5"));
+}
+
+#[test]
+fn chunked_guest_body_is_forwarded_with_a_length_and_head_has_no_body() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let raw = format!(
+        "POST /openstack/latest/password HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.5\r\n\
+         X-Neutron-Router-ID: {ROUTER}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    );
+    let mut s = connect(&agent.socket);
+    s.write_all(raw.as_bytes()).unwrap();
+    let head = router("10.0.0.5").replacen("GET", "HEAD", 1);
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    let h = read_response(&mut r, true).unwrap();
+    assert_eq!(h.status, 200);
+    let len = format!("instance={VM5}").len().to_string();
+    assert_eq!(
+        h.header("Content-Length"),
+        Some(len.as_str()),
+        "the API's length"
+    );
+    // Still in step: a third request is answered.
+    r.get_mut()
+        .write_all(router("10.0.0.6").as_bytes())
+        .unwrap();
+    let c = read_response(&mut r, false).unwrap();
+    assert_eq!(c.text(), format!("instance={VM6}"));
+    let seen = api.seen();
+    assert_eq!(seen[0].body, b"abcde");
+    assert_eq!(seen[0].get("Content-Length"), Some("5"));
+    assert_eq!(seen[0].get("Transfer-Encoding"), None);
+    assert_eq!(seen[1].method, "HEAD");
 }
