@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use metaproxy::agent::AgentConfig;
 use metaproxy::api::config::ApiConfig;
 use metaproxy::config::{self, ProxyConfig};
 use metaproxy::log::{self, Level};
@@ -52,6 +53,16 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Metadata agent: serve the proxies' Unix socket, resolve each guest,
+    /// sign its instance id and forward to the metadata API.
+    Agent {
+        /// Configuration file (TOML; the `[agent]` section).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration, print the effective settings and exit.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,6 +91,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Api { config, check } => run_api(&config, check),
+        Command::Agent { config, check } => run_agent(&config, check),
     }
 }
 
@@ -182,6 +194,33 @@ fn run_api(path: &Path, check: bool) -> Result<()> {
             }
         }
     }
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+fn load_agent_config(path: &Path) -> Result<AgentConfig> {
+    let file = config::load_file(path)?;
+    let Some(a) = file.agent.as_ref() else {
+        bail!("{}: no [agent] section", path.display());
+    };
+    Ok(AgentConfig::try_from(a)?)
+}
+
+fn run_agent(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_agent_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    // The secret is redacted by AgentConfig's Debug.
+    log::info(format_args!("effective agent config: {cfg:?}"));
+    if check {
+        println!("{} is valid", path.display());
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let handle = metaproxy::agent::start(cfg)?;
+    metaproxy::signals::notify_ready();
+    let sig = signals.wait_terminate();
+    log::info(format_args!("{sig}: draining and exiting"));
     handle.stop()?;
     log::info(format_args!("stopped"));
     Ok(())
