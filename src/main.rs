@@ -53,6 +53,14 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// All three on loopback in one process (the embedded default): metadata
+    /// API, agent and namespace proxy, each on its own pinned loops, wired
+    /// together by `[api]`, `[agent]` and `[proxy]` of one file.
+    Up {
+        /// Configuration file (TOML with `[api]`, `[agent]` and `[proxy]`).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
     /// Metadata agent: serve the proxies' Unix socket, resolve each guest,
     /// sign its instance id and forward to the metadata API.
     Agent {
@@ -91,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Api { config, check } => run_api(&config, check),
+        Command::Up { config } => run_up(&config),
         Command::Agent { config, check } => run_agent(&config, check),
     }
 }
@@ -219,9 +228,94 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
     let signals = metaproxy::signals::block_terminating()?;
     let handle = metaproxy::agent::start(cfg)?;
     metaproxy::signals::notify_ready();
-    let sig = signals.wait_terminate();
-    log::info(format_args!("{sig}: draining and exiting"));
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Reload => {
+                log::info(format_args!("SIGHUP: reloading the inventory"));
+                // A broken file keeps the running inventory; the error is logged.
+                let _ = handle.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
+    }
     handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+/// The three sections of one file must describe one chain.
+fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Result<()> {
+    if proxy.agent_socket != agent.socket {
+        bail!(
+            "proxy.agent_socket ({}) is not agent.socket ({}): the proxy would not reach this agent",
+            proxy.agent_socket.display(),
+            agent.socket.display()
+        );
+    }
+    let nova = agent.nova.addr;
+    if !api.listen.iter().any(|a| *a == nova || (a.port() == nova.port() && a.ip().is_unspecified())) {
+        bail!("agent.nova ({nova}) is not one of api.listen ({:?}): the agent would not reach this API", api.listen);
+    }
+    if api.shared_secret != agent.shared_secret {
+        bail!("agent.metadata_proxy_shared_secret differs from api.metadata_proxy_shared_secret: every request would get 403");
+    }
+    Ok(())
+}
+
+fn run_up(path: &Path) -> Result<()> {
+    let ctx = || format!("refusing to start with {}", path.display());
+    let api_cfg = load_api_config(path).with_context(ctx)?;
+    let agent_cfg = load_agent_config(path).with_context(ctx)?;
+    let proxy_cfg = load_proxy_config(path).with_context(ctx)?;
+    check_chain(&api_cfg, &agent_cfg, &proxy_cfg).with_context(ctx)?;
+    let try_url = proxy_cfg
+        .namespaces
+        .first()
+        .and_then(|n| n.listen.first())
+        .map(|a| format!("curl http://{a}/openstack/latest/meta_data.json"));
+    let (ctl_path, discover) = (proxy_cfg.control_socket.clone(), proxy_cfg.discover.clone());
+    let signals = metaproxy::signals::block_terminating()?;
+    let api = metaproxy::api::server::start(api_cfg).with_context(ctx)?;
+    let agent = metaproxy::agent::start(agent_cfg).with_context(ctx)?;
+    let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;
+    let _ctl = metaproxy::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
+        .map_err(|e| log::warn(format_args!("control socket {}: {e}; `metaproxy ctl` will not work", ctl_path.display())))
+        .ok();
+    let watcher = match discover {
+        Some(d) => Some(metaproxy::proxy::discover::start(d, proxy.control.clone())?),
+        None => None,
+    };
+    metaproxy::signals::notify_ready();
+    log::info(format_args!(
+        "up: api, agent and proxy are serving{}",
+        try_url.map(|u| format!("; try: {u}")).unwrap_or_default()
+    ));
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Reload => {
+                match load_proxy_config(path) {
+                    Ok(new) => log::info(format_args!("SIGHUP: {}", proxy.control.reload(new))),
+                    Err(e) => log::error(format_args!("SIGHUP: keeping the running proxy configuration: {e:#}")),
+                }
+                let _ = api.reload_inventory();
+                let _ = agent.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
+    }
+    if let Some(w) = watcher {
+        w.stop();
+    }
+    // Front to back, so nothing in flight loses its next hop.
+    proxy.stop()?;
+    agent.stop()?;
+    api.stop()?;
     log::info(format_args!("stopped"));
     Ok(())
 }
