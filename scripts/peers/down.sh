@@ -5,6 +5,7 @@
 #   scripts/peers/down.sh           stop; keep venvs (next up.sh skips pip)
 #   scripts/peers/down.sh --purge   also delete $PEERS_DIR (venvs, DBs, logs)
 set -euo pipefail
+# shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 "$PEERS_HERE/nova.sh" stop

@@ -9,6 +9,7 @@
 #   scripts/peers/install.sh --chain    also Debian rabbitmq-server + haproxy
 #                                       (optional reference-agent chain)
 set -euo pipefail
+# shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 CHAIN=0

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # Common settings for the OpenStack peer scripts (sourced, not executed).
 # Everything lives OUTSIDE the repo under $PEERS_DIR and binds 127.0.0.1 only.
 PEERS_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -41,6 +41,12 @@ stop_pidfile() {
   [ -f "$pidfile" ] || { peers_log "$name: not running (no $pidfile)"; return 0; }
   pid=$(cat "$pidfile")
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ! is_zombie "$pid"; then
+    # a stale PID file (e.g. after a reboot) may name someone else's process
+    if ! ps -o args= -p "$pid" 2>/dev/null | grep -q gunicorn; then
+      peers_log "$name: pid $pid is not a gunicorn process any more: not touching it"
+      rm -f "$pidfile"; return 0
+    fi
+    local kids; kids=$(pgrep -P "$pid" || true)
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
       { kill -0 "$pid" 2>/dev/null && ! is_zombie "$pid"; } || break
@@ -49,6 +55,7 @@ stop_pidfile() {
     if kill -0 "$pid" 2>/dev/null && ! is_zombie "$pid"; then
       peers_log "$name: pid $pid ignored SIGTERM for 10 s, sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
+      for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
     fi
     peers_log "$name: stopped pid $pid"
   else
@@ -77,5 +84,6 @@ wait_http() {
     sleep 0.5
   done
   tail -n 30 "$log" >&2
-  peers_die "$name not ready after $secs s; log: $log"
+  kill -TERM "$pid" 2>/dev/null || true
+  peers_die "$name not ready after $secs s (pid $pid terminated); log: $log"
 }

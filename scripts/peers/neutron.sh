@@ -9,6 +9,7 @@
 #   scripts/peers/neutron.sh status
 # State: $PEERS_DIR/neutron/ (configs, neutron.db, neutron-api.{pid,log}).
 set -euo pipefail
+# shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 RUN=$PEERS_DIR/neutron

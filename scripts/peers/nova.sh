@@ -13,6 +13,7 @@
 #   scripts/peers/nova.sh status
 # State: $PEERS_DIR/nova/ (configs, *.db, nova-metadata.{pid,log}).
 set -euo pipefail
+# shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 RUN=$PEERS_DIR/nova

@@ -10,6 +10,7 @@
 #     networks for vm1, vm2, vm4 (and a miss) -> those three ports
 #   scripts/peers/probe.sh [FIXTURE]
 set -euo pipefail
+# shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 FX=${1:-$PEERS_FIXTURE}
 [ -f "$FX" ] || peers_die "fixture $FX not found (run scripts/peers/up.sh)"

@@ -7,6 +7,7 @@
 # Safe to run twice: running peers of ours are restarted with fresh DBs.
 # On failure everything this script started is stopped again.
 set -euo pipefail
+# shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 T0=$SECONDS
