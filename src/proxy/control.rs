@@ -78,9 +78,17 @@ impl ControlPlane {
         }
     }
 
-    /// Tell every loop to drain and exit.
+    /// Tell every loop to drain and exit; every listener stops at once.
     pub fn broadcast_stop(&self) {
         self.broadcast(|| Control::Stop);
+        if let Ok(e) = self.entries.lock() {
+            for en in e.values() {
+                en.listeners
+                    .sockets
+                    .iter()
+                    .for_each(crate::rt::shutdown_listener);
+            }
+        }
     }
 
     /// Register already-bound listeners and start serving them on every loop.
@@ -130,6 +138,10 @@ impl ControlPlane {
         let gone = self.entries.lock().ok().and_then(|mut e| e.remove(&id));
         let Some(gone) = gone else { return false };
         self.broadcast(|| Control::Remove(id));
+        gone.listeners
+            .sockets
+            .iter()
+            .for_each(crate::rt::shutdown_listener);
         log::info(format_args!(
             "listener down: {} ({} address(es), {} open connection(s) finishing)",
             gone.listeners.cfg.name,

@@ -409,6 +409,8 @@ async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor)
     loop {
         let (conn, peer) = match acceptor.accept().await {
             Ok(x) => x,
+            // EINVAL: the listener was shut down (namespace removed or stopping).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(e) => {
                 log::warn(format_args!(
                     "{}: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}",
