@@ -204,28 +204,9 @@ async fn handle_request(
         }
     }
 
-    // 5. Rewrite and relay: every trust, hop-by-hop and token header goes;
-    // exactly one X-Forwarded-For and one router/network id are added.
-    let mut xff = Vec::with_capacity(40);
-    http::format_ip_for_xff(peer.ip(), &mut xff);
+    // 5. Rewrite and relay.
     let mut out = ctx.take_buf();
-    http::write_request_head(
-        buf,
-        &head,
-        |name| {
-            !http::is_trust_header(name)
-                && !http::is_hop_by_hop(name)
-                && !imdsv2::is_token_header(name)
-        },
-        &[
-            (b"X-Forwarded-For", &xff),
-            (
-                ns.cfg.identity.header_name().as_bytes(),
-                ns.cfg.identity.id().as_bytes(),
-            ),
-        ],
-        &mut out,
-    );
+    upstream_head(buf, &head, peer.ip(), &ns.cfg.identity, &mut out);
     out.extend_from_slice(&buf[head.head_len..body_end]);
     let is_head = head.method == http::Method::Head;
     ns.counters.requests.set(ns.counters.requests.get() + 1);
@@ -246,6 +227,35 @@ async fn handle_request(
     http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
     w.extend_from_slice(resp.body());
     finish(ctx, conn, buf, body_end, w, keep).await
+}
+
+/// The head sent to the agent: every trust, hop-by-hop and IMDSv2 token
+/// header of the client's request is dropped, then exactly one
+/// `X-Forwarded-For: <peer>` and one router/network id are added. This is
+/// the security boundary the fuzz target `request_rewrite` checks.
+pub fn upstream_head(
+    buf: &[u8],
+    head: &RequestHead,
+    peer: std::net::IpAddr,
+    id: &crate::config::NsIdentity,
+    out: &mut Vec<u8>,
+) {
+    let mut xff = Vec::with_capacity(40);
+    http::format_ip_for_xff(peer, &mut xff);
+    http::write_request_head(
+        buf,
+        head,
+        |name| {
+            !http::is_trust_header(name)
+                && !http::is_hop_by_hop(name)
+                && !imdsv2::is_token_header(name)
+        },
+        &[
+            (b"X-Forwarded-For", &xff),
+            (id.header_name().as_bytes(), id.id().as_bytes()),
+        ],
+        out,
+    );
 }
 
 /// Write a response; on success drop the answered request from `buf`,

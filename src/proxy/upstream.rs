@@ -444,7 +444,10 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
 
 /// If `buf` starts with a complete response, its length and head.
 /// `eof`: the agent has closed, which completes a close-delimited body.
-fn frame(
+///
+/// # Errors
+/// The response is malformed or over the limits (the message says which).
+pub fn frame(
     buf: &[u8],
     limits: &Limits,
     is_head: bool,
