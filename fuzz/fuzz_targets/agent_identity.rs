@@ -5,7 +5,12 @@
 use libfuzzer_sys::fuzz_target;
 use smallvec::SmallVec;
 
-const NAMES: [&str; 4] = ["x-forwarded-for", "x-neutron-router-id", "x-neutron-network-id", "x-ovn-network-id"];
+const NAMES: [&str; 4] = [
+    "x-forwarded-for",
+    "x-neutron-router-id",
+    "x-neutron-network-id",
+    "x-ovn-network-id",
+];
 
 fuzz_target!(|data: &[u8]| {
     // Records: <name index byte> <value bytes up to 0xff>.
@@ -16,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let get = |name: &str| -> SmallVec<[&[u8]; 2]> {
-        headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v).collect()
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+            .collect()
     };
     if let Ok(id) = metaproxy::agent::identity::parse_identity(get) {
         assert_eq!(get("x-forwarded-for").len(), 1);

@@ -18,7 +18,10 @@ fn run(pieces: &[&[u8]]) -> (Result<Option<usize>, ()>, Vec<u8>) {
                 assert_eq!(x, y);
                 return (Ok(Some(total + x)), out);
             }
-            (Ok(ChunkProgress::NeedMore { consumed: x }), Ok(ChunkProgress::NeedMore { consumed: y })) => {
+            (
+                Ok(ChunkProgress::NeedMore { consumed: x }),
+                Ok(ChunkProgress::NeedMore { consumed: y }),
+            ) => {
                 assert_eq!(x, y);
                 assert!(x <= p.len());
                 total += p.len();
@@ -31,7 +34,9 @@ fn run(pieces: &[&[u8]]) -> (Result<Option<usize>, ()>, Vec<u8>) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, body)) = data.split_first() else { return };
+    let Some((&split, body)) = data.split_first() else {
+        return;
+    };
     let at = usize::from(split) % (body.len() + 1);
     let (whole, out_whole) = run(&[body]);
     let (split_res, out_split) = run(&[&body[..at], &body[at..]]);

@@ -23,7 +23,12 @@ fuzz_target!(|data: &[u8]| {
     assert!(!v.validate("ns", "10.0.0.5".parse().unwrap(), data, now));
 
     let a = ISSUER.get_or_init(|| TokenAuthority::new().unwrap());
-    let tok = a.issue("ns", "10.0.0.5".parse().unwrap(), Duration::from_secs(60), now);
+    let tok = a.issue(
+        "ns",
+        "10.0.0.5".parse().unwrap(),
+        Duration::from_secs(60),
+        now,
+    );
     assert!(a.validate("ns", "10.0.0.5".parse().unwrap(), tok.as_bytes(), now));
     if let Some((&i, rest)) = data.split_first() {
         let mut t = tok.clone().into_bytes();
@@ -31,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
         let x = rest.first().copied().unwrap_or(1).max(1);
         t[i] ^= x;
         if t != tok.as_bytes() {
-            assert!(!a.validate("ns", "10.0.0.5".parse().unwrap(), &t, now), "altered token validated");
+            assert!(
+                !a.validate("ns", "10.0.0.5".parse().unwrap(), &t, now),
+                "altered token validated"
+            );
         }
     }
     assert!(!a.validate("ns", "10.0.0.6".parse().unwrap(), tok.as_bytes(), now));

@@ -6,9 +6,13 @@ use libfuzzer_sys::fuzz_target;
 use metaproxy::http::Limits;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let (is_head, eof) = (flags & 1 == 1, flags & 2 == 2);
-    if let Ok(Some((len, head))) = metaproxy::proxy::upstream::frame(rest, &Limits::default(), is_head, 1 << 20, eof) {
+    if let Ok(Some((len, head))) =
+        metaproxy::proxy::upstream::frame(rest, &Limits::default(), is_head, 1 << 20, eof)
+    {
         assert!(len <= rest.len());
         assert!(head.head_len <= len);
         let mut out = Vec::new();
