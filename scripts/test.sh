@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The README's test command: install what the tests need, then run the whole suite.
-#   scripts/test.sh            everything (fmt, clippy, unit + integration tests)
-#   SKIP_INSTALL=1 scripts/test.sh   do not touch system packages
+#   scripts/test.sh            everything: fmt, clippy, unit + integration + namespace tests,
+#                              bounded fuzzing, and the real-OpenStack-peers stage
+#   SKIP_INSTALL=1   do not touch system packages
+#   SKIP_PEERS=1     skip the real Neutron/Nova stage (it installs two venvs under /tmp)
+#   FUZZ_SECS=N      seconds per fuzz target (default 30; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use. Installed only when missing (idempotent).
-PACKAGES=(iproute2 curl haproxy procps)
+PACKAGES=(iproute2 curl haproxy procps cloud-init wrk bc util-linux python3-venv)
 
 install_packages() {
   local missing=()
@@ -51,6 +54,25 @@ cargo test --doc --quiet
 
 step "benches compile"
 cargo bench --no-run --quiet
+
+FUZZ_SECS=${FUZZ_SECS:-30}
+if [ "$FUZZ_SECS" != 0 ]; then
+  step "fuzzing, ${FUZZ_SECS}s per target"
+  scripts/fuzz.sh "$FUZZ_SECS"
+fi
+
+if [ "${SKIP_PEERS:-0}" != 1 ] && ls tests/peers_*.rs >/dev/null 2>&1; then
+  step "real OpenStack peers: neutron 29 API + nova 34 metadata API (scripts/peers)"
+  trap 'scripts/peers/down.sh >/dev/null 2>&1 || true' EXIT
+  scripts/peers/up.sh
+  # shellcheck disable=SC1091
+  . /tmp/metaproxy-peers/env
+  peer_tests=()
+  for f in tests/peers_*.rs; do peer_tests+=(--test "$(basename "$f" .rs)"); done
+  METAPROXY_PEERS=1 cargo test --quiet "${peer_tests[@]}"
+  scripts/peers/down.sh
+  trap - EXIT
+fi
 
 echo
 echo "scripts/test.sh: all green"
