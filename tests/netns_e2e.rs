@@ -8,46 +8,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Instant;
 
 use common::netns::*;
-
-/// The proxy as its own process: 169.254.169.254:80 inside the router
-/// namespace (stamped with the router id) and inside the DHCP namespace
-/// (stamped with the network id).
-fn start_proxy(topo: &Topology, backend: &Backend, dir: &Path) -> Daemon {
-    let cfg = dir.join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[proxy]
-workers = 1
-agent_socket = "{sock}"
-control_socket = "{ctl}"
-
-[[proxy.namespace]]
-netns = "{rns}"
-router_id = "{r}"
-listen = "169.254.169.254:80"
-
-[[proxy.namespace]]
-netns = "{dns}"
-network_id = "{n}"
-listen = "169.254.169.254:80"
-"#,
-            sock = backend.sock.display(),
-            ctl = dir.join("ctl.sock").display(),
-            rns = topo.router_ns,
-            r = topo.router_id,
-            dns = topo.dhcp_ns,
-            n = topo.isolated_net,
-        ),
-    )
-    .unwrap();
-    Daemon::start("proxy", &["proxy", "--config", cfg.to_str().unwrap()], dir)
-}
 
 #[test]
 fn cloud_init_in_each_vm_reads_only_its_own_metadata() {
@@ -59,7 +22,7 @@ fn cloud_init_in_each_vm_reads_only_its_own_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let topo = Topology::build(1);
     let backend = Backend::start(&topo, dir.path());
-    let mut proxy = start_proxy(&topo, &backend, dir.path());
+    let mut proxy = start_our_proxy(&topo, &backend, dir.path());
     eprintln!("topology and daemons up in {:?}", t0.elapsed());
 
     // All three guests boot at once, like a small storm.
@@ -88,7 +51,7 @@ fn spoofed_trust_headers_still_get_only_the_callers_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let topo = Topology::build(2);
     let backend = Backend::start(&topo, dir.path());
-    let mut proxy = start_proxy(&topo, &backend, dir.path());
+    let mut proxy = start_our_proxy(&topo, &backend, dir.path());
 
     let [vm1, vm2, vm3] = &topo.vms;
     // Each VM claims, in every header it can, to be another one.

@@ -486,8 +486,13 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(topo: &Topology, dir: &Path) -> Backend {
+        Backend::start_with(&topo.inventory(), dir)
+    }
+
+    /// The same, serving the inventory `text`.
+    pub fn start_with(text: &str, dir: &Path) -> Backend {
         let inv = dir.join("inventory.toml");
-        std::fs::write(&inv, topo.inventory()).unwrap();
+        std::fs::write(&inv, text).unwrap();
         let sock = dir.join("agent.sock");
         let api_port = free_port();
         let config = dir.join("backend.toml");
@@ -503,6 +508,42 @@ impl Backend {
             api,
         }
     }
+}
+
+/// The proxy as its own process: 169.254.169.254:80 inside the router
+/// namespace (stamped with the router id) and inside the DHCP namespace
+/// (stamped with the network id).
+pub fn start_our_proxy(topo: &Topology, backend: &Backend, dir: &Path) -> Daemon {
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[proxy]
+workers = 1
+agent_socket = "{sock}"
+control_socket = "{ctl}"
+
+[[proxy.namespace]]
+netns = "{rns}"
+router_id = "{r}"
+listen = "169.254.169.254:80"
+
+[[proxy.namespace]]
+netns = "{dns}"
+network_id = "{n}"
+listen = "169.254.169.254:80"
+"#,
+            sock = backend.sock.display(),
+            ctl = dir.join("ctl.sock").display(),
+            rns = topo.router_ns,
+            r = topo.router_id,
+            dns = topo.dhcp_ns,
+            n = topo.isolated_net,
+        ),
+    )
+    .unwrap();
+    Daemon::start("proxy", &["proxy", "--config", cfg.to_str().unwrap()], dir)
 }
 
 /// The cloud-init side, run by Debian's Python in the VM's namespace: the
