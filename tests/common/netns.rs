@@ -89,6 +89,74 @@ pub fn sh(args: &[&str]) {
     );
 }
 
+/// Network namespaces deleted (with every veth and bridge in them) on drop,
+/// newest first.
+#[derive(Default)]
+pub struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    /// Create `name` (replacing a stale one of the same name) with `lo` up.
+    /// It is registered before it is created, so a half-built topology is
+    /// still cleaned up.
+    pub fn add(&mut self, name: &str) {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        self.0.push(name.to_string());
+        sh(&["ip", "netns", "add", name]);
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for n in self.0.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// A router namespace's LAN: bridge `qr-br` holding `gw_cidr` (e.g.
+/// `10.90.0.1/24`), 169.254.169.254/32 on the router's `lo`, and one veth
+/// port `qr-vmN` per VM; each VM gets `eth0` with `ip` (same prefix) and a
+/// default route via the gateway.
+pub fn router_lan(router_ns: &str, gw_cidr: &str, vms: &[(&str, &str)]) {
+    let r = router_ns;
+    let (gw, prefix) = gw_cidr.split_once('/').unwrap();
+    sh(&["ip", "-n", r, "link", "add", "qr-br", "type", "bridge"]);
+    sh(&["ip", "-n", r, "addr", "add", gw_cidr, "dev", "qr-br"]);
+    sh(&["ip", "-n", r, "link", "set", "qr-br", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        r,
+        "addr",
+        "add",
+        "169.254.169.254/32",
+        "dev",
+        "lo",
+    ]);
+    for (i, (vm_ns, ip)) in vms.iter().enumerate() {
+        let port = format!("qr-vm{}", i + 1);
+        sh(&[
+            "ip", "-n", r, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            vm_ns,
+        ]);
+        sh(&["ip", "-n", r, "link", "set", &port, "master", "qr-br"]);
+        sh(&["ip", "-n", r, "link", "set", &port, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            vm_ns,
+            "addr",
+            "add",
+            &format!("{ip}/{prefix}"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", vm_ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", vm_ns, "route", "add", "default", "via", gw]);
+    }
+}
+
 /// One guest: its namespace, address and identity in the inventory.
 #[derive(Clone, Debug)]
 pub struct Vm {
@@ -103,8 +171,7 @@ pub struct Vm {
     pub network: String,
 }
 
-/// The namespaces of one test; deleted (with every veth and bridge in them)
-/// on drop.
+/// The namespaces of one test; deleted on drop.
 pub struct Topology {
     pub router_id: String,
     pub router_net: String,
@@ -114,15 +181,7 @@ pub struct Topology {
     pub dhcp_ns: String,
     /// vm1 and vm2 behind the router, vm3 on the isolated network.
     pub vms: [Vm; 3],
-    namespaces: Vec<String>,
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for n in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
+    _namespaces: Namespaces,
 }
 
 impl Topology {
@@ -164,66 +223,23 @@ impl Topology {
             router_ns,
             dhcp_ns,
             vms,
-            namespaces: Vec::new(),
+            _namespaces: Namespaces::default(),
         };
-        // Register each namespace before creating it, so a half-built
-        // topology is still cleaned up by Drop.
         let names: Vec<String> = [t.router_ns.clone(), t.dhcp_ns.clone()]
             .into_iter()
             .chain(t.vms.iter().map(|v| v.ns.clone()))
             .collect();
-        for n in names {
-            let _ = Command::new("ip").args(["netns", "del", &n]).output();
-            t.namespaces.push(n.clone());
-            sh(&["ip", "netns", "add", &n]);
-            sh(&["ip", "-n", &n, "link", "set", "lo", "up"]);
+        for n in &names {
+            t._namespaces.add(n);
         }
-        let (r, d) = (t.router_ns.as_str(), t.dhcp_ns.as_str());
+        let d = t.dhcp_ns.as_str();
 
         // Router: a bridge carrying the gateway address, one port per VM.
-        sh(&["ip", "-n", r, "link", "add", "qr-br", "type", "bridge"]);
-        sh(&["ip", "-n", r, "addr", "add", "10.90.0.1/24", "dev", "qr-br"]);
-        sh(&["ip", "-n", r, "link", "set", "qr-br", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            r,
-            "addr",
-            "add",
-            "169.254.169.254/32",
-            "dev",
-            "lo",
-        ]);
-        for (i, v) in t.vms[..2].iter().enumerate() {
-            let port = format!("qr-vm{}", i + 1);
-            sh(&[
-                "ip", "-n", r, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                "netns", &v.ns,
-            ]);
-            sh(&["ip", "-n", r, "link", "set", &port, "master", "qr-br"]);
-            sh(&["ip", "-n", r, "link", "set", &port, "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &v.ns,
-                "addr",
-                "add",
-                &format!("{}/24", v.ip),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &v.ns, "link", "set", "eth0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &v.ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "10.90.0.1",
-            ]);
-        }
+        router_lan(
+            &t.router_ns,
+            "10.90.0.1/24",
+            &[(&t.vms[0].ns, t.vms[0].ip), (&t.vms[1].ns, t.vms[1].ip)],
+        );
 
         // Isolated network: the DHCP port holds the metadata address itself.
         let v3 = &t.vms[2];
