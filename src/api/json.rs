@@ -7,7 +7,8 @@
 //! A tiny ordered value type rather than `serde_json::to_string`: serde_json's
 //! compact format has no spaces and its `Map` is sorted unless the
 //! `preserve_order` feature is on, and Nova's key order is part of the bytes we
-//! want to match.
+//! want to match. (Cargo.toml turns `preserve_order` on, so an operator's
+//! document in [`Json::Value`] keeps the key order of its file, as in Nova.)
 
 use std::fmt::Write as _;
 
@@ -238,10 +239,10 @@ mod tests {
     fn serde_values() {
         let v: serde_json::Value =
             serde_json::from_str(r#"{"b": [true, false, null, 1.5, -3], "a": "ü"}"#).unwrap();
-        // serde_json without preserve_order sorts keys.
+        // File order, as Python's json.load + json.dumps keeps it (preserve_order).
         assert_eq!(
             Json::Value(v).to_python_string(),
-            r#"{"a": "\u00fc", "b": [true, false, null, 1.5, -3]}"#
+            r#"{"b": [true, false, null, 1.5, -3], "a": "\u00fc"}"#
         );
     }
 }
