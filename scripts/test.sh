@@ -4,6 +4,7 @@
 #                              bounded fuzzing, and the real-OpenStack-peers stage
 #   SKIP_INSTALL=1   do not touch system packages
 #   SKIP_PEERS=1     skip the real Neutron/Nova stage (it installs two venvs under /tmp)
+#   SKIP_CHAIN=1     skip the real neutron-metadata-agent chain (RabbitMQ) inside it
 #   FUZZ_SECS=N      seconds per fuzz target (default 30; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use. Installed only when missing (idempotent).
-PACKAGES=(iproute2 curl haproxy procps cloud-init wrk bc util-linux python3-venv)
+PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux)
 
 install_packages() {
   local missing=()
@@ -68,8 +69,20 @@ if [ "${SKIP_PEERS:-0}" != 1 ] && ls tests/peers_*.rs >/dev/null 2>&1; then
   # shellcheck disable=SC1091
   . /tmp/metaproxy-peers/env
   peer_tests=()
-  for f in tests/peers_*.rs; do peer_tests+=(--test "$(basename "$f" .rs)"); done
+  for f in tests/peers_*.rs; do
+    [ "$f" = tests/peers_chain.rs ] || peer_tests+=(--test "$(basename "$f" .rs)")
+  done
   METAPROXY_PEERS=1 cargo test --quiet "${peer_tests[@]}"
+  if [ "${SKIP_CHAIN:-0}" != 1 ] && [ -f tests/peers_chain.rs ]; then
+    step "our proxy in front of the real neutron-metadata-agent (RabbitMQ + neutron-rpc-server)"
+    scripts/peers/install.sh --chain
+    trap 'scripts/peers/chain.sh stop >/dev/null 2>&1 || true; scripts/peers/down.sh >/dev/null 2>&1 || true' EXIT
+    scripts/peers/chain.sh start
+    # shellcheck disable=SC1091
+    . "${PEERS_DIR:-/tmp/metaproxy-peers}/chain/env"
+    METAPROXY_PEERS=1 METAPROXY_PEERS_CHAIN=1 cargo test --quiet --test peers_chain
+    scripts/peers/chain.sh stop
+  fi
   scripts/peers/down.sh
   trap - EXIT
 fi

@@ -298,3 +298,68 @@ fn an_address_that_is_not_there_yet_is_retried_until_it_is() {
     });
     h.stop().unwrap();
 }
+
+#[test]
+fn a_network_namespace_with_fe80_a9fe_a9fe_is_served_on_it_too() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIPPED a_network_namespace_with_fe80_a9fe_a9fe_is_served_on_it_too: {why}");
+        return;
+    }
+    let tag = format!("v{}", std::process::id() % 100000);
+    let watched = tempfile::tempdir().unwrap();
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let h = start_in(&agent, &tag, watched.path().to_str().unwrap());
+    let nid = uuid(6);
+    let name = format!("{tag}d-{nid}");
+    let prep = format!("prep{tag}");
+    let _c = Cleanup(vec![prep.clone()]);
+    ip(&["netns", "add", &prep]);
+    ip(&["-n", &prep, "link", "set", "lo", "up"]);
+    // A veth pair inside the namespace stands in for the DHCP tap (no dummy module here).
+    ip(&[
+        "-n", &prep, "link", "add", "tapmd", "type", "veth", "peer", "name", "tapmp",
+    ]);
+    ip(&["-n", &prep, "link", "set", "tapmp", "up"]);
+    ip(&["-n", &prep, "link", "set", "tapmd", "up"]);
+    ip(&[
+        "-n",
+        &prep,
+        "addr",
+        "add",
+        "169.254.169.254/32",
+        "dev",
+        "tapmd",
+    ]);
+    ip(&[
+        "-n",
+        &prep,
+        "addr",
+        "add",
+        "fe80::a9fe:a9fe/128",
+        "dev",
+        "tapmd",
+        "nodad",
+    ]);
+    let file = watched.path().join(&name);
+    std::fs::write(&file, b"").unwrap();
+    let st = Command::new("mount")
+        .args(["--bind", &format!("/run/netns/{prep}")])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount --bind");
+    wait_until("served", Duration::from_secs(3), || served(&h, &name));
+    let st = h.control.status();
+    let listeners = &st.iter().find(|s| s.name == name).unwrap().listeners;
+    assert!(
+        listeners
+            .iter()
+            .any(|a| a.ip() == "fe80::a9fe:a9fe".parse::<std::net::IpAddr>().unwrap()),
+        "{listeners:?}"
+    );
+    let body = curl_in(&prep, "http://[fe80::a9fe:a9fe%25tapmd]:80/openstack");
+    assert!(body.starts_with("/openstack for fe80::a9fe:a9fe"), "{body}");
+    let _ = Command::new("umount").arg(&file).status();
+    let _ = std::fs::remove_file(&file);
+    h.stop().unwrap();
+}

@@ -149,7 +149,7 @@ async fn handle_request(
 
     // 2. Rate limit before any work for the request.
     if let Some(l) = &ctx.limiter {
-        if !l.allow(rt::peer_ip(peer), Instant::now()) {
+        if !l.allow(ns.id, rt::peer_ip(peer), Instant::now()) {
             ns.counters
                 .rate_limited
                 .set(ns.counters.rate_limited.get() + 1);

@@ -297,7 +297,7 @@ impl ControlPlane {
             let listeners: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
             let _ = writeln!(
                 out,
-                "{:<44} {:<10} {:<60} {:>6} {:>10} {:>10} {:>8} {:>8} {:>6}",
+                "{:<44} {:<10} {:<60} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
                 s.name,
                 format!("{:?}", s.origin).to_lowercase(),
                 format!("{} -> {}", listeners.join(","), s.identity),
@@ -305,7 +305,10 @@ impl ControlPlane {
                 s.counters.accepted,
                 s.counters.requests,
                 s.counters.upstream_errors,
+                s.counters.over_limit,
+                s.counters.http_request_timeouts,
                 s.counters.rate_limited,
+                s.counters.tokens_issued,
                 s.counters.token_rejected
             );
         }

@@ -305,7 +305,7 @@ fn v6_metadata_ifindex(netns: &Path) -> Option<u32> {
             let mut f = l.split_whitespace();
             let addr = f.next()?;
             let idx = u32::from_str_radix(f.next()?, 16).ok()?;
-            (addr == "fe80000000000000000000000a9fea9fe").then_some(idx)
+            (addr == "fe8000000000000000000000a9fea9fe").then_some(idx)
         }))
     })
     .ok()

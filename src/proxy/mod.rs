@@ -75,6 +75,8 @@ pub struct NamespaceListeners {
 
 /// Per-namespace state on one loop.
 pub struct NsRuntime {
+    /// Registration id (see [`NamespaceListeners::id`]).
+    pub id: u64,
     /// Its config.
     pub cfg: NamespaceConfig,
     /// Shared open-connection count.
@@ -349,6 +351,7 @@ async fn run_loop(
         match msg {
             Control::Add(l) => {
                 let ns = Rc::new(NsRuntime {
+                    id: l.id,
                     cfg: l.cfg.clone(),
                     open: l.open.clone(),
                     counters: Counters::default(),

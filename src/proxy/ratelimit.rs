@@ -9,6 +9,10 @@
 //! `size 10k`): when full, expired entries go first, then the least recently
 //! seen. A denied request costs no upstream work.
 //!
+//! Entries are keyed by (namespace, client IP), as Neutron has one table per
+//! namespace: overlapping tenant networks reuse addresses, and one tenant's VM
+//! must never rate-limit another tenant's VM that happens to share its IP.
+//!
 //! One table per process, behind a mutex: a VM's connections may land on any
 //! loop and the limit is per VM, not per loop. This is the one lock on the
 //! request path, it is off by default, and it is held for a hash lookup.
@@ -83,7 +87,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct RateLimiter {
     cfg: RateLimitConfig,
-    table: Mutex<HashMap<IpAddr, Entry>>,
+    table: Mutex<HashMap<(u64, IpAddr), Entry>>,
 }
 
 impl RateLimiter {
@@ -95,15 +99,17 @@ impl RateLimiter {
         }
     }
 
-    /// Count one request from `client`; `false` means answer 429.
-    pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+    /// Count one request from `client` in namespace registration `ns`;
+    /// `false` means answer 429.
+    pub fn allow(&self, ns: u64, client: IpAddr, now: Instant) -> bool {
+        let key = (ns, client);
         let Ok(mut t) = self.table.lock() else {
             return true; // a poisoned table must not take the service down
         };
-        if !t.contains_key(&client) && t.len() >= self.cfg.table_size {
+        if !t.contains_key(&key) && t.len() >= self.cfg.table_size {
             self.make_room(&mut t, now);
         }
-        let e = t.entry(client).or_insert_with(|| Entry {
+        let e = t.entry(key).or_insert_with(|| Entry {
             base: Counter::new(now),
             burst: Counter::new(now),
             last_seen: now,
@@ -118,7 +124,7 @@ impl RateLimiter {
             && burst + 1.0 <= f64::from(self.cfg.burst.limit)
     }
 
-    fn make_room(&self, t: &mut HashMap<IpAddr, Entry>, now: Instant) {
+    fn make_room(&self, t: &mut HashMap<(u64, IpAddr), Entry>, now: Instant) {
         let horizon = self.cfg.base.window.max(self.cfg.burst.window) * 2;
         t.retain(|_, e| now.saturating_duration_since(e.last_seen) < horizon);
         if t.len() >= self.cfg.table_size {
@@ -159,12 +165,16 @@ mod tests {
         let a: IpAddr = "10.0.0.5".parse().unwrap();
         let b: IpAddr = "10.0.0.6".parse().unwrap();
         for i in 0..10 {
-            assert!(l.allow(a, t0), "request {i} within the limit");
+            assert!(l.allow(1, a, t0), "request {i} within the limit");
         }
-        assert!(!l.allow(a, t0), "11th in the window");
-        assert!(l.allow(b, t0), "another VM is unaffected");
+        assert!(!l.allow(1, a, t0), "11th in the window");
+        assert!(l.allow(1, b, t0), "another VM is unaffected");
+        assert!(
+            l.allow(2, a, t0),
+            "the same address in another namespace is another VM"
+        );
         // Two windows later everything is forgotten.
-        assert!(l.allow(a, t0 + Duration::from_secs(21)));
+        assert!(l.allow(1, a, t0 + Duration::from_secs(21)));
     }
 
     #[test]
@@ -172,9 +182,9 @@ mod tests {
         let l = limiter(1000, 3, 100);
         let t0 = Instant::now();
         let a: IpAddr = "10.0.0.5".parse().unwrap();
-        assert!(l.allow(a, t0) && l.allow(a, t0) && l.allow(a, t0));
-        assert!(!l.allow(a, t0));
-        assert!(l.allow(a, t0 + Duration::from_secs(3)));
+        assert!(l.allow(1, a, t0) && l.allow(1, a, t0) && l.allow(1, a, t0));
+        assert!(!l.allow(1, a, t0));
+        assert!(l.allow(1, a, t0 + Duration::from_secs(3)));
     }
 
     #[test]
@@ -182,7 +192,7 @@ mod tests {
         let l = limiter(10, 10, 64);
         let t0 = Instant::now();
         for i in 0..10_000u32 {
-            l.allow(IpAddr::from(i.to_be_bytes()), t0);
+            l.allow(1, IpAddr::from(i.to_be_bytes()), t0);
         }
         assert!(l.tracked() <= 64);
     }
