@@ -187,3 +187,32 @@ fn rate_limit_answers_429_before_the_agent() {
     assert_eq!(agent.seen().len(), 5);
     h.stop().unwrap();
 }
+
+#[test]
+fn a_token_is_rejected_in_another_namespace() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let text = format!(
+        "[proxy]\nagent_socket = \"{}\"\n[[proxy.namespace]]\nrouter_id = \"{ROUTER}\"\nlisten = \"127.0.0.1:0\"\n\
+         [[proxy.namespace]]\nnetwork_id = \"7a7a7a7a-0000-4000-8000-000000000002\"\nlisten = \"127.0.0.1:0\"\n",
+        agent.path.display()
+    );
+    let f = metaproxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
+    let h = metaproxy::proxy::start(
+        metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let (a, b) = (h.bound[0][0], h.bound[1][0]);
+    let token = put_token(
+        a,
+        "/latest/api/token",
+        "X-aws-ec2-metadata-token-ttl-seconds: 60\r\n",
+    )
+    .text();
+    assert_eq!(with_token(a, &token).status, 200);
+    assert_eq!(
+        with_token(b, &token).status,
+        401,
+        "same client, other namespace"
+    );
+    h.stop().unwrap();
+}
