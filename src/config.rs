@@ -486,7 +486,8 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, ns) in namespaces.iter().enumerate() {
-            for a in &ns.listen {
+            // Port 0 asks the kernel for a free port: never a conflict.
+            for a in ns.listen.iter().filter(|a| a.port() != 0) {
                 if !seen.insert((ns.netns.clone(), *a)) {
                     return Err(invalid(
                         format!("proxy.namespace[{i}].listen"),
