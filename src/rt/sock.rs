@@ -129,8 +129,12 @@ macro_rules! stream_impl {
                         (Ok(n), buf)
                     }
                     Ok(None) => (Ok(0), buf),
+                    // An empty ring: compio reports ENOBUFS as ResourceBusy
+                    // ("buffer ring has no available buffer"). The storm found it:
+                    // without this, idle connections were closed unanswered under load.
                     Err(e)
                         if e.raw_os_error() == Some(libc::ENOBUFS)
+                            || e.kind() == io::ErrorKind::ResourceBusy
                             || e.kind() == io::ErrorKind::Unsupported =>
                     {
                         self.read_append(buf, fallback_spare).await
