@@ -31,6 +31,31 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Inventory tools.
+    Inventory {
+        #[command(subcommand)]
+        command: InventoryCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InventoryCmd {
+    /// Write a synthetic inventory for boot storms: VM i on 127.16.0.0/12,
+    /// hostname vm-<i>, everything else derived from i.
+    Synth {
+        /// Number of VMs.
+        #[arg(long, default_value_t = 1000)]
+        vms: u32,
+        /// Number of networks the VMs are dealt over.
+        #[arg(long, default_value_t = 1)]
+        networks: u32,
+        /// Number of routers; each takes a share of the networks.
+        #[arg(long, default_value_t = 1)]
+        routers: u32,
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -45,6 +70,15 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Proxy { config, check } => run_proxy(&config, check),
+        Command::Inventory {
+            command:
+                InventoryCmd::Synth {
+                    vms,
+                    networks,
+                    routers,
+                    out,
+                },
+        } => run_inventory_synth(vms, networks, routers, out.as_deref()),
     }
 }
 
@@ -71,5 +105,24 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
     log::info(format_args!("{sig}: draining and exiting"));
     handle.stop()?;
     log::info(format_args!("stopped"));
+    Ok(())
+}
+
+fn run_inventory_synth(vms: u32, networks: u32, routers: u32, out: Option<&Path>) -> Result<()> {
+    use metaproxy::inventory::synth::{synth_toml, SynthSpec};
+    let text = synth_toml(&SynthSpec {
+        vms,
+        networks,
+        routers,
+    })?;
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            use std::io::Write as _;
+            std::io::stdout().lock().write_all(text.as_bytes())?;
+        }
+    }
     Ok(())
 }
