@@ -31,6 +31,39 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Boot-storm load generator: N VMs, each from its own source address,
+    /// replay cloud-init's requests against TARGET and check every answer.
+    /// Exits 1 unless every VM completed without errors.
+    Storm {
+        /// Where the VMs send requests (proxy, `up`, haproxy): HOST:PORT.
+        #[arg(long)]
+        target: String,
+        /// Inventory the VMs come from (see `inventory synth`); each VM binds
+        /// its first fixed IPv4.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Number of VMs (the first N instances of the inventory).
+        #[arg(long, default_value_t = metaproxy::storm::DEFAULT_VMS)]
+        vms: usize,
+        /// Window over which the VMs start (open loop): 5s, 500ms, 1m.
+        #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+        ramp: std::time::Duration,
+        /// cloud-init | openstack | ec2 | keepalive.
+        #[arg(long, default_value = "cloud-init")]
+        profile: metaproxy::storm::Profile,
+        /// Pinned loops (default: one per core).
+        #[arg(long)]
+        workers: Option<std::num::NonZeroUsize>,
+        /// Per-request timeout.
+        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+        timeout: std::time::Duration,
+        /// Cap on open connections (default: from RLIMIT_NOFILE).
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Inventory tools.
     Inventory {
         #[command(subcommand)]
@@ -70,6 +103,34 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Proxy { config, check } => run_proxy(&config, check),
+        Command::Storm {
+            target,
+            inventory,
+            vms,
+            ramp,
+            profile,
+            workers,
+            timeout,
+            max_connections,
+            json,
+        } => {
+            let target = resolve(&target)?;
+            let inv = metaproxy::inventory::Inventory::load(&inventory)?;
+            let mut cfg = metaproxy::storm::StormConfig::new(
+                target,
+                metaproxy::storm::VmSpec::from_inventory(&inv, vms),
+            );
+            drop(inv);
+            cfg.ramp = ramp;
+            cfg.profile = profile;
+            cfg.timeout = timeout;
+            cfg.max_connections = max_connections;
+            cfg.progress = true;
+            if let Some(w) = workers {
+                cfg.workers = w;
+            }
+            run_storm(cfg, json.as_deref())
+        }
         Command::Inventory {
             command:
                 InventoryCmd::Synth {
@@ -123,6 +184,38 @@ fn run_inventory_synth(vms: u32, networks: u32, routers: u32, out: Option<&Path>
             use std::io::Write as _;
             std::io::stdout().lock().write_all(text.as_bytes())?;
         }
+    }
+    Ok(())
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s).ok_or_else(|| format!("{s:?}: expected e.g. 5s, 500ms, 2m"))
+}
+
+fn resolve(target: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    target
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {target}"))?
+        .next()
+        .with_context(|| format!("{target}: no address"))
+}
+
+fn run_storm(cfg: metaproxy::storm::StormConfig, json: Option<&Path>) -> Result<()> {
+    let report = metaproxy::storm::run(cfg)?;
+    println!("{report}");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed {
+        bail!(
+            "storm failed: {} of {} VMs completed, {} errors ({} wrong VM)",
+            report.vms_completed,
+            report.vms,
+            report.errors.total(),
+            report.errors.wrong_vm
+        );
     }
     Ok(())
 }
