@@ -198,3 +198,53 @@ fn storm_catches_a_server_that_answers_for_the_wrong_vm() {
     assert_eq!(json["passed"], false);
     assert!(json["errors"]["wrong_vm"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn storm_under_a_connection_cap_waits_instead_of_failing() {
+    let server = start_server(inventory(), 0);
+    let vms = VmSpec::from_inventory(&inventory(), VMS as usize);
+    let mut cfg = StormConfig::new(server.addr, vms);
+    cfg.profile = Profile::Openstack;
+    cfg.ramp = Duration::from_millis(100);
+    cfg.workers = NonZeroUsize::new(2).unwrap();
+    cfg.max_connections = Some(4);
+    let r = storm::run(cfg).unwrap();
+    assert_clean(&r, &server);
+    assert_eq!(r.connections_per_loop, 2);
+    assert!(r.fd_waits > 0, "{r}");
+}
+
+#[test]
+fn storm_counts_timeouts_and_refused_connections() {
+    // Accepts and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming() {
+            held.push(s);
+        }
+    });
+    let vms = VmSpec::from_inventory(&inventory(), 10);
+    let mut cfg = StormConfig::new(silent_addr, vms.clone());
+    cfg.profile = Profile::Openstack;
+    cfg.ramp = Duration::from_millis(50);
+    cfg.timeout = Duration::from_millis(200);
+    let r = storm::run(cfg).unwrap();
+    assert_eq!(r.errors.timeout, 70, "{r}");
+    assert_eq!(r.vms_failed, 10);
+    assert!(!r.passed);
+
+    // Nobody listens on a port we just released.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = StormConfig::new(closed, vms);
+    cfg.profile = Profile::Openstack;
+    cfg.ramp = Duration::from_millis(50);
+    let r = storm::run(cfg).unwrap();
+    assert_eq!(r.errors.connect, 70, "{r}");
+    assert_eq!(r.requests, 0);
+    assert!(!r.passed);
+}

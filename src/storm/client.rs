@@ -305,3 +305,67 @@ async fn read_more(conn: &TcpConn, buf: &mut Vec<u8>) -> Result<(), ExchangeErro
         Err(e) => Err(ExchangeError::Io(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        Pin::new(f).poll(&mut cx)
+    }
+
+    #[test]
+    fn permits_are_handed_over_in_order() {
+        let p = Permits::new(1);
+        let mut a = p.acquire();
+        let Poll::Ready(first) = poll_once(&mut a) else {
+            panic!("a free slot is taken at once")
+        };
+        let mut b = p.acquire();
+        let mut c = p.acquire();
+        assert!(poll_once(&mut b).is_pending());
+        assert!(poll_once(&mut c).is_pending());
+        assert_eq!(p.waits(), 2);
+        drop(first);
+        // The slot went to b, not to whoever polls first.
+        assert!(poll_once(&mut c).is_pending());
+        let Poll::Ready(second) = poll_once(&mut b) else {
+            panic!("b was first in line")
+        };
+        drop(second);
+        assert!(poll_once(&mut c).is_ready());
+    }
+
+    #[test]
+    fn a_dropped_waiter_passes_its_slot_on() {
+        let p = Permits::new(1);
+        let mut a = p.acquire();
+        let Poll::Ready(held) = poll_once(&mut a) else {
+            panic!()
+        };
+        let mut b = p.acquire();
+        let mut c = p.acquire();
+        assert!(poll_once(&mut b).is_pending());
+        assert!(poll_once(&mut c).is_pending());
+        drop(held); // granted to b...
+        drop(b); // ...which goes away without using it
+        assert!(poll_once(&mut c).is_ready());
+        // A waiter dropped before being granted leaves the queue.
+        let p = Permits::new(0);
+        let mut d = p.acquire();
+        assert!(poll_once(&mut d).is_pending());
+        drop(d);
+        assert!(p.0.queue.borrow().is_empty());
+    }
+
+    #[test]
+    fn request_bytes() {
+        let mut out = b"stale".to_vec();
+        write_request("/openstack", &mut out);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("GET /openstack HTTP/1.1\r\nHost: 169.254.169.254\r\n"));
+        assert!(s.ends_with("\r\n\r\n"));
+    }
+}
