@@ -120,6 +120,13 @@ fn run(cli: Cli) -> Result<()> {
                 target,
                 metaproxy::storm::VmSpec::from_inventory(&inv, vms),
             );
+            if cfg.vms.len() < vms {
+                log::info(format_args!(
+                    "storm: {} has {} VMs with a fixed IPv4 address; running those",
+                    inventory.display(),
+                    cfg.vms.len()
+                ));
+            }
             drop(inv);
             cfg.ramp = ramp;
             cfg.profile = profile;

@@ -251,6 +251,10 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         log::info(format_args!(
             "storm: raised RLIMIT_NOFILE soft limit from {soft} to the hard limit {hard}"
         ));
+    } else {
+        log::info(format_args!(
+            "storm: RLIMIT_NOFILE soft limit already at the hard limit {hard}"
+        ));
     }
     Ok(hard)
 }
