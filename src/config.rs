@@ -37,6 +37,8 @@ pub const DEFAULT_PIPELINE_DEPTH: usize = 8;
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Largest agent response relayed (user-data is at most 64 KiB in Nova).
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Where `metaproxy ctl` finds the proxy.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/metaproxy/proxy.ctl";
 /// Neutron's default `metadata_proxy_socket` under the default `state_path`.
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/lib/neutron/metadata_proxy";
 
@@ -69,7 +71,8 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+/// A [`ConfigError::Invalid`] for `key`.
+pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -87,7 +90,11 @@ pub enum DurationFile {
 }
 
 impl DurationFile {
-    fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
+    /// The duration, which must be non-zero.
+    ///
+    /// # Errors
+    /// Unparseable or zero; the error names `key`.
+    pub fn parse(&self, key: &str) -> Result<Duration, ConfigError> {
         let d = match self {
             DurationFile::Secs(s) => Duration::from_secs(*s),
             DurationFile::Text(t) => parse_duration(t).ok_or_else(|| {
@@ -130,7 +137,8 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn items(&self) -> Vec<&str> {
+    /// The items in order (one for the single form).
+    pub fn items(&self) -> Vec<&str> {
         match self {
             OneOrMany::One(s) => vec![s.as_str()],
             OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
@@ -210,9 +218,66 @@ pub struct ProxyFile {
     /// Limits.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// Control socket for `metaproxy ctl` (root-only, mode 0600).
+    pub control_socket: Option<PathBuf>,
+    /// Namespace auto-discovery.
+    #[serde(default)]
+    pub discover: DiscoverFile,
+    /// IMDSv2 session tokens.
+    #[serde(default)]
+    pub imdsv2: Imdsv2File,
+    /// Per-client rate limiting.
+    #[serde(default)]
+    pub rate_limit: RateLimitFile,
     /// Static namespaces.
     #[serde(default)]
     pub namespace: Vec<NamespaceFile>,
+}
+
+/// `[proxy.discover]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverFile {
+    /// Off by default.
+    pub enabled: Option<bool>,
+    /// Router namespace prefix (default `qrouter-`).
+    pub router_prefix: Option<String>,
+    /// Network namespace prefixes (default `qdhcp-`, `ovnmeta-`).
+    pub network_prefixes: Option<Vec<String>>,
+    /// Router listeners (default `[::]:9697`, falling back to `0.0.0.0:9697`).
+    pub router_listen: Option<OneOrMany>,
+    /// Network listeners (default `169.254.169.254:80`).
+    pub network_listen: Option<OneOrMany>,
+    /// Port for `[fe80::a9fe:a9fe]` in network namespaces that have it (default 80; 0 = off).
+    pub network_v6_port: Option<u16>,
+}
+
+/// `[proxy.imdsv2]`
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Imdsv2File {
+    /// `off`, `optional` (default) or `required`.
+    pub mode: Option<crate::proxy::imdsv2::Mode>,
+    /// IP TTL / hop limit of the token response (1..=64, default 1).
+    pub hop_limit: Option<u32>,
+}
+
+/// `[proxy.rate_limit]` (Neutron's `[metadata_rate_limiting]`).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    /// Off by default.
+    pub enabled: Option<bool>,
+    /// `base_window_duration` (default 10 s).
+    pub base_window: Option<DurationFile>,
+    /// `base_query_rate_limit` (default 10).
+    pub base_limit: Option<u32>,
+    /// `burst_window_duration` (default 10 s).
+    pub burst_window: Option<DurationFile>,
+    /// `burst_query_rate_limit` (default 10).
+    pub burst_limit: Option<u32>,
+    /// Clients tracked at most (default 10 000).
+    pub table_size: Option<usize>,
 }
 
 /// `[[proxy.namespace]]`
@@ -317,6 +382,16 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Largest relayed response.
     pub max_response_bytes: u64,
+    /// `metaproxy ctl` socket.
+    pub control_socket: PathBuf,
+    /// Discovery, when enabled.
+    pub discover: Option<crate::proxy::discover::DiscoverConfig>,
+    /// IMDSv2 mode.
+    pub imdsv2: crate::proxy::imdsv2::Mode,
+    /// IP TTL of token responses.
+    pub hop_limit: u32,
+    /// Rate limits, when enabled.
+    pub rate_limit: Option<crate::proxy::ratelimit::RateLimitConfig>,
     /// Static namespaces.
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -335,7 +410,15 @@ fn nonzero(key: &str, v: Option<usize>, default: usize) -> Result<NonZeroUsize, 
     NonZeroUsize::new(v.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
 }
 
-fn dur(key: &str, v: &Option<DurationFile>, default: Duration) -> Result<Duration, ConfigError> {
+/// `v` parsed (and named `key` in errors), or `default` when absent.
+///
+/// # Errors
+/// As for [`DurationFile::parse`].
+pub fn dur(
+    key: &str,
+    v: &Option<DurationFile>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     v.as_ref().map_or(Ok(default), |d| d.parse(key))
 }
 
@@ -412,7 +495,27 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 }
             }
         }
+        let hop_limit = f.imdsv2.hop_limit.unwrap_or(1);
+        if !(1..=64).contains(&hop_limit) {
+            return Err(invalid(
+                "proxy.imdsv2.hop_limit",
+                "must be between 1 and 64",
+            ));
+        }
+        let rate_limit = rate_limit_config(&f.rate_limit)?;
+        let discover = discover_config(&f.discover, &netns_dir)?;
         Ok(ProxyConfig {
+            control_socket: f
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+            discover,
+            imdsv2: f
+                .imdsv2
+                .mode
+                .unwrap_or(crate::proxy::imdsv2::Mode::Optional),
+            hop_limit,
+            rate_limit,
             workers,
             agent_socket: f
                 .agent_socket
@@ -445,6 +548,98 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
             namespaces,
         })
     }
+}
+
+fn addr_list(
+    key: &str,
+    v: &Option<OneOrMany>,
+    default: &[&str],
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    let items: Vec<&str> = v
+        .as_ref()
+        .map_or_else(|| default.to_vec(), OneOrMany::items);
+    let mut out = Vec::with_capacity(items.len());
+    for (j, a) in items.iter().enumerate() {
+        out.push(a.parse().map_err(|_| {
+            invalid(
+                format!("{key}[{j}]"),
+                format!("{a:?} is not an address:port"),
+            )
+        })?);
+    }
+    if out.is_empty() {
+        return Err(invalid(key, "needs at least one address"));
+    }
+    Ok(out)
+}
+
+fn discover_config(
+    f: &DiscoverFile,
+    netns_dir: &Path,
+) -> Result<Option<crate::proxy::discover::DiscoverConfig>, ConfigError> {
+    if !f.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let router_prefix = f.router_prefix.clone().unwrap_or_else(|| "qrouter-".into());
+    let network_prefixes = f
+        .network_prefixes
+        .clone()
+        .unwrap_or_else(|| vec!["qdhcp-".into(), "ovnmeta-".into()]);
+    if router_prefix.is_empty() || network_prefixes.iter().any(String::is_empty) {
+        return Err(invalid(
+            "proxy.discover.router_prefix",
+            "prefixes must not be empty",
+        ));
+    }
+    Ok(Some(crate::proxy::discover::DiscoverConfig {
+        dir: netns_dir.to_path_buf(),
+        router_prefix,
+        network_prefixes,
+        router_listen: addr_list(
+            "proxy.discover.router_listen",
+            &f.router_listen,
+            &["[::]:9697"],
+        )?,
+        network_listen: addr_list(
+            "proxy.discover.network_listen",
+            &f.network_listen,
+            &["169.254.169.254:80"],
+        )?,
+        network_v6_port: match f.network_v6_port.unwrap_or(80) {
+            0 => None,
+            p => Some(p),
+        },
+    }))
+}
+
+fn rate_limit_config(
+    f: &RateLimitFile,
+) -> Result<Option<crate::proxy::ratelimit::RateLimitConfig>, ConfigError> {
+    use crate::proxy::ratelimit::{RateLimitConfig, Window, DEFAULT_TABLE_SIZE};
+    if !f.enabled.unwrap_or(false) {
+        return Ok(None);
+    }
+    let ten = Duration::from_secs(10);
+    let limit = |key: &str, v: Option<u32>| match v.unwrap_or(10) {
+        0 => Err(invalid(key, "must be at least 1")),
+        n => Ok(n),
+    };
+    Ok(Some(RateLimitConfig {
+        base: Window {
+            window: dur("proxy.rate_limit.base_window", &f.base_window, ten)?,
+            limit: limit("proxy.rate_limit.base_limit", f.base_limit)?,
+        },
+        burst: Window {
+            window: dur("proxy.rate_limit.burst_window", &f.burst_window, ten)?,
+            limit: limit("proxy.rate_limit.burst_limit", f.burst_limit)?,
+        },
+        table_size: nonzero(
+            "proxy.rate_limit.table_size",
+            f.table_size,
+            DEFAULT_TABLE_SIZE,
+        )?
+        .get(),
+    }))
 }
 
 fn namespace_config(

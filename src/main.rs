@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use metaproxy::agent::AgentConfig;
+use metaproxy::api::config::ApiConfig;
 use metaproxy::config::{self, ProxyConfig};
 use metaproxy::log::{self, Level};
 
@@ -31,44 +33,345 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Talk to a running proxy over its control socket (root only).
+    Ctl {
+        /// The proxy's `control_socket`.
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Nova-compatible metadata API: serve the EC2 and OpenStack trees from
+    /// the inventory to the metadata agent (or, in direct mode, to guests).
+    /// SIGHUP reloads the inventory; so does changing the file.
+    Api {
+        /// Configuration file (TOML; the `[api]` section is used).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration and the inventory, print the effective
+        /// settings and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// All three on loopback in one process (the embedded default): metadata
+    /// API, agent and namespace proxy, each on its own pinned loops, wired
+    /// together by `[api]`, `[agent]` and `[proxy]` of one file.
+    Up {
+        /// Configuration file (TOML with `[api]`, `[agent]` and `[proxy]`).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Metadata agent: serve the proxies' Unix socket, resolve each guest,
+    /// sign its instance id and forward to the metadata API.
+    Agent {
+        /// Configuration file (TOML; the `[agent]` section).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration, print the effective settings and exit.
+        #[arg(long)]
+        check: bool,
+    },
     /// Boot-storm load generator: N VMs, each from its own source address,
     /// replay cloud-init's requests against TARGET and check every answer.
     /// Exits 1 unless every VM completed without errors.
-    Storm {
-        /// Where the VMs send requests (proxy, `up`, haproxy): HOST:PORT.
-        #[arg(long)]
-        target: String,
-        /// Inventory the VMs come from (see `inventory synth`); each VM binds
-        /// its first fixed IPv4.
-        #[arg(long)]
-        inventory: PathBuf,
-        /// Number of VMs (the first N instances of the inventory).
-        #[arg(long, default_value_t = metaproxy::storm::DEFAULT_VMS)]
-        vms: usize,
-        /// Window over which the VMs start (open loop): 5s, 500ms, 1m.
-        #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
-        ramp: std::time::Duration,
-        /// cloud-init | openstack | ec2 | keepalive.
-        #[arg(long, default_value = "cloud-init")]
-        profile: metaproxy::storm::Profile,
-        /// Pinned loops (default: one per core).
-        #[arg(long)]
-        workers: Option<std::num::NonZeroUsize>,
-        /// Per-request timeout.
-        #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
-        timeout: std::time::Duration,
-        /// Cap on open connections (default: from RLIMIT_NOFILE).
-        #[arg(long)]
-        max_connections: Option<usize>,
-        /// Also write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Storm(StormArgs),
     /// Inventory tools.
     Inventory {
         #[command(subcommand)]
         command: InventoryCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Namespaces, listeners, open connections and per-namespace counters.
+    Status,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    log::set_level(cli.log_level);
+    if let Err(e) = run(cli) {
+        log::error(format_args!("{e:#}"));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Proxy { config, check } => run_proxy(&config, check),
+        Command::Ctl { socket, command } => {
+            let cmd = match command {
+                CtlCommand::Status => "status",
+            };
+            print!("{}", metaproxy::proxy::control::ctl_request(&socket, cmd)?);
+            Ok(())
+        }
+        Command::Api { config, check } => run_api(&config, check),
+        Command::Up { config } => run_up(&config),
+        Command::Agent { config, check } => run_agent(&config, check),
+        Command::Storm(args) => run_storm(args),
+        Command::Inventory { command } => run_inventory(command),
+    }
+}
+
+fn load_proxy_config(path: &Path) -> Result<ProxyConfig> {
+    let file = config::load_file(path)?;
+    let Some(p) = file.proxy.as_ref() else {
+        bail!("{}: no [proxy] section", path.display());
+    };
+    Ok(ProxyConfig::try_from(p)?)
+}
+
+fn run_proxy(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_proxy_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    log::info(format_args!("effective proxy config: {cfg:?}"));
+    if check {
+        println!("{} is valid", path.display());
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let ctl_path = cfg.control_socket.clone();
+    let discover = cfg.discover.clone();
+    let handle = metaproxy::proxy::start(cfg)?;
+    let _ctl = match metaproxy::proxy::control::serve_ctl(&ctl_path, handle.control.clone()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn(format_args!(
+                "control socket {} unavailable: {e}; `metaproxy ctl` will not work",
+                ctl_path.display()
+            ));
+            None
+        }
+    };
+    let watcher = match discover {
+        Some(d) => Some(metaproxy::proxy::discover::start(
+            d,
+            handle.control.clone(),
+        )?),
+        None => None,
+    };
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+            metaproxy::signals::Received::Reload => match load_proxy_config(path) {
+                Ok(new) => log::info(format_args!("SIGHUP: {}", handle.control.reload(new))),
+                Err(e) => log::error(format_args!(
+                    "SIGHUP: keeping the running configuration: {e:#}"
+                )),
+            },
+        }
+    }
+    if let Some(w) = watcher {
+        w.stop();
+    }
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+fn load_api_config(path: &Path) -> Result<ApiConfig> {
+    match metaproxy::api::config::load(path)? {
+        Some(cfg) => Ok(cfg),
+        None => bail!("{}: no [api] section", path.display()),
+    }
+}
+
+fn run_api(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_api_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    log::info(format_args!("effective api config: {cfg:?}"));
+    if check {
+        let inv = metaproxy::inventory::Inventory::load(&cfg.inventory)
+            .with_context(|| format!("refusing to start with {}", path.display()))?;
+        println!(
+            "{} is valid ({} instance(s) in {})",
+            path.display(),
+            inv.instances().count(),
+            cfg.inventory.display()
+        );
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let handle = metaproxy::api::server::start(cfg)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Reload => {
+                log::info(format_args!("SIGHUP: reloading the inventory"));
+                // A broken file keeps the running inventory; the error is logged.
+                let _ = handle.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
+    }
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+fn load_agent_config(path: &Path) -> Result<AgentConfig> {
+    let file = config::load_file(path)?;
+    let Some(a) = file.agent.as_ref() else {
+        bail!("{}: no [agent] section", path.display());
+    };
+    Ok(AgentConfig::try_from(a)?)
+}
+
+fn run_agent(path: &Path, check: bool) -> Result<()> {
+    let cfg = load_agent_config(path)
+        .with_context(|| format!("refusing to start with {}", path.display()))?;
+    // The secret is redacted by AgentConfig's Debug.
+    log::info(format_args!("effective agent config: {cfg:?}"));
+    if check {
+        println!("{} is valid", path.display());
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let handle = metaproxy::agent::start(cfg)?;
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Reload => {
+                log::info(format_args!("SIGHUP: reloading the inventory"));
+                // A broken file keeps the running inventory; the error is logged.
+                let _ = handle.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
+    }
+    handle.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+/// The three sections of one file must describe one chain.
+fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Result<()> {
+    if proxy.agent_socket != agent.socket {
+        bail!(
+            "proxy.agent_socket ({}) is not agent.socket ({}): the proxy would not reach this agent",
+            proxy.agent_socket.display(),
+            agent.socket.display()
+        );
+    }
+    let nova = agent.nova.addr;
+    if !api
+        .listen
+        .iter()
+        .any(|a| *a == nova || (a.port() == nova.port() && a.ip().is_unspecified()))
+    {
+        bail!("agent.nova ({nova}) is not one of api.listen ({:?}): the agent would not reach this API", api.listen);
+    }
+    if api.shared_secret != agent.shared_secret {
+        bail!("agent.metadata_proxy_shared_secret differs from api.metadata_proxy_shared_secret: every request would get 403");
+    }
+    Ok(())
+}
+
+fn run_up(path: &Path) -> Result<()> {
+    let ctx = || format!("refusing to start with {}", path.display());
+    let api_cfg = load_api_config(path).with_context(ctx)?;
+    let agent_cfg = load_agent_config(path).with_context(ctx)?;
+    let proxy_cfg = load_proxy_config(path).with_context(ctx)?;
+    check_chain(&api_cfg, &agent_cfg, &proxy_cfg).with_context(ctx)?;
+    let try_url = proxy_cfg
+        .namespaces
+        .first()
+        .and_then(|n| n.listen.first())
+        .map(|a| format!("curl http://{a}/openstack/latest/meta_data.json"));
+    let (ctl_path, discover) = (proxy_cfg.control_socket.clone(), proxy_cfg.discover.clone());
+    let signals = metaproxy::signals::block_terminating()?;
+    let api = metaproxy::api::server::start(api_cfg).with_context(ctx)?;
+    let agent = metaproxy::agent::start(agent_cfg).with_context(ctx)?;
+    let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;
+    let _ctl = metaproxy::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
+        .map_err(|e| {
+            log::warn(format_args!(
+                "control socket {}: {e}; `metaproxy ctl` will not work",
+                ctl_path.display()
+            ))
+        })
+        .ok();
+    let watcher = match discover {
+        Some(d) => Some(metaproxy::proxy::discover::start(d, proxy.control.clone())?),
+        None => None,
+    };
+    metaproxy::signals::notify_ready();
+    log::info(format_args!(
+        "up: api, agent and proxy are serving{}",
+        try_url.map(|u| format!("; try: {u}")).unwrap_or_default()
+    ));
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Reload => {
+                match load_proxy_config(path) {
+                    Ok(new) => log::info(format_args!("SIGHUP: {}", proxy.control.reload(new))),
+                    Err(e) => log::error(format_args!(
+                        "SIGHUP: keeping the running proxy configuration: {e:#}"
+                    )),
+                }
+                let _ = api.reload_inventory();
+                let _ = agent.reload_inventory();
+            }
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+        }
+    }
+    if let Some(w) = watcher {
+        w.stop();
+    }
+    // Front to back, so nothing in flight loses its next hop.
+    proxy.stop()?;
+    agent.stop()?;
+    api.stop()?;
+    log::info(format_args!("stopped"));
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct StormArgs {
+    /// Where the VMs send requests (proxy, `up`, haproxy): HOST:PORT.
+    #[arg(long)]
+    target: String,
+    /// Inventory the VMs come from (see `inventory synth`); each VM binds
+    /// its first fixed IPv4.
+    #[arg(long)]
+    inventory: PathBuf,
+    /// Number of VMs (the first N instances of the inventory).
+    #[arg(long, default_value_t = metaproxy::storm::DEFAULT_VMS)]
+    vms: usize,
+    /// Window over which the VMs start (open loop): 5s, 500ms, 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    ramp: std::time::Duration,
+    /// cloud-init | openstack | ec2 | keepalive.
+    #[arg(long, default_value = "cloud-init")]
+    profile: metaproxy::storm::Profile,
+    /// Pinned loops (default: one per core).
+    #[arg(long)]
+    workers: Option<std::num::NonZeroUsize>,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    timeout: std::time::Duration,
+    /// Cap on open connections (default: from RLIMIT_NOFILE).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,110 +394,6 @@ enum InventoryCmd {
     },
 }
 
-fn main() {
-    let cli = Cli::parse();
-    log::set_level(cli.log_level);
-    if let Err(e) = run(cli) {
-        log::error(format_args!("{e:#}"));
-        std::process::exit(1);
-    }
-}
-
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Proxy { config, check } => run_proxy(&config, check),
-        Command::Storm {
-            target,
-            inventory,
-            vms,
-            ramp,
-            profile,
-            workers,
-            timeout,
-            max_connections,
-            json,
-        } => {
-            let target = resolve(&target)?;
-            let inv = metaproxy::inventory::Inventory::load(&inventory)?;
-            let mut cfg = metaproxy::storm::StormConfig::new(
-                target,
-                metaproxy::storm::VmSpec::from_inventory(&inv, vms),
-            );
-            if cfg.vms.len() < vms {
-                log::info(format_args!(
-                    "storm: {} has {} VMs with a fixed IPv4 address; running those",
-                    inventory.display(),
-                    cfg.vms.len()
-                ));
-            }
-            drop(inv);
-            cfg.ramp = ramp;
-            cfg.profile = profile;
-            cfg.timeout = timeout;
-            cfg.max_connections = max_connections;
-            cfg.progress = true;
-            if let Some(w) = workers {
-                cfg.workers = w;
-            }
-            run_storm(cfg, json.as_deref())
-        }
-        Command::Inventory {
-            command:
-                InventoryCmd::Synth {
-                    vms,
-                    networks,
-                    routers,
-                    out,
-                },
-        } => run_inventory_synth(vms, networks, routers, out.as_deref()),
-    }
-}
-
-fn load_proxy_config(path: &Path) -> Result<ProxyConfig> {
-    let file = config::load_file(path)?;
-    let Some(p) = file.proxy.as_ref() else {
-        bail!("{}: no [proxy] section", path.display());
-    };
-    Ok(ProxyConfig::try_from(p)?)
-}
-
-fn run_proxy(path: &Path, check: bool) -> Result<()> {
-    let cfg = load_proxy_config(path)
-        .with_context(|| format!("refusing to start with {}", path.display()))?;
-    log::info(format_args!("effective proxy config: {cfg:?}"));
-    if check {
-        println!("{} is valid", path.display());
-        return Ok(());
-    }
-    let signals = metaproxy::signals::block_terminating()?;
-    let handle = metaproxy::proxy::start(cfg)?;
-    metaproxy::signals::notify_ready();
-    let sig = signals.wait_terminate();
-    log::info(format_args!("{sig}: draining and exiting"));
-    handle.stop()?;
-    log::info(format_args!("stopped"));
-    Ok(())
-}
-
-fn run_inventory_synth(vms: u32, networks: u32, routers: u32, out: Option<&Path>) -> Result<()> {
-    use metaproxy::inventory::synth::{synth_toml, SynthSpec};
-    let text = synth_toml(&SynthSpec {
-        vms,
-        networks,
-        routers,
-    })?;
-    match out {
-        Some(path) => {
-            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
-        }
-        None => {
-            use std::io::Write as _;
-            std::io::stdout().lock().write_all(text.as_bytes())?;
-        }
-    }
-    Ok(())
-}
-
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
     config::parse_duration(s).ok_or_else(|| format!("{s:?}: expected e.g. 5s, 500ms, 2m"))
 }
@@ -208,10 +407,30 @@ fn resolve(target: &str) -> Result<std::net::SocketAddr> {
         .with_context(|| format!("{target}: no address"))
 }
 
-fn run_storm(cfg: metaproxy::storm::StormConfig, json: Option<&Path>) -> Result<()> {
+fn run_storm(a: StormArgs) -> Result<()> {
+    let target = resolve(&a.target)?;
+    let inv = metaproxy::inventory::Inventory::load(&a.inventory)?;
+    let vms = metaproxy::storm::VmSpec::from_inventory(&inv, a.vms);
+    drop(inv);
+    if vms.len() < a.vms {
+        log::info(format_args!(
+            "storm: {} has {} VMs with a fixed IPv4 address; running those",
+            a.inventory.display(),
+            vms.len()
+        ));
+    }
+    let mut cfg = metaproxy::storm::StormConfig::new(target, vms);
+    cfg.ramp = a.ramp;
+    cfg.profile = a.profile;
+    cfg.timeout = a.timeout;
+    cfg.max_connections = a.max_connections;
+    cfg.progress = true;
+    if let Some(w) = a.workers {
+        cfg.workers = w;
+    }
     let report = metaproxy::storm::run(cfg)?;
     println!("{report}");
-    if let Some(path) = json {
+    if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
@@ -223,6 +442,31 @@ fn run_storm(cfg: metaproxy::storm::StormConfig, json: Option<&Path>) -> Result<
             report.errors.total(),
             report.errors.wrong_vm
         );
+    }
+    Ok(())
+}
+
+fn run_inventory(cmd: InventoryCmd) -> Result<()> {
+    use metaproxy::inventory::synth::{synth_toml, SynthSpec};
+    let InventoryCmd::Synth {
+        vms,
+        networks,
+        routers,
+        out,
+    } = cmd;
+    let text = synth_toml(&SynthSpec {
+        vms,
+        networks,
+        routers,
+    })?;
+    match out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            use std::io::Write as _;
+            std::io::stdout().lock().write_all(text.as_bytes())?;
+        }
     }
     Ok(())
 }

@@ -24,18 +24,37 @@ pub fn block_terminating() -> io::Result<Signals> {
     Ok(Signals(set))
 }
 
+/// A signal the daemon acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// SIGTERM or SIGINT (name given): drain and exit.
+    Terminate(&'static str),
+    /// SIGHUP: re-read the configuration.
+    Reload,
+}
+
 impl Signals {
-    /// Wait for SIGTERM or SIGINT (returned by name). SIGHUP is logged:
-    /// live reconfiguration is not built yet, so the running config stays.
-    pub fn wait_terminate(&self) -> &'static str {
+    /// Wait for the next SIGTERM, SIGINT or SIGHUP.
+    pub fn wait(&self) -> Received {
         loop {
             match self.0.wait() {
-                Ok(Signal::SIGTERM) => return "SIGTERM",
-                Ok(Signal::SIGINT) => return "SIGINT",
-                Ok(Signal::SIGHUP) => crate::log::warn(format_args!(
-                    "SIGHUP received: live reload is not supported by this build; keeping the running configuration"
-                )),
+                Ok(Signal::SIGTERM) => return Received::Terminate("SIGTERM"),
+                Ok(Signal::SIGINT) => return Received::Terminate("SIGINT"),
+                Ok(Signal::SIGHUP) => return Received::Reload,
                 Ok(_) | Err(_) => {}
+            }
+        }
+    }
+
+    /// Wait for SIGTERM or SIGINT; SIGHUP is logged and ignored (for daemons
+    /// without a reloadable configuration).
+    pub fn wait_terminate(&self) -> &'static str {
+        loop {
+            match self.wait() {
+                Received::Terminate(name) => return name,
+                Received::Reload => crate::log::warn(format_args!(
+                    "SIGHUP received: this daemon has nothing to reload; keeping the running configuration"
+                )),
             }
         }
     }

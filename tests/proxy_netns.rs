@@ -188,3 +188,126 @@ fn a_missing_namespace_is_a_startup_error_naming_it() {
         .to_string();
     assert!(err.contains("qrouter-does-not-exist"), "{err}");
 }
+
+/// vm —veth— mid (a forwarding hop) —veth— router (the proxy). The token
+/// response leaves with IP TTL = hop_limit: 1 dies at the middle hop, 2 arrives.
+#[test]
+fn token_responses_do_not_survive_more_hops_than_hop_limit() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIPPED token_responses_do_not_survive_more_hops_than_hop_limit: {why}");
+        return;
+    }
+    let pid = std::process::id();
+    let (router, mid, vm) = (
+        format!("qrouter-mph{pid}"),
+        format!("mpmid{pid}"),
+        format!("mpvmh{pid}"),
+    );
+    let _guard = Netns(vec![router.clone(), mid.clone(), vm.clone()]);
+    let p = pid % 100000;
+    let (r1, m1, m2, v1) = (
+        format!("mphr{p}"),
+        format!("mphm{p}"),
+        format!("mphn{p}"),
+        format!("mphv{p}"),
+    );
+    for n in [&router, &mid, &vm] {
+        sh(&["ip", "netns", "add", n]);
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+    }
+    sh(&[
+        "ip", "link", "add", &r1, "type", "veth", "peer", "name", &m1,
+    ]);
+    sh(&[
+        "ip", "link", "add", &m2, "type", "veth", "peer", "name", &v1,
+    ]);
+    sh(&["ip", "link", "set", &r1, "netns", &router]);
+    sh(&["ip", "link", "set", &m1, "netns", &mid]);
+    sh(&["ip", "link", "set", &m2, "netns", &mid]);
+    sh(&["ip", "link", "set", &v1, "netns", &vm]);
+    sh(&[
+        "ip",
+        "-n",
+        &router,
+        "addr",
+        "add",
+        "10.78.1.1/24",
+        "dev",
+        &r1,
+    ]);
+    sh(&["ip", "-n", &mid, "addr", "add", "10.78.1.2/24", "dev", &m1]);
+    sh(&["ip", "-n", &mid, "addr", "add", "10.78.2.1/24", "dev", &m2]);
+    sh(&["ip", "-n", &vm, "addr", "add", "10.78.2.5/24", "dev", &v1]);
+    for (n, d) in [(&router, &r1), (&mid, &m1), (&mid, &m2), (&vm, &v1)] {
+        sh(&["ip", "-n", n, "link", "set", d, "up"]);
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &mid,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &router,
+        "route",
+        "add",
+        "10.78.2.0/24",
+        "via",
+        "10.78.1.2",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &vm,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.78.2.1",
+    ]);
+
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    for (hop_limit, reachable) in [(1, false), (2, true)] {
+        let text = format!(
+            "[proxy]\nagent_socket = \"{}\"\n[proxy.imdsv2]\nhop_limit = {hop_limit}\n[[proxy.namespace]]\nnetns = \"{router}\"\nrouter_id = \"{ROUTER}\"\nlisten = \"10.78.1.1:9697\"\n",
+            agent.path.display()
+        );
+        let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+        let h = metaproxy::proxy::start(
+            metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
+        )
+        .unwrap();
+        // An ordinary request crosses both hops either way.
+        let body = curl_in(&vm, "http://10.78.1.1:9697/openstack", &[]);
+        assert!(body.starts_with("/openstack for 10.78.2.5"), "{body}");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &vm,
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "-X",
+                "PUT",
+                "-H",
+                "X-aws-ec2-metadata-token-ttl-seconds: 60",
+            ])
+            .arg("http://10.78.1.1:9697/latest/api/token")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.success(),
+            reachable,
+            "hop_limit {hop_limit}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        h.stop().unwrap();
+    }
+}

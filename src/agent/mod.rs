@@ -16,12 +16,23 @@
 //! 2. **signs** the instance id with [`crate::sign::sign_instance_id`];
 //! 3. **forwards** to the Nova-compatible metadata API.
 //!
-//! Everything in these submodules is pure: no sockets, timers or runtime
+//! The IO layer: [`server`] (the Unix-socket server and request flow),
+//! [`resolve`] (inventory lookups and reload), [`forward`] (the pooled
+//! client to the API), configured by [`config`].
+//!
+//! Everything in the other submodules is pure: no sockets, timers or runtime
 //! types, so each step is unit-tested in isolation and the async layer only
 //! wires them together. Time enters through [`cache::Clock`] and through the
 //! caller driving [`batch::Batcher`]; that is why neither owns a timer.
 
 pub mod batch;
 pub mod cache;
+pub mod config;
+pub mod forward;
 pub mod identity;
 pub mod neutron;
+pub mod resolve;
+pub mod server;
+
+pub use config::AgentConfig;
+pub use server::{start, AgentHandle, AgentStats};

@@ -3,8 +3,8 @@
 //! [`MetadataApi::handle`] does what Nova's `MetadataRequestHandler` does
 //! (`shared/spec/metadata-api.md` §1): normalise the path, answer `/` without identity,
 //! identify the instance (signed `X-Instance-ID` from the agent, or the TCP
-//! peer in direct mode), then render the EC2 tree ([`ec2`]) or the OpenStack
-//! tree ([`openstack`]) from the [`Inventory`]. There are no sockets here so
+//! peer in direct mode), then render the EC2 tree (`ec2.rs`) or the OpenStack
+//! tree (`openstack.rs`) from the [`Inventory`]. There are no sockets here so
 //! the server glue can run it on any runtime, and tests drive it directly.
 //!
 //! Differences from Nova, all deliberate:
@@ -19,12 +19,15 @@
 //! Only statuses Neutron relays are produced: 200, 400, 403, 404, 409, 500.
 //! There is no render cache: rendering is microseconds (Nova: ~50 ms), and a
 //! cache would have to be invalidated on inventory reload and password POSTs.
+#![warn(missing_docs)]
 
+pub mod config;
 mod ec2;
 mod json;
 mod openstack;
 mod password;
 mod path;
+pub mod server;
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -79,6 +82,7 @@ pub struct ApiRequest<'a> {
     pub target: &'a [u8],
     /// All headers as received: names in any case, duplicates kept.
     pub headers: &'a [(&'a [u8], &'a [u8])],
+    /// The body, de-chunked (empty when there is none).
     pub body: &'a [u8],
     /// TCP peer (used in direct mode and as the `local-ipv4` fallback there).
     pub peer: IpAddr,
@@ -88,8 +92,11 @@ pub struct ApiRequest<'a> {
 /// can send the right `Content-Length`); the server must not send it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiResponse {
+    /// HTTP status: 200, 400, 403, 404, 409 or 500.
     pub status: u16,
+    /// `Content-Type` to send (one of the `CONTENT_TYPE_*` constants).
     pub content_type: &'static str,
+    /// The rendered body (also for `HEAD`: its length is the `Content-Length`).
     pub body: Vec<u8>,
 }
 
@@ -194,6 +201,7 @@ struct Identity<'a> {
 }
 
 impl MetadataApi {
+    /// A handler over `inventory` and `passwords`; see [`ApiSettings`].
     pub fn new(
         settings: ApiSettings,
         inventory: Arc<Inventory>,

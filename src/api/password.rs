@@ -41,7 +41,9 @@ pub enum PasswordError {
     /// Reading, writing or syncing the log failed.
     #[error("password store {path}: {source}")]
     Io {
+        /// The log file.
         path: PathBuf,
+        /// The IO error.
         #[source]
         source: std::io::Error,
     },

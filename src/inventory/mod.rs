@@ -25,6 +25,7 @@
 //!   first 11 characters of the port id, which is what Nova/os-vif name the tap.
 //! - A fixed IP outside every subnet of its network is accepted (lookups and
 //!   `local-ipv4` use it), but it contributes nothing to `network_data.json`.
+#![warn(missing_docs)]
 
 mod file;
 pub mod net;
@@ -45,17 +46,27 @@ pub enum InventoryError {
     /// The file could not be read.
     #[error("reading inventory {path}: {source}")]
     Io {
+        /// The inventory file.
         path: PathBuf,
+        /// The IO error.
         #[source]
         source: std::io::Error,
     },
     /// The TOML did not parse or did not match the schema; the message carries
     /// toml's line/column and a snippet of the offending line.
     #[error("inventory parse error: {message}")]
-    Parse { message: String },
+    Parse {
+        /// toml's message, with line and column.
+        message: String,
+    },
     /// A value parsed but is not acceptable; `key` names it, e.g. `instance[2].port[0].mac`.
     #[error("inventory: {key}: {message}")]
-    Invalid { key: String, message: String },
+    Invalid {
+        /// Dotted key path of the bad value.
+        key: String,
+        /// Why it is refused.
+        message: String,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> InventoryError {
@@ -68,8 +79,11 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> InventoryError
 /// IPv6 address mode of a subnet (Neutron's `ipv6_address_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ipv6Mode {
+    /// `slaac`
     Slaac,
+    /// `dhcpv6-stateful`
     Dhcpv6Stateful,
+    /// `dhcpv6-stateless`
     Dhcpv6Stateless,
 }
 
@@ -87,30 +101,45 @@ impl Ipv6Mode {
 /// A host route of a subnet.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Destination prefix.
     pub destination: Cidr,
+    /// Next hop on the subnet.
     pub nexthop: IpAddr,
 }
 
 #[derive(Debug, Clone)]
+/// A Neutron subnet.
 pub struct Subnet {
+    /// Subnet UUID.
     pub id: String,
+    /// Prefix of the subnet.
     pub cidr: Cidr,
+    /// Gateway address, if the subnet has one.
     pub gateway: Option<IpAddr>,
+    /// DNS servers handed to the instance.
     pub dns: Vec<IpAddr>,
     /// 4 or 6.
     pub ip_version: u8,
     /// A DHCP server serves this subnet (Nova then renders `ipv4_dhcp`/`ipv6_dhcp`).
     pub dhcp: bool,
+    /// `ipv6_address_mode`, for IPv6 subnets that set it.
     pub ipv6_mode: Option<Ipv6Mode>,
+    /// Host routes.
     pub routes: Vec<Route>,
 }
 
 #[derive(Debug, Clone)]
+/// A Neutron network with its subnets.
 pub struct Network {
+    /// Network UUID.
     pub id: String,
+    /// Network name.
     pub name: String,
+    /// Owning project (tenant) id.
     pub project: String,
+    /// MTU, when known (rendered in `network_data.json`).
     pub mtu: Option<u32>,
+    /// Subnets in file order.
     pub subnets: Vec<Subnet>,
 }
 
@@ -122,27 +151,39 @@ impl Network {
 }
 
 #[derive(Debug, Clone)]
+/// A Neutron router and the networks attached to it.
 pub struct Router {
+    /// Router UUID.
     pub id: String,
+    /// Networks with an interface on this router.
     pub networks: Vec<String>,
 }
 
 /// A keypair exposed to the instance (Nova shows only the first).
 #[derive(Debug, Clone)]
 pub struct Key {
+    /// Keypair name.
     pub name: String,
     /// `ssh` or `x509`.
     pub kind: String,
+    /// Public key material.
     pub data: String,
 }
 
 #[derive(Debug, Clone)]
+/// A Neutron port of an instance.
 pub struct Port {
+    /// Port UUID.
     pub id: String,
+    /// Network UUID the port is on.
     pub network: String,
+    /// MAC address.
     pub mac: [u8; 6],
+    /// Fixed IPs, in file order.
     pub fixed_ips: Vec<IpAddr>,
+    /// Neutron `device_owner` (default `compute:nova`).
     pub device_owner: String,
+    /// Neutron `binding:vif_type` (`ovs`, `bridge`, ...).
     pub vif_type: Option<String>,
     /// Tap device name (`network_data.json` link id).
     pub devname: String,
@@ -156,27 +197,45 @@ impl Port {
 }
 
 #[derive(Debug, Clone)]
+/// A Nova instance: what the metadata trees are rendered from.
 pub struct Instance {
+    /// Instance UUID (Nova's `X-Instance-ID`).
     pub uuid: String,
     /// Display name.
     pub name: String,
+    /// Hostname without the DHCP domain.
     pub hostname: String,
+    /// Owning project (Nova's `X-Tenant-ID`).
     pub project: String,
+    /// Availability zone (EC2 `placement/availability-zone`).
     pub availability_zone: Option<String>,
+    /// `ami-launch-index`.
     pub launch_index: u32,
     /// Flavor name (EC2 `instance-type`).
     pub flavor: String,
+    /// Numeric EC2 id (`instance-id` = `i-%08x`).
     pub ec2_id: u32,
+    /// EC2 id of the image (`ami-id`).
     pub image_ec2_id: u32,
+    /// EC2 id of the kernel image (`kernel-id`), if any.
     pub kernel_ec2_id: Option<u32>,
+    /// EC2 id of the ramdisk image (`ramdisk-id`), if any.
     pub ramdisk_ec2_id: Option<u32>,
+    /// EC2 `reservation-id`.
     pub reservation_id: String,
+    /// Root device (`block-device-mapping/root`), if known.
     pub root_device_name: Option<String>,
+    /// Security group names.
     pub security_groups: Vec<String>,
+    /// Raw user data, if any.
     pub user_data: Option<Vec<u8>>,
+    /// Instance metadata key/value pairs (`meta` in `meta_data.json`).
     pub meta: BTreeMap<String, String>,
+    /// Floating IPs (EC2 `public-ipv4` is the first).
     pub floating_ips: Vec<IpAddr>,
+    /// Keypairs; Nova exposes the first.
     pub keys: Vec<Key>,
+    /// Ports in file order.
     pub ports: Vec<Port>,
 }
 
@@ -195,7 +254,9 @@ impl Instance {
 /// tenant = `instance.project`).
 #[derive(Debug, Clone, Copy)]
 pub struct PortRef<'a> {
+    /// The owning instance.
     pub instance: &'a Instance,
+    /// The port.
     pub port: &'a Port,
 }
 
@@ -372,10 +433,12 @@ impl Inventory {
         &self.dhcp_domain
     }
 
+    /// The instance with this UUID.
     pub fn instance(&self, uuid: &str) -> Option<&Instance> {
         self.by_uuid.get(uuid).map(|&i| &self.instances[i])
     }
 
+    /// The network with this UUID.
     pub fn network(&self, id: &str) -> Option<&Network> {
         self.by_network.get(id).map(|&i| &self.networks[i])
     }
@@ -432,14 +495,17 @@ impl Inventory {
             .unwrap_or_default()
     }
 
+    /// All instances, in file order.
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.instances.iter()
     }
 
+    /// All networks, in file order.
     pub fn networks(&self) -> impl Iterator<Item = &Network> {
         self.networks.iter()
     }
 
+    /// All routers, in file order.
     pub fn routers(&self) -> impl Iterator<Item = &Router> {
         self.routers.iter()
     }

@@ -12,7 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// written; [`Cidr::network`] masks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
+    /// The address as written (host bits kept).
     pub addr: IpAddr,
+    /// Prefix length: 0-32 for IPv4, 0-128 for IPv6.
     pub prefix: u8,
 }
 

@@ -36,20 +36,28 @@ const MIN_BLOCK_BITS: u32 = 8;
 /// What to generate.
 #[derive(Debug, Clone, Copy)]
 pub struct SynthSpec {
+    /// Instances, `vm-0` .. `vm-<vms-1>`.
     pub vms: u32,
+    /// Networks the VMs are dealt over (at least 1).
     pub networks: u32,
+    /// Routers; each takes every `routers`-th network (0 = none).
     pub routers: u32,
 }
 
 /// Why a spec cannot be generated.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
+    /// `networks` is 0.
     #[error("--networks must be at least 1")]
     NoNetworks,
     #[error("{vms} VMs on {networks} networks do not fit in 127.16.0.0/12 (each network needs a /{prefix})")]
+    /// The per-network blocks exceed the supernet.
     DoesNotFit {
+        /// VMs asked for.
         vms: u32,
+        /// Networks asked for.
         networks: u32,
+        /// Prefix length each network's block would need.
         prefix: u32,
     },
 }
@@ -57,7 +65,9 @@ pub enum SynthError {
 /// The address plan: one aligned block of `2^block_bits` addresses per network.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
+    /// Number of networks.
     pub networks: u32,
+    /// log2 of each network's block size (at least 8: a /24).
     pub block_bits: u32,
 }
 

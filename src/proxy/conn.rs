@@ -19,6 +19,7 @@ use futures_util::future::{select, Either};
 
 use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
 use crate::log;
+use crate::proxy::imdsv2::{self, Verdict};
 use crate::proxy::{LoopCtx, NsRuntime};
 use crate::rt::{self, TcpConn};
 
@@ -76,7 +77,7 @@ async fn serve_inner(
                 idle_deadline,
                 conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
             );
-            let stop = ctx.stopping.wait();
+            let stop = ns.closing.wait();
             futures_util::pin_mut!(read, stop);
             match select(read, stop).await {
                 Either::Left((Ok((Ok(n), b)), _)) => {
@@ -146,23 +147,83 @@ async fn handle_request(
         }
     };
 
-    // 2. The body (bounded by limits.max_body_bytes inside the parser/scanner).
+    // 2. Rate limit before any work for the request.
+    if let Some(l) = &ctx.limiter {
+        if !l.allow(rt::peer_ip(peer), Instant::now()) {
+            ns.counters
+                .rate_limited
+                .set(ns.counters.rate_limited.get() + 1);
+            return Err(reject(ctx, conn, 429).await);
+        }
+    }
+
+    // 3. The body (bounded by limits.max_body_bytes inside the parser/scanner).
     let body_end = match read_body(ctx, conn, buf, &head).await {
         Ok(end) => end,
         Err(BodyErr::Status(s)) => return Err(reject(ctx, conn, s).await),
         Err(BodyErr::End(e)) => return Err(e),
     };
 
-    // 3. Rewrite and relay.
+    // 4. IMDSv2: the token endpoint is answered here; tokens are checked here.
+    match token_verdict(ctx, ns, peer, buf, &head) {
+        Verdict::Relay => {}
+        Verdict::Reject(status) => {
+            ns.counters
+                .token_rejected
+                .set(ns.counters.token_rejected.get() + 1);
+            return Err(reject(ctx, conn, status).await);
+        }
+        Verdict::Issue { token, ttl } => {
+            ns.counters
+                .tokens_issued
+                .set(ns.counters.tokens_issued.get() + 1);
+            // The answer must not survive more than `hop_limit` hops (AWS's
+            // HttpPutResponseHopLimit): a container behind the VM cannot steal it.
+            if let Err(e) = rt::set_ip_ttl(conn, ctx.cfg.hop_limit) {
+                log::warn(format_args!(
+                    "{}: cannot set IP TTL for a token response: {e}",
+                    ns.cfg.name
+                ));
+                return Err(reject(ctx, conn, 500).await);
+            }
+            let keep = head.keep_alive && !ns.closing.is_set();
+            let mut w = ctx.take_buf();
+            w.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-aws-ec2-metadata-token-ttl-seconds: ");
+            w.extend_from_slice(ttl.to_string().as_bytes());
+            w.extend_from_slice(b"\r\nContent-Length: ");
+            w.extend_from_slice(token.len().to_string().as_bytes());
+            w.extend_from_slice(if keep {
+                b"\r\n\r\n" as &[u8]
+            } else {
+                b"\r\nConnection: close\r\n\r\n"
+            });
+            if head.method != http::Method::Head {
+                w.extend_from_slice(token.as_bytes());
+            }
+            return finish(ctx, conn, buf, body_end, w, keep).await;
+        }
+    }
+
+    // 5. Rewrite and relay: every trust, hop-by-hop and token header goes;
+    // exactly one X-Forwarded-For and one router/network id are added.
     let mut xff = Vec::with_capacity(40);
     http::format_ip_for_xff(peer.ip(), &mut xff);
     let mut out = ctx.take_buf();
-    http::rewrite_proxy_request(
+    http::write_request_head(
         buf,
         &head,
-        &xff,
-        ns.cfg.identity.header_name().as_bytes(),
-        ns.cfg.identity.id().as_bytes(),
+        |name| {
+            !http::is_trust_header(name)
+                && !http::is_hop_by_hop(name)
+                && !imdsv2::is_token_header(name)
+        },
+        &[
+            (b"X-Forwarded-For", &xff),
+            (
+                ns.cfg.identity.header_name().as_bytes(),
+                ns.cfg.identity.id().as_bytes(),
+            ),
+        ],
         &mut out,
     );
     out.extend_from_slice(&buf[head.head_len..body_end]);
@@ -179,12 +240,25 @@ async fn handle_request(
         }
     };
 
-    // 4. Answer. Keep the client only if both sides allow it.
-    let keep = head.keep_alive && !resp.until_close && !ctx.stopping.is_set();
+    // 6. Answer. Keep the client only if both sides allow it.
+    let keep = head.keep_alive && !resp.until_close && !ns.closing.is_set();
     let mut w = ctx.take_buf();
     http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
     w.extend_from_slice(resp.body());
-    match rt::with_deadline(Instant::now() + cfg.timeouts.client, conn.write_all(w)).await {
+    finish(ctx, conn, buf, body_end, w, keep).await
+}
+
+/// Write a response; on success drop the answered request from `buf`,
+/// keeping any pipelined bytes after it.
+async fn finish(
+    ctx: &LoopCtx,
+    conn: &TcpConn,
+    buf: &mut Vec<u8>,
+    body_end: usize,
+    w: Vec<u8>,
+    keep: bool,
+) -> Result<(), End> {
+    match rt::with_deadline(Instant::now() + ctx.cfg.timeouts.client, conn.write_all(w)).await {
         Ok((Ok(()), b)) => ctx.put_buf(b),
         Ok((Err(_), _)) => return Err(End::IoError),
         Err(rt::Elapsed) => return Err(End::Timeout),
@@ -192,9 +266,50 @@ async fn handle_request(
     if !keep {
         return Err(End::Done);
     }
-    // Keep any pipelined bytes that followed this request.
     buf.drain(..body_end);
     Ok(())
+}
+
+/// The IMDSv2 decision for this request.
+fn token_verdict(
+    ctx: &LoopCtx,
+    ns: &NsRuntime,
+    peer: SocketAddr,
+    buf: &[u8],
+    head: &RequestHead,
+) -> Verdict {
+    if ctx.cfg.imdsv2 == imdsv2::Mode::Off {
+        return Verdict::Relay;
+    }
+    let target = head.target.get(buf);
+    let path = target.split(|&c| c == b'?').next().unwrap_or(target);
+    let values = |names: &[&str]| -> Vec<&[u8]> {
+        head.headers
+            .iter()
+            .filter(|h| {
+                names
+                    .iter()
+                    .any(|n| h.name.get(buf).eq_ignore_ascii_case(n.as_bytes()))
+            })
+            .map(|h| h.value.get(buf))
+            .collect()
+    };
+    let (ttl, tokens) = (values(imdsv2::TTL_HEADERS), values(imdsv2::TOKEN_HEADERS));
+    let req = imdsv2::TokenRequest {
+        is_put: head.method == http::Method::Put,
+        path,
+        has_forwarded_for: head.header_count(buf, "x-forwarded-for") > 0,
+        ttl: &ttl,
+        tokens: &tokens,
+    };
+    imdsv2::decide(
+        ctx.cfg.imdsv2,
+        &ctx.tokens,
+        ns.cfg.identity.id(),
+        rt::peer_ip(peer),
+        &req,
+        Instant::now(),
+    )
 }
 
 enum BodyErr {

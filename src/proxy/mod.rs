@@ -8,12 +8,23 @@
 //! bound with `SO_REUSEPORT` would silently take half the traffic, where a
 //! plain bind fails loudly with "address in use".
 //!
-//! Per loop: a [`LoopCtx`] (config, upstream pool, drain event, buffer free
-//! list) and per namespace a [`NsRuntime`] (its config and counters). The
+//! Per loop: a [`LoopCtx`] (config, upstream pool, buffer free list) and per
+//! namespace a [`NsRuntime`] (its config, counters and a `closing` event). The
 //! per-namespace connection count is the one cross-core value (an atomic),
 //! because `max_connections` is a namespace limit, not a per-loop one.
+//!
+//! Namespaces come and go at run time ([`control::ControlPlane`]: SIGHUP
+//! reload, discovery, `metaproxy ctl`): the control plane binds the new
+//! listeners in their namespace and sends [`Control::Add`] to every loop;
+//! [`Control::Remove`] makes each loop drop its accepts and set that
+//! namespace's `closing` event, so idle connections close and in-flight
+//! requests finish, while every other namespace is untouched.
 
 pub mod conn;
+pub mod control;
+pub mod discover;
+pub mod imdsv2;
+pub mod ratelimit;
 pub mod upstream;
 
 use std::cell::{Cell, RefCell};
@@ -26,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{NamespaceConfig, ProxyConfig};
 use crate::log;
-use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
+use crate::rt::sync::{Event, UnboundedReceiver};
 use crate::rt::{self, TcpAcceptor};
 
 /// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
@@ -37,15 +48,23 @@ pub const CONN_TASK_MAX_BYTES: usize = 1536;
 /// Buffers kept in a loop's free list.
 const FREE_BUFFERS: usize = 256;
 
-/// Messages from the control thread to the loops.
-#[derive(Debug, Clone)]
+/// Messages from the control plane to the loops.
 pub enum Control {
+    /// Start serving a namespace.
+    Add(Arc<NamespaceListeners>),
+    /// Stop serving a namespace: close its listeners, finish its requests.
+    Remove(u64),
+    /// Report this loop's per-namespace counters.
+    Report(std::sync::mpsc::Sender<LoopReport>),
     /// Stop accepting, drain in-flight requests, exit.
     Stop,
 }
 
 /// One namespace's listeners, created in its namespace, shared by all loops.
+#[derive(Debug)]
 pub struct NamespaceListeners {
+    /// Unique id for this registration.
+    pub id: u64,
     /// Its config.
     pub cfg: NamespaceConfig,
     /// Bound, listening sockets (one per address).
@@ -62,6 +81,9 @@ pub struct NsRuntime {
     pub open: Arc<AtomicUsize>,
     /// Counters (this loop).
     pub counters: Counters,
+    /// Set when the namespace is removed or the loop drains: idle
+    /// connections close, in-flight requests finish and then close.
+    pub closing: Event,
 }
 
 /// Event counters, per loop and namespace.
@@ -77,6 +99,71 @@ pub struct Counters {
     pub upstream_errors: Cell<u64>,
     /// Heads that did not arrive within `http_request`.
     pub http_request_timeouts: Cell<u64>,
+    /// Requests denied with 429.
+    pub rate_limited: Cell<u64>,
+    /// IMDSv2 tokens issued.
+    pub tokens_issued: Cell<u64>,
+    /// Requests rejected for a missing/invalid token (401) or bad token PUT (400/403).
+    pub token_rejected: Cell<u64>,
+}
+
+/// A snapshot of [`Counters`] that can cross threads.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// See [`Counters::accepted`].
+    pub accepted: u64,
+    /// See [`Counters::over_limit`].
+    pub over_limit: u64,
+    /// See [`Counters::requests`].
+    pub requests: u64,
+    /// See [`Counters::upstream_errors`].
+    pub upstream_errors: u64,
+    /// See [`Counters::http_request_timeouts`].
+    pub http_request_timeouts: u64,
+    /// See [`Counters::rate_limited`].
+    pub rate_limited: u64,
+    /// See [`Counters::tokens_issued`].
+    pub tokens_issued: u64,
+    /// See [`Counters::token_rejected`].
+    pub token_rejected: u64,
+}
+
+impl CounterSnapshot {
+    fn of(c: &Counters) -> Self {
+        CounterSnapshot {
+            accepted: c.accepted.get(),
+            over_limit: c.over_limit.get(),
+            requests: c.requests.get(),
+            upstream_errors: c.upstream_errors.get(),
+            http_request_timeouts: c.http_request_timeouts.get(),
+            rate_limited: c.rate_limited.get(),
+            tokens_issued: c.tokens_issued.get(),
+            token_rejected: c.token_rejected.get(),
+        }
+    }
+
+    /// Field-wise sum.
+    pub fn add(&mut self, o: &CounterSnapshot) {
+        self.accepted += o.accepted;
+        self.over_limit += o.over_limit;
+        self.requests += o.requests;
+        self.upstream_errors += o.upstream_errors;
+        self.http_request_timeouts += o.http_request_timeouts;
+        self.rate_limited += o.rate_limited;
+        self.tokens_issued += o.tokens_issued;
+        self.token_rejected += o.token_rejected;
+    }
+}
+
+/// One loop's answer to [`Control::Report`].
+#[derive(Debug, Default, Clone)]
+pub struct LoopReport {
+    /// Loop index.
+    pub index: usize,
+    /// Connections this loop serves now.
+    pub active: usize,
+    /// Counters per namespace id.
+    pub namespaces: Vec<(u64, CounterSnapshot)>,
 }
 
 /// Per-loop context shared by its tasks.
@@ -85,10 +172,12 @@ pub struct LoopCtx {
     pub cfg: Arc<ProxyConfig>,
     /// Upstream pool of this loop.
     pub pool: upstream::Pool,
-    /// Set when the loop drains.
-    pub stopping: Event,
     /// Connections being served by this loop.
     pub active: Cell<usize>,
+    /// IMDSv2 token issuer/validator (one per process).
+    pub tokens: Arc<imdsv2::TokenAuthority>,
+    /// Rate limiter (one per process), when enabled.
+    pub limiter: Option<Arc<ratelimit::RateLimiter>>,
     free: RefCell<Vec<Vec<u8>>>,
 }
 
@@ -107,50 +196,34 @@ impl LoopCtx {
     }
 }
 
-/// Create every configured listener inside its namespace.
+/// Create one namespace's listeners inside it.
 ///
 /// # Errors
-/// A namespace cannot be entered or an address cannot be bound; the message
+/// The namespace cannot be entered or an address cannot be bound; the message
 /// names the namespace and address.
-pub fn bind_all(cfg: &ProxyConfig) -> io::Result<Vec<NamespaceListeners>> {
-    let mut out = Vec::with_capacity(cfg.namespaces.len());
-    for ns in &cfg.namespaces {
-        let backlog = cfg.backlog;
-        let addrs = ns.listen.clone();
-        let sockets = rt::netns::in_namespace(ns.netns.as_deref(), move || {
-            addrs
-                .iter()
-                .map(|a| {
-                    rt::listen_tcp(*a, backlog)
-                        .map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))
-                })
-                .collect::<io::Result<Vec<_>>>()
-        })
-        .map_err(|e| io::Error::new(e.kind(), format!("namespace {}: {e}", ns.name)))?;
-        for (s, a) in sockets.iter().zip(&ns.listen) {
-            let bound = s.local_addr().unwrap_or(*a);
-            log::info(format_args!(
-                "listener up: {} {} -> {} {}",
-                ns.name,
-                bound,
-                ns.identity.header_name(),
-                ns.identity.id()
-            ));
-        }
-        out.push(NamespaceListeners {
-            cfg: ns.clone(),
-            sockets,
-            open: Arc::new(AtomicUsize::new(0)),
-        });
-    }
-    Ok(out)
+pub fn bind_namespace(
+    ns: &NamespaceConfig,
+    backlog: i32,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let addrs = ns.listen.clone();
+    rt::netns::in_namespace(ns.netns.as_deref(), move || {
+        addrs
+            .iter()
+            .map(|a| {
+                rt::listen_tcp(*a, backlog)
+                    .map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))
+            })
+            .collect::<io::Result<Vec<_>>>()
+    })
+    .map_err(|e| io::Error::new(e.kind(), format!("namespace {}: {e}", ns.name)))
 }
 
-/// A running proxy: its loops and their control channels.
+/// A running proxy: its loops and control plane.
 pub struct ProxyHandle {
-    controls: Vec<UnboundedSender<Control>>,
+    /// Add/remove namespaces, reload, report.
+    pub control: Arc<control::ControlPlane>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
-    /// Actual bound addresses, per namespace in config order.
+    /// Actual bound addresses of the configured namespaces, in config order.
     pub bound: Vec<Vec<SocketAddr>>,
 }
 
@@ -160,9 +233,7 @@ impl ProxyHandle {
     /// # Errors
     /// A loop failed.
     pub fn stop(self) -> io::Result<()> {
-        for c in &self.controls {
-            let _ = c.unbounded_send(Control::Stop);
-        }
+        self.control.broadcast_stop();
         self.join()
     }
 
@@ -184,31 +255,22 @@ impl ProxyHandle {
     }
 }
 
-/// Bind every listener and start `cfg.workers` loops serving them.
+/// Bind every configured listener and start `cfg.workers` loops serving them.
 ///
 /// # Errors
 /// Binding failed (the daemon must refuse to start) or a thread could not start.
 pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
-    let listeners = bind_all(&cfg)?;
-    let bound = listeners
-        .iter()
-        .map(|l| {
-            l.sockets
-                .iter()
-                .filter_map(|s| s.local_addr().ok())
-                .collect()
-        })
-        .collect();
+    // Bind everything first: a bad namespace or address refuses the start.
+    let mut initial = Vec::with_capacity(cfg.namespaces.len());
+    for ns in &cfg.namespaces {
+        initial.push((ns.clone(), bind_namespace(ns, cfg.backlog)?));
+    }
     let cfg = Arc::new(cfg);
     let workers = cfg.workers.get();
-    log::info(format_args!(
-        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pipeline depth {}, pool {} per loop",
-        listeners.len(),
-        cfg.agent_socket.display(),
-        cfg.pipeline_depth,
-        cfg.pool_size
-    ));
-    let listeners = Arc::new(listeners);
+    let tokens = Arc::new(imdsv2::TokenAuthority::new()?);
+    let limiter = cfg
+        .rate_limit
+        .map(|r| Arc::new(ratelimit::RateLimiter::new(r)));
     let mut controls = Vec::with_capacity(workers);
     let mut receivers = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -217,27 +279,49 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         receivers.push(std::sync::Mutex::new(Some(rx)));
     }
     let receivers = Arc::new(receivers);
+    let loop_cfg = cfg.clone();
     let threads = rt::run_loops(workers, "proxy", move |i| {
-        let cfg = cfg.clone();
-        let listeners = listeners.clone();
+        let cfg = loop_cfg.clone();
+        let (tokens, limiter) = (tokens.clone(), limiter.clone());
         let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
         async move {
             let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(i, cfg, &listeners, rx).await
+            run_loop(i, cfg, rx, tokens, limiter).await
         }
     })?;
+    let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
+    log::info(format_args!(
+        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pipeline depth {}, pool {} per loop, imdsv2 {:?}, rate limit {}",
+        initial.len(),
+        cfg.agent_socket.display(),
+        cfg.pipeline_depth,
+        cfg.pool_size,
+        cfg.imdsv2,
+        if cfg.rate_limit.is_some() { "on" } else { "off" },
+    ));
+    let mut bound = Vec::with_capacity(initial.len());
+    for (ns, sockets) in initial {
+        bound.push(sockets.iter().filter_map(|s| s.local_addr().ok()).collect());
+        control.install(ns, sockets, control::Origin::Static);
+    }
     Ok(ProxyHandle {
-        controls,
+        control,
         threads,
         bound,
     })
 }
 
+struct LoopNs {
+    ns: Rc<NsRuntime>,
+    accepts: Vec<rt::Task<()>>,
+}
+
 async fn run_loop(
     index: usize,
     cfg: Arc<ProxyConfig>,
-    listeners: &[NamespaceListeners],
     mut control: UnboundedReceiver<Control>,
+    tokens: Arc<imdsv2::TokenAuthority>,
+    limiter: Option<Arc<ratelimit::RateLimiter>>,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
     let pool = upstream::Pool::new(upstream::PoolConfig {
@@ -252,33 +336,61 @@ async fn run_loop(
     let ctx = Rc::new(LoopCtx {
         cfg: cfg.clone(),
         pool,
-        stopping: Event::default(),
         active: Cell::new(0),
+        tokens,
+        limiter,
         free: RefCell::new(Vec::new()),
     });
     if index == 0 {
         log::info(format_args!("proxy loops use {:?}", rt::engine()));
     }
-    let mut accept_tasks = Vec::new();
-    for l in listeners {
-        let ns = Rc::new(NsRuntime {
-            cfg: l.cfg.clone(),
-            open: l.open.clone(),
-            counters: Counters::default(),
-        });
-        for s in &l.sockets {
-            let acceptor = TcpAcceptor::from_std(s.try_clone()?)?;
-            accept_tasks.push(rt::spawn_handle(accept_loop(
-                ctx.clone(),
-                ns.clone(),
-                acceptor,
-            )));
+    let mut served: std::collections::HashMap<u64, LoopNs> = std::collections::HashMap::new();
+    while let Some(msg) = control.next().await {
+        match msg {
+            Control::Add(l) => {
+                let ns = Rc::new(NsRuntime {
+                    cfg: l.cfg.clone(),
+                    open: l.open.clone(),
+                    counters: Counters::default(),
+                    closing: Event::default(),
+                });
+                let mut accepts = Vec::with_capacity(l.sockets.len());
+                for s in &l.sockets {
+                    match s.try_clone().and_then(TcpAcceptor::from_std) {
+                        Ok(a) => {
+                            accepts.push(rt::spawn_handle(accept_loop(ctx.clone(), ns.clone(), a)))
+                        }
+                        Err(e) => log::error(format_args!(
+                            "loop {index}: cannot adopt a listener of {}: {e}",
+                            l.cfg.name
+                        )),
+                    }
+                }
+                served.insert(l.id, LoopNs { ns, accepts });
+            }
+            Control::Remove(id) => {
+                if let Some(gone) = served.remove(&id) {
+                    drop(gone.accepts); // cancels the accepts; the dup'd fds close
+                    gone.ns.closing.set();
+                }
+            }
+            Control::Report(reply) => {
+                let _ = reply.send(LoopReport {
+                    index,
+                    active: ctx.active.get(),
+                    namespaces: served
+                        .iter()
+                        .map(|(id, l)| (*id, CounterSnapshot::of(&l.ns.counters)))
+                        .collect(),
+                });
+            }
+            Control::Stop => break,
         }
     }
-    // Run until told to stop (or the control side is gone).
-    let _ = control.next().await;
-    drop(accept_tasks); // cancels the accepts: no new connections on this loop
-    ctx.stopping.set();
+    for (_, l) in served.drain() {
+        drop(l.accepts);
+        l.ns.closing.set();
+    }
     let deadline = Instant::now() + cfg.drain_timeout;
     while ctx.active.get() > 0 && Instant::now() < deadline {
         rt::sleep(Duration::from_millis(20)).await;
@@ -297,6 +409,8 @@ async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor)
     loop {
         let (conn, peer) = match acceptor.accept().await {
             Ok(x) => x,
+            // EINVAL: the listener was shut down (namespace removed or stopping).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(e) => {
                 log::warn(format_args!(
                     "{}: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}",

@@ -56,6 +56,14 @@ pub fn listen_unix(
     Ok(sock.into())
 }
 
+/// Stop a listening socket now, for every fd that shares it (the loops'
+/// dups included): pending accepts fail with EINVAL and the port can be bound
+/// again at once, instead of whenever the kernel finishes tearing down the
+/// io_uring requests that still reference the socket.
+pub fn shutdown_listener(l: &std::net::TcpListener) {
+    let _ = SockRef::from(l).shutdown(std::net::Shutdown::Read);
+}
+
 /// The peer's IP, with an IPv4-mapped IPv6 address turned into IPv4.
 pub fn peer_ip(addr: SocketAddr) -> IpAddr {
     match addr.ip() {

@@ -21,6 +21,8 @@ pub enum AgentMode {
     Silent,
     /// Answers with a chunked body.
     Chunked,
+    /// Keep-alive, but waits this many milliseconds before each answer.
+    Delay(u64),
 }
 
 /// One request as the agent saw it.
@@ -183,7 +185,10 @@ fn serve_agent_conn(
         let payload = format!("{target} for {xff} body={}", body.len());
         let resp = match mode {
             AgentMode::Silent => continue,
-            AgentMode::KeepAlive | AgentMode::CloseEach => {
+            AgentMode::KeepAlive | AgentMode::CloseEach | AgentMode::Delay(_) => {
+                if let AgentMode::Delay(ms) = mode {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
                 let close = if mode == AgentMode::CloseEach {
                     "Connection: close\r\n"
                 } else {

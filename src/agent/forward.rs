@@ -1,0 +1,298 @@
+//! The per-loop client to the metadata API: a few keep-alive TCP connections.
+//!
+//! Neutron opens a new TCP connection per request (spec §3.4); we keep up to
+//! `pool_size` idle connections per loop and reuse them. Deliberately simple:
+//! one request in flight per connection (no pipelining to the API: Nova's
+//! eventlet/uwsgi server answers in order anyway, but a slow render would
+//! hold up every request queued behind it, and the API is on the same host or
+//! LAN where a new connection costs little). A connection goes back to the
+//! idle list only when its response was fully framed by length or chunks,
+//! with no stray bytes after it, and the API did not ask to close.
+//!
+//! Failure rules (the statuses are the agent's, spec §3.5):
+//! - a *reused* connection that fails before any response byte arrived was
+//!   probably closed by the API while idle: the request is re-sent once on a
+//!   fresh connection;
+//! - connect refused or failing → [`ForwardError::Unreachable`] (503);
+//! - no complete response within the timeout (connect included) →
+//!   [`ForwardError::Timeout`] (504); the connection is dropped, which
+//!   cancels its IO;
+//! - a malformed or cut-off response → [`ForwardError::Broken`] (502, what
+//!   haproxy answers when Neutron's agent writes nothing).
+//!
+//! Response framing duplicates a few lines of `proxy::upstream` on purpose:
+//! the two clients differ in what they buffer and when they retry, and
+//! neither module should reach into the other.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody, ResponseHead};
+use crate::log;
+use crate::rt::{self, TcpConn};
+
+/// Read size for API responses.
+const READ_BYTES: usize = 16 * 1024;
+/// Largest API response accepted (Nova caps user-data at 64 KiB; the
+/// largest documents are a few hundred KiB).
+pub const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Why a request to the API failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The API refused or failed the connection.
+    #[error("metadata API unreachable: {0}")]
+    Unreachable(String),
+    /// No complete response within the timeout.
+    #[error("metadata API did not answer within the timeout")]
+    Timeout,
+    /// The response was malformed or cut off.
+    #[error("metadata API response broken: {0}")]
+    Broken(String),
+}
+
+impl ForwardError {
+    /// The status the guest sees.
+    pub fn status(&self) -> u16 {
+        match self {
+            ForwardError::Unreachable(_) => 503,
+            ForwardError::Timeout => 504,
+            ForwardError::Broken(_) => 502,
+        }
+    }
+}
+
+/// A whole API response.
+#[derive(Debug)]
+pub struct ApiResponse {
+    /// Head and body bytes as received.
+    pub bytes: Vec<u8>,
+    /// Parsed head (offsets into `bytes`).
+    pub head: ResponseHead,
+}
+
+impl ApiResponse {
+    /// The body's payload: de-chunked if it was chunked.
+    pub fn payload(&self) -> Vec<u8> {
+        let raw = &self.bytes[self.head.head_len..];
+        match self.head.body {
+            ResponseBody::None => Vec::new(),
+            ResponseBody::Chunked => {
+                let mut out = Vec::with_capacity(raw.len());
+                let mut sc = ChunkedScanner::new(MAX_RESPONSE_BYTES);
+                // Framing already validated it; a failure here yields what decoded.
+                let _ = sc.decode(raw, &mut out);
+                out
+            }
+            ResponseBody::Length(_) | ResponseBody::UntilClose => raw.to_vec(),
+        }
+    }
+}
+
+/// One attempt's failure: worth a re-send on a fresh connection, or final.
+enum Attempt {
+    Retryable,
+    Fatal(ForwardError),
+}
+
+/// Per-loop pool of idle keep-alive connections to the API.
+pub struct Pool {
+    addr: SocketAddr,
+    max_idle: usize,
+    timeout: Duration,
+    limits: Limits,
+    idle: RefCell<Vec<TcpConn>>,
+    /// Log "unreachable" once per outage, not per request.
+    down_logged: Cell<bool>,
+}
+
+impl Pool {
+    /// An empty pool; connections are opened on demand.
+    pub fn new(addr: SocketAddr, max_idle: usize, timeout: Duration) -> Pool {
+        Pool {
+            addr,
+            max_idle,
+            timeout,
+            limits: Limits::default(),
+            idle: RefCell::new(Vec::new()),
+            down_logged: Cell::new(false),
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn idle(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    /// Send `req` (a complete request) and wait for the whole response.
+    ///
+    /// # Errors
+    /// See [`ForwardError`].
+    pub async fn request(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
+        let deadline = Instant::now() + self.timeout;
+        match rt::with_deadline(deadline, self.exchange(req, is_head)).await {
+            Ok(r) => r,
+            Err(rt::Elapsed) => Err(ForwardError::Timeout),
+        }
+    }
+
+    async fn exchange(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
+        let reused = self.idle.borrow_mut().pop();
+        if let Some(conn) = reused {
+            match self.once(conn, req, is_head).await {
+                Ok(r) => return Ok(r),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retryable) => {
+                    log::debug(format_args!(
+                        "pooled connection to {} was closed; re-sending on a new one",
+                        self.addr
+                    ));
+                }
+            }
+        }
+        let conn = match TcpConn::connect(self.addr, None).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !self.down_logged.replace(true) {
+                    log::error(format_args!(
+                        "metadata API at {} unreachable: {e}; answering 503 until it is back",
+                        self.addr
+                    ));
+                }
+                return Err(ForwardError::Unreachable(e.to_string()));
+            }
+        };
+        if self.down_logged.replace(false) {
+            log::info(format_args!(
+                "metadata API at {} reachable again",
+                self.addr
+            ));
+        }
+        match self.once(conn, req, is_head).await {
+            Ok(r) => Ok(r),
+            Err(Attempt::Fatal(e)) => Err(e),
+            Err(Attempt::Retryable) => Err(ForwardError::Broken(
+                "connection closed before any response".into(),
+            )),
+        }
+    }
+
+    /// One request on `conn`; the connection returns to the pool if reusable.
+    async fn once(&self, conn: TcpConn, req: &[u8], is_head: bool) -> Result<ApiResponse, Attempt> {
+        let (res, _) = conn.write_all(req.to_vec()).await;
+        if res.is_err() {
+            return Err(Attempt::Retryable);
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            match frame(&buf, &self.limits, is_head, false) {
+                Ok(Some((len, head))) => {
+                    let reusable = head.keep_alive
+                        && len == buf.len()
+                        && head.body != ResponseBody::UntilClose;
+                    buf.truncate(len);
+                    if reusable && self.idle.borrow().len() < self.max_idle {
+                        self.idle.borrow_mut().push(conn);
+                    } else {
+                        conn.shutdown();
+                    }
+                    return Ok(ApiResponse { bytes: buf, head });
+                }
+                Ok(None) => {}
+                Err(why) => return Err(Attempt::Fatal(ForwardError::Broken(why))),
+            }
+            let (res, back) = conn.read_append(buf, READ_BYTES).await;
+            buf = back;
+            match res {
+                Ok(0) if buf.is_empty() => return Err(Attempt::Retryable),
+                Ok(0) => {
+                    return match frame(&buf, &self.limits, is_head, true) {
+                        Ok(Some((len, head))) => {
+                            buf.truncate(len);
+                            Ok(ApiResponse { bytes: buf, head })
+                        }
+                        _ => Err(Attempt::Fatal(ForwardError::Broken(
+                            "closed mid-response".into(),
+                        ))),
+                    };
+                }
+                Ok(_) => {}
+                Err(_) if buf.is_empty() => return Err(Attempt::Retryable),
+                Err(e) => {
+                    return Err(Attempt::Fatal(ForwardError::Broken(format!(
+                        "read failed mid-response: {e}"
+                    ))))
+                }
+            }
+        }
+    }
+}
+
+/// If `buf` starts with a complete response, its length and head.
+/// `eof`: the API has closed, which completes a close-delimited body.
+fn frame(
+    buf: &[u8],
+    limits: &Limits,
+    is_head: bool,
+    eof: bool,
+) -> Result<Option<(usize, ResponseHead)>, String> {
+    let head = match http::parse_response(buf, limits, is_head) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(format!("unparsable response head: {e}")),
+    };
+    let body = &buf[head.head_len..];
+    let total = match head.body {
+        ResponseBody::None => Some(head.head_len),
+        ResponseBody::Length(n) => {
+            if n > MAX_RESPONSE_BYTES {
+                return Err(format!("response body of {n} bytes exceeds the limit"));
+            }
+            let n = usize::try_from(n).map_err(|_| "response too large".to_string())?;
+            (body.len() >= n).then_some(head.head_len + n)
+        }
+        ResponseBody::Chunked => {
+            let mut sc = ChunkedScanner::new(MAX_RESPONSE_BYTES);
+            match sc.scan(body) {
+                Ok(ChunkProgress::Done { consumed }) => Some(head.head_len + consumed),
+                Ok(ChunkProgress::NeedMore { .. }) => None,
+                Err(e) => return Err(format!("bad chunked body: {e}")),
+            }
+        }
+        ResponseBody::UntilClose => eof.then_some(buf.len()),
+    };
+    if total.is_none() && buf.len() as u64 > MAX_RESPONSE_BYTES + limits.max_head_bytes as u64 {
+        return Err("response exceeds the limit".into());
+    }
+    Ok(total.map(|t| (t, head)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_length_chunked_and_close_delimited() {
+        let l = Limits::default();
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA";
+        let (len, head) = frame(r, &l, false, false).unwrap().unwrap();
+        assert_eq!(len, r.len() - 5);
+        assert_eq!(head.status, 200);
+        assert!(frame(&r[..40], &l, false, false).unwrap().is_none());
+
+        let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let (len, head) = frame(c, &l, false, false).unwrap().unwrap();
+        assert_eq!(len, c.len());
+        let resp = ApiResponse {
+            bytes: c.to_vec(),
+            head,
+        };
+        assert_eq!(resp.payload(), b"abc");
+
+        let u = b"HTTP/1.0 200 OK\r\n\r\nxyz";
+        assert!(frame(u, &l, false, false).unwrap().is_none());
+        assert_eq!(frame(u, &l, false, true).unwrap().unwrap().0, u.len());
+        assert!(frame(b"NOT HTTP\r\n\r\n", &l, false, false).is_err());
+    }
+}

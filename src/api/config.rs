@@ -1,0 +1,437 @@
+//! `[api]`: the metadata API server's section, file layer → validated [`ApiConfig`].
+//!
+//! The top-level [`crate::config::FileConfig`] keeps `[api]` as a raw TOML
+//! table so each daemon validates only its own section; [`ApiConfig::from_table`]
+//! parses it into [`ApiFile`] (`deny_unknown_fields`, so a typo is an error
+//! naming the key) and validates once. The static vendor JSON is read and
+//! parsed here, at start, so a broken file refuses the start instead of
+//! turning every `vendor_data.json` into a 500. The inventory is only named
+//! here; the server loads it (and reloads it on SIGHUP or when it changes).
+//!
+//! `metadata_proxy_shared_secret` never reaches a log: [`ApiConfig`]'s
+//! `Debug` is written by hand and redacts it.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{
+    dur, invalid, ConfigError, DurationFile, OneOrMany, DEFAULT_BACKLOG, DEFAULT_CLIENT_TIMEOUT,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_HTTP_REQUEST_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
+};
+use crate::http::Limits;
+
+/// Nova's `metadata_listen` / `metadata_listen_port` on loopback.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8775";
+/// Where the password log lives.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/metaproxy";
+/// Event loops serving the API (it is behind the agent's pooled connections,
+/// so one loop is plenty).
+pub const DEFAULT_API_WORKERS: usize = 1;
+/// Upper bound on `api.workers`.
+pub const MAX_API_WORKERS: usize = 1024;
+/// Largest `vendor_data_json` file read, in bytes.
+pub const MAX_VENDOR_DATA_BYTES: u64 = 1024 * 1024;
+
+/// `[api.timeouts]`: the three client-side haproxy timeouts (the API has no upstream).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTimeoutsFile {
+    /// Whole request head must arrive within this.
+    pub http_request: Option<DurationFile>,
+    /// Client inactivity while reading a body or writing a response.
+    pub client: Option<DurationFile>,
+    /// Idle keep-alive connection lifetime.
+    pub keep_alive: Option<DurationFile>,
+}
+
+/// `[api]` as written in the file.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// One address or a list (`"127.0.0.1:8775"`, `["[::]:8775"]`).
+    pub listen: Option<OneOrMany>,
+    /// Nova's `[neutron] metadata_proxy_shared_secret`; must equal the agent's.
+    pub metadata_proxy_shared_secret: Option<String>,
+    /// Nova's `[neutron] service_metadata_proxy`: identify by signed headers
+    /// (true) or by the TCP peer address (false).
+    pub service_metadata_proxy: Option<bool>,
+    /// The inventory file (required).
+    pub inventory: Option<PathBuf>,
+    /// Directory of the password log.
+    pub state_dir: Option<PathBuf>,
+    /// Static JSON served as `vendor_data.json`.
+    pub vendor_data_json: Option<PathBuf>,
+    /// Overrides the inventory's `dhcp_domain` (`""` = bare hostnames).
+    pub dhcp_domain: Option<String>,
+    /// Event loops.
+    pub workers: Option<usize>,
+    /// listen(2) backlog.
+    pub backlog: Option<i32>,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Option<DurationFile>,
+    /// `[api.timeouts]`
+    #[serde(default)]
+    pub timeouts: ApiTimeoutsFile,
+}
+
+impl std::fmt::Debug for ApiFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiFile")
+            .field("listen", &self.listen)
+            .field(
+                "metadata_proxy_shared_secret",
+                &self.metadata_proxy_shared_secret.as_ref().map(|_| Redacted),
+            )
+            .field("service_metadata_proxy", &self.service_metadata_proxy)
+            .field("inventory", &self.inventory)
+            .field("state_dir", &self.state_dir)
+            .field("vendor_data_json", &self.vendor_data_json)
+            .field("dhcp_domain", &self.dhcp_domain)
+            .field("workers", &self.workers)
+            .field("backlog", &self.backlog)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("timeouts", &self.timeouts)
+            .finish()
+    }
+}
+
+/// Printed in place of a secret.
+struct Redacted;
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The API's client-side timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiTimeouts {
+    /// Whole request head, from its first byte (or the accept).
+    pub http_request: Duration,
+    /// Each body read and each response write.
+    pub client: Duration,
+    /// Idle time between keep-alive requests.
+    pub keep_alive: Duration,
+}
+
+impl Default for ApiTimeouts {
+    fn default() -> Self {
+        ApiTimeouts {
+            http_request: DEFAULT_HTTP_REQUEST_TIMEOUT,
+            client: DEFAULT_CLIENT_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// Validated `[api]` configuration. `Debug` redacts the shared secret.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// Listen addresses (at least one).
+    pub listen: Vec<SocketAddr>,
+    /// HMAC key for `X-Instance-ID-Signature` (may be empty, as in Nova).
+    pub shared_secret: String,
+    /// Identify by signed headers (true) or by TCP peer (false).
+    pub service_metadata_proxy: bool,
+    /// Inventory file, loaded at start and on reload.
+    pub inventory: PathBuf,
+    /// Password log directory (created if missing).
+    pub state_dir: PathBuf,
+    /// Where `vendor_data` came from, for the effective-config log.
+    pub vendor_data_json: Option<PathBuf>,
+    /// The parsed vendor JSON.
+    pub vendor_data: Option<serde_json::Value>,
+    /// `dhcp_domain` override.
+    pub dhcp_domain: Option<String>,
+    /// Event loops.
+    pub workers: NonZeroUsize,
+    /// listen(2) backlog.
+    pub backlog: i32,
+    /// SIGTERM drain bound.
+    pub drain_timeout: Duration,
+    /// Client timeouts.
+    pub timeouts: ApiTimeouts,
+    /// Request size limits.
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret: &dyn std::fmt::Debug = if self.shared_secret.is_empty() {
+            &"<empty>"
+        } else {
+            &Redacted
+        };
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("shared_secret", secret)
+            .field("service_metadata_proxy", &self.service_metadata_proxy)
+            .field("inventory", &self.inventory)
+            .field("state_dir", &self.state_dir)
+            .field("vendor_data_json", &self.vendor_data_json)
+            .field("dhcp_domain", &self.dhcp_domain)
+            .field("workers", &self.workers)
+            .field("backlog", &self.backlog)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("timeouts", &self.timeouts)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl ApiConfig {
+    /// Parse and validate the raw `[api]` table.
+    ///
+    /// # Errors
+    /// An unknown key, a wrong type or an unacceptable value; the error names
+    /// the key (e.g. `api.listen[1]`).
+    pub fn from_table(table: &toml::Table) -> Result<ApiConfig, ConfigError> {
+        let file: ApiFile = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid("api", e.message().trim_end().to_string()))?;
+        ApiConfig::try_from(&file)
+    }
+}
+
+/// Read the `[api]` section of a config file. Unlike [`ApiConfig::from_table`],
+/// a type error carries toml's line, column and the offending line.
+///
+/// # Errors
+/// The file is unreadable or invalid (see [`crate::config::load_file`]), or
+/// `[api]` is; `Ok(None)` when the file has no `[api]` section.
+pub fn load(path: &Path) -> Result<Option<ApiConfig>, ConfigError> {
+    /// Only `[api]`, parsed from the text so errors keep their spans; the
+    /// other sections were checked by `load_file` and are ignored here.
+    #[derive(Deserialize)]
+    struct Section {
+        #[serde(default)]
+        api: Option<ApiFile>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    crate::config::parse_str(&text, path)?;
+    let section: Section = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    section.api.as_ref().map(ApiConfig::try_from).transpose()
+}
+
+fn read_vendor_data(path: &Path) -> Result<serde_json::Value, ConfigError> {
+    const KEY: &str = "api.vendor_data_json";
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid(KEY, format!("cannot read {}: {e}", path.display())))?;
+    if meta.len() > MAX_VENDOR_DATA_BYTES {
+        return Err(invalid(
+            KEY,
+            format!(
+                "{} is larger than {MAX_VENDOR_DATA_BYTES} bytes",
+                path.display()
+            ),
+        ));
+    }
+    let text = std::fs::read(path)
+        .map_err(|e| invalid(KEY, format!("cannot read {}: {e}", path.display())))?;
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| invalid(KEY, format!("{} is not valid JSON: {e}", path.display())))?;
+    if !value.is_object() {
+        return Err(invalid(
+            KEY,
+            format!("{} must hold a JSON object", path.display()),
+        ));
+    }
+    Ok(value)
+}
+
+impl TryFrom<&ApiFile> for ApiConfig {
+    type Error = ConfigError;
+
+    fn try_from(f: &ApiFile) -> Result<Self, ConfigError> {
+        let mut listen = Vec::new();
+        let default_listen = OneOrMany::One(DEFAULT_API_LISTEN.to_string());
+        for (i, a) in f
+            .listen
+            .as_ref()
+            .unwrap_or(&default_listen)
+            .items()
+            .into_iter()
+            .enumerate()
+        {
+            let addr: SocketAddr = a.parse().map_err(|_| {
+                invalid(
+                    format!("api.listen[{i}]"),
+                    format!(
+                        "{a:?} is not an address:port like \"127.0.0.1:8775\" or \"[::]:8775\""
+                    ),
+                )
+            })?;
+            if listen.contains(&addr) {
+                return Err(invalid(
+                    format!("api.listen[{i}]"),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            listen.push(addr);
+        }
+        if listen.is_empty() {
+            return Err(invalid("api.listen", "needs at least one address"));
+        }
+        let inventory = match &f.inventory {
+            None => return Err(invalid("api.inventory", "is required (the inventory file)")),
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid("api.inventory", "empty path"))
+            }
+            Some(p) => p.clone(),
+        };
+        let state_dir = match &f.state_dir {
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid("api.state_dir", "empty path"))
+            }
+            Some(p) => p.clone(),
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+        };
+        let vendor_data = f
+            .vendor_data_json
+            .as_deref()
+            .map(read_vendor_data)
+            .transpose()?;
+        let workers = match f.workers.unwrap_or(DEFAULT_API_WORKERS) {
+            n if n > MAX_API_WORKERS => {
+                return Err(invalid("api.workers", format!("at most {MAX_API_WORKERS}")))
+            }
+            n => {
+                NonZeroUsize::new(n).ok_or_else(|| invalid("api.workers", "must be at least 1"))?
+            }
+        };
+        let backlog = f.backlog.unwrap_or(DEFAULT_BACKLOG);
+        if backlog < 1 {
+            return Err(invalid("api.backlog", "must be at least 1"));
+        }
+        let t = &f.timeouts;
+        let timeouts = ApiTimeouts {
+            http_request: dur(
+                "api.timeouts.http_request",
+                &t.http_request,
+                DEFAULT_HTTP_REQUEST_TIMEOUT,
+            )?,
+            client: dur("api.timeouts.client", &t.client, DEFAULT_CLIENT_TIMEOUT)?,
+            keep_alive: dur(
+                "api.timeouts.keep_alive",
+                &t.keep_alive,
+                DEFAULT_KEEP_ALIVE_TIMEOUT,
+            )?,
+        };
+        Ok(ApiConfig {
+            listen,
+            shared_secret: f.metadata_proxy_shared_secret.clone().unwrap_or_default(),
+            service_metadata_proxy: f.service_metadata_proxy.unwrap_or(true),
+            inventory,
+            state_dir,
+            vendor_data_json: f.vendor_data_json.clone(),
+            vendor_data,
+            dhcp_domain: f.dhcp_domain.clone(),
+            workers,
+            backlog,
+            drain_timeout: dur("api.drain_timeout", &f.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            timeouts,
+            limits: Limits::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ApiConfig, ConfigError> {
+        let f = crate::config::parse_str(text, Path::new("t.toml")).unwrap();
+        ApiConfig::from_table(f.api.as_ref().unwrap())
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("[api]\ninventory = \"inv.toml\"\n").unwrap();
+        assert_eq!(c.listen, vec![DEFAULT_API_LISTEN.parse().unwrap()]);
+        assert_eq!(c.shared_secret, "");
+        assert!(c.service_metadata_proxy);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.workers.get(), 1);
+        assert_eq!(c.backlog, 4096);
+        assert_eq!(c.timeouts, ApiTimeouts::default());
+        assert!(c.vendor_data.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("[api]\n").contains("api.inventory"));
+        let e = err("[api]\ninventory = \"i\"\nlisten = [\"127.0.0.1:1\", \"nope\"]\n");
+        assert!(e.contains("api.listen[1]"), "{e}");
+        let e = err("[api]\ninventory = \"i\"\nlistne = \"127.0.0.1:1\"\n");
+        assert!(e.contains("listne"), "{e}");
+        let e = err("[api]\ninventory = \"i\"\n[api.timeouts]\nclient = \"soon\"\n");
+        assert!(e.contains("api.timeouts.client"), "{e}");
+        assert!(err("[api]\ninventory = \"i\"\nworkers = 0\n").contains("api.workers"));
+        assert!(err("[api]\ninventory = \"i\"\nbacklog = 0\n").contains("api.backlog"));
+    }
+
+    #[test]
+    fn load_reports_the_line_of_a_type_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[proxy]\n\n[api]\ninventory = \"i\"\nworkers = \"two\"\n",
+        )
+        .unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("workers"), "{e}");
+        std::fs::write(&p, "[proxy]\n").unwrap();
+        assert!(load(&p).unwrap().is_none());
+        std::fs::write(&p, "[api]\ninventory = \"i\"\n").unwrap();
+        assert_eq!(load(&p).unwrap().unwrap().inventory, PathBuf::from("i"));
+    }
+
+    #[test]
+    fn vendor_data_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.json");
+        std::fs::write(&good, r#"{"a": 1}"#).unwrap();
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{not json").unwrap();
+        let c = parse(&format!(
+            "[api]\ninventory = \"i\"\nvendor_data_json = {:?}\n",
+            good.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.vendor_data, Some(serde_json::json!({"a": 1})));
+        let e = err(&format!(
+            "[api]\ninventory = \"i\"\nvendor_data_json = {:?}\n",
+            bad.display().to_string()
+        ));
+        assert!(e.contains("api.vendor_data_json"), "{e}");
+    }
+
+    #[test]
+    fn debug_redacts_the_secret() {
+        let c = parse(
+            "[api]\ninventory = \"i\"\nmetadata_proxy_shared_secret = \"hunter2-very-secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.shared_secret, "hunter2-very-secret");
+        let d = format!("{c:?}");
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("<redacted>"), "{d}");
+    }
+}

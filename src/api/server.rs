@@ -1,0 +1,670 @@
+//! The metadata API's HTTP/1.1 server: [`MetadataApi`] on the `rt` loops.
+//!
+//! Shaped like the namespace proxy (`proxy/mod.rs`, `proxy/conn.rs`): every
+//! listener is created once with our backlog and shared by all loops, each
+//! loop runs its own accept on a `dup` of it, and a connection is an idle loop
+//! that owns no buffer between requests plus a boxed per-request future. A
+//! request is read (head, then the body: Content-Length, or chunked decoded
+//! with [`ChunkedScanner::decode`]), handed to the pure handler and answered;
+//! pipelined requests are answered in order because they are taken one after
+//! another from the same buffer. A bad request gets [`http::canned`] and the
+//! connection is closed, since the stream position can no longer be trusted.
+//! Every wait is bounded by `[api.timeouts]` through [`rt::with_deadline`].
+//!
+//! The handler runs inline on the loop. It is microseconds, except a password
+//! POST, which `fsync`s the password log before answering (that is what makes
+//! a 200 durable); POSTs happen once per instance lifetime, so blocking the
+//! loop for one fsync was preferred over a blocking-pool hop for every request.
+//!
+//! Inventory reload: [`ApiHandle::reload_inventory`] re-reads the file and
+//! swaps it in ([`MetadataApi::set_inventory`]); a broken file keeps the old
+//! inventory and logs why (the error names the line or key). `main` calls it
+//! on SIGHUP, and a watcher thread calls it when the file changes. The watcher
+//! polls the file's mtime, size and inode once a second on a plain std thread
+//! instead of using inotify: inotify watches an inode, so editors that
+//! replace the file by rename (and config management that does the same)
+//! need the directory watched and the events filtered, while one `stat` a
+//! second is trivially correct and costs nothing.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::{select, Either};
+use smallvec::SmallVec;
+
+use crate::api::config::ApiConfig;
+use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
+use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::inventory::{Inventory, InventoryError};
+use crate::log;
+use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
+use crate::rt::{self, TcpAcceptor, TcpConn};
+
+/// Bytes asked for per read while a request is being assembled.
+const READ_CHUNK_BYTES: usize = 4096;
+/// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the watcher looks at the inventory file.
+pub const INVENTORY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Upper bound on a connection task's size: what an idle keep-alive
+/// connection costs (the request itself is boxed separately).
+const CONN_TASK_MAX_BYTES: usize = 1536;
+/// How long [`start`] retries a bind that fails with EADDRINUSE. After a
+/// crash (SIGKILL) the kernel tears the dead process's io_uring down
+/// asynchronously, and its in-flight accept keeps the old listener bound for
+/// tens of milliseconds (measured 7-23 ms here), long enough for a quick
+/// restart to fail. A real conflict still fails, one second later.
+const BIND_RETRY_FOR: Duration = Duration::from_secs(1);
+/// Pause between those bind attempts.
+const BIND_RETRY_EVERY: Duration = Duration::from_millis(20);
+/// Buffers kept in a loop's free list.
+const FREE_BUFFERS: usize = 64;
+/// Largest buffer put back on the free list.
+const FREE_BUFFER_MAX_BYTES: usize = 64 * 1024;
+
+/// Per-loop context shared by its connection tasks.
+struct LoopCtx {
+    cfg: Arc<ApiConfig>,
+    api: Arc<MetadataApi>,
+    /// Set when the loop drains.
+    stopping: Event,
+    /// Connections being served by this loop.
+    active: Cell<usize>,
+    free: RefCell<Vec<Vec<u8>>>,
+}
+
+impl LoopCtx {
+    fn take_buf(&self) -> Vec<u8> {
+        self.free.borrow_mut().pop().unwrap_or_default()
+    }
+
+    fn put_buf(&self, mut b: Vec<u8>) {
+        let mut f = self.free.borrow_mut();
+        if f.len() < FREE_BUFFERS && b.capacity() <= FREE_BUFFER_MAX_BYTES {
+            b.clear();
+            f.push(b);
+        }
+    }
+}
+
+/// Messages from the control side to the loops.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    /// Stop accepting, drain in-flight requests, exit.
+    Stop,
+}
+
+/// A running API server: its loops, the shared handler and the watcher.
+pub struct ApiHandle {
+    /// Actual bound addresses, in `listen` order (port 0 resolved).
+    pub bound: Vec<SocketAddr>,
+    api: Arc<MetadataApi>,
+    inventory_path: PathBuf,
+    controls: Vec<UnboundedSender<Control>>,
+    threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
+    watcher: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for ApiHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiHandle")
+            .field("bound", &self.bound)
+            .field("inventory_path", &self.inventory_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiHandle {
+    /// Re-read the inventory file and swap it in; requests in flight finish on
+    /// the old one. On error the old inventory stays and the error is logged.
+    ///
+    /// # Errors
+    /// The file could not be read or is not a valid inventory (the error names
+    /// the line or key).
+    pub fn reload_inventory(&self) -> Result<(), InventoryError> {
+        reload(&self.api, &self.inventory_path)
+    }
+
+    /// Ask every loop to drain and wait for them to finish.
+    ///
+    /// # Errors
+    /// A loop failed.
+    pub fn stop(mut self) -> io::Result<()> {
+        if let Some((stop, t)) = self.watcher.take() {
+            stop.store(true, Ordering::Release);
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        for c in &self.controls {
+            let _ = c.unbounded_send(Control::Stop);
+        }
+        let mut first = Ok(());
+        for t in self.threads.drain(..) {
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("api loop panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+fn reload(api: &MetadataApi, path: &Path) -> Result<(), InventoryError> {
+    match Inventory::load(path) {
+        Ok(inv) => {
+            log::info(format_args!(
+                "inventory reloaded from {}: {} instance(s)",
+                path.display(),
+                inv.instances().count()
+            ));
+            api.set_inventory(Arc::new(inv));
+            Ok(())
+        }
+        Err(e) => {
+            log::error(format_args!(
+                "inventory reload from {} failed, keeping the previous one: {e}",
+                path.display()
+            ));
+            Err(e)
+        }
+    }
+}
+
+/// What the watcher compares between polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    mtime: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        mtime: m.modified().ok(),
+        len: m.len(),
+        ino: m.ino(),
+    })
+}
+
+fn spawn_watcher(
+    api: Arc<MetadataApi>,
+    path: PathBuf,
+) -> io::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let t = std::thread::Builder::new()
+        .name("api-inventory-watch".into())
+        .spawn(move || {
+            let mut last = stamp(&path);
+            while !flag.load(Ordering::Acquire) {
+                std::thread::park_timeout(INVENTORY_POLL_INTERVAL);
+                if flag.load(Ordering::Acquire) {
+                    break;
+                }
+                let now = stamp(&path);
+                // A vanished file (mid-rename, or deleted) keeps the old inventory.
+                if now.is_some() && now != last {
+                    let _ = reload(&api, &path);
+                }
+                if now.is_some() {
+                    last = now;
+                }
+            }
+        })?;
+    Ok((stop, t))
+}
+
+/// Load the inventory, open the password store, bind every listener and start
+/// `cfg.workers` loops serving them.
+///
+/// # Errors
+/// The inventory or the password store could not be loaded, an address could
+/// not be bound (the daemon must refuse to start), or a thread could not start.
+pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
+    let inventory = Inventory::load(&cfg.inventory).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", cfg.inventory.display()),
+        )
+    })?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("state_dir {}: {e}", cfg.state_dir.display()),
+        )
+    })?;
+    let passwords = PasswordStore::open(&cfg.state_dir).map_err(io::Error::other)?;
+    let settings = ApiSettings {
+        shared_secret: cfg.shared_secret.as_bytes().to_vec(),
+        service_metadata_proxy: cfg.service_metadata_proxy,
+        vendor_data: cfg.vendor_data.clone(),
+        dhcp_domain_override: cfg.dhcp_domain.clone(),
+    };
+    let api = Arc::new(MetadataApi::new(
+        settings,
+        Arc::new(inventory),
+        Arc::new(passwords),
+    ));
+    let mut sockets = Vec::with_capacity(cfg.listen.len());
+    for a in &cfg.listen {
+        sockets.push(bind_with_retry(*a, cfg.backlog)?);
+    }
+    let bound: Vec<SocketAddr> = sockets
+        .iter()
+        .zip(&cfg.listen)
+        .map(|(s, a)| s.local_addr().unwrap_or(*a))
+        .collect();
+    for b in &bound {
+        log::info(format_args!("api listener up: {b}"));
+    }
+    let workers = cfg.workers.get();
+    log::info(format_args!(
+        "api starting: {workers} loop(s), inventory {}, state {}",
+        cfg.inventory.display(),
+        cfg.state_dir.display()
+    ));
+    let inventory_path = cfg.inventory.clone();
+    let cfg = Arc::new(cfg);
+    let sockets = Arc::new(sockets);
+    let mut controls = Vec::with_capacity(workers);
+    let mut receivers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = rt::sync::unbounded();
+        controls.push(tx);
+        receivers.push(std::sync::Mutex::new(Some(rx)));
+    }
+    let receivers = Arc::new(receivers);
+    let loop_api = api.clone();
+    let threads = rt::run_loops(workers, "api", move |i| {
+        let cfg = cfg.clone();
+        let api = loop_api.clone();
+        let sockets = sockets.clone();
+        let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
+        async move {
+            let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
+            run_loop(i, cfg, api, &sockets, rx).await
+        }
+    })?;
+    let watcher = match spawn_watcher(api.clone(), inventory_path.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn(format_args!(
+                "cannot start the inventory watcher ({e}); reload with SIGHUP"
+            ));
+            None
+        }
+    };
+    Ok(ApiHandle {
+        bound,
+        api,
+        inventory_path,
+        controls,
+        threads,
+        watcher,
+    })
+}
+
+/// [`rt::listen_tcp`], retrying EADDRINUSE for [`BIND_RETRY_FOR`].
+fn bind_with_retry(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let give_up = Instant::now() + BIND_RETRY_FOR;
+    loop {
+        match rt::listen_tcp(addr, backlog) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < give_up => {
+                std::thread::sleep(BIND_RETRY_EVERY);
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("bind {addr}: {e}"))),
+        }
+    }
+}
+
+async fn run_loop(
+    index: usize,
+    cfg: Arc<ApiConfig>,
+    api: Arc<MetadataApi>,
+    sockets: &[std::net::TcpListener],
+    mut control: UnboundedReceiver<Control>,
+) -> io::Result<()> {
+    use futures_util::StreamExt;
+    let ctx = Rc::new(LoopCtx {
+        cfg: cfg.clone(),
+        api,
+        stopping: Event::default(),
+        active: Cell::new(0),
+        free: RefCell::new(Vec::new()),
+    });
+    if index == 0 {
+        log::info(format_args!("api loops use {:?}", rt::engine()));
+    }
+    let mut accept_tasks = Vec::with_capacity(sockets.len());
+    for s in sockets {
+        let acceptor = TcpAcceptor::from_std(s.try_clone()?)?;
+        accept_tasks.push(rt::spawn_handle(accept_loop(ctx.clone(), acceptor)));
+    }
+    // Run until told to stop (or the control side is gone).
+    let _ = control.next().await;
+    drop(accept_tasks); // cancels the accepts: no new connections on this loop
+    ctx.stopping.set();
+    let deadline = Instant::now() + cfg.drain_timeout;
+    while ctx.active.get() > 0 && Instant::now() < deadline {
+        rt::sleep(Duration::from_millis(20)).await;
+    }
+    if ctx.active.get() > 0 {
+        log::warn(format_args!(
+            "api loop {index}: drain timeout, closing {} connection(s)",
+            ctx.active.get()
+        ));
+    }
+    Ok(())
+}
+
+async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: TcpAcceptor) {
+    loop {
+        let (conn, peer) = match acceptor.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn(format_args!(
+                    "api: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}"
+                ));
+                rt::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let accepted = Instant::now();
+        ctx.active.set(ctx.active.get() + 1);
+        let c = ctx.clone();
+        let fut = async move {
+            let guard = ActiveGuard(c.clone());
+            serve(&c, conn, peer, accepted).await;
+            drop(guard);
+        };
+        debug_assert!(
+            std::mem::size_of_val(&fut) <= CONN_TASK_MAX_BYTES,
+            "idle connection state grew"
+        );
+        rt::spawn(fut);
+    }
+}
+
+/// Decrements the active count however the connection task ends.
+struct ActiveGuard(Rc<LoopCtx>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get().saturating_sub(1));
+    }
+}
+
+/// How a connection ended (for debug logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Done,
+    PeerClosed,
+    Timeout,
+    Stopping,
+    IoError,
+}
+
+async fn serve(ctx: &LoopCtx, conn: TcpConn, peer: SocketAddr, accepted: Instant) {
+    let end = serve_inner(ctx, &conn, rt::peer_ip(peer), accepted).await;
+    log::debug(format_args!("api: connection from {peer} ended: {end:?}"));
+    conn.shutdown();
+}
+
+/// The idle loop: holds no buffer while waiting; each request's state lives
+/// in [`handle_request`]'s boxed future.
+async fn serve_inner(ctx: &LoopCtx, conn: &TcpConn, peer: IpAddr, accepted: Instant) -> End {
+    let t = ctx.cfg.timeouts;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut first = true;
+    loop {
+        if buf.is_empty() {
+            let idle_deadline = if first {
+                accepted + t.http_request
+            } else {
+                Instant::now() + t.keep_alive
+            };
+            let read = rt::with_deadline(
+                idle_deadline,
+                conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
+            );
+            let stop = ctx.stopping.wait();
+            futures_util::pin_mut!(read, stop);
+            match select(read, stop).await {
+                Either::Left((Ok((Ok(n), b)), _)) => {
+                    buf = b;
+                    if n == 0 {
+                        return End::PeerClosed;
+                    }
+                }
+                Either::Left((Ok((Err(_), _)), _)) => return End::IoError,
+                Either::Left((Err(rt::Elapsed), _)) => return End::Timeout,
+                Either::Right(_) => return End::Stopping,
+            }
+        }
+        let head_deadline = if first {
+            accepted + t.http_request
+        } else {
+            Instant::now() + t.http_request
+        };
+        first = false;
+        if let Err(end) = Box::pin(handle_request(ctx, conn, peer, &mut buf, head_deadline)).await {
+            return end;
+        }
+        if buf.is_empty() {
+            buf = Vec::new(); // release the capacity while idle
+        }
+    }
+}
+
+/// Read one request (its first bytes are in `buf`), run the handler, answer.
+/// `Ok` keeps the connection; pipelined bytes that followed stay in `buf`.
+async fn handle_request(
+    ctx: &LoopCtx,
+    conn: &TcpConn,
+    peer: IpAddr,
+    buf: &mut Vec<u8>,
+    head_deadline: Instant,
+) -> Result<(), End> {
+    let cfg = &ctx.cfg;
+    // 1. The head.
+    let head = loop {
+        match http::parse_request(buf, &cfg.limits) {
+            Ok(Some(h)) => break h,
+            Ok(None) => {}
+            Err(e) => return Err(reject(ctx, conn, e.status()).await),
+        }
+        let taken = std::mem::take(buf);
+        let (res, b) =
+            match rt::with_deadline(head_deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await
+            {
+                Ok(r) => r,
+                Err(rt::Elapsed) => return Err(reject(ctx, conn, 408).await),
+            };
+        *buf = b;
+        match res {
+            Ok(0) => return Err(End::PeerClosed),
+            Ok(_) => {}
+            Err(_) => return Err(End::IoError),
+        }
+    };
+
+    // 2. The body.
+    let mut decoded = Vec::new();
+    let body_end = match read_body(ctx, conn, buf, &head, &mut decoded).await {
+        Ok(end) => end,
+        Err(BodyErr::Status(s)) => return Err(reject(ctx, conn, s).await),
+        Err(BodyErr::End(e)) => return Err(e),
+    };
+    let body: &[u8] = match head.body {
+        RequestBody::Chunked => &decoded,
+        _ => &buf[head.head_len..body_end],
+    };
+
+    // 3. The handler.
+    // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
+    let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
+        .headers
+        .iter()
+        .map(|h| (h.name.get(buf), h.value.get(buf)))
+        .collect();
+    let req = ApiRequest {
+        method: head.method.as_str(),
+        target: head.target.get(buf),
+        headers: &headers,
+        body,
+        peer,
+    };
+    let resp = ctx.api.handle(&req);
+    drop(headers);
+
+    // 4. The answer.
+    let keep = head.keep_alive && !ctx.stopping.is_set();
+    let mut w = ctx.take_buf();
+    write_response(&resp, head.method == http::Method::Head, keep, &mut w);
+    match rt::with_deadline(Instant::now() + cfg.timeouts.client, conn.write_all(w)).await {
+        Ok((Ok(()), b)) => ctx.put_buf(b),
+        Ok((Err(_), _)) => return Err(End::IoError),
+        Err(rt::Elapsed) => return Err(End::Timeout),
+    }
+    if !keep {
+        return Err(End::Done);
+    }
+    // Keep any pipelined bytes that followed this request.
+    buf.drain(..body_end);
+    Ok(())
+}
+
+/// Serialise a handler response. `HEAD` gets the real `Content-Length` and no body.
+fn write_response(resp: &ApiResponse, head_only: bool, keep: bool, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+        resp.status,
+        http::reason(resp.status),
+        resp.content_type,
+        resp.body.len()
+    );
+    if !keep {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(&resp.body);
+    }
+}
+
+enum BodyErr {
+    Status(u16),
+    End(End),
+}
+
+/// Read the request body; returns the offset in `buf` where the request ends.
+/// A chunked body is decoded into `decoded` as it arrives.
+async fn read_body(
+    ctx: &LoopCtx,
+    conn: &TcpConn,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    decoded: &mut Vec<u8>,
+) -> Result<usize, BodyErr> {
+    let t = ctx.cfg.timeouts;
+    let start = head.head_len;
+    let mut scanner = match head.body {
+        RequestBody::None => return Ok(start),
+        RequestBody::Length(_) => None,
+        RequestBody::Chunked => Some(ChunkedScanner::new(ctx.cfg.limits.max_body_bytes)),
+    };
+    let mut sent_continue = false;
+    let mut scanned = 0usize;
+    loop {
+        match (&head.body, scanner.as_mut()) {
+            (RequestBody::Length(n), _) => {
+                let n = usize::try_from(*n).map_err(|_| BodyErr::Status(413))?;
+                if buf.len() >= start + n {
+                    return Ok(start + n);
+                }
+            }
+            (_, Some(sc)) => match sc.decode(&buf[start + scanned..], decoded) {
+                Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
+                Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
+                Err(e) => return Err(BodyErr::Status(e.status())),
+            },
+            _ => return Ok(start),
+        }
+        if head.expect_continue && !sent_continue {
+            sent_continue = true;
+            let w = rt::with_deadline(
+                Instant::now() + t.client,
+                conn.write_static(http::CONTINUE_100),
+            )
+            .await;
+            if !matches!(w, Ok(Ok(()))) {
+                return Err(BodyErr::End(End::IoError));
+            }
+        }
+        let taken = std::mem::take(buf);
+        let (res, b) = match rt::with_deadline(
+            Instant::now() + t.client,
+            conn.read_append(taken, READ_CHUNK_BYTES),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(rt::Elapsed) => return Err(BodyErr::Status(408)),
+        };
+        *buf = b;
+        match res {
+            Ok(0) => return Err(BodyErr::End(End::PeerClosed)),
+            Ok(_) => {}
+            Err(_) => return Err(BodyErr::End(End::IoError)),
+        }
+    }
+}
+
+/// Send a canned error and end the connection.
+async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
+    let _ = rt::with_deadline(
+        Instant::now() + ctx.cfg.timeouts.client,
+        conn.write_static(http::canned(status)),
+    )
+    .await;
+    End::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_response_keeps_the_length_and_drops_the_body() {
+        let resp = ApiResponse {
+            status: 200,
+            content_type: crate::api::CONTENT_TYPE_TEXT,
+            body: b"1.0\nlatest".to_vec(),
+        };
+        let mut get = Vec::new();
+        write_response(&resp, false, true, &mut get);
+        assert_eq!(
+            get,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Length: 10\r\n\r\n1.0\nlatest"
+        );
+        let mut head = Vec::new();
+        write_response(&resp, true, false, &mut head);
+        assert_eq!(
+            head,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+        );
+    }
+}

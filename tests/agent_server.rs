@@ -1,0 +1,692 @@
+//! The agent's Unix-socket server against a recording fake metadata API.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{read_response, Resp};
+use metaproxy::agent::{AgentConfig, AgentHandle};
+use metaproxy::sign::sign_instance_id;
+
+const SECRET: &str = "test-shared-secret";
+const ROUTER: &str = "4a0e0000-0000-4000-8000-0000000000c1";
+const NET: &str = "4a0e0000-0000-4000-8000-0000000000a1";
+const VM5: &str = "5a0e0000-0000-4000-8000-000000000005";
+const VM6: &str = "6a0e0000-0000-4000-8000-000000000006";
+const PROJECT: &str = "4a0e00000000400080000000000000aa";
+/// The loopback guest the proxy in [`proxy_to_agent_to_api`] relays for.
+const VM_LO: &str = "7a0e0000-0000-4000-8000-000000000007";
+const LO_NET: &str = "4a0e0000-0000-4000-8000-0000000000a2";
+
+fn inventory() -> String {
+    format!(
+        r#"
+[[network]]
+id = "{NET}"
+name = "n"
+project = "{PROJECT}"
+[[network.subnet]]
+id = "4a0e0000-0000-4000-8000-0000000000b1"
+cidr = "10.0.0.0/24"
+
+[[router]]
+id = "{ROUTER}"
+networks = ["{NET}"]
+
+[[instance]]
+uuid = "{VM5}"
+hostname = "vm5"
+project = "{PROJECT}"
+[[instance.port]]
+id = "4a0e0000-0000-4000-8000-0000000000e5"
+network = "{NET}"
+mac = "fa:16:3e:00:00:05"
+fixed_ips = ["10.0.0.5"]
+
+[[instance]]
+uuid = "{VM6}"
+hostname = "vm6"
+project = "{PROJECT}"
+[[instance.port]]
+id = "4a0e0000-0000-4000-8000-0000000000e6"
+network = "{NET}"
+mac = "fa:16:3e:00:00:06"
+fixed_ips = ["10.0.0.6"]
+
+[[network]]
+id = "{LO_NET}"
+name = "lo"
+project = "{PROJECT}"
+[[network.subnet]]
+id = "4a0e0000-0000-4000-8000-0000000000b2"
+cidr = "127.0.0.0/8"
+dhcp = false
+
+[[router]]
+id = "{proxy_router}"
+networks = ["{LO_NET}"]
+
+[[instance]]
+uuid = "{VM_LO}"
+hostname = "vmlo"
+project = "{PROJECT}"
+[[instance.port]]
+id = "4a0e0000-0000-4000-8000-0000000000e7"
+network = "{LO_NET}"
+mac = "fa:16:3e:00:00:07"
+fixed_ips = ["127.0.0.1"]
+"#,
+        proxy_router = common::ROUTER
+    )
+}
+
+/// How the fake API answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ApiMode {
+    /// 200, body `instance=<X-Instance-ID>`, keep-alive.
+    Echo,
+    /// This status, body `status <n>`.
+    Status(u16),
+    /// Reads requests, never answers.
+    Silent,
+    /// Like `Echo`, but closes the connection after each response without
+    /// saying so (an API restarting, an idle timeout racing a request).
+    EchoThenClose,
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.headers.iter().map(|(n, _)| n.clone()).collect();
+        v.sort();
+        v
+    }
+}
+
+struct FakeApi {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mode: Arc<Mutex<ApiMode>>,
+}
+
+impl FakeApi {
+    fn start(mode: ApiMode) -> FakeApi {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mode = Arc::new(Mutex::new(mode));
+        let (s, m) = (seen.clone(), mode.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { return };
+                let (s, m) = (s.clone(), m.clone());
+                std::thread::spawn(move || serve_api(conn, &s, &m));
+            }
+        });
+        FakeApi { addr, seen, mode }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn set_mode(&self, m: ApiMode) {
+        *self.mode.lock().unwrap() = m;
+    }
+}
+
+fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end_matches(['\r', '\n']);
+            if h.is_empty() {
+                break;
+            }
+            let (n, v) = h.split_once(':').unwrap();
+            headers.push((n.to_string(), v.trim().to_string()));
+        }
+        let cl: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map_or(0, |(_, v)| v.parse().unwrap());
+        let mut body = vec![0u8; cl];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let s = Seen {
+            method,
+            target,
+            headers,
+            body,
+        };
+        let instance = s.get("X-Instance-ID").unwrap_or("").to_string();
+        let is_head = s.method == "HEAD";
+        seen.lock().unwrap().push(s);
+        let m = *mode.lock().unwrap();
+        let (status, body) = match m {
+            ApiMode::Echo | ApiMode::EchoThenClose => (200, format!("instance={instance}")),
+            ApiMode::Status(n) => (n, format!("status {n}")),
+            ApiMode::Silent => {
+                // Hold the connection open, never answer.
+                let mut sink = Vec::new();
+                let _ = r.read_to_end(&mut sink);
+                return;
+            }
+        };
+        let resp = format!(
+            "HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\nX-Api: fake\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            if is_head { "" } else { &body }
+        );
+        if w.write_all(resp.as_bytes()).is_err() || m == ApiMode::EchoThenClose {
+            return;
+        }
+    }
+}
+
+struct Agent {
+    handle: Option<AgentHandle>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn stats(&self) -> metaproxy::agent::AgentStats {
+        self.handle.as_ref().unwrap().stats()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.stop();
+        }
+    }
+}
+
+fn config(dir: &Path, api: SocketAddr, timeout: &str, extra: &str) -> AgentConfig {
+    let inv = dir.join("inventory.toml");
+    std::fs::write(&inv, inventory()).unwrap();
+    let text = format!(
+        r#"
+socket = "{}"
+socket_mode = "user"
+inventory = "{}"
+metadata_proxy_shared_secret = "{SECRET}"
+{extra}
+[nova]
+nova_metadata_host = "{}"
+nova_metadata_port = {}
+timeout = "{timeout}"
+"#,
+        dir.join("run/agent.sock").display(),
+        inv.display(),
+        api.ip(),
+        api.port()
+    );
+    let t: toml::Table = toml::from_str(&text).unwrap();
+    AgentConfig::try_from(&t).unwrap()
+}
+
+fn start_agent(api: SocketAddr, timeout: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), api, timeout, "");
+    let socket = cfg.socket.clone();
+    let handle = metaproxy::agent::start(cfg).unwrap();
+    Agent {
+        handle: Some(handle),
+        socket,
+        _dir: dir,
+    }
+}
+
+fn connect(path: &Path) -> UnixStream {
+    let s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn request(path_in_guest: &str, id_headers: &str, xff: &str) -> String {
+    format!(
+        "GET {path_in_guest} HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: curl\r\nAccept: */*\r\nX-Forwarded-For: {xff}\r\n{id_headers}\r\n"
+    )
+}
+
+fn router(xff: &str) -> String {
+    request(
+        "/latest/meta-data/instance-id?x=1",
+        &format!("X-Neutron-Router-ID: {ROUTER}\r\n"),
+        xff,
+    )
+}
+
+fn network(xff: &str) -> String {
+    request(
+        "/openstack/latest/meta_data.json",
+        &format!("X-Neutron-Network-ID: {NET}\r\n"),
+        xff,
+    )
+}
+
+/// One request on a fresh connection.
+fn ask(socket: &Path, raw: &str) -> Resp {
+    let mut s = connect(socket);
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    read_response(&mut r, false).unwrap()
+}
+
+#[test]
+fn router_and_network_scoped_requests_are_signed_and_forwarded() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+
+    let r = ask(&agent.socket, &router("10.0.0.5"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), format!("instance={VM5}"));
+    assert_eq!(r.header("X-Api"), Some("fake"), "API headers relayed");
+    let r = ask(&agent.socket, &network("10.0.0.6"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), format!("instance={VM6}"));
+
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2);
+    for (s, vm, target) in [
+        (&seen[0], VM5, "/latest/meta-data/instance-id?x=1"),
+        (&seen[1], VM6, "/openstack/latest/meta_data.json"),
+    ] {
+        assert_eq!(s.method, "GET");
+        assert_eq!(s.target, target);
+        assert_eq!(
+            s.names(),
+            vec![
+                "Host",
+                "X-Forwarded-For",
+                "X-Instance-ID",
+                "X-Instance-ID-Signature",
+                "X-Tenant-ID"
+            ],
+            "exactly these headers: {:?}",
+            s.headers
+        );
+        assert_eq!(s.get("X-Instance-ID"), Some(vm));
+        assert_eq!(s.get("X-Tenant-ID"), Some(PROJECT));
+        assert_eq!(
+            s.get("X-Instance-ID-Signature"),
+            Some(sign_instance_id(SECRET.as_bytes(), vm).as_str())
+        );
+        assert_eq!(
+            s.get("Host"),
+            Some(format!("127.0.0.1:{}", api.addr.port()).as_str())
+        );
+    }
+    assert_eq!(seen[0].get("X-Forwarded-For"), Some("10.0.0.5"));
+    assert_eq!(seen[1].get("X-Forwarded-For"), Some("10.0.0.6"));
+}
+
+#[test]
+fn post_body_and_token_are_forwarded() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let raw = format!(
+        "POST /openstack/latest/password HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.5\r\n\
+         X-Neutron-Router-ID: {ROUTER}\r\nX-aws-ec2-metadata-token: tok\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    let r = ask(&agent.socket, &raw);
+    assert_eq!(r.status, 200);
+    let seen = api.seen();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].body, b"hello");
+    assert_eq!(seen[0].get("Content-Length"), Some("5"));
+    assert_eq!(seen[0].get("X-aws-ec2-metadata-token"), Some("tok"));
+}
+
+#[test]
+fn bad_identity_headers_are_400_and_unknown_guest_is_404() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+
+    let both = request(
+        "/",
+        &format!("X-Neutron-Router-ID: {ROUTER}\r\nX-Neutron-Network-ID: {NET}\r\n"),
+        "10.0.0.5",
+    );
+    let r = ask(&agent.socket, &both);
+    assert_eq!(r.status, 400);
+    assert!(
+        r.text()
+            .contains(&format!("Both network {NET} and router {ROUTER} defined.")),
+        "{}",
+        r.text()
+    );
+    assert!(r.header("Content-Type").unwrap().starts_with("text/plain"));
+
+    let no_xff = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Neutron-Router-ID: {ROUTER}\r\n\r\n");
+    assert_eq!(ask(&agent.socket, &no_xff).status, 400);
+    assert_eq!(
+        ask(&agent.socket, &router("10.0.0.5, 10.0.0.6")).status,
+        400
+    );
+
+    let r = ask(&agent.socket, &network("10.0.0.99"));
+    assert_eq!(r.status, 404);
+    // A pooled client keeps its connection: no close on our own 404.
+    assert_eq!(r.header("Connection"), None);
+    assert!(r
+        .text()
+        .contains(&format!("Instance was not found on network {NET}.")));
+    let r = ask(&agent.socket, &router("10.0.0.99"));
+    assert_eq!(r.status, 404);
+    assert!(r
+        .text()
+        .contains(&format!("Instance was not found on router {ROUTER}.")));
+    assert!(api.seen().is_empty(), "nothing reached the API");
+    assert_eq!(agent.stats().bad_requests, 3);
+    assert_eq!(agent.stats().not_found, 2);
+}
+
+#[test]
+fn api_statuses_are_relayed_or_mapped() {
+    let api = FakeApi::start(ApiMode::Status(418));
+    let agent = start_agent(api.addr, "5s");
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 500);
+    for s in [400, 403, 409, 500, 502, 503, 504] {
+        api.set_mode(ApiMode::Status(s));
+        let r = ask(&agent.socket, &router("10.0.0.5"));
+        assert_eq!(r.status, s);
+        assert_eq!(r.text(), format!("status {s}"), "body relayed");
+    }
+}
+
+#[test]
+fn api_down_is_503() {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let agent = start_agent(addr, "5s");
+    let r = ask(&agent.socket, &router("10.0.0.5"));
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("temporarily unavailable"));
+}
+
+#[test]
+fn api_silent_is_504() {
+    let api = FakeApi::start(ApiMode::Silent);
+    let agent = start_agent(api.addr, "300ms");
+    let t = std::time::Instant::now();
+    let r = ask(&agent.socket, &router("10.0.0.5"));
+    assert_eq!(r.status, 504);
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn api_404_for_a_cached_mapping_is_retried_once() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 200);
+    api.set_mode(ApiMode::Status(404));
+    let r = ask(&agent.socket, &router("10.0.0.5"));
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), "status 404");
+    assert_eq!(api.seen().len(), 3, "one retry after the cached 404");
+    assert_eq!(agent.stats().retried_after_404, 1);
+    assert_eq!(agent.stats().inventory_lookups, 2);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let mut s = connect(&agent.socket);
+    let all = format!(
+        "{}{}{}",
+        router("10.0.0.5"),
+        network("10.0.0.6"),
+        router("10.0.0.99")
+    );
+    s.write_all(all.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let a = read_response(&mut r, false).unwrap();
+    let b = read_response(&mut r, false).unwrap();
+    let c = read_response(&mut r, false).unwrap();
+    assert_eq!(a.text(), format!("instance={VM5}"));
+    assert_eq!(b.text(), format!("instance={VM6}"));
+    assert_eq!(c.status, 404);
+    // Still open for more.
+    r.get_mut()
+        .write_all(router("10.0.0.6").as_bytes())
+        .unwrap();
+    let d = read_response(&mut r, false).unwrap();
+    assert_eq!(d.text(), format!("instance={VM6}"));
+}
+
+#[test]
+fn connection_close_request_is_answered_then_closed() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let raw = router("10.0.0.5").replace("User-Agent", "Connection: close\r\nUser-Agent");
+    let mut s = connect(&agent.socket);
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("Connection"), Some("close"));
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "closed after the answer");
+}
+
+#[test]
+fn one_guest_costs_one_inventory_lookup() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let mut s = connect(&agent.socket);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for _ in 0..100 {
+        s.write_all(router("10.0.0.5").as_bytes()).unwrap();
+        assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    }
+    let st = agent.stats();
+    assert_eq!(st.inventory_lookups, 1, "{st:?}");
+    assert_eq!(st.cache_hits, 99);
+    assert_eq!(st.forwarded, 100);
+    assert_eq!(api.seen().len(), 100);
+}
+
+#[test]
+fn inventory_reload_swaps_and_a_broken_file_keeps_the_old_one() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let h = agent.handle.as_ref().unwrap();
+    let inv = agent._dir.path().join("inventory.toml");
+    std::fs::write(&inv, "this is not toml [").unwrap();
+    assert!(h.reload_inventory().is_err());
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 200);
+    // Move VM5's address to 10.0.0.7.
+    std::fs::write(&inv, inventory().replace("10.0.0.5", "10.0.0.7")).unwrap();
+    h.reload_inventory().unwrap();
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 404);
+    let r = ask(&agent.socket, &router("10.0.0.7"));
+    assert_eq!(r.text(), format!("instance={VM5}"));
+}
+
+#[test]
+fn stale_socket_is_replaced_and_a_live_one_refuses_start() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), api.addr, "5s", "");
+    std::fs::create_dir_all(cfg.socket.parent().unwrap()).unwrap();
+    // A stale socket: bound, then nobody accepting.
+    drop(UnixListener::bind(&cfg.socket).unwrap());
+    assert!(cfg.socket.exists());
+    let h = metaproxy::agent::start(cfg.clone()).unwrap();
+    assert_eq!(ask(&cfg.socket, &router("10.0.0.5")).status, 200);
+    // A second agent on the live socket must refuse.
+    let err = metaproxy::agent::start(cfg.clone())
+        .err()
+        .expect("must refuse");
+    assert!(
+        err.to_string().contains("another agent is running"),
+        "{err}"
+    );
+    // The first one still serves.
+    assert_eq!(ask(&cfg.socket, &router("10.0.0.5")).status, 200);
+    h.stop().unwrap();
+}
+
+#[test]
+fn a_pooled_connection_the_api_closed_is_replaced() {
+    let api = FakeApi::start(ApiMode::EchoThenClose);
+    let agent = start_agent(api.addr, "5s");
+    for vm in [VM5, VM5, VM5] {
+        let r = ask(&agent.socket, &router("10.0.0.5"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("instance={vm}"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(api.seen().len(), 3, "each request reached the API once");
+}
+
+#[test]
+fn inventory_file_changes_are_picked_up_by_polling() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    assert_eq!(ask(&agent.socket, &router("10.0.0.8")).status, 404);
+    let inv = agent._dir.path().join("inventory.toml");
+    std::fs::write(&inv, inventory().replace("10.0.0.6", "10.0.0.8")).unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let r = ask(&agent.socket, &router("10.0.0.8"));
+        if r.status == 200 {
+            assert_eq!(r.text(), format!("instance={VM6}"));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "not reloaded");
+    }
+}
+
+#[test]
+fn socket_gets_the_configured_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+}
+
+#[test]
+fn proxy_to_agent_to_api() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let proxy = metaproxy::proxy::start(common::proxy_config(&agent.socket, "")).unwrap();
+    let addr = proxy.bound[0][0];
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // A guest spoofing its identity gets its own instance anyway.
+    let raw = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+               X-Forwarded-For: 10.0.0.5\r\nX-Instance-ID: victim\r\n\r\n";
+    for _ in 0..3 {
+        s.write_all(raw.as_bytes()).unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.text(), format!("instance={VM_LO}"));
+    }
+    let seen = api.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].get("X-Forwarded-For"), Some("127.0.0.1"));
+    assert_eq!(
+        seen[0].get("X-Instance-ID-Signature"),
+        Some(sign_instance_id(SECRET.as_bytes(), VM_LO).as_str())
+    );
+    assert_eq!(agent.stats().inventory_lookups, 1);
+    proxy.stop().unwrap();
+}
+
+#[test]
+fn link_local_v6_resolves_by_mac_and_mapped_v4_as_v4() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let r = ask(&agent.socket, &router("fe80::f816:3eff:fe00:6"));
+    assert_eq!(r.text(), format!("instance={VM6}"));
+    let r = ask(&agent.socket, &network("::ffff:10.0.0.5"));
+    assert_eq!(r.text(), format!("instance={VM5}"));
+    let seen = api.seen();
+    assert_eq!(
+        seen[0].get("X-Forwarded-For"),
+        Some("fe80::f816:3eff:fe00:6")
+    );
+    assert_eq!(seen[1].get("X-Forwarded-For"), Some("::ffff:10.0.0.5"));
+}
+
+#[test]
+fn chunked_guest_body_is_forwarded_with_a_length_and_head_has_no_body() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let raw = format!(
+        "POST /openstack/latest/password HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.5\r\n\
+         X-Neutron-Router-ID: {ROUTER}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    );
+    let mut s = connect(&agent.socket);
+    s.write_all(raw.as_bytes()).unwrap();
+    let head = router("10.0.0.5").replacen("GET", "HEAD", 1);
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    let h = read_response(&mut r, true).unwrap();
+    assert_eq!(h.status, 200);
+    let len = format!("instance={VM5}").len().to_string();
+    assert_eq!(
+        h.header("Content-Length"),
+        Some(len.as_str()),
+        "the API's length"
+    );
+    // Still in step: a third request is answered.
+    r.get_mut()
+        .write_all(router("10.0.0.6").as_bytes())
+        .unwrap();
+    let c = read_response(&mut r, false).unwrap();
+    assert_eq!(c.text(), format!("instance={VM6}"));
+    let seen = api.seen();
+    assert_eq!(seen[0].body, b"abcde");
+    assert_eq!(seen[0].get("Content-Length"), Some("5"));
+    assert_eq!(seen[0].get("Transfer-Encoding"), None);
+    assert_eq!(seen[1].method, "HEAD");
+}

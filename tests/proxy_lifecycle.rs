@@ -1,0 +1,135 @@
+//! Process lifecycle: SIGTERM drains in-flight requests and exits 0; timeouts
+//! really release their file descriptors; a bad config refuses to start.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// fd counting needs the process to itself: tests in this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let agent = FakeAgent::start(AgentMode::Delay(600));
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[proxy]\nworkers = 2\nagent_socket = \"{}\"\ndrain_timeout = \"5s\"\n[[proxy.namespace]]\nrouter_id = \"{ROUTER}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            agent.path.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["proxy", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for "listener up".
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let t0 = Instant::now();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "proxy exited early");
+        if line.contains("proxy starting") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    std::thread::spawn(move || for _ in err.lines() {});
+    std::thread::sleep(Duration::from_millis(100));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /in-flight HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let r = read_response(&mut BufReader::new(s), false).unwrap();
+    assert_eq!(r.status, 200, "the in-flight request completes");
+    assert_eq!(
+        r.header("Connection"),
+        Some("close"),
+        "a draining proxy closes after the answer"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(TcpStream::connect(addr).is_err(), "no longer accepting");
+}
+
+#[test]
+fn timed_out_connections_release_their_fds() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let h = metaproxy::proxy::start(proxy_config(&agent.path, "")).unwrap();
+    let addr = h.bound[0][0];
+    std::thread::sleep(Duration::from_millis(200));
+    let before = open_fds();
+    // 50 clients that send half a head and stall (slowloris).
+    let stalled: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /slow HTTP/1.1\r\nHost:").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(open_fds() >= before + 100, "both ends open while stalled");
+    // http_request is 1 s in the test config; the proxy must close its side.
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stalled);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = open_fds();
+    assert!(
+        after <= before + 2,
+        "fds leaked: before {before}, after {after}"
+    );
+    // And the proxy still serves.
+    assert_eq!(
+        get(addr, "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .status,
+        200
+    );
+    h.stop().unwrap();
+}
+
+#[test]
+fn a_bad_config_refuses_to_start_and_names_the_key() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[proxy.namespace]]\nrouter_id = \"not-a-uuid\"\nlisten = \"0.0.0.0:9697\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["proxy", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("proxy.namespace[0].router_id"), "{err}");
+}

@@ -1,0 +1,160 @@
+//! The main job end to end: `metaproxy up` (api + agent + proxy in one
+//! process) serving the example inventory to two "VMs" on loopback
+//! (127.0.0.1 = demo, 127.0.0.2 = demo2), through the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::read_response;
+
+const DEMO: &str = "d0d0d0d0-0000-4000-8000-000000000001";
+const DEMO2: &str = "d0d0d0d0-0000-4000-8000-000000000002";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Up(Child);
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+fn start_up(dir: &std::path::Path) -> (Up, SocketAddr) {
+    let (proxy_port, api_port) = (free_port(), free_port());
+    let inv = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/inventory.toml");
+    let sock = dir.join("agent.sock");
+    let cfg = dir.join("up.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[api]
+listen = "127.0.0.1:{api_port}"
+metadata_proxy_shared_secret = "test-secret"
+inventory = "{inv}"
+state_dir = "{state}"
+
+[agent]
+socket = "{sock}"
+inventory = "{inv}"
+metadata_proxy_shared_secret = "test-secret"
+[agent.nova]
+nova_metadata_port = {api_port}
+
+[proxy]
+agent_socket = "{sock}"
+control_socket = "{ctl}"
+[[proxy.namespace]]
+router_id = "d0d0d0d0-0000-4000-8000-00000000c001"
+listen = "127.0.0.1:{proxy_port}"
+"#,
+            state = dir.join("state").display(),
+            sock = sock.display(),
+            ctl = dir.join("ctl.sock").display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let t0 = Instant::now();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
+        if line.contains("up: api, agent and proxy are serving") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
+    }
+    std::thread::spawn(move || for _ in err.lines() {});
+    (
+        Up(child),
+        format!("127.0.0.1:{proxy_port}").parse().unwrap(),
+    )
+}
+
+/// One request from a given loopback source address (a distinct "VM").
+fn ask(from: &str, to: SocketAddr, path: &str, extra: &str) -> common::Resp {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.connect(&to.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    read_response(&mut BufReader::new(s), false).unwrap()
+}
+
+#[test]
+fn each_vm_gets_its_own_metadata_whatever_it_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, proxy) = start_up(dir.path());
+
+    let r = ask("127.0.0.1", proxy, "/openstack/latest/meta_data.json", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["uuid"], DEMO);
+    assert_eq!(v["hostname"], "demo.novalocal");
+
+    let r = ask("127.0.0.2", proxy, "/openstack/latest/meta_data.json", "");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["uuid"], DEMO2);
+
+    // VM 2 claims to be VM 1 in every way it can: it still gets only its own.
+    let spoof = format!(
+        "X-Forwarded-For: 127.0.0.1\r\nX-Instance-ID: {DEMO}\r\nX-Tenant-ID: d0d0d0d0000040008000000000000000\r\n\
+         X-Instance-ID-Signature: 00\r\nX-Neutron-Network-ID: d0d0d0d0-0000-4000-8000-00000000a001\r\nForwarded: for=127.0.0.1\r\n"
+    );
+    let r = ask(
+        "127.0.0.2",
+        proxy,
+        "/openstack/latest/meta_data.json",
+        &spoof,
+    );
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        v["uuid"], DEMO2,
+        "spoofed headers must not reach another instance"
+    );
+    assert!(!r.text().contains(DEMO));
+
+    // EC2 tree and user-data, as cloud-init's EC2 crawl reads them.
+    let r = ask("127.0.0.1", proxy, "/2009-04-04/meta-data/public-keys/", "");
+    assert_eq!(r.text(), "0=demo-key");
+    let r = ask("127.0.0.1", proxy, "/2009-04-04/meta-data/hostname", "");
+    assert_eq!(r.text(), "demo.novalocal");
+
+    // A VM the inventory does not know: Neutron's 404.
+    let r = ask("127.0.0.9", proxy, "/openstack/latest/meta_data.json", "");
+    assert_eq!(r.status, 404);
+    assert!(
+        r.text()
+            .contains("Instance was not found on router d0d0d0d0-0000-4000-8000-00000000c001"),
+        "{}",
+        r.text()
+    );
+}
