@@ -29,6 +29,8 @@
 //! latency under load, the opposite of a storm), and reqwest/hyper clients
 //! (a second runtime, and they hide connection reuse from us).
 
+#![warn(missing_docs)]
+
 mod check;
 mod client;
 mod profile;
@@ -63,12 +65,16 @@ const START_LEAD: Duration = Duration::from_millis(100);
 /// counted in the report instead).
 #[derive(Debug, thiserror::Error)]
 pub enum StormError {
+    /// No instance to run (empty inventory or `--vms 0`).
     #[error("no VMs to run (the inventory has no instance with a fixed IPv4 address)")]
     NoVms,
+    /// `--profile` is not one of the four.
     #[error("unknown profile {0:?}: expected cloud-init, openstack, ec2 or keepalive")]
     UnknownProfile(String),
+    /// The loop threads could not be started.
     #[error("starting the storm loops: {0}")]
     Loops(#[source] io::Error),
+    /// A loop ended with an error or panicked.
     #[error("a storm loop failed: {0}")]
     LoopFailed(String),
 }
@@ -90,6 +96,7 @@ pub enum Profile {
 }
 
 impl Profile {
+    /// The `--profile` spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Profile::CloudInit => "cloud-init",
@@ -124,13 +131,17 @@ impl std::fmt::Display for Profile {
 pub struct VmSpec {
     /// Source address of every connection (the instance's first fixed IPv4).
     pub ip: IpAddr,
+    /// Instance UUID (`meta_data.json` `uuid`).
     pub uuid: String,
     /// Bare hostname; answers may carry `.<dhcp_domain>`.
     pub hostname: String,
     /// EC2 `instance-id`.
     pub instance_id: String,
+    /// EC2 `reservation-id`.
     pub reservation_id: String,
+    /// EC2 `ami-launch-index`.
     pub launch_index: u32,
+    /// Raw user-data (`None`: the API answers 404).
     pub user_data: Option<Vec<u8>>,
     /// The first key's data (EC2 `public-keys/0/openssh-key`).
     pub ssh_key: Option<String>,
@@ -168,10 +179,13 @@ impl VmSpec {
 pub struct StormConfig {
     /// Where the VMs send their requests (the proxy, `up`, or haproxy).
     pub target: SocketAddr,
+    /// The VMs, in start order.
     pub vms: Vec<VmSpec>,
     /// VM `i` starts at `i * ramp / vms.len()`.
     pub ramp: Duration,
+    /// Request sequence every VM replays.
     pub profile: Profile,
+    /// Pinned loops; VMs are dealt over them round-robin.
     pub workers: NonZeroUsize,
     /// Per request: connect + send + complete response.
     pub timeout: Duration,

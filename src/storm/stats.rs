@@ -52,6 +52,7 @@ impl ErrorKind {
         ErrorKind::WrongVm,
     ];
 
+    /// Name in the table and the JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Connect => "connect",
@@ -67,11 +68,17 @@ impl ErrorKind {
 /// Errors by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ErrorCounts {
+    /// bind/connect failed.
     pub connect: u64,
+    /// No complete response within the timeout.
     pub timeout: u64,
+    /// Reset, early close, unparseable response.
     pub io: u64,
+    /// Unexpected status.
     pub status: u64,
+    /// Expected status, malformed body.
     pub body: u64,
+    /// Another VM's data.
     pub wrong_vm: u64,
 }
 
@@ -87,11 +94,13 @@ impl ErrorCounts {
         }
     }
 
+    /// Count of one kind.
     pub fn get(&self, k: ErrorKind) -> u64 {
         let mut c = *self;
         *c.slot(k)
     }
 
+    /// All kinds together.
     pub fn total(&self) -> u64 {
         ErrorKind::ALL.iter().map(|k| self.get(*k)).sum()
     }
@@ -164,13 +173,21 @@ impl LoopStats {
 /// Percentiles of one histogram, in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Summary {
+    /// Values recorded.
     pub count: u64,
+    /// Smallest value.
     pub min: u64,
+    /// Arithmetic mean.
     pub mean: f64,
+    /// Median.
     pub p50: u64,
+    /// 90th percentile.
     pub p90: u64,
+    /// 99th percentile.
     pub p99: u64,
+    /// 99.9th percentile.
     pub p99_9: u64,
+    /// Largest value.
     pub max: u64,
 }
 
@@ -195,20 +212,33 @@ impl Summary {
 /// The result of a storm. `Display` is the final table.
 #[derive(Debug, Clone, Serialize)]
 pub struct StormReport {
+    /// Address the VMs talked to.
     pub target: String,
+    /// Request sequence replayed.
     pub profile: super::Profile,
+    /// VMs in the storm.
     pub vms: u64,
+    /// Loops used.
     pub workers: usize,
+    /// Ramp window, seconds.
     pub ramp_s: f64,
+    /// Per-request timeout, seconds.
     pub timeout_s: f64,
     /// From the first scheduled start to the last VM's end.
     pub duration_s: f64,
+    /// VMs whose every request passed.
     pub vms_completed: u64,
+    /// VMs with at least one failed request.
     pub vms_failed: u64,
+    /// Requests that got as far as being sent.
     pub requests: u64,
+    /// Connections attempted.
     pub connections: u64,
+    /// `requests / duration_s`.
     pub requests_per_s: f64,
+    /// `connections / duration_s`.
     pub connections_per_s: f64,
+    /// Failed requests by kind.
     pub errors: ErrorCounts,
     /// Per request, from its first byte of work (slot held) to its complete response.
     pub request_latency_us: Summary,
@@ -216,6 +246,7 @@ pub struct StormReport {
     pub vm_complete_us: Summary,
     /// Requests that waited for a free connection slot (client-side fd cap).
     pub fd_waits: u64,
+    /// Open-connection cap of each loop.
     pub connections_per_loop: usize,
     /// The first few failures, for diagnosis.
     pub error_samples: Vec<String>,
