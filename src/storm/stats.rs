@@ -401,7 +401,7 @@ impl Display {
         if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(shared.vms.len() as u64);
             let style = indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} VMs done {msg}",
+                "{elapsed_precise} [{bar:30}] {pos}/{len} VMs {msg}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> ");
@@ -417,8 +417,7 @@ impl Display {
             .saturating_duration_since(shared.t0)
             .as_secs_f64();
         format!(
-            "started {} running {} failed {} requests {} ({:.0}/s) errors {}",
-            t.started,
+            "running {} failed {} req {} ({:.0}/s) errors {}",
             t.started.saturating_sub(t.completed + t.failed),
             t.failed,
             t.requests,
