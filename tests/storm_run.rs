@@ -248,3 +248,41 @@ fn storm_counts_timeouts_and_refused_connections() {
     assert_eq!(r.requests, 0);
     assert!(!r.passed);
 }
+
+#[test]
+fn storm_arrivals_do_not_wait_for_a_slow_server() {
+    // Accepts, notes when each VM first arrived, never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let first_seen = Arc::new(Mutex::new(HashMap::<IpAddr, std::time::Instant>::new()));
+    let seen = Arc::clone(&first_seen);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            let peer = s.peer_addr().unwrap().ip();
+            seen.lock()
+                .unwrap()
+                .entry(peer)
+                .or_insert_with(std::time::Instant::now);
+            held.push(s);
+        }
+    });
+    let vms = VmSpec::from_inventory(&inventory(), 20);
+    let mut cfg = StormConfig::new(addr, vms);
+    cfg.profile = Profile::Openstack;
+    cfg.ramp = Duration::from_millis(200);
+    cfg.timeout = Duration::from_millis(500);
+    cfg.workers = NonZeroUsize::new(1).unwrap();
+    let r = storm::run(cfg).unwrap();
+    assert!(!r.passed);
+    let seen = first_seen.lock().unwrap();
+    assert_eq!(seen.len(), 20, "every VM arrived");
+    let first = seen.values().min().unwrap();
+    let last = seen.values().max().unwrap();
+    // A closed loop would space arrivals by a VM's 7 timeouts (3.5 s); open loop by the ramp.
+    assert!(
+        last.duration_since(*first) < Duration::from_millis(1000),
+        "arrivals spread over {:?}",
+        last.duration_since(*first)
+    );
+}
