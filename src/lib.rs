@@ -21,3 +21,4 @@ pub mod proxy;
 pub mod rt;
 pub mod sign;
 pub mod signals;
+pub mod storm;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use metaproxy::agent::AgentConfig;
 use metaproxy::api::config::ApiConfig;
@@ -71,6 +71,15 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Boot-storm load generator: N VMs, each from its own source address,
+    /// replay cloud-init's requests against TARGET and check every answer.
+    /// Exits 1 unless every VM completed without errors.
+    Storm(StormArgs),
+    /// Inventory tools.
+    Inventory {
+        #[command(subcommand)]
+        command: InventoryCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +110,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Api { config, check } => run_api(&config, check),
         Command::Up { config } => run_up(&config),
         Command::Agent { config, check } => run_agent(&config, check),
+        Command::Storm(args) => run_storm(args),
+        Command::Inventory { command } => run_inventory(command),
     }
 }
 
@@ -328,5 +339,134 @@ fn run_up(path: &Path) -> Result<()> {
     agent.stop()?;
     api.stop()?;
     log::info(format_args!("stopped"));
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct StormArgs {
+    /// Where the VMs send requests (proxy, `up`, haproxy): HOST:PORT.
+    #[arg(long)]
+    target: String,
+    /// Inventory the VMs come from (see `inventory synth`); each VM binds
+    /// its first fixed IPv4.
+    #[arg(long)]
+    inventory: PathBuf,
+    /// Number of VMs (the first N instances of the inventory).
+    #[arg(long, default_value_t = metaproxy::storm::DEFAULT_VMS)]
+    vms: usize,
+    /// Window over which the VMs start (open loop): 5s, 500ms, 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    ramp: std::time::Duration,
+    /// cloud-init | openstack | ec2 | keepalive.
+    #[arg(long, default_value = "cloud-init")]
+    profile: metaproxy::storm::Profile,
+    /// Pinned loops (default: one per core).
+    #[arg(long)]
+    workers: Option<std::num::NonZeroUsize>,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    timeout: std::time::Duration,
+    /// Cap on open connections (default: from RLIMIT_NOFILE).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum InventoryCmd {
+    /// Write a synthetic inventory for boot storms: VM i on 127.16.0.0/12,
+    /// hostname vm-<i>, everything else derived from i.
+    Synth {
+        /// Number of VMs.
+        #[arg(long, default_value_t = 1000)]
+        vms: u32,
+        /// Number of networks the VMs are dealt over.
+        #[arg(long, default_value_t = 1)]
+        networks: u32,
+        /// Number of routers; each takes a share of the networks.
+        #[arg(long, default_value_t = 1)]
+        routers: u32,
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s).ok_or_else(|| format!("{s:?}: expected e.g. 5s, 500ms, 2m"))
+}
+
+fn resolve(target: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    target
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {target}"))?
+        .next()
+        .with_context(|| format!("{target}: no address"))
+}
+
+fn run_storm(a: StormArgs) -> Result<()> {
+    let target = resolve(&a.target)?;
+    let inv = metaproxy::inventory::Inventory::load(&a.inventory)?;
+    let vms = metaproxy::storm::VmSpec::from_inventory(&inv, a.vms);
+    drop(inv);
+    if vms.len() < a.vms {
+        log::info(format_args!(
+            "storm: {} has {} VMs with a fixed IPv4 address; running those",
+            a.inventory.display(),
+            vms.len()
+        ));
+    }
+    let mut cfg = metaproxy::storm::StormConfig::new(target, vms);
+    cfg.ramp = a.ramp;
+    cfg.profile = a.profile;
+    cfg.timeout = a.timeout;
+    cfg.max_connections = a.max_connections;
+    cfg.progress = true;
+    if let Some(w) = a.workers {
+        cfg.workers = w;
+    }
+    let report = metaproxy::storm::run(cfg)?;
+    println!("{report}");
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed {
+        bail!(
+            "storm failed: {} of {} VMs completed, {} errors ({} wrong VM)",
+            report.vms_completed,
+            report.vms,
+            report.errors.total(),
+            report.errors.wrong_vm
+        );
+    }
+    Ok(())
+}
+
+fn run_inventory(cmd: InventoryCmd) -> Result<()> {
+    use metaproxy::inventory::synth::{synth_toml, SynthSpec};
+    let InventoryCmd::Synth {
+        vms,
+        networks,
+        routers,
+        out,
+    } = cmd;
+    let text = synth_toml(&SynthSpec {
+        vms,
+        networks,
+        routers,
+    })?;
+    match out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => {
+            use std::io::Write as _;
+            std::io::stdout().lock().write_all(text.as_bytes())?;
+        }
+    }
     Ok(())
 }

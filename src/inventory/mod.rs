@@ -29,6 +29,7 @@
 
 mod file;
 pub mod net;
+pub mod synth;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
