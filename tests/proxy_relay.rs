@@ -343,3 +343,35 @@ fn malformed_requests_get_their_status_and_close() {
     assert!(agent.seen().is_empty());
     h.stop().unwrap();
 }
+
+/// More idle connections waking at once than the loop's buffer ring has
+/// buffers: every one must still be answered (the ring falls back to owned
+/// reads). Regression: compio reports the empty ring as ResourceBusy, which
+/// the fallback missed, and such connections were closed unanswered.
+#[test]
+fn more_simultaneous_wakeups_than_ring_buffers_are_all_answered() {
+    let agent = FakeAgent::start(AgentMode::KeepAlive);
+    let (h, addr) = start(&agent, "max_connections = 5000");
+    let n = 4000; // far more than rt::RING_BUFFERS (256) per loop
+    let mut conns: Vec<(TcpStream, BufReader<TcpStream>)> = (0..n)
+        .map(|_| {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let r = BufReader::new(s.try_clone().unwrap());
+            (s, r)
+        })
+        .collect();
+    // Everyone sends at once, onto idle connections.
+    for (s, _) in &mut conns {
+        s.write_all(b"GET /wake HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+    }
+    let mut ok = 0;
+    for (_, r) in &mut conns {
+        if read_response(r, false).map(|r| r.status).ok() == Some(200) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, n, "every woken connection answered");
+    h.stop().unwrap();
+}
