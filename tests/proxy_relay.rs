@@ -352,7 +352,16 @@ fn malformed_requests_get_their_status_and_close() {
 fn more_simultaneous_wakeups_than_ring_buffers_are_all_answered() {
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let (h, addr) = start(&agent, "max_connections = 5000");
-    let n = 4000; // far more than rt::RING_BUFFERS (256) per loop
+    // Far more than rt::RING_BUFFERS (256) per loop; each connection costs 3 fds
+    // in this process (client, its reader clone, the proxy's side).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    let n = 4000.min(usize::try_from(hard.saturating_sub(500) / 3).unwrap_or(4000));
+    assert!(
+        n >= 1000,
+        "RLIMIT_NOFILE hard limit {hard} is too low for this test"
+    );
     let mut conns: Vec<(TcpStream, BufReader<TcpStream>)> = (0..n)
         .map(|_| {
             let s = TcpStream::connect(addr).unwrap();
