@@ -256,7 +256,11 @@ fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Res
         );
     }
     let nova = agent.nova.addr;
-    if !api.listen.iter().any(|a| *a == nova || (a.port() == nova.port() && a.ip().is_unspecified())) {
+    if !api
+        .listen
+        .iter()
+        .any(|a| *a == nova || (a.port() == nova.port() && a.ip().is_unspecified()))
+    {
         bail!("agent.nova ({nova}) is not one of api.listen ({:?}): the agent would not reach this API", api.listen);
     }
     if api.shared_secret != agent.shared_secret {
@@ -282,7 +286,12 @@ fn run_up(path: &Path) -> Result<()> {
     let agent = metaproxy::agent::start(agent_cfg).with_context(ctx)?;
     let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;
     let _ctl = metaproxy::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
-        .map_err(|e| log::warn(format_args!("control socket {}: {e}; `metaproxy ctl` will not work", ctl_path.display())))
+        .map_err(|e| {
+            log::warn(format_args!(
+                "control socket {}: {e}; `metaproxy ctl` will not work",
+                ctl_path.display()
+            ))
+        })
         .ok();
     let watcher = match discover {
         Some(d) => Some(metaproxy::proxy::discover::start(d, proxy.control.clone())?),
@@ -298,7 +307,9 @@ fn run_up(path: &Path) -> Result<()> {
             metaproxy::signals::Received::Reload => {
                 match load_proxy_config(path) {
                     Ok(new) => log::info(format_args!("SIGHUP: {}", proxy.control.reload(new))),
-                    Err(e) => log::error(format_args!("SIGHUP: keeping the running proxy configuration: {e:#}")),
+                    Err(e) => log::error(format_args!(
+                        "SIGHUP: keeping the running proxy configuration: {e:#}"
+                    )),
                 }
                 let _ = api.reload_inventory();
                 let _ = agent.reload_inventory();

@@ -15,13 +15,20 @@ const DEMO: &str = "d0d0d0d0-0000-4000-8000-000000000001";
 const DEMO2: &str = "d0d0d0d0-0000-4000-8000-000000000002";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Up(Child);
 impl Drop for Up {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.0.wait();
     }
 }
@@ -78,17 +85,25 @@ listen = "127.0.0.1:{proxy_port}"
         assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
     }
     std::thread::spawn(move || for _ in err.lines() {});
-    (Up(child), format!("127.0.0.1:{proxy_port}").parse().unwrap())
+    (
+        Up(child),
+        format!("127.0.0.1:{proxy_port}").parse().unwrap(),
+    )
 }
 
 /// One request from a given loopback source address (a distinct "VM").
 fn ask(from: &str, to: SocketAddr, path: &str, extra: &str) -> common::Resp {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     sock.connect(&to.into()).unwrap();
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
     read_response(&mut BufReader::new(s), false).unwrap()
 }
 
@@ -113,10 +128,18 @@ fn each_vm_gets_its_own_metadata_whatever_it_sends() {
         "X-Forwarded-For: 127.0.0.1\r\nX-Instance-ID: {DEMO}\r\nX-Tenant-ID: d0d0d0d0000040008000000000000000\r\n\
          X-Instance-ID-Signature: 00\r\nX-Neutron-Network-ID: d0d0d0d0-0000-4000-8000-00000000a001\r\nForwarded: for=127.0.0.1\r\n"
     );
-    let r = ask("127.0.0.2", proxy, "/openstack/latest/meta_data.json", &spoof);
+    let r = ask(
+        "127.0.0.2",
+        proxy,
+        "/openstack/latest/meta_data.json",
+        &spoof,
+    );
     assert_eq!(r.status, 200);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["uuid"], DEMO2, "spoofed headers must not reach another instance");
+    assert_eq!(
+        v["uuid"], DEMO2,
+        "spoofed headers must not reach another instance"
+    );
     assert!(!r.text().contains(DEMO));
 
     // EC2 tree and user-data, as cloud-init's EC2 crawl reads them.
@@ -128,5 +151,10 @@ fn each_vm_gets_its_own_metadata_whatever_it_sends() {
     // A VM the inventory does not know: Neutron's 404.
     let r = ask("127.0.0.9", proxy, "/openstack/latest/meta_data.json", "");
     assert_eq!(r.status, 404);
-    assert!(r.text().contains("Instance was not found on router d0d0d0d0-0000-4000-8000-00000000c001"), "{}", r.text());
+    assert!(
+        r.text()
+            .contains("Instance was not found on router d0d0d0d0-0000-4000-8000-00000000c001"),
+        "{}",
+        r.text()
+    );
 }

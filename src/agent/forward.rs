@@ -98,6 +98,8 @@ enum Attempt {
 
 /// Per-loop pool of idle keep-alive connections to the API.
 pub struct Pool {
+    /// What the peer is, for logs ("metadata API", "Neutron").
+    what: &'static str,
     addr: SocketAddr,
     max_idle: usize,
     timeout: Duration,
@@ -110,7 +112,13 @@ pub struct Pool {
 impl Pool {
     /// An empty pool; connections are opened on demand.
     pub fn new(addr: SocketAddr, max_idle: usize, timeout: Duration) -> Pool {
+        Pool::named("metadata API", addr, max_idle, timeout)
+    }
+
+    /// An empty pool to `what` (named in logs).
+    pub fn named(what: &'static str, addr: SocketAddr, max_idle: usize, timeout: Duration) -> Pool {
         Pool {
+            what,
             addr,
             max_idle,
             timeout,
@@ -156,8 +164,8 @@ impl Pool {
             Err(e) => {
                 if !self.down_logged.replace(true) {
                     log::error(format_args!(
-                        "metadata API at {} unreachable: {e}; answering 503 until it is back",
-                        self.addr
+                        "{} at {} unreachable: {e}; answering 503 until it is back",
+                        self.what, self.addr
                     ));
                 }
                 return Err(ForwardError::Unreachable(e.to_string()));
@@ -165,8 +173,8 @@ impl Pool {
         };
         if self.down_logged.replace(false) {
             log::info(format_args!(
-                "metadata API at {} reachable again",
-                self.addr
+                "{} at {} reachable again",
+                self.what, self.addr
             ));
         }
         match self.once(conn, req, is_head).await {
