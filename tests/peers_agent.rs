@@ -148,3 +148,66 @@ fn real_neutron_and_nova_through_our_agent() {
         h.stop().unwrap();
     }
 }
+
+/// A small storm (the peers run one gunicorn worker on SQLite, so tens of
+/// requests, not thousands): 40 concurrent requests for the router1 VMs
+/// through a fresh agent cost 2 Neutron calls (router → networks, one
+/// prefetch of the router's networks).
+#[test]
+fn small_storm_against_real_neutron() {
+    let Some(f) = fixture() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let h = agent(&f, dir.path(), "");
+    let sock = dir.path().join("agent.sock");
+    let vms: Vec<(String, String, String)> = f["instances"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|vm| vm["router"] == "router1")
+        .map(|vm| {
+            (
+                vm["uuid"].as_str().unwrap().to_string(),
+                vm["ip_address"].as_str().unwrap().to_string(),
+                vm["router_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(vms.len() >= 2);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(40));
+    let threads: Vec<_> = (0..40)
+        .map(|i| {
+            let (uuid, ip, router) = vms[i % vms.len()].clone();
+            let (sock, barrier) = (sock.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let resp = get(&sock, &ip, &format!("X-Neutron-Router-ID: {router}\r\n"));
+                assert_eq!(resp.status, 200, "{ip}: {}", resp.text());
+                let md: Value = serde_json::from_slice(&resp.body).unwrap();
+                assert_eq!(md["uuid"], uuid.as_str());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let calls = h.stats().neutron_calls;
+    println!(
+        "peers_agent storm: 40 concurrent requests, {} VMs: {calls} Neutron calls",
+        vms.len()
+    );
+    assert!(calls <= 3, "{calls} Neutron calls");
+
+    // gunicorn closes idle keep-alive connections after ~2 s: a lookup on
+    // the pooled (now dead) connection is re-sent on a fresh one.
+    std::thread::sleep(Duration::from_millis(2500));
+    let router = &vms[0].2;
+    let resp = get(
+        &sock,
+        "10.10.0.251",
+        &format!("X-Neutron-Router-ID: {router}\r\n"),
+    );
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    assert_eq!(h.stats().neutron_calls, calls + 1);
+    assert_eq!(h.stats().backend_unavailable, 0);
+    h.stop().unwrap();
+}

@@ -48,6 +48,8 @@ use crate::rt::{self, sync::oneshot};
 /// Refresh a token this long before Keystone says it expires (at most half
 /// its lifetime), so that a request never starts with a token about to die.
 pub const TOKEN_MARGIN: Duration = Duration::from_secs(60);
+/// Network sets remembered as prefetched before stale ones are swept.
+const MAX_PREFETCH_SETS: usize = 10_000;
 /// Lifetime assumed for a token whose `expires_at` we cannot read.
 const TOKEN_FALLBACK_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -507,6 +509,13 @@ impl NeutronResolver {
                     waiters.push(tx);
                 }
                 _ => {
+                    if p.len() >= MAX_PREFETCH_SETS {
+                        let ttl = self.prefetch_ttl;
+                        p.retain(|_, s| match s {
+                            Prefetch::Running(_) => true,
+                            Prefetch::Done(at) => at.elapsed() < ttl,
+                        });
+                    }
                     p.insert(nets.clone(), Prefetch::Running(vec![tx]));
                     let me = self.clone();
                     let nets = nets.clone();
