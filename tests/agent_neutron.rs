@@ -381,16 +381,17 @@ impl Drop for Agent {
 
 impl Agent {
     fn start(neutron: &FakeNeutron, keystone: bool, extra: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let api = fake_api();
         let auth = if keystone {
-            format!(
-                "auth_strategy = \"keystone\"\nauth_url = \"http://{}/v3\"\nusername = \"metaproxy\"\npassword = \"pw\"\nproject_name = \"service\"",
-                neutron.addr
-            )
+            keystone_auth(neutron.addr)
         } else {
             "auth_strategy = \"noauth\"".into()
         };
+        Agent::start_with(neutron, &auth, extra)
+    }
+
+    fn start_with(neutron: &FakeNeutron, auth: &str, extra: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let api = fake_api();
         let text = format!(
             r#"
 socket = "{}"
@@ -425,6 +426,12 @@ timeout = "1s"
     fn handle(&self) -> &AgentHandle {
         self.handle.as_ref().unwrap()
     }
+}
+
+fn keystone_auth(keystone: SocketAddr) -> String {
+    format!(
+        "auth_strategy = \"keystone\"\nauth_url = \"http://{keystone}/v3\"\nusername = \"metaproxy\"\npassword = \"pw\"\nproject_name = \"service\""
+    )
 }
 
 fn request(xff: &str, scope: &str) -> String {
@@ -579,6 +586,23 @@ fn keystone_401_mid_run_refreshes_the_token_once() {
     );
     assert_eq!(agent.handle().stats().token_requests, 2);
     assert_eq!(agent.handle().stats().backend_unavailable, 0);
+}
+
+#[test]
+fn keystone_down_is_503_and_waiters_share_the_failure() {
+    let neutron = FakeNeutron::start(true);
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let agent = Agent::start_with(&neutron, &keystone_auth(dead_addr), "");
+    let t = Instant::now();
+    let results = storm(&agent.socket, 20, 1, 200);
+    assert!(results.iter().all(|(_, r)| r.status == 503));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(neutron.calls(), 0);
+    // One fetch per wave of waiters, not one per request.
+    let tokens = agent.handle().stats().token_requests;
+    assert!(tokens <= 3, "{tokens} token requests");
 }
 
 #[test]

@@ -165,6 +165,11 @@ pub struct NeutronClient {
     token: RefCell<Option<Token>>,
     /// Serializes token fetches: concurrent callers wait for one POST.
     token_lock: futures_util::lock::Mutex<()>,
+    /// Token fetches finished, and how the last one failed: callers that
+    /// queued behind a failed fetch share its error instead of each trying
+    /// again in turn (N waiters × the timeout while Keystone is down).
+    fetches: Cell<u64>,
+    last_error: RefCell<Option<BackendError>>,
     metrics: Arc<LoopMetrics>,
 }
 
@@ -192,6 +197,8 @@ impl NeutronClient {
             keystone,
             token: RefCell::new(None),
             token_lock: futures_util::lock::Mutex::new(()),
+            fetches: Cell::new(0),
+            last_error: RefCell::new(None),
             metrics,
         }
     }
@@ -212,10 +219,27 @@ impl NeutronClient {
         if let Some(t) = self.cached_token() {
             return Ok(Some(t));
         }
+        let seen = self.fetches.get();
         let _guard = self.token_lock.lock().await;
         if let Some(t) = self.cached_token() {
             return Ok(Some(t)); // fetched while we waited
         }
+        if self.fetches.get() != seen {
+            if let Some(e) = self.last_error.borrow().clone() {
+                return Err(e); // failed while we waited
+            }
+        }
+        let r = self.fetch_token(endpoint, method).await;
+        self.fetches.set(self.fetches.get() + 1);
+        *self.last_error.borrow_mut() = r.as_ref().err().cloned();
+        r.map(Some)
+    }
+
+    async fn fetch_token(
+        &self,
+        endpoint: &Endpoint,
+        method: &KeystoneMethod,
+    ) -> Result<Rc<str>, BackendError> {
         let Some(pool) = &self.keystone else {
             return Err(BackendError::Cancelled);
         };
@@ -264,7 +288,7 @@ impl NeutronClient {
             value: value.clone(),
             refresh_at,
         });
-        Ok(Some(value))
+        Ok(value)
     }
 
     /// Forget `bad` (Neutron rejected it), unless a newer token replaced it already.
@@ -614,7 +638,7 @@ impl NeutronResolver {
     }
 
     fn gauge(&self) {
-        let n = self.batcher.borrow().in_flight() + self.tickets.borrow().len();
+        let n = self.tickets.borrow().len();
         self.metrics.lookups_in_flight.store(
             u64::try_from(n).unwrap_or(u64::MAX),
             std::sync::atomic::Ordering::Relaxed,

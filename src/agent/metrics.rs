@@ -103,7 +103,7 @@ pub struct LoopMetrics {
     pub backend_errors: AtomicU64,
     /// Keys looked up in one Neutron call.
     batch_sizes: Histogram<{ BATCH_BUCKETS.len() }>,
-    /// Keys queued or in flight to the backend right now (gauge).
+    /// Requests waiting for a batched Neutron lookup right now (gauge).
     pub lookups_in_flight: AtomicU64,
     forward_latency: Histogram<{ LATENCY_BUCKETS_US.len() }>,
 }
@@ -248,7 +248,7 @@ impl Registry {
         }
         let _ = writeln!(
             o,
-            "# HELP metaproxy_agent_lookups_in_flight Keys queued or in flight to the backend.\n# TYPE metaproxy_agent_lookups_in_flight gauge\nmetaproxy_agent_lookups_in_flight {}",
+            "# HELP metaproxy_agent_lookups_in_flight Requests waiting for a batched Neutron lookup.\n# TYPE metaproxy_agent_lookups_in_flight gauge\nmetaproxy_agent_lookups_in_flight {}",
             self.sum(|m| &m.lookups_in_flight)
         );
         self.histogram(
@@ -264,7 +264,7 @@ impl Registry {
             "metaproxy_agent_forward_latency_seconds",
             "Metadata API exchange time.",
             &LATENCY_BUCKETS_US,
-            1e-6,
+            1e6,
             |m| &m.forward_latency,
         );
         o
@@ -276,7 +276,7 @@ impl Registry {
         name: &str,
         help: &str,
         bounds: &[u64; N],
-        scale: f64,
+        divisor: f64,
         f: impl Fn(&LoopMetrics) -> &Histogram<N>,
     ) {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -284,13 +284,13 @@ impl Registry {
         for (i, b) in bounds.iter().enumerate() {
             cumulative += self.sum(|m| &f(m).counts[i]);
             #[allow(clippy::cast_precision_loss)]
-            let le = *b as f64 * scale;
+            let le = *b as f64 / divisor;
             let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
         }
         let count = self.sum(|m| &f(m).inf);
         let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {count}");
         #[allow(clippy::cast_precision_loss)]
-        let sum = self.sum(|m| &f(m).sum) as f64 * scale;
+        let sum = self.sum(|m| &f(m).sum) as f64 / divisor;
         let _ = writeln!(o, "{name}_sum {sum}\n{name}_count {count}");
     }
 }
@@ -394,5 +394,6 @@ mod tests {
         assert!(t.contains("metaproxy_agent_cache_hits_total 1\n"));
         assert!(t.contains("metaproxy_agent_forward_latency_seconds_bucket{le=\"0.005\"} 1\n"));
         assert_eq!(r.calls(Call::Ports), 1);
+        assert!(t.contains("metaproxy_agent_forward_latency_seconds_bucket{le=\"0.0005\"} 0\n"));
     }
 }
