@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -116,6 +116,11 @@ struct FakeNeutron {
 
 impl FakeNeutron {
     fn start(keystone: bool) -> FakeNeutron {
+        FakeNeutron::start_tls(keystone, None)
+    }
+
+    /// With `tls`, every connection is HTTPS with that server config.
+    fn start_tls(keystone: bool, tls: Option<Arc<rustls::ServerConfig>>) -> FakeNeutron {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(NeutronState::default());
@@ -125,8 +130,15 @@ impl FakeNeutron {
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(conn) = conn else { return };
-                let (st, md, db) = (st.clone(), md.clone(), db.clone());
-                std::thread::spawn(move || serve_neutron(conn, &st, &md, &db, keystone));
+                let (st, md, db, tls) = (st.clone(), md.clone(), db.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve_neutron(conn, &st, &md, &db, keystone),
+                    Some(cfg) => {
+                        let tls = rustls::ServerConnection::new(cfg).unwrap();
+                        let stream = rustls::StreamOwned::new(tls, conn);
+                        serve_neutron(stream, &st, &md, &db, keystone);
+                    }
+                });
             }
         });
         FakeNeutron { addr, state, mode }
@@ -234,8 +246,13 @@ fn query_ports(target: &str, db: &[Port]) -> (u16, String) {
     (200, serde_json::json!({ "ports": out }).to_string())
 }
 
-fn serve_neutron(conn: TcpStream, st: &NeutronState, mode: &Mutex<Mode>, db: &[Port], ks: bool) {
-    let mut w = conn.try_clone().unwrap();
+fn serve_neutron<S: Read + Write>(
+    conn: S,
+    st: &NeutronState,
+    mode: &Mutex<Mode>,
+    db: &[Port],
+    ks: bool,
+) {
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
@@ -315,7 +332,8 @@ fn serve_neutron(conn: TcpStream, st: &NeutronState, mode: &Mutex<Mode>, db: &[P
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{out}",
             out.len()
         );
-        if w.write_all(resp.as_bytes()).is_err() {
+        let w = r.get_mut();
+        if w.write_all(resp.as_bytes()).is_err() || w.flush().is_err() {
             return;
         }
     }
@@ -386,10 +404,10 @@ impl Agent {
         } else {
             "auth_strategy = \"noauth\"".into()
         };
-        Agent::start_with(neutron, &auth, extra)
+        Agent::start_with(neutron, "http", &auth, extra)
     }
 
-    fn start_with(neutron: &FakeNeutron, auth: &str, extra: &str) -> Agent {
+    fn start_with(neutron: &FakeNeutron, scheme: &str, auth: &str, extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let api = fake_api();
         let text = format!(
@@ -404,7 +422,7 @@ metrics_listen = "127.0.0.1:0"
 nova_metadata_host = "127.0.0.1"
 nova_metadata_port = {}
 [neutron]
-url = "http://{}"
+url = "{scheme}://{}"
 timeout = "1s"
 {auth}
 "#,
@@ -595,7 +613,7 @@ fn keystone_down_is_503_and_waiters_share_the_failure() {
     let dead = TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
-    let agent = Agent::start_with(&neutron, &keystone_auth(dead_addr), "");
+    let agent = Agent::start_with(&neutron, "http", &keystone_auth(dead_addr), "");
     let t = Instant::now();
     let results = storm(&agent.socket, 20, 1, 200);
     assert!(results.iter().all(|(_, r)| r.status == 503));
@@ -612,7 +630,7 @@ fn keystone_down_is_503_and_waiters_share_the_failure() {
             held.push(c);
         }
     });
-    let agent = Agent::start_with(&neutron, &keystone_auth(silent_addr), "");
+    let agent = Agent::start_with(&neutron, "http", &keystone_auth(silent_addr), "");
     let t = Instant::now();
     let results = storm(&agent.socket, 20, 1, 200);
     assert!(results.iter().all(|(_, r)| r.status == 503));
@@ -696,4 +714,49 @@ fn zero_or_duplicate_ports_are_404_with_neutrons_message() {
         assert_eq!(r.status, 200, "{extra}: {}", r.text());
         assert_eq!(r.text(), format!("instance={}", vm_uuid(3)));
     }
+}
+
+/// A self-signed certificate for 127.0.0.1: (server config, CA PEM path).
+fn tls_server(dir: &Path) -> (Arc<rustls::ServerConfig>, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let pem = dir.join("ca.pem");
+    std::fs::write(&pem, ck.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    (Arc::new(cfg), pem)
+}
+
+#[test]
+fn https_neutron_and_keystone_with_ca_file_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, ca) = tls_server(dir.path());
+    let neutron = FakeNeutron::start_tls(true, Some(server));
+    let auth = |extra: &str| {
+        format!(
+            "auth_strategy = \"keystone\"\nauth_url = \"https://{}/v3\"\nusername = \"metaproxy\"\npassword = \"pw\"\nproject_name = \"service\"\n{extra}",
+            neutron.addr
+        )
+    };
+    let https = |agent_auth: &str| Agent::start_with(&neutron, "https", agent_auth, "");
+    // Trusted through ca_file: resolves, token over HTTPS too.
+    let agent = https(&auth(&format!("ca_file = \"{}\"", ca.display())));
+    let results = storm(&agent.socket, 10, 3, 200);
+    assert_all_resolved(&results);
+    assert_eq!(agent.handle().stats().token_requests, 1);
+    drop(agent);
+    // insecure = true: any certificate.
+    let agent = https(&auth("insecure = true"));
+    let r = one(&agent.socket, &by_network(&vm_ip(7)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(agent);
+    // Neither: the self-signed certificate is refused → 503.
+    let agent = https(&auth(""));
+    let r = one(&agent.socket, &by_network(&vm_ip(7)));
+    assert_eq!(r.status, 503, "{}", r.text());
 }

@@ -176,14 +176,17 @@ pub struct NeutronClient {
 impl NeutronClient {
     /// A client for `cfg`; connections open on demand.
     pub fn new(cfg: &NeutronConfig, metrics: Arc<LoopMetrics>) -> NeutronClient {
+        let tls = |e: &Endpoint| {
+            e.tls_name
+                .clone()
+                .and_then(|name| Some((cfg.tls.as_ref()?.0.clone(), name)))
+        };
         let keystone = match &cfg.auth {
             NeutronAuth::NoAuth => None,
-            NeutronAuth::Keystone { endpoint, .. } => Some(forward::Pool::named(
-                "Keystone",
-                endpoint.addr,
-                1,
-                cfg.timeout,
-            )),
+            NeutronAuth::Keystone { endpoint, .. } => Some(
+                forward::Pool::named("Keystone", endpoint.addr, 1, cfg.timeout)
+                    .with_tls(tls(endpoint)),
+            ),
         };
         NeutronClient {
             endpoint: cfg.endpoint.clone(),
@@ -193,7 +196,8 @@ impl NeutronClient {
                 cfg.endpoint.addr,
                 crate::agent::config::NEUTRON_POOL_SIZE,
                 cfg.timeout,
-            ),
+            )
+            .with_tls(tls(&cfg.endpoint)),
             keystone,
             token: RefCell::new(None),
             token_lock: futures_util::lock::Mutex::new(()),

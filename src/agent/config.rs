@@ -7,10 +7,9 @@
 //! names follow `metadata_agent.ini` where one exists (spec §3.7), so an
 //! operator can copy values across.
 //!
-//! Not built yet, and refused loudly rather than ignored: HTTPS, both to
-//! Neutron/Keystone (`https://` URLs) and to the metadata API
-//! (`nova_metadata_protocol = "https"`). `insecure` and `ca_file` are parsed
-//! so that a config written for the HTTPS build validates its keys today.
+//! Not built yet, and refused loudly rather than ignored: HTTPS to the
+//! metadata API (`nova_metadata_protocol = "https"`). Neutron and Keystone
+//! may be `https://` (rustls; `insecure`, `ca_file`).
 //!
 //! The shared secret never reaches a log line: [`AgentConfig`]'s `Debug` is
 //! written by hand and prints `<redacted>` (or `<empty>`, which is worth
@@ -81,9 +80,9 @@ pub struct NeutronFile {
     pub region_name: Option<String>,
     /// Whole-exchange timeout per call.
     pub timeout: Option<DurationFile>,
-    /// Skip TLS verification (HTTPS is not built yet).
+    /// Accept any certificate from Neutron and Keystone.
     pub insecure: Option<bool>,
-    /// CA bundle (HTTPS is not built yet).
+    /// CA bundle (PEM) for Neutron and Keystone; default: the Mozilla roots.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -188,9 +187,11 @@ pub enum Backend {
     Neutron(Box<NeutronConfig>),
 }
 
-/// An `http://host:port[/prefix]` endpoint, resolved once at start.
+/// An `http(s)://host:port[/prefix]` endpoint, resolved once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// `Some(name to verify)` for `https://`.
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     /// Resolved address.
     pub addr: SocketAddr,
     /// `Host` header value.
@@ -203,17 +204,17 @@ impl Endpoint {
     /// Parse and resolve `url`; `key` names the option in errors.
     ///
     /// # Errors
-    /// Not `http://host[:port][/path]`, `https://` (not built yet), or the host does not resolve.
+    /// Not `http(s)://host[:port][/path]`, or the host does not resolve.
     pub fn parse(key: &str, url: &str) -> Result<Endpoint, ConfigError> {
-        let rest = if let Some(r) = url.strip_prefix("http://") {
-            r
-        } else if url.starts_with("https://") {
+        let (rest, https) = if let Some(r) = url.strip_prefix("http://") {
+            (r, false)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (r, true)
+        } else {
             return Err(invalid(
                 key,
-                "https is not built yet; use an http:// endpoint",
+                format!("{url:?} is not an http:// or https:// URL"),
             ));
-        } else {
-            return Err(invalid(key, format!("{url:?} is not an http:// URL")));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -231,6 +232,7 @@ impl Endpoint {
             }
         };
         let port: u16 = match port {
+            None if https => 443,
             None => 80,
             Some(p) => p
                 .parse()
@@ -251,7 +253,16 @@ impl Endpoint {
             Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
             _ => format!("{host}:{port}"),
         };
+        let tls_name = if https {
+            Some(
+                rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| invalid(key, format!("{host:?}: {e}")))?,
+            )
+        } else {
+            None
+        };
         Ok(Endpoint {
+            tls_name,
             addr,
             host_header,
             prefix: path.trim_end_matches('/').to_string(),
@@ -266,8 +277,8 @@ pub enum NeutronAuth {
     NoAuth,
     /// A Keystone v3 token.
     Keystone {
-        /// The Keystone v3 endpoint (`…/v3`).
-        endpoint: Endpoint,
+        /// The Keystone v3 endpoint (`…/v3`), boxed: `NoAuth` is empty.
+        endpoint: Box<Endpoint>,
         /// What to authenticate with.
         method: KeystoneMethod,
     },
@@ -319,9 +330,29 @@ impl fmt::Debug for NeutronAuth {
     }
 }
 
+/// A built rustls client config (compared by identity).
+#[derive(Clone)]
+pub struct TlsClient(pub std::sync::Arc<rustls::ClientConfig>);
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsClient {}
+
+impl fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsClient")
+    }
+}
+
 /// The Neutron backend's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NeutronConfig {
+    /// TLS for `https://` endpoints (Neutron and Keystone share it).
+    pub tls: Option<TlsClient>,
     /// The Neutron API.
     pub endpoint: Endpoint,
     /// Token source.
@@ -631,7 +662,10 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
                     project_domain_name: dflt(&n.project_domain_name),
                 }
             };
-            NeutronAuth::Keystone { endpoint, method }
+            NeutronAuth::Keystone {
+                endpoint: Box::new(endpoint),
+                method,
+            }
         }
         other => {
             return Err(invalid(
@@ -640,12 +674,17 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
             ))
         }
     };
-    if n.insecure.is_some() || n.ca_file.is_some() {
-        crate::log::warn(format_args!(
-            "agent.neutron.insecure / ca_file have no effect: https is not built yet"
-        ));
-    }
+    let any_https = endpoint.tls_name.is_some()
+        || matches!(&auth, NeutronAuth::Keystone { endpoint, .. } if endpoint.tls_name.is_some());
+    let tls = if any_https {
+        let cfg = super::tls::client_config(n.insecure.unwrap_or(false), n.ca_file.as_deref())
+            .map_err(|e| invalid("agent.neutron.ca_file", e.to_string()))?;
+        Some(TlsClient(cfg))
+    } else {
+        None
+    };
     Ok(NeutronConfig {
+        tls,
         endpoint,
         auth,
         region_name: n.region_name.clone(),
@@ -721,8 +760,11 @@ mod tests {
         assert!(e("inventory = \"i\"\nbogus = 1").contains("bogus"));
         assert!(e("backend = \"bogus\"").contains("agent.backend"));
         assert!(e("backend = \"neutron\"").contains("agent.neutron.url"));
-        let https = "backend = \"neutron\"\n[neutron]\nurl = \"https://n:9696\"";
-        assert!(e(https).contains("https is not built yet"));
+        let https =
+            "backend = \"neutron\"\n[neutron]\nauth_strategy = \"noauth\"\nurl = \"ftp://n\"";
+        assert!(e(https).contains("not an http:// or https:// URL"));
+        let ca = "backend = \"neutron\"\n[neutron]\nauth_strategy = \"noauth\"\nurl = \"https://127.0.0.1\"\nca_file = \"/nonexistent.pem\"";
+        assert!(e(ca).contains("agent.neutron.ca_file"));
         let ks = "backend = \"neutron\"\n[neutron]\nurl = \"http://127.0.0.1:9696\"";
         assert!(e(ks).contains("agent.neutron.auth_url"));
         assert!(e("backend = \"inventory\"").contains("agent.inventory"));

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod neutron;
 pub mod resolve;
 pub mod server;
+pub mod tls;
 
 pub use config::AgentConfig;
 pub use server::{start, AgentHandle, AgentStats};
