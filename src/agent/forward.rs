@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent::tls::TlsConn;
-use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody, ResponseHead};
+use crate::http::{self, ChunkedScanner, Limits, ResponseBody, ResponseHead};
 use crate::log;
 use crate::rt::{self, TcpConn};
 
@@ -294,43 +294,14 @@ impl Pool {
     }
 }
 
-/// If `buf` starts with a complete response, its length and head.
-/// `eof`: the API has closed, which completes a close-delimited body.
+/// [`http::frame_response`] with the agent's response bound.
 fn frame(
     buf: &[u8],
     limits: &Limits,
     is_head: bool,
     eof: bool,
 ) -> Result<Option<(usize, ResponseHead)>, String> {
-    let head = match http::parse_response(buf, limits, is_head) {
-        Ok(Some(h)) => h,
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(format!("unparsable response head: {e}")),
-    };
-    let body = &buf[head.head_len..];
-    let total = match head.body {
-        ResponseBody::None => Some(head.head_len),
-        ResponseBody::Length(n) => {
-            if n > MAX_RESPONSE_BYTES {
-                return Err(format!("response body of {n} bytes exceeds the limit"));
-            }
-            let n = usize::try_from(n).map_err(|_| "response too large".to_string())?;
-            (body.len() >= n).then_some(head.head_len + n)
-        }
-        ResponseBody::Chunked => {
-            let mut sc = ChunkedScanner::new(MAX_RESPONSE_BYTES);
-            match sc.scan(body) {
-                Ok(ChunkProgress::Done { consumed }) => Some(head.head_len + consumed),
-                Ok(ChunkProgress::NeedMore { .. }) => None,
-                Err(e) => return Err(format!("bad chunked body: {e}")),
-            }
-        }
-        ResponseBody::UntilClose => eof.then_some(buf.len()),
-    };
-    if total.is_none() && buf.len() as u64 > MAX_RESPONSE_BYTES + limits.max_head_bytes as u64 {
-        return Err("response exceeds the limit".into());
-    }
-    Ok(total.map(|t| (t, head)))
+    http::frame_response(buf, limits, is_head, MAX_RESPONSE_BYTES, eof)
 }
 
 #[cfg(test)]

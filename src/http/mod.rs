@@ -25,7 +25,7 @@ use std::mem::MaybeUninit;
 pub use canned::{canned, reason, CONTINUE_100};
 pub use chunked::{ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES};
 pub use request::{parse_request, Method, RequestBody, RequestHead};
-pub use response::{parse_response, ResponseBody, ResponseHead};
+pub use response::{frame_response, parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
     format_ip_for_xff, is_hop_by_hop, is_trust_header, rewrite_proxy_request, write_request_head,
     write_response_head, HOP_BY_HOP, TRUST_HEADERS,
