@@ -57,10 +57,11 @@ use crate::agent::forward::{self, ApiResponse, ForwardError};
 use crate::agent::identity::{self, Identity, LookupKey, Scope};
 use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
 use crate::agent::resolve::{resolve, InventoryStore, Resolution, Resolved, Watcher};
-use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, Method, RequestBody, RequestHead};
+use crate::http::{self, Limits, Method, RequestBody, RequestHead};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
+use crate::serve::{self, BodyError};
 
 /// From the first byte of a request to its complete head (haproxy's `http-request`).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -632,10 +633,24 @@ async fn handle_request(
     inc(&ctx.m.requests);
 
     // 2. The body.
-    let (body_end, chunked_body) = read_body(conn, buf, &head, &limits).await?;
-    let body: &[u8] = match &chunked_body {
-        Some(b) => b,
-        None => &buf[head.head_len..body_end],
+    let mut decoded = Vec::new();
+    let body_end = match serve::read_body(
+        conn,
+        buf,
+        &head,
+        limits.max_body_bytes,
+        CLIENT_TIMEOUT,
+        Some(&mut decoded),
+    )
+    .await
+    {
+        Ok(end) => end,
+        Err(BodyError::Status(s)) => return Err(reject(conn, s).await),
+        Err(BodyError::Gone) => return Err(Close),
+    };
+    let body: &[u8] = match head.body {
+        RequestBody::Chunked => &decoded,
+        _ => &buf[head.head_len..body_end],
     };
 
     // 3. Resolve, sign, forward. Draining does not add `Connection: close`
@@ -880,66 +895,6 @@ pub fn page(status: u16, message: &str, close: bool, out: &mut Vec<u8>) {
         .as_bytes(),
     );
     out.extend_from_slice(body.as_bytes());
-}
-
-/// Read the body into `buf`. Returns where the request ends in `buf` and,
-/// for a chunked body, the de-chunked payload.
-async fn read_body(
-    conn: &UnixConn,
-    buf: &mut Vec<u8>,
-    head: &RequestHead,
-    limits: &Limits,
-) -> Result<(usize, Option<Vec<u8>>), Close> {
-    let start = head.head_len;
-    let mut sent_continue = false;
-    loop {
-        match head.body {
-            RequestBody::None => return Ok((start, None)),
-            RequestBody::Length(n) => {
-                let n = usize::try_from(n).map_err(|_| Close)?;
-                if buf.len() >= start + n {
-                    return Ok((start + n, None));
-                }
-            }
-            RequestBody::Chunked => {
-                let mut sc = ChunkedScanner::new(limits.max_body_bytes);
-                let mut payload = Vec::new();
-                match sc.decode(&buf[start..], &mut payload) {
-                    Ok(ChunkProgress::Done { consumed }) => {
-                        return Ok((start + consumed, Some(payload)))
-                    }
-                    Ok(ChunkProgress::NeedMore { .. }) => {}
-                    Err(e) => return Err(reject(conn, e.status()).await),
-                }
-            }
-        }
-        if head.expect_continue && !sent_continue {
-            sent_continue = true;
-            let w = rt::with_deadline(
-                Instant::now() + CLIENT_TIMEOUT,
-                conn.write_static(http::CONTINUE_100),
-            )
-            .await;
-            if !matches!(w, Ok(Ok(()))) {
-                return Err(Close);
-            }
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) = match rt::with_deadline(
-            Instant::now() + CLIENT_TIMEOUT,
-            conn.read_append(taken, READ_CHUNK_BYTES),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(rt::Elapsed) => return Err(reject(conn, 408).await),
-        };
-        *buf = b;
-        match res {
-            Ok(0) | Err(_) => return Err(Close),
-            Ok(_) => {}
-        }
-    }
 }
 
 /// Send a canned error (it says `Connection: close`) and end the connection.

@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use futures_util::future::{select, Either};
 
-use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::http::{self, RequestHead};
 use crate::log;
 use crate::proxy::imdsv2::{self, Verdict};
 use crate::proxy::{LoopCtx, NsRuntime};
 use crate::rt::{self, TcpConn};
+use crate::serve::{self, BodyError};
 
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -158,10 +159,20 @@ async fn handle_request(
     }
 
     // 3. The body (bounded by limits.max_body_bytes inside the parser/scanner).
-    let body_end = match read_body(ctx, conn, buf, &head).await {
+    let limits = &ctx.cfg.limits;
+    let body_end = match serve::read_body(
+        conn,
+        buf,
+        &head,
+        limits.max_body_bytes,
+        ctx.cfg.timeouts.client,
+        None,
+    )
+    .await
+    {
         Ok(end) => end,
-        Err(BodyErr::Status(s)) => return Err(reject(ctx, conn, s).await),
-        Err(BodyErr::End(e)) => return Err(e),
+        Err(BodyError::Status(s)) => return Err(reject(ctx, conn, s).await),
+        Err(BodyError::Gone) => return Err(End::PeerClosed),
     };
 
     // 4. IMDSv2: the token endpoint is answered here; tokens are checked here.
@@ -320,72 +331,6 @@ fn token_verdict(
         &req,
         Instant::now(),
     )
-}
-
-enum BodyErr {
-    Status(u16),
-    End(End),
-}
-
-/// Read the request body into `buf`; returns the offset where the request ends.
-async fn read_body(
-    ctx: &LoopCtx,
-    conn: &TcpConn,
-    buf: &mut Vec<u8>,
-    head: &RequestHead,
-) -> Result<usize, BodyErr> {
-    let t = ctx.cfg.timeouts;
-    let start = head.head_len;
-    let mut sent_continue = false;
-    let mut scanner = match head.body {
-        RequestBody::None => return Ok(start),
-        RequestBody::Length(_) => None,
-        RequestBody::Chunked => Some(ChunkedScanner::new(ctx.cfg.limits.max_body_bytes)),
-    };
-    let mut scanned = 0usize;
-    loop {
-        match (&head.body, scanner.as_mut()) {
-            (RequestBody::Length(n), _) => {
-                let n = usize::try_from(*n).map_err(|_| BodyErr::Status(413))?;
-                if buf.len() >= start + n {
-                    return Ok(start + n);
-                }
-            }
-            (_, Some(sc)) => match sc.scan(&buf[start + scanned..]) {
-                Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
-                Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
-                Err(e) => return Err(BodyErr::Status(e.status())),
-            },
-            _ => return Ok(start),
-        }
-        if head.expect_continue && !sent_continue {
-            sent_continue = true;
-            let w = rt::with_deadline(
-                Instant::now() + t.client,
-                conn.write_static(http::CONTINUE_100),
-            )
-            .await;
-            if !matches!(w, Ok(Ok(()))) {
-                return Err(BodyErr::End(End::IoError));
-            }
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) = match rt::with_deadline(
-            Instant::now() + t.client,
-            conn.read_append(taken, READ_CHUNK_BYTES),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(rt::Elapsed) => return Err(BodyErr::Status(408)),
-        };
-        *buf = b;
-        match res {
-            Ok(0) => return Err(BodyErr::End(End::PeerClosed)),
-            Ok(_) => {}
-            Err(_) => return Err(BodyErr::End(End::IoError)),
-        }
-    }
 }
 
 /// Send a canned error and end the connection.

@@ -18,7 +18,7 @@ mod sock;
 pub mod sync;
 
 pub use sock::{
-    listen_tcp, listen_unix, peer_ip, set_ip_ttl, shutdown_listener, TcpAcceptor, TcpConn,
+    listen_tcp, listen_unix, peer_ip, set_ip_ttl, shutdown_listener, Stream, TcpAcceptor, TcpConn,
     UnixAcceptor, UnixConn,
 };
 

@@ -186,6 +186,45 @@ macro_rules! stream_impl {
 stream_impl!(TcpConn, compio::net::TcpStream);
 stream_impl!(UnixConn, compio::net::UnixStream);
 
+/// What server code needs from a connection, whatever its family (the proxy
+/// and the API serve TCP, the agent a Unix socket).
+pub trait Stream {
+    /// See [`TcpConn::read_append`].
+    fn read_append(
+        &self,
+        buf: Vec<u8>,
+        min_spare: usize,
+    ) -> impl std::future::Future<Output = (io::Result<usize>, Vec<u8>)>;
+    /// See [`TcpConn::write_static`].
+    fn write_static(
+        &self,
+        bytes: &'static [u8],
+    ) -> impl std::future::Future<Output = io::Result<()>>;
+}
+
+macro_rules! stream_trait {
+    ($name:ident) => {
+        impl Stream for $name {
+            fn read_append(
+                &self,
+                buf: Vec<u8>,
+                min_spare: usize,
+            ) -> impl std::future::Future<Output = (io::Result<usize>, Vec<u8>)> {
+                $name::read_append(self, buf, min_spare)
+            }
+            fn write_static(
+                &self,
+                bytes: &'static [u8],
+            ) -> impl std::future::Future<Output = io::Result<()>> {
+                $name::write_static(self, bytes)
+            }
+        }
+    };
+}
+
+stream_trait!(TcpConn);
+stream_trait!(UnixConn);
+
 impl UnixConn {
     /// Connect to a Unix socket path.
     ///
