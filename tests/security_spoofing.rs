@@ -1,0 +1,301 @@
+//! Spoofing suite, end to end through `metaproxy up` (proxy → agent → API):
+//! the attacker VM (127.0.0.2) sends every trust header with the victim's
+//! (127.0.0.1) values, in every spelling the parser might let through, and
+//! must get either its own metadata or an error, never the victim's.
+//!
+//! Each case is (raw request, exact status, owner of the data). The whole
+//! byte stream the attacker gets back is read until close and checked for
+//! the victim's uuid, hostname, key and user-data, not just the first
+//! response. One `up` serves the whole file; the cases run one after
+//! another on fresh connections.
+
+mod common;
+
+use common::attack::{
+    assert_baseline, check_one, exchange, responses, start_up, victim_signature, Owner,
+    ATTACKER_IP, META, NETWORK_ID, PROJECT, ROUTER_ID, VICTIM_IP, VICTIM_UUID,
+};
+
+/// One attack: the raw bytes, the exact status, whose data a 200 carries.
+struct Case {
+    name: String,
+    raw: Vec<u8>,
+    status: u16,
+    owner: Owner,
+}
+
+fn case(name: impl Into<String>, raw: impl Into<Vec<u8>>, status: u16, owner: Owner) -> Case {
+    Case {
+        name: name.into(),
+        raw: raw.into(),
+        status,
+        owner,
+    }
+}
+
+/// Every header the proxy must treat as its own statement, with the value
+/// that would make the request the victim's if it were believed.
+fn trust_headers() -> Vec<(&'static str, String)> {
+    vec![
+        ("X-Forwarded-For", VICTIM_IP.to_string()),
+        ("Forwarded", format!("for={VICTIM_IP}")),
+        ("X-Real-IP", VICTIM_IP.to_string()),
+        ("X-Neutron-Router-ID", ROUTER_ID.to_string()),
+        ("X-Neutron-Network-ID", NETWORK_ID.to_string()),
+        ("X-OVN-Network-ID", NETWORK_ID.to_string()),
+        ("X-Instance-ID", VICTIM_UUID.to_string()),
+        // A genuinely valid signature for the victim: the strongest forgery.
+        ("X-Instance-ID-Signature", victim_signature()),
+        ("X-Tenant-ID", PROJECT.to_string()),
+    ]
+}
+
+fn mixed_case(name: &str) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i % 2 == 0 {
+                c.to_ascii_lowercase()
+            } else {
+                c.to_ascii_uppercase()
+            }
+        })
+        .collect()
+}
+
+fn spellings(name: &str) -> [(&'static str, String); 3] {
+    [
+        ("lower", name.to_ascii_lowercase()),
+        ("UPPER", name.to_ascii_uppercase()),
+        ("MiXeD", mixed_case(name)),
+    ]
+}
+
+/// A GET for the metadata document with `lines` (each already terminated)
+/// between Host and Connection: close, every line ending in `eol`.
+fn get_with(lines: &str, eol: &str) -> Vec<u8> {
+    format!("GET {META} HTTP/1.1{eol}Host: 169.254.169.254{eol}{lines}Connection: close{eol}{eol}")
+        .into_bytes()
+}
+
+fn crlf(lines: &str) -> Vec<u8> {
+    get_with(lines, "\r\n")
+}
+
+fn table() -> Vec<Case> {
+    use Owner::{Attacker, None};
+    let mut t = Vec::new();
+    let headers = trust_headers();
+    for (name, value) in &headers {
+        for (spelling, n) in spellings(name) {
+            let id = format!("{name} {spelling}");
+            // Honoured by nobody: stripped, then the proxy's own identity is stamped.
+            t.push(case(
+                format!("{id}: plain"),
+                crlf(&format!("{n}: {value}\r\n")),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: duplicated"),
+                crlf(&format!(
+                    "{n}: {value}\r\n{n}: {value}\r\n{name}: {value}\r\n"
+                )),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: empty value"),
+                crlf(&format!("{n}:\r\n")),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: blank value then victim value"),
+                crlf(&format!("{n}:   \r\n{n}: {value}\r\n")),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: LF-only line endings"),
+                get_with(&format!("{n}: {value}\n{n}: {value}\n"), "\n"),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: one LF-only line among CRLF"),
+                crlf(&format!("X-Pad: 1\n{n}: {value}\n")),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: tabs and spaces around the value"),
+                crlf(&format!("{n}:\t {value} \t\r\n")),
+                200,
+                Attacker,
+            ));
+            t.push(case(
+                format!("{id}: no space after the colon"),
+                crlf(&format!("{n}:{value}\r\n")),
+                200,
+                Attacker,
+            ));
+            // obs-fold (RFC 9112 §5.2): a server MUST either reject it or
+            // unfold it; unfolding would glue the trust header back together
+            // after the rewrite decided what it was, so 400.
+            t.push(case(
+                format!("{id}: obs-folded onto a harmless header"),
+                crlf(&format!("X-Pad: 1\r\n {n}: {value}\r\n")),
+                400,
+                None,
+            ));
+            t.push(case(
+                format!("{id}: obs-folded value"),
+                crlf(&format!("{n}: 0\r\n\t{value}\r\n")),
+                400,
+                None,
+            ));
+            // Whitespace between name and colon: RFC 9112 §5.1 says MUST 400
+            // (a lenient peer would read a different field name).
+            t.push(case(
+                format!("{id}: space before the colon"),
+                crlf(&format!("{n} : {value}\r\n")),
+                400,
+                None,
+            ));
+            t.push(case(
+                format!("{id}: tab before the colon"),
+                crlf(&format!("{n}\t: {value}\r\n")),
+                400,
+                None,
+            ));
+        }
+        // The victim's value presented as an IMDSv2 token (the proxy runs the
+        // default `optional` mode): a token that does not verify for this
+        // client is 401, like AWS, not "ignored and served".
+        for token_header in ["X-aws-ec2-metadata-token", "X-METADATA-TOKEN"] {
+            t.push(case(
+                format!("{name} value as {token_header}"),
+                crlf(&format!("{token_header}: {value}\r\n")),
+                401,
+                None,
+            ));
+        }
+    }
+
+    // All of them at once, in every spelling.
+    for spelling in 0..3 {
+        let lines: String = headers
+            .iter()
+            .map(|(name, value)| format!("{}: {value}\r\n", spellings(name)[spelling].1))
+            .collect();
+        t.push(case(
+            format!("all trust headers {}", spellings("x")[spelling].0),
+            crlf(&lines),
+            200,
+            Attacker,
+        ));
+    }
+
+    // Address lists and alternative address spellings: whichever element a
+    // lenient parser might pick, the proxy replaces the whole field.
+    for (name, value) in [
+        ("X-Forwarded-For", "127.0.0.1, 127.0.0.2"),
+        ("X-Forwarded-For", "127.0.0.2, 127.0.0.1"),
+        ("X-Forwarded-For", "127.0.0.1,127.0.0.1"),
+        ("X-Forwarded-For", "::ffff:127.0.0.1"),
+        ("X-Forwarded-For", "[::ffff:127.0.0.1]"),
+        ("X-Forwarded-For", "::ffff:7f00:1"),
+        ("X-Forwarded-For", "0:0:0:0:0:ffff:127.0.0.1"),
+        ("X-Forwarded-For", "127.0.0.1:80"),
+        ("X-Forwarded-For", "2130706433"),
+        ("X-Forwarded-For", "127.1"),
+        ("X-Real-IP", "::ffff:127.0.0.1"),
+        ("Forwarded", "for=\"[::ffff:127.0.0.1]\""),
+        ("Forwarded", "for=127.0.0.1;by=127.0.0.1, for=127.0.0.2"),
+        ("Forwarded", "for=127.0.0.2, for=127.0.0.1"),
+    ] {
+        t.push(case(
+            format!("{name}: {value}"),
+            crlf(&format!("{name}: {value}\r\n")),
+            200,
+            Attacker,
+        ));
+    }
+    t
+}
+
+#[test]
+fn trust_headers_never_make_the_attacker_the_victim() {
+    let up = start_up();
+    assert_baseline(&up);
+    let cases = table();
+    assert!(cases.len() > 300, "{}", cases.len());
+    for c in &cases {
+        let bytes = exchange(ATTACKER_IP, up.proxy, &c.raw);
+        check_one(&bytes, c.status, c.owner, &c.name);
+    }
+}
+
+/// Tokens are bound to the client address: the victim's own valid token,
+/// presented by the attacker together with every trust header, is a 401.
+/// The attacker's own token with the same headers serves the attacker.
+#[test]
+fn imdsv2_tokens_do_not_transfer_between_vms() {
+    let up = start_up();
+    let put = b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n";
+    let token_of = |ip: &str| {
+        let r = responses(&exchange(ip, up.proxy, put));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].status, 200, "{}", r[0].text());
+        r[0].text()
+    };
+    let victim_token = token_of(VICTIM_IP);
+    let attacker_token = token_of(ATTACKER_IP);
+    assert_ne!(victim_token, attacker_token);
+
+    let spoof: String = trust_headers()
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
+    let with_victim = crlf(&format!(
+        "{spoof}X-aws-ec2-metadata-token: {victim_token}\r\n"
+    ));
+    check_one(
+        &exchange(ATTACKER_IP, up.proxy, &with_victim),
+        401,
+        Owner::None,
+        "victim's token from the attacker",
+    );
+    let with_own = crlf(&format!(
+        "{spoof}X-aws-ec2-metadata-token: {attacker_token}\r\n"
+    ));
+    check_one(
+        &exchange(ATTACKER_IP, up.proxy, &with_own),
+        200,
+        Owner::Attacker,
+        "attacker's own token with spoofed headers",
+    );
+    // Two tokens (one valid for the attacker, one the victim's): ambiguous, 401.
+    let both = crlf(&format!(
+        "X-aws-ec2-metadata-token: {attacker_token}\r\nX-aws-ec2-metadata-token: {victim_token}\r\n"
+    ));
+    check_one(
+        &exchange(ATTACKER_IP, up.proxy, &both),
+        401,
+        Owner::None,
+        "two tokens",
+    );
+    // A token PUT carrying X-Forwarded-For is refused (AWS does the same:
+    // the request went through a forwarding hop, so the token could end up
+    // somewhere other than the VM).
+    let put_xff = format!(
+        "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: {VICTIM_IP}\r\nConnection: close\r\n\r\n"
+    );
+    check_one(
+        &exchange(ATTACKER_IP, up.proxy, put_xff.as_bytes()),
+        400,
+        Owner::None,
+        "token PUT with X-Forwarded-For",
+    );
+}
