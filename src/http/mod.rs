@@ -136,8 +136,9 @@ pub enum Version {
 /// Why a head or body was refused; [`HttpError::status`] gives the status to answer with.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum HttpError {
-    /// Syntax error (bad request line, header syntax, obs-fold, bad Content-Length, non-origin-form
-    /// target, HTTP version other than 1.0/1.1, HTTP/2 preface): 400.
+    /// Syntax error (bad request line, header syntax, obs-fold, non-ASCII request header value, bad
+    /// Content-Length, non-origin-form target, HTTP version other than 1.0/1.1, HTTP/2 preface):
+    /// 400.
     #[error("malformed HTTP message")]
     Malformed,
     /// Ambiguous message framing (CL+TE, differing Content-Lengths, TE on HTTP/1.0, chunked applied
