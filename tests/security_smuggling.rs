@@ -544,3 +544,155 @@ fn truncated_body_then_eof_is_not_answered() {
     };
     run(&up, &c);
 }
+
+/// One attacker connection that expects `heads` (true = the request was a
+/// HEAD) responses in order, then nothing more. Returns the statuses.
+fn pipelined(raw: &[u8], heads: &[bool], up: &common::attack::Up, case: &str) -> Vec<u16> {
+    use std::io::{BufReader, Read, Write};
+    let mut s = common::attack::connect_from(ATTACKER_IP, up.proxy);
+    let _ = s.write_all(raw);
+    let mut r = BufReader::new(s);
+    let mut statuses = Vec::new();
+    let mut seen = Vec::new();
+    for &head in heads {
+        // An interim 100 Continue may precede the answer (only when the
+        // body had not arrived with the head); it is not counted.
+        let resp = loop {
+            let resp = common::read_response(&mut r, head)
+                .unwrap_or_else(|e| panic!("{case}: response {} missing: {e}", statuses.len()));
+            seen.extend_from_slice(format!("{:?}{}", resp.headers, resp.text()).as_bytes());
+            if resp.status != 100 {
+                break resp;
+            }
+        };
+        statuses.push(resp.status);
+    }
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    seen.extend_from_slice(&rest);
+    assert_no_victim_data(&seen, case);
+    assert!(
+        rest.is_empty(),
+        "{case}: bytes after the expected responses: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    statuses
+}
+
+/// HEAD answers carry no body, at every hop: a HEAD whose answer leaked a
+/// body would shift every response pipelined behind it on the shared agent
+/// connection, handing one VM's answer to another.
+#[test]
+fn head_requests_do_not_shift_pipelined_answers() {
+    let up = start_up();
+    let head = format!("HEAD {META} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    let get = format!("GET {META} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+    let ud = "HEAD /openstack/latest/user_data HTTP/1.1\r\n\r\n";
+    let raw = format!("{head}{get}{ud}{head}{head}{}", next_get());
+    let st = pipelined(
+        raw.as_bytes(),
+        &[true, false, true, true, true, false],
+        &up,
+        "HEAD pipeline",
+    );
+    // demo2 has no user-data: Nova's 404.
+    assert_eq!(st, vec![200, 200, 404, 200, 200, 200]);
+}
+
+/// Response-queue poisoning: requests from many VMs share pipelined
+/// connections to the agent. While the victim reads its metadata over and
+/// over, the attacker throws every framing oddity at the same proxy
+/// (HEAD, bodies of both framings, 100-continue, refusals, HTTP/1.0,
+/// requests abandoned before their answer). The victim must only ever get
+/// its own answers and the attacker never one of the victim's.
+#[test]
+fn concurrent_attacks_never_cross_answers() {
+    use std::io::{BufReader, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let up = start_up();
+    let stop = Arc::new(AtomicBool::new(false));
+    let victim_answers = Arc::new(AtomicUsize::new(0));
+    let proxy = up.proxy;
+    let victim = {
+        let (stop, n) = (stop.clone(), victim_answers.clone());
+        std::thread::spawn(move || {
+            let get = format!("GET {META} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n");
+            while !stop.load(Ordering::Relaxed) {
+                let mut s = common::attack::connect_from(common::attack::VICTIM_IP, proxy);
+                s.write_all(get.repeat(8).as_bytes()).unwrap();
+                let mut r = BufReader::new(s);
+                for i in 0..8 {
+                    let resp = common::read_response(&mut r, false).unwrap_or_else(|e| {
+                        let mut rest = Vec::new();
+                        let _ = std::io::Read::read_to_end(&mut r, &mut rest);
+                        panic!(
+                            "victim: answer {i} of 8 lost: {e} {:?}",
+                            String::from_utf8_lossy(&rest)
+                        )
+                    });
+                    assert_eq!(resp.status, 200, "victim: {}", resp.text());
+                    assert!(
+                        resp.text().contains(VICTIM_UUID),
+                        "victim got someone else's answer: {}",
+                        resp.text()
+                    );
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let v = victim_head();
+    let chunked = format!(
+        "{:x}\r\n{v}\r\n0\r\nX-Instance-ID: {VICTIM_UUID}\r\n\r\n",
+        v.len()
+    );
+    let attacks: Vec<(Vec<u8>, Vec<bool>)> = vec![
+        (
+            format!("HEAD {META} HTTP/1.1\r\n\r\nHEAD {META} HTTP/1.1\r\n\r\n{}", next_get()).into_bytes(),
+            vec![true, true, false],
+        ),
+        (
+            format!("GET {META} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}{}", next_get()).into_bytes(),
+            vec![false, false],
+        ),
+        (
+            format!("GET {META} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{v}{}", v.len(), next_get()).into_bytes(),
+            vec![false, false],
+        ),
+        (
+            format!("GET {META} HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{v}{}", v.len(), next_get()).into_bytes(),
+            vec![false, false],
+        ),
+        (format!("GET {META} HTTP/1.0\r\n\r\n").into_bytes(), vec![false]),
+        (
+            format!("GET /openstack/latest/nope HTTP/1.1\r\n\r\n{}", next_get()).into_bytes(),
+            vec![false, false],
+        ),
+        (
+            format!("GET {META} HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{v}").into_bytes(),
+            vec![false],
+        ),
+    ];
+    let t0 = Instant::now();
+    let mut rounds = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        for (raw, heads) in &attacks {
+            pipelined(raw, heads, &up, "concurrent attack");
+        }
+        // Abandoned requests: sent, then the connection is dropped before
+        // the answer; their answers must not land anywhere else.
+        for _ in 0..4 {
+            let mut s = common::attack::connect_from(ATTACKER_IP, up.proxy);
+            let _ = s.write_all(v.repeat(3).as_bytes());
+            drop(s);
+        }
+        rounds += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    victim.join().unwrap();
+    assert!(rounds > 5, "{rounds}");
+    assert!(victim_answers.load(Ordering::Relaxed) > 100);
+}
