@@ -353,3 +353,104 @@ fn no_spelling_of_a_trust_header_reaches_the_agent() {
     }
     h.stop().unwrap();
 }
+
+/// The write side: the attacker POSTs a password while claiming to be the
+/// victim. It lands on the attacker's own instance (Nova's set-once rule
+/// then answers 409 to a second POST), the victim's password is untouched,
+/// and the attacker can never read the victim's back.
+#[test]
+fn password_writes_and_reads_stay_with_their_vm() {
+    let up = start_up();
+    let path = "/openstack/2013-04-04/password";
+    let post = |ip: &str, body: &str, extra: &str| {
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        responses(&exchange(ip, up.proxy, raw.as_bytes()))
+    };
+    let read = |ip: &str, extra: &str| {
+        let raw = format!("GET {path} HTTP/1.1\r\n{extra}Connection: close\r\n\r\n");
+        exchange(ip, up.proxy, raw.as_bytes())
+    };
+    let victim_pw = "victim-password-Zq81";
+    let r = post(VICTIM_IP, victim_pw, "");
+    assert_eq!(r[0].status, 200, "{}", r[0].text());
+
+    let spoof: String = trust_headers()
+        .iter()
+        .flat_map(|(n, v)| {
+            [
+                format!("{n}: {v}\r\n"),
+                format!("{}: {v}\r\n", underscored(n)),
+            ]
+        })
+        .collect();
+    // The attacker's reads, spoofed or not, never show the victim's password.
+    for extra in ["", spoof.as_str()] {
+        let bytes = read(ATTACKER_IP, extra);
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(victim_pw),
+            "victim's password leaked"
+        );
+        common::attack::assert_no_victim_data(&bytes, "password read");
+        assert_eq!(responses(&bytes)[0].status, 200);
+    }
+    // The spoofed write goes to the attacker's instance...
+    let r = post(ATTACKER_IP, "attacker-pw", &spoof);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].status, 200, "{}", r[0].text());
+    let mine = responses(&read(ATTACKER_IP, ""));
+    assert_eq!(mine[0].text(), "attacker-pw");
+    // ...and the victim's password is the one it set.
+    let theirs = responses(&read(VICTIM_IP, ""));
+    assert_eq!(theirs[0].text(), victim_pw);
+    // A second spoofed POST is the attacker's own second POST: Nova's 409.
+    let r = post(ATTACKER_IP, "again", &spoof);
+    assert_eq!(r[0].status, 409, "{}", r[0].text());
+    assert_eq!(responses(&read(VICTIM_IP, ""))[0].text(), victim_pw);
+}
+
+/// The spoofed head delivered a few bytes at a time (every read boundary
+/// the parser might mishandle), and pipelined many times on one connection:
+/// every answer is the attacker's own.
+#[test]
+fn spoofed_heads_split_across_reads_and_pipelined() {
+    use std::io::Write;
+    let up = start_up();
+    let spoof: String = trust_headers()
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
+    let one = format!("GET {META} HTTP/1.1\r\nHost: 169.254.169.254\r\n{spoof}\r\n");
+    for piece in [1, 2, 3, 7, 64] {
+        let mut s = common::attack::connect_from(ATTACKER_IP, up.proxy);
+        s.set_nodelay(true).unwrap();
+        let raw = format!("{one}{one}GET {META} HTTP/1.1\r\n{spoof}Connection: close\r\n\r\n");
+        for part in raw.as_bytes().chunks(piece) {
+            s.write_all(part).unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let bytes = common::attack::read_all(&mut s);
+        common::attack::assert_no_victim_data(&bytes, "split");
+        let r = responses(&bytes);
+        assert_eq!(r.len(), 3, "pieces of {piece}");
+        for resp in &r {
+            assert_eq!(resp.status, 200);
+            common::attack::assert_owner(resp, Owner::Attacker, "split");
+        }
+    }
+    // 200 pipelined in one write.
+    let raw = format!(
+        "{}GET {META} HTTP/1.1\r\n{spoof}Connection: close\r\n\r\n",
+        one.repeat(199)
+    );
+    let bytes = exchange(ATTACKER_IP, up.proxy, raw.as_bytes());
+    common::attack::assert_no_victim_data(&bytes, "pipelined");
+    let r = responses(&bytes);
+    assert_eq!(r.len(), 200);
+    for resp in &r {
+        assert_eq!(resp.status, 200);
+        common::attack::assert_owner(resp, Owner::Attacker, "pipelined");
+    }
+}
