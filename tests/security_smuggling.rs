@@ -227,6 +227,12 @@ fn smuggling_cases() -> Vec<Case> {
             ),
             &[(200, Attacker)],
         ),
+        // After an answer to `Connection: close`, nothing more is read.
+        case(
+            "victim head pipelined after Connection: close",
+            format!("{n}{v}"),
+            &[(200, Attacker)],
+        ),
         // A refused request poisons the rest of the connection: nothing
         // after it is answered (every canned error closes).
         case(

@@ -229,6 +229,49 @@ fn table() -> Vec<Case> {
             Attacker,
         ));
     }
+
+    // Client-address headers other proxies honour, and the Host itself: not
+    // trust headers here (they pass through), and nothing behind the proxy
+    // reads them, so they change nothing.
+    for (name, value) in [
+        ("X-Client-IP", VICTIM_IP),
+        ("Client-IP", VICTIM_IP),
+        ("True-Client-IP", VICTIM_IP),
+        ("X-Cluster-Client-IP", VICTIM_IP),
+        ("X-Original-Forwarded-For", VICTIM_IP),
+        ("X-Forwarded-Host", "127.0.0.1"),
+        ("Via", "1.1 127.0.0.1"),
+        ("X-Metadata-Provider", ROUTER_ID),
+        ("X-Metadata-Provider-Signature", "00"),
+    ] {
+        t.push(case(
+            format!("{name}: {value}"),
+            crlf(&format!("{name}: {value}\r\n")),
+            200,
+            Attacker,
+        ));
+    }
+    for host in ["127.0.0.1", "127.0.0.1:80", "demo", "[::ffff:127.0.0.1]"] {
+        t.push(case(
+            format!("Host: {host}"),
+            format!("GET {META} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            200,
+            Attacker,
+        ));
+    }
+    // Query strings naming the victim select nothing.
+    for query in [
+        format!("?uuid={VICTIM_UUID}"),
+        format!("?instance_id={VICTIM_UUID}&ip={VICTIM_IP}"),
+        "?X-Forwarded-For=127.0.0.1".to_string(),
+    ] {
+        t.push(case(
+            format!("query {query}"),
+            format!("GET {META}{query} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            200,
+            Attacker,
+        ));
+    }
     t
 }
 
