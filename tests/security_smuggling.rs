@@ -296,6 +296,44 @@ fn limit_cases() -> Vec<Case> {
             ),
             &[(413, None)],
         ),
+        // Framing bytes count too: 40 one-byte chunks, each with a 4 KiB
+        // extension (the size-line cap), are 40 bytes of payload in 160 KiB
+        // of body. Unbounded, 65 536 such chunks would make the proxy buffer
+        // 256 MiB for a "64 KiB" body. Framing (size lines, extensions, line
+        // ends, trailers) may not exceed the body limit itself: 413.
+        case(
+            "chunk-extension bomb",
+            format!(
+                "POST {META} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+                format!("1;{}\r\nx\r\n", "e".repeat(4000)).repeat(40)
+            ),
+            &[(413, None)],
+        ),
+        case(
+            "leading-zero chunk sizes",
+            format!(
+                "POST {META} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+                format!("{}1\r\nx\r\n", "0".repeat(4000)).repeat(40)
+            ),
+            &[(413, None)],
+        ),
+        // Ordinary small chunks are fine: 64 KiB in 1 KiB chunks.
+        case(
+            "64 KiB body in 1 KiB chunks",
+            format!(
+                "GET {META} HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{}0\r\n\r\n",
+                format!("400\r\n{}\r\n", "c".repeat(1024)).repeat(64)
+            ),
+            &[(200, Attacker)],
+        ),
+        case(
+            "64 KiB Content-Length body",
+            format!(
+                "GET {META} HTTP/1.1\r\nContent-Length: 65536\r\nConnection: close\r\n\r\n{}",
+                "d".repeat(65536)
+            ),
+            &[(200, Attacker)],
+        ),
     ]
 }
 

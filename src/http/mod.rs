@@ -23,7 +23,9 @@ mod rewrite;
 use std::mem::MaybeUninit;
 
 pub use canned::{canned, reason, CONTINUE_100};
-pub use chunked::{ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES};
+pub use chunked::{
+    ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES, MIN_CHUNK_FRAMING_BYTES,
+};
 pub use request::{parse_request, Method, RequestBody, RequestHead};
 pub use response::{parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
