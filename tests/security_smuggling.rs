@@ -227,6 +227,12 @@ fn smuggling_cases() -> Vec<Case> {
             ),
             &[(200, Attacker)],
         ),
+        // RFC 9112 §2.2: empty lines before a request line are skipped.
+        case(
+            "empty lines between pipelined requests",
+            format!("GET {META} HTTP/1.1\r\n\r\n\r\n\n\r\n{n}"),
+            &[(200, Attacker), (200, Attacker)],
+        ),
         // After an answer to `Connection: close`, nothing more is read.
         case(
             "victim head pipelined after Connection: close",
@@ -365,6 +371,13 @@ fn byte_cases() -> Vec<Vec<u8>> {
         get(meta, b"X-Pad\x00: a\r\n"),
         get(meta, "X-P\u{e4}d: a\r\n".as_bytes()),
         get(meta, b"X-Forwarded-For\x00: 127.0.0.1\r\n"),
+        get(meta, b"X-Pad: a\x7fb\r\n"),
+        get(meta, b"X-Pad: a\x0cb\r\n"),
+        get(meta, b"X-Pad: a\x1bb\r\n"),
+        get(meta, b"X-Forwarded-For\x0b: 127.0.0.1\r\n"),
+        get(&with(b" /x"), b""),
+        get(&with(b"\t"), b""),
+        get(&with(b"\x0b"), b""),
     ]
 }
 
