@@ -83,6 +83,22 @@ const FORBIDDEN_HINT_EVERY: Duration = Duration::from_secs(60);
 const RELAYED: [u16; 9] = [200, 400, 403, 404, 409, 500, 502, 503, 504];
 /// The guest's IMDSv2-style token header, passed through when present.
 const HEADER_TOKEN: &str = "X-aws-ec2-metadata-token";
+/// Head bytes a proxy in front may add to a request it accepted: metaproxy's
+/// rewrite appends `X-Forwarded-For` (an IPv6 address, at most 39
+/// characters) and one router or network id (a 36-character uuid), about
+/// 130 bytes; haproxy's Neutron config adds the same two. Rounded up.
+const PROXY_ADDED_HEAD_BYTES: usize = 512;
+/// Header fields a proxy in front may add (the same two, rounded up).
+const PROXY_ADDED_HEADERS: usize = 4;
+/// The agent's request limits: the proxy's defaults plus what the proxy
+/// adds, so a head the proxy accepted at its limit (8 KiB, 64 fields) is
+/// not refused here with a 431 after the rewrite grew it. The body limit is
+/// the proxy's: the rewrite does not touch the body.
+const AGENT_LIMITS: Limits = Limits {
+    max_head_bytes: http::DEFAULT_MAX_HEAD_BYTES + PROXY_ADDED_HEAD_BYTES,
+    max_headers: http::DEFAULT_MAX_HEADERS + PROXY_ADDED_HEADERS,
+    max_body_bytes: http::DEFAULT_MAX_BODY_BYTES,
+};
 
 const MSG_UNKNOWN: &str = "An unknown error has occurred. Please try your request again.";
 const MSG_UNAVAILABLE: &str =
@@ -609,7 +625,7 @@ async fn handle_request(
     buf: &mut Vec<u8>,
     head_deadline: Instant,
 ) -> Result<(), Close> {
-    let limits = Limits::default();
+    let limits = AGENT_LIMITS;
     // 1. The head.
     let head = loop {
         match http::parse_request(buf, &limits) {
