@@ -30,7 +30,11 @@ const READ_CHUNK_BYTES: usize = 4096;
 /// How a connection ended (for debug logs and tests of the limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
+    /// Answered, nothing left unread: just close.
     Done,
+    /// Answered (an error, or a final answer with more request bytes
+    /// behind it): close gracefully so the answer is not lost to an RST.
+    Linger,
     PeerClosed,
     Timeout,
     Stopping,
@@ -50,7 +54,17 @@ pub async fn serve(
         "{}: connection from {peer} ended: {end:?}",
         ns.cfg.name
     ));
-    conn.shutdown();
+    match end {
+        // A clean end just closes the fd (no extra syscall for a
+        // connection-per-request client like cloud-init).
+        End::Done | End::PeerClosed => {}
+        // Closing with unread request bytes makes the kernel send an RST,
+        // which can destroy the answer we just wrote before the client reads
+        // it: half-close, drain what is left for a moment, then close.
+        End::Linger => linger_close(&conn).await,
+        // A timeout, error or drain: end any IO still queued on it now.
+        End::Timeout | End::Stopping | End::IoError => conn.shutdown(),
+    }
 }
 
 /// The idle loop. Its state is all an idle keep-alive connection costs, so it
@@ -285,7 +299,11 @@ async fn finish(
         Err(rt::Elapsed) => return Err(End::Timeout),
     }
     if !keep {
-        return Err(End::Done);
+        return Err(if buf.len() > body_end {
+            End::Linger
+        } else {
+            End::Done
+        });
     }
     buf.drain(..body_end);
     Ok(())
@@ -340,5 +358,29 @@ async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
         conn.write_static(http::canned(status)),
     )
     .await;
-    End::Done
+    End::Linger
+}
+
+/// Longest a rejected client is drained before its socket is closed.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+/// Most bytes drained while lingering.
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Half-close, discard what the client still sends (bounded in time and
+/// bytes), then let the fd close.
+async fn linger_close(conn: &TcpConn) {
+    conn.shutdown_write();
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0;
+    let mut buf = Vec::new();
+    while drained < LINGER_BYTES {
+        buf.clear();
+        match rt::with_deadline(deadline, conn.read_append(buf, READ_CHUNK_BYTES)).await {
+            Ok((Ok(n), b)) if n > 0 => {
+                drained += n;
+                buf = b;
+            }
+            _ => break,
+        }
+    }
 }

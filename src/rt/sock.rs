@@ -27,6 +27,9 @@ pub fn listen_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpLis
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_cloexec(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt here instead of one per connection.
+    sock.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         // `[::]:9697` serves v4 clients too, as Neutron's `bind :::9697` does.
         sock.set_only_v6(false)?;
@@ -283,7 +286,7 @@ impl TcpAcceptor {
     /// accept(2) failed (EMFILE and friends are the caller's to back off from).
     pub async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
         let (s, addr) = self.inner.accept().await?;
-        let _ = s.set_nodelay(true);
+        // TCP_NODELAY is inherited from the listener (see `listen_tcp`).
         Ok((TcpConn { inner: s }, addr))
     }
 
