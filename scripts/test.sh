@@ -5,7 +5,7 @@
 #   SKIP_INSTALL=1   do not touch system packages
 #   SKIP_PEERS=1     skip the real Neutron/Nova stage (it installs two venvs under /tmp)
 #   SKIP_CHAIN=1     skip the real neutron-metadata-agent chain (RabbitMQ) inside it
-#   FUZZ_SECS=N      seconds per fuzz target (default 30; 0 skips fuzzing)
+#   FUZZ_SECS=N      seconds per fuzz target (default 20; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +56,7 @@ cargo test --doc --quiet
 step "benches compile"
 cargo bench --no-run --quiet
 
-FUZZ_SECS=${FUZZ_SECS:-30}
+FUZZ_SECS=${FUZZ_SECS:-20}
 if [ "$FUZZ_SECS" != 0 ]; then
   step "fuzzing, ${FUZZ_SECS}s per target"
   scripts/fuzz.sh "$FUZZ_SECS"
