@@ -72,7 +72,8 @@ if [ "${SKIP_PEERS:-0}" != 1 ] && ls tests/peers_*.rs >/dev/null 2>&1; then
   for f in tests/peers_*.rs; do
     [ "$f" = tests/peers_chain.rs ] || peer_tests+=(--test "$(basename "$f" .rs)")
   done
-  METAPROXY_PEERS=1 cargo test --quiet "${peer_tests[@]}"
+  # One at a time: the peers are single-worker services on SQLite.
+  METAPROXY_PEERS=1 cargo test --quiet "${peer_tests[@]}" -- --test-threads 1
   if [ "${SKIP_CHAIN:-0}" != 1 ] && [ -f tests/peers_chain.rs ]; then
     step "our proxy in front of the real neutron-metadata-agent (RabbitMQ + neutron-rpc-server)"
     scripts/peers/install.sh --chain
