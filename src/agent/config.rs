@@ -94,8 +94,16 @@ pub struct NovaFile {
     pub nova_metadata_host: Option<String>,
     /// Its port.
     pub nova_metadata_port: Option<u16>,
-    /// `http` (only value built so far).
+    /// `http` or `https`.
     pub nova_metadata_protocol: Option<String>,
+    /// `https`: accept any server certificate.
+    pub nova_metadata_insecure: Option<bool>,
+    /// `https`: CA bundle (PEM) to verify the API with (default: Mozilla roots).
+    pub auth_ca_cert: Option<PathBuf>,
+    /// `https`: client certificate (PEM) presented to the API.
+    pub nova_client_cert: Option<PathBuf>,
+    /// `https`: its private key (PEM).
+    pub nova_client_priv_key: Option<PathBuf>,
     /// Whole-exchange timeout per request.
     pub timeout: Option<DurationFile>,
 }
@@ -382,6 +390,8 @@ pub struct NovaConfig {
     pub addr: SocketAddr,
     /// Whole-exchange timeout: connect, send, full response.
     pub timeout: Duration,
+    /// `https`: client config and the name to verify.
+    pub tls: Option<super::forward::TlsTarget>,
 }
 
 impl NovaConfig {
@@ -527,21 +537,16 @@ impl TryFrom<&AgentFile> for AgentConfig {
             }
         };
         let n = &f.nova;
-        match n.nova_metadata_protocol.as_deref().unwrap_or("http") {
-            "http" => {}
-            "https" => {
-                return Err(invalid(
-                    "agent.nova.nova_metadata_protocol",
-                    "\"https\" is not built yet; use \"http\"",
-                ))
-            }
+        let https = match n.nova_metadata_protocol.as_deref().unwrap_or("http") {
+            "http" => false,
+            "https" => true,
             other => {
                 return Err(invalid(
                     "agent.nova.nova_metadata_protocol",
                     format!("{other:?} is not http or https"),
                 ))
             }
-        }
+        };
         let host = n
             .nova_metadata_host
             .clone()
@@ -567,10 +572,45 @@ impl TryFrom<&AgentFile> for AgentConfig {
                     )
                 })?,
         };
+        let tls = if https {
+            // Neutron's rule: verify with auth_ca_cert unless insecure; a client
+            // certificate when both nova_client_cert and nova_client_priv_key are set.
+            let client = match (&n.nova_client_cert, &n.nova_client_priv_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "agent.nova.nova_client_cert",
+                        "set both nova_client_cert and nova_client_priv_key, or neither",
+                    ))
+                }
+            };
+            let cfg = super::tls::client_config_with_cert(
+                n.nova_metadata_insecure.unwrap_or(false),
+                n.auth_ca_cert.as_deref(),
+                client,
+            )
+            .map_err(|e| invalid("agent.nova.auth_ca_cert", e.to_string()))?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| invalid("agent.nova.nova_metadata_host", e.to_string()))?;
+            Some((cfg, name))
+        } else {
+            if n.nova_metadata_insecure.is_some()
+                || n.auth_ca_cert.is_some()
+                || n.nova_client_cert.is_some()
+            {
+                return Err(invalid(
+                    "agent.nova.nova_metadata_protocol",
+                    "TLS options are set but the protocol is http",
+                ));
+            }
+            None
+        };
         let nova = NovaConfig {
             host,
             port,
             addr,
+            tls,
             timeout: duration(
                 "agent.nova.timeout",
                 &n.timeout,
@@ -769,9 +809,15 @@ mod tests {
         assert!(e(ks).contains("agent.neutron.auth_url"));
         assert!(e("backend = \"inventory\"").contains("agent.inventory"));
         assert!(e("inventory = \"i\"\nsocket_mode = \"x\"").contains("agent.socket_mode"));
-        let https = e("inventory = \"i\"\n[nova]\nnova_metadata_protocol = \"https\"");
+        let plain_tls = e("inventory = \"i\"\n[nova]\nnova_metadata_insecure = true");
         assert!(
-            https.contains("agent.nova.nova_metadata_protocol") && https.contains("not built yet")
+            plain_tls.contains("agent.nova.nova_metadata_protocol"),
+            "{plain_tls}"
+        );
+        let proto = e("inventory = \"i\"\n[nova]\nnova_metadata_protocol = \"gopher\"");
+        assert!(
+            proto.contains("agent.nova.nova_metadata_protocol"),
+            "{proto}"
         );
         assert!(e("inventory = \"i\"\n[nova]\ntimeout = \"0s\"").contains("agent.nova.timeout"));
         assert!(e("inventory = \"i\"\nworkers = 0").contains("agent.workers"));

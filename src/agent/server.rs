@@ -519,7 +519,8 @@ async fn run_loop(
         cache_generation: Cell::new(shared.store.as_ref().map_or(0, |s| s.generation())),
         m,
         neutron,
-        pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout),
+        pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
+            .with_tls(cfg.nova.tls.clone()),
         stopping: Event::default(),
         active: Cell::new(0),
         last_forbidden_hint: Cell::new(None),

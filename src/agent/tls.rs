@@ -38,6 +38,19 @@ const TLS_READ_BYTES: usize = 16 * 1024;
 /// # Errors
 /// `ca_file` cannot be read or holds no certificate.
 pub fn client_config(insecure: bool, ca_file: Option<&Path>) -> io::Result<Arc<ClientConfig>> {
+    client_config_with_cert(insecure, ca_file, None)
+}
+
+/// A client config that also presents a certificate (`nova_client_cert` /
+/// `nova_client_priv_key`, PEM files) when `client_cert` is given.
+///
+/// # Errors
+/// A file cannot be read or holds no usable certificate or key.
+pub fn client_config_with_cert(
+    insecure: bool,
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+) -> io::Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -59,7 +72,27 @@ pub fn client_config(insecure: bool, ca_file: Option<&Path>) -> io::Result<Arc<C
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
+    let builder = builder.with_root_certificates(roots);
+    let mut cfg = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let bad = |p: &Path, e: String| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", p.display()))
+            };
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| bad(cert, e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(cert, e.to_string()))?;
+            if chain.is_empty() {
+                return Err(bad(cert, "no certificate".into()));
+            }
+            let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| bad(key, e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| bad(key, e.to_string()))?
+        }
+    };
     if insecure {
         cfg.dangerous()
             .set_certificate_verifier(Arc::new(AcceptAnyCert(provider)));
