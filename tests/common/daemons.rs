@@ -9,6 +9,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -258,4 +260,93 @@ pub fn request_from(
     req.extend_from_slice(body);
     s.write_all(&req)?;
     super::read_response(&mut BufReader::new(s), method == "HEAD")
+}
+
+/// One probe request: when it started and ended, and its status (0 = no response).
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub start: Instant,
+    pub end: Instant,
+    pub status: u16,
+}
+
+/// A VM that asks for its `meta_data.json` every few milliseconds, checks
+/// every 200 is its own, and records each outcome.
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(Vec<Sample>, u64)>>,
+}
+
+impl Probe {
+    pub fn start(from: std::net::IpAddr, uuid: &str, to: SocketAddr) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let uuid = uuid.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let mut wrong_vm = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let r = request_from(
+                    from,
+                    to,
+                    "GET",
+                    "/openstack/latest/meta_data.json",
+                    "",
+                    b"",
+                    Duration::from_secs(5),
+                );
+                let status = match r {
+                    Ok(r) => {
+                        if r.status == 200 && !r.text().contains(&uuid) {
+                            wrong_vm += 1;
+                        }
+                        r.status
+                    }
+                    Err(_) => 0,
+                };
+                samples.push(Sample {
+                    start,
+                    end: Instant::now(),
+                    status,
+                });
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (samples, wrong_vm)
+        });
+        Probe {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop; the samples and the number of 200s that carried another VM's data.
+    pub fn finish(mut self) -> (Vec<Sample>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Statuses of samples wholly inside `[from, to]`.
+pub fn statuses_between(samples: &[Sample], from: Instant, to: Instant) -> Vec<u16> {
+    samples
+        .iter()
+        .filter(|s| s.start >= from && s.end <= to)
+        .map(|s| s.status)
+        .collect()
+}
+
+/// Time from `back` (the daemon accepts again) to the end of the first 200
+/// that started after it (zero if one ended before `back` was noticed).
+pub fn recovery(samples: &[Sample], back: Instant) -> Option<Duration> {
+    samples
+        .iter()
+        .find(|s| s.status == 200 && s.end >= back && s.start >= back - Duration::from_millis(50))
+        .map(|s| s.end.saturating_duration_since(back))
 }
