@@ -172,3 +172,42 @@ fn api_sigkilled_mid_storm_gives_503_then_recovers() {
     let log = s.agent.log_text();
     assert!(log.contains("answering 503 until it is back"), "{log}");
 }
+
+/// A supervisor may restart a crashed daemon at once. The dead process's
+/// listeners linger a few milliseconds after SIGKILL (its io_uring is torn
+/// down asynchronously) and still complete connects; a restart must wait
+/// that out rather than refuse to start or fail to bind.
+#[test]
+fn daemons_restart_immediately_after_sigkill() {
+    let mut s = setup();
+    let vm = s.vms[0].clone();
+    for round in 0..10 {
+        for which in ["agent", "api", "proxy"] {
+            let d = match which {
+                "agent" => &mut s.agent,
+                "api" => &mut s.api,
+                _ => &mut s.proxy,
+            };
+            d.kill9();
+            d.spawn_only();
+            let t0 = Instant::now();
+            d.wait_ready();
+            eprintln!(
+                "round {round}: {which} ready {:?} after SIGKILL",
+                t0.elapsed()
+            );
+        }
+        let r = common::daemons::request_from(
+            vm.ip,
+            s.chain.proxy,
+            "GET",
+            "/openstack/latest/meta_data.json",
+            "",
+            b"",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        assert!(r.text().contains(&vm.uuid));
+    }
+}
