@@ -19,7 +19,7 @@ pub mod sync;
 
 pub use sock::{
     listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener,
-    TcpAcceptor, TcpConn, UnixAcceptor, UnixConn,
+    TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY, BIND_RETRY_FOR,
 };
 
 use std::future::Future;
