@@ -6,6 +6,9 @@
 //! the first 200 after the daemon accepts again. Whatever fails, no VM may
 //! ever get another VM's data (`wrong_vm` is always zero).
 //!
+//! Last, a router namespace is deleted (`ip netns del`, seen by the proxy's
+//! discovery) while its VMs are mid-request.
+//!
 //! Neutron faults (slow, 500s, duplicate ports) are not here: main has no
 //! fake Neutron (`tests/agent_neutron.rs`) to drive them with.
 
@@ -210,4 +213,298 @@ fn daemons_restart_immediately_after_sigkill() {
         assert_eq!(r.status, 200, "round {round}: {}", r.text());
         assert!(r.text().contains(&vm.uuid));
     }
+}
+
+/// A thread inside network namespace `name` (sockets it creates live there).
+fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+fn ip_cmd(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip {args:?}");
+}
+
+struct NetnsCleanup(Vec<String>);
+impl Drop for NetnsCleanup {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn wait_for_log(d: &Daemon, needle: &str, limit: Duration) {
+    let t0 = Instant::now();
+    while !d.log_text().contains(needle) {
+        assert!(t0.elapsed() < limit, "no {needle:?} in:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What one VM's exchange came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// 200 with its own data.
+    Own,
+    /// Another status (from the proxy or behind it).
+    Status(u16),
+    /// Connect refused, or the connection closed or reset: a clean failure.
+    Closed,
+    /// No answer within the bound: a hang.
+    Hung,
+    /// 200 with someone else's data.
+    WrongVm,
+}
+
+fn outcome(r: std::io::Result<common::Resp>, uuid: &str) -> Outcome {
+    match r {
+        Ok(r) if r.status == 200 && r.text().contains(uuid) => Outcome::Own,
+        Ok(r) if r.status == 200 => Outcome::WrongVm,
+        Ok(r) => Outcome::Status(r.status),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Outcome::Hung
+        }
+        Err(_) => Outcome::Closed,
+    }
+}
+
+/// Issue 7: a namespace deleted (`ip netns del`, found by the proxy's
+/// discovery) while its VMs are mid-request. Requests in flight finish or
+/// fail cleanly (never hang, never another VM's data); the other namespace
+/// never sees an error; the proxy keeps running.
+#[test]
+fn namespace_deleted_mid_request_leaves_the_others_alone() {
+    use std::io::{BufReader, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED namespace_deleted_mid_request: not root (CI runs this as root)");
+        return;
+    }
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIPPED namespace_deleted_mid_request: `ip` not installed");
+        return;
+    }
+    const PORT: u16 = 9697;
+    let routers = [
+        "5707ae75-0000-4000-8002-000000000000",
+        "5707ae75-0000-4000-8002-000000000001",
+    ];
+    let tag = format!("fd{}", std::process::id() % 100_000);
+    let names: Vec<String> = routers.iter().map(|r| format!("{tag}r-{r}")).collect();
+    let _cleanup = NetnsCleanup(names.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = synth_toml(&SynthSpec {
+        vms: 200,
+        networks: 4,
+        routers: 2,
+    })
+    .unwrap();
+    let inv_path = dir.path().join("inventory.toml");
+    std::fs::write(&inv_path, &text).unwrap();
+    let inv = Inventory::from_toml_str(&text).unwrap();
+    for r in routers {
+        assert!(!inv.router_networks(r).is_empty(), "router {r}");
+    }
+    let vms = VmSpec::from_inventory(&inv, 200);
+    // Router r serves networks j with j % 2 == r, and VM i is on network i % 4.
+    let of_router = |r: usize| -> Vec<VmSpec> {
+        vms.iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == r)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let discover = format!(
+        "netns_dir = \"/run/netns\"\n[proxy.discover]\nenabled = true\n\
+         router_prefix = \"{tag}r-\"\nnetwork_prefixes = [\"{tag}d-\"]\n\
+         router_listen = \"0.0.0.0:{PORT}\"\n"
+    );
+    let chain = chain_config(dir.path(), &inv_path, routers[0], &discover);
+    let _api = Daemon::start("api", &chain.config, Ready::Tcp(chain.api));
+    let _agent = Daemon::start(
+        "agent",
+        &chain.config,
+        Ready::Unix(chain.agent_socket.clone()),
+    );
+    let mut proxy = Daemon::start("proxy", &chain.config, Ready::Tcp(chain.proxy));
+    for n in &names {
+        ip_cmd(&["netns", "add", n]);
+        ip_cmd(&["-n", n, "link", "set", "lo", "up"]);
+        wait_for_log(&proxy, &format!("listener up: {n}"), Duration::from_secs(5));
+    }
+    let to: std::net::SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+    let ask = move |vm: &VmSpec| {
+        outcome(
+            common::daemons::request_from(
+                vm.ip,
+                to,
+                "GET",
+                "/openstack/latest/meta_data.json",
+                "",
+                b"",
+                Duration::from_secs(5),
+            ),
+            &vm.uuid,
+        )
+    };
+    // Both namespaces serve before the fault.
+    for (r, n) in names.iter().enumerate() {
+        let vm = of_router(r)[0].clone();
+        assert_eq!(in_netns(n, move || ask(&vm)).join().unwrap(), Outcome::Own);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // The survivor: one VM after another, all the time.
+    let survivor = {
+        let (stop, vms) = (stop.clone(), of_router(1));
+        in_netns(&names[1], move || {
+            let mut seen = Vec::new();
+            for vm in vms.iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                seen.push(ask(vm));
+            }
+            seen
+        })
+    };
+    // The victim's busy VMs.
+    let busy: Vec<_> = (0..4)
+        .map(|k| {
+            let (stop, vms) = (stop.clone(), of_router(0));
+            in_netns(&names[0], move || {
+                let mut seen = Vec::new();
+                for vm in vms.iter().skip(k * 20).cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let o = ask(vm);
+                    seen.push(o);
+                    if o != Outcome::Own {
+                        // Refused once the namespace is gone: do not spin.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    // The victim's VMs caught halfway through sending a request.
+    const HALF: usize = 8;
+    let halfway = Arc::new(Barrier::new(HALF + 1));
+    let deleted = Arc::new(Barrier::new(HALF + 1));
+    let slow: Vec<_> = of_router(0)
+        .into_iter()
+        .skip(80)
+        .take(HALF)
+        .map(|vm| {
+            let (halfway, deleted) = (halfway.clone(), deleted.clone());
+            in_netns(&names[0], move || {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                sock.bind(&std::net::SocketAddr::new(vm.ip, 0).into())
+                    .unwrap();
+                sock.connect(&to.into()).unwrap();
+                let mut s: std::net::TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(
+                    b"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\n",
+                )
+                .unwrap();
+                halfway.wait();
+                deleted.wait();
+                let started = Instant::now();
+                let r = s
+                    .write_all(b"Connection: close\r\n\r\n")
+                    .and_then(|()| common::read_response(&mut BufReader::new(s), false));
+                (outcome(r, &vm.uuid), started.elapsed())
+            })
+        })
+        .collect();
+
+    halfway.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let t_del = Instant::now();
+    ip_cmd(&["netns", "del", &names[0]]);
+    wait_for_log(
+        &proxy,
+        &format!("listener down: {}", names[0]),
+        Duration::from_secs(5),
+    );
+    eprintln!("ip netns del -> listener down: {:?}", t_del.elapsed());
+    deleted.wait();
+    let slow: Vec<(Outcome, Duration)> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let busy: Vec<Outcome> = busy.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let survivor = survivor.join().unwrap();
+
+    eprintln!("mid-request VMs of the deleted namespace: {slow:?}");
+    for (o, took) in &slow {
+        assert!(
+            matches!(o, Outcome::Own | Outcome::Closed | Outcome::Status(_)),
+            "{slow:?}"
+        );
+        assert!(*took < Duration::from_secs(3), "{slow:?}");
+    }
+    let count = |v: &[Outcome], o: Outcome| v.iter().filter(|x| **x == o).count();
+    eprintln!(
+        "busy VMs of the deleted namespace: {} own, {} closed, {} other",
+        count(&busy, Outcome::Own),
+        count(&busy, Outcome::Closed),
+        busy.len() - count(&busy, Outcome::Own) - count(&busy, Outcome::Closed)
+    );
+    assert_eq!(count(&busy, Outcome::WrongVm), 0);
+    assert_eq!(count(&busy, Outcome::Hung), 0, "{busy:?}");
+    assert!(count(&busy, Outcome::Own) > 0);
+    eprintln!("survivor namespace: {} requests", survivor.len());
+    assert!(survivor.len() > 20);
+    assert!(
+        survivor.iter().all(|o| *o == Outcome::Own),
+        "the other namespace was disturbed: {:?}",
+        survivor
+            .iter()
+            .filter(|o| **o != Outcome::Own)
+            .collect::<Vec<_>>()
+    );
+    // Still running, still serving its static namespace.
+    proxy.wait_ready();
+    let vm = of_router(0)[1].clone();
+    assert_eq!(
+        outcome(
+            common::daemons::request_from(
+                vm.ip,
+                chain.proxy,
+                "GET",
+                "/openstack/latest/meta_data.json",
+                "",
+                b"",
+                Duration::from_secs(5)
+            ),
+            &vm.uuid
+        ),
+        Outcome::Own
+    );
 }
