@@ -1,8 +1,9 @@
 //! Issue 7, item 3: the inventory file goes bad under a boot storm. The agent
 //! and the API (separate processes of the real binary) both watch the file;
-//! it is overwritten with garbage, then emptied, while a few hundred VMs
-//! boot. Both must keep the data they have (the storm sees no error at all),
-//! and a later valid file, with VMs the old one lacked, must be picked up.
+//! it is overwritten with garbage, then emptied, then removed, while a few
+//! hundred VMs boot. Both must keep the data they have (the storm sees no
+//! error at all), and a later valid file, with VMs the old one lacked, renamed
+//! into place, must be picked up.
 //!
 //! Not covered: a file cut short at a record boundary is a *valid* smaller
 //! inventory and is loaded as such; only writing by rename avoids that.
@@ -77,7 +78,7 @@ fn garbage_inventory_mid_storm_keeps_old_data_and_a_valid_file_is_picked_up() {
     let storm = std::thread::spawn(move || {
         let mut cfg = StormConfig::new(target, vms);
         cfg.profile = Profile::Openstack;
-        cfg.ramp = 3 * HOLD;
+        cfg.ramp = 4 * HOLD;
         cfg.workers = NonZeroUsize::new(1).unwrap();
         cfg.timeout = Duration::from_secs(5);
         storm::run(cfg).unwrap()
@@ -85,7 +86,10 @@ fn garbage_inventory_mid_storm_keeps_old_data_and_a_valid_file_is_picked_up() {
     std::thread::sleep(HOLD / 3);
     std::fs::write(&inv, b"[[instance]\nthis is \x00 not an inventory \xff\n").unwrap();
     std::thread::sleep(HOLD);
+    // What a truncate-then-write looks like between the two calls.
     std::fs::write(&inv, b"").unwrap();
+    std::thread::sleep(HOLD);
+    std::fs::remove_file(&inv).unwrap();
     std::thread::sleep(HOLD);
     let report = storm.join().unwrap();
     eprintln!("{report}");
@@ -106,8 +110,11 @@ fn garbage_inventory_mid_storm_keeps_old_data_and_a_valid_file_is_picked_up() {
     );
 
     // A valid file again, with VMs the old one lacked: picked up by both.
+    // Written aside and renamed into place, as config management does.
+    let aside = dir.path().join("inventory.toml.new");
+    std::fs::write(&aside, &new).unwrap();
     let written = Instant::now();
-    std::fs::write(&inv, &new).unwrap();
+    std::fs::rename(&aside, &inv).unwrap();
     let picked_up = loop {
         let r = ask(&newcomer);
         if r.status == 200 {
