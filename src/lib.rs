@@ -19,6 +19,7 @@ pub mod inventory;
 pub mod log;
 pub mod proxy;
 pub mod rt;
+pub mod serve;
 pub mod sign;
 pub mod signals;
 pub mod storm;

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let (is_head, eof) = (flags & 1 == 1, flags & 2 == 2);
     if let Ok(Some((len, head))) =
-        metaproxy::proxy::upstream::frame(rest, &Limits::default(), is_head, 1 << 20, eof)
+        metaproxy::http::frame_response(rest, &Limits::default(), is_head, 1 << 20, eof)
     {
         assert!(len <= rest.len());
         assert!(head.head_len <= len);

@@ -7,9 +7,9 @@
 //! names follow `metadata_agent.ini` where one exists (spec §3.7), so an
 //! operator can copy values across.
 //!
-//! Not built yet, and refused loudly rather than ignored: the Neutron backend
-//! (`backend = "neutron"`) and HTTPS to the metadata API
-//! (`nova_metadata_protocol = "https"`).
+//! Not built yet, and refused loudly rather than ignored: HTTPS to the
+//! metadata API (`nova_metadata_protocol = "https"`). Neutron and Keystone
+//! may be `https://` (rustls; `insecure`, `ca_file`).
 //!
 //! The shared secret never reaches a log line: [`AgentConfig`]'s `Debug` is
 //! written by hand and prints `<redacted>` (or `<empty>`, which is worth
@@ -40,6 +40,51 @@ pub const DEFAULT_WORKERS: usize = 1;
 pub const DEFAULT_POOL_SIZE: usize = 8;
 /// How often the inventory file's mtime is checked.
 pub const INVENTORY_POLL: Duration = Duration::from_secs(1);
+/// Whole-exchange timeout of one Neutron or Keystone call (python-neutronclient's
+/// default is 30 s; a guest waits behind this, so shorter).
+pub const DEFAULT_NEUTRON_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the first miss on a network set waits for company before its
+/// batch goes to Neutron.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+/// Largest prefetch of one network set's ports; a bigger network is looked up
+/// key by key (batched) instead of being held in the cache whole.
+pub const DEFAULT_PREFETCH_MAX_PORTS: usize = 5000;
+/// Idle Neutron connections kept per loop.
+pub const NEUTRON_POOL_SIZE: usize = 4;
+
+/// `[agent.neutron]`: where Neutron and Keystone are.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NeutronFile {
+    /// Neutron API endpoint, e.g. `http://127.0.0.1:9696`.
+    pub url: Option<String>,
+    /// `keystone` (default) | `noauth`.
+    pub auth_strategy: Option<String>,
+    /// Keystone v3 endpoint, e.g. `http://127.0.0.1:5000/v3`.
+    pub auth_url: Option<String>,
+    /// Password auth: user name.
+    pub username: Option<String>,
+    /// Password auth: password.
+    pub password: Option<String>,
+    /// Password auth: project to scope the token to.
+    pub project_name: Option<String>,
+    /// Password auth: the user's domain (default `Default`).
+    pub user_domain_name: Option<String>,
+    /// Password auth: the project's domain (default `Default`).
+    pub project_domain_name: Option<String>,
+    /// Application-credential auth: id.
+    pub application_credential_id: Option<String>,
+    /// Application-credential auth: secret.
+    pub application_credential_secret: Option<String>,
+    /// Region (informational: `url` is configured, the catalog is not read).
+    pub region_name: Option<String>,
+    /// Whole-exchange timeout per call.
+    pub timeout: Option<DurationFile>,
+    /// Accept any certificate from Neutron and Keystone.
+    pub insecure: Option<bool>,
+    /// CA bundle (PEM) for Neutron and Keystone; default: the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+}
 
 /// `[agent.nova]`: where the metadata API is.
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -81,9 +126,22 @@ pub struct AgentFile {
     pub workers: Option<usize>,
     /// Idle API connections kept per loop.
     pub pool_size: Option<usize>,
+    /// Misses on one network set within this window share one Neutron query.
+    pub batch_window: Option<DurationFile>,
+    /// ... or this many keys, whichever comes first.
+    pub batch_max: Option<usize>,
+    /// Fetch all ports of a network set on its first miss (default true).
+    pub prefetch_network: Option<bool>,
+    /// Largest network set prefetched, in ports.
+    pub prefetch_max_ports: Option<usize>,
+    /// `host:port` for the Prometheus endpoint (off when absent).
+    pub metrics_listen: Option<String>,
     /// `[agent.nova]`
     #[serde(default)]
     pub nova: NovaFile,
+    /// `[agent.neutron]`
+    #[serde(default)]
+    pub neutron: NeutronFile,
 }
 
 /// Permissions of the agent socket (Neutron's `metadata_proxy_socket_mode`).
@@ -125,6 +183,192 @@ impl SocketMode {
 pub enum Backend {
     /// A local inventory file, reloaded when it changes.
     Inventory(PathBuf),
+    /// The Neutron REST API (boxed: it is much larger than a path).
+    Neutron(Box<NeutronConfig>),
+}
+
+/// An `http(s)://host:port[/prefix]` endpoint, resolved once at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `Some(name to verify)` for `https://`.
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// `Host` header value.
+    pub host_header: String,
+    /// Path prefix without a trailing slash (`""` or `/identity/v3`).
+    pub prefix: String,
+}
+
+impl Endpoint {
+    /// Parse and resolve `url`; `key` names the option in errors.
+    ///
+    /// # Errors
+    /// Not `http(s)://host[:port][/path]`, or the host does not resolve.
+    pub fn parse(key: &str, url: &str) -> Result<Endpoint, ConfigError> {
+        let (rest, https) = if let Some(r) = url.strip_prefix("http://") {
+            (r, false)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (r, true)
+        } else {
+            return Err(invalid(
+                key,
+                format!("{url:?} is not an http:// or https:// URL"),
+            ));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| invalid(key, format!("{url:?}: unclosed [")))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        let port: u16 = match port {
+            None if https => 443,
+            None => 80,
+            Some(p) => p
+                .parse()
+                .map_err(|_| invalid(key, format!("{url:?}: bad port")))?,
+        };
+        if host.is_empty() {
+            return Err(invalid(key, format!("{url:?}: no host")));
+        }
+        let addr = match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => (host, port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| invalid(key, format!("{host:?} does not resolve")))?,
+        };
+        let host_header = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+            _ => format!("{host}:{port}"),
+        };
+        let tls_name = if https {
+            Some(
+                rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| invalid(key, format!("{host:?}: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Ok(Endpoint {
+            tls_name,
+            addr,
+            host_header,
+            prefix: path.trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// How the agent authenticates to Neutron.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NeutronAuth {
+    /// No token (Neutron's `auth_strategy = noauth`).
+    NoAuth,
+    /// A Keystone v3 token.
+    Keystone {
+        /// The Keystone v3 endpoint (`…/v3`), boxed: `NoAuth` is empty.
+        endpoint: Box<Endpoint>,
+        /// What to authenticate with.
+        method: KeystoneMethod,
+    },
+}
+
+/// Keystone v3 credentials. `Debug` redacts the secrets.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeystoneMethod {
+    /// `password` with a project scope.
+    Password {
+        /// User name.
+        username: String,
+        /// Password. Never logged.
+        password: String,
+        /// The user's domain name.
+        user_domain_name: String,
+        /// Project name.
+        project_name: String,
+        /// The project's domain name.
+        project_domain_name: String,
+    },
+    /// `application_credential`.
+    ApplicationCredential {
+        /// Credential id.
+        id: String,
+        /// Credential secret. Never logged.
+        secret: String,
+    },
+}
+
+impl fmt::Debug for NeutronAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NeutronAuth::NoAuth => f.write_str("NoAuth"),
+            NeutronAuth::Keystone { endpoint, method } => {
+                let how = match method {
+                    KeystoneMethod::Password {
+                        username,
+                        project_name,
+                        ..
+                    } => format!("password user={username} project={project_name} <redacted>"),
+                    KeystoneMethod::ApplicationCredential { id, .. } => {
+                        format!("application_credential id={id} <redacted>")
+                    }
+                };
+                write!(f, "Keystone({} {how})", endpoint.addr)
+            }
+        }
+    }
+}
+
+/// A built rustls client config (compared by identity).
+#[derive(Clone)]
+pub struct TlsClient(pub std::sync::Arc<rustls::ClientConfig>);
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsClient {}
+
+impl fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsClient")
+    }
+}
+
+/// The Neutron backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeutronConfig {
+    /// TLS for `https://` endpoints (Neutron and Keystone share it).
+    pub tls: Option<TlsClient>,
+    /// The Neutron API.
+    pub endpoint: Endpoint,
+    /// Token source.
+    pub auth: NeutronAuth,
+    /// Region (informational).
+    pub region_name: Option<String>,
+    /// Whole-exchange timeout per call (Neutron and Keystone).
+    pub timeout: Duration,
+    /// Batching window.
+    pub batch_window: Duration,
+    /// Keys per batched query.
+    pub batch_max: NonZeroUsize,
+    /// Prefetch a network set's ports on its first miss.
+    pub prefetch_network: bool,
+    /// Largest prefetch, in ports.
+    pub prefetch_max_ports: usize,
 }
 
 /// The metadata API endpoint.
@@ -175,6 +419,8 @@ pub struct AgentConfig {
     pub workers: NonZeroUsize,
     /// Idle API connections kept per loop.
     pub pool_size: NonZeroUsize,
+    /// Prometheus endpoint, if any.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -196,6 +442,7 @@ impl fmt::Debug for AgentConfig {
             .field("cache_capacity", &self.cache_capacity)
             .field("workers", &self.workers)
             .field("pool_size", &self.pool_size)
+            .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
 }
@@ -271,16 +518,11 @@ impl TryFrom<&AgentFile> for AgentConfig {
                 })?;
                 Backend::Inventory(path)
             }
-            "neutron" => {
-                return Err(invalid(
-                    "agent.backend",
-                    "\"neutron\" is not built yet; use \"inventory\"",
-                ))
-            }
+            "neutron" => Backend::Neutron(Box::new(neutron_config(f)?)),
             other => {
                 return Err(invalid(
                     "agent.backend",
-                    format!("{other:?} is not a backend (inventory)"),
+                    format!("{other:?} is not a backend (inventory, neutron)"),
                 ))
             }
         };
@@ -365,8 +607,107 @@ impl TryFrom<&AgentFile> for AgentConfig {
             cache_capacity: f.cache_capacity.unwrap_or(super::cache::DEFAULT_CAPACITY),
             workers,
             pool_size: nonzero("agent.pool_size", f.pool_size, DEFAULT_POOL_SIZE)?,
+            metrics_listen: match &f.metrics_listen {
+                None => None,
+                Some(s) => Some(
+                    s.to_socket_addrs()
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| {
+                            invalid("agent.metrics_listen", format!("{s:?} is not host:port"))
+                        })?,
+                ),
+            },
         })
     }
+}
+
+fn required(key: &str, v: &Option<String>, why: &str) -> Result<String, ConfigError> {
+    match v {
+        Some(s) if !s.is_empty() => Ok(s.clone()),
+        _ => Err(invalid(key, format!("required {why}"))),
+    }
+}
+
+fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
+    let n = &f.neutron;
+    let url = required("agent.neutron.url", &n.url, "with backend = \"neutron\"")?;
+    let endpoint = Endpoint::parse("agent.neutron.url", &url)?;
+    let auth = match n.auth_strategy.as_deref().unwrap_or("keystone") {
+        "noauth" => NeutronAuth::NoAuth,
+        "keystone" => {
+            let why = "with auth_strategy = \"keystone\"";
+            let auth_url = required("agent.neutron.auth_url", &n.auth_url, why)?;
+            let endpoint = Endpoint::parse("agent.neutron.auth_url", &auth_url)?;
+            let method = if n.application_credential_id.is_some() {
+                KeystoneMethod::ApplicationCredential {
+                    id: required(
+                        "agent.neutron.application_credential_id",
+                        &n.application_credential_id,
+                        why,
+                    )?,
+                    secret: required(
+                        "agent.neutron.application_credential_secret",
+                        &n.application_credential_secret,
+                        "with application_credential_id",
+                    )?,
+                }
+            } else {
+                let dflt = |v: &Option<String>| v.clone().unwrap_or_else(|| "Default".into());
+                KeystoneMethod::Password {
+                    username: required("agent.neutron.username", &n.username, why)?,
+                    password: required("agent.neutron.password", &n.password, why)?,
+                    user_domain_name: dflt(&n.user_domain_name),
+                    project_name: required("agent.neutron.project_name", &n.project_name, why)?,
+                    project_domain_name: dflt(&n.project_domain_name),
+                }
+            };
+            NeutronAuth::Keystone {
+                endpoint: Box::new(endpoint),
+                method,
+            }
+        }
+        other => {
+            return Err(invalid(
+                "agent.neutron.auth_strategy",
+                format!("{other:?} is not keystone or noauth"),
+            ))
+        }
+    };
+    let any_https = endpoint.tls_name.is_some()
+        || matches!(&auth, NeutronAuth::Keystone { endpoint, .. } if endpoint.tls_name.is_some());
+    let tls = if any_https {
+        let cfg = super::tls::client_config(n.insecure.unwrap_or(false), n.ca_file.as_deref())
+            .map_err(|e| invalid("agent.neutron.ca_file", e.to_string()))?;
+        Some(TlsClient(cfg))
+    } else {
+        None
+    };
+    Ok(NeutronConfig {
+        tls,
+        endpoint,
+        auth,
+        region_name: n.region_name.clone(),
+        timeout: duration(
+            "agent.neutron.timeout",
+            &n.timeout,
+            DEFAULT_NEUTRON_TIMEOUT,
+            false,
+        )?,
+        batch_window: duration(
+            "agent.batch_window",
+            &f.batch_window,
+            DEFAULT_BATCH_WINDOW,
+            true,
+        )?,
+        batch_max: nonzero(
+            "agent.batch_max",
+            f.batch_max,
+            super::batch::DEFAULT_MAX_BATCH,
+        )?,
+        prefetch_network: f.prefetch_network.unwrap_or(true),
+        prefetch_max_ports: f.prefetch_max_ports.unwrap_or(DEFAULT_PREFETCH_MAX_PORTS),
+    })
 }
 
 impl TryFrom<&toml::Table> for AgentConfig {
@@ -417,8 +758,15 @@ mod tests {
     fn errors_name_the_key() {
         let e = |t: &str| agent(t).unwrap_err().to_string();
         assert!(e("inventory = \"i\"\nbogus = 1").contains("bogus"));
-        assert!(e("backend = \"neutron\"").contains("agent.backend"));
-        assert!(e("backend = \"neutron\"").contains("not built yet"));
+        assert!(e("backend = \"bogus\"").contains("agent.backend"));
+        assert!(e("backend = \"neutron\"").contains("agent.neutron.url"));
+        let https =
+            "backend = \"neutron\"\n[neutron]\nauth_strategy = \"noauth\"\nurl = \"ftp://n\"";
+        assert!(e(https).contains("not an http:// or https:// URL"));
+        let ca = "backend = \"neutron\"\n[neutron]\nauth_strategy = \"noauth\"\nurl = \"https://127.0.0.1\"\nca_file = \"/nonexistent.pem\"";
+        assert!(e(ca).contains("agent.neutron.ca_file"));
+        let ks = "backend = \"neutron\"\n[neutron]\nurl = \"http://127.0.0.1:9696\"";
+        assert!(e(ks).contains("agent.neutron.auth_url"));
         assert!(e("backend = \"inventory\"").contains("agent.inventory"));
         assert!(e("inventory = \"i\"\nsocket_mode = \"x\"").contains("agent.socket_mode"));
         let https = e("inventory = \"i\"\n[nova]\nnova_metadata_protocol = \"https\"");
@@ -429,6 +777,41 @@ mod tests {
         assert!(e("inventory = \"i\"\nworkers = 0").contains("agent.workers"));
         assert!(e("inventory = \"i\"\npool_size = 0").contains("agent.pool_size"));
         assert!(e("inventory = \"i\"\n[nova]\nnope = 1").contains("nope"));
+    }
+
+    #[test]
+    fn neutron_backend() {
+        let c = agent(
+            "backend = \"neutron\"\n[neutron]\nurl = \"http://127.0.0.1:9696/\"\nauth_strategy = \"noauth\"",
+        )
+        .unwrap();
+        let Backend::Neutron(n) = &c.backend else {
+            panic!("{:?}", c.backend)
+        };
+        assert_eq!(n.endpoint.addr, "127.0.0.1:9696".parse().unwrap());
+        assert_eq!(n.endpoint.prefix, "");
+        assert_eq!(n.auth, NeutronAuth::NoAuth);
+        assert_eq!(n.timeout, Duration::from_secs(10));
+        assert_eq!(n.batch_window, Duration::from_millis(2));
+        assert_eq!(n.batch_max.get(), 50);
+        assert!(n.prefetch_network);
+        assert_eq!(n.prefetch_max_ports, 5000);
+        let c = agent(
+            "backend = \"neutron\"\n[neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_url = \"http://[::1]:5000/v3/\"\nusername = \"neutron\"\npassword = \"pw-SECRET\"\nproject_name = \"service\"",
+        )
+        .unwrap();
+        let Backend::Neutron(n) = &c.backend else {
+            panic!()
+        };
+        let NeutronAuth::Keystone { endpoint, method } = &n.auth else {
+            panic!()
+        };
+        assert_eq!(endpoint.prefix, "/v3");
+        assert_eq!(endpoint.host_header, "[::1]:5000");
+        assert!(
+            matches!(method, KeystoneMethod::Password { user_domain_name, .. } if user_domain_name == "Default")
+        );
+        assert!(!format!("{c:?}").contains("pw-SECRET"));
     }
 
     #[test]

@@ -26,9 +26,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody, ResponseHead};
+use crate::agent::tls::TlsConn;
+use crate::http::{self, ChunkedScanner, Limits, ResponseBody, ResponseHead};
 use crate::log;
 use crate::rt::{self, TcpConn};
 
@@ -90,6 +92,41 @@ impl ApiResponse {
     }
 }
 
+/// TLS settings of a pool: the client config and the name to verify.
+pub type TlsTarget = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+/// A pooled connection: plain TCP or TLS over it.
+enum Conn {
+    Plain(TcpConn),
+    Tls(Box<TlsConn>),
+}
+
+impl Conn {
+    async fn write_all(&self, data: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+        match self {
+            Conn::Plain(c) => c.write_all(data).await,
+            Conn::Tls(c) => c.write_all(data).await,
+        }
+    }
+
+    async fn read_append(&self, buf: Vec<u8>, max: usize) -> (std::io::Result<usize>, Vec<u8>) {
+        match self {
+            Conn::Plain(c) => c.read_append(buf, max).await,
+            Conn::Tls(c) => c.read_append(buf, max).await,
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Conn::Plain(c) => c.shutdown(),
+            Conn::Tls(c) => c.shutdown(),
+        }
+    }
+}
+
 /// One attempt's failure: worth a re-send on a fresh connection, or final.
 enum Attempt {
     Retryable,
@@ -98,11 +135,15 @@ enum Attempt {
 
 /// Per-loop pool of idle keep-alive connections to the API.
 pub struct Pool {
+    /// What the peer is, for logs ("metadata API", "Neutron").
+    what: &'static str,
     addr: SocketAddr,
     max_idle: usize,
     timeout: Duration,
     limits: Limits,
-    idle: RefCell<Vec<TcpConn>>,
+    idle: RefCell<Vec<Conn>>,
+    /// `Some` for HTTPS.
+    tls: Option<TlsTarget>,
     /// Log "unreachable" once per outage, not per request.
     down_logged: Cell<bool>,
 }
@@ -110,14 +151,28 @@ pub struct Pool {
 impl Pool {
     /// An empty pool; connections are opened on demand.
     pub fn new(addr: SocketAddr, max_idle: usize, timeout: Duration) -> Pool {
+        Pool::named("metadata API", addr, max_idle, timeout)
+    }
+
+    /// An empty pool to `what` (named in logs).
+    pub fn named(what: &'static str, addr: SocketAddr, max_idle: usize, timeout: Duration) -> Pool {
         Pool {
+            what,
             addr,
             max_idle,
             timeout,
             limits: Limits::default(),
             idle: RefCell::new(Vec::new()),
+            tls: None,
             down_logged: Cell::new(false),
         }
+    }
+
+    /// Speak TLS to the peer.
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<TlsTarget>) -> Pool {
+        self.tls = tls;
+        self
     }
 
     /// Idle connections held now.
@@ -151,13 +206,13 @@ impl Pool {
                 }
             }
         }
-        let conn = match TcpConn::connect(self.addr, None).await {
+        let conn = match self.connect().await {
             Ok(c) => c,
             Err(e) => {
                 if !self.down_logged.replace(true) {
                     log::error(format_args!(
-                        "metadata API at {} unreachable: {e}; answering 503 until it is back",
-                        self.addr
+                        "{} at {} unreachable: {e}; answering 503 until it is back",
+                        self.what, self.addr
                     ));
                 }
                 return Err(ForwardError::Unreachable(e.to_string()));
@@ -165,8 +220,8 @@ impl Pool {
         };
         if self.down_logged.replace(false) {
             log::info(format_args!(
-                "metadata API at {} reachable again",
-                self.addr
+                "{} at {} reachable again",
+                self.what, self.addr
             ));
         }
         match self.once(conn, req, is_head).await {
@@ -178,8 +233,18 @@ impl Pool {
         }
     }
 
+    async fn connect(&self) -> std::io::Result<Conn> {
+        let tcp = TcpConn::connect(self.addr, None).await?;
+        match &self.tls {
+            None => Ok(Conn::Plain(tcp)),
+            Some((cfg, name)) => Ok(Conn::Tls(Box::new(
+                TlsConn::connect(tcp, cfg.clone(), name.clone()).await?,
+            ))),
+        }
+    }
+
     /// One request on `conn`; the connection returns to the pool if reusable.
-    async fn once(&self, conn: TcpConn, req: &[u8], is_head: bool) -> Result<ApiResponse, Attempt> {
+    async fn once(&self, conn: Conn, req: &[u8], is_head: bool) -> Result<ApiResponse, Attempt> {
         let (res, _) = conn.write_all(req.to_vec()).await;
         if res.is_err() {
             return Err(Attempt::Retryable);
@@ -229,43 +294,14 @@ impl Pool {
     }
 }
 
-/// If `buf` starts with a complete response, its length and head.
-/// `eof`: the API has closed, which completes a close-delimited body.
+/// [`http::frame_response`] with the agent's response bound.
 fn frame(
     buf: &[u8],
     limits: &Limits,
     is_head: bool,
     eof: bool,
 ) -> Result<Option<(usize, ResponseHead)>, String> {
-    let head = match http::parse_response(buf, limits, is_head) {
-        Ok(Some(h)) => h,
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(format!("unparsable response head: {e}")),
-    };
-    let body = &buf[head.head_len..];
-    let total = match head.body {
-        ResponseBody::None => Some(head.head_len),
-        ResponseBody::Length(n) => {
-            if n > MAX_RESPONSE_BYTES {
-                return Err(format!("response body of {n} bytes exceeds the limit"));
-            }
-            let n = usize::try_from(n).map_err(|_| "response too large".to_string())?;
-            (body.len() >= n).then_some(head.head_len + n)
-        }
-        ResponseBody::Chunked => {
-            let mut sc = ChunkedScanner::new(MAX_RESPONSE_BYTES);
-            match sc.scan(body) {
-                Ok(ChunkProgress::Done { consumed }) => Some(head.head_len + consumed),
-                Ok(ChunkProgress::NeedMore { .. }) => None,
-                Err(e) => return Err(format!("bad chunked body: {e}")),
-            }
-        }
-        ResponseBody::UntilClose => eof.then_some(buf.len()),
-    };
-    if total.is_none() && buf.len() as u64 > MAX_RESPONSE_BYTES + limits.max_head_bytes as u64 {
-        return Err("response exceeds the limit".into());
-    }
-    Ok(total.map(|t| (t, head)))
+    http::frame_response(buf, limits, is_head, MAX_RESPONSE_BYTES, eof)
 }
 
 #[cfg(test)]

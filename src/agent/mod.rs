@@ -17,22 +17,27 @@
 //! 3. **forwards** to the Nova-compatible metadata API.
 //!
 //! The IO layer: [`server`] (the Unix-socket server and request flow),
-//! [`resolve`] (inventory lookups and reload), [`forward`] (the pooled
-//! client to the API), configured by [`config`].
+//! [`resolve`] (inventory lookups and reload), [`backend`] (the Neutron
+//! resolver: cache, prefetch, single flight, batching, Keystone),
+//! [`forward`] (the pooled client to the API and to Neutron), [`metrics`]
+//! (per-loop counters, Prometheus), configured by [`config`].
 //!
 //! Everything in the other submodules is pure: no sockets, timers or runtime
 //! types, so each step is unit-tested in isolation and the async layer only
 //! wires them together. Time enters through [`cache::Clock`] and through the
 //! caller driving [`batch::Batcher`]; that is why neither owns a timer.
 
+pub mod backend;
 pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod identity;
+pub mod metrics;
 pub mod neutron;
 pub mod resolve;
 pub mod server;
+pub mod tls;
 
 pub use config::AgentConfig;
 pub use server::{start, AgentHandle, AgentStats};

@@ -113,6 +113,25 @@ pub fn network_ports_path(network: &str) -> String {
     q.finish()
 }
 
+/// All ports of a set of networks (OR-ed), at most `limit` of them: the
+/// prefetch query. Same reasoning as [`network_ports_path`] for the missing
+/// `device_owner` filter; `limit` (Neutron's pagination, always on since
+/// Queens) bounds what one answer can cost, and the caller asks for one more
+/// port than it will keep to learn that the set was too big. `None` for no
+/// networks (the query would list every port of the cloud).
+pub fn networks_ports_path(networks: &[&str], limit: usize) -> Option<String> {
+    if networks.is_empty() {
+        return None;
+    }
+    let mut q = Query::new();
+    for n in networks {
+        q.pair("network_id", n);
+    }
+    q.fields();
+    q.pair("limit", &limit.to_string());
+    Some(q.finish())
+}
+
 /// Whether a `device_owner` denotes a Nova instance port.
 pub fn is_compute_owner(device_owner: &str) -> bool {
     device_owner.starts_with(COMPUTE_OWNER_PREFIX)
@@ -458,6 +477,16 @@ mod tests {
         assert!(is_compute_owner("compute:nova"));
         assert!(is_compute_owner("compute:az-2"));
         assert!(!is_compute_owner("network:dhcp"));
+    }
+
+    #[test]
+    fn networks_ports_path_is_bounded() {
+        let path = networks_ports_path(&[NET1, NET2], 5001).unwrap();
+        assert!(path.starts_with(&format!(
+            "/v2.0/ports?network_id={NET1}&network_id={NET2}&fields=device_id&"
+        )));
+        assert!(path.ends_with("&fields=device_owner&limit=5001"));
+        assert_eq!(networks_ports_path(&[], 1), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::agent::identity::{LookupKey, Scope};
 use crate::inventory::{Inventory, InventoryError};
@@ -140,11 +140,6 @@ pub struct Watcher {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn mtime(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 impl Watcher {
     /// Start polling `store`'s file every `every`.
     ///
@@ -155,18 +150,16 @@ impl Watcher {
         let thread = std::thread::Builder::new()
             .name("agent-inventory".into())
             .spawn(move || {
-                let mut seen = mtime(store.path());
+                let mut seen = crate::inventory::watch::FileVersion::of(store.path());
                 loop {
                     let reply = match rx.recv_timeout(every) {
                         Ok(WatchMsg::Reload(reply)) => Some(reply),
                         Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => return,
                     };
-                    let now = mtime(store.path());
-                    if reply.is_none() && (now == seen || now.is_none()) {
+                    if !seen.changed(store.path()) && reply.is_none() {
                         continue;
                     }
-                    seen = now;
                     let r = store.reload().map_err(|e| e.to_string());
                     match &r {
                         Ok(()) => {

@@ -3,8 +3,10 @@
 //! One loop per worker, each with its own accept on a `dup` of the one
 //! listening socket (as in [`crate::proxy`]), its own resolution cache and
 //! its own pool of API connections: nothing on the request path is shared
-//! between loops except the inventory `Arc` (read on a cache miss) and a few
-//! relaxed atomic counters ([`AgentStats`]).
+//! between loops except the inventory `Arc` (read on a cache miss). Each
+//! loop writes its own block of counters ([`metrics`]), merged on scrape.
+//! With `backend = "neutron"` each loop also has its own
+//! [`NeutronResolver`] (cache, single flight, batching, prefetch).
 //!
 //! Connections are HTTP/1.1 keep-alive with pipelining: requests are taken
 //! one after another from the same buffer, so answers go out in order. This
@@ -16,9 +18,10 @@
 //!
 //! Per request (spec §3):
 //! 1. [`identity::parse_identity`] → 400 with its message on any ambiguity;
-//! 2. (scope, key) → [`resolve`] through the loop's [`TtlCache`]; zero or
-//!    several ports → 404 with Neutron's era-C page ("Instance was not found
-//!    on network X.");
+//! 2. (scope, key) → [`resolve`] through the loop's [`TtlCache`], or the
+//!    loop's [`NeutronResolver`]; zero or several ports → 404 with Neutron's
+//!    era-C page ("Instance was not found on network X."); Neutron failing →
+//!    503 (cache hits are still served);
 //! 3. sign the instance id, forward method, target and body to the API with
 //!    exactly `Host`, `X-Forwarded-For` (the raw value), `X-Instance-ID`,
 //!    `X-Tenant-ID`, `X-Instance-ID-Signature`, `Content-Length` when there
@@ -41,22 +44,24 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{select, Either};
 use smallvec::SmallVec;
 
+use crate::agent::backend::{BackendError, NeutronResolver};
 use crate::agent::cache::{Lookup, TtlCache};
 use crate::agent::config::{AgentConfig, Backend, INVENTORY_POLL};
 use crate::agent::forward::{self, ApiResponse, ForwardError};
 use crate::agent::identity::{self, Identity, LookupKey, Scope};
+use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
 use crate::agent::resolve::{resolve, InventoryStore, Resolution, Resolved, Watcher};
-use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, Method, RequestBody, RequestHead};
+use crate::http::{self, Limits, Method, RequestBody, RequestHead};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
+use crate::serve::{self, BodyError};
 
 /// From the first byte of a request to its complete head (haproxy's `http-request`).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,6 +83,22 @@ const FORBIDDEN_HINT_EVERY: Duration = Duration::from_secs(60);
 const RELAYED: [u16; 9] = [200, 400, 403, 404, 409, 500, 502, 503, 504];
 /// The guest's IMDSv2-style token header, passed through when present.
 const HEADER_TOKEN: &str = "X-aws-ec2-metadata-token";
+/// Head bytes a proxy in front may add to a request it accepted: metaproxy's
+/// rewrite appends `X-Forwarded-For` (an IPv6 address, at most 39
+/// characters) and one router or network id (a 36-character uuid), about
+/// 130 bytes; haproxy's Neutron config adds the same two. Rounded up.
+const PROXY_ADDED_HEAD_BYTES: usize = 512;
+/// Header fields a proxy in front may add (the same two, rounded up).
+const PROXY_ADDED_HEADERS: usize = 4;
+/// The agent's request limits: the proxy's defaults plus what the proxy
+/// adds, so a head the proxy accepted at its limit (8 KiB, 64 fields) is
+/// not refused here with a 431 after the rewrite grew it. The body limit is
+/// the proxy's: the rewrite does not touch the body.
+const AGENT_LIMITS: Limits = Limits {
+    max_head_bytes: http::DEFAULT_MAX_HEAD_BYTES + PROXY_ADDED_HEAD_BYTES,
+    max_headers: http::DEFAULT_MAX_HEADERS + PROXY_ADDED_HEADERS,
+    max_body_bytes: http::DEFAULT_MAX_BODY_BYTES,
+};
 
 const MSG_UNKNOWN: &str = "An unknown error has occurred. Please try your request again.";
 const MSG_UNAVAILABLE: &str =
@@ -85,23 +106,8 @@ const MSG_UNAVAILABLE: &str =
 const MSG_TIMEOUT: &str =
     "The remote metadata server did not answer in time. Please try again later.";
 const MSG_BROKEN: &str = "The remote metadata server sent a broken response.";
-
-/// Event counters, summed over loops.
-#[derive(Debug, Default)]
-struct Counters {
-    requests: AtomicU64,
-    inventory_lookups: AtomicU64,
-    cache_hits: AtomicU64,
-    bad_requests: AtomicU64,
-    not_found: AtomicU64,
-    forwarded: AtomicU64,
-    api_errors: AtomicU64,
-    retried_after_404: AtomicU64,
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
+const MSG_BACKEND: &str =
+    "The instance could not be looked up: Neutron is temporarily unavailable. Please try again later.";
 
 /// A snapshot of the agent's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,6 +118,14 @@ pub struct AgentStats {
     pub inventory_lookups: u64,
     /// Resolutions answered by a cache (positive or negative).
     pub cache_hits: u64,
+    /// Resolutions that missed the cache (Neutron backend).
+    pub cache_misses: u64,
+    /// Calls to Neutron (router networks, port batches, prefetches).
+    pub neutron_calls: u64,
+    /// Keystone token requests.
+    pub token_requests: u64,
+    /// Requests answered 503 because the backend failed.
+    pub backend_unavailable: u64,
     /// Requests answered 400 for their identity headers.
     pub bad_requests: u64,
     /// Requests answered 404 because the guest did not resolve.
@@ -125,8 +139,9 @@ pub struct AgentStats {
 }
 
 struct Shared {
-    store: Arc<InventoryStore>,
-    counters: Counters,
+    /// The inventory (`backend = "inventory"` only).
+    store: Option<Arc<InventoryStore>>,
+    metrics: Registry,
 }
 
 /// Messages from the handle to the loops.
@@ -140,6 +155,7 @@ pub struct AgentHandle {
     controls: Vec<UnboundedSender<Control>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
     watcher: Option<Watcher>,
+    exporter: Option<metrics::Exporter>,
     shared: Arc<Shared>,
     /// The socket it serves.
     pub socket: PathBuf,
@@ -148,18 +164,34 @@ pub struct AgentHandle {
 impl AgentHandle {
     /// Counters so far, summed over loops.
     pub fn stats(&self) -> AgentStats {
-        let c = &self.shared.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        use metrics::Call;
+        let r = &self.shared.metrics;
         AgentStats {
-            requests: l(&c.requests),
-            inventory_lookups: l(&c.inventory_lookups),
-            cache_hits: l(&c.cache_hits),
-            bad_requests: l(&c.bad_requests),
-            not_found: l(&c.not_found),
-            forwarded: l(&c.forwarded),
-            api_errors: l(&c.api_errors),
-            retried_after_404: l(&c.retried_after_404),
+            requests: r.sum(|m| &m.requests),
+            inventory_lookups: r.sum(|m| &m.inventory_lookups),
+            cache_hits: r.sum(|m| &m.cache_hits) + r.sum(|m| &m.cache_negative_hits),
+            cache_misses: r.sum(|m| &m.cache_misses),
+            neutron_calls: r.calls(Call::RouterNetworks)
+                + r.calls(Call::Ports)
+                + r.calls(Call::Prefetch),
+            token_requests: r.calls(Call::Token),
+            backend_unavailable: r.sum(|m| &m.backend_unavailable),
+            bad_requests: r.sum(|m| &m.bad_requests),
+            not_found: r.sum(|m| &m.not_found),
+            forwarded: r.sum(|m| &m.forwarded),
+            api_errors: r.sum(|m| &m.api_errors),
+            retried_after_404: r.sum(|m| &m.retried_after_404),
         }
+    }
+
+    /// The metrics in Prometheus text (what `agent.metrics_listen` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.exporter.as_ref().map(metrics::Exporter::addr)
     }
 
     /// Reload the inventory now (the file is also polled every second).
@@ -184,6 +216,7 @@ impl AgentHandle {
         if let Some(w) = self.watcher.take() {
             w.stop();
         }
+        self.exporter.take();
         self.join()
     }
 
@@ -264,23 +297,46 @@ fn bind_socket(cfg: &AgentConfig) -> io::Result<UnixListener> {
 /// The inventory is broken, another agent is running, the socket cannot be
 /// bound, or a thread could not start.
 pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
-    let Backend::Inventory(inv_path) = &cfg.backend;
-    let store = InventoryStore::load(inv_path)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let store = Arc::new(store);
+    let (store, backend) = match &cfg.backend {
+        Backend::Inventory(inv_path) => {
+            let store = InventoryStore::load(inv_path)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            (
+                Some(Arc::new(store)),
+                format!("inventory {}", inv_path.display()),
+            )
+        }
+        Backend::Neutron(n) => (
+            None,
+            format!("neutron at {} ({:?})", n.endpoint.addr, n.auth),
+        ),
+    };
     let listener = Arc::new(bind_socket(&cfg)?);
-    let watcher = Watcher::start(store.clone(), INVENTORY_POLL)?;
+    let watcher = match &store {
+        Some(s) => Some(Watcher::start(s.clone(), INVENTORY_POLL)?),
+        None => None,
+    };
+    let workers = cfg.workers.get();
     let shared = Arc::new(Shared {
         store,
-        counters: Counters::default(),
+        metrics: Registry::new(workers),
     });
-    let workers = cfg.workers.get();
+    let exporter = match cfg.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(addr, shared.metrics.clone())
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics_listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     log::info(format_args!(
-        "agent starting: socket {} (mode {:o}), {workers} loop(s), inventory {}, metadata API {}",
+        "agent starting: socket {} (mode {:o}), {workers} loop(s), {backend}, metadata API {}{}",
         cfg.socket.display(),
         cfg.socket_mode.bits(),
-        inv_path.display(),
-        cfg.nova.addr
+        cfg.nova.addr,
+        exporter.as_ref().map_or(String::new(), |e| format!(
+            ", metrics on http://{}/metrics",
+            e.addr()
+        ))
     ));
     let socket = cfg.socket.clone();
     let cfg = Arc::new(cfg);
@@ -300,13 +356,14 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
         async move {
             let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(cfg, shared, &listener, rx).await
+            run_loop(cfg, shared, &listener, rx, i).await
         }
     })?;
     Ok(AgentHandle {
         controls,
         threads,
-        watcher: Some(watcher),
+        watcher,
+        exporter,
         shared,
         socket,
     })
@@ -318,6 +375,10 @@ type CacheKey = (Scope, LookupKey);
 struct LoopCtx {
     cfg: Arc<AgentConfig>,
     shared: Arc<Shared>,
+    /// This loop's counters.
+    m: Arc<LoopMetrics>,
+    /// `backend = "neutron"`: this loop's resolver.
+    neutron: Option<Rc<NeutronResolver>>,
     host_header: String,
     cache: RefCell<TtlCache<CacheKey, Rc<Resolved>>>,
     /// Inventory generation the cache was filled from.
@@ -351,11 +412,29 @@ impl LoopCtx {
         }
     }
 
-    /// Resolve through the cache (unless `fresh`); the bool says whether the
-    /// answer came from the cache.
-    fn lookup(&self, id: &Identity, fresh: bool) -> (Option<Rc<Resolved>>, bool) {
-        let c = &self.shared.counters;
-        let generation = self.shared.store.generation();
+    /// Resolve with the configured backend (see [`LoopCtx::lookup`]).
+    async fn resolve(
+        &self,
+        id: &Identity,
+        fresh: bool,
+    ) -> Result<(Option<Rc<Resolved>>, bool), BackendError> {
+        match (&self.neutron, &self.shared.store) {
+            (Some(n), _) => n.lookup(&id.scope, &id.key, fresh).await,
+            (None, Some(store)) => Ok(self.lookup(store, id, fresh)),
+            (None, None) => Err(BackendError::Cancelled),
+        }
+    }
+
+    /// Resolve from the inventory through the cache (unless `fresh`); the
+    /// bool says whether the answer came from the cache.
+    fn lookup(
+        &self,
+        store: &InventoryStore,
+        id: &Identity,
+        fresh: bool,
+    ) -> (Option<Rc<Resolved>>, bool) {
+        let m = &self.m;
+        let generation = store.generation();
         if generation != self.cache_generation.get() {
             // A reload: everything cached describes the old file.
             *self.cache.borrow_mut() = Self::new_cache(&self.cfg);
@@ -365,18 +444,18 @@ impl LoopCtx {
         if !fresh {
             match self.cache.borrow_mut().get(&key) {
                 Lookup::Hit(r) => {
-                    bump(&c.cache_hits);
+                    inc(&m.cache_hits);
                     return (Some(r), true);
                 }
                 Lookup::NegativeHit => {
-                    bump(&c.cache_hits);
+                    inc(&m.cache_negative_hits);
                     return (None, true);
                 }
-                Lookup::Miss => {}
+                Lookup::Miss => inc(&m.cache_misses),
             }
         }
-        bump(&c.inventory_lookups);
-        let (inv, inv_generation) = self.shared.store.current();
+        inc(&m.inventory_lookups);
+        let (inv, inv_generation) = store.current();
         let cacheable = inv_generation == self.cache_generation.get();
         let mut cache = self.cache.borrow_mut();
         match resolve(&inv, &id.scope, &id.key) {
@@ -430,12 +509,26 @@ async fn run_loop(
     shared: Arc<Shared>,
     listener: &UnixListener,
     mut control: UnboundedReceiver<Control>,
+    index: usize,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
+    let m = shared.metrics.0[index].clone();
+    let neutron = match &cfg.backend {
+        Backend::Neutron(n) => Some(NeutronResolver::new(
+            n,
+            cfg.cache_ttl,
+            cfg.negative_cache_ttl,
+            cfg.cache_capacity,
+            m.clone(),
+        )),
+        Backend::Inventory(_) => None,
+    };
     let ctx = Rc::new(LoopCtx {
         host_header: cfg.nova.host_header(),
         cache: RefCell::new(LoopCtx::new_cache(&cfg)),
-        cache_generation: Cell::new(shared.store.generation()),
+        cache_generation: Cell::new(shared.store.as_ref().map_or(0, |s| s.generation())),
+        m,
+        neutron,
         pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout),
         stopping: Event::default(),
         active: Cell::new(0),
@@ -542,7 +635,7 @@ async fn handle_request(
     buf: &mut Vec<u8>,
     head_deadline: Instant,
 ) -> Result<(), Close> {
-    let limits = Limits::default();
+    let limits = AGENT_LIMITS;
     // 1. The head.
     let head = loop {
         match http::parse_request(buf, &limits) {
@@ -563,13 +656,27 @@ async fn handle_request(
             Ok(_) => {}
         }
     };
-    bump(&ctx.shared.counters.requests);
+    inc(&ctx.m.requests);
 
     // 2. The body.
-    let (body_end, chunked_body) = read_body(conn, buf, &head, &limits).await?;
-    let body: &[u8] = match &chunked_body {
-        Some(b) => b,
-        None => &buf[head.head_len..body_end],
+    let mut decoded = Vec::new();
+    let body_end = match serve::read_body(
+        conn,
+        buf,
+        &head,
+        limits.max_body_bytes,
+        CLIENT_TIMEOUT,
+        Some(&mut decoded),
+    )
+    .await
+    {
+        Ok(end) => end,
+        Err(BodyError::Status(s)) => return Err(reject(conn, s).await),
+        Err(BodyError::Gone) => return Err(Close),
+    };
+    let body: &[u8] = match head.body {
+        RequestBody::Chunked => &decoded,
+        _ => &buf[head.head_len..body_end],
     };
 
     // 3. Resolve, sign, forward. Draining does not add `Connection: close`
@@ -579,6 +686,13 @@ async fn handle_request(
     let keep = head.keep_alive;
     let mut out = ctx.take_buf();
     answer(ctx, buf, &head, body, !keep, &mut out).await;
+    // "HTTP/1.1 NNN …": every answer starts with a status line we wrote.
+    let status = out
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    ctx.m.response(status);
 
     // 4. Write the answer.
     match rt::with_deadline(Instant::now() + CLIENT_TIMEOUT, conn.write_all(out)).await {
@@ -602,7 +716,7 @@ async fn answer(
     close: bool,
     out: &mut Vec<u8>,
 ) {
-    let c = &ctx.shared.counters;
+    let c = &*ctx.m;
     let id = match identity::parse_identity(|name| {
         head.headers
             .iter()
@@ -612,19 +726,22 @@ async fn answer(
     }) {
         Ok(id) => id,
         Err(e) => {
-            bump(&c.bad_requests);
+            inc(&c.bad_requests);
             log::debug(format_args!("400: {e}"));
             page(400, &e.message(), close, out);
             return;
         }
     };
-    let (mut resolved, mut cached) = ctx.lookup(&id, false);
+    let (mut resolved, mut cached) = match ctx.resolve(&id, false).await {
+        Ok(r) => r,
+        Err(e) => return backend_failed(ctx, &id, &e, close, out),
+    };
     let mut retried = false;
     let token = head.header(buf, HEADER_TOKEN);
     let is_head = head.method == Method::Head;
     loop {
         let Some(r) = resolved.as_deref() else {
-            bump(&c.not_found);
+            inc(&c.not_found);
             let msg = match &id.scope {
                 Scope::Network(n) => format!("Instance was not found on network {n}."),
                 Scope::Router(r) => format!("Instance was not found on router {r}."),
@@ -643,18 +760,23 @@ async fn answer(
             body,
             &mut req,
         );
-        bump(&c.forwarded);
+        inc(&c.forwarded);
+        let started = Instant::now();
         let result = ctx.pool.request(&req, is_head).await;
+        c.forward_latency(started.elapsed());
         ctx.put_buf(req);
         match result {
             Ok(resp) if resp.head.status == 404 && cached && !retried => {
                 // The instance may have moved or been replaced since we cached it.
                 retried = true;
-                bump(&c.retried_after_404);
+                inc(&c.retried_after_404);
                 ctx.cache
                     .borrow_mut()
                     .invalidate(&(id.scope.clone(), id.key.clone()));
-                (resolved, cached) = ctx.lookup(&id, true);
+                (resolved, cached) = match ctx.resolve(&id, true).await {
+                    Ok(r) => r,
+                    Err(e) => return backend_failed(ctx, &id, &e, close, out),
+                };
             }
             Ok(resp) => {
                 let status = resp.head.status;
@@ -664,7 +786,7 @@ async fn answer(
                 if RELAYED.contains(&status) {
                     relay(&resp, is_head, close, out);
                 } else {
-                    bump(&c.api_errors);
+                    inc(&c.api_errors);
                     log::warn(format_args!(
                         "metadata API answered unexpected status {status}; answering 500"
                     ));
@@ -673,7 +795,7 @@ async fn answer(
                 return;
             }
             Err(e) => {
-                bump(&c.api_errors);
+                inc(&c.api_errors);
                 log::debug(format_args!("forward for {}: {e}", id.xff));
                 let msg = match e {
                     ForwardError::Unreachable(_) => MSG_UNAVAILABLE,
@@ -685,6 +807,16 @@ async fn answer(
             }
         }
     }
+}
+
+/// Neutron (or Keystone) failed: 503.
+fn backend_failed(ctx: &LoopCtx, id: &Identity, e: &BackendError, close: bool, out: &mut Vec<u8>) {
+    inc(&ctx.m.backend_unavailable);
+    log::warn(format_args!(
+        "cannot resolve {} on {:?}: {e}",
+        id.xff, id.scope
+    ));
+    page(503, MSG_BACKEND, close, out);
 }
 
 /// The request to the metadata API: exactly the headers Neutron sends
@@ -789,66 +921,6 @@ pub fn page(status: u16, message: &str, close: bool, out: &mut Vec<u8>) {
         .as_bytes(),
     );
     out.extend_from_slice(body.as_bytes());
-}
-
-/// Read the body into `buf`. Returns where the request ends in `buf` and,
-/// for a chunked body, the de-chunked payload.
-async fn read_body(
-    conn: &UnixConn,
-    buf: &mut Vec<u8>,
-    head: &RequestHead,
-    limits: &Limits,
-) -> Result<(usize, Option<Vec<u8>>), Close> {
-    let start = head.head_len;
-    let mut sent_continue = false;
-    loop {
-        match head.body {
-            RequestBody::None => return Ok((start, None)),
-            RequestBody::Length(n) => {
-                let n = usize::try_from(n).map_err(|_| Close)?;
-                if buf.len() >= start + n {
-                    return Ok((start + n, None));
-                }
-            }
-            RequestBody::Chunked => {
-                let mut sc = ChunkedScanner::new(limits.max_body_bytes);
-                let mut payload = Vec::new();
-                match sc.decode(&buf[start..], &mut payload) {
-                    Ok(ChunkProgress::Done { consumed }) => {
-                        return Ok((start + consumed, Some(payload)))
-                    }
-                    Ok(ChunkProgress::NeedMore { .. }) => {}
-                    Err(e) => return Err(reject(conn, e.status()).await),
-                }
-            }
-        }
-        if head.expect_continue && !sent_continue {
-            sent_continue = true;
-            let w = rt::with_deadline(
-                Instant::now() + CLIENT_TIMEOUT,
-                conn.write_static(http::CONTINUE_100),
-            )
-            .await;
-            if !matches!(w, Ok(Ok(()))) {
-                return Err(Close);
-            }
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) = match rt::with_deadline(
-            Instant::now() + CLIENT_TIMEOUT,
-            conn.read_append(taken, READ_CHUNK_BYTES),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(rt::Elapsed) => return Err(reject(conn, 408).await),
-        };
-        *buf = b;
-        match res {
-            Ok(0) | Err(_) => return Err(Close),
-            Ok(_) => {}
-        }
-    }
 }
 
 /// Send a canned error (it says `Connection: close`) and end the connection.

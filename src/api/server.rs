@@ -33,18 +33,19 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures_util::future::{select, Either};
 use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
-use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::http::{self, RequestBody};
 use crate::inventory::{Inventory, InventoryError};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
+use crate::serve::{self, BodyError};
 
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -170,24 +171,6 @@ fn reload(api: &MetadataApi, path: &Path) -> Result<(), InventoryError> {
     }
 }
 
-/// What the watcher compares between polls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    mtime: Option<SystemTime>,
-    len: u64,
-    ino: u64,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        mtime: m.modified().ok(),
-        len: m.len(),
-        ino: m.ino(),
-    })
-}
-
 fn spawn_watcher(
     api: Arc<MetadataApi>,
     path: PathBuf,
@@ -197,19 +180,15 @@ fn spawn_watcher(
     let t = std::thread::Builder::new()
         .name("api-inventory-watch".into())
         .spawn(move || {
-            let mut last = stamp(&path);
+            let mut seen = crate::inventory::watch::FileVersion::of(&path);
             while !flag.load(Ordering::Acquire) {
                 std::thread::park_timeout(INVENTORY_POLL_INTERVAL);
                 if flag.load(Ordering::Acquire) {
                     break;
                 }
-                let now = stamp(&path);
                 // A vanished file (mid-rename, or deleted) keeps the old inventory.
-                if now.is_some() && now != last {
+                if seen.changed(&path) {
                     let _ = reload(&api, &path);
-                }
-                if now.is_some() {
-                    last = now;
                 }
             }
         })?;
@@ -486,11 +465,13 @@ async fn handle_request(
 
     // 2. The body.
     let mut decoded = Vec::new();
-    let body_end = match read_body(ctx, conn, buf, &head, &mut decoded).await {
-        Ok(end) => end,
-        Err(BodyErr::Status(s)) => return Err(reject(ctx, conn, s).await),
-        Err(BodyErr::End(e)) => return Err(e),
-    };
+    let (max_body, client) = (ctx.cfg.limits.max_body_bytes, ctx.cfg.timeouts.client);
+    let body_end =
+        match serve::read_body(conn, buf, &head, max_body, client, Some(&mut decoded)).await {
+            Ok(end) => end,
+            Err(BodyError::Status(s)) => return Err(reject(ctx, conn, s).await),
+            Err(BodyError::Gone) => return Err(End::PeerClosed),
+        };
     let body: &[u8] = match head.body {
         RequestBody::Chunked => &decoded,
         _ => &buf[head.head_len..body_end],
@@ -547,74 +528,6 @@ fn write_response(resp: &ApiResponse, head_only: bool, keep: bool, out: &mut Vec
     out.extend_from_slice(b"\r\n");
     if !head_only {
         out.extend_from_slice(&resp.body);
-    }
-}
-
-enum BodyErr {
-    Status(u16),
-    End(End),
-}
-
-/// Read the request body; returns the offset in `buf` where the request ends.
-/// A chunked body is decoded into `decoded` as it arrives.
-async fn read_body(
-    ctx: &LoopCtx,
-    conn: &TcpConn,
-    buf: &mut Vec<u8>,
-    head: &RequestHead,
-    decoded: &mut Vec<u8>,
-) -> Result<usize, BodyErr> {
-    let t = ctx.cfg.timeouts;
-    let start = head.head_len;
-    let mut scanner = match head.body {
-        RequestBody::None => return Ok(start),
-        RequestBody::Length(_) => None,
-        RequestBody::Chunked => Some(ChunkedScanner::new(ctx.cfg.limits.max_body_bytes)),
-    };
-    let mut sent_continue = false;
-    let mut scanned = 0usize;
-    loop {
-        match (&head.body, scanner.as_mut()) {
-            (RequestBody::Length(n), _) => {
-                let n = usize::try_from(*n).map_err(|_| BodyErr::Status(413))?;
-                if buf.len() >= start + n {
-                    return Ok(start + n);
-                }
-            }
-            (_, Some(sc)) => match sc.decode(&buf[start + scanned..], decoded) {
-                Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
-                Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
-                Err(e) => return Err(BodyErr::Status(e.status())),
-            },
-            _ => return Ok(start),
-        }
-        if head.expect_continue && !sent_continue {
-            sent_continue = true;
-            let w = rt::with_deadline(
-                Instant::now() + t.client,
-                conn.write_static(http::CONTINUE_100),
-            )
-            .await;
-            if !matches!(w, Ok(Ok(()))) {
-                return Err(BodyErr::End(End::IoError));
-            }
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) = match rt::with_deadline(
-            Instant::now() + t.client,
-            conn.read_append(taken, READ_CHUNK_BYTES),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(rt::Elapsed) => return Err(BodyErr::Status(408)),
-        };
-        *buf = b;
-        match res {
-            Ok(0) => return Err(BodyErr::End(End::PeerClosed)),
-            Ok(_) => {}
-            Err(_) => return Err(BodyErr::End(End::IoError)),
-        }
     }
 }
 

@@ -8,7 +8,10 @@
 //!
 //! Everything is bounded: the decoded payload by `max_body_bytes` (413, reported as soon as a
 //! chunk size would pass it, before its data arrives), a size line including extensions by
-//! [`MAX_CHUNK_LINE_BYTES`], the trailer section by [`MAX_TRAILER_BYTES`]. Hex sizes that overflow
+//! [`MAX_CHUNK_LINE_BYTES`], the trailer section by [`MAX_TRAILER_BYTES`], and all framing
+//! bytes of one message together by `max(max_body_bytes, MIN_CHUNK_FRAMING_BYTES)` (413), so
+//! the raw message a caller buffers is at most about twice the payload limit. Without that last
+//! bound, one-byte chunks with 4 KiB extensions carry a 64 KiB payload in 256 MiB. Hex sizes that overflow
 //! `u64` are a `BadChunk`, not a panic. Bare LF is accepted as a line end (as httparse does for
 //! heads); a bare CR is not. Rejected: httparse's `parse_chunk_size`, which needs the whole size
 //! line in one slice and so would force buffering across reads.
@@ -19,6 +22,9 @@ use super::{HttpError, DEFAULT_MAX_BODY_BYTES};
 pub const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
 /// Longest trailer section after the last chunk, in bytes.
 pub const MAX_TRAILER_BYTES: usize = 8 * 1024;
+/// Least framing (every byte that is not payload: size lines, extensions, line ends, trailers)
+/// a message may carry; the budget is the larger of this and the payload limit.
+pub const MIN_CHUNK_FRAMING_BYTES: u64 = 64 * 1024;
 
 /// Result of feeding bytes to a [`ChunkedScanner`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +80,8 @@ pub struct ChunkedScanner {
     max_body_bytes: u64,
     /// Bytes of the current size line, or of the trailer section.
     line_bytes: usize,
+    /// Framing bytes left for this message (see the module docs).
+    framing_left: u64,
 }
 
 impl Default for ChunkedScanner {
@@ -92,6 +100,7 @@ impl ChunkedScanner {
             total: 0,
             max_body_bytes,
             line_bytes: 0,
+            framing_left: max_body_bytes.max(MIN_CHUNK_FRAMING_BYTES),
         }
     }
 
@@ -111,7 +120,8 @@ impl ChunkedScanner {
     /// `consumed` belong to the next message. Once done, further calls return `Done { consumed: 0 }`.
     ///
     /// # Errors
-    /// [`HttpError::BodyTooLarge`] when the payload would exceed the maximum;
+    /// [`HttpError::BodyTooLarge`] when the payload would exceed the maximum, or the framing its
+    /// budget;
     /// [`HttpError::BadChunk`] for a bad size line, missing line end, or oversized size line or
     /// trailer section. After an error the scanner's state is unspecified; drop the connection.
     pub fn scan(&mut self, input: &[u8]) -> Result<ChunkProgress, HttpError> {
@@ -163,6 +173,10 @@ impl ChunkedScanner {
 
     /// Advance the state machine by one non-payload byte.
     fn step(&mut self, b: u8) -> Result<(), HttpError> {
+        self.framing_left = self
+            .framing_left
+            .checked_sub(1)
+            .ok_or(HttpError::BodyTooLarge)?;
         match self.state {
             State::Size { .. } | State::AfterSize | State::Extension | State::SizeLf => {
                 self.line_bytes += 1;
@@ -386,6 +400,31 @@ mod tests {
         let mut s = ChunkedScanner::default();
         assert_eq!(s.scan(&body), Err(HttpError::BodyTooLarge));
         assert_eq!(HttpError::BodyTooLarge.status(), 413);
+    }
+
+    /// One-byte chunks with maximal extensions: the framing budget (here the 64 KiB minimum)
+    /// stops them long before the payload limit would, wherever the reads split.
+    #[test]
+    fn framing_budget() {
+        let ext = "e".repeat(MAX_CHUNK_LINE_BYTES - 8);
+        let chunk = format!("1;{ext}\r\nx\r\n");
+        let per_chunk = chunk.len() - 1; // framing bytes per chunk
+        let fits = MIN_CHUNK_FRAMING_BYTES as usize / per_chunk;
+        let ok = format!("{}0\r\n\r\n", chunk.repeat(fits - 1));
+        let (out, _) = decode_all(ok.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(out.len(), fits - 1);
+        let bomb = chunk.repeat(fits + 1);
+        let mut s = ChunkedScanner::new(1 << 10);
+        let mut res = Ok(ChunkProgress::NeedMore { consumed: 0 });
+        for piece in bomb.as_bytes().chunks(777) {
+            res = s.scan(piece);
+            if res.is_err() {
+                break;
+            }
+        }
+        assert_eq!(res, Err(HttpError::BodyTooLarge));
+        // A larger payload limit raises the budget with it (responses of a few MiB).
+        assert!(ChunkedScanner::new(4 << 20).scan(bomb.as_bytes()).is_ok());
     }
 
     #[test]

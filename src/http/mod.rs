@@ -23,9 +23,11 @@ mod rewrite;
 use std::mem::MaybeUninit;
 
 pub use canned::{canned, reason, CONTINUE_100};
-pub use chunked::{ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES};
+pub use chunked::{
+    ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES, MIN_CHUNK_FRAMING_BYTES,
+};
 pub use request::{parse_request, Method, RequestBody, RequestHead};
-pub use response::{parse_response, ResponseBody, ResponseHead};
+pub use response::{frame_response, parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
     format_ip_for_xff, is_hop_by_hop, is_trust_header, rewrite_proxy_request, write_request_head,
     write_response_head, HOP_BY_HOP, TRUST_HEADERS,
@@ -136,8 +138,9 @@ pub enum Version {
 /// Why a head or body was refused; [`HttpError::status`] gives the status to answer with.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum HttpError {
-    /// Syntax error (bad request line, header syntax, obs-fold, bad Content-Length, non-origin-form
-    /// target, HTTP version other than 1.0/1.1, HTTP/2 preface): 400.
+    /// Syntax error (bad request line, header syntax, obs-fold, non-ASCII request header value, bad
+    /// Content-Length, non-origin-form target, HTTP version other than 1.0/1.1, HTTP/2 preface):
+    /// 400.
     #[error("malformed HTTP message")]
     Malformed,
     /// Ambiguous message framing (CL+TE, differing Content-Lengths, TE on HTTP/1.0, chunked applied

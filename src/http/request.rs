@@ -15,6 +15,10 @@
 //!   client chose but a protocol mismatch.
 //! - obs-fold, whitespace before the colon and control bytes in values are httparse errors → 400:
 //!   folding a spoofed trust header onto another line must not survive to the rewrite.
+//! - obs-text (bytes 0x80-0xFF) in a header value → 400, although RFC 9110 §5.5 tolerates it
+//!   and httparse accepts it: no metadata client sends it, and peers decode it differently
+//!   (Latin-1 in WSGI, UTF-8 or dropped elsewhere), so a value that looks harmless here could
+//!   read as something else upstream. Names and targets are ASCII-only already.
 //! - A second `Host` field → 400 (host confusion); a missing `Host` on HTTP/1.1 is tolerated,
 //!   since the metadata service ignores it and minimal clients omit it.
 //! - `Content-Length: 0` is reported as [`RequestBody::None`].
@@ -159,6 +163,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     };
     let target_bytes = target.get(buf);
     if target_bytes.first() != Some(&b'/') || !target_bytes.is_ascii() {
+        return Err(HttpError::Malformed);
+    }
+    if headers.iter().any(|h| !h.value.get(buf).is_ascii()) {
         return Err(HttpError::Malformed);
     }
 
@@ -357,6 +364,8 @@ mod tests {
             (b"GET / HTTP/1.1\r\nX-Instance-ID: a\r\n b\r\n\r\n", HttpError::Malformed),
             (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", HttpError::Malformed),
             (b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", HttpError::Malformed),
+            (b"GET / HTTP/1.1\r\nX: caf\xc3\xa9\r\n\r\n", HttpError::Malformed),
+            (b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\xff\r\n\r\n", HttpError::Malformed),
             (b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n", HttpError::Malformed),
             (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", HttpError::Malformed),
             (b"GET / HTTP/1.1\r\n: a\r\n\r\n", HttpError::Malformed),

@@ -159,6 +159,56 @@ fn reason_span(buf: &[u8], head_len: usize) -> Span {
     Span::new(reason_start, end - reason_start)
 }
 
+/// If `buf` starts with a complete response (head and body), its length and
+/// head; `Ok(None)` means read more. Used by every client that relays or
+/// reads whole responses (the proxy's upstream pool, the agent's API and
+/// Neutron clients). `max_bytes` bounds the body. `eof`: the peer has closed, which completes a close-delimited body.
+///
+/// # Errors
+/// The response is malformed or over the limits (the message says which).
+pub fn frame_response(
+    buf: &[u8],
+    limits: &Limits,
+    is_head: bool,
+    max_bytes: u64,
+    eof: bool,
+) -> Result<Option<(usize, ResponseHead)>, String> {
+    let head = match parse_response(buf, limits, is_head) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(format!("unparsable response head: {e}")),
+    };
+    let body = &buf[head.head_len..];
+    let total = match head.body {
+        ResponseBody::None => Some(head.head_len),
+        ResponseBody::Length(n) => {
+            if n > max_bytes {
+                return Err(format!("response body of {n} bytes exceeds the limit"));
+            }
+            let n = usize::try_from(n).map_err(|_| "response too large".to_string())?;
+            (body.len() >= n).then_some(head.head_len + n)
+        }
+        ResponseBody::Chunked => {
+            let mut sc = super::ChunkedScanner::new(max_bytes);
+            match sc.scan(body) {
+                Ok(super::ChunkProgress::Done { consumed }) => Some(head.head_len + consumed),
+                Ok(super::ChunkProgress::NeedMore { .. }) => None,
+                Err(e) => return Err(format!("bad chunked body: {e}")),
+            }
+        }
+        ResponseBody::UntilClose => {
+            if body.len() as u64 > max_bytes {
+                return Err("close-delimited response exceeds the limit".into());
+            }
+            eof.then_some(buf.len())
+        }
+    };
+    if total.is_none() && buf.len() as u64 > max_bytes + limits.max_head_bytes as u64 {
+        return Err("response exceeds the limit".into());
+    }
+    Ok(total.map(|t| (t, head)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,9 +50,21 @@ fn in_list(list: &[&str], name: &[u8]) -> bool {
     list.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
-/// Whether `name` is one of [`TRUST_HEADERS`] (ASCII case-insensitive).
+/// Whether `name` is one of [`TRUST_HEADERS`] (ASCII case-insensitive), also when spelled with
+/// `_` for `-` (`X_Forwarded_For`).
+///
+/// WSGI servers (PEP 3333) file `X-Neutron-Network-ID` and `X_Neutron_Network_ID` under the same
+/// `HTTP_X_NEUTRON_NETWORK_ID`, so behind neutron-metadata-agent or Nova an underscore spelling
+/// is the trust header; passed through, it would let a guest set an id the proxy never stamps.
+/// nginx and gunicorn drop such names for the same reason.
 pub fn is_trust_header(name: &[u8]) -> bool {
-    in_list(TRUST_HEADERS, name)
+    TRUST_HEADERS.iter().any(|h| {
+        name.len() == h.len()
+            && name.iter().zip(h.bytes()).all(|(&a, b)| {
+                let a = if a == b'_' { b'-' } else { a };
+                a.eq_ignore_ascii_case(&b)
+            })
+    })
 }
 
 /// Whether `name` is one of [`HOP_BY_HOP`] (ASCII case-insensitive).
@@ -363,7 +375,7 @@ mod tests {
                 "content-type",
             ])
             .collect();
-        let values = ["", "v", "a, b", "1.2.3.4", "x y\tz", "\u{e9}"];
+        let values = ["", "v", "a, b", "1.2.3.4", "x y\tz", "~!#$%&'*+.^_`|"];
         for _ in 0..500 {
             let eol = if rand(2) == 0 { "\r\n" } else { "\n" };
             let mut lines = Vec::new();
@@ -428,6 +440,10 @@ mod tests {
         assert!(is_trust_header(b"X-Forwarded-For"));
         assert!(is_trust_header(b"X-OVN-NETWORK-ID"));
         assert!(!is_trust_header(b"x-forwarded-for2"));
+        assert!(is_trust_header(b"X_Forwarded_For"));
+        assert!(is_trust_header(b"x_neutron-network_ID"));
+        assert!(!is_trust_header(b"X__Forwarded_For"));
+        assert!(!is_trust_header(b"X-Forwarded_For2"));
         assert!(!is_trust_header(b"Transfer-Encoding"));
         assert!(is_hop_by_hop(b"TE"));
         assert!(!is_hop_by_hop(b"transfer-encoding"));

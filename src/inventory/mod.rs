@@ -30,6 +30,7 @@
 mod file;
 pub mod net;
 pub mod synth;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use futures_util::future::{select, Either};
 
-use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::http::{self, RequestHead};
 use crate::log;
 use crate::proxy::imdsv2::{self, Verdict};
 use crate::proxy::{LoopCtx, NsRuntime};
 use crate::rt::{self, TcpConn};
+use crate::serve::{self, BodyError};
 
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -29,7 +30,11 @@ const READ_CHUNK_BYTES: usize = 4096;
 /// How a connection ended (for debug logs and tests of the limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
+    /// Answered, nothing left unread: just close.
     Done,
+    /// Answered (an error, or a final answer with more request bytes
+    /// behind it): close gracefully so the answer is not lost to an RST.
+    Linger,
     PeerClosed,
     Timeout,
     Stopping,
@@ -49,7 +54,17 @@ pub async fn serve(
         "{}: connection from {peer} ended: {end:?}",
         ns.cfg.name
     ));
-    conn.shutdown();
+    match end {
+        // A clean end just closes the fd (no extra syscall for a
+        // connection-per-request client like cloud-init).
+        End::Done | End::PeerClosed => {}
+        // Closing with unread request bytes makes the kernel send an RST,
+        // which can destroy the answer we just wrote before the client reads
+        // it: half-close, drain what is left for a moment, then close.
+        End::Linger => linger_close(&conn).await,
+        // A timeout, error or drain: end any IO still queued on it now.
+        End::Timeout | End::Stopping | End::IoError => conn.shutdown(),
+    }
 }
 
 /// The idle loop. Its state is all an idle keep-alive connection costs, so it
@@ -158,10 +173,20 @@ async fn handle_request(
     }
 
     // 3. The body (bounded by limits.max_body_bytes inside the parser/scanner).
-    let body_end = match read_body(ctx, conn, buf, &head).await {
+    let limits = &ctx.cfg.limits;
+    let body_end = match serve::read_body(
+        conn,
+        buf,
+        &head,
+        limits.max_body_bytes,
+        ctx.cfg.timeouts.client,
+        None,
+    )
+    .await
+    {
         Ok(end) => end,
-        Err(BodyErr::Status(s)) => return Err(reject(ctx, conn, s).await),
-        Err(BodyErr::End(e)) => return Err(e),
+        Err(BodyError::Status(s)) => return Err(reject(ctx, conn, s).await),
+        Err(BodyError::Gone) => return Err(End::PeerClosed),
     };
 
     // 4. IMDSv2: the token endpoint is answered here; tokens are checked here.
@@ -274,7 +299,11 @@ async fn finish(
         Err(rt::Elapsed) => return Err(End::Timeout),
     }
     if !keep {
-        return Err(End::Done);
+        return Err(if buf.len() > body_end {
+            End::Linger
+        } else {
+            End::Done
+        });
     }
     buf.drain(..body_end);
     Ok(())
@@ -322,72 +351,6 @@ fn token_verdict(
     )
 }
 
-enum BodyErr {
-    Status(u16),
-    End(End),
-}
-
-/// Read the request body into `buf`; returns the offset where the request ends.
-async fn read_body(
-    ctx: &LoopCtx,
-    conn: &TcpConn,
-    buf: &mut Vec<u8>,
-    head: &RequestHead,
-) -> Result<usize, BodyErr> {
-    let t = ctx.cfg.timeouts;
-    let start = head.head_len;
-    let mut sent_continue = false;
-    let mut scanner = match head.body {
-        RequestBody::None => return Ok(start),
-        RequestBody::Length(_) => None,
-        RequestBody::Chunked => Some(ChunkedScanner::new(ctx.cfg.limits.max_body_bytes)),
-    };
-    let mut scanned = 0usize;
-    loop {
-        match (&head.body, scanner.as_mut()) {
-            (RequestBody::Length(n), _) => {
-                let n = usize::try_from(*n).map_err(|_| BodyErr::Status(413))?;
-                if buf.len() >= start + n {
-                    return Ok(start + n);
-                }
-            }
-            (_, Some(sc)) => match sc.scan(&buf[start + scanned..]) {
-                Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
-                Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
-                Err(e) => return Err(BodyErr::Status(e.status())),
-            },
-            _ => return Ok(start),
-        }
-        if head.expect_continue && !sent_continue {
-            sent_continue = true;
-            let w = rt::with_deadline(
-                Instant::now() + t.client,
-                conn.write_static(http::CONTINUE_100),
-            )
-            .await;
-            if !matches!(w, Ok(Ok(()))) {
-                return Err(BodyErr::End(End::IoError));
-            }
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) = match rt::with_deadline(
-            Instant::now() + t.client,
-            conn.read_append(taken, READ_CHUNK_BYTES),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(rt::Elapsed) => return Err(BodyErr::Status(408)),
-        };
-        *buf = b;
-        match res {
-            Ok(0) => return Err(BodyErr::End(End::PeerClosed)),
-            Ok(_) => {}
-            Err(_) => return Err(BodyErr::End(End::IoError)),
-        }
-    }
-}
-
 /// Send a canned error and end the connection.
 async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
     let _ = rt::with_deadline(
@@ -395,5 +358,29 @@ async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
         conn.write_static(http::canned(status)),
     )
     .await;
-    End::Done
+    End::Linger
+}
+
+/// Longest a rejected client is drained before its socket is closed.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+/// Most bytes drained while lingering.
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Half-close, discard what the client still sends (bounded in time and
+/// bytes), then let the fd close.
+async fn linger_close(conn: &TcpConn) {
+    conn.shutdown_write();
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0;
+    let mut buf = Vec::new();
+    while drained < LINGER_BYTES {
+        buf.clear();
+        match rt::with_deadline(deadline, conn.read_append(buf, READ_CHUNK_BYTES)).await {
+            Ok((Ok(n), b)) if n > 0 => {
+                drained += n;
+                buf = b;
+            }
+            _ => break,
+        }
+    }
 }

@@ -27,6 +27,8 @@ use crate::proxy::control::{ControlPlane, Origin};
 
 /// First retry delay after a failed bind.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// First check for a late fe80::a9fe:a9fe.
+const V6_FIRST_CHECK: Duration = Duration::from_millis(200);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Neutron's metadata IPv6 address.
@@ -132,6 +134,10 @@ struct Pending {
 
 fn run(cfg: DiscoverConfig, control: Arc<ControlPlane>, ino: Inotify, stop: Arc<AtomicBool>) {
     let mut pending: HashMap<String, Pending> = HashMap::new();
+    // Served network namespaces whose fe80::a9fe:a9fe has not appeared yet
+    // (DAD, or the agent adds it later): checked with backoff, and served on
+    // it as a second registration once it is there.
+    let mut v6_watch: HashMap<String, Pending> = HashMap::new();
     let now = Instant::now();
     if let Ok(rd) = std::fs::read_dir(&cfg.dir) {
         for e in rd.flatten() {
@@ -153,6 +159,7 @@ fn run(cfg: DiscoverConfig, control: Arc<ControlPlane>, ino: Inotify, stop: Arc<
         // Sleep until the next retry is due, an event arrives, or 200 ms (stop check).
         let wait = pending
             .values()
+            .chain(v6_watch.values())
             .map(|p| p.due.saturating_duration_since(Instant::now()))
             .min()
             .unwrap_or(Duration::from_millis(200))
@@ -188,6 +195,7 @@ fn run(cfg: DiscoverConfig, control: Arc<ControlPlane>, ino: Inotify, stop: Arc<
                     .intersects(AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM)
                 {
                     pending.remove(name);
+                    v6_watch.remove(name);
                     for id in control.find(Origin::Discovered, name) {
                         control.remove(id);
                     }
@@ -206,8 +214,18 @@ fn run(cfg: DiscoverConfig, control: Arc<ControlPlane>, ino: Inotify, stop: Arc<
                 continue;
             }
             match try_serve(&cfg, &control, &name) {
-                Ok(()) => {
+                Ok(watch_v6) => {
                     pending.remove(&name);
+                    if watch_v6 {
+                        v6_watch.insert(
+                            name.clone(),
+                            Pending {
+                                due: now + V6_FIRST_CHECK,
+                                backoff: V6_FIRST_CHECK,
+                                failures: 0,
+                            },
+                        );
+                    }
                 }
                 Err(e) => {
                     let p = pending.get_mut(&name).expect("due entry exists");
@@ -231,12 +249,55 @@ fn run(cfg: DiscoverConfig, control: Arc<ControlPlane>, ino: Inotify, stop: Arc<
                 }
             }
         }
+        let due_v6: Vec<String> = v6_watch
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due_v6 {
+            match serve_v6(&cfg, &control, &name) {
+                Ok(true) => {
+                    v6_watch.remove(&name);
+                }
+                Ok(false) | Err(_) => {
+                    let p = v6_watch.get_mut(&name).expect("due entry exists");
+                    p.due = now + p.backoff;
+                    p.backoff = (p.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 }
 
-fn try_serve(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Result<()> {
+/// Add the `[fe80::a9fe:a9fe%if]` listener of an already served network
+/// namespace, if the address is there now.
+fn serve_v6(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Result<bool> {
+    let (Some((identity, _)), Some(port)) = (cfg.classify(name), cfg.network_v6_port) else {
+        return Ok(true);
+    };
+    let path = cfg.dir.join(name);
+    let Some(ifindex) = v6_metadata_ifindex(&path) else {
+        return Ok(false);
+    };
+    let ns = NamespaceConfig {
+        name: name.to_string(),
+        netns: Some(path),
+        identity,
+        listen: vec![SocketAddr::V6(SocketAddrV6::new(
+            METADATA_V6,
+            port,
+            0,
+            ifindex,
+        ))],
+    };
+    control.add(ns, Origin::Discovered).map(|_| true)
+}
+
+/// Serve `name`; `Ok(true)` when a network namespace still lacks its IPv6
+/// listener (fe80::a9fe:a9fe not there yet) and should be watched for it.
+fn try_serve(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Result<bool> {
     let Some((identity, mut listen)) = cfg.classify(name) else {
-        return Ok(());
+        return Ok(false);
     };
     let path = cfg.dir.join(name);
     if !path.exists() {
@@ -245,15 +306,17 @@ fn try_serve(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Re
             "namespace file is gone",
         ));
     }
+    let mut want_v6 = false;
     if matches!(identity, NsIdentity::Network(_)) {
         if let Some(port) = cfg.network_v6_port {
-            if let Some(ifindex) = v6_metadata_ifindex(&path) {
-                listen.push(SocketAddr::V6(SocketAddrV6::new(
+            match v6_metadata_ifindex(&path) {
+                Some(ifindex) => listen.push(SocketAddr::V6(SocketAddrV6::new(
                     METADATA_V6,
                     port,
                     0,
                     ifindex,
-                )));
+                ))),
+                None => want_v6 = true,
             }
         }
     }
@@ -264,7 +327,7 @@ fn try_serve(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Re
         listen: listen.clone(),
     };
     match control.add(ns, Origin::Discovered) {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(want_v6),
         Err(e)
             if matches!(identity, NsIdentity::Router(_))
                 && listen
@@ -290,7 +353,7 @@ fn try_serve(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Re
             };
             control
                 .add(ns, Origin::Discovered)
-                .map(|_| ())
+                .map(|_| false)
                 .map_err(|e2| io::Error::new(e2.kind(), format!("{e}; v4 fallback: {e2}")))
         }
         Err(e) => Err(e),

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody, ResponseHead};
+use crate::http::{self, Limits, ResponseHead};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify};
 use crate::rt::{self, UnixConn};
@@ -357,7 +357,7 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
             let Some(is_head) = conn.in_flight.borrow().front().map(|p| p.is_head) else {
                 break;
             };
-            match frame(&buf, &cfg.limits, is_head, cfg.max_response_bytes, false) {
+            match http::frame_response(&buf, &cfg.limits, is_head, cfg.max_response_bytes, false) {
                 Ok(None) => break,
                 Ok(Some((len, head))) => {
                     let rest = buf.split_off(len);
@@ -403,7 +403,13 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                 // are retryable.
                 let front = conn.in_flight.borrow().front().map(|p| p.is_head);
                 if let (Some(is_head), false) = (front, buf.is_empty()) {
-                    match frame(&buf, &cfg.limits, is_head, cfg.max_response_bytes, true) {
+                    match http::frame_response(
+                        &buf,
+                        &cfg.limits,
+                        is_head,
+                        cfg.max_response_bytes,
+                        true,
+                    ) {
                         Ok(Some((_, head))) => {
                             let p = conn
                                 .in_flight
@@ -440,52 +446,4 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
             }
         }
     }
-}
-
-/// If `buf` starts with a complete response, its length and head.
-/// `eof`: the agent has closed, which completes a close-delimited body.
-///
-/// # Errors
-/// The response is malformed or over the limits (the message says which).
-pub fn frame(
-    buf: &[u8],
-    limits: &Limits,
-    is_head: bool,
-    max_bytes: u64,
-    eof: bool,
-) -> Result<Option<(usize, ResponseHead)>, String> {
-    let head = match http::parse_response(buf, limits, is_head) {
-        Ok(Some(h)) => h,
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(format!("unparsable response head: {e}")),
-    };
-    let body = &buf[head.head_len..];
-    let total = match head.body {
-        ResponseBody::None => Some(head.head_len),
-        ResponseBody::Length(n) => {
-            if n > max_bytes {
-                return Err(format!("response body of {n} bytes exceeds the limit"));
-            }
-            let n = usize::try_from(n).map_err(|_| "response too large".to_string())?;
-            (body.len() >= n).then_some(head.head_len + n)
-        }
-        ResponseBody::Chunked => {
-            let mut sc = ChunkedScanner::new(max_bytes);
-            match sc.scan(body) {
-                Ok(ChunkProgress::Done { consumed }) => Some(head.head_len + consumed),
-                Ok(ChunkProgress::NeedMore { .. }) => None,
-                Err(e) => return Err(format!("bad chunked body: {e}")),
-            }
-        }
-        ResponseBody::UntilClose => {
-            if body.len() as u64 > max_bytes {
-                return Err("close-delimited response exceeds the limit".into());
-            }
-            eof.then_some(buf.len())
-        }
-    };
-    if total.is_none() && buf.len() as u64 > max_bytes + limits.max_head_bytes as u64 {
-        return Err("response exceeds the limit".into());
-    }
-    Ok(total.map(|t| (t, head)))
 }

@@ -55,6 +55,9 @@ pub fn listen_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpLis
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_cloexec(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt here instead of one per connection.
+    sock.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         // `[::]:9697` serves v4 clients too, as Neutron's `bind :::9697` does.
         sock.set_only_v6(false)?;
@@ -214,6 +217,45 @@ macro_rules! stream_impl {
 stream_impl!(TcpConn, compio::net::TcpStream);
 stream_impl!(UnixConn, compio::net::UnixStream);
 
+/// What server code needs from a connection, whatever its family (the proxy
+/// and the API serve TCP, the agent a Unix socket).
+pub trait Stream {
+    /// See [`TcpConn::read_append`].
+    fn read_append(
+        &self,
+        buf: Vec<u8>,
+        min_spare: usize,
+    ) -> impl std::future::Future<Output = (io::Result<usize>, Vec<u8>)>;
+    /// See [`TcpConn::write_static`].
+    fn write_static(
+        &self,
+        bytes: &'static [u8],
+    ) -> impl std::future::Future<Output = io::Result<()>>;
+}
+
+macro_rules! stream_trait {
+    ($name:ident) => {
+        impl Stream for $name {
+            fn read_append(
+                &self,
+                buf: Vec<u8>,
+                min_spare: usize,
+            ) -> impl std::future::Future<Output = (io::Result<usize>, Vec<u8>)> {
+                $name::read_append(self, buf, min_spare)
+            }
+            fn write_static(
+                &self,
+                bytes: &'static [u8],
+            ) -> impl std::future::Future<Output = io::Result<()>> {
+                $name::write_static(self, bytes)
+            }
+        }
+    };
+}
+
+stream_trait!(TcpConn);
+stream_trait!(UnixConn);
+
 impl UnixConn {
     /// Connect to a Unix socket path.
     ///
@@ -272,7 +314,7 @@ impl TcpAcceptor {
     /// accept(2) failed (EMFILE and friends are the caller's to back off from).
     pub async fn accept(&self) -> io::Result<(TcpConn, SocketAddr)> {
         let (s, addr) = self.inner.accept().await?;
-        let _ = s.set_nodelay(true);
+        // TCP_NODELAY is inherited from the listener (see `listen_tcp`).
         Ok((TcpConn { inner: s }, addr))
     }
 

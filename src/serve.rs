@@ -1,0 +1,108 @@
+//! Downstream HTTP/1.1 plumbing shared by the three servers (the proxy, the
+//! agent and the API): reading a request body within the client timeout,
+//! answering `Expect: 100-continue`, and canned rejections.
+//!
+//! Each server keeps its own connection loop (they differ in what they do
+//! with a request), but they must agree on how a body is read and bounded;
+//! one copy keeps the smuggling rules in one place.
+
+use std::time::{Duration, Instant};
+
+use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::rt::{self, Stream};
+
+/// Bytes asked for per read while a body arrives.
+const READ_CHUNK_BYTES: usize = 4096;
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Answer with this status and close (413, 400, 501, 408).
+    Status(u16),
+    /// The client went away (EOF or IO error): just close.
+    Gone,
+}
+
+/// Read the body of the request whose head is at the start of `buf`; returns
+/// the offset in `buf` where the request ends (pipelined bytes may follow).
+/// A chunked body is kept raw in `buf` and, when `decoded` is given, its
+/// payload is appended there. Each read waits at most `client`.
+///
+/// # Errors
+/// See [`BodyError`].
+pub async fn read_body<S: Stream>(
+    conn: &S,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    max_body_bytes: u64,
+    client: Duration,
+    mut decoded: Option<&mut Vec<u8>>,
+) -> Result<usize, BodyError> {
+    let start = head.head_len;
+    let mut scanner = match head.body {
+        RequestBody::None => return Ok(start),
+        RequestBody::Length(_) => None,
+        RequestBody::Chunked => Some(ChunkedScanner::new(max_body_bytes)),
+    };
+    let mut scanned = 0usize;
+    let mut sent_continue = false;
+    loop {
+        match (&head.body, scanner.as_mut()) {
+            (RequestBody::Length(n), _) => {
+                let n = usize::try_from(*n).map_err(|_| BodyError::Status(413))?;
+                if buf.len() >= start + n {
+                    return Ok(start + n);
+                }
+            }
+            (_, Some(sc)) => {
+                let input = &buf[start + scanned..];
+                let progress = match decoded.as_deref_mut() {
+                    Some(out) => sc.decode(input, out),
+                    None => sc.scan(input),
+                };
+                match progress {
+                    Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
+                    Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
+                    Err(e) => return Err(BodyError::Status(e.status())),
+                }
+            }
+            _ => return Ok(start),
+        }
+        if head.expect_continue && !sent_continue {
+            sent_continue = true;
+            let w = rt::with_deadline(
+                Instant::now() + client,
+                conn.write_static(http::CONTINUE_100),
+            )
+            .await;
+            if !matches!(w, Ok(Ok(()))) {
+                return Err(BodyError::Gone);
+            }
+        }
+        let taken = std::mem::take(buf);
+        let (res, b) = match rt::with_deadline(
+            Instant::now() + client,
+            conn.read_append(taken, READ_CHUNK_BYTES),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(rt::Elapsed) => return Err(BodyError::Status(408)),
+        };
+        *buf = b;
+        match res {
+            Ok(0) | Err(_) => return Err(BodyError::Gone),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Send the canned error page for `status` (it says `Connection: close`);
+/// the caller then closes.
+pub async fn reject<S: Stream>(conn: &S, status: u16, client: Duration) {
+    let _ = rt::with_deadline(
+        Instant::now() + client,
+        conn.write_static(http::canned(status)),
+    )
+    .await;
+}
