@@ -9,8 +9,8 @@
 //! Last, a router namespace is deleted (`ip netns del`, seen by the proxy's
 //! discovery) while its VMs are mid-request.
 //!
-//! Neutron faults (slow, 500s, duplicate ports) are not here: main has no
-//! fake Neutron (`tests/agent_neutron.rs`) to drive them with.
+//! Neutron faults (slow, 500s, duplicate ports) run against a fake Neutron
+//! (`tests/common/neutron.rs`) with the agent's `backend = "neutron"`.
 
 mod common;
 
@@ -18,6 +18,7 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use common::daemons::{chain_config, recovery, statuses_between, Chain, Daemon, Probe, Ready};
+use common::neutron::{FakeNeutron, NeutronMode};
 use metaproxy::inventory::synth::{synth_toml, SynthSpec};
 use metaproxy::inventory::Inventory;
 use metaproxy::storm::{self, Profile, StormConfig, StormReport, VmSpec};
@@ -507,4 +508,194 @@ fn namespace_deleted_mid_request_leaves_the_others_alone() {
         ),
         Outcome::Own
     );
+}
+
+/// Issue 7: Neutron slow (2× the agent's timeout), failing with 500s, or
+/// answering with duplicate ports, behind the real proxy and agent. Misses
+/// get 503 (slow, 500) or 404 (duplicates) within about one Neutron timeout,
+/// while VMs whose resolution is cached keep getting their own data.
+#[test]
+fn neutron_faults_give_503_or_404_and_cache_hits_keep_serving() {
+    let n = NeutronChain::start();
+    // Warm the cache for the first 40 VMs.
+    for (s, _) in n.burst(&n.vms[..40]) {
+        assert_eq!(s, 200, "{}", n.agent.log_text());
+    }
+    let mut fresh = n.vms[40..].chunks(4);
+    for (mode, want) in [
+        (NeutronMode::Slow(2 * NEUTRON_TIMEOUT), 503),
+        (NeutronMode::Fail500, 503),
+        (NeutronMode::Duplicates, 404),
+    ] {
+        n.neutron.set(mode);
+        // Misses one at a time (see the ignored test below for a burst).
+        let misses: Vec<_> = fresh.next().unwrap().iter().map(|vm| n.ask(vm)).collect();
+        let hits = n.burst(&n.vms[..40]);
+        let worst_miss = misses.iter().map(|(_, d)| *d).max().unwrap();
+        let worst_hit = hits.iter().map(|(_, d)| *d).max().unwrap();
+        eprintln!("{mode:?}: misses -> {want}, worst {worst_miss:?}; 40 hits, worst {worst_hit:?}");
+        assert!(
+            misses.iter().all(|(s, _)| *s == want),
+            "{mode:?}: {misses:?}"
+        );
+        assert!(hits.iter().all(|(s, _)| *s == 200), "{mode:?}: {hits:?}");
+        assert!(
+            worst_miss < NEUTRON_TIMEOUT + Duration::from_millis(500),
+            "{mode:?}: {worst_miss:?}"
+        );
+        assert!(
+            worst_hit < Duration::from_millis(500),
+            "{mode:?}: {worst_hit:?}"
+        );
+    }
+    // Neutron healthy again: the misses resolve.
+    n.neutron.set(NeutronMode::Up);
+    for (s, _) in n.burst(fresh.next().unwrap()) {
+        assert_eq!(s, 200);
+    }
+}
+
+/// OPEN FINDING (not fixed): with Neutron slow, a burst of concurrent misses
+/// is not bounded by one Neutron timeout. The agent handles the requests
+/// pipelined on one proxy connection one after another, so the k-th request
+/// on a connection waits k timeouts (pool 4 × depth 8). Measured: 40 misses
+/// answered after 0.5 s, 1.0 s, … 3.5 s in steps of four, 4 of them 504 (past
+/// the proxy's 3 s `server` timeout); 40 cache hits sent at the same time
+/// waited up to 3.1 s behind them. Fix: resolve pipelined requests
+/// concurrently in the agent (answers still written in order).
+#[test]
+#[ignore = "open finding: agent head-of-line blocking on pipelined misses"]
+fn neutron_slow_burst_of_misses_is_bounded_by_one_timeout() {
+    let n = NeutronChain::start();
+    for (s, _) in n.burst(&n.vms[..40]) {
+        assert_eq!(s, 200);
+    }
+    n.neutron.set(NeutronMode::Slow(2 * NEUTRON_TIMEOUT));
+    let mixed: Vec<VmSpec> = n.vms[40..80].iter().chain(&n.vms[..40]).cloned().collect();
+    let got = n.burst(&mixed);
+    let (misses, hits) = got.split_at(40);
+    let worst = |v: &[(u16, Duration)]| v.iter().map(|(_, d)| *d).max().unwrap();
+    eprintln!(
+        "slow Neutron, 40 misses + 40 hits at once: worst miss {:?}, worst hit {:?}, {} x 504",
+        worst(misses),
+        worst(hits),
+        misses.iter().filter(|(s, _)| *s == 504).count()
+    );
+    assert!(misses.iter().all(|(s, _)| *s == 503), "{misses:?}");
+    assert!(hits.iter().all(|(s, _)| *s == 200), "{hits:?}");
+    let worst = got.iter().map(|(_, d)| *d).max().unwrap();
+    assert!(
+        worst < NEUTRON_TIMEOUT + Duration::from_millis(500),
+        "{got:?}"
+    );
+}
+
+const NEUTRON_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// api + agent (`backend = "neutron"`, no prefetch, so each VM is its own
+/// miss) + proxy, and a fake Neutron serving a synthesized inventory.
+struct NeutronChain {
+    _dir: tempfile::TempDir,
+    neutron: FakeNeutron,
+    vms: Vec<VmSpec>,
+    to: std::net::SocketAddr,
+    _api: Daemon,
+    agent: Daemon,
+    _proxy: Daemon,
+}
+
+impl NeutronChain {
+    fn start() -> NeutronChain {
+        let dir = tempfile::tempdir().unwrap();
+        let text = synth_toml(&SynthSpec {
+            vms: 200,
+            networks: 4,
+            routers: 1,
+        })
+        .unwrap();
+        let inv_path = dir.path().join("inventory.toml");
+        std::fs::write(&inv_path, &text).unwrap();
+        let inv = Inventory::from_toml_str(&text).unwrap();
+        let vms = VmSpec::from_inventory(&inv, 200);
+        let neutron = FakeNeutron::start(&inv, &[ROUTER]);
+        let chain = chain_config(dir.path(), &inv_path, ROUTER, "");
+        let cfg = std::fs::read_to_string(&chain.config).unwrap();
+        let agent_inv = format!(
+            "socket = \"{}\"\ninventory = \"{}\"\n",
+            chain.agent_socket.display(),
+            inv_path.display()
+        );
+        assert!(cfg.contains(&agent_inv));
+        let cfg = cfg
+            .replacen(
+                &agent_inv,
+                &format!(
+                    "socket = \"{}\"\nbackend = \"neutron\"\nprefetch_network = false\ncache_ttl = \"60s\"\n",
+                    chain.agent_socket.display()
+                ),
+                1,
+            )
+            .replacen(
+                "[agent.nova]",
+                &format!(
+                    "[agent.neutron]\nurl = \"http://{}\"\nauth_strategy = \"noauth\"\ntimeout = \"{}ms\"\n[agent.nova]",
+                    neutron.addr,
+                    NEUTRON_TIMEOUT.as_millis()
+                ),
+                1,
+            );
+        std::fs::write(&chain.config, cfg).unwrap();
+        let _api = Daemon::start("api", &chain.config, Ready::Tcp(chain.api));
+        let agent = Daemon::start(
+            "agent",
+            &chain.config,
+            Ready::Unix(chain.agent_socket.clone()),
+        );
+        let _proxy = Daemon::start("proxy", &chain.config, Ready::Tcp(chain.proxy));
+        NeutronChain {
+            _dir: dir,
+            neutron,
+            vms,
+            to: chain.proxy,
+            _api,
+            agent,
+            _proxy,
+        }
+    }
+
+    /// One VM's request: (status, latency); panics on another VM's data.
+    fn ask(&self, vm: &VmSpec) -> (u16, Duration) {
+        ask_as(self.to, vm)
+    }
+
+    /// Every VM of `vms` at once.
+    fn burst(&self, vms: &[VmSpec]) -> Vec<(u16, Duration)> {
+        let to = self.to;
+        let hs: Vec<_> = vms
+            .iter()
+            .cloned()
+            .map(|vm| std::thread::spawn(move || ask_as(to, &vm)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+}
+
+fn ask_as(to: std::net::SocketAddr, vm: &VmSpec) -> (u16, Duration) {
+    let t0 = Instant::now();
+    let r = common::daemons::request_from(
+        vm.ip,
+        to,
+        "GET",
+        "/openstack/latest/meta_data.json",
+        "",
+        b"",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        r.status != 200 || r.text().contains(&vm.uuid),
+        "wrong VM: {}",
+        r.text()
+    );
+    (r.status, t0.elapsed())
 }
