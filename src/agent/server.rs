@@ -259,6 +259,16 @@ fn bind_socket(cfg: &AgentConfig) -> io::Result<UnixListener> {
             ))
         }
         Ok(_) => {
+            // A SIGKILLed agent's listener lingers (and completes connects)
+            // for tens of milliseconds while the kernel tears its io_uring
+            // down; only a socket that keeps accepting for
+            // BIND_RETRY_FOR belongs to a live agent.
+            let give_up = std::time::Instant::now() + rt::BIND_RETRY_FOR;
+            while std::os::unix::net::UnixStream::connect(path).is_ok()
+                && std::time::Instant::now() < give_up
+            {
+                std::thread::sleep(rt::BIND_RETRY_EVERY);
+            }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,

@@ -56,14 +56,6 @@ pub const INVENTORY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Upper bound on a connection task's size: what an idle keep-alive
 /// connection costs (the request itself is boxed separately).
 const CONN_TASK_MAX_BYTES: usize = 1536;
-/// How long [`start`] retries a bind that fails with EADDRINUSE. After a
-/// crash (SIGKILL) the kernel tears the dead process's io_uring down
-/// asynchronously, and its in-flight accept keeps the old listener bound for
-/// tens of milliseconds (measured 7-23 ms here), long enough for a quick
-/// restart to fail. A real conflict still fails, one second later.
-const BIND_RETRY_FOR: Duration = Duration::from_secs(1);
-/// Pause between those bind attempts.
-const BIND_RETRY_EVERY: Duration = Duration::from_millis(20);
 /// Buffers kept in a loop's free list.
 const FREE_BUFFERS: usize = 64;
 /// Largest buffer put back on the free list.
@@ -293,18 +285,11 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     })
 }
 
-/// [`rt::listen_tcp`], retrying EADDRINUSE for [`BIND_RETRY_FOR`].
+/// [`rt::listen_tcp_retrying`]: a quick restart after a crash waits out the
+/// dead process's listener.
 fn bind_with_retry(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let give_up = Instant::now() + BIND_RETRY_FOR;
-    loop {
-        match rt::listen_tcp(addr, backlog) {
-            Ok(s) => return Ok(s),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < give_up => {
-                std::thread::sleep(BIND_RETRY_EVERY);
-            }
-            Err(e) => return Err(io::Error::new(e.kind(), format!("bind {addr}: {e}"))),
-        }
-    }
+    rt::listen_tcp_retrying(addr, backlog)
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))
 }
 
 async fn run_loop(

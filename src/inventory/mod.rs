@@ -283,14 +283,26 @@ pub struct Inventory {
 impl Inventory {
     /// Read and validate an inventory file.
     ///
+    /// An empty (or whitespace-only) file is refused although it is valid
+    /// TOML for "no instances": it is what a reload sees between a writer's
+    /// `O_TRUNC` and its first `write(2)`, and accepting it would answer 404
+    /// to every VM until the next poll. A deliberately empty inventory needs
+    /// one key, e.g. `instance = []`.
+    ///
     /// # Errors
-    /// [`InventoryError::Io`] if the file cannot be read, otherwise as
+    /// [`InventoryError::Io`] if the file cannot be read,
+    /// [`InventoryError::Parse`] if it is empty, otherwise as
     /// [`Inventory::from_toml_str`].
     pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
         let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Io {
             path: path.to_owned(),
             source,
         })?;
+        if text.trim().is_empty() {
+            return Err(InventoryError::Parse {
+                message: format!("{} is empty (being rewritten?)", path.display()),
+            });
+        }
         Self::from_toml_str(&text)
     }
 

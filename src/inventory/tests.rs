@@ -264,3 +264,17 @@ fn non_compute_ports_are_not_lookup_answers() {
     assert!(inv.instance_by_ip(ip("10.0.0.5")).is_empty());
     assert!(inv.network_ports("n1").is_empty());
 }
+
+#[test]
+fn load_refuses_an_empty_file_but_not_an_explicitly_empty_inventory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inventory.toml");
+    for text in ["", "\n  \n\t"] {
+        std::fs::write(&path, text).unwrap();
+        let err = Inventory::load(&path).unwrap_err();
+        assert!(matches!(err, InventoryError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("is empty"), "{err}");
+    }
+    std::fs::write(&path, "instance = []\n").unwrap();
+    assert_eq!(Inventory::load(&path).unwrap().instances().count(), 0);
+}

@@ -212,7 +212,9 @@ pub fn bind_namespace(
         addrs
             .iter()
             .map(|a| {
-                rt::listen_tcp(*a, backlog)
+                // Retrying: a proxy restarted right after a crash finds the
+                // dead one's listener still bound for a few milliseconds.
+                rt::listen_tcp_retrying(*a, backlog)
                     .map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))
             })
             .collect::<io::Result<Vec<_>>>()

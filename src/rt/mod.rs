@@ -18,8 +18,8 @@ mod sock;
 pub mod sync;
 
 pub use sock::{
-    listen_tcp, listen_unix, peer_ip, set_ip_ttl, shutdown_listener, Stream, TcpAcceptor, TcpConn,
-    UnixAcceptor, UnixConn,
+    listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener, Stream,
+    TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY, BIND_RETRY_FOR,
 };
 
 use std::future::Future;

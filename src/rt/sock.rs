@@ -18,6 +18,34 @@ use compio::buf::BufResult;
 use compio::io::{AsyncReadExt, AsyncReadManaged, AsyncWriteExt};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+/// How long [`listen_tcp_retrying`] retries a bind that fails with
+/// EADDRINUSE. After a crash (SIGKILL) the kernel tears the dead process's
+/// io_uring down asynchronously, and its in-flight accept keeps the old
+/// listener bound for tens of milliseconds (measured 7-23 ms here), long
+/// enough for a quick restart to fail. A real conflict still fails, one
+/// second later.
+pub const BIND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// Pause between those bind attempts.
+pub const BIND_RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// [`listen_tcp`], retrying EADDRINUSE for [`BIND_RETRY_FOR`].
+///
+/// # Errors
+/// As [`listen_tcp`]; EADDRINUSE only once it has lasted [`BIND_RETRY_FOR`].
+pub fn listen_tcp_retrying(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let give_up = std::time::Instant::now() + BIND_RETRY_FOR;
+    loop {
+        match listen_tcp(addr, backlog) {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(BIND_RETRY_EVERY);
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Create a TCP listener bound to `addr` in the calling thread's network
 /// namespace. IPv6 wildcard listeners are dual-stack.
 ///
