@@ -555,16 +555,13 @@ fn neutron_faults_give_503_or_404_and_cache_hits_keep_serving() {
     }
 }
 
-/// OPEN FINDING (not fixed): with Neutron slow, a burst of concurrent misses
-/// is not bounded by one Neutron timeout. The agent handles the requests
-/// pipelined on one proxy connection one after another, so the k-th request
-/// on a connection waits k timeouts (pool 4 × depth 8). Measured: 40 misses
-/// answered after 0.5 s, 1.0 s, … 3.5 s in steps of four, 4 of them 504 (past
-/// the proxy's 3 s `server` timeout); 40 cache hits sent at the same time
-/// waited up to 3.1 s behind them. Fix: resolve pipelined requests
-/// concurrently in the agent (answers still written in order).
+/// Regression: with Neutron slow, a burst of concurrent misses is bounded by
+/// one Neutron timeout, and cache hits sent at the same time are not held up.
+/// The agent used to handle the requests pipelined on one proxy connection
+/// one after another, so the k-th waited k timeouts (measured: misses
+/// answered after 0.5, 1.0 … 3.5 s, 4 of 40 got 504, hits waited 3.1 s); it
+/// now resolves them concurrently and still answers in order.
 #[test]
-#[ignore = "open finding: agent head-of-line blocking on pipelined misses"]
 fn neutron_slow_burst_of_misses_is_bounded_by_one_timeout() {
     let n = NeutronChain::start();
     for (s, _) in n.burst(&n.vms[..40]) {

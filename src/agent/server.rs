@@ -59,7 +59,7 @@ use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
 use crate::agent::resolve::{resolve, InventoryStore, Resolution, Resolved, Watcher};
 use crate::http::{self, Limits, Method, RequestBody, RequestHead};
 use crate::log;
-use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
+use crate::rt::sync::{oneshot, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
 use crate::serve::{self, BodyError};
 
@@ -572,7 +572,8 @@ async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: UnixAcceptor) {
         let c = ctx.clone();
         rt::spawn(async move {
             let guard = ActiveGuard(c.clone());
-            serve(&c, &conn).await;
+            let conn = Rc::new(conn);
+            serve(c, conn.clone()).await;
             conn.shutdown();
             drop(guard);
         });
@@ -587,11 +588,55 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// The idle loop of one connection: wait for bytes holding no buffer, then
-/// hand the request to a boxed [`handle_request`].
-async fn serve(ctx: &LoopCtx, conn: &UnixConn) {
+/// Requests in flight on one connection (resolved and forwarded
+/// concurrently); the reader waits for the writer beyond this.
+const PIPELINE_MAX: usize = 64;
+
+/// One answer slot, in request order.
+enum Slot {
+    /// Being resolved and forwarded by its own task.
+    Pending(oneshot::Receiver<Vec<u8>>),
+    /// Already known (a canned rejection).
+    Ready(Vec<u8>),
+}
+
+/// Answers waiting to be written, in the order their requests arrived.
+#[derive(Default)]
+struct OutQueue {
+    slots: RefCell<std::collections::VecDeque<(Slot, bool)>>,
+    /// The reader added a slot or finished.
+    more: Notify,
+    /// The writer made room.
+    room: Notify,
+    /// The reader will add nothing more.
+    reader_done: Cell<bool>,
+}
+
+/// One connection: a reader that parses requests as they arrive and starts
+/// each one's resolution and forwarding at once (pipelined requests are
+/// resolved concurrently: one slow Neutron lookup does not hold up the cache
+/// hits behind it), and a writer that answers strictly in request order.
+async fn serve(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>) {
+    let q = Rc::new(OutQueue::default());
+    let reader = read_requests(ctx.clone(), conn.clone(), q.clone());
+    let writer = write_answers(ctx.clone(), conn.clone(), q.clone());
+    futures_util::pin_mut!(reader, writer);
+    match select(reader, writer).await {
+        // Reading is over (EOF, close, error slot queued): answer what is queued.
+        Either::Left(((), writer)) => writer.await,
+        // The writer stopped (write failed, or an answer closed the connection).
+        Either::Right(((), _)) => {}
+    }
+}
+
+/// The reader half: wait for bytes holding no buffer while idle, parse each
+/// request, queue its answer slot.
+async fn read_requests(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
+        while q.slots.borrow().len() >= PIPELINE_MAX {
+            q.room.notified().await;
+        }
         if buf.is_empty() {
             let read = rt::with_deadline(
                 Instant::now() + IDLE_TIMEOUT,
@@ -603,57 +648,103 @@ async fn serve(ctx: &LoopCtx, conn: &UnixConn) {
                 Either::Left((Ok((Ok(n), b)), _)) => {
                     buf = b;
                     if n == 0 {
-                        return;
+                        break;
                     }
                 }
-                Either::Left(_) | Either::Right(_) => return,
+                Either::Left(_) | Either::Right(_) => break,
             }
         }
         let head_deadline = Instant::now() + HEAD_TIMEOUT;
-        if Box::pin(handle_request(ctx, conn, &mut buf, head_deadline))
-            .await
-            .is_err()
-        {
-            return;
+        match Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await {
+            Ok((slot, close)) => {
+                q.slots.borrow_mut().push_back((slot, close));
+                q.more.notify();
+                if close {
+                    break;
+                }
+            }
+            Err(None) => break,
+            Err(Some(rejection)) => {
+                q.slots
+                    .borrow_mut()
+                    .push_back((Slot::Ready(rejection), true));
+                q.more.notify();
+                break;
+            }
         }
         if ctx.stopping.is_set() {
-            return;
+            break;
         }
         if buf.is_empty() {
             buf = Vec::new(); // release the capacity while idle
         }
     }
+    q.reader_done.set(true);
+    q.more.notify();
 }
 
-/// The connection must end (after whatever was already written).
-struct Close;
+/// The writer half: write each answer as soon as it and all before it are done.
+async fn write_answers(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
+    loop {
+        let front = q.slots.borrow_mut().pop_front();
+        let Some((slot, close)) = front else {
+            if q.reader_done.get() {
+                return;
+            }
+            q.more.notified().await;
+            continue;
+        };
+        q.room.notify();
+        let out = match slot {
+            Slot::Ready(b) => b,
+            Slot::Pending(rx) => match rx.await {
+                Ok(b) => b,
+                Err(_) => {
+                    let mut b = Vec::new();
+                    page(500, MSG_UNKNOWN, true, &mut b);
+                    b
+                }
+            },
+        };
+        match rt::with_deadline(Instant::now() + CLIENT_TIMEOUT, conn.write_all(out)).await {
+            Ok((Ok(()), b)) => ctx.put_buf(b),
+            _ => return,
+        }
+        if close {
+            conn.shutdown_write();
+            return;
+        }
+    }
+}
 
-/// Read one request (its first bytes are in `buf`), answer it. `Ok` keeps
-/// the connection; pipelined bytes that followed stay in `buf`.
-async fn handle_request(
-    ctx: &LoopCtx,
+/// Read one request (its first bytes are in `buf`) and start answering it on
+/// its own task. Returns the answer slot and whether the connection closes
+/// after it; `Err(Some(bytes))` is a rejection to write last, `Err(None)` a
+/// connection that just ends. Pipelined bytes that followed stay in `buf`.
+async fn next_request(
+    ctx: &Rc<LoopCtx>,
     conn: &UnixConn,
     buf: &mut Vec<u8>,
     head_deadline: Instant,
-) -> Result<(), Close> {
+) -> Result<(Slot, bool), Option<Vec<u8>>> {
     let limits = AGENT_LIMITS;
     // 1. The head.
     let head = loop {
         match http::parse_request(buf, &limits) {
             Ok(Some(h)) => break h,
             Ok(None) => {}
-            Err(e) => return Err(reject(conn, e.status()).await),
+            Err(e) => return Err(Some(http::canned(e.status()).to_vec())),
         }
         let taken = std::mem::take(buf);
         let (res, b) =
             match rt::with_deadline(head_deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await
             {
                 Ok(r) => r,
-                Err(rt::Elapsed) => return Err(reject(conn, 408).await),
+                Err(rt::Elapsed) => return Err(Some(http::canned(408).to_vec())),
             };
         *buf = b;
         match res {
-            Ok(0) | Err(_) => return Err(Close),
+            Ok(0) | Err(_) => return Err(None),
             Ok(_) => {}
         }
     };
@@ -672,40 +763,35 @@ async fn handle_request(
     .await
     {
         Ok(end) => end,
-        Err(BodyError::Status(s)) => return Err(reject(conn, s).await),
-        Err(BodyError::Gone) => return Err(Close),
-    };
-    let body: &[u8] = match head.body {
-        RequestBody::Chunked => &decoded,
-        _ => &buf[head.head_len..body_end],
+        Err(BodyError::Status(s)) => return Err(Some(http::canned(s).to_vec())),
+        Err(BodyError::Gone) => return Err(None),
     };
 
-    // 3. Resolve, sign, forward. Draining does not add `Connection: close`
-    // (metaproxy's proxy would take that as "one-shot agent" for good); the
-    // idle loop closes instead, and a pooled client re-sends what it had
-    // pipelined behind this request.
+    // 3. Resolve, sign, forward on its own task. Draining does not add
+    // `Connection: close` (metaproxy's proxy would take that as "one-shot
+    // agent" for good); the reader stops instead, and a pooled client
+    // re-sends what it had pipelined behind.
     let keep = head.keep_alive;
-    let mut out = ctx.take_buf();
-    answer(ctx, buf, &head, body, !keep, &mut out).await;
-    // "HTTP/1.1 NNN …": every answer starts with a status line we wrote.
-    let status = out
-        .get(9..12)
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    ctx.m.response(status);
-
-    // 4. Write the answer.
-    match rt::with_deadline(Instant::now() + CLIENT_TIMEOUT, conn.write_all(out)).await {
-        Ok((Ok(()), b)) => ctx.put_buf(b),
-        _ => return Err(Close),
-    }
-    if !keep {
-        conn.shutdown_write();
-        return Err(Close);
-    }
-    buf.drain(..body_end);
-    Ok(())
+    let request: Vec<u8> = buf.drain(..body_end).collect();
+    let (tx, rx) = oneshot::channel();
+    let c = ctx.clone();
+    rt::spawn(async move {
+        let body: &[u8] = match head.body {
+            RequestBody::Chunked => &decoded,
+            _ => &request[head.head_len..],
+        };
+        let mut out = c.take_buf();
+        answer(&c, &request, &head, body, !keep, &mut out).await;
+        // "HTTP/1.1 NNN …": every answer starts with a status line we wrote.
+        let status = out
+            .get(9..12)
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        c.m.response(status);
+        let _ = tx.send(out);
+    });
+    Ok((Slot::Pending(rx), !keep))
 }
 
 /// Build the whole response to one parsed request into `out`.
@@ -922,16 +1008,6 @@ pub fn page(status: u16, message: &str, close: bool, out: &mut Vec<u8>) {
         .as_bytes(),
     );
     out.extend_from_slice(body.as_bytes());
-}
-
-/// Send a canned error (it says `Connection: close`) and end the connection.
-async fn reject(conn: &UnixConn, status: u16) -> Close {
-    let _ = rt::with_deadline(
-        Instant::now() + CLIENT_TIMEOUT,
-        conn.write_static(http::canned(status)),
-    )
-    .await;
-    Close
 }
 
 #[cfg(test)]
