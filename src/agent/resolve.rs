@@ -75,6 +75,9 @@ pub struct InventoryStore {
     path: PathBuf,
     current: RwLock<Arc<Inventory>>,
     generation: AtomicU64,
+    /// The file as it was just before it was read at start-up: the watcher's
+    /// baseline, so an edit between loading and the watcher starting is seen.
+    loaded: crate::inventory::watch::FileVersion,
 }
 
 impl InventoryStore {
@@ -83,11 +86,13 @@ impl InventoryStore {
     /// # Errors
     /// The file cannot be read or is invalid.
     pub fn load(path: &Path) -> Result<InventoryStore, InventoryError> {
+        let loaded = crate::inventory::watch::FileVersion::of(path);
         let inv = Inventory::load(path)?;
         Ok(InventoryStore {
             path: path.to_owned(),
             current: RwLock::new(Arc::new(inv)),
             generation: AtomicU64::new(0),
+            loaded,
         })
     }
 
@@ -150,7 +155,7 @@ impl Watcher {
         let thread = std::thread::Builder::new()
             .name("agent-inventory".into())
             .spawn(move || {
-                let mut seen = crate::inventory::watch::FileVersion::of(store.path());
+                let mut seen = store.loaded.clone();
                 loop {
                     let reply = match rx.recv_timeout(every) {
                         Ok(WatchMsg::Reload(reply)) => Some(reply),

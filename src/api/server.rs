@@ -174,13 +174,14 @@ fn reload(api: &MetadataApi, path: &Path) -> Result<(), InventoryError> {
 fn spawn_watcher(
     api: Arc<MetadataApi>,
     path: PathBuf,
+    loaded: crate::inventory::watch::FileVersion,
 ) -> io::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let t = std::thread::Builder::new()
         .name("api-inventory-watch".into())
         .spawn(move || {
-            let mut seen = crate::inventory::watch::FileVersion::of(&path);
+            let mut seen = loaded;
             while !flag.load(Ordering::Acquire) {
                 std::thread::park_timeout(INVENTORY_POLL_INTERVAL);
                 if flag.load(Ordering::Acquire) {
@@ -202,6 +203,9 @@ fn spawn_watcher(
 /// The inventory or the password store could not be loaded, an address could
 /// not be bound (the daemon must refuse to start), or a thread could not start.
 pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
+    // The watcher's baseline is taken before the file is read, so an edit
+    // between loading and the watcher starting is not missed.
+    let loaded = crate::inventory::watch::FileVersion::of(&cfg.inventory);
     let inventory = Inventory::load(&cfg.inventory).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -266,7 +270,7 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             run_loop(i, cfg, api, &sockets, rx).await
         }
     })?;
-    let watcher = match spawn_watcher(api.clone(), inventory_path.clone()) {
+    let watcher = match spawn_watcher(api.clone(), inventory_path.clone(), loaded) {
         Ok(w) => Some(w),
         Err(e) => {
             log::warn(format_args!(
