@@ -201,8 +201,16 @@ fn acknowledged_passwords_survive_100_sigkills() {
                 })
             })
             .collect();
-        // Anywhere from before the first POST to (rarely) after the last.
-        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        // Kill after a random number of this cycle's POSTs were acknowledged
+        // (0 = possibly before the first), plus up to 2 ms: the kill lands
+        // mid-storm whatever the speed of the disk and the machine's load.
+        let after = rng.below(POSTS_PER_CYCLE as u64) as usize;
+        let waited = Instant::now();
+        while cycle_acked.lock().unwrap().len() < after && waited.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(2_000)));
         daemon.kill9();
         stop.store(true, Ordering::Relaxed);
         for c in clients {
