@@ -24,7 +24,11 @@ FD_SLACK=${FD_SLACK:-16}
 WORK=$(mktemp -d /tmp/mp-soak.XXXXXX)
 CSV=${SOAK_CSV:-/tmp/soak-$$.csv}
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+KEEP=0 # set when a storm fails: the daemons' logs and the storm output stay in $WORK
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  if [ "$KEEP" = 1 ]; then echo "logs kept in $WORK"; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 
 cargo build --release --quiet --bin metaproxy
@@ -102,7 +106,8 @@ while [ $SECONDS -lt $END ]; do
   P=${PROFILES[$((RUNS % 3))]}
   if ! "$BIN" --log-level warn storm --target "127.0.0.1:$PROXY_PORT" --inventory "$WORK/inventory.toml" \
       --vms "$VMS" --profile "$P" --ramp 1s --workers 1 >"$WORK/storm.out" 2>&1; then
-    FAILED=$((FAILED + 1)); echo "storm run $RUNS ($P) failed:"; tail -5 "$WORK/storm.out"
+    FAILED=$((FAILED + 1)); KEEP=1; echo "storm run $RUNS ($P) failed at $((SECONDS))s:"; tail -5 "$WORK/storm.out"
+    cp "$WORK/storm.out" "$WORK/storm-failed-$RUNS.out"
   fi
   RUNS=$((RUNS + 1))
   sleep "${PAUSE:-0.2}"
