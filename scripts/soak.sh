@@ -5,6 +5,7 @@
 # tests/limits_soak.rs.
 #
 #   scripts/soak.sh [minutes=60] [vms=200]
+#   LOG_LEVEL=debug              the daemons' log level (default warn)
 #   SPLIT=1 scripts/soak.sh ...   api, agent and proxy as three processes,
 #                                 each sampled (which one grows?)
 #
@@ -64,12 +65,12 @@ TOML
 NAMES=(); PROCPIDS=(); FILES=()
 if [ "${SPLIT:-0}" = 1 ]; then
   for c in api agent proxy; do
-    "$BIN" --log-level warn $c --config "$WORK/up.toml" 2>"$WORK/$c.log" & PIDS+=($!)
+    "$BIN" --log-level "${LOG_LEVEL:-warn}" $c --config "$WORK/up.toml" 2>"$WORK/$c.log" & PIDS+=($!)
     NAMES+=("$c"); PROCPIDS+=($!); FILES+=("$CSV.$c")
     sleep 0.5
   done
 else
-  "$BIN" --log-level warn up --config "$WORK/up.toml" 2>"$WORK/up.log" & PIDS+=($!)
+  "$BIN" --log-level "${LOG_LEVEL:-warn}" up --config "$WORK/up.toml" 2>"$WORK/up.log" & PIDS+=($!)
   NAMES+=(up); PROCPIDS+=($!); FILES+=("$CSV")
 fi
 UP=${PROCPIDS[-1]} # the proxy (or up): the load runs while it lives
