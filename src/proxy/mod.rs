@@ -31,7 +31,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,11 @@ use crate::rt::{self, TcpAcceptor};
 
 /// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Accept failures are logged at most once per this interval, process-wide:
+/// EMFILE hits every namespace's accept loop on every core at once, and each
+/// retries every [`ACCEPT_BACKOFF`] (unlimited, that was 20 lines a second per
+/// namespace on two cores; `tests/limits_emfile.rs`).
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Upper bound on a connection task's size: it is what every idle
 /// keep-alive connection costs (see docs/adr/0001-runtime.md).
 pub const CONN_TASK_MAX_BYTES: usize = 1536;
@@ -417,10 +422,12 @@ async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor)
             // EINVAL: the listener was shut down (namespace removed or stopping).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(e) => {
-                log::warn(format_args!(
-                    "{}: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}",
-                    ns.cfg.name
-                ));
+                if let Some(n) = ACCEPT_ERRORS.note() {
+                    log::warn(format_args!(
+                        "{}: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?} ({n} accept failure(s) on all listeners in the last {ACCEPT_ERROR_LOG_INTERVAL:?}, one line per interval)",
+                        ns.cfg.name
+                    ));
+                }
                 rt::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
@@ -453,6 +460,50 @@ async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor)
             "idle connection state grew"
         );
         rt::spawn(fut);
+    }
+}
+
+/// Process-wide rate limit for the accept-failure log line (a log throttle,
+/// not per-core state, hence the atomics).
+struct AcceptErrorLog {
+    /// Milliseconds since [`log_epoch`] before which no line is written.
+    next_ms: AtomicU64,
+    /// Failures since the last line.
+    failures: AtomicU64,
+}
+
+static ACCEPT_ERRORS: AcceptErrorLog = AcceptErrorLog {
+    next_ms: AtomicU64::new(0),
+    failures: AtomicU64::new(0),
+};
+
+fn log_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl AcceptErrorLog {
+    /// Count one failure; `Some(failures since the last line)` when a line
+    /// is due now.
+    fn note(&self) -> Option<u64> {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(log_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(ACCEPT_ERROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.failures.swap(0, Ordering::Relaxed))
     }
 }
 
