@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use crate::agent::tls::TlsConn;
 use crate::http::{self, ChunkedScanner, Limits, ResponseBody, ResponseHead};
 use crate::log;
+use crate::rt::sync::oneshot;
 use crate::rt::{self, TcpConn};
 
 /// Read size for API responses.
@@ -146,6 +147,56 @@ pub struct Pool {
     tls: Option<TlsTarget>,
     /// Log "unreachable" once per outage, not per request.
     down_logged: Cell<bool>,
+    /// Exchanges in progress; at most `max_idle`, so concurrent requests
+    /// queue for a pooled connection instead of each opening (and closing) a
+    /// fresh one. Without the cap, resolving pipelined requests concurrently
+    /// doubled the agent's and the API's CPU per request in a 10 000-VM storm
+    /// (connection churn) and took p99 VM completion from 14.5 s to 25 s.
+    active: Cell<usize>,
+    waiters: RefCell<std::collections::VecDeque<oneshot::Sender<()>>>,
+}
+
+/// Gives the pool slot back (to the next waiter, if any) however the
+/// exchange ends, including by cancellation.
+struct Slot<'a>(&'a Pool);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let pool = self.0;
+        loop {
+            let next = pool.waiters.borrow_mut().pop_front();
+            match next {
+                // The slot passes straight to a waiter still waiting.
+                Some(tx) => {
+                    if tx.send(()).is_ok() {
+                        return;
+                    }
+                }
+                None => {
+                    pool.active.set(pool.active.get().saturating_sub(1));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A request queued for a slot. If it is cancelled (deadline) after the slot
+/// was handed to it but before it ran, the slot is passed on, not lost.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Some(())) = rx.try_recv() {
+                drop(Slot(self.pool));
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -165,7 +216,29 @@ impl Pool {
             idle: RefCell::new(Vec::new()),
             tls: None,
             down_logged: Cell::new(false),
+            active: Cell::new(0),
+            waiters: RefCell::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// Wait for one of the pool's `max_idle` slots.
+    async fn slot(&self) -> Slot<'_> {
+        if self.active.get() < self.max_idle.max(1) {
+            self.active.set(self.active.get() + 1);
+            return Slot(self);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.borrow_mut().push_back(tx);
+        let mut waiting = Waiting {
+            pool: self,
+            rx: Some(rx),
+        };
+        if let Some(rx) = waiting.rx.as_mut() {
+            // A dropped sender cannot happen while the pool lives; treat it as granted.
+            let _ = rx.await;
+        }
+        waiting.rx = None; // granted and now owned by the Slot below
+        Slot(self)
     }
 
     /// Speak TLS to the peer.
@@ -178,6 +251,11 @@ impl Pool {
     /// Idle connections held now.
     pub fn idle(&self) -> usize {
         self.idle.borrow().len()
+    }
+
+    /// Exchanges in progress now (at most `max_idle`).
+    pub fn active(&self) -> usize {
+        self.active.get()
     }
 
     /// Send `req` (a complete request) and wait for the whole response.
@@ -193,6 +271,7 @@ impl Pool {
     }
 
     async fn exchange(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
+        let _slot = self.slot().await;
         let reused = self.idle.borrow_mut().pop();
         if let Some(conn) = reused {
             match self.once(conn, req, is_head).await {
@@ -307,6 +386,67 @@ fn frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_requests_share_at_most_max_idle_connections() {
+        use std::io::{BufRead, BufReader, Write};
+        // A one-thread-per-connection HTTP server that counts connections.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c2 = conns.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                c2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim().is_empty() {
+                            std::thread::sleep(Duration::from_millis(5));
+                            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let pool = std::rc::Rc::new(Pool::new(addr, 3, Duration::from_secs(5)));
+        let ok = crate::rt::block_on(async {
+            let tasks: Vec<_> = (0..40)
+                .map(|_| {
+                    let p = pool.clone();
+                    crate::rt::spawn_handle(async move {
+                        p.request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false)
+                            .await
+                            .is_ok()
+                    })
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                if t.join().await == Some(true) {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+        .unwrap();
+        assert_eq!(ok, 40);
+        let n = conns.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            n <= 3,
+            "40 concurrent requests opened {n} connections (cap 3)"
+        );
+        assert_eq!(pool.active(), 0, "every slot returned");
+    }
 
     #[test]
     fn frames_length_chunked_and_close_delimited() {
