@@ -5,7 +5,8 @@
 #   scripts/storm.sh [--vms N] [--ramp 5s] [--profile P] [--networks M]
 #                    [--proxy metaproxy|haproxy] [--compare] [--up]
 #                    [--chain metaproxy|openstack] [--workers N] [--timeout 10s]
-#                    [--results DIR]
+#                    [--results DIR] [--cargo-profile release|profiling]
+#                    [--perf ROLE:FILE]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -29,6 +30,11 @@
 # a storm. Needs scripts/peers/up.sh, scripts/peers/install.sh --chain and
 # scripts/peers/chain.sh start first (the script says so otherwise).
 #
+# --cargo-profile builds and runs that cargo profile (default release).
+# --perf ROLE:FILE samples one process of the first setup that has it (ROLE:
+# up, proxy, agent, api or haproxy) with `perf record -e cpu-clock -g` for the
+# length of the storm; scripts/flamegraph.sh uses it.
+#
 # Exit status: 0 when every storm passed (every VM served, no error, no
 # wrong-VM answer), 1 otherwise; the tables are printed either way.
 set -euo pipefail
@@ -45,6 +51,8 @@ CHAIN=metaproxy
 WORKERS=
 TIMEOUT=10s
 RESULTS=
+CARGO_PROFILE=release
+PERF=
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
@@ -60,6 +68,8 @@ while [ $# -gt 0 ]; do
     --workers) WORKERS=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
     --results) RESULTS=$2; shift 2 ;;
+    --cargo-profile) CARGO_PROFILE=$2; shift 2 ;;
+    --perf) PERF=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -131,9 +141,9 @@ wait_sock() {
   log "$3: no socket $1 after 30 s"; exit 1
 }
 
-log "building release"
-cargo build --release --quiet --bin metaproxy
-BIN=$PWD/target/release/metaproxy
+log "building $CARGO_PROFILE"
+cargo build --profile "$CARGO_PROFILE" --quiet --bin metaproxy
+BIN=$PWD/target/$CARGO_PROFILE/metaproxy
 INV=$WORK/inventory.toml
 SECRET=storm-secret
 # `inventory synth`'s router 0, which gets every network with --routers 1.
@@ -141,7 +151,7 @@ ROUTER=5707ae75-0000-4000-8002-000000000000
 AGENT_SOCK=$WORK/agent.sock
 
 if [ "$CHAIN" = openstack ]; then
-  # shellcheck source=scripts/peers/lib.sh
+  # shellcheck source=scripts/peers/lib.sh disable=SC1091
   . scripts/peers/lib.sh
   AGENT_SOCK=$PEERS_DIR/chain/metadata_proxy
   if [ ! -S "$AGENT_SOCK" ] || [ ! -f "$PEERS_FIXTURE" ]; then
@@ -266,8 +276,25 @@ for setup in "${SETUPS[@]}"; do
   args=(--log-level warn storm --target "127.0.0.1:$PROXY_PORT" --inventory "$INV" --vms "$VMS"
         --ramp "$RAMP" --profile "$PROFILE" --timeout "$TIMEOUT" --json "$WORK/$setup.json")
   [ -n "$WORKERS" ] && args+=(--workers "$WORKERS")
+  perf_pid=
+  if [ -n "$PERF" ]; then
+    role=${PERF%%:*}
+    target_pid=$(eval "echo \${PID_${role}:-}")
+    if [ -n "$target_pid" ]; then
+      log "$setup: perf record -e cpu-clock -g -p $target_pid ($role) -> ${PERF#*:}"
+      perf record -e cpu-clock -F 999 -g -p "$target_pid" -o "${PERF#*:}" >"$WORK/perf.log" 2>&1 &
+      perf_pid=$!
+      PERF=  # only the first setup that has this role
+      sleep 0.5
+    fi
+  fi
   rc=0
   "$BIN" "${args[@]}" </dev/null || rc=$?
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" || true
+    cat "$WORK/perf.log" >&2
+  fi
   # shellcheck disable=SC2086
   read -r c1 a1 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$MEASURED/status")
@@ -316,4 +343,5 @@ if "metaproxy" in rows and "haproxy" in rows:
     print(f'| VM complete p99 s | {m["vm99"] / 1000:.3f} | {h["vm99"] / 1000:.3f} | {ratio(m["vm99"], h["vm99"])} |')
     print(f'| proxy peak RSS MB | {m["rss"]:.1f} | {h["rss"]:.1f} | {ratio(m["rss"], h["rss"])} |')
 PY
+[ -z "$PERF" ] || { log "--perf $PERF: no setup ran a process with that role"; exit 1; }
 [ "$FAILED" = 0 ] || { log "at least one storm failed"; exit 1; }
