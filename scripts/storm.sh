@@ -158,7 +158,50 @@ if [ "$CHAIN" = openstack ]; then
     log "no real agent at $AGENT_SOCK: run scripts/peers/up.sh && scripts/peers/install.sh --chain && scripts/peers/chain.sh start"
     exit 1
   fi
-  python3 scripts/peers/storm_inventory.py "$PEERS_FIXTURE" "$INV" >&2
+  # The fixture's VMs on loopback (vm4), as an inventory the storm checks
+  # answers against: reservation id as scripts/peers/nova/populate_nova.py
+  # writes it, EC2 id = nova's row id (instances are created vm1..vm4).
+  python3 - "$PEERS_FIXTURE" "$INV" <<'PY'
+import json, sys
+fx = json.load(open(sys.argv[1]))
+out = ['dhcp_domain = "novalocal"\n']
+nets = {}
+for name, vm in sorted(fx["instances"].items()):
+    if not vm["ip_address"].startswith("127."):
+        continue
+    nets[vm["network"]] = vm
+    nv = vm["nova"]
+    n = int(vm["uuid"][:8])
+    out.append(f'''[[instance]]
+uuid = "{vm['uuid']}"
+hostname = "{nv['hostname']}"
+project = "{vm['project_id']}"
+availability_zone = "{nv['availability_zone']}"
+reservation_id = "r-{n:08d}"
+ec2_id = {n}
+root_device_name = "/dev/vda"
+''' + (f"user_data = {json.dumps(nv['user_data'])}\n" if nv.get("user_data") else "")
+      + (f'[[instance.key]]\nname = "{nv["key_name"]}"\ndata = {json.dumps(nv["public_key"])}\n'
+         if nv.get("key_name") else "")
+      + f'''[[instance.port]]
+id = "{vm['port_id']}"
+network = "{vm['network_id']}"
+mac = "{vm['mac_address']}"
+fixed_ips = ["{vm['ip_address']}"]
+''')
+for name, vm in nets.items():
+    out.insert(1, f'''[[network]]
+id = "{vm['network_id']}"
+name = "{name}"
+project = "{vm['project_id']}"
+[[network.subnet]]
+id = "{vm['subnet_id']}"
+cidr = "{vm['cidr']}"
+gateway = "{vm['gateway_ip']}"
+dhcp = false
+''')
+open(sys.argv[2], "w").write("\n".join(out))
+PY
   ROUTER=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["routers"]["router1"]["id"])' "$PEERS_FIXTURE")
   VMS=$(grep -c '^\[\[instance\]\]' "$INV")
   log "chain openstack: real neutron-metadata-agent at $AGENT_SOCK, router1 $ROUTER, $VMS fixture VM(s)"
@@ -256,6 +299,15 @@ start_setup() {
     fi
     wait_tcp "$PROXY_PORT" "$MEASURED" "$setup"
     CHAIN_PIDS="$MEASURED $PID_agent $PID_api"
+    if [ "$CHAIN" = openstack ]; then
+      # The real chain: metadata agent, rpc server, nova (gunicorn master + workers).
+      local f p
+      for f in "$PEERS_DIR/chain/metadata-agent.pid" "$PEERS_DIR/chain/rpc-server.pid" "$PEERS_DIR/nova/nova-metadata.pid"; do
+        [ -f "$f" ] || continue
+        p=$(cat "$f")
+        CHAIN_PIDS="$CHAIN_PIDS $p $(pgrep -P "$p" | tr '\n' ' ')"
+      done
+    fi
   fi
   # The chain answers (404 for an address that is no VM's is fine).
   local code
@@ -263,7 +315,15 @@ start_setup() {
   case $code in 2??|404) ;; *) log "$setup: probe got HTTP $code"; exit 1 ;; esac
 }
 
-cpu_ticks() { local s=0 p; for p in "$@"; do [ -n "$p" ] && s=$((s + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$s"; }
+# cpu_ticks PID...: utime+stime summed (comm may hold spaces: cut after ") ").
+cpu_ticks() {
+  local s=0 p t
+  for p in "$@"; do
+    t=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null) || continue
+    s=$((s + t))
+  done
+  echo "$s"
+}
 
 FAILED=0
 : >"$WORK/results.tsv"
