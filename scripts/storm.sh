@@ -6,7 +6,7 @@
 #                    [--proxy metaproxy|haproxy] [--compare] [--up]
 #                    [--chain metaproxy|openstack] [--workers N] [--timeout 10s]
 #                    [--results DIR] [--cargo-profile release|profiling]
-#                    [--perf ROLE:FILE]
+#                    [--perf ROLE:FILE] [--backend inventory|neutron]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -29,6 +29,15 @@
 # replaying the profile (--vms is ignored): a whole-path latency/CPU check, not
 # a storm. Needs scripts/peers/up.sh, scripts/peers/install.sh --chain and
 # scripts/peers/chain.sh start first (the script says so otherwise).
+#
+# The agent's Prometheus endpoint is scraped after every storm: the summary
+# shows its backend calls (inventory lookups, or Neutron calls by kind).
+# --backend neutron points our agent at the real Neutron of scripts/peers
+# (noauth) instead of the inventory: the script first creates the synthesized
+# networks, subnets, router (+ interfaces) and ports there (bulk REST calls;
+# ports carry the inventory's instance uuid as device_id and its project), so
+# the agent resolves every VM through Neutron. Needs scripts/peers/up.sh (its
+# PEERS_DIR / NEUTRON_PORT settings are honoured).
 #
 # --cargo-profile builds and runs that cargo profile (default release).
 # --perf ROLE:FILE samples one process of the first setup that has it (ROLE:
@@ -53,6 +62,7 @@ TIMEOUT=10s
 RESULTS=
 CARGO_PROFILE=release
 PERF=
+BACKEND=inventory
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
@@ -70,12 +80,17 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift 2 ;;
     --cargo-profile) CARGO_PROFILE=$2; shift 2 ;;
     --perf) PERF=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
 done
 case $PROXY in metaproxy|haproxy) ;; *) echo "--proxy must be metaproxy or haproxy" >&2; exit 2 ;; esac
 case $CHAIN in metaproxy|openstack) ;; *) echo "--chain must be metaproxy or openstack" >&2; exit 2 ;; esac
+case $BACKEND in inventory|neutron) ;; *) echo "--backend must be inventory or neutron" >&2; exit 2 ;; esac
+if [ "$CHAIN" = openstack ] && [ "$BACKEND" = neutron ]; then
+  echo "--backend configures our agent; --chain openstack has none" >&2; exit 2
+fi
 if [ "$CHAIN" = openstack ] && [ "$UP" = 1 ]; then
   echo "--up and --chain openstack exclude each other (up contains our own agent)" >&2; exit 2
 fi
@@ -208,11 +223,57 @@ PY
 else
   "$BIN" inventory synth --vms "$VMS" --networks "$NETWORKS" --routers 1 --out "$INV"
 fi
+NEUTRON_TOML=
+if [ "$BACKEND" = neutron ]; then
+  # shellcheck source=scripts/peers/lib.sh disable=SC1091
+  . scripts/peers/lib.sh
+  curl -sf -o /dev/null --max-time 10 "$NEUTRON_URL/v2.0/networks" \
+    || { log "no Neutron at $NEUTRON_URL: run scripts/peers/up.sh first"; exit 1; }
+  log "creating the inventory's $NETWORKS networks and $VMS ports in Neutron ($NEUTRON_URL)"
+  t0=$SECONDS
+  # Prints the Neutron router id (Neutron picks the ids; the ports keep the
+  # inventory's device_id = instance uuid, project and fixed IP).
+  ROUTER=$(python3 - "$INV" "$NEUTRON_URL" <<'PY'
+import json, sys, tomllib, urllib.request
+inv = tomllib.load(open(sys.argv[1], "rb"))
+url = sys.argv[2]
+def call(method, path, body):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.load(r)
+net_ids = {}
+router = call("POST", "/v2.0/routers", {"router": {"name": "storm-router",
+              "project_id": inv["network"][0]["project"]}})["router"]["id"]
+for n in inv["network"]:
+    nid = call("POST", "/v2.0/networks", {"network": {"name": n["name"], "project_id": n["project"]}})["network"]["id"]
+    net_ids[n["id"]] = nid
+    sub = n["subnet"][0]
+    sid = call("POST", "/v2.0/subnets", {"subnet": {"network_id": nid, "project_id": n["project"],
+               "ip_version": 4, "cidr": sub["cidr"], "gateway_ip": sub["gateway"],
+               "enable_dhcp": False}})["subnet"]["id"]
+    call("PUT", f"/v2.0/routers/{router}/add_router_interface", {"subnet_id": sid})
+ports = [{"network_id": net_ids[p["network"]], "project_id": i["project"], "device_id": i["uuid"],
+          "device_owner": "compute:nova", "mac_address": p["mac"],
+          "fixed_ips": [{"ip_address": p["fixed_ips"][0]}]}
+         for i in inv["instance"] for p in i["port"]]
+for k in range(0, len(ports), 500):
+    call("POST", "/v2.0/ports", {"ports": ports[k:k + 500]})
+print(router)
+PY
+)
+  log "Neutron populated in $((SECONDS - t0)) s: router $ROUTER"
+  NEUTRON_TOML="backend = \"neutron\"
+[agent.neutron]
+url = \"$NEUTRON_URL\"
+auth_strategy = \"noauth\""
+fi
 
 # write_config: one file for api, agent and proxy (and up).
 write_config() {
   API_PORT=$(free_port)
   PROXY_PORT=$(free_port)
+  METRICS_PORT=$(free_port)
   cat >"$WORK/metaproxy.toml" <<TOML
 # rendered by scripts/storm.sh
 [api]
@@ -225,6 +286,8 @@ state_dir = "$WORK/state"
 socket = "$AGENT_SOCK"
 inventory = "$INV"
 metadata_proxy_shared_secret = "$SECRET"
+metrics_listen = "127.0.0.1:$METRICS_PORT"
+$NEUTRON_TOML
 [agent.nova]
 nova_metadata_port = $API_PORT
 
@@ -358,15 +421,29 @@ for setup in "${SETUPS[@]}"; do
   # shellcheck disable=SC2086
   read -r c1 a1 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$MEASURED/status")
+  curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/$setup.metrics" || true
   [ "$rc" = 0 ] || { FAILED=1; log "$setup: storm FAILED (exit $rc)"; }
   [ -f "$WORK/$setup.json" ] || { log "$setup: no report"; exit 1; }
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" $((c1 - c0)) $((a1 - a0)) "$hwm" "$load" "$rc" >>"$WORK/results.tsv"
   stop_pids
 done
 
-python3 - "$WORK" "$(getconf CLK_TCK)" "$CHAIN" <<'PY'
-import json, sys
-work, hz, chain = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+python3 - "$WORK" "$(getconf CLK_TCK)" "$CHAIN" "$BACKEND" "$NETWORKS" <<'PY'
+import json, re, sys
+work, hz, chain, backend, networks = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+def backend_calls(setup):
+    """Backend calls from the agent's /metrics: neutron kinds, else inventory lookups."""
+    try:
+        text = open(f"{work}/{setup}.metrics").read()
+    except OSError:
+        return "n/a"
+    kinds = dict(re.findall(r'metaproxy_agent_backend_calls_total\{kind="(\w+)"\} (\d+)', text))
+    if backend == "neutron":
+        total = sum(int(v) for v in kinds.values())
+        detail = " ".join(f"{k} {v}" for k, v in kinds.items() if v != "0")
+        return f"{total} ({detail}; {total / networks:.2f}/network)"
+    m = re.search(r"metaproxy_agent_inventory_lookups_total (\d+)", text)
+    return f"{m.group(1)} inventory lookups" if m else "n/a"
 rows = {}
 for line in open(f"{work}/results.tsv"):
     setup, cpu, chain_cpu, hwm, load, rc = line.rstrip("\n").split("\t")
@@ -378,22 +455,26 @@ for line in open(f"{work}/results.tsv"):
         p99=r["request_latency_us"]["p99"] / 1000, vm99=r["vm_complete_us"]["p99"] / 1000,
         vm50=r["vm_complete_us"]["p50"] / 1000,
         rss=int(hwm) / 1024, err=sum(r["errors"].values()), wrong=r["errors"]["wrong_vm"],
-        done=f'{r["vms_completed"]}/{r["vms"]}', ok="PASS" if r["passed"] else "FAIL", load=load)
+        done=f'{r["vms_completed"]}/{r["vms"]}', ok="PASS" if r["passed"] else "FAIL", load=load,
+        calls=backend_calls(setup))
 measured = {"up": "up (all three)", "metaproxy": "metaproxy proxy", "haproxy": "haproxy"}
-behind = "real neutron-metadata-agent + nova" if chain == "openstack" else "metaproxy agent + api"
+behind = ("real neutron-metadata-agent + nova" if chain == "openstack"
+          else f"metaproxy agent ({backend} backend) + api")
 print(f"\nstorm.sh summary (behind the proxy: {behind}; CPU = utime+stime over the storm)")
 hdr = ("setup", "VMs done", "req/s", "proxy CPU s/1k req", "chain CPU s/1k req",
-       "req p99 ms", "VM p50 s", "VM p99 s", "proxy peak RSS MB", "errors", "wrong VM", "result", "load avg")
+       "req p99 ms", "VM p50 s", "VM p99 s", "proxy peak RSS MB", "errors", "wrong VM", "result", "agent backend calls", "load avg")
 print("| " + " | ".join(hdr) + " |")
 print("|" + "---|" * len(hdr))
 for s, x in rows.items():
     print(f'| {measured[s]} | {x["done"]} | {x["rps"]:.0f} | {x["cpu"]:.3f} | {x["chain"]:.3f} | '
           f'{x["p99"]:.1f} | {x["vm50"] / 1000:.3f} | {x["vm99"] / 1000:.3f} | {x["rss"]:.1f} | '
-          f'{x["err"]} | {x["wrong"]} | {x["ok"]} | {x["load"]} |')
+          f'{x["err"]} | {x["wrong"]} | {x["ok"]} | {x["calls"]} | {x["load"]} |')
 if "metaproxy" in rows and "haproxy" in rows:
     m, h = rows["metaproxy"], rows["haproxy"]
     def ratio(a, b):
-        return f"{a / b:.2f}x" if b else "n/a"
+        if not b:
+            return "n/a"
+        return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
     print("\nmetaproxy proxy / haproxy, same run, same load:")
     print("| metric | metaproxy | haproxy | ratio |")
     print("|---|---|---|---|")
