@@ -368,7 +368,7 @@ start_setup() {
       for f in "$PEERS_DIR/chain/metadata-agent.pid" "$PEERS_DIR/chain/rpc-server.pid" "$PEERS_DIR/nova/nova-metadata.pid"; do
         [ -f "$f" ] || continue
         p=$(cat "$f")
-        CHAIN_PIDS="$CHAIN_PIDS $p $(pgrep -P "$p" | tr '\n' ' ')"
+        CHAIN_PIDS="$CHAIN_PIDS $p $(pgrep -P "$p" | tr '\n' ' ' || true)"
       done
     fi
   fi
