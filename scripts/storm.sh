@@ -7,6 +7,7 @@
 #                    [--chain metaproxy|openstack] [--workers N] [--timeout 10s]
 #                    [--results DIR] [--cargo-profile release|profiling]
 #                    [--perf ROLE:FILE] [--backend inventory|neutron]
+#                    [--max-connections N]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -39,6 +40,10 @@
 # the agent resolves every VM through Neutron. Needs scripts/peers/up.sh (its
 # PEERS_DIR / NEUTRON_PORT settings are honoured).
 #
+# --max-connections sets our proxy's per-namespace cap (default: the shipped
+# 1024, like haproxy's maxconn 1024). At the cap ours answers 503 at once,
+# while haproxy stops accepting and leaves the excess in the kernel backlog.
+#
 # --cargo-profile builds and runs that cargo profile (default release).
 # --perf ROLE:FILE samples one process of the first setup that has it (ROLE:
 # up, proxy, agent, api or haproxy) with `perf record -e cpu-clock -g` for the
@@ -63,6 +68,7 @@ RESULTS=
 CARGO_PROFILE=release
 PERF=
 BACKEND=inventory
+MAX_CONNS=
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
@@ -81,6 +87,7 @@ while [ $# -gt 0 ]; do
     --cargo-profile) CARGO_PROFILE=$2; shift 2 ;;
     --perf) PERF=$2; shift 2 ;;
     --backend) BACKEND=$2; shift 2 ;;
+    --max-connections) MAX_CONNS=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -293,6 +300,7 @@ nova_metadata_port = $API_PORT
 
 [proxy]
 agent_socket = "$AGENT_SOCK"
+${MAX_CONNS:+max_connections = $MAX_CONNS}
 control_socket = "$WORK/proxy.ctl"
 [[proxy.namespace]]
 router_id = "$ROUTER"
