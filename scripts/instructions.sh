@@ -39,7 +39,13 @@ WORK=$(mktemp -d /tmp/mp-instr.XXXXXX)
 PIDS=()
 cleanup() {
   local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  # TERM, then KILL after 5 s: a proxy stuck under valgrind may not act on TERM.
+  for p in "${PIDS[@]}"; do
+    kill -TERM "$p" 2>/dev/null || continue
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$WORK"/cg.* "$WORK"/*.log "$KEEP"/ 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
@@ -169,6 +175,8 @@ instr() {
   python3 "$WORK/client.py" "$PORT" "$n" "$mode" \
     || { tail -n 20 "$WORK/$name.log" >&2; exit 1; }
   kill -TERM "$pid"
+  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid"; echo "$name did not exit on SIGTERM within 30 s" >&2; exit 1; }
   wait "$pid" || true
   awk '/^(summary|totals):/ {print $2; exit}' "$out"
 }
