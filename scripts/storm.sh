@@ -1,0 +1,496 @@
+#!/usr/bin/env bash
+# Boot storm through the whole metadata path, on loopback, with a side-by-side
+# haproxy comparison (issue 6).
+#
+#   scripts/storm.sh [--vms N] [--ramp 5s] [--profile P] [--networks M]
+#                    [--proxy metaproxy|haproxy] [--compare] [--up]
+#                    [--chain metaproxy|openstack] [--workers N] [--timeout 10s]
+#                    [--results DIR] [--cargo-profile release|profiling]
+#                    [--perf ROLE:FILE] [--backend inventory|neutron]
+#                    [--max-connections N]
+#
+# Builds release, synthesizes an inventory (one router, M networks, N VMs on
+# 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
+# everything by PID (also on failure), and prints the storm table. Chains:
+#
+#   metaproxy  api + agent + `metaproxy proxy`, three processes (default)
+#   haproxy    api + agent + Debian's haproxy configured exactly as Neutron
+#              renders it (metadata-path.md §1.3) in place of our proxy
+#   up         `metaproxy up`: the three in one process (--up)
+#
+# --compare runs ours and haproxy back to back under the same load (with --up
+# also `up` first), each on a freshly started chain, and prints a ratio table:
+# req/s, CPU seconds per 1 000 requests of the proxy process (utime+stime from
+# /proc/PID/stat, over the storm only), p99, and peak RSS (VmHWM).
+#
+# --chain openstack puts the REAL neutron-metadata-agent (+ neutron-rpc-server,
+# RabbitMQ, Nova) of scripts/peers behind the proxy instead of our agent + API.
+# The storm can only check VMs the peers know, reachable from loopback: the
+# fixture's vm4 (127.10.0.11 on router1's loopnet). So that storm is ONE VM
+# replaying the profile (--vms is ignored): a whole-path latency/CPU check, not
+# a storm. Needs scripts/peers/up.sh, scripts/peers/install.sh --chain and
+# scripts/peers/chain.sh start first (the script says so otherwise).
+#
+# The agent's Prometheus endpoint is scraped after every storm: the summary
+# shows its backend calls (inventory lookups, or Neutron calls by kind).
+# --backend neutron points our agent at the real Neutron of scripts/peers
+# (noauth) instead of the inventory: the script first creates the synthesized
+# networks, subnets, router (+ interfaces) and ports there (bulk REST calls;
+# ports carry the inventory's instance uuid as device_id and its project), so
+# the agent resolves every VM through Neutron. Needs scripts/peers/up.sh (its
+# PEERS_DIR / NEUTRON_PORT settings are honoured).
+#
+# --max-connections sets our proxy's per-namespace cap (default: the shipped
+# 1024, like haproxy's maxconn 1024). At the cap ours answers 503 at once,
+# while haproxy stops accepting and leaves the excess in the kernel backlog.
+#
+# --cargo-profile builds and runs that cargo profile (default release).
+# --perf ROLE:FILE samples one process of the first setup that has it (ROLE:
+# up, proxy, agent, api or haproxy) with `perf record -e cpu-clock -g` for the
+# length of the storm; scripts/flamegraph.sh uses it.
+#
+# Exit status: 0 when every storm passed (every VM served, no error, no
+# wrong-VM answer), 1 otherwise; the tables are printed either way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VMS=1000
+RAMP=5s
+PROFILE=cloud-init
+NETWORKS=4
+PROXY=metaproxy
+COMPARE=0
+UP=0
+CHAIN=metaproxy
+WORKERS=
+TIMEOUT=10s
+RESULTS=
+CARGO_PROFILE=release
+PERF=
+BACKEND=inventory
+MAX_CONNS=
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --vms) VMS=$2; shift 2 ;;
+    --ramp) RAMP=$2; shift 2 ;;
+    --profile) PROFILE=$2; shift 2 ;;
+    --networks) NETWORKS=$2; shift 2 ;;
+    --proxy) PROXY=$2; shift 2 ;;
+    --compare) COMPARE=1; shift ;;
+    --up) UP=1; shift ;;
+    --chain) CHAIN=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
+    --results) RESULTS=$2; shift 2 ;;
+    --cargo-profile) CARGO_PROFILE=$2; shift 2 ;;
+    --perf) PERF=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
+    --max-connections) MAX_CONNS=$2; shift 2 ;;
+    -h|--help) usage 0 ;;
+    *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
+  esac
+done
+case $PROXY in metaproxy|haproxy) ;; *) echo "--proxy must be metaproxy or haproxy" >&2; exit 2 ;; esac
+case $CHAIN in metaproxy|openstack) ;; *) echo "--chain must be metaproxy or openstack" >&2; exit 2 ;; esac
+case $BACKEND in inventory|neutron) ;; *) echo "--backend must be inventory or neutron" >&2; exit 2 ;; esac
+if [ "$CHAIN" = openstack ] && [ "$BACKEND" = neutron ]; then
+  echo "--backend configures our agent; --chain openstack has none" >&2; exit 2
+fi
+if [ "$CHAIN" = openstack ] && [ "$UP" = 1 ]; then
+  echo "--up and --chain openstack exclude each other (up contains our own agent)" >&2; exit 2
+fi
+
+# The setups to run, in order.
+SETUPS=()
+if [ "$COMPARE" = 1 ]; then
+  [ "$UP" = 1 ] && SETUPS+=(up)
+  SETUPS+=(metaproxy haproxy)
+elif [ "$UP" = 1 ]; then
+  SETUPS=(up)
+else
+  SETUPS=("$PROXY")
+fi
+for t in python3 curl; do command -v $t >/dev/null || { echo "storm.sh: need $t" >&2; exit 1; }; done
+if [[ " ${SETUPS[*]} " == *" haproxy "* ]] && ! command -v haproxy >/dev/null; then
+  echo "storm.sh: need haproxy (apt-get install haproxy)" >&2; exit 1
+fi
+
+WORK=$(mktemp -d /tmp/mp-storm.XXXXXX)
+PIDS=()
+# stop_pids: TERM each started process (newest first), KILL after 10 s.
+stop_pids() {
+  local i p
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    p=${PIDS[i]}
+    kill -TERM "$p" 2>/dev/null || continue
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PIDS=()
+}
+cleanup() {
+  local rc=$?
+  stop_pids
+  if [ -n "$RESULTS" ]; then mkdir -p "$RESULTS" && cp -r "$WORK"/. "$RESULTS"/; fi
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "[storm.sh $(date -u +%H:%M:%S)] $*" >&2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_tcp PORT PID NAME: until something accepts on 127.0.0.1:PORT.
+wait_tcp() {
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { tail -n 20 "$WORK/$3.log" >&2; log "$3 exited during startup"; exit 1; }
+    sleep 0.1
+  done
+  log "$3 not listening on :$1 after 30 s"; exit 1
+}
+wait_sock() {
+  for _ in $(seq 1 300); do
+    [ -S "$1" ] && return 0
+    kill -0 "$2" 2>/dev/null || { tail -n 20 "$WORK/$3.log" >&2; log "$3 exited during startup"; exit 1; }
+    sleep 0.1
+  done
+  log "$3: no socket $1 after 30 s"; exit 1
+}
+
+log "building $CARGO_PROFILE"
+cargo build --profile "$CARGO_PROFILE" --quiet --bin metaproxy
+BIN=$PWD/target/$CARGO_PROFILE/metaproxy
+INV=$WORK/inventory.toml
+SECRET=storm-secret
+# `inventory synth`'s router 0, which gets every network with --routers 1.
+ROUTER=5707ae75-0000-4000-8002-000000000000
+AGENT_SOCK=$WORK/agent.sock
+
+if [ "$CHAIN" = openstack ]; then
+  # shellcheck source=scripts/peers/lib.sh disable=SC1091
+  . scripts/peers/lib.sh
+  AGENT_SOCK=$PEERS_DIR/chain/metadata_proxy
+  if [ ! -S "$AGENT_SOCK" ] || [ ! -f "$PEERS_FIXTURE" ]; then
+    log "no real agent at $AGENT_SOCK: run scripts/peers/up.sh && scripts/peers/install.sh --chain && scripts/peers/chain.sh start"
+    exit 1
+  fi
+  # The fixture's VMs on loopback (vm4), as an inventory the storm checks
+  # answers against: reservation id as scripts/peers/nova/populate_nova.py
+  # writes it, EC2 id = nova's row id (instances are created vm1..vm4).
+  python3 - "$PEERS_FIXTURE" "$INV" <<'PY'
+import json, sys
+fx = json.load(open(sys.argv[1]))
+out = ['dhcp_domain = "novalocal"\n']
+nets = {}
+for name, vm in sorted(fx["instances"].items()):
+    if not vm["ip_address"].startswith("127."):
+        continue
+    nets[vm["network"]] = vm
+    nv = vm["nova"]
+    n = int(vm["uuid"][:8])
+    out.append(f'''[[instance]]
+uuid = "{vm['uuid']}"
+hostname = "{nv['hostname']}"
+project = "{vm['project_id']}"
+availability_zone = "{nv['availability_zone']}"
+reservation_id = "r-{n:08d}"
+ec2_id = {n}
+root_device_name = "/dev/vda"
+''' + (f"user_data = {json.dumps(nv['user_data'])}\n" if nv.get("user_data") else "")
+      + (f'[[instance.key]]\nname = "{nv["key_name"]}"\ndata = {json.dumps(nv["public_key"])}\n'
+         if nv.get("key_name") else "")
+      + f'''[[instance.port]]
+id = "{vm['port_id']}"
+network = "{vm['network_id']}"
+mac = "{vm['mac_address']}"
+fixed_ips = ["{vm['ip_address']}"]
+''')
+for name, vm in nets.items():
+    out.insert(1, f'''[[network]]
+id = "{vm['network_id']}"
+name = "{name}"
+project = "{vm['project_id']}"
+[[network.subnet]]
+id = "{vm['subnet_id']}"
+cidr = "{vm['cidr']}"
+gateway = "{vm['gateway_ip']}"
+dhcp = false
+''')
+open(sys.argv[2], "w").write("\n".join(out))
+PY
+  ROUTER=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["routers"]["router1"]["id"])' "$PEERS_FIXTURE")
+  VMS=$(grep -c '^\[\[instance\]\]' "$INV")
+  log "chain openstack: real neutron-metadata-agent at $AGENT_SOCK, router1 $ROUTER, $VMS fixture VM(s)"
+else
+  "$BIN" inventory synth --vms "$VMS" --networks "$NETWORKS" --routers 1 --out "$INV"
+fi
+NEUTRON_TOML=
+if [ "$BACKEND" = neutron ]; then
+  # shellcheck source=scripts/peers/lib.sh disable=SC1091
+  . scripts/peers/lib.sh
+  curl -sf -o /dev/null --max-time 10 "$NEUTRON_URL/v2.0/networks" \
+    || { log "no Neutron at $NEUTRON_URL: run scripts/peers/up.sh first"; exit 1; }
+  log "creating the inventory's $NETWORKS networks and $VMS ports in Neutron ($NEUTRON_URL)"
+  t0=$SECONDS
+  # Prints the Neutron router id (Neutron picks the ids; the ports keep the
+  # inventory's device_id = instance uuid, project and fixed IP).
+  ROUTER=$(python3 - "$INV" "$NEUTRON_URL" <<'PY'
+import json, sys, tomllib, urllib.request
+inv = tomllib.load(open(sys.argv[1], "rb"))
+url = sys.argv[2]
+def call(method, path, body):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.load(r)
+net_ids = {}
+router = call("POST", "/v2.0/routers", {"router": {"name": "storm-router",
+              "project_id": inv["network"][0]["project"]}})["router"]["id"]
+for n in inv["network"]:
+    nid = call("POST", "/v2.0/networks", {"network": {"name": n["name"], "project_id": n["project"]}})["network"]["id"]
+    net_ids[n["id"]] = nid
+    sub = n["subnet"][0]
+    sid = call("POST", "/v2.0/subnets", {"subnet": {"network_id": nid, "project_id": n["project"],
+               "ip_version": 4, "cidr": sub["cidr"], "gateway_ip": sub["gateway"],
+               "enable_dhcp": False}})["subnet"]["id"]
+    call("PUT", f"/v2.0/routers/{router}/add_router_interface", {"subnet_id": sid})
+ports = [{"network_id": net_ids[p["network"]], "project_id": i["project"], "device_id": i["uuid"],
+          "device_owner": "compute:nova", "mac_address": p["mac"],
+          "fixed_ips": [{"ip_address": p["fixed_ips"][0]}]}
+         for i in inv["instance"] for p in i["port"]]
+for k in range(0, len(ports), 500):
+    call("POST", "/v2.0/ports", {"ports": ports[k:k + 500]})
+print(router)
+PY
+)
+  log "Neutron populated in $((SECONDS - t0)) s: router $ROUTER"
+  NEUTRON_TOML="backend = \"neutron\"
+[agent.neutron]
+url = \"$NEUTRON_URL\"
+auth_strategy = \"noauth\""
+fi
+
+# write_config: one file for api, agent and proxy (and up).
+write_config() {
+  API_PORT=$(free_port)
+  PROXY_PORT=$(free_port)
+  METRICS_PORT=$(free_port)
+  cat >"$WORK/metaproxy.toml" <<TOML
+# rendered by scripts/storm.sh
+[api]
+listen = "127.0.0.1:$API_PORT"
+metadata_proxy_shared_secret = "$SECRET"
+inventory = "$INV"
+state_dir = "$WORK/state"
+
+[agent]
+socket = "$AGENT_SOCK"
+inventory = "$INV"
+metadata_proxy_shared_secret = "$SECRET"
+metrics_listen = "127.0.0.1:$METRICS_PORT"
+$NEUTRON_TOML
+[agent.nova]
+nova_metadata_port = $API_PORT
+
+[proxy]
+agent_socket = "$AGENT_SOCK"
+${MAX_CONNS:+max_connections = $MAX_CONNS}
+control_socket = "$WORK/proxy.ctl"
+[[proxy.namespace]]
+router_id = "$ROUTER"
+listen = "127.0.0.1:$PROXY_PORT"
+TOML
+  # haproxy as Neutron renders it for an L3 router (§1.3), with three changes
+  # for a loopback bench: bind 127.0.0.1:PORT instead of :::9697, no
+  # user/group/daemon (-db keeps it in the foreground), and no log lines (no
+  # syslog here; Neutron's `log /dev/log` would only add cost to haproxy).
+  cat >"$WORK/haproxy.cfg" <<CFG
+global
+    maxconn     1024
+    nbthread    2
+    pidfile     $WORK/haproxy.pid
+
+defaults
+    mode http
+    option http-server-close
+    option forwardfor
+    retries                 3
+    timeout http-request    30s
+    timeout connect         30s
+    timeout client          32s
+    timeout server          32s
+    timeout http-keep-alive 30s
+
+listen listener
+    bind 127.0.0.1:$PROXY_PORT
+    server metadata $AGENT_SOCK
+
+    http-request del-header X-Neutron-Network-ID
+    http-request set-header X-Neutron-Router-ID $ROUTER
+CFG
+}
+
+# spawn NAME CMD...: start a process, log to $WORK/NAME.log, remember its PID.
+spawn() {
+  local name=$1; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  eval "PID_${name}=$!"
+}
+
+# start_setup SETUP: sets MEASURED (the proxy's PID) and CHAIN_PIDS.
+start_setup() {
+  local setup=$1
+  write_config
+  rm -f "$WORK/agent.sock"
+  PID_api='' PID_agent='' PID_proxy='' PID_haproxy='' PID_up=''
+  if [ "$setup" = up ]; then
+    spawn up "$BIN" --log-level warn up --config "$WORK/metaproxy.toml"
+    wait_tcp "$PROXY_PORT" "$PID_up" up
+    MEASURED=$PID_up CHAIN_PIDS="$PID_up"
+  else
+    if [ "$CHAIN" = metaproxy ]; then
+      spawn api "$BIN" --log-level warn api --config "$WORK/metaproxy.toml"
+      wait_tcp "$API_PORT" "$PID_api" api
+      spawn agent "$BIN" --log-level warn agent --config "$WORK/metaproxy.toml"
+      wait_sock "$AGENT_SOCK" "$PID_agent" agent
+    fi
+    if [ "$setup" = haproxy ]; then
+      spawn haproxy haproxy -f "$WORK/haproxy.cfg" -db
+      MEASURED=$PID_haproxy
+    else
+      spawn proxy "$BIN" --log-level warn proxy --config "$WORK/metaproxy.toml"
+      MEASURED=$PID_proxy
+    fi
+    wait_tcp "$PROXY_PORT" "$MEASURED" "$setup"
+    CHAIN_PIDS="$MEASURED $PID_agent $PID_api"
+    if [ "$CHAIN" = openstack ]; then
+      # The real chain: metadata agent, rpc server, nova (gunicorn master + workers).
+      local f p
+      for f in "$PEERS_DIR/chain/metadata-agent.pid" "$PEERS_DIR/chain/rpc-server.pid" "$PEERS_DIR/nova/nova-metadata.pid"; do
+        [ -f "$f" ] || continue
+        p=$(cat "$f")
+        CHAIN_PIDS="$CHAIN_PIDS $p $(pgrep -P "$p" | tr '\n' ' ' || true)"
+      done
+    fi
+  fi
+  # The chain answers (404 for an address that is no VM's is fine).
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$PROXY_PORT/openstack" || true)
+  case $code in 2??|404) ;; *) log "$setup: probe got HTTP $code"; exit 1 ;; esac
+}
+
+# cpu_ticks PID...: utime+stime summed (comm may hold spaces: cut after ") ").
+cpu_ticks() {
+  local s=0 p t
+  for p in "$@"; do
+    t=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null) || continue
+    s=$((s + t))
+  done
+  echo "$s"
+}
+
+FAILED=0
+: >"$WORK/results.tsv"
+for setup in "${SETUPS[@]}"; do
+  start_setup "$setup"
+  # shellcheck disable=SC2086 # CHAIN_PIDS is a list of PIDs
+  read -r c0 a0 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
+  load=$(cut -d' ' -f1-3 /proc/loadavg)
+  log "$setup: storm of $VMS VMs ($PROFILE, ramp $RAMP) -> 127.0.0.1:$PROXY_PORT, load average $load"
+  args=(--log-level warn storm --target "127.0.0.1:$PROXY_PORT" --inventory "$INV" --vms "$VMS"
+        --ramp "$RAMP" --profile "$PROFILE" --timeout "$TIMEOUT" --json "$WORK/$setup.json")
+  [ -n "$WORKERS" ] && args+=(--workers "$WORKERS")
+  perf_pid=
+  if [ -n "$PERF" ]; then
+    role=${PERF%%:*}
+    target_pid=$(eval "echo \${PID_${role}:-}")
+    if [ -n "$target_pid" ]; then
+      log "$setup: perf record -e cpu-clock -g -p $target_pid ($role) -> ${PERF#*:}"
+      perf record -e cpu-clock -F 999 -g -p "$target_pid" -o "${PERF#*:}" >"$WORK/perf.log" 2>&1 &
+      perf_pid=$!
+      PERF=  # only the first setup that has this role
+      sleep 0.5
+    fi
+  fi
+  rc=0
+  "$BIN" "${args[@]}" </dev/null || rc=$?
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" || true
+    cat "$WORK/perf.log" >&2
+  fi
+  # shellcheck disable=SC2086
+  read -r c1 a1 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$MEASURED/status")
+  curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/$setup.metrics" || true
+  [ "$rc" = 0 ] || { FAILED=1; log "$setup: storm FAILED (exit $rc)"; }
+  [ -f "$WORK/$setup.json" ] || { log "$setup: no report"; exit 1; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" $((c1 - c0)) $((a1 - a0)) "$hwm" "$load" "$rc" >>"$WORK/results.tsv"
+  stop_pids
+done
+
+python3 - "$WORK" "$(getconf CLK_TCK)" "$CHAIN" "$BACKEND" "$NETWORKS" <<'PY'
+import json, re, sys
+work, hz, chain, backend, networks = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+def backend_calls(setup):
+    """Backend calls from the agent's /metrics: neutron kinds, else inventory lookups."""
+    try:
+        text = open(f"{work}/{setup}.metrics").read()
+    except OSError:
+        return "n/a"
+    kinds = dict(re.findall(r'metaproxy_agent_backend_calls_total\{kind="(\w+)"\} (\d+)', text))
+    if backend == "neutron":
+        total = sum(int(v) for v in kinds.values())
+        detail = " ".join(f"{k} {v}" for k, v in kinds.items() if v != "0")
+        return f"{total} ({detail}; {total / networks:.2f}/network)"
+    m = re.search(r"metaproxy_agent_inventory_lookups_total (\d+)", text)
+    return f"{m.group(1)} inventory lookups" if m else "n/a"
+rows = {}
+for line in open(f"{work}/results.tsv"):
+    setup, cpu, chain_cpu, hwm, load, rc = line.rstrip("\n").split("\t")
+    r = json.load(open(f"{work}/{setup}.json"))
+    n = max(r["requests"], 1)
+    rows[setup] = dict(
+        rps=r["requests_per_s"], req=r["requests"],
+        cpu=int(cpu) / hz * 1000 / n, chain=int(chain_cpu) / hz * 1000 / n,
+        p99=r["request_latency_us"]["p99"] / 1000, vm99=r["vm_complete_us"]["p99"] / 1000,
+        vm50=r["vm_complete_us"]["p50"] / 1000,
+        rss=int(hwm) / 1024, err=sum(r["errors"].values()), wrong=r["errors"]["wrong_vm"],
+        done=f'{r["vms_completed"]}/{r["vms"]}', ok="PASS" if r["passed"] else "FAIL", load=load,
+        calls=backend_calls(setup))
+measured = {"up": "up (all three)", "metaproxy": "metaproxy proxy", "haproxy": "haproxy"}
+behind = ("real neutron-metadata-agent + nova" if chain == "openstack"
+          else f"metaproxy agent ({backend} backend) + api")
+print(f"\nstorm.sh summary (behind the proxy: {behind}; CPU = utime+stime over the storm)")
+hdr = ("setup", "VMs done", "req/s", "proxy CPU s/1k req", "chain CPU s/1k req",
+       "req p99 ms", "VM p50 s", "VM p99 s", "proxy peak RSS MB", "errors", "wrong VM", "result", "agent backend calls", "load avg")
+print("| " + " | ".join(hdr) + " |")
+print("|" + "---|" * len(hdr))
+for s, x in rows.items():
+    print(f'| {measured[s]} | {x["done"]} | {x["rps"]:.0f} | {x["cpu"]:.3f} | {x["chain"]:.3f} | '
+          f'{x["p99"]:.1f} | {x["vm50"] / 1000:.3f} | {x["vm99"] / 1000:.3f} | {x["rss"]:.1f} | '
+          f'{x["err"]} | {x["wrong"]} | {x["ok"]} | {x["calls"]} | {x["load"]} |')
+if "metaproxy" in rows and "haproxy" in rows:
+    m, h = rows["metaproxy"], rows["haproxy"]
+    def ratio(a, b):
+        if not b:
+            return "n/a"
+        return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
+    print("\nmetaproxy proxy / haproxy, same run, same load:")
+    print("| metric | metaproxy | haproxy | ratio |")
+    print("|---|---|---|---|")
+    print(f'| req/s | {m["rps"]:.0f} | {h["rps"]:.0f} | {ratio(m["rps"], h["rps"])} |')
+    print(f'| proxy CPU s per 1 000 req | {m["cpu"]:.3f} | {h["cpu"]:.3f} | {ratio(m["cpu"], h["cpu"])} |')
+    print(f'| request p99 ms | {m["p99"]:.1f} | {h["p99"]:.1f} | {ratio(m["p99"], h["p99"])} |')
+    print(f'| VM complete p99 s | {m["vm99"] / 1000:.3f} | {h["vm99"] / 1000:.3f} | {ratio(m["vm99"], h["vm99"])} |')
+    print(f'| proxy peak RSS MB | {m["rss"]:.1f} | {h["rss"]:.1f} | {ratio(m["rss"], h["rss"])} |')
+PY
+[ -z "$PERF" ] || { log "--perf $PERF: no setup ran a process with that role"; exit 1; }
+[ "$FAILED" = 0 ] || { log "at least one storm failed"; exit 1; }
