@@ -56,6 +56,9 @@ cargo test --doc --quiet
 step "benches compile"
 cargo bench --no-run --quiet
 
+step "boot storm, ours vs Neutron-rendered haproxy (scripts/storm.sh, CI size)"
+scripts/storm.sh --compare --vms 100 --ramp 2s
+
 FUZZ_SECS=${FUZZ_SECS:-20}
 if [ "$FUZZ_SECS" != 0 ]; then
   step "fuzzing, ${FUZZ_SECS}s per target"
