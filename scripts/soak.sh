@@ -26,6 +26,7 @@ WORK=$(mktemp -d /tmp/mp-soak.XXXXXX)
 CSV=${SOAK_CSV:-/tmp/soak-$$.csv}
 PIDS=()
 KEEP=0 # set when a storm fails: the daemons' logs and the storm output stay in $WORK
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
   if [ "$KEEP" = 1 ]; then echo "logs kept in $WORK"; else rm -rf "$WORK"; fi
@@ -80,7 +81,7 @@ sample() { # seconds rss fds per process, every second, until killed
   local t0=$SECONDS i
   while kill -0 "$UP" 2>/dev/null; do
     for i in "${!PROCPIDS[@]}"; do
-      echo "$((SECONDS - t0)) $(awk '/VmRSS/ {print $2}' /proc/${PROCPIDS[$i]}/status) $(ls /proc/${PROCPIDS[$i]}/fd | wc -l)" >>"${FILES[$i]}"
+      echo "$((SECONDS - t0)) $(awk '/VmRSS/ {print $2}' "/proc/${PROCPIDS[$i]}/status") $(find "/proc/${PROCPIDS[$i]}/fd" -mindepth 1 -maxdepth 1 | wc -l)" >>"${FILES[$i]}"
     done
     sleep 1
   done
