@@ -164,8 +164,6 @@ listen = ["0.0.0.0:9697", "169.254.169.254:80"]
         assert_eq!(s.all("X-Forwarded-For"), vec!["10.77.0.5".to_string()]);
         assert_eq!(s.all("X-Neutron-Router-ID"), vec![ROUTER.to_string()]);
     }
-    // The host namespace does not have this listener.
-    assert!(std::net::TcpStream::connect("169.254.169.254:80").is_err() || h.bound[0].len() == 2);
     h.stop().unwrap();
 }
 
