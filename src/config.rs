@@ -31,8 +31,6 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKLOG: i32 = 4096;
 /// haproxy's `maxconn` per Neutron proxy, here per namespace.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Requests in flight on one pooled agent connection.
-pub const DEFAULT_PIPELINE_DEPTH: usize = 8;
 /// Pooled agent connections per loop.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Largest agent response relayed (user-data is at most 64 KiB in Nova).
@@ -204,7 +202,8 @@ pub struct ProxyFile {
     pub backlog: Option<i32>,
     /// Concurrent client connections per namespace.
     pub max_connections: Option<usize>,
-    /// Requests in flight per pooled agent connection.
+    /// Ignored (accepted so that old files still load): the pool dials up
+    /// to `upstream_pool_size` before it pipelines.
     pub upstream_pipeline_depth: Option<usize>,
     /// Pooled agent connections per loop.
     pub upstream_pool_size: Option<usize>,
@@ -370,8 +369,8 @@ pub struct ProxyConfig {
     pub backlog: i32,
     /// Per-namespace connection cap.
     pub max_connections: NonZeroUsize,
-    /// Pipelining depth per agent connection.
-    pub pipeline_depth: NonZeroUsize,
+    /// `upstream_pipeline_depth` as set in the file: ignored, logged at start.
+    pub ignored_pipeline_depth: Option<usize>,
     /// Agent connections per loop.
     pub pool_size: NonZeroUsize,
     /// SIGTERM drain bound.
@@ -528,11 +527,7 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 f.max_connections,
                 DEFAULT_MAX_CONNECTIONS,
             )?,
-            pipeline_depth: nonzero(
-                "proxy.upstream_pipeline_depth",
-                f.upstream_pipeline_depth,
-                DEFAULT_PIPELINE_DEPTH,
-            )?,
+            ignored_pipeline_depth: f.upstream_pipeline_depth,
             pool_size: nonzero(
                 "proxy.upstream_pool_size",
                 f.upstream_pool_size,
@@ -732,7 +727,8 @@ mod tests {
         assert_eq!(c.timeouts.client, Duration::from_secs(32));
         assert_eq!(c.backlog, 4096);
         assert_eq!(c.max_connections.get(), 1024);
-        assert_eq!(c.pipeline_depth.get(), 8);
+        assert_eq!(c.pool_size.get(), DEFAULT_POOL_SIZE);
+        assert_eq!(c.ignored_pipeline_depth, None);
         assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
     }
 
@@ -783,10 +779,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("proxy.timeouts.server"), "{e}");
-        let e = proxy("[proxy]\nupstream_pipeline_depth = 0\n")
+        let e = proxy("[proxy]\nupstream_pool_size = 0\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("upstream_pipeline_depth"), "{e}");
+        assert!(e.contains("upstream_pool_size"), "{e}");
     }
 
     #[test]

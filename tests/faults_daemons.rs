@@ -17,7 +17,9 @@ mod common;
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-use common::daemons::{chain_config, recovery, statuses_between, Chain, Daemon, Probe, Ready};
+use common::daemons::{
+    chain_config, recovery, statuses_between, use_neutron_backend, Chain, Daemon, Probe, Ready,
+};
 use common::neutron::{FakeNeutron, NeutronMode};
 use metaproxy::inventory::synth::{synth_toml, SynthSpec};
 use metaproxy::inventory::Inventory;
@@ -616,32 +618,7 @@ impl NeutronChain {
         let vms = VmSpec::from_inventory(&inv, 200);
         let neutron = FakeNeutron::start(&inv, &[ROUTER]);
         let chain = chain_config(dir.path(), &inv_path, ROUTER, "");
-        let cfg = std::fs::read_to_string(&chain.config).unwrap();
-        let agent_inv = format!(
-            "socket = \"{}\"\ninventory = \"{}\"\n",
-            chain.agent_socket.display(),
-            inv_path.display()
-        );
-        assert!(cfg.contains(&agent_inv));
-        let cfg = cfg
-            .replacen(
-                &agent_inv,
-                &format!(
-                    "socket = \"{}\"\nbackend = \"neutron\"\nprefetch_network = false\ncache_ttl = \"60s\"\n",
-                    chain.agent_socket.display()
-                ),
-                1,
-            )
-            .replacen(
-                "[agent.nova]",
-                &format!(
-                    "[agent.neutron]\nurl = \"http://{}\"\nauth_strategy = \"noauth\"\ntimeout = \"{}ms\"\n[agent.nova]",
-                    neutron.addr,
-                    NEUTRON_TIMEOUT.as_millis()
-                ),
-                1,
-            );
-        std::fs::write(&chain.config, cfg).unwrap();
+        use_neutron_backend(&chain, &format!("http://{}", neutron.addr), NEUTRON_TIMEOUT);
         let _api = Daemon::start("api", &chain.config, Ready::Tcp(chain.api));
         let agent = Daemon::start(
             "agent",

@@ -299,11 +299,16 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         }
     })?;
     let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
+    if let Some(depth) = cfg.ignored_pipeline_depth {
+        log::warn(format_args!(
+            "proxy.upstream_pipeline_depth = {depth} is ignored: the agent pool now dials up to \
+             upstream_pool_size connections before it pipelines (remove the key)"
+        ));
+    }
     log::info(format_args!(
-        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pipeline depth {}, pool {} per loop, imdsv2 {:?}, rate limit {}",
+        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pool {} per loop, imdsv2 {:?}, rate limit {}",
         initial.len(),
         cfg.agent_socket.display(),
-        cfg.pipeline_depth,
         cfg.pool_size,
         cfg.imdsv2,
         if cfg.rate_limit.is_some() { "on" } else { "off" },
@@ -336,7 +341,6 @@ async fn run_loop(
     let pool = upstream::Pool::new(upstream::PoolConfig {
         socket: cfg.agent_socket.clone(),
         size: cfg.pool_size.get(),
-        depth: cfg.pipeline_depth.get(),
         connect_timeout: cfg.timeouts.connect,
         server_timeout: cfg.timeouts.server,
         limits: cfg.limits,

@@ -9,6 +9,20 @@
 //! shared connection: rejected alternative was streaming the body straight to
 //! the client, which couples every VM on a connection to the slowest reader.
 //!
+//! Choosing a connection: HTTP/1.1 answers in order, so a request pipelined
+//! behind a slow one waits for it. The real Neutron fault test found cache
+//! hits waiting up to a whole Neutron timeout behind a miss on the same
+//! connection, because the pool used to fill one connection to a fixed depth
+//! before dialling the next. Now an idle connection is used first, the pool
+//! grows to `upstream_pool_size` before anything is pipelined, and a full
+//! pool pipelines onto the least-loaded connection that is not stalled
+//! (oldest request older than [`STALLED_AFTER`]). When all are stalled (more
+//! concurrent misses than connections), the pool grows to
+//! [`OVERFLOW_FACTOR`] × size instead, and closes the surplus once they are
+//! idle and nothing is stalled. What is left: requests that arrive in the
+//! same instant as slow ones can queue behind them, and with more stalled
+//! requests than the overflow allows, everything pipelines again.
+//!
 //! Failure rules:
 //! - a connection that dies before any byte of a request's response arrived
 //!   fails that request with [`UpstreamError::Retryable`]; the caller re-sends
@@ -33,6 +47,16 @@ use crate::rt::{self, UnixConn};
 
 /// Read size for agent responses.
 const UPSTREAM_READ_BYTES: usize = 16 * 1024;
+
+/// A connection whose oldest request has waited this long is passed over
+/// for pipelining while another is not. The agent answers a cache hit in
+/// well under a millisecond; a miss waits on Neutron (tens of milliseconds
+/// when healthy, up to its timeout when not).
+const STALLED_AFTER: Duration = Duration::from_millis(20);
+
+/// While every pooled connection is stalled, the pool may hold this many
+/// times `upstream_pool_size` connections.
+const OVERFLOW_FACTOR: usize = 4;
 
 /// Why an upstream exchange failed; [`UpstreamError::status`] classifies it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +109,8 @@ type Reply = oneshot::Sender<Result<UpstreamResponse, UpstreamError>>;
 struct Pending {
     is_head: bool,
     reply: Reply,
+    /// When the request was handed to this connection.
+    since: Instant,
 }
 
 struct Queued {
@@ -104,6 +130,18 @@ struct UpConn {
 impl UpConn {
     fn load(&self) -> usize {
         self.queue.borrow().len() + self.in_flight.borrow().len()
+    }
+
+    /// Its oldest unanswered request has waited longer than [`STALLED_AFTER`]:
+    /// whatever is pipelined behind it waits too.
+    fn stalled(&self, now: Instant) -> bool {
+        let oldest = self
+            .in_flight
+            .borrow()
+            .front()
+            .map(|p| p.since)
+            .or_else(|| self.queue.borrow().front().map(|q| q.pending.since));
+        oldest.is_some_and(|t| now.saturating_duration_since(t) > STALLED_AFTER)
     }
 
     /// Mark dead, shut the socket and fail everything not yet answered.
@@ -133,8 +171,6 @@ pub struct PoolConfig {
     pub socket: PathBuf,
     /// Pooled connections.
     pub size: usize,
-    /// Target requests in flight per connection.
-    pub depth: usize,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Response timeout.
@@ -214,7 +250,11 @@ impl Pool {
         let (tx, rx) = oneshot::channel();
         conn.queue.borrow_mut().push_back(Queued {
             bytes,
-            pending: Pending { is_head, reply: tx },
+            pending: Pending {
+                is_head,
+                reply: tx,
+                since: Instant::now(),
+            },
         });
         conn.wake_writer.notify();
         let deadline = Instant::now() + p.cfg.server_timeout;
@@ -233,19 +273,48 @@ impl Pool {
         }
     }
 
-    /// The least-loaded live pooled connection, dialling a new one while the
-    /// pool (counting dials in progress) is below size and every live one is
-    /// at depth. When the pool is full the least-loaded connection takes the
-    /// request even past `depth`: depth is the point where we add connections,
-    /// size is the hard cap the agent sees.
+    /// The pooled connection for the next request: an idle one if there is
+    /// one; else a new one while the pool (counting dials in progress) is
+    /// below size; else the least-loaded connection that is not stalled.
+    /// When every connection is stalled the pool may grow to
+    /// [`OVERFLOW_FACTOR`] × size rather than queue behind them, and sheds
+    /// the surplus (idle ones) once nothing is stalled any more.
     async fn pick(&self) -> Result<Rc<UpConn>, UpstreamError> {
         let p = &self.0;
         loop {
-            p.conns.borrow_mut().retain(|c| !c.dead.get());
-            let best = p.conns.borrow().iter().min_by_key(|c| c.load()).cloned();
-            let full = p.conns.borrow().len() + p.dialing.get() >= p.cfg.size;
+            let now = Instant::now();
+            let all_stalled = {
+                let mut conns = p.conns.borrow_mut();
+                conns.retain(|c| !c.dead.get());
+                let all_stalled = !conns.is_empty() && conns.iter().all(|c| c.stalled(now));
+                let mut surplus = conns.len().saturating_sub(p.cfg.size);
+                if surplus > 0 && !conns.iter().any(|c| c.stalled(now)) {
+                    conns.retain(|c| {
+                        if surplus > 0 && c.load() == 0 {
+                            surplus -= 1;
+                            c.kill(None);
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+                all_stalled
+            };
+            let best = p
+                .conns
+                .borrow()
+                .iter()
+                .min_by_key(|c| (c.stalled(now), c.load()))
+                .cloned();
+            let cap = if all_stalled {
+                p.cfg.size * OVERFLOW_FACTOR
+            } else {
+                p.cfg.size
+            };
+            let full = p.conns.borrow().len() + p.dialing.get() >= cap;
             match best {
-                Some(c) if c.load() < p.cfg.depth || full => return Ok(c),
+                Some(c) if c.load() == 0 || full => return Ok(c),
                 _ if !full => {
                     p.dialing.set(p.dialing.get() + 1);
                     let r = self.dial(true).await;

@@ -350,3 +350,34 @@ pub fn recovery(samples: &[Sample], back: Instant) -> Option<Duration> {
         .find(|s| s.status == 200 && s.end >= back && s.start >= back - Duration::from_millis(50))
         .map(|s| s.end.saturating_duration_since(back))
 }
+
+/// Switch the agent of `chain` from its inventory to `backend = "neutron"`
+/// at `url` (noauth, `timeout`), with no prefetch, so every VM is its own
+/// lookup and a fault hits exactly the VMs asked while it lasts.
+pub fn use_neutron_backend(chain: &Chain, url: &str, timeout: Duration) {
+    let cfg = std::fs::read_to_string(&chain.config).unwrap();
+    let agent_inv = format!(
+        "socket = \"{}\"\ninventory = \"{}\"\n",
+        chain.agent_socket.display(),
+        chain.inventory.display()
+    );
+    assert!(cfg.contains(&agent_inv), "chain_config changed shape");
+    let cfg = cfg
+        .replacen(
+            &agent_inv,
+            &format!(
+                "socket = \"{}\"\nbackend = \"neutron\"\nprefetch_network = false\ncache_ttl = \"300s\"\n",
+                chain.agent_socket.display()
+            ),
+            1,
+        )
+        .replacen(
+            "[agent.nova]",
+            &format!(
+                "[agent.neutron]\nurl = \"{url}\"\nauth_strategy = \"noauth\"\ntimeout = \"{}ms\"\n[agent.nova]",
+                timeout.as_millis()
+            ),
+            1,
+        );
+    std::fs::write(&chain.config, cfg).unwrap();
+}

@@ -23,6 +23,11 @@ pub enum AgentMode {
     Chunked,
     /// Keep-alive, but waits this many milliseconds before each answer.
     Delay(u64),
+    /// Keep-alive; waits this many milliseconds before answering a target
+    /// that starts with `/slow` (a cache miss on a slow Neutron), and answers
+    /// everything else at once. One connection answers in order, so whatever
+    /// is pipelined behind a slow request waits for it, as with the agent.
+    SlowPaths(u64),
 }
 
 /// One request as the agent saw it.
@@ -185,9 +190,16 @@ fn serve_agent_conn(
         let payload = format!("{target} for {xff} body={}", body.len());
         let resp = match mode {
             AgentMode::Silent => continue,
-            AgentMode::KeepAlive | AgentMode::CloseEach | AgentMode::Delay(_) => {
-                if let AgentMode::Delay(ms) = mode {
-                    std::thread::sleep(Duration::from_millis(ms));
+            AgentMode::KeepAlive
+            | AgentMode::CloseEach
+            | AgentMode::Delay(_)
+            | AgentMode::SlowPaths(_) => {
+                match mode {
+                    AgentMode::Delay(ms) => std::thread::sleep(Duration::from_millis(ms)),
+                    AgentMode::SlowPaths(ms) if target.starts_with("/slow") => {
+                        std::thread::sleep(Duration::from_millis(ms))
+                    }
+                    _ => {}
                 }
                 let close = if mode == AgentMode::CloseEach {
                     "Connection: close\r\n"
