@@ -1,6 +1,7 @@
 //! Downstream HTTP/1.1 plumbing shared by the three servers (the proxy, the
-//! agent and the API): reading a request body within the client timeout,
-//! answering `Expect: 100-continue`, and canned rejections.
+//! agent and the API): waiting for the next request on an idle connection,
+//! reading a request body within the client timeout, answering
+//! `Expect: 100-continue`, and canned rejections.
 //!
 //! Each server keeps its own connection loop (they differ in what they do
 //! with a request), but they must agree on how a body is read and bounded;
@@ -8,11 +9,61 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::future::{select, Either};
+
 use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::rt::sync::Event;
 use crate::rt::{self, Stream};
 
 /// Bytes asked for per read while a body arrives.
 const READ_CHUNK_BYTES: usize = 4096;
+
+/// How waiting for the next request on an idle connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Its first bytes are in the buffer.
+    Request,
+    /// EOF.
+    PeerClosed,
+    /// The read failed.
+    IoError,
+    /// Nothing arrived before the deadline.
+    Timeout,
+    /// `stop` was set (drain, shutdown, namespace removed).
+    Stopping,
+}
+
+/// Wait until the first bytes of the next request are in `buf` (empty on
+/// entry), until `deadline`, or until `stop` is set. The wait holds no
+/// buffer ([`rt::Stream::read_idle`]): this future is most of what an idle
+/// keep-alive connection costs, so it holds only the read and the stop wait.
+pub async fn wait_for_request<S: Stream>(
+    conn: &S,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    stop: &Event,
+) -> Idle {
+    debug_assert!(buf.is_empty());
+    let read = rt::with_deadline(
+        deadline,
+        conn.read_idle(std::mem::take(buf), READ_CHUNK_BYTES),
+    );
+    let stop = stop.wait();
+    futures_util::pin_mut!(read, stop);
+    match select(read, stop).await {
+        Either::Left((Ok((Ok(n), b)), _)) => {
+            *buf = b;
+            if n == 0 {
+                Idle::PeerClosed
+            } else {
+                Idle::Request
+            }
+        }
+        Either::Left((Ok((Err(_), _)), _)) => Idle::IoError,
+        Either::Left((Err(rt::Elapsed), _)) => Idle::Timeout,
+        Either::Right(_) => Idle::Stopping,
+    }
+}
 
 /// Why a body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -638,20 +638,11 @@ async fn read_requests(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
             q.room.notified().await;
         }
         if buf.is_empty() {
-            let read = rt::with_deadline(
-                Instant::now() + IDLE_TIMEOUT,
-                conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
-            );
-            let stop = ctx.stopping.wait();
-            futures_util::pin_mut!(read, stop);
-            match select(read, stop).await {
-                Either::Left((Ok((Ok(n), b)), _)) => {
-                    buf = b;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                Either::Left(_) | Either::Right(_) => break,
+            let deadline = Instant::now() + IDLE_TIMEOUT;
+            if serve::wait_for_request(&*conn, &mut buf, deadline, &ctx.stopping).await
+                != serve::Idle::Request
+            {
+                break;
             }
         }
         let head_deadline = Instant::now() + HEAD_TIMEOUT;

@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::{select, Either};
 use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
@@ -45,7 +44,7 @@ use crate::inventory::{Inventory, InventoryError};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
-use crate::serve::{self, BodyError};
+use crate::serve::{self, BodyError, Idle};
 
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -402,22 +401,12 @@ async fn serve_inner(ctx: &LoopCtx, conn: &TcpConn, peer: IpAddr, accepted: Inst
             } else {
                 Instant::now() + t.keep_alive
             };
-            let read = rt::with_deadline(
-                idle_deadline,
-                conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
-            );
-            let stop = ctx.stopping.wait();
-            futures_util::pin_mut!(read, stop);
-            match select(read, stop).await {
-                Either::Left((Ok((Ok(n), b)), _)) => {
-                    buf = b;
-                    if n == 0 {
-                        return End::PeerClosed;
-                    }
-                }
-                Either::Left((Ok((Err(_), _)), _)) => return End::IoError,
-                Either::Left((Err(rt::Elapsed), _)) => return End::Timeout,
-                Either::Right(_) => return End::Stopping,
+            match serve::wait_for_request(conn, &mut buf, idle_deadline, &ctx.stopping).await {
+                Idle::Request => {}
+                Idle::PeerClosed => return End::PeerClosed,
+                Idle::IoError => return End::IoError,
+                Idle::Timeout => return End::Timeout,
+                Idle::Stopping => return End::Stopping,
             }
         }
         let head_deadline = if first {

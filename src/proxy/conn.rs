@@ -15,14 +15,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use futures_util::future::{select, Either};
-
 use crate::http::{self, RequestHead};
 use crate::log;
 use crate::proxy::imdsv2::{self, Verdict};
 use crate::proxy::{LoopCtx, NsRuntime};
 use crate::rt::{self, TcpConn};
-use crate::serve::{self, BodyError};
+use crate::serve::{self, BodyError, Idle};
 
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -88,22 +86,12 @@ async fn serve_inner(
             } else {
                 Instant::now() + t.keep_alive
             };
-            let read = rt::with_deadline(
-                idle_deadline,
-                conn.read_idle(std::mem::take(&mut buf), READ_CHUNK_BYTES),
-            );
-            let stop = ns.closing.wait();
-            futures_util::pin_mut!(read, stop);
-            match select(read, stop).await {
-                Either::Left((Ok((Ok(n), b)), _)) => {
-                    buf = b;
-                    if n == 0 {
-                        return End::PeerClosed;
-                    }
-                }
-                Either::Left((Ok((Err(_), _)), _)) => return End::IoError,
-                Either::Left((Err(rt::Elapsed), _)) => return End::Timeout,
-                Either::Right(_) => return End::Stopping,
+            match serve::wait_for_request(conn, &mut buf, idle_deadline, &ns.closing).await {
+                Idle::Request => {}
+                Idle::PeerClosed => return End::PeerClosed,
+                Idle::IoError => return End::IoError,
+                Idle::Timeout => return End::Timeout,
+                Idle::Stopping => return End::Stopping,
             }
         }
         // The head must be complete within `http_request` of its first byte

@@ -220,6 +220,12 @@ stream_impl!(UnixConn, compio::net::UnixStream);
 /// What server code needs from a connection, whatever its family (the proxy
 /// and the API serve TCP, the agent a Unix socket).
 pub trait Stream {
+    /// See [`TcpConn::read_idle`].
+    fn read_idle(
+        &self,
+        buf: Vec<u8>,
+        fallback_spare: usize,
+    ) -> impl std::future::Future<Output = (io::Result<usize>, Vec<u8>)>;
     /// See [`TcpConn::read_append`].
     fn read_append(
         &self,
@@ -236,6 +242,13 @@ pub trait Stream {
 macro_rules! stream_trait {
     ($name:ident) => {
         impl Stream for $name {
+            fn read_idle(
+                &self,
+                buf: Vec<u8>,
+                fallback_spare: usize,
+            ) -> impl std::future::Future<Output = (io::Result<usize>, Vec<u8>)> {
+                $name::read_idle(self, buf, fallback_spare)
+            }
             fn read_append(
                 &self,
                 buf: Vec<u8>,
