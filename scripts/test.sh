@@ -46,6 +46,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
+step "cargo doc (broken intra-doc links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+
 step "cargo test (unit, integration, namespace and doc tests)"
 if [ "$(id -u)" -ne 0 ]; then
   echo "WARNING: not root: network-namespace tests will print SKIPPED" >&2

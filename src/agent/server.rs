@@ -639,8 +639,7 @@ async fn read_requests(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
         }
         if buf.is_empty() {
             let deadline = Instant::now() + IDLE_TIMEOUT;
-            if serve::wait_for_request(&*conn, &mut buf, deadline, &ctx.stopping).await
-                != serve::Idle::Request
+            if serve::wait_for_request!(&*conn, buf, deadline, ctx.stopping) != serve::Idle::Request
             {
                 break;
             }

@@ -1,4 +1,4 @@
-//! HTTPS for the agent's clients (Neutron, Keystone): rustls over [`rt::TcpConn`].
+//! HTTPS for the agent's clients (Neutron, Keystone): rustls over [`crate::rt::TcpConn`].
 //!
 //! rustls is IO-free: it takes ciphertext in (`read_tls`) and hands
 //! ciphertext out (`write_tls`), so a TLS stream is a [`TcpConn`] plus a

@@ -5,7 +5,7 @@
 //! loop runs its own accept on a `dup` of it, and a connection is an idle loop
 //! that owns no buffer between requests plus a boxed per-request future. A
 //! request is read (head, then the body: Content-Length, or chunked decoded
-//! with [`ChunkedScanner::decode`]), handed to the pure handler and answered;
+//! with [`http::ChunkedScanner::decode`]), handed to the pure handler and answered;
 //! pipelined requests are answered in order because they are taken one after
 //! another from the same buffer. A bad request gets [`http::canned`] and the
 //! connection is closed, since the stream position can no longer be trusted.
@@ -401,7 +401,7 @@ async fn serve_inner(ctx: &LoopCtx, conn: &TcpConn, peer: IpAddr, accepted: Inst
             } else {
                 Instant::now() + t.keep_alive
             };
-            match serve::wait_for_request(conn, &mut buf, idle_deadline, &ctx.stopping).await {
+            match serve::wait_for_request!(conn, buf, idle_deadline, ctx.stopping) {
                 Idle::Request => {}
                 Idle::PeerClosed => return End::PeerClosed,
                 Idle::IoError => return End::IoError,

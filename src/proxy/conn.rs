@@ -86,7 +86,7 @@ async fn serve_inner(
             } else {
                 Instant::now() + t.keep_alive
             };
-            match serve::wait_for_request(conn, &mut buf, idle_deadline, &ns.closing).await {
+            match serve::wait_for_request!(conn, buf, idle_deadline, ns.closing) {
                 Idle::Request => {}
                 Idle::PeerClosed => return End::PeerClosed,
                 Idle::IoError => return End::IoError,

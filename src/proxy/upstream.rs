@@ -16,9 +16,9 @@
 //! before dialling the next. Now an idle connection is used first, the pool
 //! grows to `upstream_pool_size` before anything is pipelined, and a full
 //! pool pipelines onto the least-loaded connection that is not stalled
-//! (oldest request older than [`STALLED_AFTER`]). When all are stalled (more
+//! (oldest request older than 20 ms, `STALLED_AFTER`). When all are stalled (more
 //! concurrent misses than connections), the pool grows to
-//! [`OVERFLOW_FACTOR`] × size instead, and closes the surplus once they are
+//! 4 × size instead (`OVERFLOW_FACTOR`), and closes the surplus once they are
 //! idle and nothing is stalled. What is left: requests that arrive in the
 //! same instant as slow ones can queue behind them, and with more stalled
 //! requests than the overflow allows, everything pipelines again.
