@@ -241,8 +241,10 @@ pub struct DiscoverFile {
     pub enabled: Option<bool>,
     /// Router namespace prefix (default `qrouter-`).
     pub router_prefix: Option<String>,
-    /// Network namespace prefixes (default `qdhcp-`, `ovnmeta-`).
+    /// Network namespace prefixes stamped `X-Neutron-Network-ID` (default `qdhcp-`).
     pub network_prefixes: Option<Vec<String>>,
+    /// OVN metadata namespace prefixes stamped `X-OVN-Network-ID` (default `ovnmeta-`).
+    pub ovn_prefixes: Option<Vec<String>>,
     /// Router listeners (default `[::]:9697`, falling back to `0.0.0.0:9697`).
     pub router_listen: Option<OneOrMany>,
     /// Network listeners (default `169.254.169.254:80`).
@@ -287,8 +289,11 @@ pub struct NamespaceFile {
     pub netns: Option<String>,
     /// Router UUID (qrouter namespaces).
     pub router_id: Option<String>,
-    /// Network UUID (qdhcp / ovnmeta namespaces).
+    /// Network UUID (qdhcp namespaces): stamped as `X-Neutron-Network-ID`.
     pub network_id: Option<String>,
+    /// Network UUID (ovnmeta namespaces): stamped as `X-OVN-Network-ID`, the
+    /// header the OVN metadata agent reads.
+    pub ovn_network_id: Option<String>,
     /// Addresses to listen on.
     pub listen: OneOrMany,
 }
@@ -300,6 +305,8 @@ pub enum NsIdentity {
     Router(String),
     /// `X-Neutron-Network-ID`
     Network(String),
+    /// `X-OVN-Network-ID` (what OVN's haproxy adds for the OVN metadata agent)
+    OvnNetwork(String),
 }
 
 impl NsIdentity {
@@ -308,13 +315,18 @@ impl NsIdentity {
         match self {
             NsIdentity::Router(_) => "X-Neutron-Router-ID",
             NsIdentity::Network(_) => "X-Neutron-Network-ID",
+            NsIdentity::OvnNetwork(_) => "X-OVN-Network-ID",
         }
     }
     /// The id value.
     pub fn id(&self) -> &str {
         match self {
-            NsIdentity::Router(id) | NsIdentity::Network(id) => id,
+            NsIdentity::Router(id) | NsIdentity::Network(id) | NsIdentity::OvnNetwork(id) => id,
         }
+    }
+    /// A network namespace (qdhcp or ovnmeta): listens on 169.254.169.254.
+    pub fn is_network(&self) -> bool {
+        matches!(self, NsIdentity::Network(_) | NsIdentity::OvnNetwork(_))
     }
 }
 
@@ -580,17 +592,28 @@ fn discover_config(
     let network_prefixes = f
         .network_prefixes
         .clone()
-        .unwrap_or_else(|| vec!["qdhcp-".into(), "ovnmeta-".into()]);
-    if router_prefix.is_empty() || network_prefixes.iter().any(String::is_empty) {
-        return Err(invalid(
+        .unwrap_or_else(|| vec!["qdhcp-".into()]);
+    let ovn_prefixes = f
+        .ovn_prefixes
+        .clone()
+        .unwrap_or_else(|| vec!["ovnmeta-".into()]);
+    for (key, list) in [
+        (
             "proxy.discover.router_prefix",
-            "prefixes must not be empty",
-        ));
+            std::slice::from_ref(&router_prefix),
+        ),
+        ("proxy.discover.network_prefixes", &network_prefixes[..]),
+        ("proxy.discover.ovn_prefixes", &ovn_prefixes[..]),
+    ] {
+        if list.iter().any(String::is_empty) {
+            return Err(invalid(key, "prefixes must not be empty"));
+        }
     }
     Ok(Some(crate::proxy::discover::DiscoverConfig {
         dir: netns_dir.to_path_buf(),
         router_prefix,
         network_prefixes,
+        ovn_prefixes,
         router_listen: addr_list(
             "proxy.discover.router_listen",
             &f.router_listen,
@@ -644,21 +667,29 @@ fn namespace_config(
     netns_dir: &Path,
 ) -> Result<NamespaceConfig, ConfigError> {
     let key = |k: &str| format!("proxy.namespace[{i}].{k}");
-    let identity = match (&ns.router_id, &ns.network_id) {
-        (Some(r), None) if is_uuid(r) => NsIdentity::Router(r.to_ascii_lowercase()),
-        (None, Some(n)) if is_uuid(n) => NsIdentity::Network(n.to_ascii_lowercase()),
-        (Some(r), None) => return Err(invalid(key("router_id"), format!("{r:?} is not a UUID"))),
-        (None, Some(n)) => return Err(invalid(key("network_id"), format!("{n:?} is not a UUID"))),
-        (Some(_), Some(_)) => {
+    let given: Vec<(&str, &String)> = [
+        ("router_id", &ns.router_id),
+        ("network_id", &ns.network_id),
+        ("ovn_network_id", &ns.ovn_network_id),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    .collect();
+    let identity = match given[..] {
+        [(k, v)] if !is_uuid(v) => return Err(invalid(key(k), format!("{v:?} is not a UUID"))),
+        [("router_id", v)] => NsIdentity::Router(v.to_ascii_lowercase()),
+        [("network_id", v)] => NsIdentity::Network(v.to_ascii_lowercase()),
+        [(_, v)] => NsIdentity::OvnNetwork(v.to_ascii_lowercase()),
+        [] => {
             return Err(invalid(
                 key("router_id"),
-                "set exactly one of router_id and network_id, not both",
+                "set exactly one of router_id, network_id and ovn_network_id",
             ))
         }
-        (None, None) => {
+        [(k, _), ..] => {
             return Err(invalid(
-                key("router_id"),
-                "set exactly one of router_id and network_id",
+                key(k),
+                "set exactly one of router_id, network_id and ovn_network_id, not several",
             ))
         }
     };
@@ -746,9 +777,23 @@ mod tests {
             ok.namespaces[0].identity,
             NsIdentity::Router("6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b".into())
         );
+        let ovn = proxy(
+            "[[proxy.namespace]]\novn_network_id = \"6E1F3B0C-9D6A-4F0E-8B7A-2C1D0E9F8A7B\"\nlisten = \"169.254.169.254:80\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ovn.namespaces[0].identity,
+            NsIdentity::OvnNetwork("6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b".into())
+        );
+        assert_eq!(ovn.namespaces[0].identity.header_name(), "X-OVN-Network-ID");
         let cases = [
             ("router_id = \"nope\"\nlisten = \"0.0.0.0:1\"", "proxy.namespace[0].router_id"),
             ("network_id = \"nope\"\nlisten = \"0.0.0.0:1\"", "proxy.namespace[0].network_id"),
+            ("ovn_network_id = \"nope\"\nlisten = \"0.0.0.0:1\"", "proxy.namespace[0].ovn_network_id"),
+            (
+                "network_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\novn_network_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\nlisten = \"0.0.0.0:1\"",
+                "proxy.namespace[0].network_id",
+            ),
             ("listen = \"0.0.0.0:1\"", "proxy.namespace[0].router_id"),
             (
                 "router_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\nnetwork_id = \"6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b\"\nlisten = \"0.0.0.0:1\"",

@@ -341,7 +341,7 @@ fn namespace_deleted_mid_request_leaves_the_others_alone() {
     };
     let discover = format!(
         "netns_dir = \"/run/netns\"\n[proxy.discover]\nenabled = true\n\
-         router_prefix = \"{tag}r-\"\nnetwork_prefixes = [\"{tag}d-\"]\n\
+         router_prefix = \"{tag}r-\"\nnetwork_prefixes = [\"{tag}d-\"]\novn_prefixes = []\n\
          router_listen = \"0.0.0.0:{PORT}\"\n"
     );
     let chain = chain_config(dir.path(), &inv_path, routers[0], &discover);

@@ -52,6 +52,7 @@ agent_socket = "{}"
 enabled = true
 router_prefix = "{tag}r-"
 network_prefixes = ["{tag}d-"]
+ovn_prefixes = ["{tag}o-"]
 router_listen = "0.0.0.0:9697"
 [proxy.timeouts]
 keep_alive = "2s"
@@ -154,11 +155,51 @@ fn router_and_network_namespaces_appear_and_disappear() {
     let last = agent.seen().last().cloned().unwrap();
     assert_eq!(last.all("X-Neutron-Network-ID"), vec![nid.clone()]);
 
+    // An OVN metadata namespace: stamped X-OVN-Network-ID (what the OVN
+    // metadata agent reads), whatever the VM sent.
+    let oid = uuid(3);
+    let oname = format!("{tag}o-{oid}");
+    let _c2 = Cleanup(vec![oname.clone()]);
+    ip(&["netns", "add", &oname]);
+    ip(&["-n", &oname, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n",
+        &oname,
+        "addr",
+        "add",
+        "169.254.169.254/32",
+        "dev",
+        "lo",
+    ]);
+    wait_until("OVN namespace served", Duration::from_secs(1), || {
+        served(&h, &oname)
+    });
+    let out = Command::new("ip")
+        .args(["netns", "exec", &oname, "curl", "-sS", "--max-time", "5"])
+        .args([
+            "-H",
+            "X-OVN-Network-ID: 00000000-0000-4000-8000-000000000666",
+        ])
+        .args([
+            "-H",
+            "X-Neutron-Network-ID: 00000000-0000-4000-8000-000000000666",
+        ])
+        .arg("http://169.254.169.254/openstack")
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.starts_with("/openstack for 169.254.169.254"), "{body}");
+    let last = agent.seen().last().cloned().unwrap();
+    assert_eq!(last.all("X-OVN-Network-ID"), vec![oid.clone()]);
+    assert!(last.all("X-Neutron-Network-ID").is_empty(), "{last:?}");
+    assert!(last.all("X-Neutron-Router-ID").is_empty(), "{last:?}");
+
     // Deletion closes them.
     ip(&["netns", "del", &rname]);
     ip(&["netns", "del", &nname]);
+    ip(&["netns", "del", &oname]);
     wait_until("namespaces removed", Duration::from_secs(1), || {
-        !served(&h, &rname) && !served(&h, &nname)
+        !served(&h, &rname) && !served(&h, &nname) && !served(&h, &oname)
     });
     h.stop().unwrap();
 }

@@ -41,8 +41,10 @@ pub struct DiscoverConfig {
     pub dir: PathBuf,
     /// Router namespace prefix (`qrouter-`).
     pub router_prefix: String,
-    /// Network namespace prefixes (`qdhcp-`, `ovnmeta-`).
+    /// Network namespace prefixes (`qdhcp-`): `X-Neutron-Network-ID`.
     pub network_prefixes: Vec<String>,
+    /// OVN metadata namespace prefixes (`ovnmeta-`): `X-OVN-Network-ID`.
+    pub ovn_prefixes: Vec<String>,
     /// Router listeners; an IPv6 wildcard falls back to `0.0.0.0` when the
     /// namespace has IPv6 disabled.
     pub router_listen: Vec<SocketAddr>,
@@ -63,13 +65,18 @@ impl DiscoverConfig {
                 )
             });
         }
-        for p in &self.network_prefixes {
+        let networks = self.network_prefixes.iter().map(|p| (p, false));
+        let ovn = self.ovn_prefixes.iter().map(|p| (p, true));
+        for (p, is_ovn) in networks.chain(ovn) {
             if let Some(id) = name.strip_prefix(p.as_str()) {
                 return is_uuid(id).then(|| {
-                    (
-                        NsIdentity::Network(id.to_ascii_lowercase()),
-                        self.network_listen.clone(),
-                    )
+                    let id = id.to_ascii_lowercase();
+                    let identity = if is_ovn {
+                        NsIdentity::OvnNetwork(id)
+                    } else {
+                        NsIdentity::Network(id)
+                    };
+                    (identity, self.network_listen.clone())
                 });
             }
         }
@@ -110,10 +117,11 @@ pub fn start(cfg: DiscoverConfig, control: Arc<ControlPlane>) -> io::Result<Watc
     )
     .map_err(io::Error::from)?;
     log::info(format_args!(
-        "discovery: watching {} for {}*, {}*",
+        "discovery: watching {} for {}* (router id), {}* (network id), {}* (OVN network id)",
         cfg.dir.display(),
         cfg.router_prefix,
-        cfg.network_prefixes.join("*, ")
+        cfg.network_prefixes.join("*, "),
+        cfg.ovn_prefixes.join("*, ")
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
@@ -307,7 +315,7 @@ fn try_serve(cfg: &DiscoverConfig, control: &ControlPlane, name: &str) -> io::Re
         ));
     }
     let mut want_v6 = false;
-    if matches!(identity, NsIdentity::Network(_)) {
+    if identity.is_network() {
         if let Some(port) = cfg.network_v6_port {
             match v6_metadata_ifindex(&path) {
                 Some(ifindex) => listen.push(SocketAddr::V6(SocketAddrV6::new(
@@ -383,7 +391,8 @@ mod tests {
         DiscoverConfig {
             dir: PathBuf::from("/run/netns"),
             router_prefix: "qrouter-".into(),
-            network_prefixes: vec!["qdhcp-".into(), "ovnmeta-".into()],
+            network_prefixes: vec!["qdhcp-".into()],
+            ovn_prefixes: vec!["ovnmeta-".into()],
             router_listen: vec!["[::]:9697".parse().unwrap()],
             network_listen: vec!["169.254.169.254:80".parse().unwrap()],
             network_v6_port: Some(80),
@@ -404,7 +413,7 @@ mod tests {
         );
         assert_eq!(
             c.classify(&format!("ovnmeta-{u}")).unwrap().0,
-            NsIdentity::Network(u.into())
+            NsIdentity::OvnNetwork(u.into())
         );
         assert!(c.classify("qrouter-not-a-uuid").is_none());
         assert!(c.classify(&format!("snat-{u}")).is_none());
