@@ -209,6 +209,8 @@ pub struct ProxyFile {
     pub upstream_pool_size: Option<usize>,
     /// SIGTERM drain bound.
     pub drain_timeout: Option<DurationFile>,
+    /// One line per request (haproxy's `option httplog`); off by default.
+    pub access_log: Option<bool>,
     /// Directory of named namespaces.
     pub netns_dir: Option<PathBuf>,
     /// Timeouts.
@@ -387,6 +389,8 @@ pub struct ProxyConfig {
     pub pool_size: NonZeroUsize,
     /// SIGTERM drain bound.
     pub drain_timeout: Duration,
+    /// One line per request.
+    pub access_log: bool,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Request limits.
@@ -550,6 +554,7 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 &f.drain_timeout,
                 DEFAULT_DRAIN_TIMEOUT,
             )?,
+            access_log: f.access_log.unwrap_or(false),
             timeouts,
             limits,
             max_response_bytes: l.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),

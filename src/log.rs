@@ -2,7 +2,8 @@
 //!
 //! A tiny leveled logger instead of a framework: the daemon logs start,
 //! listeners up and down, upstream errors and reloads, never one line per
-//! request at the default level, and never a secret.
+//! request at the default level, and never a secret. Per-request lines come
+//! only from [`access`], when a daemon's `access_log` is on.
 
 use std::fmt::Arguments;
 use std::io::Write;
@@ -47,6 +48,14 @@ pub fn log(l: Level, args: Arguments<'_>) {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("main");
     let _ = writeln!(std::io::stderr().lock(), "metaproxy {tag} [{name}] {args}");
+}
+
+/// Write one access-log line, whatever the level: `access_log = true` in a
+/// daemon's section asks for them explicitly.
+pub fn access(args: Arguments<'_>) {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("main");
+    let _ = writeln!(std::io::stderr().lock(), "metaproxy ACCESS [{name}] {args}");
 }
 
 /// Log at error level.

@@ -144,6 +144,8 @@ pub struct AgentFile {
     pub prefetch_max_ports: Option<usize>,
     /// `host:port` for the Prometheus endpoint (off when absent).
     pub metrics_listen: Option<String>,
+    /// One line per request: client, scope, the instance it resolved to.
+    pub access_log: Option<bool>,
     /// `[agent.nova]`
     #[serde(default)]
     pub nova: NovaFile,
@@ -431,6 +433,8 @@ pub struct AgentConfig {
     pub pool_size: NonZeroUsize,
     /// Prometheus endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// One line per request.
+    pub access_log: bool,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -453,6 +457,7 @@ impl fmt::Debug for AgentConfig {
             .field("workers", &self.workers)
             .field("pool_size", &self.pool_size)
             .field("metrics_listen", &self.metrics_listen)
+            .field("access_log", &self.access_log)
             .finish()
     }
 }
@@ -658,6 +663,7 @@ impl TryFrom<&AgentFile> for AgentConfig {
                         })?,
                 ),
             },
+            access_log: f.access_log.unwrap_or(false),
         })
     }
 }

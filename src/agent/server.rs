@@ -771,7 +771,8 @@ async fn next_request(
             _ => &request[head.head_len..],
         };
         let mut out = c.take_buf();
-        answer(&c, &request, &head, body, !keep, &mut out).await;
+        let started = Instant::now();
+        let trace = answer(&c, &request, &head, body, !keep, &mut out).await;
         // "HTTP/1.1 NNN …": every answer starts with a status line we wrote.
         let status = out
             .get(9..12)
@@ -779,9 +780,21 @@ async fn next_request(
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         c.m.response(status);
+        if c.cfg.access_log {
+            access(&request, &head, &trace, status, started);
+        }
         let _ = tx.send(out);
     });
     Ok((Slot::Pending(rx), !keep))
+}
+
+/// What the access log says about one answer: who asked through what, and
+/// which instance that resolved to (`None`: not found, or never resolved).
+#[derive(Default)]
+struct Trace {
+    id: Option<Identity>,
+    resolved: Option<Rc<Resolved>>,
+    cached: bool,
 }
 
 /// Build the whole response to one parsed request into `out`.
@@ -792,7 +805,7 @@ async fn answer(
     body: &[u8],
     close: bool,
     out: &mut Vec<u8>,
-) {
+) -> Trace {
     let c = &*ctx.m;
     let id = match identity::parse_identity(|name| {
         head.headers
@@ -806,12 +819,18 @@ async fn answer(
             inc(&c.bad_requests);
             log::debug(format_args!("400: {e}"));
             page(400, &e.message(), close, out);
-            return;
+            return Trace::default();
         }
     };
     let (mut resolved, mut cached) = match ctx.resolve(&id, false).await {
         Ok(r) => r,
-        Err(e) => return backend_failed(ctx, &id, &e, close, out),
+        Err(e) => {
+            backend_failed(ctx, &id, &e, close, out);
+            return Trace {
+                id: Some(id),
+                ..Trace::default()
+            };
+        }
     };
     let mut retried = false;
     let token = head.header(buf, HEADER_TOKEN);
@@ -824,7 +843,11 @@ async fn answer(
                 Scope::Router(r) => format!("Instance was not found on router {r}."),
             };
             page(404, &msg, close, out);
-            return;
+            return Trace {
+                id: Some(id),
+                resolved: None,
+                cached,
+            };
         };
         let mut req = ctx.take_buf();
         api_request(
@@ -852,7 +875,13 @@ async fn answer(
                     .invalidate(&(id.scope.clone(), id.key.clone()));
                 (resolved, cached) = match ctx.resolve(&id, true).await {
                     Ok(r) => r,
-                    Err(e) => return backend_failed(ctx, &id, &e, close, out),
+                    Err(e) => {
+                        backend_failed(ctx, &id, &e, close, out);
+                        return Trace {
+                            id: Some(id),
+                            ..Trace::default()
+                        };
+                    }
                 };
             }
             Ok(resp) => {
@@ -869,7 +898,7 @@ async fn answer(
                     ));
                     page(500, MSG_UNKNOWN, close, out);
                 }
-                return;
+                break;
             }
             Err(e) => {
                 inc(&c.api_errors);
@@ -880,10 +909,48 @@ async fn answer(
                     ForwardError::Broken(_) => MSG_BROKEN,
                 };
                 page(e.status(), msg, close, out);
-                return;
+                break;
             }
         }
     }
+    Trace {
+        id: Some(id),
+        resolved,
+        cached,
+    }
+}
+
+/// One access-log line: the guest (`X-Forwarded-For`), the router or
+/// network it came through, the instance and project it resolved to (`-`
+/// when none) and whether from the cache, then the request line, status and
+/// time. Never a header value: the signature and tokens travel in headers.
+fn access(buf: &[u8], head: &RequestHead, trace: &Trace, status: u16, started: Instant) {
+    let t = head.target.get(buf);
+    let target = http::loggable_target(t);
+    let (client, scope) = match &trace.id {
+        Some(id) => (
+            id.xff.escape_default().to_string(),
+            match &id.scope {
+                Scope::Router(r) => format!("router {r}"),
+                Scope::Network(n) => format!("network {n}"),
+            },
+        ),
+        None => ("-".to_string(), "-".to_string()),
+    };
+    let instance = match &trace.resolved {
+        Some(r) => format!(
+            "instance {} project {} ({})",
+            r.instance,
+            r.project,
+            if trace.cached { "cached" } else { "looked up" }
+        ),
+        None => "no instance".to_string(),
+    };
+    log::access(format_args!(
+        "{client} via {scope} -> {instance} \"{} {target}\" {status} {:.1}ms",
+        head.method.as_str(),
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
 }
 
 /// Neutron (or Keystone) failed: 503.

@@ -73,6 +73,8 @@ pub struct ApiFile {
     pub backlog: Option<i32>,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Option<DurationFile>,
+    /// One line per request (off by default).
+    pub access_log: Option<bool>,
     /// `[api.timeouts]`
     #[serde(default)]
     pub timeouts: ApiTimeoutsFile,
@@ -94,6 +96,7 @@ impl std::fmt::Debug for ApiFile {
             .field("workers", &self.workers)
             .field("backlog", &self.backlog)
             .field("drain_timeout", &self.drain_timeout)
+            .field("access_log", &self.access_log)
             .field("timeouts", &self.timeouts)
             .finish()
     }
@@ -158,6 +161,8 @@ pub struct ApiConfig {
     pub timeouts: ApiTimeouts,
     /// Request size limits.
     pub limits: Limits,
+    /// One line per request.
+    pub access_log: bool,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -180,6 +185,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("timeouts", &self.timeouts)
             .field("limits", &self.limits)
+            .field("access_log", &self.access_log)
             .finish()
     }
 }
@@ -342,6 +348,7 @@ impl TryFrom<&ApiFile> for ApiConfig {
             drain_timeout: dur("api.drain_timeout", &f.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
             timeouts,
             limits: Limits::default(),
+            access_log: f.access_log.unwrap_or(false),
         })
     }
 }

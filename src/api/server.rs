@@ -484,7 +484,11 @@ async fn handle_request(
         body,
         peer,
     };
+    let started = Instant::now();
     let resp = ctx.api.handle(&req);
+    if cfg.access_log {
+        access(&req, &resp, started);
+    }
     drop(headers);
 
     // 4. The answer.
@@ -502,6 +506,28 @@ async fn handle_request(
     // Keep any pipelined bytes that followed this request.
     buf.drain(..body_end);
     Ok(())
+}
+
+/// One access-log line: the client, the instance it asked as (the agent's
+/// `X-Instance-ID`, `-` for a direct guest), the request line, status, body
+/// bytes and handler time. The signature and every other header stay out.
+fn access(req: &ApiRequest<'_>, resp: &ApiResponse, started: Instant) {
+    let t = req.target;
+    let target = http::loggable_target(t);
+    let instance = req
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(b"x-instance-id"))
+        .map(|(_, v)| String::from_utf8_lossy(v).escape_default().to_string())
+        .unwrap_or_else(|| "-".into());
+    log::access(format_args!(
+        "{} as {instance} \"{} {target}\" {} {} {:.1}ms",
+        req.peer,
+        req.method,
+        resp.status,
+        resp.body.len(),
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
 }
 
 /// Serialise a handler response. `HEAD` gets the real `Content-Length` and no body.

@@ -40,6 +40,21 @@ pub const DEFAULT_MAX_HEADERS: usize = 64;
 /// Largest request body (Content-Length or decoded chunked payload), in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024;
 
+/// Longest request target an access-log line carries.
+pub const LOG_TARGET_MAX: usize = 256;
+
+/// A request target as an access log writes it: escaped (a target cannot
+/// forge a log line or carry terminal escapes) and cut at [`LOG_TARGET_MAX`]
+/// bytes, with `...` when cut.
+pub fn loggable_target(target: &[u8]) -> String {
+    let cut = &target[..target.len().min(LOG_TARGET_MAX)];
+    let mut out: String = cut.escape_ascii().to_string();
+    if target.len() > cut.len() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// Header slots kept on the stack while parsing; above this `Limits::max_headers` falls back to a
 /// heap-allocated slot array (only reachable with a non-default, very large limit).
 const STACK_HEADER_SLOTS: usize = 128;
@@ -352,6 +367,20 @@ pub(crate) fn spans_of(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loggable_targets_are_escaped_and_bounded() {
+        use super::loggable_target;
+        assert_eq!(
+            loggable_target(b"/openstack/latest/meta_data.json"),
+            "/openstack/latest/meta_data.json"
+        );
+        assert_eq!(loggable_target(b"/a\"b\x1b[31m\n"), "/a\\\"b\\x1b[31m\\n");
+        let long = vec![b'a'; 1000];
+        let out = loggable_target(&long);
+        assert_eq!(out.len(), super::LOG_TARGET_MAX + 3);
+        assert!(out.ends_with("..."));
+    }
+
     use super::*;
 
     #[test]

@@ -123,12 +123,21 @@ async fn handle_request(
     head_deadline: Instant,
 ) -> Result<(), End> {
     let cfg = &ctx.cfg;
+    let started = Instant::now();
+    let log = |req: Option<&RequestHead>, buf: &[u8], status: u16, bytes: usize| {
+        if cfg.access_log {
+            access(ns, peer, req.map(|h| (buf, h)), status, bytes, started);
+        }
+    };
     // 1. Complete the head.
     let head = loop {
         match http::parse_request(buf, &cfg.limits) {
             Ok(Some(h)) => break h,
             Ok(None) => {}
-            Err(e) => return Err(reject(ctx, conn, e.status()).await),
+            Err(e) => {
+                log(None, buf, e.status(), 0);
+                return Err(reject(ctx, conn, e.status()).await);
+            }
         }
         let taken = std::mem::take(buf);
         let (res, b) =
@@ -139,6 +148,7 @@ async fn handle_request(
                     ns.counters
                         .http_request_timeouts
                         .set(ns.counters.http_request_timeouts.get() + 1);
+                    log(None, &[], 408, 0);
                     return Err(reject(ctx, conn, 408).await);
                 }
             };
@@ -156,6 +166,7 @@ async fn handle_request(
             ns.counters
                 .rate_limited
                 .set(ns.counters.rate_limited.get() + 1);
+            log(Some(&head), buf, 429, 0);
             return Err(reject(ctx, conn, 429).await);
         }
     }
@@ -173,7 +184,10 @@ async fn handle_request(
     .await
     {
         Ok(end) => end,
-        Err(BodyError::Status(s)) => return Err(reject(ctx, conn, s).await),
+        Err(BodyError::Status(s)) => {
+            log(Some(&head), buf, s, 0);
+            return Err(reject(ctx, conn, s).await);
+        }
         Err(BodyError::Gone) => return Err(End::PeerClosed),
     };
 
@@ -184,6 +198,7 @@ async fn handle_request(
             ns.counters
                 .token_rejected
                 .set(ns.counters.token_rejected.get() + 1);
+            log(Some(&head), buf, status, 0);
             return Err(reject(ctx, conn, status).await);
         }
         Verdict::Issue { token, ttl } => {
@@ -213,6 +228,7 @@ async fn handle_request(
             if head.method != http::Method::Head {
                 w.extend_from_slice(token.as_bytes());
             }
+            log(Some(&head), buf, 200, token.len());
             return finish(ctx, conn, buf, body_end, w, keep).await;
         }
     }
@@ -230,6 +246,7 @@ async fn handle_request(
                 .upstream_errors
                 .set(ns.counters.upstream_errors.get() + 1);
             log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
+            log(Some(&head), buf, e.status(), 0);
             return Err(reject(ctx, conn, e.status()).await);
         }
     };
@@ -239,7 +256,31 @@ async fn handle_request(
     let mut w = ctx.take_buf();
     http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
     w.extend_from_slice(resp.body());
+    log(Some(&head), buf, resp.head.status, resp.body().len());
     finish(ctx, conn, buf, body_end, w, keep).await
+}
+
+/// One access-log line: namespace, client, request line (target as
+/// [`http::loggable_target`]; `-` when the head never completed), status,
+/// body bytes sent, time since the head's first bytes. No header is logged:
+/// IMDSv2 tokens travel in headers.
+fn access(
+    ns: &NsRuntime,
+    peer: SocketAddr,
+    req: Option<(&[u8], &RequestHead)>,
+    status: u16,
+    bytes: usize,
+    started: Instant,
+) {
+    let (method, target) = match req {
+        Some((buf, h)) => (h.method.as_str(), http::loggable_target(h.target.get(buf))),
+        None => ("-", "-".to_string()),
+    };
+    log::access(format_args!(
+        "{} {peer} \"{method} {target}\" {status} {bytes} {:.1}ms",
+        ns.cfg.name,
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
 }
 
 /// The head sent to the agent: every trust, hop-by-hop and IMDSv2 token

@@ -1,0 +1,201 @@
+//! `access_log = true` in `[proxy]`, `[agent]` and `[api]`: one line per
+//! request in each daemon, saying who asked for what and, in the agent, which
+//! instance the address resolved to. Never a header value (tokens, the
+//! signature) or the shared secret. Off by default: no line at all.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemons::{chain_config, request_from, Daemon, Ready, SECRET};
+use metaproxy::inventory::synth::{synth_toml, SynthSpec};
+use metaproxy::inventory::Inventory;
+use metaproxy::storm::VmSpec;
+
+const ROUTER: &str = "5707ae75-0000-4000-8002-000000000000";
+const TOKEN: &str = "AQAEAbogus-token-value-for-the-log-test";
+
+struct Chain {
+    _dir: tempfile::TempDir,
+    to: std::net::SocketAddr,
+    vms: Vec<VmSpec>,
+    api: Daemon,
+    agent: Daemon,
+    proxy: Daemon,
+}
+
+fn chain(access_log: bool) -> Chain {
+    let dir = tempfile::tempdir().unwrap();
+    let text = synth_toml(&SynthSpec {
+        vms: 4,
+        networks: 1,
+        routers: 1,
+    })
+    .unwrap();
+    let inv = dir.path().join("inventory.toml");
+    std::fs::write(&inv, &text).unwrap();
+    let vms = VmSpec::from_inventory(&Inventory::from_toml_str(&text).unwrap(), 4);
+    let extra = if access_log { "access_log = true" } else { "" };
+    let c = chain_config(dir.path(), &inv, ROUTER, extra);
+    if access_log {
+        let cfg = std::fs::read_to_string(&c.config).unwrap();
+        let cfg = cfg
+            .replacen("[api]\n", "[api]\naccess_log = true\n", 1)
+            .replacen("[agent]\n", "[agent]\naccess_log = true\n", 1);
+        std::fs::write(&c.config, cfg).unwrap();
+    }
+    let api = Daemon::start("api", &c.config, Ready::Tcp(c.api));
+    let agent = Daemon::start("agent", &c.config, Ready::Unix(c.agent_socket.clone()));
+    let proxy = Daemon::start("proxy", &c.config, Ready::Tcp(c.proxy));
+    Chain {
+        _dir: dir,
+        to: c.proxy,
+        vms,
+        api,
+        agent,
+        proxy,
+    }
+}
+
+fn traffic(c: &Chain) {
+    let t = Duration::from_secs(5);
+    let vm = &c.vms[0];
+    for _ in 0..2 {
+        let r = request_from(
+            vm.ip,
+            c.to,
+            "GET",
+            "/openstack/latest/meta_data.json",
+            "",
+            b"",
+            t,
+        )
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // A token the proxy cannot have issued: refused, and never logged.
+    let r = request_from(
+        vm.ip,
+        c.to,
+        "GET",
+        "/latest/meta-data/",
+        &format!("X-aws-ec2-metadata-token: {TOKEN}\r\n"),
+        b"",
+        t,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // An address no instance has.
+    let r = request_from(
+        "127.16.9.9".parse().unwrap(),
+        c.to,
+        "GET",
+        "/openstack/latest/meta_data.json",
+        "",
+        b"",
+        t,
+    )
+    .unwrap();
+    assert_eq!(r.status, 404);
+    // A head that is not HTTP.
+    let r = common::get(c.to, "GARBAGE\r\n\r\n").unwrap();
+    assert_eq!(r.status, 400);
+    // Let the daemons flush their last lines.
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+fn access_lines(d: &Daemon) -> Vec<String> {
+    d.log_text()
+        .lines()
+        .filter(|l| l.contains(" ACCESS "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn each_daemon_logs_each_request_and_no_secret() {
+    let c = chain(true);
+    traffic(&c);
+    let vm = &c.vms[0];
+    let (proxy, agent, api) = (
+        access_lines(&c.proxy),
+        access_lines(&c.agent),
+        access_lines(&c.api),
+    );
+    eprintln!(
+        "{}\n{}\n{}",
+        proxy.join("\n"),
+        agent.join("\n"),
+        api.join("\n")
+    );
+
+    // The proxy: every request, with its namespace and client (the test
+    // harness's readiness probe, `GET /`, is a request too).
+    let probes = |v: &[String]| v.iter().filter(|l| l.contains("\"GET /\" ")).count();
+    assert_eq!(proxy.len() - probes(&proxy), 5, "{proxy:#?}");
+    let ok = format!("{}:", vm.ip);
+    assert_eq!(
+        proxy
+            .iter()
+            .filter(
+                |l| l.contains(&ok) && l.contains("\"GET /openstack/latest/meta_data.json\" 200 ")
+            )
+            .count(),
+        2,
+        "{proxy:#?}"
+    );
+    assert!(proxy
+        .iter()
+        .any(|l| l.contains("\"GET /latest/meta-data/\" 401 ")));
+    assert!(proxy.iter().any(|l| l.contains("127.16.9.9:")
+        && l.contains("\"GET /openstack/latest/meta_data.json\" 404 ")));
+    assert!(
+        proxy.iter().any(|l| l.contains("\"- -\" 400 ")),
+        "{proxy:#?}"
+    );
+
+    // The agent: who, through what, resolved to which instance.
+    let resolved = format!(
+        "{} via router {ROUTER} -> instance {} project ",
+        vm.ip, vm.uuid
+    );
+    let first = agent
+        .iter()
+        .position(|l| l.contains(&resolved))
+        .expect("resolution logged");
+    assert!(agent[first].contains("(looked up)"), "{}", agent[first]);
+    assert!(agent[first + 1..]
+        .iter()
+        .any(|l| l.contains(&resolved) && l.contains("(cached)")));
+    assert!(agent.iter().any(|l| l.starts_with("metaproxy ACCESS")
+        && l.contains("127.16.9.9 via router")
+        && l.contains("no instance")
+        && l.contains(" 404 ")));
+
+    // The API: which instance asked for what.
+    assert_eq!(
+        api.iter()
+            .filter(|l| l.contains(&format!(
+                "as {} \"GET /openstack/latest/meta_data.json\" 200",
+                vm.uuid
+            )))
+            .count(),
+        2,
+        "{api:#?}"
+    );
+
+    for log in [c.proxy.log_text(), c.agent.log_text(), c.api.log_text()] {
+        assert!(!log.contains(TOKEN), "a token reached a log");
+        assert!(!log.contains(SECRET), "the shared secret reached a log");
+        assert!(!log.to_ascii_lowercase().contains("signature:"));
+    }
+}
+
+#[test]
+fn off_by_default() {
+    let c = chain(false);
+    traffic(&c);
+    for d in [&c.proxy, &c.agent, &c.api] {
+        assert!(access_lines(d).is_empty(), "{}", d.log_text());
+    }
+}
