@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemons::{chain_config, request_from, Daemon, Ready, SECRET};
+use common::daemons::{chain_config, request_from, Daemon, Daemons, SECRET};
 use metaproxy::inventory::synth::{synth_toml, SynthSpec};
 use metaproxy::inventory::Inventory;
 use metaproxy::storm::VmSpec;
@@ -44,9 +44,7 @@ fn chain(access_log: bool) -> Chain {
             .replacen("[agent]\n", "[agent]\naccess_log = true\n", 1);
         std::fs::write(&c.config, cfg).unwrap();
     }
-    let api = Daemon::start("api", &c.config, Ready::Tcp(c.api));
-    let agent = Daemon::start("agent", &c.config, Ready::Unix(c.agent_socket.clone()));
-    let proxy = Daemon::start("proxy", &c.config, Ready::Tcp(c.proxy));
+    let Daemons { api, agent, proxy } = Daemons::start(&c);
     Chain {
         _dir: dir,
         to: c.proxy,

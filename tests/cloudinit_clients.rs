@@ -15,12 +15,12 @@
 //! Without cloud-init the test prints SKIPPED and passes; `scripts/test.sh`
 //! installs the package.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::up::start_example;
 use serde_json::{json, Value};
 
 /// Debian's interpreter: the one the `cloud-init` package installs into.
@@ -44,84 +44,6 @@ fn cloudinit_importable() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Up(Child);
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.0.wait();
-    }
-}
-
-/// `metaproxy up` on free loopback ports with a temp agent socket and state dir.
-fn start_up(dir: &Path) -> (Up, SocketAddr) {
-    let (proxy_port, api_port) = (free_port(), free_port());
-    let inv = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/inventory.toml");
-    let sock = dir.join("agent.sock");
-    let cfg = dir.join("up.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[api]
-listen = "127.0.0.1:{api_port}"
-metadata_proxy_shared_secret = "cloudinit-secret"
-inventory = "{inv}"
-state_dir = "{state}"
-
-[agent]
-socket = "{sock}"
-inventory = "{inv}"
-metadata_proxy_shared_secret = "cloudinit-secret"
-[agent.nova]
-nova_metadata_port = {api_port}
-
-[proxy]
-agent_socket = "{sock}"
-control_socket = "{ctl}"
-[[proxy.namespace]]
-router_id = "d0d0d0d0-0000-4000-8000-00000000c001"
-listen = "127.0.0.1:{proxy_port}"
-"#,
-            state = dir.join("state").display(),
-            sock = sock.display(),
-            ctl = dir.join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args(["up", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let t0 = Instant::now();
-    loop {
-        let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
-        if line.contains("up: api, agent and proxy are serving") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
-    }
-    std::thread::spawn(move || for _ in err.lines() {});
-    (
-        Up(child),
-        format!("127.0.0.1:{proxy_port}").parse().unwrap(),
-    )
 }
 
 /// Run cloud-init's readers against `base` from `source`; their findings as JSON.
@@ -188,7 +110,7 @@ fn cloud_init_reads_each_vm_its_own_metadata() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (_up, proxy) = start_up(dir.path());
+    let (_up, proxy) = start_example(dir.path());
     let base = format!("http://{proxy}");
 
     // ---- demo (127.0.0.1): key, user data, one OVS port on 127.0.0.0/8.

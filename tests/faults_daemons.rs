@@ -18,7 +18,8 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use common::daemons::{
-    chain_config, recovery, statuses_between, use_neutron_backend, Chain, Daemon, Probe, Ready,
+    ask_metadata, burst, chain_config, recovery, statuses_between, use_neutron_backend, Chain,
+    Daemon, Daemons, Probe, Ready,
 };
 use common::neutron::{FakeNeutron, NeutronMode};
 use metaproxy::inventory::synth::{synth_toml, SynthSpec};
@@ -56,13 +57,7 @@ fn setup() -> Setup {
     std::fs::write(&inv, &text).unwrap();
     let vms = VmSpec::from_inventory(&Inventory::from_toml_str(&text).unwrap(), VMS as usize);
     let chain = chain_config(dir.path(), &inv, ROUTER, "");
-    let api = Daemon::start("api", &chain.config, Ready::Tcp(chain.api));
-    let agent = Daemon::start(
-        "agent",
-        &chain.config,
-        Ready::Unix(chain.agent_socket.clone()),
-    );
-    let proxy = Daemon::start("proxy", &chain.config, Ready::Tcp(chain.proxy));
+    let Daemons { api, agent, proxy } = Daemons::start(&chain);
     Setup {
         _dir: dir,
         chain,
@@ -521,7 +516,7 @@ fn neutron_faults_give_503_or_404_and_cache_hits_keep_serving() {
     let n = NeutronChain::start();
     // Warm the cache for the first 40 VMs.
     for (s, _) in n.burst(&n.vms[..40]) {
-        assert_eq!(s, 200, "{}", n.agent.log_text());
+        assert_eq!(s, 200, "{}", n.daemons.agent.log_text());
     }
     let mut fresh = n.vms[40..].chunks(4);
     for (mode, want) in [
@@ -598,9 +593,7 @@ struct NeutronChain {
     neutron: FakeNeutron,
     vms: Vec<VmSpec>,
     to: std::net::SocketAddr,
-    _api: Daemon,
-    agent: Daemon,
-    _proxy: Daemon,
+    daemons: Daemons,
 }
 
 impl NeutronChain {
@@ -619,57 +612,23 @@ impl NeutronChain {
         let neutron = FakeNeutron::start(&inv, &[ROUTER]);
         let chain = chain_config(dir.path(), &inv_path, ROUTER, "");
         use_neutron_backend(&chain, &format!("http://{}", neutron.addr), NEUTRON_TIMEOUT);
-        let _api = Daemon::start("api", &chain.config, Ready::Tcp(chain.api));
-        let agent = Daemon::start(
-            "agent",
-            &chain.config,
-            Ready::Unix(chain.agent_socket.clone()),
-        );
-        let _proxy = Daemon::start("proxy", &chain.config, Ready::Tcp(chain.proxy));
+        let daemons = Daemons::start(&chain);
         NeutronChain {
             _dir: dir,
             neutron,
             vms,
             to: chain.proxy,
-            _api,
-            agent,
-            _proxy,
+            daemons,
         }
     }
 
     /// One VM's request: (status, latency); panics on another VM's data.
     fn ask(&self, vm: &VmSpec) -> (u16, Duration) {
-        ask_as(self.to, vm)
+        ask_metadata(self.to, vm)
     }
 
     /// Every VM of `vms` at once.
     fn burst(&self, vms: &[VmSpec]) -> Vec<(u16, Duration)> {
-        let to = self.to;
-        let hs: Vec<_> = vms
-            .iter()
-            .cloned()
-            .map(|vm| std::thread::spawn(move || ask_as(to, &vm)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+        burst(self.to, vms)
     }
-}
-
-fn ask_as(to: std::net::SocketAddr, vm: &VmSpec) -> (u16, Duration) {
-    let t0 = Instant::now();
-    let r = common::daemons::request_from(
-        vm.ip,
-        to,
-        "GET",
-        "/openstack/latest/meta_data.json",
-        "",
-        b"",
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    assert!(
-        r.status != 200 || r.text().contains(&vm.uuid),
-        "wrong VM: {}",
-        r.text()
-    );
-    (r.status, t0.elapsed())
 }

@@ -4,92 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::read_response;
+use common::up::start_example;
 
 const DEMO: &str = "d0d0d0d0-0000-4000-8000-000000000001";
 const DEMO2: &str = "d0d0d0d0-0000-4000-8000-000000000002";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Up(Child);
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.0.wait();
-    }
-}
-
-fn start_up(dir: &std::path::Path) -> (Up, SocketAddr) {
-    let (proxy_port, api_port) = (free_port(), free_port());
-    let inv = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/inventory.toml");
-    let sock = dir.join("agent.sock");
-    let cfg = dir.join("up.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[api]
-listen = "127.0.0.1:{api_port}"
-metadata_proxy_shared_secret = "test-secret"
-inventory = "{inv}"
-state_dir = "{state}"
-
-[agent]
-socket = "{sock}"
-inventory = "{inv}"
-metadata_proxy_shared_secret = "test-secret"
-[agent.nova]
-nova_metadata_port = {api_port}
-
-[proxy]
-agent_socket = "{sock}"
-control_socket = "{ctl}"
-[[proxy.namespace]]
-router_id = "d0d0d0d0-0000-4000-8000-00000000c001"
-listen = "127.0.0.1:{proxy_port}"
-"#,
-            state = dir.join("state").display(),
-            sock = sock.display(),
-            ctl = dir.join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args(["up", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let t0 = Instant::now();
-    loop {
-        let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
-        if line.contains("up: api, agent and proxy are serving") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
-    }
-    std::thread::spawn(move || for _ in err.lines() {});
-    (
-        Up(child),
-        format!("127.0.0.1:{proxy_port}").parse().unwrap(),
-    )
-}
 
 /// One request from a given loopback source address (a distinct "VM").
 fn ask(from: &str, to: SocketAddr, path: &str, extra: &str) -> common::Resp {
@@ -110,7 +33,7 @@ fn ask(from: &str, to: SocketAddr, path: &str, extra: &str) -> common::Resp {
 #[test]
 fn each_vm_gets_its_own_metadata_whatever_it_sends() {
     let dir = tempfile::tempdir().unwrap();
-    let (_up, proxy) = start_up(dir.path());
+    let (_up, proxy) = start_example(dir.path());
 
     let r = ask("127.0.0.1", proxy, "/openstack/latest/meta_data.json", "");
     assert_eq!(r.status, 200);

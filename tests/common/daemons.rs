@@ -381,3 +381,61 @@ pub fn use_neutron_backend(chain: &Chain, url: &str, timeout: Duration) {
         );
     std::fs::write(&chain.config, cfg).unwrap();
 }
+
+/// The three daemons of one [`Chain`], started in order (api, agent, proxy),
+/// each once it serves; all killed on drop.
+pub struct Daemons {
+    pub api: Daemon,
+    pub agent: Daemon,
+    pub proxy: Daemon,
+}
+
+impl Daemons {
+    pub fn start(chain: &Chain) -> Daemons {
+        let api = Daemon::start("api", &chain.config, Ready::Tcp(chain.api));
+        let agent = Daemon::start(
+            "agent",
+            &chain.config,
+            Ready::Unix(chain.agent_socket.clone()),
+        );
+        let proxy = Daemon::start("proxy", &chain.config, Ready::Tcp(chain.proxy));
+        Daemons { api, agent, proxy }
+    }
+}
+
+/// `vm` asks `to` for its `meta_data.json` (from its own address): the
+/// status and how long it took. Panics if a 200 carries another VM's data.
+pub fn ask_metadata(to: SocketAddr, vm: &metaproxy::storm::VmSpec) -> (u16, Duration) {
+    let t0 = Instant::now();
+    let r = request_from(
+        vm.ip,
+        to,
+        "GET",
+        "/openstack/latest/meta_data.json",
+        "",
+        b"",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    if r.status == 200 {
+        let md: serde_json::Value = serde_json::from_slice(&r.body)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", vm.ip, r.text()));
+        assert_eq!(
+            md["uuid"],
+            vm.uuid.as_str(),
+            "{} got another VM's data",
+            vm.ip
+        );
+    }
+    (r.status, t0.elapsed())
+}
+
+/// Every VM of `vms` asks at once, one thread each; results in `vms` order.
+pub fn burst(to: SocketAddr, vms: &[metaproxy::storm::VmSpec]) -> Vec<(u16, Duration)> {
+    let hs: Vec<_> = vms
+        .iter()
+        .cloned()
+        .map(|vm| std::thread::spawn(move || ask_metadata(to, &vm)))
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}

@@ -366,3 +366,4 @@ pub mod attack;
 pub mod daemons;
 pub mod netns;
 pub mod neutron;
+pub mod up;

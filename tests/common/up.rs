@@ -1,0 +1,91 @@
+//! `metaproxy up` (api + agent + proxy in one process) from the real binary,
+//! on free loopback ports with a temp agent socket and state dir.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::daemons::free_port;
+
+/// The example inventory's router (`examples/inventory.toml`).
+pub const EXAMPLE_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";
+
+/// A running `metaproxy up`; SIGTERM and reaped on drop.
+pub struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `up` serving `inventory`, its proxy stamping `router`; returns once
+/// it logged that all three serve, with the proxy's address.
+pub fn start_up(dir: &Path, inventory: &Path, router: &str) -> (Up, SocketAddr) {
+    let (proxy_port, api_port) = (free_port(), free_port());
+    let sock = dir.join("agent.sock");
+    let cfg = dir.join("up.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[api]
+listen = "127.0.0.1:{api_port}"
+metadata_proxy_shared_secret = "up-secret"
+inventory = "{inv}"
+state_dir = "{state}"
+
+[agent]
+socket = "{sock}"
+inventory = "{inv}"
+metadata_proxy_shared_secret = "up-secret"
+[agent.nova]
+nova_metadata_port = {api_port}
+
+[proxy]
+agent_socket = "{sock}"
+control_socket = "{ctl}"
+[[proxy.namespace]]
+router_id = "{router}"
+listen = "127.0.0.1:{proxy_port}"
+"#,
+            inv = inventory.display(),
+            state = dir.join("state").display(),
+            sock = sock.display(),
+            ctl = dir.join("ctl.sock").display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let up = Up(child);
+    let t0 = Instant::now();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
+        if line.contains("up: api, agent and proxy are serving") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
+    }
+    std::thread::spawn(move || for _ in err.lines() {});
+    (up, format!("127.0.0.1:{proxy_port}").parse().unwrap())
+}
+
+/// `start_up` over `examples/inventory.toml`.
+pub fn start_example(dir: &Path) -> (Up, SocketAddr) {
+    let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
+    start_up(dir, &inv, EXAMPLE_ROUTER)
+}
