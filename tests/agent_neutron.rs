@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
@@ -19,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use common::neutron::FakePort;
 use common::read_response;
 use metaproxy::agent::{AgentConfig, AgentHandle};
 
@@ -27,15 +27,6 @@ const ROUTER: &str = "7a000000-0000-4000-8000-0000000000c1";
 const NET: &str = "7a000000-0000-4000-8000-0000000000a1";
 const NET_OTHER: &str = "7a000000-0000-4000-8000-0000000000a2";
 const PROJECT: &str = "7a00000000004000800000000000aaaa";
-
-#[derive(Clone, Debug)]
-struct Port {
-    device_id: String,
-    device_owner: String,
-    network_id: String,
-    mac: String,
-    ips: Vec<String>,
-}
 
 fn vm_uuid(i: usize) -> String {
     format!("{i:08x}-0000-4000-8000-000000000000")
@@ -47,27 +38,30 @@ fn vm_ip(i: usize) -> String {
 
 /// 200 VMs on NET behind ROUTER, the router's interface, a DHCP port, and
 /// two ports sharing 10.9.9.9 (one on NET, one on NET_OTHER also on the router).
-fn ports() -> Vec<Port> {
-    let mut v: Vec<Port> = (0..200)
-        .map(|i| Port {
+fn ports() -> Vec<FakePort> {
+    let mut v: Vec<FakePort> = (0..200)
+        .map(|i| FakePort {
             device_id: vm_uuid(i),
             device_owner: "compute:nova".into(),
             network_id: NET.into(),
+            project: PROJECT.into(),
             mac: format!("fa:16:3e:00:{:02x}:{:02x}", i / 256, i % 256),
             ips: vec![vm_ip(i)],
         })
         .collect();
-    v.push(Port {
+    v.push(FakePort {
         device_id: ROUTER.into(),
         device_owner: "network:router_interface".into(),
         network_id: NET.into(),
+        project: PROJECT.into(),
         mac: "fa:16:3e:ff:00:01".into(),
         ips: vec!["10.0.0.1".into()],
     });
-    v.push(Port {
+    v.push(FakePort {
         device_id: ROUTER.into(),
         device_owner: "network:ha_router_replicated_interface".into(),
         network_id: NET_OTHER.into(),
+        project: PROJECT.into(),
         mac: "fa:16:3e:ff:00:02".into(),
         ips: vec!["10.1.0.1".into()],
     });
@@ -75,10 +69,11 @@ fn ports() -> Vec<Port> {
         (NET, "fa:16:3e:ee:00:01", "dup-a"),
         (NET_OTHER, "fa:16:3e:ee:00:02", "dup-b"),
     ] {
-        v.push(Port {
+        v.push(FakePort {
             device_id: dev.into(),
             device_owner: "compute:az2".into(),
             network_id: net.into(),
+            project: PROJECT.into(),
             mac: mac.into(),
             ips: vec!["10.9.9.9".into()],
         });
@@ -153,104 +148,11 @@ impl FakeNeutron {
     }
 }
 
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(if b[i] == b'+' { b' ' } else { b[i] });
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-/// `GET /v2.0/ports?…` over `db`: (status, body).
-fn query_ports(target: &str, db: &[Port]) -> (u16, String) {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if path != "/v2.0/ports" {
-        return (404, r#"{"NeutronError": {"message": "not found"}}"#.into());
-    }
-    let mut filters: HashMap<String, Vec<String>> = HashMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        filters.entry(decode(k)).or_default().push(decode(v));
-    }
-    for k in filters.keys() {
-        let known = [
-            "device_id",
-            "device_owner",
-            "network_id",
-            "fixed_ips",
-            "mac_address",
-            "fields",
-            "limit",
-        ];
-        if !known.contains(&k.as_str()) {
-            return (
-                400,
-                format!(
-                    r#"{{"NeutronError": {{"type": "HTTPBadRequest", "message": "['{k}'] is invalid attribute for filtering", "detail": ""}}}}"#
-                ),
-            );
-        }
-    }
-    let any = |k: &str, v: &str| filters.get(k).is_none_or(|vs| vs.iter().any(|x| x == v));
-    let wanted_ips: Option<Vec<String>> = filters.get("fixed_ips").map(|vs| {
-        vs.iter()
-            .filter_map(|v| v.strip_prefix("ip_address=").map(str::to_string))
-            .collect()
-    });
-    let limit: usize = filters
-        .get("limit")
-        .and_then(|v| v[0].parse().ok())
-        .unwrap_or(usize::MAX);
-    let fields = filters.get("fields").cloned().unwrap_or_default();
-    let mut out = Vec::new();
-    for p in db {
-        if !any("device_id", &p.device_id)
-            || !any("device_owner", &p.device_owner)
-            || !any("network_id", &p.network_id)
-            || !any("mac_address", &p.mac)
-        {
-            continue;
-        }
-        if let Some(w) = &wanted_ips {
-            if !p.ips.iter().any(|ip| w.contains(ip)) {
-                continue;
-            }
-        }
-        let mut obj = serde_json::json!({
-            "id": format!("port-{}", p.mac),
-            "device_id": p.device_id,
-            "device_owner": p.device_owner,
-            "network_id": p.network_id,
-            "mac_address": p.mac,
-            "project_id": PROJECT,
-            "tenant_id": PROJECT,
-            "fixed_ips": p.ips.iter().map(|ip| serde_json::json!({"subnet_id": "s", "ip_address": ip})).collect::<Vec<_>>(),
-        });
-        if !fields.is_empty() {
-            let m = obj.as_object_mut().unwrap();
-            m.retain(|k, _| fields.contains(k));
-        }
-        out.push(obj);
-        if out.len() >= limit {
-            break;
-        }
-    }
-    (200, serde_json::json!({ "ports": out }).to_string())
-}
-
 fn serve_neutron<S: Read + Write>(
     conn: S,
     st: &NeutronState,
     mode: &Mutex<Mode>,
-    db: &[Port],
+    db: &[FakePort],
     ks: bool,
 ) {
     let mut r = BufReader::new(conn);
@@ -320,7 +222,7 @@ fn serve_neutron<S: Read + Write>(
                     if ok {
                         st.calls.fetch_add(1, Ordering::SeqCst);
                         st.queries.lock().unwrap().push(target.clone());
-                        query_ports(&target, db)
+                        common::neutron::query(&target, db, false)
                     } else {
                         st.rejected_401.fetch_add(1, Ordering::SeqCst);
                         (401, r#"{"error": {"code": 401}}"#.to_string())

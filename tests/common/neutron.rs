@@ -26,14 +26,15 @@ pub enum NeutronMode {
     Duplicates,
 }
 
-#[derive(Clone)]
-struct FakePort {
-    device_id: String,
-    device_owner: String,
-    network_id: String,
-    project: String,
-    mac: String,
-    ips: Vec<String>,
+/// One port as a fake Neutron stores it.
+#[derive(Clone, Debug)]
+pub struct FakePort {
+    pub device_id: String,
+    pub device_owner: String,
+    pub network_id: String,
+    pub project: String,
+    pub mac: String,
+    pub ips: Vec<String>,
 }
 
 pub struct FakeNeutron {
@@ -118,7 +119,12 @@ fn decode(s: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-fn query(target: &str, db: &[FakePort], duplicates: bool) -> (u16, String) {
+/// `GET /v2.0/ports?…` over `db` as Neutron answers it: (status, body).
+/// Filters with Neutron's semantics (repeated values OR-ed, keys AND-ed,
+/// `fields`, `limit`); an unknown filter is Neutron's 400. With
+/// `duplicates`, every instance port comes back twice, the copy on another
+/// device.
+pub fn query(target: &str, db: &[FakePort], duplicates: bool) -> (u16, String) {
     let (path, q) = target.split_once('?').unwrap_or((target, ""));
     if path != "/v2.0/ports" {
         return (404, r#"{"NeutronError": {"message": "not found"}}"#.into());
@@ -127,6 +133,23 @@ fn query(target: &str, db: &[FakePort], duplicates: bool) -> (u16, String) {
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         f.entry(decode(k)).or_default().push(decode(v));
+    }
+    const KNOWN: [&str; 7] = [
+        "device_id",
+        "device_owner",
+        "network_id",
+        "fixed_ips",
+        "mac_address",
+        "fields",
+        "limit",
+    ];
+    if let Some(k) = f.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return (
+            400,
+            format!(
+                r#"{{"NeutronError": {{"type": "HTTPBadRequest", "message": "['{k}'] is invalid attribute for filtering", "detail": ""}}}}"#
+            ),
+        );
     }
     let any = |k: &str, v: &str| f.get(k).is_none_or(|vs| vs.iter().any(|x| x == v));
     let ips: Option<Vec<String>> = f.get("fixed_ips").map(|vs| {
