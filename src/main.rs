@@ -60,6 +60,10 @@ enum Command {
         /// Configuration file (TOML with `[api]`, `[agent]` and `[proxy]`).
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
+        /// Validate all three sections, the inventory and how they are wired
+        /// together (socket, API address, shared secret), then exit.
+        #[arg(long)]
+        check: bool,
     },
     /// Metadata agent: serve the proxies' Unix socket, resolve each guest,
     /// sign its instance id and forward to the metadata API.
@@ -108,7 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Api { config, check } => run_api(&config, check),
-        Command::Up { config } => run_up(&config),
+        Command::Up { config, check } => run_up(&config, check),
         Command::Agent { config, check } => run_agent(&config, check),
         Command::Storm(args) => run_storm(args),
         Command::Inventory { command } => run_inventory(command),
@@ -280,12 +284,25 @@ fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Res
     Ok(())
 }
 
-fn run_up(path: &Path) -> Result<()> {
+fn run_up(path: &Path, check: bool) -> Result<()> {
     let ctx = || format!("refusing to start with {}", path.display());
     let api_cfg = load_api_config(path).with_context(ctx)?;
     let agent_cfg = load_agent_config(path).with_context(ctx)?;
     let proxy_cfg = load_proxy_config(path).with_context(ctx)?;
     check_chain(&api_cfg, &agent_cfg, &proxy_cfg).with_context(ctx)?;
+    if check {
+        let inv = metaproxy::inventory::Inventory::load(&api_cfg.inventory)
+            .with_context(|| format!("inventory {}", api_cfg.inventory.display()))
+            .with_context(ctx)?;
+        println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
+        println!(
+            "{} is valid for `up` ({} instance(s) in {})",
+            path.display(),
+            inv.instances().count(),
+            api_cfg.inventory.display()
+        );
+        return Ok(());
+    }
     let try_url = proxy_cfg
         .namespaces
         .first()

@@ -24,7 +24,7 @@ fn check(kind: &str, config: &Path) {
 
 #[test]
 fn the_embedded_default_config_is_valid_for_all_three() {
-    for kind in ["api", "agent", "proxy"] {
+    for kind in ["api", "agent", "proxy", "up"] {
         check(kind, Path::new("config.toml"));
     }
 }
@@ -70,4 +70,38 @@ fn a_bad_key_is_refused_and_named() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("agent_sockett"), "{err}");
+}
+
+#[test]
+fn up_check_refuses_a_chain_that_is_not_wired_together() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    let secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("metadata_proxy_shared_secret = "))
+        .expect("config.toml has a shared secret");
+    // The agent's copy of the secret differs from the API's: every request
+    // would get 403, so `up` refuses to start, and says why.
+    let first = text.find(secret).unwrap() + secret.len();
+    let (head, tail) = text.split_at(first);
+    let broken = format!("{head}{}", tail.replacen(secret, "\"another-secret\"", 1));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("up.toml");
+    std::fs::write(
+        &cfg,
+        broken.replace("examples/", &format!("{}/examples/", root.display())),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["up", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("metadata_proxy_shared_secret"), "{err}");
+    assert!(
+        !err.contains("another-secret"),
+        "a secret reached the log: {err}"
+    );
 }
