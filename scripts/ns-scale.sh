@@ -27,6 +27,7 @@ control_socket = "$WORK/ctl.sock"
 enabled = true
 router_prefix = "${TAG}r-"
 network_prefixes = ["${TAG}d-"]
+ovn_prefixes = []
 TOML
 target/release/metaproxy --log-level warn proxy --config "$WORK/p.toml" & PIDS+=($!); P=$!
 sleep 0.5
