@@ -16,7 +16,9 @@
 //! before dialling the next. Now an idle connection is used first, the pool
 //! grows to `upstream_pool_size` before anything is pipelined, and a full
 //! pool pipelines onto the least-loaded connection that is not stalled
-//! (oldest request older than 20 ms, `STALLED_AFTER`). When all are stalled (more
+//! (requests waiting and no response for 20 ms, `STALLED_AFTER`: a
+//! connection that keeps answering under a storm is busy, not stalled).
+//! When all are stalled (more
 //! concurrent misses than connections), the pool grows to
 //! 4 × size instead (`OVERFLOW_FACTOR`), and closes the surplus once they are
 //! idle and nothing is stalled. What is left: requests that arrive in the
@@ -125,6 +127,8 @@ struct UpConn {
     in_flight: RefCell<VecDeque<Pending>>,
     wake_writer: Notify,
     dead: Cell<bool>,
+    /// When the last response was delivered.
+    answered: Cell<Instant>,
 }
 
 impl UpConn {
@@ -132,8 +136,11 @@ impl UpConn {
         self.queue.borrow().len() + self.in_flight.borrow().len()
     }
 
-    /// Its oldest unanswered request has waited longer than [`STALLED_AFTER`]:
-    /// whatever is pipelined behind it waits too.
+    /// Requests are waiting on it and it has made no progress for
+    /// [`STALLED_AFTER`]: no response arrived since its oldest request was
+    /// sent or since the last response, whichever is later. A busy connection
+    /// that keeps answering (a storm) is not stalled; one whose head waits on
+    /// a slow Neutron is, and whatever is pipelined behind it waits too.
     fn stalled(&self, now: Instant) -> bool {
         let oldest = self
             .in_flight
@@ -141,7 +148,10 @@ impl UpConn {
             .front()
             .map(|p| p.since)
             .or_else(|| self.queue.borrow().front().map(|q| q.pending.since));
-        oldest.is_some_and(|t| now.saturating_duration_since(t) > STALLED_AFTER)
+        oldest.is_some_and(|t| {
+            let mark = t.max(self.answered.get());
+            now.saturating_duration_since(mark) > STALLED_AFTER
+        })
     }
 
     /// Mark dead, shut the socket and fail everything not yet answered.
@@ -352,6 +362,7 @@ impl Pool {
             in_flight: RefCell::new(VecDeque::new()),
             wake_writer: Notify::default(),
             dead: Cell::new(false),
+            answered: Cell::new(Instant::now()),
         });
         rt::spawn(writer(conn.clone()));
         rt::spawn(reader(self.clone(), conn.clone()));
@@ -442,6 +453,7 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                         head,
                         until_close: false,
                     }));
+                    conn.answered.set(Instant::now());
                     if close {
                         pool.saw_close();
                         conn.kill(None);
