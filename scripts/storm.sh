@@ -7,7 +7,7 @@
 #                    [--chain metaproxy|openstack] [--workers N] [--timeout 10s]
 #                    [--results DIR] [--cargo-profile release|profiling]
 #                    [--perf ROLE:FILE] [--backend inventory|neutron]
-#                    [--max-connections N]
+#                    [--max-connections N] [--access-log]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -69,6 +69,7 @@ CARGO_PROFILE=release
 PERF=
 BACKEND=inventory
 MAX_CONNS=
+ACCESS_LOG= # --access-log: access_log = true in [api], [agent] and [proxy] (lines go to $WORK/*.log)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
@@ -88,6 +89,7 @@ while [ $# -gt 0 ]; do
     --perf) PERF=$2; shift 2 ;;
     --backend) BACKEND=$2; shift 2 ;;
     --max-connections) MAX_CONNS=$2; shift 2 ;;
+    --access-log) ACCESS_LOG=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -288,9 +290,11 @@ listen = "127.0.0.1:$API_PORT"
 metadata_proxy_shared_secret = "$SECRET"
 inventory = "$INV"
 state_dir = "$WORK/state"
+${ACCESS_LOG:+access_log = true}
 
 [agent]
 socket = "$AGENT_SOCK"
+${ACCESS_LOG:+access_log = true}
 inventory = "$INV"
 metadata_proxy_shared_secret = "$SECRET"
 metrics_listen = "127.0.0.1:$METRICS_PORT"
@@ -301,6 +305,7 @@ nova_metadata_port = $API_PORT
 [proxy]
 agent_socket = "$AGENT_SOCK"
 ${MAX_CONNS:+max_connections = $MAX_CONNS}
+${ACCESS_LOG:+access_log = true}
 control_socket = "$WORK/proxy.ctl"
 [[proxy.namespace]]
 router_id = "$ROUTER"

@@ -45,17 +45,39 @@ pub fn log(l: Level, args: Arguments<'_>) {
         Level::Info => "INFO",
         Level::Debug => "DEBUG",
     };
+    emit(tag, args);
+}
+
+/// Format the whole line first, then hand it to stderr in one `write(2)`.
+/// stderr is unbuffered: writing `format_args!` to it directly costs one
+/// syscall per piece (strace of `metaproxy api` start-up: 156 writes for 6
+/// lines before, 6 after), and lets the lines of two processes that share
+/// a file interleave mid-line.
+fn emit(tag: &str, args: Arguments<'_>) {
+    use std::fmt::Write as _;
+    thread_local! {
+        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("main");
-    let _ = writeln!(std::io::stderr().lock(), "metaproxy {tag} [{name}] {args}");
+    LINE.with(|line| {
+        let Ok(mut line) = line.try_borrow_mut() else {
+            // Logging from inside a Display impl that logs: skip rather than panic.
+            return;
+        };
+        line.clear();
+        let _ = writeln!(line, "metaproxy {tag} [{name}] {args}");
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        if line.capacity() > 64 * 1024 {
+            *line = String::new();
+        }
+    });
 }
 
 /// Write one access-log line, whatever the level: `access_log = true` in a
 /// daemon's section asks for them explicitly.
 pub fn access(args: Arguments<'_>) {
-    let thread = std::thread::current();
-    let name = thread.name().unwrap_or("main");
-    let _ = writeln!(std::io::stderr().lock(), "metaproxy ACCESS [{name}] {args}");
+    emit("ACCESS", args);
 }
 
 /// Log at error level.
