@@ -56,45 +56,32 @@ fn chain(access_log: bool) -> Chain {
 }
 
 fn traffic(c: &Chain) {
-    let t = Duration::from_secs(5);
-    let vm = &c.vms[0];
-    for _ in 0..2 {
-        let r = request_from(
-            vm.ip,
+    let status = |from: std::net::IpAddr, path: &str, headers: &str| {
+        request_from(
+            from,
             c.to,
             "GET",
-            "/openstack/latest/meta_data.json",
-            "",
+            path,
+            headers,
             b"",
-            t,
+            Duration::from_secs(5),
         )
-        .unwrap();
-        assert_eq!(r.status, 200);
+        .unwrap()
+        .status
+    };
+    let vm = c.vms[0].ip;
+    for _ in 0..2 {
+        assert_eq!(status(vm, "/openstack/latest/meta_data.json", ""), 200);
     }
     // A token the proxy cannot have issued: refused, and never logged.
-    let r = request_from(
-        vm.ip,
-        c.to,
-        "GET",
-        "/latest/meta-data/",
-        &format!("X-aws-ec2-metadata-token: {TOKEN}\r\n"),
-        b"",
-        t,
-    )
-    .unwrap();
-    assert_eq!(r.status, 401);
+    let token = format!("X-aws-ec2-metadata-token: {TOKEN}\r\n");
+    assert_eq!(status(vm, "/latest/meta-data/", &token), 401);
     // An address no instance has.
-    let r = request_from(
-        "127.16.9.9".parse().unwrap(),
-        c.to,
-        "GET",
-        "/openstack/latest/meta_data.json",
-        "",
-        b"",
-        t,
-    )
-    .unwrap();
-    assert_eq!(r.status, 404);
+    let stranger = "127.16.9.9".parse().unwrap();
+    assert_eq!(
+        status(stranger, "/openstack/latest/meta_data.json", ""),
+        404
+    );
     // A head that is not HTTP.
     let r = common::get(c.to, "GARBAGE\r\n\r\n").unwrap();
     assert_eq!(r.status, 400);

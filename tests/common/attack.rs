@@ -8,10 +8,9 @@
 //! returns on the connection (until it closes or goes quiet), so a second,
 //! smuggled response cannot hide behind the first.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{read_response, Resp};
 
@@ -56,93 +55,28 @@ pub enum Owner {
 
 /// A running `metaproxy up`; SIGTERM and reap on drop.
 pub struct Up {
-    child: Child,
+    _up: super::up::Up,
     /// The proxy's listening address.
     pub proxy: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Start `metaproxy up` (api + agent + proxy) from a temp config with the
-/// example inventory, as tests/up_e2e.rs does, with short proxy timeouts so
-/// reading "until close" ends quickly on a kept-alive connection.
+/// Start `metaproxy up` (api + agent + proxy) with the example inventory, as
+/// tests/up_e2e.rs does, with short proxy timeouts so reading "until close"
+/// ends quickly on a kept-alive connection.
 pub fn start_up() -> Up {
     let dir = tempfile::tempdir().unwrap();
-    let (proxy_port, api_port) = (free_port(), free_port());
-    let inv = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/inventory.toml");
-    let sock = dir.path().join("agent.sock");
-    let cfg = dir.path().join("up.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[api]
-listen = "127.0.0.1:{api_port}"
-metadata_proxy_shared_secret = "{SECRET}"
-inventory = "{inv}"
-state_dir = "{state}"
-
-[agent]
-socket = "{sock}"
-inventory = "{inv}"
-metadata_proxy_shared_secret = "{SECRET}"
-[agent.nova]
-nova_metadata_port = {api_port}
-
-[proxy]
-agent_socket = "{sock}"
-control_socket = "{ctl}"
-[proxy.timeouts]
-http_request = "2s"
-keep_alive = "2s"
-client = "5s"
-[[proxy.namespace]]
-router_id = "{ROUTER_ID}"
-listen = "127.0.0.1:{proxy_port}"
-"#,
-            state = dir.path().join("state").display(),
-            sock = sock.display(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args(["up", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let t0 = Instant::now();
-    loop {
-        let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
-        if line.contains("up: api, agent and proxy are serving") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
-    }
-    std::thread::spawn(move || for _ in err.lines() {});
+    let inv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
+    let (up, proxy) = super::up::start_up_with(
+        dir.path(),
+        &inv,
+        ROUTER_ID,
+        SECRET,
+        "[proxy.timeouts]\nhttp_request = \"2s\"\nkeep_alive = \"2s\"\nclient = \"5s\"",
+    );
     Up {
-        child,
-        proxy: format!("127.0.0.1:{proxy_port}").parse().unwrap(),
+        _up: up,
+        proxy,
         _dir: dir,
     }
 }

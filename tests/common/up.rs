@@ -26,9 +26,24 @@ impl Drop for Up {
     }
 }
 
+/// The shared secret `start_up` writes into both `[api]` and `[agent]`.
+pub const UP_SECRET: &str = "up-secret";
+
 /// Start `up` serving `inventory`, its proxy stamping `router`; returns once
 /// it logged that all three serve, with the proxy's address.
 pub fn start_up(dir: &Path, inventory: &Path, router: &str) -> (Up, SocketAddr) {
+    start_up_with(dir, inventory, router, UP_SECRET, "")
+}
+
+/// [`start_up`] with this shared secret and `proxy_extra` appended to
+/// `[proxy]` (it may open subtables, e.g. `[proxy.timeouts]`).
+pub fn start_up_with(
+    dir: &Path,
+    inventory: &Path,
+    router: &str,
+    secret: &str,
+    proxy_extra: &str,
+) -> (Up, SocketAddr) {
     let (proxy_port, api_port) = (free_port(), free_port());
     let sock = dir.join("agent.sock");
     let cfg = dir.join("up.toml");
@@ -38,20 +53,21 @@ pub fn start_up(dir: &Path, inventory: &Path, router: &str) -> (Up, SocketAddr) 
             r#"
 [api]
 listen = "127.0.0.1:{api_port}"
-metadata_proxy_shared_secret = "up-secret"
+metadata_proxy_shared_secret = "{secret}"
 inventory = "{inv}"
 state_dir = "{state}"
 
 [agent]
 socket = "{sock}"
 inventory = "{inv}"
-metadata_proxy_shared_secret = "up-secret"
+metadata_proxy_shared_secret = "{secret}"
 [agent.nova]
 nova_metadata_port = {api_port}
 
 [proxy]
 agent_socket = "{sock}"
 control_socket = "{ctl}"
+{proxy_extra}
 [[proxy.namespace]]
 router_id = "{router}"
 listen = "127.0.0.1:{proxy_port}"
