@@ -10,6 +10,8 @@
 # is pinned to CPU 0, wrk to CPU 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/neutron-haproxy.sh
+. scripts/lib/neutron-haproxy.sh
 DUR=${1:-10}
 CONNS=${2:-50}
 WORK=$(mktemp -d /tmp/mp-bench.XXXXXX)
@@ -33,31 +35,7 @@ agent_socket = "$WORK/agent.sock"
 router_id = "$ROUTER"
 listen = "127.0.0.1:18697"
 TOML
-# haproxy exactly as Neutron renders it (L3 router, v4 host), minus user/group/log/daemon.
-cat >"$WORK/haproxy.cfg" <<CFG
-global
-    maxconn     1024
-    nbthread    2
-    pidfile     $WORK/haproxy.pid
-
-defaults
-    mode http
-    option http-server-close
-    option forwardfor
-    retries                 3
-    timeout http-request    30s
-    timeout connect         30s
-    timeout client          32s
-    timeout server          32s
-    timeout http-keep-alive 30s
-
-listen listener
-    bind 127.0.0.1:18698
-    server metadata $WORK/agent.sock
-
-    http-request del-header X-Neutron-Network-ID
-    http-request set-header X-Neutron-Router-ID $ROUTER
-CFG
+neutron_haproxy_cfg "$WORK/haproxy.cfg" 18698 "$WORK/agent.sock" "$ROUTER" "$WORK/haproxy.pid"
 
 taskset -c 0 "$BIN" --log-level warn proxy --config "$WORK/proxy.toml" & PIDS+=($!); OURS=$!
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!); HAP=$!

@@ -26,6 +26,8 @@
 # io_uring, not epoll.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/neutron-haproxy.sh
+. scripts/lib/neutron-haproxy.sh
 REQS=${1:-2000}
 BASE=100
 
@@ -65,31 +67,7 @@ control_socket = "$WORK/proxy.ctl"
 router_id = "$ROUTER"
 listen = "127.0.0.1:$PORT"
 TOML
-# As Neutron renders it (L3 router, v4 host) minus user/group/log/daemon.
-cat >"$WORK/haproxy.cfg" <<CFG
-global
-    maxconn     1024
-    nbthread    2
-    pidfile     $WORK/haproxy.pid
-
-defaults
-    mode http
-    option http-server-close
-    option forwardfor
-    retries                 3
-    timeout http-request    30s
-    timeout connect         30s
-    timeout client          32s
-    timeout server          32s
-    timeout http-keep-alive 30s
-
-listen listener
-    bind 127.0.0.1:$PORT
-    server metadata $WORK/agent.sock
-
-    http-request del-header X-Neutron-Network-ID
-    http-request set-header X-Neutron-Router-ID $ROUTER
-CFG
+neutron_haproxy_cfg "$WORK/haproxy.cfg" "$PORT" "$WORK/agent.sock" "$ROUTER" "$WORK/haproxy.pid"
 
 # no-uring CMD...: run CMD with io_uring_setup(2) failing with ENOSYS.
 cat >"$WORK/no-uring.c" <<'C'

@@ -53,6 +53,8 @@
 # wrong-VM answer), 1 otherwise; the tables are printed either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/neutron-haproxy.sh
+. scripts/lib/neutron-haproxy.sh
 
 VMS=1000
 RAMP=5s
@@ -311,34 +313,7 @@ control_socket = "$WORK/proxy.ctl"
 router_id = "$ROUTER"
 listen = "127.0.0.1:$PROXY_PORT"
 TOML
-  # haproxy as Neutron renders it for an L3 router (§1.3), with three changes
-  # for a loopback bench: bind 127.0.0.1:PORT instead of :::9697, no
-  # user/group/daemon (-db keeps it in the foreground), and no log lines (no
-  # syslog here; Neutron's `log /dev/log` would only add cost to haproxy).
-  cat >"$WORK/haproxy.cfg" <<CFG
-global
-    maxconn     1024
-    nbthread    2
-    pidfile     $WORK/haproxy.pid
-
-defaults
-    mode http
-    option http-server-close
-    option forwardfor
-    retries                 3
-    timeout http-request    30s
-    timeout connect         30s
-    timeout client          32s
-    timeout server          32s
-    timeout http-keep-alive 30s
-
-listen listener
-    bind 127.0.0.1:$PROXY_PORT
-    server metadata $AGENT_SOCK
-
-    http-request del-header X-Neutron-Network-ID
-    http-request set-header X-Neutron-Router-ID $ROUTER
-CFG
+  neutron_haproxy_cfg "$WORK/haproxy.cfg" "$PROXY_PORT" "$AGENT_SOCK" "$ROUTER" "$WORK/haproxy.pid"
 }
 
 # spawn NAME CMD...: start a process, log to $WORK/NAME.log, remember its PID.
