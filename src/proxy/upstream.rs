@@ -50,8 +50,8 @@ use crate::rt::{self, UnixConn};
 /// Read size for agent responses.
 const UPSTREAM_READ_BYTES: usize = 16 * 1024;
 
-/// A connection whose oldest request has waited this long is passed over
-/// for pipelining while another is not. The agent answers a cache hit in
+/// A connection that has answered nothing for this long while requests wait
+/// on it is passed over for pipelining while another is not. The agent answers a cache hit in
 /// well under a millisecond; a miss waits on Neutron (tens of milliseconds
 /// when healthy, up to its timeout when not).
 const STALLED_AFTER: Duration = Duration::from_millis(20);
