@@ -89,7 +89,9 @@ pub enum BodyError {
 /// Read the body of the request whose head is at the start of `buf`; returns
 /// the offset in `buf` where the request ends (pipelined bytes may follow).
 /// A chunked body is kept raw in `buf` and, when `decoded` is given, its
-/// payload is appended there. Each read waits at most `client`.
+/// payload is appended there. Each read waits at most `client`. `buf` keeps
+/// every byte it had on every path, a timeout included (the caller still
+/// logs the head from it).
 ///
 /// # Errors
 /// See [`BodyError`].
@@ -109,6 +111,7 @@ pub async fn read_body<S: Stream>(
     };
     let mut scanned = 0usize;
     let mut sent_continue = false;
+    let mut chunk: Vec<u8> = Vec::new();
     loop {
         match (&head.body, scanner.as_mut()) {
             (RequestBody::Length(n), _) => {
@@ -142,20 +145,28 @@ pub async fn read_body<S: Stream>(
                 return Err(BodyError::Gone);
             }
         }
-        let taken = std::mem::take(buf);
+        // Invariant: `buf` (the head the caller still logs and answers from)
+        // never leaves this function. A read that times out is cancelled and
+        // its buffer stays with the kernel until the cancellation completes,
+        // so the read goes to `chunk`, which may be lost; `buf` may not. The
+        // body of a metadata request nearly always arrives with its head, so
+        // `chunk` is rarely allocated at all.
         let (res, b) = match rt::with_deadline(
             Instant::now() + client,
-            conn.read_append(taken, READ_CHUNK_BYTES),
+            conn.read_append(std::mem::take(&mut chunk), READ_CHUNK_BYTES),
         )
         .await
         {
             Ok(r) => r,
             Err(rt::Elapsed) => return Err(BodyError::Status(408)),
         };
-        *buf = b;
+        chunk = b;
         match res {
             Ok(0) | Err(_) => return Err(BodyError::Gone),
-            Ok(_) => {}
+            Ok(_) => {
+                buf.extend_from_slice(&chunk);
+                chunk.clear();
+            }
         }
     }
 }

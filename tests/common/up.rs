@@ -13,16 +13,29 @@ use super::daemons::free_port;
 /// The example inventory's router (`examples/inventory.toml`).
 pub const EXAMPLE_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";
 
-/// A running `metaproxy up`; SIGTERM and reaped on drop.
-pub struct Up(Child);
+/// A running `metaproxy up`; SIGTERM and reaped on drop, which then fails
+/// the test if any of its lines said `panicked` (a panic in a connection
+/// task is caught by the runtime and would otherwise go unnoticed).
+pub struct Up {
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
+}
 
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let _ = self.0.wait();
+        let _ = self.child.wait();
+        let panics = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        if !std::thread::panicking() {
+            assert!(panics.is_empty(), "`up` panicked:\n{}", panics.join("\n"));
+        }
     }
 }
 
@@ -44,6 +57,18 @@ pub fn start_up_with(
     secret: &str,
     proxy_extra: &str,
 ) -> (Up, SocketAddr) {
+    start_up_logged(dir, inventory, router, secret, proxy_extra, false)
+}
+
+/// [`start_up_with`], with `access_log` set in all three sections.
+pub fn start_up_logged(
+    dir: &Path,
+    inventory: &Path,
+    router: &str,
+    secret: &str,
+    proxy_extra: &str,
+    access_log: bool,
+) -> (Up, SocketAddr) {
     let (proxy_port, api_port) = (free_port(), free_port());
     let sock = dir.join("agent.sock");
     let cfg = dir.join("up.toml");
@@ -52,12 +77,14 @@ pub fn start_up_with(
         format!(
             r#"
 [api]
+access_log = {access_log}
 listen = "127.0.0.1:{api_port}"
 metadata_proxy_shared_secret = "{secret}"
 inventory = "{inv}"
 state_dir = "{state}"
 
 [agent]
+access_log = {access_log}
 socket = "{sock}"
 inventory = "{inv}"
 metadata_proxy_shared_secret = "{secret}"
@@ -65,6 +92,7 @@ metadata_proxy_shared_secret = "{secret}"
 nova_metadata_port = {api_port}
 
 [proxy]
+access_log = {access_log}
 agent_socket = "{sock}"
 control_socket = "{ctl}"
 {proxy_extra}
@@ -86,7 +114,10 @@ listen = "127.0.0.1:{proxy_port}"
         .spawn()
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    let up = Up(child);
+    let mut up = Up {
+        child,
+        stderr: None,
+    };
     let t0 = Instant::now();
     loop {
         let mut line = String::new();
@@ -96,7 +127,12 @@ listen = "127.0.0.1:{proxy_port}"
         }
         assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
     }
-    std::thread::spawn(move || for _ in err.lines() {});
+    up.stderr = Some(std::thread::spawn(move || {
+        err.lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains("panicked"))
+            .collect()
+    }));
     (up, format!("127.0.0.1:{proxy_port}").parse().unwrap())
 }
 
