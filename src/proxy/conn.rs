@@ -237,9 +237,8 @@ async fn handle_request(
     let mut out = ctx.take_buf();
     upstream_head(buf, &head, peer.ip(), &ns.cfg.identity, &mut out);
     out.extend_from_slice(&buf[head.head_len..body_end]);
-    let is_head = head.method == http::Method::Head;
     ns.counters.requests.set(ns.counters.requests.get() + 1);
-    let resp = match ctx.pool.request(out, is_head).await {
+    let resp = match ctx.pool.request(out, head.method).await {
         Ok(r) => r,
         Err(e) => {
             ns.counters

@@ -26,9 +26,13 @@
 //! requests than the overflow allows, everything pipelines again.
 //!
 //! Failure rules:
-//! - a connection that dies before any byte of a request's response arrived
-//!   fails that request with [`UpstreamError::Retryable`]; the caller re-sends
-//!   it once on a fresh socket ([`Pool::request`] does this);
+//! - a connection that dies (or is shut down after a timeout) fails each
+//!   request it had not answered: one never written, or a GET/HEAD, with
+//!   [`UpstreamError::Retryable`], and [`Pool::request`] re-sends it once on a
+//!   fresh socket; any other request already written (a password POST, a
+//!   token PUT) with [`UpstreamError::Unanswered`] → 502, because the agent
+//!   may have acted on it: re-sending could store a password twice (Nova
+//!   answers the second POST 409);
 //! - a partial response → 502; agent unreachable → 503; no response within the
 //!   `server` timeout → 504 (and the connection is shut down, because every
 //!   request pipelined behind the silent one is stuck too);
@@ -42,7 +46,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::http::{self, Limits, ResponseHead};
+use crate::http::{self, Limits, Method, ResponseHead};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify};
 use crate::rt::{self, UnixConn};
@@ -66,9 +70,15 @@ pub enum UpstreamError {
     /// Connecting to the agent failed or timed out.
     #[error("agent unreachable: {0}")]
     Unreachable(String),
-    /// The connection died before any of this response arrived; safe to re-send once.
+    /// The connection died before any of this response arrived, and the
+    /// request was never written or is idempotent: safe to re-send once.
     #[error("agent connection lost before the response started")]
     Retryable,
+    /// The connection died after this non-idempotent request was written and
+    /// before its response arrived: the agent may have acted on it, so it is
+    /// not re-sent.
+    #[error("agent connection lost after the request was sent")]
+    Unanswered,
     /// The response was cut off or malformed.
     #[error("agent response broken: {0}")]
     Broken(String),
@@ -82,7 +92,7 @@ impl UpstreamError {
     pub fn status(&self) -> u16 {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::Retryable => 503,
-            UpstreamError::Broken(_) => 502,
+            UpstreamError::Broken(_) | UpstreamError::Unanswered => 502,
             UpstreamError::Timeout => 504,
         }
     }
@@ -110,6 +120,8 @@ type Reply = oneshot::Sender<Result<UpstreamResponse, UpstreamError>>;
 
 struct Pending {
     is_head: bool,
+    /// GET or HEAD: may be re-sent after its bytes were written.
+    idempotent: bool,
     reply: Reply,
     /// When the request was handed to this connection.
     since: Instant,
@@ -161,9 +173,15 @@ impl UpConn {
         }
         self.stream.shutdown();
         let mut first = first;
+        // In flight = written (or being written): only an idempotent
+        // request may be re-sent; the queued ones never left.
         let in_flight: Vec<Pending> = self.in_flight.borrow_mut().drain(..).collect();
         for p in in_flight {
-            let e = first.take().unwrap_or(UpstreamError::Retryable);
+            let e = first.take().unwrap_or(if p.idempotent {
+                UpstreamError::Retryable
+            } else {
+                UpstreamError::Unanswered
+            });
             let _ = p.reply.send(Err(e));
         }
         let queued: Vec<Queued> = self.queue.borrow_mut().drain(..).collect();
@@ -221,21 +239,22 @@ impl Pool {
         }))
     }
 
-    /// Send one request (a complete head + body) and wait for its response.
-    /// A request whose connection died before any response byte arrived is
-    /// re-sent once on a fresh connection.
+    /// Send one `method` request (a complete head + body) and wait for its
+    /// response. A request whose connection died before any response byte
+    /// arrived is re-sent once on a fresh connection if it was never written
+    /// or is a GET or HEAD (see the module's failure rules).
     ///
     /// # Errors
     /// See [`UpstreamError`].
     pub async fn request(
         &self,
         bytes: Vec<u8>,
-        is_head: bool,
+        method: Method,
     ) -> Result<UpstreamResponse, UpstreamError> {
         // Keep a copy only for the one permitted re-send.
         let retry_copy = bytes.clone();
-        match self.exchange(bytes, is_head, false).await {
-            Err(UpstreamError::Retryable) => match self.exchange(retry_copy, is_head, true).await {
+        match self.exchange(bytes, method, false).await {
+            Err(UpstreamError::Retryable) => match self.exchange(retry_copy, method, true).await {
                 Err(UpstreamError::Retryable) => Err(UpstreamError::Broken(
                     "agent connection lost twice before the response started".into(),
                 )),
@@ -248,7 +267,7 @@ impl Pool {
     async fn exchange(
         &self,
         bytes: Vec<u8>,
-        is_head: bool,
+        method: Method,
         fresh: bool,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let p = &self.0;
@@ -261,7 +280,8 @@ impl Pool {
         conn.queue.borrow_mut().push_back(Queued {
             bytes,
             pending: Pending {
-                is_head,
+                is_head: method == Method::Head,
+                idempotent: matches!(method, Method::Get | Method::Head),
                 reply: tx,
                 since: Instant::now(),
             },

@@ -28,6 +28,8 @@ pub enum AgentMode {
     /// everything else at once. One connection answers in order, so whatever
     /// is pipelined behind a slow request waits for it, as with the agent.
     SlowPaths(u64),
+    /// Reads one request, records it, and closes without answering.
+    CloseAfterRead,
 }
 
 /// One request as the agent saw it.
@@ -190,6 +192,10 @@ fn serve_agent_conn(
         let payload = format!("{target} for {xff} body={}", body.len());
         let resp = match mode {
             AgentMode::Silent => continue,
+            AgentMode::CloseAfterRead => {
+                let _ = w.shutdown(std::net::Shutdown::Both);
+                return;
+            }
             AgentMode::KeepAlive
             | AgentMode::CloseEach
             | AgentMode::Delay(_)
