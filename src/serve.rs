@@ -1,7 +1,8 @@
 //! Downstream HTTP/1.1 plumbing shared by the three servers (the proxy, the
 //! agent and the API): waiting for the next request on an idle connection,
 //! reading a request body within the client timeout, answering
-//! `Expect: 100-continue`, and canned rejections.
+//! `Expect: 100-continue`, canned rejections, and lingering before a close
+//! that leaves request bytes unread.
 //!
 //! Each server keeps its own connection loop (they differ in what they do
 //! with a request), but they must agree on how a body is read and bounded;
@@ -167,6 +168,34 @@ pub async fn read_body<S: Stream>(
                 buf.extend_from_slice(&chunk);
                 chunk.clear();
             }
+        }
+    }
+}
+
+/// Longest a rejected client is drained before its socket is closed.
+pub const LINGER: Duration = Duration::from_millis(500);
+/// Most bytes drained while lingering.
+pub const LINGER_BYTES: usize = 64 * 1024;
+
+/// Close gracefully after a final answer with request bytes still unread (a
+/// rejection, or `Connection: close` with more pipelined behind it). Closing
+/// with unread bytes makes the kernel send an RST, which can destroy the
+/// answer just written before the client reads it; so half-close, discard
+/// what the client still sends (bounded by [`LINGER`] and [`LINGER_BYTES`]),
+/// then let the caller drop the fd.
+pub async fn linger_close<S: Stream>(conn: &S) {
+    conn.shutdown_write();
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0;
+    let mut buf = Vec::new();
+    while drained < LINGER_BYTES {
+        buf.clear();
+        match rt::with_deadline(deadline, conn.read_append(buf, READ_CHUNK_BYTES)).await {
+            Ok((Ok(n), b)) if n > 0 => {
+                drained += n;
+                buf = b;
+            }
+            _ => break,
         }
     }
 }

@@ -375,7 +375,11 @@ impl Drop for ActiveGuard {
 /// How a connection ended (for debug logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
+    /// Answered, nothing left unread.
     Done,
+    /// Answered (an error, or a final answer with more request bytes behind
+    /// it): linger so the answer is not lost to an RST.
+    Linger,
     PeerClosed,
     Timeout,
     Stopping,
@@ -385,7 +389,10 @@ enum End {
 async fn serve(ctx: &LoopCtx, conn: TcpConn, peer: SocketAddr, accepted: Instant) {
     let end = serve_inner(ctx, &conn, rt::peer_ip(peer), accepted).await;
     log::debug(format_args!("api: connection from {peer} ended: {end:?}"));
-    conn.shutdown();
+    match end {
+        End::Linger => serve::linger_close(&conn).await,
+        _ => conn.shutdown(),
+    }
 }
 
 /// The idle loop: holds no buffer while waiting; each request's state lives
@@ -501,7 +508,11 @@ async fn handle_request(
         Err(rt::Elapsed) => return Err(End::Timeout),
     }
     if !keep {
-        return Err(End::Done);
+        return Err(if buf.len() > body_end {
+            End::Linger
+        } else {
+            End::Done
+        });
     }
     // Keep any pipelined bytes that followed this request.
     buf.drain(..body_end);
@@ -557,7 +568,7 @@ async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
         conn.write_static(http::canned(status)),
     )
     .await;
-    End::Done
+    End::Linger
 }
 
 #[cfg(test)]
