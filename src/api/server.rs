@@ -29,6 +29,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,12 +212,17 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             format!("{}: {e}", cfg.inventory.display()),
         )
     })?;
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("state_dir {}: {e}", cfg.state_dir.display()),
-        )
-    })?;
+    // Private from the start (PasswordStore::open makes it 0700 in any case).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(super::password::STATE_DIR_MODE)
+        .create(&cfg.state_dir)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("state_dir {}: {e}", cfg.state_dir.display()),
+            )
+        })?;
     let passwords = PasswordStore::open(&cfg.state_dir).map_err(io::Error::other)?;
     let settings = ApiSettings {
         shared_secret: cfg.shared_secret.as_bytes().to_vec(),
