@@ -191,6 +191,7 @@ fn run_api(path: &Path, check: bool) -> Result<()> {
         .with_context(|| format!("refusing to start with {}", path.display()))?;
     log::info(format_args!("effective api config: {cfg:?}"));
     if check {
+        print_warnings(&cfg.warnings());
         let inv = metaproxy::inventory::Inventory::load(&cfg.inventory)
             .with_context(|| format!("refusing to start with {}", path.display()))?;
         println!(
@@ -237,6 +238,7 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
     // The secret is redacted by AgentConfig's Debug.
     log::info(format_args!("effective agent config: {cfg:?}"));
     if check {
+        print_warnings(&cfg.warnings());
         println!("{} is valid", path.display());
         return Ok(());
     }
@@ -259,6 +261,13 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
     handle.stop()?;
     log::info(format_args!("stopped"));
     Ok(())
+}
+
+/// `--check`'s report of settings that are accepted but unsafe.
+fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        println!("warning: {w}");
+    }
 }
 
 /// The three sections of one file must describe one chain.
@@ -295,6 +304,7 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
             .with_context(|| format!("inventory {}", api_cfg.inventory.display()))
             .with_context(ctx)?;
         println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
+        print_warnings(&[api_cfg.warnings(), agent_cfg.warnings()].concat());
         println!(
             "{} is valid for `up` ({} instance(s) in {})",
             path.display(),

@@ -3,6 +3,8 @@
 //! the code but not in `deploy/` would otherwise surface only on an
 //! operator's node, as a daemon that refuses to start.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -104,4 +106,52 @@ fn up_check_refuses_a_chain_that_is_not_wired_together() {
         !err.contains("another-secret"),
         "a secret reached the log: {err}"
     );
+}
+
+/// `config.toml` with both shared secrets empty: accepted (Nova and Neutron
+/// accept it, refusing would break drop-in), but `--check` flags it for each
+/// daemon that has the key, and each warns at start.
+#[test]
+fn an_empty_shared_secret_is_flagged_by_check_and_at_start() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    let secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("metadata_proxy_shared_secret = "))
+        .expect("config.toml has a shared secret");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("empty.toml");
+    std::fs::write(
+        &cfg,
+        text.replace(secret, "\"\"")
+            .replace("examples/", &format!("{}/examples/", root.display())),
+    )
+    .unwrap();
+    let check_out = |kind: &str, config: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+            .args([kind, "--check", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{kind}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let api = "warning: api.metadata_proxy_shared_secret is empty";
+    let agent = "warning: agent.metadata_proxy_shared_secret is empty";
+    let up = check_out("up", &cfg);
+    assert!(up.contains(api) && up.contains(agent), "{up}");
+    assert!(check_out("api", &cfg).contains(api));
+    assert!(check_out("agent", &cfg).contains(agent));
+    // The shipped secret is not flagged.
+    let shipped = check_out("up", Path::new("config.toml"));
+    assert!(!shipped.contains("is empty"), "{shipped}");
+
+    // At start: each daemon with the key warns.
+    let inv = root.join("examples/inventory.toml");
+    let (up, _) = common::up::start_up_with(dir.path(), &inv, common::up::EXAMPLE_ROUTER, "", "");
+    let log = up.start_log();
+    for key in ["api", "agent"] {
+        let w = format!("WARN [main] {key}.metadata_proxy_shared_secret is empty");
+        assert!(log.contains(&w), "{log}");
+    }
 }

@@ -462,6 +462,20 @@ impl fmt::Debug for AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Accepted but unsafe settings, one sentence each: logged at start and
+    /// printed by `--check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.shared_secret.is_empty() {
+            w.push(crate::sign::empty_secret_warning(
+                "agent.metadata_proxy_shared_secret",
+            ));
+        }
+        w
+    }
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),

@@ -297,6 +297,9 @@ fn bind_socket(cfg: &AgentConfig) -> io::Result<UnixListener> {
 /// The inventory is broken, another agent is running, the socket cannot be
 /// bound, or a thread could not start.
 pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
+    for w in cfg.warnings() {
+        log::warn(format_args!("{w}"));
+    }
     let (store, backend) = match &cfg.backend {
         Backend::Inventory(inv_path) => {
             let store = InventoryStore::load(inv_path)

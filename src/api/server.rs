@@ -203,6 +203,9 @@ fn spawn_watcher(
 /// The inventory or the password store could not be loaded, an address could
 /// not be bound (the daemon must refuse to start), or a thread could not start.
 pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
+    for w in cfg.warnings() {
+        log::warn(format_args!("{w}"));
+    }
     // The watcher's baseline is taken before the file is read, so an edit
     // between loading and the watcher starting is not missed.
     let loaded = crate::inventory::watch::FileVersion::of(&cfg.inventory);

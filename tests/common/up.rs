@@ -18,7 +18,16 @@ pub const EXAMPLE_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";
 /// task is caught by the runtime and would otherwise go unnoticed).
 pub struct Up {
     child: Child,
-    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
+    /// Start-up lines (up to "serving"), then every `panicked` line after.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stderr: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Up {
+    /// What `up` logged while starting (through its "serving" line).
+    pub fn start_log(&self) -> String {
+        self.lines.lock().unwrap().concat()
+    }
 }
 
 impl Drop for Up {
@@ -28,11 +37,17 @@ impl Drop for Up {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
-        let panics = self
-            .stderr
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        let panics: Vec<String> = self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("panicked"))
+            .cloned()
+            .collect();
         if !std::thread::panicking() {
             assert!(panics.is_empty(), "`up` panicked:\n{}", panics.join("\n"));
         }
@@ -116,22 +131,27 @@ listen = "127.0.0.1:{proxy_port}"
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut up = Up {
         child,
+        lines: Default::default(),
         stderr: None,
     };
     let t0 = Instant::now();
     loop {
         let mut line = String::new();
         assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
-        if line.contains("up: api, agent and proxy are serving") {
+        let serving = line.contains("up: api, agent and proxy are serving");
+        up.lines.lock().unwrap().push(line);
+        if serving {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
     }
+    let lines = up.lines.clone();
     up.stderr = Some(std::thread::spawn(move || {
-        err.lines()
-            .map_while(Result::ok)
-            .filter(|l| l.contains("panicked"))
-            .collect()
+        for l in err.lines().map_while(Result::ok) {
+            if l.contains("panicked") {
+                lines.lock().unwrap().push(l);
+            }
+        }
     }));
     (up, format!("127.0.0.1:{proxy_port}").parse().unwrap())
 }
