@@ -365,7 +365,9 @@ fn token_verdict(
     let req = imdsv2::TokenRequest {
         is_put: head.method == http::Method::Put,
         path,
-        has_forwarded_for: head.header_count(buf, "x-forwarded-for") > 0,
+        has_forwarded_for: imdsv2::FORWARDING_HEADERS
+            .iter()
+            .any(|h| head.header_count(buf, h) > 0),
         ttl: &ttl,
         tokens: &tokens,
     };
