@@ -91,7 +91,7 @@ impl std::fmt::Debug for PasswordStore {
 
 impl PasswordStore {
     /// Open (or create) `state_dir/passwords.log` and replay it; make the
-    /// directory [`STATE_DIR_MODE`] and the file [`PASSWORD_LOG_MODE`].
+    /// directory 0700 and the file 0600 (`STATE_DIR_MODE`, `PASSWORD_LOG_MODE`).
     ///
     /// # Errors
     /// [`PasswordError::Io`] if the directory or file cannot be opened, read,
