@@ -132,6 +132,7 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
         .with_context(|| format!("refusing to start with {}", path.display()))?;
     log::info(format_args!("effective proxy config: {cfg:?}"));
     if check {
+        print_warnings(&proxy_agent_warnings(path, &cfg)?);
         println!("{} is valid", path.display());
         return Ok(());
     }
@@ -263,11 +264,48 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
     Ok(())
 }
 
+/// Proxy limits above the agent's. The proxy alone cannot know the agent it
+/// will talk to: it compares with this file's `[agent]` section when there
+/// is one (a network node's file usually configures both), else with the
+/// agent's defaults, and says which.
+fn proxy_agent_warnings(path: &Path, proxy: &ProxyConfig) -> Result<Vec<String>> {
+    let file = config::load_file(path)?;
+    let (agent, whose) = match &file.agent {
+        Some(t) => (
+            metaproxy::agent::config::AgentFile::from_table(t)?.limits()?,
+            "this file's [agent.limits]",
+        ),
+        None => (
+            metaproxy::agent::config::DEFAULT_AGENT_LIMITS,
+            "the agent's defaults; this file has no [agent] section",
+        ),
+    };
+    Ok(metaproxy::agent::config::proxy_limit_warnings(
+        &proxy.limits,
+        &agent,
+        whose,
+    ))
+}
+
 /// `--check`'s report of settings that are accepted but unsafe.
 fn print_warnings(warnings: &[String]) {
     for w in warnings {
         println!("warning: {w}");
     }
+}
+
+/// Everything `up --check` warns about.
+fn up_warnings(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Vec<String> {
+    [
+        api.warnings(),
+        agent.warnings(),
+        metaproxy::agent::config::proxy_limit_warnings(
+            &proxy.limits,
+            &agent.limits,
+            "[agent.limits]",
+        ),
+    ]
+    .concat()
 }
 
 /// The three sections of one file must describe one chain.
@@ -304,7 +342,7 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
             .with_context(|| format!("inventory {}", api_cfg.inventory.display()))
             .with_context(ctx)?;
         println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
-        print_warnings(&[api_cfg.warnings(), agent_cfg.warnings()].concat());
+        print_warnings(&up_warnings(&api_cfg, &agent_cfg, &proxy_cfg));
         println!(
             "{} is valid for `up` ({} instance(s) in {})",
             path.display(),
@@ -320,6 +358,13 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
         .map(|a| format!("curl http://{a}/openstack/latest/meta_data.json"));
     let (ctl_path, discover) = (proxy_cfg.control_socket.clone(), proxy_cfg.discover.clone());
     let signals = metaproxy::signals::block_terminating()?;
+    for w in metaproxy::agent::config::proxy_limit_warnings(
+        &proxy_cfg.limits,
+        &agent_cfg.limits,
+        "[agent.limits]",
+    ) {
+        log::warn(format_args!("{w}"));
+    }
     let api = metaproxy::api::server::start(api_cfg).with_context(ctx)?;
     let agent = metaproxy::agent::start(agent_cfg).with_context(ctx)?;
     let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;

@@ -20,6 +20,7 @@ struct Chain {
     to: std::net::SocketAddr,
     vms: Vec<VmSpec>,
     api_addr: std::net::SocketAddr,
+    agent_socket: std::path::PathBuf,
     api: Daemon,
     agent: Daemon,
     proxy: Daemon,
@@ -57,6 +58,7 @@ fn chain_with(access_log: bool, tail: &str) -> Chain {
         _dir: dir,
         to: c.proxy,
         api_addr: c.api,
+        agent_socket: c.agent_socket.clone(),
         vms,
         api,
         agent,
@@ -208,7 +210,10 @@ fn body_timeout(mut s: impl std::io::Read + std::io::Write) -> u16 {
 
 #[test]
 fn body_timeout_is_408_with_access_log_on_in_each_daemon() {
-    let c = chain_with(true, "\n[api.timeouts]\nclient = \"1s\"\n");
+    let c = chain_with(
+        true,
+        "\n[api.timeouts]\nclient = \"1s\"\n[agent.timeouts]\nclient = \"1s\"\n",
+    );
     let wait = Duration::from_secs(10);
     let tcp = |to| {
         let s = std::net::TcpStream::connect(to).unwrap();
@@ -217,5 +222,8 @@ fn body_timeout_is_408_with_access_log_on_in_each_daemon() {
     };
     assert_eq!(body_timeout(tcp(c.to)), 408, "proxy");
     assert_eq!(body_timeout(tcp(c.api_addr)), 408, "api");
+    let agent = std::os::unix::net::UnixStream::connect(&c.agent_socket).unwrap();
+    agent.set_read_timeout(Some(wait)).unwrap();
+    assert_eq!(body_timeout(agent), 408, "agent");
     // No log said `panicked`: `Daemon`'s drop checks that.
 }

@@ -155,3 +155,67 @@ fn an_empty_shared_secret_is_flagged_by_check_and_at_start() {
         assert!(log.contains(&w), "{log}");
     }
 }
+
+/// `[proxy.limits]` above what the agent accepts is reported by `up --check`
+/// and `proxy --check` (which compares with the file's `[agent]` section, or
+/// with the agent's defaults when the file has none, and says which).
+#[test]
+fn a_proxy_limit_above_the_agents_is_reported_by_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    assert!(text.contains("max_head_bytes = 8192"));
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = |kind: &str, cfg: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+            .args([kind, "--check", "--config"])
+            .arg(cfg)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{kind}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let warning = "warning: proxy.limits.max_head_bytes = 32768 exceeds what the agent accepts";
+    let big = dir.path().join("big.toml");
+    std::fs::write(
+        &big,
+        text.replace("max_head_bytes = 8192", "max_head_bytes = 32768")
+            .replace("examples/", &format!("{}/examples/", root.display())),
+    )
+    .unwrap();
+    for kind in ["up", "proxy"] {
+        let out = stdout(kind, &big);
+        assert!(out.contains(warning), "{kind}: {out}");
+        assert!(out.contains("[agent.limits]"), "{kind}: {out}");
+    }
+    // Raised in [agent.limits] too: nothing to report.
+    let both = dir.path().join("both.toml");
+    let big_text = std::fs::read_to_string(&big).unwrap();
+    assert!(big_text.contains("max_head_bytes = 8704"));
+    std::fs::write(
+        &both,
+        big_text.replace("max_head_bytes = 8704", "max_head_bytes = 33280"),
+    )
+    .unwrap();
+    for kind in ["up", "proxy"] {
+        assert!(!stdout(kind, &both).contains("warning:"), "{kind}");
+    }
+    // A proxy-only file: compared with the agent's defaults, and says so.
+    let proxy_only = dir.path().join("proxy.toml");
+    let proxy_text = &text[..text.find("[agent]").expect("config.toml has [agent]")];
+    std::fs::write(
+        &proxy_only,
+        proxy_text.replace("max_head_bytes = 8192", "max_head_bytes = 32768"),
+    )
+    .unwrap();
+    let out = stdout("proxy", &proxy_only);
+    assert!(
+        out.contains(warning) && out.contains("the agent's defaults"),
+        "{out}"
+    );
+    // The shipped files report nothing.
+    for kind in ["up", "proxy"] {
+        let out = stdout(kind, Path::new("config.toml"));
+        assert!(!out.contains("warning:"), "{kind}: {out}");
+    }
+}
