@@ -482,3 +482,28 @@ fn a_written_post_is_never_resent_after_the_connection_dies() {
     assert_eq!(gets, 2, "a GET is re-sent once");
     h.stop().unwrap();
 }
+
+/// A one-shot connection (here the fresh one a GET is re-sent on after its
+/// pooled connection died unanswered) is closed by the proxy as soon as its
+/// answer is read, even though the agent would keep it alive: otherwise
+/// each one holds an fd on both sides until the agent's idle timeout.
+#[test]
+fn a_one_shot_connection_is_closed_once_answered() {
+    let agent = FakeAgent::start(AgentMode::FirstCloses);
+    let (h, addr) = start(&agent, "");
+    let r = get(addr, GET).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        agent.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while agent.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the one-shot connection stayed open"
+        );
+        std::thread::yield_now();
+    }
+    h.stop().unwrap();
+}

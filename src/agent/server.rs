@@ -34,9 +34,9 @@
 //!
 //! Our own error pages use Neutron's era-C body bytes but CRLF heads and no
 //! `Connection: close`: a well-framed request that resolved to "not found"
-//! leaves the connection in a good state, and closing it would make
-//! metaproxy's proxy pool believe the agent is one-shot (it switches to one
-//! connection per request on the first `Connection: close`).
+//! leaves the connection in a good state, and closing it would cost the
+//! proxy's pool a reconnect (it switches to one connection per request only
+//! after several successful answers that close, never after an error page).
 
 use std::cell::{Cell, RefCell};
 use std::io;

@@ -36,9 +36,18 @@
 //! - a partial response → 502; agent unreachable → 503; no response within the
 //!   `server` timeout → 504 (and the connection is shut down, because every
 //!   request pipelined behind the silent one is stuck too);
-//! - an agent that answers `Connection: close` (neutron-metadata-agent does,
-//!   one request per connection) switches the pool to one fresh connection per
-//!   request, so pipelined requests are never lost to its closes.
+//! - an agent that answers `Connection: close` after successful answers
+//!   [`ONE_SHOT_AFTER`] times in a row (neutron-metadata-agent does: one
+//!   request per connection) switches the pool to one fresh connection per
+//!   request, so pipelined requests are never lost to its closes; a
+//!   successful keep-alive answer switches it back. A close after an error
+//!   answer (a canned 431 or 400 says `Connection: close` because the stream
+//!   cannot be trusted any more) only ends that connection: one oversized
+//!   head must not degrade the pool for good;
+//! - a one-shot connection (one per request, or the fresh one a re-send
+//!   uses) is closed as soon as its answer is read, whatever the agent says:
+//!   an agent that keeps it alive would otherwise hold one fd per request in
+//!   the proxy until its idle timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -63,6 +72,11 @@ const STALLED_AFTER: Duration = Duration::from_millis(20);
 /// While every pooled connection is stalled, the pool may hold this many
 /// times `upstream_pool_size` connections.
 const OVERFLOW_FACTOR: usize = 4;
+
+/// Successful answers with `Connection: close`, in a row, after which the
+/// agent is taken to close after every response (one connection per
+/// request from then on).
+pub const ONE_SHOT_AFTER: u32 = 3;
 
 /// Why an upstream exchange failed; [`UpstreamError::status`] classifies it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +155,8 @@ struct UpConn {
     dead: Cell<bool>,
     /// When the last response was delivered.
     answered: Cell<Instant>,
+    /// Carries one request: closed as soon as its answer is read.
+    one_shot: bool,
 }
 
 impl UpConn {
@@ -218,6 +234,8 @@ struct PoolInner {
     conns: RefCell<Vec<Rc<UpConn>>>,
     /// The agent closes after every response: use one connection per request.
     one_per_conn: Cell<bool>,
+    /// Successful answers with `Connection: close` in a row.
+    closes_in_a_row: Cell<u32>,
     /// Log "agent unreachable" once per outage, not per request.
     down_logged: Cell<bool>,
     /// Pooled dials in progress (they count against `size`).
@@ -233,6 +251,7 @@ impl Pool {
             cfg,
             conns: RefCell::new(Vec::new()),
             one_per_conn: Cell::new(false),
+            closes_in_a_row: Cell::new(0),
             down_logged: Cell::new(false),
             dialing: Cell::new(0),
             dial_done: RefCell::new(Event::default()),
@@ -383,6 +402,7 @@ impl Pool {
             wake_writer: Notify::default(),
             dead: Cell::new(false),
             answered: Cell::new(Instant::now()),
+            one_shot: !pooled,
         });
         rt::spawn(writer(conn.clone()));
         rt::spawn(reader(self.clone(), conn.clone()));
@@ -403,7 +423,24 @@ impl Pool {
         UpstreamError::Unreachable(why)
     }
 
-    fn saw_close(&self) {
+    /// A successful answer said `Connection: close` (`close`) or not.
+    fn saw_success(&self, close: bool) {
+        let p = &self.0;
+        if !close {
+            p.closes_in_a_row.set(0);
+            if p.one_per_conn.replace(false) {
+                log::info(format_args!(
+                    "agent at {} keeps connections alive again; pooling",
+                    p.cfg.socket.display()
+                ));
+            }
+            return;
+        }
+        let n = p.closes_in_a_row.get().saturating_add(1);
+        p.closes_in_a_row.set(n);
+        if n < ONE_SHOT_AFTER {
+            return;
+        }
         if !self.0.one_per_conn.replace(true) {
             log::info(format_args!(
                 "agent at {} closes after each response; using one connection per request",
@@ -463,6 +500,7 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                     let rest = buf.split_off(len);
                     let bytes = std::mem::replace(&mut buf, rest);
                     let close = !head.keep_alive;
+                    let success = head.status < 400;
                     let p = conn
                         .in_flight
                         .borrow_mut()
@@ -474,8 +512,10 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                         until_close: false,
                     }));
                     conn.answered.set(Instant::now());
-                    if close {
-                        pool.saw_close();
+                    if success {
+                        pool.saw_success(close);
+                    }
+                    if close || conn.one_shot {
                         conn.kill(None);
                         return;
                     }

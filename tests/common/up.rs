@@ -24,6 +24,11 @@ pub struct Up {
 }
 
 impl Up {
+    /// The process id (for `/proc/<pid>/fd`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What `up` logged while starting (through its "serving" line).
     pub fn start_log(&self) -> String {
         self.lines.lock().unwrap().concat()
