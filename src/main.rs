@@ -308,8 +308,42 @@ fn up_warnings(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Vec
     .concat()
 }
 
-/// The three sections of one file must describe one chain.
+/// The three sections of one file must describe one chain, and one in
+/// which every guest keeps its own identity end to end: the proxy stamps the
+/// guest's address, the agent resolves it to an instance and signs that,
+/// and the API serves the signed instance. Refused:
+/// - `api.service_metadata_proxy = false`: the API would identify guests by
+///   their TCP peer, which inside `up` is always the agent, so every guest
+///   would be served as whichever instance owns the agent's address (and
+///   its password POST stored on it);
+/// - the agent resolving from another inventory file than the API serves:
+///   the instance the agent signs for an address is then not the one the
+///   API's file gives that address (a stale copy hands a VM another's data).
 fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Result<()> {
+    if !api.service_metadata_proxy {
+        bail!(
+            "api.service_metadata_proxy = false: inside `up` the API's TCP peer is always the agent, \
+             so every guest would be served as the instance that owns the agent's address; \
+             `up` needs service_metadata_proxy = true (a standalone `metaproxy api` may identify guests by peer)"
+        );
+    }
+    if let metaproxy::agent::config::Backend::Inventory(agent_inv) = &agent.backend {
+        let same = |a: &Path, b: &Path| {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        if !same(agent_inv, &api.inventory) {
+            bail!(
+                "agent.inventory ({}) is not api.inventory ({}): the agent would sign, for a guest's \
+                 address, an instance the API's file may give to another guest",
+                agent_inv.display(),
+                api.inventory.display()
+            );
+        }
+    }
     if proxy.agent_socket != agent.socket {
         bail!(
             "proxy.agent_socket ({}) is not agent.socket ({}): the proxy would not reach this agent",

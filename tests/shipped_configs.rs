@@ -219,3 +219,70 @@ fn a_proxy_limit_above_the_agents_is_reported_by_check() {
         assert!(!out.contains("warning:"), "{kind}: {out}");
     }
 }
+
+/// `up` (and `up --check`) refuses a chain in which every guest would be
+/// served as one instance, naming the key: `[api] service_metadata_proxy =
+/// false` (the API's TCP peer is always the agent), or an agent resolving
+/// from another inventory than the API serves.
+#[test]
+fn up_refuses_a_chain_where_identity_collapses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config.toml")).unwrap();
+    let abs = text.replace("examples/", &format!("{}/examples/", root.display()));
+    assert!(abs.contains("service_metadata_proxy = true"));
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |name: &str, cfg_text: String, key: &str| {
+        let cfg = dir.path().join(name);
+        std::fs::write(&cfg, cfg_text).unwrap();
+        for args in [&["up", "--check"][..], &["up"]] {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+                .args(args)
+                .arg("--config")
+                .arg(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A refusal exits at once; an accepted `up` would serve forever.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break st;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{args:?} {name}: accepted and serving");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            assert!(!status.success(), "{args:?} {name} accepted: {err}");
+            assert!(err.contains(key), "{args:?} {name}: {err}");
+        }
+    };
+    refused(
+        "direct.toml",
+        abs.replace(
+            "service_metadata_proxy = true",
+            "service_metadata_proxy = false",
+        ),
+        "api.service_metadata_proxy",
+    );
+    // The agent's copy of the inventory is another file (same content today).
+    let copy = dir.path().join("agent-inventory.toml");
+    std::fs::copy(root.join("examples/inventory.toml"), &copy).unwrap();
+    let inv_line = format!("inventory = \"{}/examples/inventory.toml\"", root.display());
+    let agent_at = abs.find("[agent]").unwrap();
+    let (head, tail) = abs.split_at(agent_at);
+    let other = format!(
+        "{head}{}",
+        tail.replacen(&inv_line, &format!("inventory = \"{}\"", copy.display()), 1)
+    );
+    assert_ne!(other, abs);
+    refused("two-inventories.toml", other, "agent.inventory");
+    // The standalone API may identify guests by peer (Nova's direct mode).
+    let direct = dir.path().join("direct.toml");
+    check("api", &direct);
+}
