@@ -262,6 +262,20 @@ impl TlsConn {
         }
     }
 
+    /// What is waiting to be read now, decrypted or not (see
+    /// [`TcpConn::pending_input`]). Bytes rustls already decrypted count.
+    pub fn pending_input(&self) -> crate::rt::PendingInput {
+        let buffered = self
+            .tls
+            .borrow_mut()
+            .process_new_packets()
+            .map_or(true, |s| s.plaintext_bytes_to_read() > 0);
+        if buffered {
+            return crate::rt::PendingInput::Bytes;
+        }
+        self.tcp.pending_input()
+    }
+
     /// Shut the socket down (no close_notify: the connection is being dropped).
     pub fn shutdown(&self) {
         self.tcp.shutdown();
