@@ -601,6 +601,100 @@ mod tests {
         assert_eq!(pool.active(), 0, "every slot returned");
     }
 
+    /// A server that answers each request with its connection's index; on
+    /// connection 0 it sends a stale extra answer when told (while the
+    /// connection is idle in the pool), and `/extra` gets its answer and a
+    /// second one in one write.
+    fn desync_server() -> (
+        std::net::SocketAddr,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let mut go = Some((go_rx, done_tx));
+        std::thread::spawn(move || {
+            for (i, s) in l.incoming().flatten().enumerate() {
+                let mut signal = if i == 0 { go.take() } else { None };
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                        }
+                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{i}");
+                        let stale = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale";
+                        let out = if line.starts_with("GET /extra ") {
+                            format!("{answer}{stale}")
+                        } else {
+                            answer
+                        };
+                        if w.write_all(out.as_bytes()).is_err() {
+                            return;
+                        }
+                        if let Some((go, done)) = signal.take() {
+                            if go.recv().is_ok() {
+                                w.write_all(stale.as_bytes()).unwrap();
+                                done.send(()).unwrap();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, go_tx, done_rx)
+    }
+
+    #[test]
+    fn unsolicited_bytes_close_the_connection_and_never_answer_a_request() {
+        let (addr, go, done) = desync_server();
+        let pool = Pool::new(addr, 2, Duration::from_secs(5));
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        crate::rt::block_on(async {
+            let a = pool.request(&get("/"), false).await.unwrap();
+            assert_eq!(a.payload(), b"0");
+            assert_eq!(pool.idle(), 1);
+            // Bytes arrive on the idle connection that no request asked for.
+            go.send(()).unwrap();
+            done.recv().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pool.idle.borrow()[0].pending_input() != PendingInput::Bytes {
+                assert!(Instant::now() < deadline, "stale bytes never arrived");
+                std::thread::yield_now();
+            }
+            // The next request is not answered with them: a new connection.
+            let b = pool.request(&get("/"), false).await.unwrap();
+            assert_eq!(b.payload(), b"1", "answered from a fresh connection");
+            assert_eq!(pool.unsolicited_closes(), 1);
+            // A second answer right behind the first: the request fails (its
+            // answer is not trustworthy) and the connection is not reused.
+            let c = pool.request(&get("/extra"), false).await;
+            assert!(
+                matches!(c, Err(ForwardError::Broken(_))),
+                "{:?}",
+                c.map(|r| r.payload())
+            );
+            assert_eq!(pool.unsolicited_closes(), 2);
+            let d = pool.request(&get("/"), false).await.unwrap();
+            assert_eq!(d.payload(), b"2", "not the broken connection");
+        })
+        .unwrap();
+    }
+
     #[test]
     fn frames_length_chunked_and_close_delimited() {
         let l = Limits::default();
