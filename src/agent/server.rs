@@ -36,7 +36,15 @@
 //! `Connection: close`: a well-framed request that resolved to "not found"
 //! leaves the connection in a good state, and closing it would make
 //! metaproxy's proxy pool believe the agent is one-shot (it switches to one
-//! connection per request on the first `Connection: close`).
+//! connection per request on the first `Connection: close`). After a HEAD
+//! every page has the same head and no body ([`http::write_answer`]): the
+//! proxy does not read a body after a HEAD, so one would become the start of
+//! the next VM's answer on that pooled connection.
+//!
+//! The request to the API is written by [`forward::write_api_request`] from
+//! a [`Resolved`], whose ids were parsed where the backend returned them: a
+//! tenant's `device_id` cannot put a byte into the head that an id may not
+//! have.
 
 use std::cell::{Cell, RefCell};
 use std::io;

@@ -262,18 +262,25 @@ impl TlsConn {
         }
     }
 
-    /// What is waiting to be read now, decrypted or not (see
-    /// [`TcpConn::pending_input`]). Bytes rustls already decrypted count.
+    /// What is waiting to be read now (see [`TcpConn::pending_input`]):
+    /// `Bytes` when rustls holds decrypted data no read took. Ciphertext
+    /// still on the socket may be a TLS record that carries no data (a
+    /// session ticket, a key update), so it is reported as `Closed`: the
+    /// connection is not reused, but what was read on it stands.
     pub fn pending_input(&self) -> crate::rt::PendingInput {
+        use crate::rt::PendingInput;
         let buffered = self
             .tls
             .borrow_mut()
             .process_new_packets()
             .map_or(true, |s| s.plaintext_bytes_to_read() > 0);
         if buffered {
-            return crate::rt::PendingInput::Bytes;
+            return PendingInput::Bytes;
         }
-        self.tcp.pending_input()
+        match self.tcp.pending_input() {
+            PendingInput::Nothing => PendingInput::Nothing,
+            PendingInput::Bytes | PendingInput::Closed => PendingInput::Closed,
+        }
     }
 
     /// Shut the socket down (no close_notify: the connection is being dropped).
