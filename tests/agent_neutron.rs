@@ -27,6 +27,14 @@ const ROUTER: &str = "7a000000-0000-4000-8000-0000000000c1";
 const NET: &str = "7a000000-0000-4000-8000-0000000000a1";
 const NET_OTHER: &str = "7a000000-0000-4000-8000-0000000000a2";
 const PROJECT: &str = "7a00000000004000800000000000aaaa";
+/// The two ports sharing 10.9.9.9 (on NET and on NET_OTHER).
+const DUP_A: &str = "d0000000-0000-4000-8000-00000000000a";
+const DUP_B: &str = "d0000000-0000-4000-8000-00000000000b";
+/// Instances the fake API misbehaves for: a broken answer (the agent says
+/// 502) and no answer at all (504 after the agent's API timeout).
+/// Both beyond the 200 VMs the storms ask for.
+const API_BROKEN_VM: usize = 200;
+const API_SILENT_VM: usize = 201;
 
 fn vm_uuid(i: usize) -> String {
     format!("{i:08x}-0000-4000-8000-000000000000")
@@ -36,10 +44,11 @@ fn vm_ip(i: usize) -> String {
     format!("10.0.{}.{}", i / 200, 10 + i % 200)
 }
 
-/// 200 VMs on NET behind ROUTER, the router's interface, a DHCP port, and
+/// 202 VMs on NET behind ROUTER (the storms ask the first 200; the fake API
+/// misbehaves for the last two), the router's interface, a DHCP port, and
 /// two ports sharing 10.9.9.9 (one on NET, one on NET_OTHER also on the router).
 fn ports() -> Vec<FakePort> {
-    let mut v: Vec<FakePort> = (0..200)
+    let mut v: Vec<FakePort> = (0..=API_SILENT_VM)
         .map(|i| FakePort {
             device_id: vm_uuid(i),
             device_owner: "compute:nova".into(),
@@ -66,8 +75,8 @@ fn ports() -> Vec<FakePort> {
         ips: vec!["10.1.0.1".into()],
     });
     for (net, mac, dev) in [
-        (NET, "fa:16:3e:ee:00:01", "dup-a"),
-        (NET_OTHER, "fa:16:3e:ee:00:02", "dup-b"),
+        (NET, "fa:16:3e:ee:00:01", DUP_A),
+        (NET_OTHER, "fa:16:3e:ee:00:02", DUP_B),
     ] {
         v.push(FakePort {
             device_id: dev.into(),
@@ -116,11 +125,20 @@ impl FakeNeutron {
 
     /// With `tls`, every connection is HTTPS with that server config.
     fn start_tls(keystone: bool, tls: Option<Arc<rustls::ServerConfig>>) -> FakeNeutron {
+        FakeNeutron::start_db(keystone, tls, ports())
+    }
+
+    /// Serving the ports `db`.
+    fn start_db(
+        keystone: bool,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        db: Vec<FakePort>,
+    ) -> FakeNeutron {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(NeutronState::default());
         let mode = Arc::new(Mutex::new(Mode::Up));
-        let db = Arc::new(ports());
+        let db = Arc::new(db);
         let (st, md) = (state.clone(), mode.clone());
         std::thread::spawn(move || {
             for conn in l.incoming() {
@@ -241,7 +259,10 @@ fn serve_neutron<S: Read + Write>(
     }
 }
 
-/// The metadata API: 200 `instance=<X-Instance-ID>`.
+/// The metadata API: 200 `instance=<X-Instance-ID>` (no body after a HEAD,
+/// as Nova answers), except for [`API_BROKEN_VM`] (garbage) and
+/// [`API_SILENT_VM`] (no answer). Like a line-oriented server, it takes
+/// every header line it reads at face value: a smuggled request is answered.
 fn fake_api() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -257,6 +278,7 @@ fn fake_api() -> SocketAddr {
                     if r.read_line(&mut line).unwrap_or(0) == 0 {
                         return;
                     }
+                    let is_head = line.starts_with("HEAD ");
                     loop {
                         let mut h = String::new();
                         if r.read_line(&mut h).unwrap_or(0) == 0 {
@@ -270,10 +292,20 @@ fn fake_api() -> SocketAddr {
                             instance = v.to_string();
                         }
                     }
+                    if instance == vm_uuid(API_SILENT_VM) {
+                        let mut sink = Vec::new();
+                        let _ = r.read_to_end(&mut sink);
+                        return;
+                    }
+                    if instance == vm_uuid(API_BROKEN_VM) {
+                        let _ = w.write_all(b"NOT HTTP AT ALL\r\n\r\n");
+                        return;
+                    }
                     let body = format!("instance={instance}");
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+                        body.len(),
+                        if is_head { "" } else { &body }
                     );
                     if w.write_all(resp.as_bytes()).is_err() {
                         return;
@@ -310,6 +342,17 @@ impl Agent {
     }
 
     fn start_with(neutron: &FakeNeutron, scheme: &str, auth: &str, extra: &str) -> Agent {
+        Agent::start_full(neutron, scheme, auth, extra, "")
+    }
+
+    /// `nova` goes into the agent's `[nova]` section.
+    fn start_full(
+        neutron: &FakeNeutron,
+        scheme: &str,
+        auth: &str,
+        extra: &str,
+        nova: &str,
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let api = fake_api();
         let text = format!(
@@ -323,6 +366,7 @@ metrics_listen = "127.0.0.1:0"
 [nova]
 nova_metadata_host = "127.0.0.1"
 nova_metadata_port = {}
+{nova}
 [neutron]
 url = "{scheme}://{}"
 timeout = "1s"
@@ -601,7 +645,7 @@ fn zero_or_duplicate_ports_are_404_with_neutrons_message() {
         // ... but unique on NET alone.
         let r = one(&agent.socket, &by_network("10.9.9.9"));
         assert_eq!(r.status, 200, "{extra}: {}", r.text());
-        assert_eq!(r.text(), "instance=dup-a");
+        assert_eq!(r.text(), format!("instance={DUP_A}"));
         // An unknown router has no networks.
         let r = one(
             &agent.socket,
@@ -661,4 +705,198 @@ fn https_neutron_and_keystone_with_ca_file_or_insecure() {
     let agent = https(&auth(""));
     let r = one(&agent.socket, &by_network(&vm_ip(7)));
     assert_eq!(r.status, 503, "{}", r.text());
+}
+
+/// What a tenant can store in its own port's `device_id` and `project_id`
+/// (Neutron accepts any string up to 255 characters): CR LF that smuggle a
+/// second request onto the agent's pooled API connection (naming another
+/// VM), a NUL, 255 bytes, and ids that are simply not UUIDs. The ports sit
+/// on NET at 10.8.0.10 and up.
+fn hostile_ports() -> Vec<FakePort> {
+    let smuggle = |victim: usize| {
+        format!(
+            "{}\r\nContent-Length: 0\r\n\r\nGET /smuggled HTTP/1.1\r\nX-Instance-ID: {}",
+            vm_uuid(victim),
+            vm_uuid(victim + 1)
+        )
+    };
+    let devices = [
+        smuggle(1),
+        smuggle(50),
+        format!("{}\r\n\r\n", vm_uuid(2)),
+        format!("{}\n", vm_uuid(3)),
+        format!("{}\0", vm_uuid(4)),
+        "\0".repeat(36),
+        "d".repeat(255),
+        "not-a-uuid".into(),
+        format!("{} ", vm_uuid(5)),
+        String::new(),
+    ];
+    let projects = [
+        format!("{PROJECT}\r\nX-Instance-ID: {}", vm_uuid(6)),
+        format!("{PROJECT}\r\n\r\nGET / HTTP/1.1"),
+        "\0".repeat(32),
+        "p".repeat(255),
+        "demo".into(),
+    ];
+    let mut v = Vec::new();
+    let mut k = 0usize;
+    let mut push = |device: String, project: String| {
+        v.push(FakePort {
+            device_id: device,
+            device_owner: "compute:nova".into(),
+            network_id: NET.into(),
+            project,
+            mac: format!("fa:16:3e:88:00:{k:02x}"),
+            ips: vec![hostile_ip(k)],
+        });
+        k += 1;
+    };
+    for d in devices {
+        push(d, PROJECT.into());
+    }
+    for (j, p) in projects.into_iter().enumerate() {
+        push(format!("e{j:07x}-0000-4000-8000-000000000000"), p);
+    }
+    v
+}
+
+const HOSTILE_PORTS: usize = 15;
+
+fn hostile_ip(k: usize) -> String {
+    format!("10.8.0.{}", 10 + k)
+}
+
+#[test]
+fn hostile_device_and_project_ids_are_404_and_every_innocent_vm_gets_its_own_answer() {
+    let mut db = ports();
+    db.extend(hostile_ports());
+    assert_eq!(db.len(), ports().len() + HOSTILE_PORTS);
+    for extra in ["", "prefetch_network = false\nbatch_window = \"5ms\""] {
+        let neutron = FakeNeutron::start_db(false, None, db.clone());
+        let agent = Agent::start(&neutron, false, extra);
+        // 200 innocent VMs and every hostile port ask at once, each on its
+        // own connection, three times each; the hostile ones as GET and HEAD.
+        let barrier = Arc::new(Barrier::new(200 + HOSTILE_PORTS));
+        let spawn = |reqs: Vec<(String, bool)>| {
+            let barrier = barrier.clone();
+            let sock = agent.socket.clone();
+            std::thread::spawn(move || {
+                let s = UnixStream::connect(&sock).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                barrier.wait();
+                reqs.into_iter()
+                    .map(|(q, head)| {
+                        w.write_all(q.as_bytes()).unwrap();
+                        read_response(&mut r, head).unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let innocent: Vec<_> = (0..200)
+            .map(|i| (i, spawn(vec![(by_router(&vm_ip(i)), false); 3])))
+            .collect();
+        let hostile: Vec<_> = (0..HOSTILE_PORTS)
+            .map(|k| {
+                let get = by_router(&hostile_ip(k));
+                let head = get.replacen("GET ", "HEAD ", 1);
+                (
+                    k,
+                    spawn(vec![(get.clone(), false), (head, true), (get, false)]),
+                )
+            })
+            .collect();
+        let mut wrong = Vec::new();
+        for (i, t) in innocent {
+            for resp in t.join().unwrap() {
+                let want = format!("instance={}", vm_uuid(i));
+                if resp.status != 200 || resp.text() != want {
+                    wrong.push(format!("vm {i}: {} {:?}", resp.status, resp.text()));
+                }
+            }
+        }
+        for (k, t) in hostile {
+            for resp in t.join().unwrap() {
+                if resp.status != 404 {
+                    wrong.push(format!(
+                        "hostile port {k}: {} {:?}",
+                        resp.status,
+                        resp.text()
+                    ));
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{extra:?}: {} wrong: {wrong:#?}",
+            wrong.len()
+        );
+        // Refused ports are not cached as hits: asked again, still 404.
+        for k in 0..HOSTILE_PORTS {
+            assert_eq!(one(&agent.socket, &by_router(&hostile_ip(k))).status, 404);
+        }
+        let st = agent.handle().stats();
+        assert_eq!(
+            st.forwarded, 600,
+            "{extra:?}: only the innocent were forwarded"
+        );
+    }
+}
+
+/// Send `first` (a HEAD) and a GET for VM 0 pipelined in one write; the
+/// HEAD's answer must be exactly a head and the GET's answer intact.
+fn head_then_get(sock: &Path, first: &str, want_status: u16) {
+    let s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let head = first.replacen("GET ", "HEAD ", 1);
+    assert!(head.starts_with("HEAD "));
+    w.write_all(format!("{head}{}", by_router(&vm_ip(0))).as_bytes())
+        .unwrap();
+    let h = read_response(&mut r, true).unwrap();
+    assert_eq!(h.status, want_status, "HEAD answer: {:?}", h.headers);
+    assert!(
+        h.header("content-length").is_some_and(|l| l != "0"),
+        "{want_status}: a HEAD gets the GET's Content-Length: {:?}",
+        h.headers
+    );
+    let g = read_response(&mut r, false).unwrap();
+    assert_eq!(
+        g.status,
+        200,
+        "GET after a HEAD {want_status}: {}",
+        g.text()
+    );
+    assert_eq!(g.text(), format!("instance={}", vm_uuid(0)));
+}
+
+#[test]
+fn head_then_get_pipelined_after_every_error_page() {
+    let neutron = FakeNeutron::start(false);
+    let agent = Agent::start_full(
+        &neutron,
+        "http",
+        "auth_strategy = \"noauth\"",
+        "prefetch_network = false",
+        "timeout = \"1s\"",
+    );
+    // Warm VM 0 so that it is served while Neutron is down below.
+    assert_eq!(one(&agent.socket, &by_router(&vm_ip(0))).status, 200);
+    // 404: nothing on this address.
+    head_then_get(&agent.socket, &by_router("10.0.99.99"), 404);
+    // 400: no router or network id.
+    head_then_get(
+        &agent.socket,
+        &request("10.0.0.10", "X-Neutron-Router-ID: <bad>\r\n"),
+        400,
+    );
+    // 502: the API sends garbage; 504: the API never answers.
+    head_then_get(&agent.socket, &by_router(&vm_ip(API_BROKEN_VM)), 502);
+    head_then_get(&agent.socket, &by_router(&vm_ip(API_SILENT_VM)), 504);
+    // 503: Neutron is down for an address not cached.
+    neutron.set_mode(Mode::Down);
+    head_then_get(&agent.socket, &by_router(&vm_ip(77)), 503);
 }

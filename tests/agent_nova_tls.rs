@@ -12,7 +12,7 @@ use std::time::Duration;
 
 const NET: &str = "4a0e0000-0000-4000-8000-0000000000a1";
 const VM: &str = "4a0e0000-0000-4000-8000-000000000005";
-const PROJECT: &str = "4a0e000000004000800000000000000p";
+const PROJECT: &str = "4a0e000000004000800000000000000a";
 
 struct Pki {
     ca_pem: std::path::PathBuf,

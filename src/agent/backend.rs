@@ -41,7 +41,7 @@ use crate::agent::forward::{self, ForwardError};
 use crate::agent::identity::{LookupKey, Scope};
 use crate::agent::metrics::{inc, Call, LoopMetrics};
 use crate::agent::neutron::{self, PortInfo};
-use crate::agent::resolve::Resolved;
+use crate::agent::resolve::{BadId, RejectedPorts, Resolved};
 use crate::log;
 use crate::rt::{self, sync::oneshot};
 
@@ -380,7 +380,27 @@ pub struct NeutronResolver {
     tickets: RefCell<HashMap<Waiter, oneshot::Sender<Answer>>>,
     next_ticket: Cell<Waiter>,
     prefetches: RefCell<HashMap<NetSet, Prefetch>>,
+    /// Ports whose ids were refused, logged once each.
+    rejected: RejectedPorts,
     metrics: Arc<LoopMetrics>,
+}
+
+/// The backend boundary: what Neutron said about `p`, parsed into a
+/// [`Resolved`], or `None` (reported to `rejected`) when its `device_id` or
+/// `project_id` is not an OpenStack id. Everything Neutron returns is
+/// untrusted: a tenant sets its own port's `device_id`.
+pub fn resolved_from_port(p: &PortInfo, rejected: &RejectedPorts) -> Option<Rc<Resolved>> {
+    match Resolved::new(&p.device_id, &p.project_id) {
+        Ok(r) => Some(Rc::new(r)),
+        Err(which) => {
+            let value = match which {
+                BadId::Instance => &p.device_id,
+                BadId::Project => &p.project_id,
+            };
+            rejected.report(&p.id, which, value);
+            None
+        }
+    }
 }
 
 impl NeutronResolver {
@@ -415,6 +435,7 @@ impl NeutronResolver {
             tickets: RefCell::new(HashMap::new()),
             next_ticket: Cell::new(0),
             prefetches: RefCell::new(HashMap::new()),
+            rejected: RejectedPorts::default(),
             metrics,
         })
     }
@@ -601,16 +622,15 @@ impl NeutronResolver {
                 continue;
             }
             let key = (nets.clone(), k);
-            if n == 1 {
-                cache.insert(
-                    key,
-                    Rc::new(Resolved {
-                        instance: p.device_id.clone(),
-                        project: p.project_id.clone(),
-                    }),
-                );
+            // A refused port is "no instance": cached as a miss, never a hit.
+            let r = if n == 1 {
+                resolved_from_port(p, &self.rejected)
             } else {
-                cache.insert_negative(key);
+                None
+            };
+            match r {
+                Some(r) => cache.insert(key, r),
+                None => cache.insert_negative(key),
             }
         }
         Ok(())
@@ -682,12 +702,17 @@ impl NeutronResolver {
                     let k = (nets.clone(), key.clone());
                     Ok(match neutron::match_key(ports, &refs, &key) {
                         neutron::PortMatch::Found(p) => {
-                            let r = Rc::new(Resolved {
-                                instance: p.device_id.clone(),
-                                project: p.project_id.clone(),
-                            });
-                            self.ports.borrow_mut().insert(k, r.clone());
-                            Some(r)
+                            match resolved_from_port(p, &self.rejected) {
+                                Some(r) => {
+                                    self.ports.borrow_mut().insert(k, r.clone());
+                                    Some(r)
+                                }
+                                // Not an instance: cached as a miss, never a hit.
+                                None => {
+                                    self.ports.borrow_mut().insert_negative(k);
+                                    None
+                                }
+                            }
                         }
                         neutron::PortMatch::NotFound => {
                             log::debug(format_args!("no port for {key:?} on {refs:?}"));

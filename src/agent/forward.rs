@@ -20,6 +20,14 @@
 //! - a malformed or cut-off response → [`ForwardError::Broken`] (502, what
 //!   haproxy answers when Neutron's agent writes nothing).
 //!
+//! A response must never reach the wrong request. A pooled connection on
+//! which bytes arrive that no request is waiting for (a second response
+//! after the one we read, whether with it or later while the connection sat
+//! idle) is broken: it is closed, the request on it fails (502), and it is
+//! never reused. That is what turned one smuggled request into other VMs'
+//! answers (issue 11); [`write_api_request`] makes the smuggling itself
+//! impossible, and this rule keeps any other desync from spreading.
+//!
 //! Response framing duplicates a few lines of `proxy::upstream` on purpose:
 //! the two clients differ in what they buffer and when they retry, and
 //! neither module should reach into the other.
@@ -29,17 +37,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::agent::identity::Identity;
+use crate::agent::resolve::Resolved;
 use crate::agent::tls::TlsConn;
-use crate::http::{self, ChunkedScanner, Limits, ResponseBody, ResponseHead};
+use crate::http::write::{put_content_length, put_header, HeaderName, HeaderValue, InvalidHeader};
+use crate::http::{self, ChunkedScanner, Limits, Method, ResponseBody, ResponseHead};
 use crate::log;
 use crate::rt::sync::oneshot;
-use crate::rt::{self, TcpConn};
+use crate::rt::{self, PendingInput, TcpConn};
 
 /// Read size for API responses.
 const READ_BYTES: usize = 16 * 1024;
 /// Largest API response accepted (Nova caps user-data at 64 KiB; the
 /// largest documents are a few hundred KiB).
 pub const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// At most one "unsolicited bytes" warning per pool per this interval.
+const UNSOLICITED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a request to the API failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,6 +139,14 @@ impl Conn {
             Conn::Tls(c) => c.shutdown(),
         }
     }
+
+    /// What is waiting to be read now (see [`TcpConn::pending_input`]).
+    fn pending_input(&self) -> PendingInput {
+        match self {
+            Conn::Plain(c) => c.pending_input(),
+            Conn::Tls(c) => c.pending_input(),
+        }
+    }
 }
 
 /// One attempt's failure: worth a re-send on a fresh connection, or final.
@@ -154,6 +175,10 @@ pub struct Pool {
     /// (connection churn) and took p99 VM completion from 14.5 s to 25 s.
     active: Cell<usize>,
     waiters: RefCell<std::collections::VecDeque<oneshot::Sender<()>>>,
+    /// Connections closed because bytes arrived that no request asked for.
+    unsolicited: Cell<u64>,
+    /// When that was last logged.
+    unsolicited_logged: Cell<Option<Instant>>,
 }
 
 /// Gives the pool slot back (to the next waiter, if any) however the
@@ -218,6 +243,8 @@ impl Pool {
             down_logged: Cell::new(false),
             active: Cell::new(0),
             waiters: RefCell::new(std::collections::VecDeque::new()),
+            unsolicited: Cell::new(0),
+            unsolicited_logged: Cell::new(None),
         }
     }
 
@@ -272,8 +299,7 @@ impl Pool {
 
     async fn exchange(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
         let _slot = self.slot().await;
-        let reused = self.idle.borrow_mut().pop();
-        if let Some(conn) = reused {
+        if let Some(conn) = self.checkout() {
             match self.once(conn, req, is_head).await {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Fatal(e)) => return Err(e),
@@ -312,6 +338,48 @@ impl Pool {
         }
     }
 
+    /// An idle connection that is still clean: one on which bytes arrived
+    /// while it was idle (nothing was asked) is broken and closed, as is one
+    /// the peer closed.
+    fn checkout(&self) -> Option<Conn> {
+        loop {
+            let conn = self.idle.borrow_mut().pop()?;
+            match conn.pending_input() {
+                PendingInput::Nothing => return Some(conn),
+                PendingInput::Closed => conn.shutdown(),
+                PendingInput::Bytes => {
+                    conn.shutdown();
+                    self.unsolicited();
+                }
+            }
+        }
+    }
+
+    /// Count (and log, throttled) a connection closed for unsolicited bytes.
+    fn unsolicited(&self) {
+        self.unsolicited.set(self.unsolicited.get() + 1);
+        let now = Instant::now();
+        if self
+            .unsolicited_logged
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= UNSOLICITED_LOG_EVERY)
+        {
+            self.unsolicited_logged.set(Some(now));
+            log::warn(format_args!(
+                "{} at {} sent bytes no request asked for; connection closed \
+                 ({} so far)",
+                self.what,
+                self.addr,
+                self.unsolicited.get()
+            ));
+        }
+    }
+
+    /// Connections closed so far because bytes arrived that no request asked for.
+    pub fn unsolicited_closes(&self) -> u64 {
+        self.unsolicited.get()
+    }
+
     async fn connect(&self) -> std::io::Result<Conn> {
         let tcp = TcpConn::connect(self.addr, None).await?;
         match &self.tls {
@@ -332,8 +400,23 @@ impl Pool {
         loop {
             match frame(&buf, &self.limits, is_head, false) {
                 Ok(Some((len, head))) => {
+                    // More than one response's worth: the response we framed
+                    // may not be this request's (the connection is out of
+                    // step). Fail the request, close the connection.
+                    let after = if len < buf.len() {
+                        PendingInput::Bytes
+                    } else {
+                        conn.pending_input()
+                    };
+                    if after == PendingInput::Bytes {
+                        conn.shutdown();
+                        self.unsolicited();
+                        return Err(Attempt::Fatal(ForwardError::Broken(
+                            "bytes after the response that no request asked for".into(),
+                        )));
+                    }
                     let reusable = head.keep_alive
-                        && len == buf.len()
+                        && after == PendingInput::Nothing
                         && head.body != ResponseBody::UntilClose;
                     buf.truncate(len);
                     if reusable && self.idle.borrow().len() < self.max_idle {
@@ -371,6 +454,76 @@ impl Pool {
             }
         }
     }
+}
+
+/// The guest's IMDSv2-style token header, passed through when present.
+pub const HEADER_TOKEN: HeaderName<'static> = HeaderName::from_static("X-aws-ec2-metadata-token");
+const HEADER_HOST: HeaderName<'static> = HeaderName::from_static("Host");
+const HEADER_XFF: HeaderName<'static> = HeaderName::from_static("X-Forwarded-For");
+const HEADER_INSTANCE: HeaderName<'static> = HeaderName::from_static("X-Instance-ID");
+const HEADER_TENANT: HeaderName<'static> = HeaderName::from_static("X-Tenant-ID");
+const HEADER_SIGNATURE: HeaderName<'static> = HeaderName::from_static("X-Instance-ID-Signature");
+
+/// What the agent forwards of the guest's request.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestRequest<'a> {
+    /// Its method.
+    pub method: Method,
+    /// Its target, as parsed.
+    pub target: &'a [u8],
+    /// Its `X-aws-ec2-metadata-token`, if any.
+    pub token: Option<&'a [u8]>,
+    /// Its body (de-chunked).
+    pub body: &'a [u8],
+}
+
+/// The request to the metadata API: exactly the headers Neutron sends (spec
+/// §3.4): `Host`, `X-Forwarded-For`, `X-Instance-ID`, `X-Tenant-ID`,
+/// `X-Instance-ID-Signature` (signed here, over the validated instance id),
+/// the guest's token when it sent one, and `Content-Length` when there is a
+/// body. Every field goes through [`put_header`]; the ids come typed from
+/// [`Resolved`], the rest is checked first, so nothing is written unless the
+/// whole head is well formed.
+///
+/// # Errors
+/// The target, `host` or the token would not make a well-formed head
+/// (`out` is untouched then).
+pub fn write_api_request(
+    out: &mut Vec<u8>,
+    guest: &GuestRequest<'_>,
+    host: &str,
+    id: &Identity,
+    r: &Resolved,
+    secret: &[u8],
+) -> Result<(), InvalidHeader> {
+    // The request line has no field syntax of its own: a target is one
+    // run of visible bytes (httparse already refused anything else).
+    if guest.target.is_empty() || guest.target.iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return Err(InvalidHeader::Value);
+    }
+    let host = HeaderValue::new(host.as_bytes())?;
+    let xff = HeaderValue::new(id.xff.as_bytes())?;
+    let token = guest.token.map(HeaderValue::new).transpose()?;
+    let sig = crate::sign::sign_instance_id(secret, r.instance.as_str());
+    let sig = HeaderValue::new(sig.as_bytes())?;
+    out.extend_from_slice(guest.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(guest.target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    put_header(out, HEADER_HOST, host);
+    put_header(out, HEADER_XFF, xff);
+    put_header(out, HEADER_INSTANCE, r.instance.header_value());
+    put_header(out, HEADER_TENANT, r.project.header_value());
+    put_header(out, HEADER_SIGNATURE, sig);
+    if let Some(t) = token {
+        put_header(out, HEADER_TOKEN, t);
+    }
+    if !guest.body.is_empty() || matches!(guest.method, Method::Post | Method::Put) {
+        put_content_length(out, guest.body.len() as u64);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(guest.body);
+    Ok(())
 }
 
 /// [`http::frame_response`] with the agent's response bound.
@@ -446,6 +599,100 @@ mod tests {
             "40 concurrent requests opened {n} connections (cap 3)"
         );
         assert_eq!(pool.active(), 0, "every slot returned");
+    }
+
+    /// A server that answers each request with its connection's index; on
+    /// connection 0 it sends a stale extra answer when told (while the
+    /// connection is idle in the pool), and `/extra` gets its answer and a
+    /// second one in one write.
+    fn desync_server() -> (
+        std::net::SocketAddr,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let mut go = Some((go_rx, done_tx));
+        std::thread::spawn(move || {
+            for (i, s) in l.incoming().flatten().enumerate() {
+                let mut signal = if i == 0 { go.take() } else { None };
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                        }
+                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{i}");
+                        let stale = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale";
+                        let out = if line.starts_with("GET /extra ") {
+                            format!("{answer}{stale}")
+                        } else {
+                            answer
+                        };
+                        if w.write_all(out.as_bytes()).is_err() {
+                            return;
+                        }
+                        if let Some((go, done)) = signal.take() {
+                            if go.recv().is_ok() {
+                                w.write_all(stale.as_bytes()).unwrap();
+                                done.send(()).unwrap();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, go_tx, done_rx)
+    }
+
+    #[test]
+    fn unsolicited_bytes_close_the_connection_and_never_answer_a_request() {
+        let (addr, go, done) = desync_server();
+        let pool = Pool::new(addr, 2, Duration::from_secs(5));
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        crate::rt::block_on(async {
+            let a = pool.request(&get("/"), false).await.unwrap();
+            assert_eq!(a.payload(), b"0");
+            assert_eq!(pool.idle(), 1);
+            // Bytes arrive on the idle connection that no request asked for.
+            go.send(()).unwrap();
+            done.recv().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pool.idle.borrow()[0].pending_input() != PendingInput::Bytes {
+                assert!(Instant::now() < deadline, "stale bytes never arrived");
+                std::thread::yield_now();
+            }
+            // The next request is not answered with them: a new connection.
+            let b = pool.request(&get("/"), false).await.unwrap();
+            assert_eq!(b.payload(), b"1", "answered from a fresh connection");
+            assert_eq!(pool.unsolicited_closes(), 1);
+            // A second answer right behind the first: the request fails (its
+            // answer is not trustworthy) and the connection is not reused.
+            let c = pool.request(&get("/extra"), false).await;
+            assert!(
+                matches!(c, Err(ForwardError::Broken(_))),
+                "{:?}",
+                c.map(|r| r.payload())
+            );
+            assert_eq!(pool.unsolicited_closes(), 2);
+            let d = pool.request(&get("/"), false).await.unwrap();
+            assert_eq!(d.payload(), b"2", "not the broken connection");
+        })
+        .unwrap();
     }
 
     #[test]

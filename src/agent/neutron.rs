@@ -35,7 +35,8 @@ pub const ROUTER_INTERFACE_OWNERS: &[&str] = &[
 /// Prefix of `device_owner` for Nova instances (`compute:<availability zone>`).
 pub const COMPUTE_OWNER_PREFIX: &str = "compute:";
 /// Fields requested for port lookups: enough to map each port back to a
-/// (network, IP or MAC) key and to answer (instance, project).
+/// (network, IP or MAC) key and to answer (instance, project), and the
+/// port's `id` to name a port whose ids are refused in the log.
 pub const PORT_FIELDS: &[&str] = &[
     "device_id",
     "tenant_id",
@@ -44,6 +45,7 @@ pub const PORT_FIELDS: &[&str] = &[
     "network_id",
     "mac_address",
     "device_owner",
+    "id",
 ];
 /// Largest request line gunicorn accepts by default (`limit_request_line`);
 /// a batched query longer than this gets a 400 from a stock neutron-server.
@@ -169,6 +171,8 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(from = "RawPort")]
 pub struct PortInfo {
+    /// The port's own id (for logs).
+    pub id: String,
     /// Instance (or router, DHCP agent…) owning the port.
     pub device_id: String,
     /// Owning project (`tenant_id` on older servers).
@@ -192,6 +196,8 @@ impl PortInfo {
 
 #[derive(Deserialize)]
 struct RawPort {
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default)]
     device_id: Option<String>,
     #[serde(default)]
@@ -221,6 +227,7 @@ impl From<RawPort> for PortInfo {
             _ => r.tenant_id.unwrap_or_default(),
         };
         PortInfo {
+            id: r.id.unwrap_or_default(),
             device_id: r.device_id.unwrap_or_default(),
             project_id,
             network_id: r.network_id.unwrap_or_default(),
@@ -445,7 +452,7 @@ mod tests {
                 "/v2.0/ports?network_id={NET1}&network_id={NET3}\
                  &fixed_ips=ip_address%3D10.10.0.11&fixed_ips=ip_address%3D10.20.0.11\
                  &fields=device_id&fields=tenant_id&fields=project_id&fields=fixed_ips\
-                 &fields=network_id&fields=mac_address&fields=device_owner"
+                 &fields=network_id&fields=mac_address&fields=device_owner&fields=id"
             )
         );
         let v6 = ports_by_ips_path(&[NET1], &[ip("fd00:10::f816:3eff:feb1:b236")]).unwrap();
@@ -473,7 +480,7 @@ mod tests {
         let path = network_ports_path(NET1);
         assert!(path.starts_with(&format!("/v2.0/ports?network_id={NET1}&fields=device_id&")));
         assert!(!path.contains("device_owner="));
-        assert!(path.ends_with("&fields=device_owner"));
+        assert!(path.ends_with("&fields=device_owner&fields=id"));
         assert!(is_compute_owner("compute:nova"));
         assert!(is_compute_owner("compute:az-2"));
         assert!(!is_compute_owner("network:dhcp"));
@@ -485,7 +492,7 @@ mod tests {
         assert!(path.starts_with(&format!(
             "/v2.0/ports?network_id={NET1}&network_id={NET2}&fields=device_id&"
         )));
-        assert!(path.ends_with("&fields=device_owner&limit=5001"));
+        assert!(path.ends_with("&fields=device_owner&fields=id&limit=5001"));
         assert_eq!(networks_ports_path(&[], 1), None);
     }
 

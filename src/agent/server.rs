@@ -37,6 +37,15 @@
 //! leaves the connection in a good state, and closing it would cost the
 //! proxy's pool a reconnect (it switches to one connection per request only
 //! after several successful answers that close, never after an error page).
+//! After a HEAD every page has the same head and no body
+//! ([`http::write_answer`]): the proxy does not read a body after a HEAD, so
+//! one would become the start of the next VM's answer on that pooled
+//! connection.
+//!
+//! The request to the API is written by [`forward::write_api_request`] from
+//! a [`Resolved`], whose ids were parsed where the backend returned them: a
+//! tenant's `device_id` cannot put a byte into the head that an id may not
+//! have.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -53,11 +62,14 @@ use smallvec::SmallVec;
 use crate::agent::backend::{BackendError, NeutronResolver};
 use crate::agent::cache::{Lookup, TtlCache};
 use crate::agent::config::{AgentConfig, Backend, INVENTORY_POLL};
-use crate::agent::forward::{self, ApiResponse, ForwardError};
+use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
 use crate::agent::identity::{self, Identity, LookupKey, Scope};
 use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
-use crate::agent::resolve::{resolve, InventoryStore, Resolution, Resolved, Watcher};
-use crate::http::{self, Method, RequestBody, RequestHead};
+use crate::agent::resolve::{
+    resolve, InventoryStore, RejectedPorts, Resolution, Resolved, Watcher,
+};
+use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
+use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
@@ -367,6 +379,8 @@ struct LoopCtx {
     active: Cell<usize>,
     last_forbidden_hint: Cell<Option<Instant>>,
     free: RefCell<Vec<Vec<u8>>>,
+    /// Inventory ports whose ids were refused, logged once each.
+    rejected: RejectedPorts,
 }
 
 impl LoopCtx {
@@ -437,7 +451,7 @@ impl LoopCtx {
         let (inv, inv_generation) = store.current();
         let cacheable = inv_generation == self.cache_generation.get();
         let mut cache = self.cache.borrow_mut();
-        match resolve(&inv, &id.scope, &id.key) {
+        match resolve(&inv, &id.scope, &id.key, &self.rejected) {
             Resolution::Found(r) => {
                 let r = Rc::new(r);
                 if cacheable {
@@ -514,6 +528,7 @@ async fn run_loop(
         active: Cell::new(0),
         last_forbidden_hint: Cell::new(None),
         free: RefCell::new(Vec::new()),
+        rejected: RejectedPorts::default(),
         cfg,
         shared,
     });
@@ -573,8 +588,8 @@ const PIPELINE_MAX: usize = 64;
 
 /// One answer slot, in request order.
 enum Slot {
-    /// Being resolved and forwarded by its own task.
-    Pending(oneshot::Receiver<Vec<u8>>),
+    /// Being resolved and forwarded by its own task (for a HEAD when the bool is set).
+    Pending(oneshot::Receiver<Vec<u8>>, bool),
     /// Already known (a canned rejection).
     Ready(Vec<u8>),
 }
@@ -666,11 +681,11 @@ async fn write_answers(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
         q.room.notify();
         let out = match slot {
             Slot::Ready(b) => b,
-            Slot::Pending(rx) => match rx.await {
+            Slot::Pending(rx, is_head) => match rx.await {
                 Ok(b) => b,
                 Err(_) => {
                     let mut b = Vec::new();
-                    page(500, MSG_UNKNOWN, true, &mut b);
+                    page(500, MSG_UNKNOWN, is_head, true, &mut b);
                     b
                 }
             },
@@ -737,7 +752,11 @@ async fn next_request(
     .await
     {
         Ok(end) => end,
-        Err(BodyError::Status(s)) => return Err(Some(http::canned(s).to_vec())),
+        Err(BodyError::Status(s)) => {
+            return Err(Some(
+                http::canned_for(s, head.method == Method::Head).to_vec(),
+            ))
+        }
         Err(BodyError::Gone) => return Err(None),
     };
 
@@ -746,6 +765,7 @@ async fn next_request(
     // agent" for good); the reader stops instead, and a pooled client
     // re-sends what it had pipelined behind.
     let keep = head.keep_alive;
+    let is_head = head.method == Method::Head;
     let request: Vec<u8> = buf.drain(..body_end).collect();
     let (tx, rx) = oneshot::channel();
     let c = ctx.clone();
@@ -769,7 +789,7 @@ async fn next_request(
         }
         let _ = tx.send(out);
     });
-    Ok((Slot::Pending(rx), !keep))
+    Ok((Slot::Pending(rx, is_head), !keep))
 }
 
 /// What the access log says about one answer: who asked through what, and
@@ -791,6 +811,7 @@ async fn answer(
     out: &mut Vec<u8>,
 ) -> Trace {
     let c = &*ctx.m;
+    let is_head = head.method == Method::Head;
     let id = match identity::parse_identity(|name| {
         head.headers
             .iter()
@@ -802,14 +823,14 @@ async fn answer(
         Err(e) => {
             inc(&c.bad_requests);
             log::debug(format_args!("400: {e}"));
-            page(400, &e.message(), close, out);
+            page(400, &e.message(), is_head, close, out);
             return Trace::default();
         }
     };
     let (mut resolved, mut cached) = match ctx.resolve(&id, false).await {
         Ok(r) => r,
         Err(e) => {
-            backend_failed(ctx, &id, &e, close, out);
+            backend_failed(ctx, &id, &e, is_head, close, out);
             return Trace {
                 id: Some(id),
                 ..Trace::default()
@@ -817,8 +838,12 @@ async fn answer(
         }
     };
     let mut retried = false;
-    let token = head.header(buf, HEADER_TOKEN);
-    let is_head = head.method == Method::Head;
+    let guest = GuestRequest {
+        method: head.method,
+        target: head.target.get(buf),
+        token: head.header(buf, HEADER_TOKEN),
+        body,
+    };
     loop {
         let Some(r) = resolved.as_deref() else {
             inc(&c.not_found);
@@ -826,7 +851,7 @@ async fn answer(
                 Scope::Network(n) => format!("Instance was not found on network {n}."),
                 Scope::Router(r) => format!("Instance was not found on router {r}."),
             };
-            page(404, &msg, close, out);
+            page(404, &msg, is_head, close, out);
             return Trace {
                 id: Some(id),
                 resolved: None,
@@ -834,16 +859,20 @@ async fn answer(
             };
         };
         let mut req = ctx.take_buf();
-        api_request(
-            ctx,
-            head,
-            head.target.get(buf),
-            &id,
-            r,
-            token,
-            body,
-            &mut req,
-        );
+        let secret = ctx.cfg.shared_secret.as_bytes();
+        if let Err(e) =
+            forward::write_api_request(&mut req, &guest, &ctx.host_header, &id, r, secret)
+        {
+            ctx.put_buf(req);
+            inc(&c.bad_requests);
+            log::debug(format_args!("400: request not forwardable: {e}"));
+            page(400, "The request cannot be forwarded.", is_head, close, out);
+            return Trace {
+                id: Some(id),
+                resolved,
+                cached,
+            };
+        }
         inc(&c.forwarded);
         let started = Instant::now();
         let result = ctx.pool.request(&req, is_head).await;
@@ -860,7 +889,7 @@ async fn answer(
                 (resolved, cached) = match ctx.resolve(&id, true).await {
                     Ok(r) => r,
                     Err(e) => {
-                        backend_failed(ctx, &id, &e, close, out);
+                        backend_failed(ctx, &id, &e, is_head, close, out);
                         return Trace {
                             id: Some(id),
                             ..Trace::default()
@@ -880,7 +909,7 @@ async fn answer(
                     log::warn(format_args!(
                         "metadata API answered unexpected status {status}; answering 500"
                     ));
-                    page(500, MSG_UNKNOWN, close, out);
+                    page(500, MSG_UNKNOWN, is_head, close, out);
                 }
                 break;
             }
@@ -892,7 +921,7 @@ async fn answer(
                     ForwardError::Timeout => MSG_TIMEOUT,
                     ForwardError::Broken(_) => MSG_BROKEN,
                 };
-                page(e.status(), msg, close, out);
+                page(e.status(), msg, is_head, close, out);
                 break;
             }
         }
@@ -938,72 +967,33 @@ fn access(buf: &[u8], head: &RequestHead, trace: &Trace, status: u16, started: I
 }
 
 /// Neutron (or Keystone) failed: 503.
-fn backend_failed(ctx: &LoopCtx, id: &Identity, e: &BackendError, close: bool, out: &mut Vec<u8>) {
+fn backend_failed(
+    ctx: &LoopCtx,
+    id: &Identity,
+    e: &BackendError,
+    is_head: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) {
     inc(&ctx.m.backend_unavailable);
     log::warn(format_args!(
         "cannot resolve {} on {:?}: {e}",
         id.xff, id.scope
     ));
-    page(503, MSG_BACKEND, close, out);
-}
-
-/// The request to the metadata API: exactly the headers Neutron sends
-/// (spec §3.4) plus `Host` and framing.
-#[allow(clippy::too_many_arguments)]
-fn api_request(
-    ctx: &LoopCtx,
-    head: &RequestHead,
-    target: &[u8],
-    id: &Identity,
-    r: &Resolved,
-    token: Option<&[u8]>,
-    body: &[u8],
-    out: &mut Vec<u8>,
-) {
-    let sig = crate::sign::sign_instance_id(ctx.cfg.shared_secret.as_bytes(), &r.instance);
-    out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target);
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(ctx.host_header.as_bytes());
-    for (name, value) in [
-        ("X-Forwarded-For", id.xff.as_bytes()),
-        ("X-Instance-ID", r.instance.as_bytes()),
-        ("X-Tenant-ID", r.project.as_bytes()),
-        ("X-Instance-ID-Signature", sig.as_bytes()),
-    ] {
-        put_header(out, name, value);
-    }
-    if let Some(t) = token {
-        put_header(out, HEADER_TOKEN, t);
-    }
-    if !body.is_empty() || matches!(head.method, Method::Post | Method::Put) {
-        put_header(out, "Content-Length", body.len().to_string().as_bytes());
-    }
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(body);
-}
-
-/// Append `\r\nName: value` (the caller ends the head with `\r\n\r\n`).
-fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
+    page(503, MSG_BACKEND, is_head, close, out);
 }
 
 /// The API's response for the guest: its status, reason and headers, with
-/// the connection headers and framing replaced by ours.
+/// the connection headers and framing replaced by ours. A field of the
+/// API's that would not make a well-formed head is dropped.
 fn relay(resp: &ApiResponse, is_head: bool, close: bool, out: &mut Vec<u8>) {
     let h = &resp.head;
     let b = &resp.bytes;
-    out.extend_from_slice(format!("HTTP/1.1 {} ", h.status).as_bytes());
-    let reason = h.reason.get(b);
-    if reason.is_empty() {
-        out.extend_from_slice(http::reason(h.status).as_bytes());
-    } else {
-        out.extend_from_slice(reason);
-    }
+    let reason = HeaderValue::new(h.reason.get(b))
+        .ok()
+        .filter(|r| !r.as_bytes().is_empty())
+        .unwrap_or(HeaderValue::from_static(http::reason(h.status)));
+    put_status_line(out, h.status, reason);
     for hs in &h.headers {
         let name = hs.name.get(b);
         let drop = [
@@ -1015,40 +1005,33 @@ fn relay(resp: &ApiResponse, is_head: bool, close: bool, out: &mut Vec<u8>) {
         .iter()
         .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
             || (!is_head && name.eq_ignore_ascii_case(b"content-length"));
-        if !drop {
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(hs.value.get(b));
+        if drop {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (HeaderName::new(name), HeaderValue::new(hs.value.get(b))) {
+            http::put_header(out, n, v);
         }
     }
     let payload = if is_head { Vec::new() } else { resp.payload() };
     if !is_head {
-        out.extend_from_slice(format!("\r\nContent-Length: {}", payload.len()).as_bytes());
+        put_content_length(out, payload.len() as u64);
     }
     if close {
-        out.extend_from_slice(b"\r\nConnection: close");
+        http::put_header(out, CONNECTION, HeaderValue::from_static("close"));
     }
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&payload);
 }
 
 /// Neutron era C's error page (`neutron/common/metadata.py`): same body
 /// bytes (LF line endings, N = 95 + 2·len(title) + len(message)), CRLF head.
-pub fn page(status: u16, message: &str, close: bool, out: &mut Vec<u8>) {
+/// After a HEAD, the same head and no body ([`http::write_answer`]).
+pub fn page(status: u16, message: &str, is_head: bool, close: bool, out: &mut Vec<u8>) {
     let title = format!("{status} {}", http::reason(status));
     let body = format!(
         "<html>\n <head>\n  <title>{title}</title>\n </head>\n <body>\n  <h1>{title}</h1>\n  {message}<br /><br />\n\n\n </body>\n</html>"
     );
-    out.extend_from_slice(
-        format!(
-            "HTTP/1.1 {title}\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Length: {}\r\n{}\r\n",
-            body.len(),
-            if close { "Connection: close\r\n" } else { "" }
-        )
-        .as_bytes(),
-    );
-    out.extend_from_slice(body.as_bytes());
+    http::write_answer(out, status, TEXT_PLAIN, body.as_bytes(), is_head, close);
 }
 
 #[cfg(test)]
@@ -1059,7 +1042,7 @@ mod tests {
     fn error_page_matches_neutron_length_formula() {
         let msg = "Instance was not found on network abc.";
         let mut out = Vec::new();
-        page(404, msg, false, &mut out);
+        page(404, msg, false, false, &mut out);
         let text = String::from_utf8(out).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let title = "404 Not Found";
@@ -1068,5 +1051,18 @@ mod tests {
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         assert!(!head.contains("Connection"));
         assert!(body.contains(&format!("  {msg}<br /><br />\n\n\n </body>\n</html>")));
+    }
+
+    #[test]
+    fn error_pages_after_head_have_the_head_and_no_body() {
+        for status in [400, 404, 500, 502, 503, 504] {
+            let mut get = Vec::new();
+            page(status, "m", false, false, &mut get);
+            let mut head = Vec::new();
+            page(status, "m", true, false, &mut head);
+            assert!(get.starts_with(&head), "{status}: same head");
+            assert!(head.ends_with(b"\r\n\r\n"), "{status}: no body");
+            assert!(get.len() > head.len());
+        }
     }
 }

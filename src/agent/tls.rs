@@ -262,6 +262,27 @@ impl TlsConn {
         }
     }
 
+    /// What is waiting to be read now (see [`TcpConn::pending_input`]):
+    /// `Bytes` when rustls holds decrypted data no read took. Ciphertext
+    /// still on the socket may be a TLS record that carries no data (a
+    /// session ticket, a key update), so it is reported as `Closed`: the
+    /// connection is not reused, but what was read on it stands.
+    pub fn pending_input(&self) -> crate::rt::PendingInput {
+        use crate::rt::PendingInput;
+        let buffered = self
+            .tls
+            .borrow_mut()
+            .process_new_packets()
+            .map_or(true, |s| s.plaintext_bytes_to_read() > 0);
+        if buffered {
+            return PendingInput::Bytes;
+        }
+        match self.tcp.pending_input() {
+            PendingInput::Nothing => PendingInput::Nothing,
+            PendingInput::Bytes | PendingInput::Closed => PendingInput::Closed,
+        }
+    }
+
     /// Shut the socket down (no close_notify: the connection is being dropped).
     pub fn shutdown(&self) {
         self.tcp.shutdown();

@@ -455,14 +455,14 @@ async fn handle_request(
         match http::parse_request(buf, &cfg.limits) {
             Ok(Some(h)) => break h,
             Ok(None) => {}
-            Err(e) => return Err(reject(ctx, conn, e.status()).await),
+            Err(e) => return Err(reject(ctx, conn, e.status(), false).await),
         }
         let taken = std::mem::take(buf);
         let (res, b) =
             match rt::with_deadline(head_deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await
             {
                 Ok(r) => r,
-                Err(rt::Elapsed) => return Err(reject(ctx, conn, 408).await),
+                Err(rt::Elapsed) => return Err(reject(ctx, conn, 408, false).await),
             };
         *buf = b;
         match res {
@@ -478,7 +478,9 @@ async fn handle_request(
     let body_end =
         match serve::read_body(conn, buf, &head, max_body, client, Some(&mut decoded)).await {
             Ok(end) => end,
-            Err(BodyError::Status(s)) => return Err(reject(ctx, conn, s).await),
+            Err(BodyError::Status(s)) => {
+                return Err(reject(ctx, conn, s, head.method == http::Method::Head).await)
+            }
             Err(BodyError::Gone) => return Err(End::PeerClosed),
         };
     let body: &[u8] = match head.body {
@@ -552,29 +554,18 @@ fn access(req: &ApiRequest<'_>, resp: &ApiResponse, started: Instant) {
 
 /// Serialise a handler response. `HEAD` gets the real `Content-Length` and no body.
 fn write_response(resp: &ApiResponse, head_only: bool, keep: bool, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-        resp.status,
-        http::reason(resp.status),
-        resp.content_type,
-        resp.body.len()
-    );
-    if !keep {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(&resp.body);
-    }
+    // The content types are the handlers' constants; one that would not
+    // make a well-formed head (none does) falls back to plain text.
+    let content_type =
+        http::HeaderValue::new(resp.content_type.as_bytes()).unwrap_or(http::write::TEXT_PLAIN);
+    http::write_answer(out, resp.status, content_type, &resp.body, head_only, !keep);
 }
 
-/// Send a canned error and end the connection.
-async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
+/// Send a canned error (framed for a HEAD when `is_head`) and end the connection.
+async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16, is_head: bool) -> End {
     let _ = rt::with_deadline(
         Instant::now() + ctx.cfg.timeouts.client,
-        conn.write_static(http::canned(status)),
+        conn.write_static(http::canned_for(status, is_head)),
     )
     .await;
     End::Linger

@@ -77,6 +77,20 @@ pub fn canned(status: u16) -> &'static [u8] {
     }
 }
 
+/// [`canned`] framed for the request's method: after a HEAD, the same head without the body
+/// (RFC 9110 §9.3.2). A client that sent HEAD does not read a body, so the body bytes of a
+/// full page would be taken as the start of the next answer on a kept connection.
+pub fn canned_for(status: u16, is_head: bool) -> &'static [u8] {
+    let full = canned(status);
+    if !is_head {
+        return full;
+    }
+    match full.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => &full[..end + 4],
+        None => full,
+    }
+}
+
 /// Reason phrase for `status` (RFC 9110 wording); `"Unknown"` for codes not listed.
 pub fn reason(status: u16) -> &'static str {
     match status {
@@ -162,6 +176,24 @@ mod tests {
             allow.header(canned(405), "allow"),
             Some(&b"GET, HEAD, POST, PUT"[..])
         );
+    }
+
+    #[test]
+    fn head_variants_are_the_same_head_without_the_body() {
+        for code in CODES {
+            let full = canned_for(code, false);
+            let head = canned_for(code, true);
+            assert_eq!(full, canned(code));
+            assert!(full.starts_with(head));
+            let h = parse_response(head, &Limits::default(), true)
+                .unwrap()
+                .unwrap();
+            assert_eq!(h.head_len, head.len(), "{code}: no body after HEAD");
+            assert_eq!(
+                &full[head.len()..],
+                format!("{}\n", reason(code)).as_bytes()
+            );
+        }
     }
 
     #[test]

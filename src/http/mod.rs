@@ -19,10 +19,11 @@ mod chunked;
 mod request;
 mod response;
 mod rewrite;
+pub mod write;
 
 use std::mem::MaybeUninit;
 
-pub use canned::{canned, reason, CONTINUE_100};
+pub use canned::{canned, canned_for, reason, CONTINUE_100};
 pub use chunked::{
     ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES, MIN_CHUNK_FRAMING_BYTES,
 };
@@ -32,6 +33,7 @@ pub use rewrite::{
     format_ip_for_xff, is_hop_by_hop, is_trust_header, rewrite_proxy_request, write_request_head,
     write_response_head, HOP_BY_HOP, TRUST_HEADERS,
 };
+pub use write::{put_header, write_answer, HeaderName, HeaderValue, InvalidHeader};
 
 /// Largest request or response head (request/status line + headers + final empty line), in bytes.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;

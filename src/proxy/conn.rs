@@ -136,7 +136,7 @@ async fn handle_request(
             Ok(None) => {}
             Err(e) => {
                 log(None, buf, e.status(), 0);
-                return Err(reject(ctx, conn, e.status()).await);
+                return Err(reject(ctx, conn, e.status(), false).await);
             }
         }
         let taken = std::mem::take(buf);
@@ -149,7 +149,7 @@ async fn handle_request(
                         .http_request_timeouts
                         .set(ns.counters.http_request_timeouts.get() + 1);
                     log(None, &[], 408, 0);
-                    return Err(reject(ctx, conn, 408).await);
+                    return Err(reject(ctx, conn, 408, false).await);
                 }
             };
         *buf = b;
@@ -167,7 +167,7 @@ async fn handle_request(
                 .rate_limited
                 .set(ns.counters.rate_limited.get() + 1);
             log(Some(&head), buf, 429, 0);
-            return Err(reject(ctx, conn, 429).await);
+            return Err(reject(ctx, conn, 429, head.method == http::Method::Head).await);
         }
     }
 
@@ -186,7 +186,7 @@ async fn handle_request(
         Ok(end) => end,
         Err(BodyError::Status(s)) => {
             log(Some(&head), buf, s, 0);
-            return Err(reject(ctx, conn, s).await);
+            return Err(reject(ctx, conn, s, head.method == http::Method::Head).await);
         }
         Err(BodyError::Gone) => return Err(End::PeerClosed),
     };
@@ -199,7 +199,7 @@ async fn handle_request(
                 .token_rejected
                 .set(ns.counters.token_rejected.get() + 1);
             log(Some(&head), buf, status, 0);
-            return Err(reject(ctx, conn, status).await);
+            return Err(reject(ctx, conn, status, head.method == http::Method::Head).await);
         }
         Verdict::Issue { token, ttl } => {
             ns.counters
@@ -212,7 +212,7 @@ async fn handle_request(
                     "{}: cannot set IP TTL for a token response: {e}",
                     ns.cfg.name
                 ));
-                return Err(reject(ctx, conn, 500).await);
+                return Err(reject(ctx, conn, 500, head.method == http::Method::Head).await);
             }
             let keep = head.keep_alive && !ns.closing.is_set();
             let mut w = ctx.take_buf();
@@ -246,7 +246,7 @@ async fn handle_request(
                 .set(ns.counters.upstream_errors.get() + 1);
             log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
             log(Some(&head), buf, e.status(), 0);
-            return Err(reject(ctx, conn, e.status()).await);
+            return Err(reject(ctx, conn, e.status(), head.method == http::Method::Head).await);
         }
     };
 
@@ -381,11 +381,11 @@ fn token_verdict(
     )
 }
 
-/// Send a canned error and end the connection.
-async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
+/// Send a canned error (framed for a HEAD when `is_head`) and end the connection.
+async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16, is_head: bool) -> End {
     let _ = rt::with_deadline(
         Instant::now() + ctx.cfg.timeouts.client,
-        conn.write_static(http::canned(status)),
+        conn.write_static(http::canned_for(status, is_head)),
     )
     .await;
     End::Linger

@@ -18,8 +18,9 @@ mod sock;
 pub mod sync;
 
 pub use sock::{
-    listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener, Stream,
-    TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY, BIND_RETRY_FOR,
+    listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener,
+    PendingInput, Stream, TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY,
+    BIND_RETRY_FOR,
 };
 
 use std::future::Future;

@@ -119,6 +119,17 @@ pub fn set_ip_ttl(conn: &TcpConn, ttl: u32) -> io::Result<()> {
     }
 }
 
+/// What [`TcpConn::pending_input`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingInput {
+    /// Nothing to read: the peer is quiet.
+    Nothing,
+    /// Bytes are waiting.
+    Bytes,
+    /// The peer closed (or the socket failed).
+    Closed,
+}
+
 macro_rules! stream_impl {
     ($name:ident, $inner:ty) => {
         /// An owned-buffer stream on the current loop.
@@ -197,6 +208,22 @@ macro_rules! stream_impl {
             /// Half-close our sending side (after a final response).
             pub fn shutdown_write(&self) {
                 let _ = SockRef::from(self).shutdown(std::net::Shutdown::Write);
+            }
+
+            /// What is waiting to be read right now, without reading it or
+            /// waiting (`MSG_PEEK | MSG_DONTWAIT`): a pooled client asks this
+            /// before reusing an idle connection and after reading a response.
+            pub fn pending_input(&self) -> PendingInput {
+                let mut one = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                match SockRef::from(self)
+                    .recv_with_flags(&mut one, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+                {
+                    Ok(0) => PendingInput::Closed,
+                    Ok(_) => PendingInput::Bytes,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => PendingInput::Nothing,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => PendingInput::Nothing,
+                    Err(_) => PendingInput::Closed,
+                }
             }
         }
 
