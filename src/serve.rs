@@ -7,6 +7,8 @@
 //! with a request), but they must agree on how a body is read and bounded;
 //! one copy keeps the smuggling rules in one place.
 
+pub mod admit;
+
 use std::time::{Duration, Instant};
 
 use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};

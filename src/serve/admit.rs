@@ -1,0 +1,591 @@
+//! Admission: how many connections a listener may hold, and what happens at
+//! the cap. One mechanism for the three daemons (the proxy's namespace
+//! listeners, the agent's Unix socket, the API's TCP listeners).
+//!
+//! At the cap a listener **stops accepting** until one of its connections
+//! closes; it never answers 503 and never drops a connection it accepted.
+//! The excess waits in the kernel's listen backlog, as with haproxy's
+//! `maxconn`, and cloud-init (which does not retry a 5xx) gets its answer a
+//! little later instead of an error. Two caps apply to every accept:
+//!
+//! - the listener's own [`Gate`]: `proxy.max_connections` per namespace,
+//!   `agent.max_connections`, `api.max_connections`;
+//! - the process-wide [`fd_budget`] gate, derived from `RLIMIT_NOFILE` (soft
+//!   limit raised to the hard one at start, minus a reserve for upstream
+//!   sockets, listeners, namespaces, logs), so accept(2) pauses before it
+//!   would fail with EMFILE. In `metaproxy up` the three daemons share it.
+//!
+//! A gate's count is the one cross-core value (an atomic): the loops share
+//! listeners, and a cap is per namespace or per daemon, not per loop. The
+//! count is taken after accept(2) returns, not reserved before it: an
+//! accept is an io_uring operation kept in flight, and a reservation held by
+//! every loop's pending accept would eat the cap (with 2 loops and 3
+//! addresses, 6 of 8 slots) and show as open connections. The price: accepts
+//! already in flight when the cap is reached still complete, so a cap can
+//! be exceeded by at most one connection per loop and listener.
+//!
+//! A paused accept loop waits on the gate's waker list, woken by the close
+//! of any connection counted there, on whichever core it closes (compio's
+//! wakers are `Send`; the list is a `Mutex` taken only while some loop is
+//! paused, never on the hot path). Nothing polls. A close wakes every paused
+//! loop of the gate: there are at most workers × listeners of them, and the
+//! losers of the race go back to sleep.
+//!
+//! Each pause episode is logged once: when the first loop pauses, and when
+//! the count has fallen to half the cap (hysteresis: at the cap in a storm,
+//! every close resumes one accept and the next accept pauses again; one
+//! line per close would flood the log).
+//!
+//! Rejected: answering 503 at the cap (what the proxy did; 80 479 requests
+//! of a 10 000-VM storm failed and cloud-init gives up on a 5xx); closing
+//! the accepted socket (the guest sees a reset, worse than a 503); a
+//! semaphore permit reserved before accept (above); a periodic re-check
+//! while paused (needless once wakers cross cores).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::log;
+use crate::rt::{self, TcpAcceptor, TcpConn, UnixAcceptor, UnixConn};
+
+/// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Accept failures are logged at most once per this interval, process-wide:
+/// EMFILE hits every listener's accept loop on every core at once, and each
+/// retries every [`ACCEPT_BACKOFF`] (unlimited, that was 20 lines a second
+/// per listener on two cores; `tests/limits_emfile.rs`).
+pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// File descriptors always kept out of the [`fd_budget`]: stdio, the log,
+/// rings and their eventfds, signalfd, control and metrics sockets, the
+/// inventory and password files.
+pub const FD_RESERVE_MIN: u64 = 64;
+/// Share of `RLIMIT_NOFILE` kept out of the [`fd_budget`] beyond
+/// [`FD_RESERVE_MIN`] (1/8): upstream sockets (the proxy's agent pool, the
+/// agent's API pool and its Neutron client), every namespace's listener and
+/// its dups on each loop, namespace fds during setns.
+pub const FD_RESERVE_DIVISOR: u64 = 8;
+
+/// A connection cap shared by every loop serving some listeners (a
+/// namespace, the agent's socket, the API's addresses), or by the whole
+/// process ([`fd_budget`]).
+pub struct Gate {
+    /// Names the listeners in logs (`ns qrouter-…`, `agent`, `api`, `process`).
+    label: String,
+    /// Names the cap in logs (`max_connections`, `fd budget`).
+    what: &'static str,
+    max: usize,
+    open: AtomicUsize,
+    /// Registered [`Room`] futures (paused accept loops): lets a close skip
+    /// the lock when nobody waits.
+    waiting: AtomicUsize,
+    waiters: Mutex<Waiters>,
+    /// Milliseconds since [`epoch`] (plus one, so 0 means none) at which the
+    /// current pause episode began.
+    paused_since: AtomicU64,
+    /// Pauses in the current episode.
+    episode_pauses: AtomicU64,
+    /// Pauses ever (for `metaproxy ctl status`).
+    pauses: AtomicU64,
+}
+
+/// Slab of parked accept loops; a dropped [`Room`] frees its slot.
+#[derive(Default)]
+struct Waiters {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("label", &self.label)
+            .field("max", &self.max)
+            .field("open", &self.open())
+            .finish_non_exhaustive()
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Gate {
+    /// A gate admitting `max` connections (at least 1); `label` and `what`
+    /// name it in log lines ("`label`: at `what` = `max`, pausing accept").
+    pub fn new(label: impl Into<String>, what: &'static str, max: usize) -> Gate {
+        Gate {
+            label: label.into(),
+            what,
+            max: max.max(1),
+            open: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            waiters: Mutex::new(Waiters::default()),
+            paused_since: AtomicU64::new(0),
+            episode_pauses: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+        }
+    }
+
+    /// Connections counted now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Times an accept loop paused at the cap, since the gate was made.
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::Relaxed)
+    }
+
+    /// The name used in log lines.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn has_room(&self) -> bool {
+        self.open.load(Ordering::SeqCst) < self.max
+    }
+
+    /// Resolves once the count is below the cap (it does not take a slot).
+    pub fn room(&self) -> Room<'_> {
+        Room {
+            gate: self,
+            slot: None,
+        }
+    }
+
+    /// Count one accepted connection.
+    fn admit(&self) {
+        self.open.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Uncount one connection; wakes paused accept loops.
+    fn release(&self) {
+        // Invariant (with `Room::poll`): the decrement comes before the
+        // `waiting` load here, the registration before the count load
+        // there, all SeqCst: either this close sees the waiter, or the
+        // waiter sees the lower count. A wake-up is never lost.
+        let now = self.open.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let wakers: Vec<Waker> = self
+                .lock()
+                .slots
+                .iter_mut()
+                .filter_map(Option::take)
+                .collect();
+            wakers.into_iter().for_each(Waker::wake);
+        }
+        if now <= self.max / 2 && self.paused_since.load(Ordering::Relaxed) != 0 {
+            self.end_episode(now);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An accept loop is about to wait for room: count it, and log the
+    /// start of an episode.
+    fn note_pause(&self) {
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        self.episode_pauses.fetch_add(1, Ordering::Relaxed);
+        let start = now_ms().saturating_add(1);
+        if self
+            .paused_since
+            .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            log::warn(format_args!(
+                "{}: at {} = {} ({} open), pausing accept: new connections wait in the \
+                 listen backlog until one closes",
+                self.label,
+                self.what,
+                self.max,
+                self.open()
+            ));
+        }
+    }
+
+    fn end_episode(&self, open: usize) {
+        let since = self.paused_since.swap(0, Ordering::AcqRel);
+        if since == 0 {
+            return;
+        }
+        let pauses = self.episode_pauses.swap(0, Ordering::Relaxed);
+        let took = Duration::from_millis(now_ms().saturating_add(1).saturating_sub(since));
+        log::info(format_args!(
+            "{}: accepting freely again, {open} open (below half of {} = {}) after {took:?} \
+             at the cap; accept paused {pauses} time(s)",
+            self.label, self.what, self.max
+        ));
+    }
+}
+
+/// Future returned by [`Gate::room`].
+pub struct Room<'a> {
+    gate: &'a Gate,
+    slot: Option<usize>,
+}
+
+impl Future for Room<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let gate = self.gate;
+        if gate.has_room() {
+            return Poll::Ready(());
+        }
+        {
+            let mut w = gate.lock();
+            match self.slot {
+                Some(i) => match &mut w.slots[i] {
+                    Some(old) if old.will_wake(cx.waker()) => {}
+                    s => *s = Some(cx.waker().clone()),
+                },
+                None => {
+                    let i = match w.free.pop() {
+                        Some(i) => {
+                            w.slots[i] = Some(cx.waker().clone());
+                            i
+                        }
+                        None => {
+                            w.slots.push(Some(cx.waker().clone()));
+                            w.slots.len() - 1
+                        }
+                    };
+                    self.slot = Some(i);
+                    gate.waiting.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        // Re-check after registering (see `Gate::release`).
+        if gate.has_room() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot.take() {
+            let mut w = self.gate.lock();
+            w.slots[i] = None;
+            w.free.push(i);
+            self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The process-wide gate: at most this many accepted connections over all
+/// listeners of all daemons in this process, so that accept(2) pauses
+/// before it would fail with EMFILE. Made (and logged) on first use: the
+/// soft `RLIMIT_NOFILE` is raised to the hard limit, and the budget is that
+/// limit minus `max(FD_RESERVE_MIN, limit / FD_RESERVE_DIVISOR)` (at most
+/// half of it).
+pub fn fd_budget() -> &'static Gate {
+    static PROCESS: OnceLock<Gate> = OnceLock::new();
+    PROCESS.get_or_init(|| {
+        let (before, limit) = raise_nofile();
+        let budget = budget_for(limit);
+        log::info(format_args!(
+            "fd budget: {budget} client connections over all listeners (RLIMIT_NOFILE {limit}{}, \
+             {} kept for upstream sockets, listeners, namespaces and logs)",
+            if before < limit {
+                format!(", soft limit raised from {before}")
+            } else {
+                String::new()
+            },
+            limit - budget as u64
+        ));
+        Gate::new("process", "fd budget", budget)
+    })
+}
+
+/// The connection budget for an fd limit of `limit` (see [`fd_budget`]).
+pub fn budget_for(limit: u64) -> usize {
+    let reserve = FD_RESERVE_MIN
+        .max(limit / FD_RESERVE_DIVISOR)
+        .min(limit / 2);
+    usize::try_from(limit - reserve)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard limit; (soft before, soft now).
+fn raise_nofile() -> (u64, u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return (1024, 1024);
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            log::warn(format_args!(
+                "cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}"
+            ));
+            return (soft, soft);
+        }
+        return (soft, hard);
+    }
+    (soft, soft)
+}
+
+/// One loop's view of a listener's caps: its own gate and the process's.
+pub struct Admission {
+    gate: std::sync::Arc<Gate>,
+    process: &'static Gate,
+}
+
+impl Admission {
+    /// Admit through `gate` and the process-wide [`fd_budget`].
+    pub fn new(gate: std::sync::Arc<Gate>) -> Rc<Admission> {
+        Self::with_process(gate, fd_budget())
+    }
+
+    /// Admit through `gate` and `process` (tests use a process gate of
+    /// their own).
+    pub fn with_process(gate: std::sync::Arc<Gate>, process: &'static Gate) -> Rc<Admission> {
+        Rc::new(Admission { gate, process })
+    }
+
+    /// The listener's own gate.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Wait until both gates have room (pausing counts and logs).
+    pub async fn room(&self) {
+        loop {
+            if !self.gate.has_room() {
+                self.gate.note_pause();
+                self.gate.room().await;
+            }
+            if !self.process.has_room() {
+                self.process.note_pause();
+                self.process.room().await;
+                continue;
+            }
+            if self.gate.has_room() {
+                return;
+            }
+        }
+    }
+
+    /// Count an accepted connection on both gates; the [`Slot`] uncounts it.
+    pub fn admit(self: &Rc<Self>) -> Slot {
+        self.gate.admit();
+        self.process.admit();
+        Slot(self.clone())
+    }
+}
+
+/// One counted connection; dropping it (when the connection's task ends,
+/// after its socket closed) frees its place and wakes paused accept loops.
+pub struct Slot(Rc<Admission>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.gate.release();
+        self.0.process.release();
+    }
+}
+
+/// A listener the accept loop can take connections from.
+pub trait Accept {
+    /// What one accept yields.
+    type Conn;
+    /// Accept one connection.
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Conn>>;
+}
+
+impl Accept for TcpAcceptor {
+    type Conn = (TcpConn, SocketAddr);
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Conn>> {
+        TcpAcceptor::accept(self)
+    }
+}
+
+impl Accept for UnixAcceptor {
+    type Conn = UnixConn;
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Conn>> {
+        UnixAcceptor::accept(self)
+    }
+}
+
+/// The accept loop of every daemon: wait for room under the caps, accept,
+/// count, hand the connection and its [`Slot`] to `serve` (which spawns the
+/// connection's task). Accept failures back off [`ACCEPT_BACKOFF`] and are
+/// logged through one process-wide throttle. Returns when the listener is
+/// shut down (EINVAL); otherwise runs until its task is dropped.
+pub async fn accept_loop<A: Accept>(
+    acceptor: A,
+    admission: Rc<Admission>,
+    mut serve: impl FnMut(A::Conn, Slot),
+) {
+    loop {
+        admission.room().await;
+        let conn = match acceptor.accept().await {
+            Ok(c) => c,
+            // EINVAL: the listener was shut down (namespace removed or stopping).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(e) => {
+                if let Some(n) = ACCEPT_ERRORS.note() {
+                    log::warn(format_args!(
+                        "{}: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?} ({n} accept \
+                         failure(s) on all listeners in the last {ACCEPT_ERROR_LOG_INTERVAL:?}, \
+                         one line per interval)",
+                        admission.gate.label
+                    ));
+                }
+                rt::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        serve(conn, admission.admit());
+    }
+}
+
+/// Process-wide rate limit for the accept-failure log line (a log throttle,
+/// not per-core state, hence the atomics).
+struct AcceptErrorLog {
+    /// Milliseconds since [`epoch`] before which no line is written.
+    next_ms: AtomicU64,
+    /// Failures since the last line.
+    failures: AtomicU64,
+}
+
+static ACCEPT_ERRORS: AcceptErrorLog = AcceptErrorLog {
+    next_ms: AtomicU64::new(0),
+    failures: AtomicU64::new(0),
+};
+
+impl AcceptErrorLog {
+    /// Count one failure; `Some(failures since the last line)` when a line
+    /// is due now.
+    fn note(&self) -> Option<u64> {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(ACCEPT_ERROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.failures.swap(0, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn budget_keeps_a_reserve() {
+        assert_eq!(budget_for(20_000), 17_500);
+        assert_eq!(budget_for(1_048_576), 917_504);
+        assert_eq!(budget_for(1024), 896);
+        assert_eq!(budget_for(256), 192);
+        assert_eq!(budget_for(100), 50);
+        assert_eq!(budget_for(1), 1);
+    }
+
+    #[test]
+    fn room_waits_for_a_release_and_unregisters_when_dropped() {
+        let gate = Gate::new("t", "max_connections", 2);
+        let process: &'static Gate = Box::leak(Box::new(Gate::new("p", "fd budget", 100)));
+        let adm = Admission::with_process(Arc::new(gate), process);
+        let a = adm.admit();
+        let b = adm.admit();
+        assert_eq!(adm.gate().open(), 2);
+        assert_eq!(process.open(), 2);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        {
+            let room = adm.gate().room();
+            futures_util::pin_mut!(room);
+            assert!(room.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(adm.gate().waiting.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(
+            adm.gate().waiting.load(Ordering::SeqCst),
+            0,
+            "dropped waiter unregistered"
+        );
+        let room = adm.gate().room();
+        futures_util::pin_mut!(room);
+        assert!(room.as_mut().poll(&mut cx).is_pending());
+        drop(a);
+        assert!(room.as_mut().poll(&mut cx).is_ready());
+        drop(b);
+        assert_eq!((adm.gate().open(), process.open()), (0, 0));
+    }
+
+    #[test]
+    fn a_close_on_another_thread_wakes_a_paused_loop() {
+        let gate = Arc::new(Gate::new("t", "max_connections", 1));
+        gate.admit();
+        let g2 = gate.clone();
+        let closer = std::thread::spawn(move || {
+            // Wait until the loop below is parked, then close from here.
+            let t0 = Instant::now();
+            while g2.waiting.load(Ordering::SeqCst) == 0 {
+                assert!(t0.elapsed() < Duration::from_secs(10), "never parked");
+                std::thread::yield_now();
+            }
+            g2.release();
+        });
+        crate::rt::block_on(async {
+            gate.note_pause();
+            gate.room().await;
+        })
+        .unwrap();
+        closer.join().unwrap();
+        assert_eq!(gate.open(), 0);
+        assert_eq!(gate.pauses(), 1);
+    }
+
+    #[test]
+    fn an_episode_ends_at_half_the_cap() {
+        let gate = Gate::new("t", "max_connections", 4);
+        (0..4).for_each(|_| gate.admit());
+        gate.note_pause();
+        gate.note_pause();
+        assert_ne!(gate.paused_since.load(Ordering::Relaxed), 0);
+        gate.release();
+        gate.admit();
+        gate.release();
+        assert_ne!(
+            gate.paused_since.load(Ordering::Relaxed),
+            0,
+            "3 open: still at it"
+        );
+        gate.release();
+        assert_eq!(gate.paused_since.load(Ordering::Relaxed), 0, "2 open: over");
+        assert_eq!(gate.pauses(), 2);
+    }
+}
