@@ -16,13 +16,16 @@
 //!   would fail with EMFILE. In `metaproxy up` the three daemons share it.
 //!
 //! A gate's count is the one cross-core value (an atomic): the loops share
-//! listeners, and a cap is per namespace or per daemon, not per loop. The
-//! count is taken after accept(2) returns, not reserved before it: an
-//! accept is an io_uring operation kept in flight, and a reservation held by
-//! every loop's pending accept would eat the cap (with 2 loops and 3
-//! addresses, 6 of 8 slots) and show as open connections. The price: accepts
-//! already in flight when the cap is reached still complete, so a cap can
-//! be exceeded by at most one connection per loop and listener.
+//! listeners, and a cap is per namespace or per daemon, not per loop. A
+//! place is taken (compare-and-swap below the cap) *before* accept(2) is
+//! submitted, as haproxy does, so the cap is exact: an accept is an
+//! io_uring operation that stays in flight, and counting only after it
+//! returned let every loop's pending accept complete past the cap (and,
+//! since a close wakes every paused loop, again after each close). The
+//! price: an accept waiting on a quiet listener holds a place, so with
+//! several addresses per namespace up to workers × (addresses − 1) places
+//! can sit on idle addresses; negligible at the default cap, and the count
+//! shown as open connections leaves those accepts out.
 //!
 //! A paused accept loop waits on the gate's waker list, woken by the close
 //! of any connection counted there, on whichever core it closes (compio's
@@ -81,8 +84,11 @@ pub struct Gate {
     /// Names the cap in logs (`max_connections`, `fd budget`).
     what: &'static str,
     max: usize,
-    open: AtomicUsize,
-    /// Registered [`Room`] futures (paused accept loops): lets a close skip
+    /// Places taken: open connections plus accepts in flight.
+    taken: AtomicUsize,
+    /// Accepts in flight holding a place (left out of [`Gate::open`]).
+    accepting: AtomicUsize,
+    /// Registered [`Take`] futures (paused accept loops): lets a close skip
     /// the lock when nobody waits.
     waiting: AtomicUsize,
     waiters: Mutex<Waiters>,
@@ -95,7 +101,7 @@ pub struct Gate {
     pauses: AtomicU64,
 }
 
-/// Slab of parked accept loops; a dropped [`Room`] frees its slot.
+/// Slab of parked accept loops; a dropped [`Take`] frees its slot.
 #[derive(Default)]
 struct Waiters {
     slots: Vec<Option<Waker>>,
@@ -129,7 +135,8 @@ impl Gate {
             label: label.into(),
             what,
             max: max.max(1),
-            open: AtomicUsize::new(0),
+            taken: AtomicUsize::new(0),
+            accepting: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             waiters: Mutex::new(Waiters::default()),
             paused_since: AtomicU64::new(0),
@@ -138,9 +145,10 @@ impl Gate {
         }
     }
 
-    /// Connections counted now.
+    /// Connections open now (places taken, less accepts in flight).
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
+        let accepting = self.accepting.load(Ordering::Relaxed);
+        self.taken.load(Ordering::Relaxed).saturating_sub(accepting)
     }
 
     /// The cap.
@@ -158,30 +166,37 @@ impl Gate {
         &self.label
     }
 
-    fn has_room(&self) -> bool {
-        self.open.load(Ordering::SeqCst) < self.max
+    /// Take a place if the count is below the cap.
+    fn try_take(&self) -> bool {
+        let mut n = self.taken.load(Ordering::SeqCst);
+        while n < self.max {
+            match self
+                .taken
+                .compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => n = now,
+            }
+        }
+        false
     }
 
-    /// Resolves once the count is below the cap (it does not take a slot).
-    pub fn room(&self) -> Room<'_> {
-        Room {
+    /// Resolves once a place is taken (the caller then owns it and must
+    /// [`release`](Gate::release) it).
+    fn take(&self) -> Take<'_> {
+        Take {
             gate: self,
             slot: None,
         }
     }
 
-    /// Count one accepted connection.
-    fn admit(&self) {
-        self.open.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Uncount one connection; wakes paused accept loops.
+    /// Give a place back; wakes paused accept loops.
     fn release(&self) {
-        // Invariant (with `Room::poll`): the decrement comes before the
+        // Invariant (with `Take::poll`): the decrement comes before the
         // `waiting` load here, the registration before the count load
         // there, all SeqCst: either this close sees the waiter, or the
         // waiter sees the lower count. A wake-up is never lost.
-        let now = self.open.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        let now = self.taken.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let wakers: Vec<Waker> = self
                 .lock()
@@ -212,12 +227,9 @@ impl Gate {
             .is_ok()
         {
             log::warn(format_args!(
-                "{}: at {} = {} ({} open), pausing accept: new connections wait in the \
-                 listen backlog until one closes",
-                self.label,
-                self.what,
-                self.max,
-                self.open()
+                "{}: at {} = {}, pausing accept: new connections wait in the listen \
+                 backlog until one closes",
+                self.label, self.what, self.max
             ));
         }
     }
@@ -237,17 +249,17 @@ impl Gate {
     }
 }
 
-/// Future returned by [`Gate::room`].
-pub struct Room<'a> {
+/// Future returned by [`Gate::take`].
+struct Take<'a> {
     gate: &'a Gate,
     slot: Option<usize>,
 }
 
-impl Future for Room<'_> {
+impl Future for Take<'_> {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let gate = self.gate;
-        if gate.has_room() {
+        if gate.try_take() {
             return Poll::Ready(());
         }
         {
@@ -274,14 +286,14 @@ impl Future for Room<'_> {
             }
         }
         // Re-check after registering (see `Gate::release`).
-        if gate.has_room() {
+        if gate.try_take() {
             return Poll::Ready(());
         }
         Poll::Pending
     }
 }
 
-impl Drop for Room<'_> {
+impl Drop for Take<'_> {
     fn drop(&mut self) {
         if let Some(i) = self.slot.take() {
             let mut w = self.gate.lock();
@@ -368,34 +380,43 @@ impl Admission {
         &self.gate
     }
 
-    /// Wait until both gates have room (pausing counts and logs).
-    pub async fn room(&self) {
-        loop {
-            if !self.gate.has_room() {
-                self.gate.note_pause();
-                self.gate.room().await;
-            }
-            if !self.process.has_room() {
-                self.process.note_pause();
-                self.process.room().await;
-                continue;
-            }
-            if self.gate.has_room() {
-                return;
-            }
+    /// Take a place under both gates, waiting (paused: counted and
+    /// logged) while either is full.
+    pub async fn reserve(self: &Rc<Self>) -> Slot {
+        if !self.gate.try_take() {
+            self.gate.note_pause();
+            self.gate.take().await;
         }
-    }
-
-    /// Count an accepted connection on both gates; the [`Slot`] uncounts it.
-    pub fn admit(self: &Rc<Self>) -> Slot {
-        self.gate.admit();
-        self.process.admit();
+        // Holding the listener's place while the process is full is fine:
+        // any connection's close frees a process place.
+        if !self.process.try_take() {
+            self.process.note_pause();
+            self.process.take().await;
+        }
         Slot(self.clone())
     }
 }
 
-/// One counted connection; dropping it (when the connection's task ends,
-/// after its socket closed) frees its place and wakes paused accept loops.
+/// Marks an accept in flight on a place (left out of [`Gate::open`]).
+struct Accepting<'a>(&'a Gate);
+
+impl<'a> Accepting<'a> {
+    fn new(gate: &'a Gate) -> Self {
+        gate.accepting.fetch_add(1, Ordering::Relaxed);
+        Accepting(gate)
+    }
+}
+
+impl Drop for Accepting<'_> {
+    fn drop(&mut self) {
+        self.0.accepting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A place under both gates: an accept in flight, then the connection it
+/// accepted. Dropping it (when the connection's task ends, after its socket
+/// closed, or when the accept failed) frees the place and wakes paused
+/// accept loops.
 pub struct Slot(Rc<Admission>);
 
 impl Drop for Slot {
@@ -427,9 +448,9 @@ impl Accept for UnixAcceptor {
     }
 }
 
-/// The accept loop of every daemon: wait for room under the caps, accept,
-/// count, hand the connection and its [`Slot`] to `serve` (which spawns the
-/// connection's task). Accept failures back off [`ACCEPT_BACKOFF`] and are
+/// The accept loop of every daemon: take a place under the caps (waiting
+/// while they are full), accept, hand the connection and its [`Slot`] to
+/// `serve` (which spawns the connection's task). Accept failures back off [`ACCEPT_BACKOFF`] and are
 /// logged through one process-wide throttle. Returns when the listener is
 /// shut down (EINVAL); otherwise runs until its task is dropped.
 pub async fn accept_loop<A: Accept>(
@@ -438,8 +459,11 @@ pub async fn accept_loop<A: Accept>(
     mut serve: impl FnMut(A::Conn, Slot),
 ) {
     loop {
-        admission.room().await;
-        let conn = match acceptor.accept().await {
+        let slot = admission.reserve().await;
+        let accepting = Accepting::new(&admission.gate);
+        let res = acceptor.accept().await;
+        drop(accepting);
+        let conn = match res {
             Ok(c) => c,
             // EINVAL: the listener was shut down (namespace removed or stopping).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
@@ -452,11 +476,12 @@ pub async fn accept_loop<A: Accept>(
                         admission.gate.label
                     ));
                 }
+                drop(slot);
                 rt::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        serve(conn, admission.admit());
+        serve(conn, slot);
     }
 }
 
@@ -504,6 +529,11 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        let waker = futures_util::task::noop_waker();
+        Pin::new(f).poll(&mut Context::from_waker(&waker))
+    }
+
     #[test]
     fn budget_keeps_a_reserve() {
         assert_eq!(budget_for(20_000), 17_500);
@@ -515,20 +545,21 @@ mod tests {
     }
 
     #[test]
-    fn room_waits_for_a_release_and_unregisters_when_dropped() {
-        let gate = Gate::new("t", "max_connections", 2);
+    fn the_cap_is_exact_and_a_dropped_waiter_unregisters() {
         let process: &'static Gate = Box::leak(Box::new(Gate::new("p", "fd budget", 100)));
-        let adm = Admission::with_process(Arc::new(gate), process);
-        let a = adm.admit();
-        let b = adm.admit();
-        assert_eq!(adm.gate().open(), 2);
-        assert_eq!(process.open(), 2);
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
+        let adm = Admission::with_process(Arc::new(Gate::new("t", "max_connections", 2)), process);
+        let mut r = Box::pin(adm.reserve());
+        let Poll::Ready(a) = poll_once(&mut r) else {
+            panic!("room for 1")
+        };
+        let mut r = Box::pin(adm.reserve());
+        let Poll::Ready(b) = poll_once(&mut r) else {
+            panic!("room for 2")
+        };
+        assert_eq!((adm.gate().open(), process.open()), (2, 2));
         {
-            let room = adm.gate().room();
-            futures_util::pin_mut!(room);
-            assert!(room.as_mut().poll(&mut cx).is_pending());
+            let mut r = Box::pin(adm.reserve());
+            assert!(poll_once(&mut r).is_pending(), "a third waits");
             assert_eq!(adm.gate().waiting.load(Ordering::SeqCst), 1);
         }
         assert_eq!(
@@ -536,19 +567,39 @@ mod tests {
             0,
             "dropped waiter unregistered"
         );
-        let room = adm.gate().room();
-        futures_util::pin_mut!(room);
-        assert!(room.as_mut().poll(&mut cx).is_pending());
+        let mut third = Box::pin(adm.reserve());
+        let mut fourth = Box::pin(adm.reserve());
+        assert!(poll_once(&mut third).is_pending());
+        assert!(poll_once(&mut fourth).is_pending());
         drop(a);
-        assert!(room.as_mut().poll(&mut cx).is_ready());
+        let Poll::Ready(c) = poll_once(&mut third) else {
+            panic!("one close admits one")
+        };
+        assert!(poll_once(&mut fourth).is_pending(), "and only one");
+        assert_eq!(adm.gate().open(), 2);
         drop(b);
+        let Poll::Ready(d) = poll_once(&mut fourth) else {
+            panic!("the next close the next")
+        };
+        assert_eq!(adm.gate().pauses(), 3);
+        drop((c, d));
         assert_eq!((adm.gate().open(), process.open()), (0, 0));
+    }
+
+    #[test]
+    fn an_accept_in_flight_is_not_an_open_connection() {
+        let gate = Gate::new("t", "max_connections", 4);
+        assert!(gate.try_take());
+        let a = Accepting::new(&gate);
+        assert_eq!(gate.open(), 0);
+        drop(a);
+        assert_eq!(gate.open(), 1);
     }
 
     #[test]
     fn a_close_on_another_thread_wakes_a_paused_loop() {
         let gate = Arc::new(Gate::new("t", "max_connections", 1));
-        gate.admit();
+        assert!(gate.try_take());
         let g2 = gate.clone();
         let closer = std::thread::spawn(move || {
             // Wait until the loop below is parked, then close from here.
@@ -561,23 +612,23 @@ mod tests {
         });
         crate::rt::block_on(async {
             gate.note_pause();
-            gate.room().await;
+            gate.take().await;
         })
         .unwrap();
         closer.join().unwrap();
-        assert_eq!(gate.open(), 0);
+        assert_eq!(gate.open(), 1, "the woken loop holds the place");
         assert_eq!(gate.pauses(), 1);
     }
 
     #[test]
     fn an_episode_ends_at_half_the_cap() {
         let gate = Gate::new("t", "max_connections", 4);
-        (0..4).for_each(|_| gate.admit());
+        (0..4).for_each(|_| assert!(gate.try_take()));
         gate.note_pause();
         gate.note_pause();
         assert_ne!(gate.paused_since.load(Ordering::Relaxed), 0);
         gate.release();
-        gate.admit();
+        assert!(gate.try_take());
         gate.release();
         assert_ne!(
             gate.paused_since.load(Ordering::Relaxed),
