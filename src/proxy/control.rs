@@ -291,7 +291,7 @@ impl ControlPlane {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<44} {:<10} {:<60} {:>6} {:>10} {:>10} {:>8} {:>8} {:>6}",
+            "{:<44} {:<10} {:<60} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "NAMESPACE",
             "ORIGIN",
             "LISTENERS -> IDENTITY",
@@ -299,7 +299,10 @@ impl ControlPlane {
             "ACCEPTED",
             "REQUESTS",
             "UP_ERR",
+            "PAUSED",
+            "408",
             "429",
+            "TOKENS",
             "401"
         );
         for s in &st {
