@@ -306,3 +306,25 @@ fn proxy_at_the_fd_budget_pauses_accept_instead_of_emfile() {
     all_answered(&statuses, 200);
     assert_one_episode(&proxy, "process", "fd budget", budget);
 }
+
+/// A backlog above `net.core.somaxconn` is silently capped by listen(2); a
+/// storm then overflows the accept queue long before any cap pauses
+/// accepting. The daemon says so at start.
+#[test]
+fn a_backlog_above_somaxconn_is_reported() {
+    let somaxconn: i64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = write_api_config(dir.path(), port, &format!("backlog = {}", somaxconn + 1));
+    let api = Daemon::start(4096, &["api"], &cfg, "api starting");
+    assert_eq!(
+        api.count_lines(&format!("capped at net.core.somaxconn = {somaxconn}")),
+        1,
+        "{:?}",
+        api.log.lock().unwrap()
+    );
+}

@@ -311,6 +311,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         ),
     };
     let listener = Arc::new(bind_socket(&cfg)?);
+    admit::check_backlog("agent", cfg.backlog);
     let gate = Arc::new(Gate::new(
         "agent",
         "max_connections",

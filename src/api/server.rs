@@ -228,6 +228,7 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         Arc::new(inventory),
         Arc::new(passwords),
     ));
+    admit::check_backlog("api", cfg.backlog);
     let mut sockets = Vec::with_capacity(cfg.listen.len());
     for a in &cfg.listen {
         sockets.push(bind_with_retry(*a, cfg.backlog)?);

@@ -200,7 +200,9 @@ pub fn bind_namespace(
     backlog: i32,
 ) -> io::Result<Vec<std::net::TcpListener>> {
     let addrs = ns.listen.clone();
+    let label = format!("ns {}", ns.name);
     rt::netns::in_namespace(ns.netns.as_deref(), move || {
+        admit::check_backlog(&label, backlog);
         addrs
             .iter()
             .map(|a| {

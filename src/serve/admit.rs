@@ -357,6 +357,34 @@ fn raise_nofile() -> (u64, u64) {
     (soft, soft)
 }
 
+/// Where listen(2) caps every backlog, TCP and Unix alike, for the network
+/// namespace of the calling thread (the file is per namespace).
+const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
+
+/// Warn (once per process) when `backlog` exceeds `net.core.somaxconn` in
+/// the calling thread's network namespace: listen(2) silently caps it
+/// there, and a boot storm then overflows the accept queue (dropped SYNs,
+/// 1 s, 3 s, 7 s retransmits) long before a cap pauses accepting. Kernels
+/// before 5.4 default to 128, and every new namespace starts from the
+/// default, whatever the host's sysctl says. Call it where the listener is
+/// bound (inside its namespace).
+pub fn check_backlog(label: &str, backlog: i32) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(max) = std::fs::read_to_string(SOMAXCONN)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    if backlog > max && !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn(format_args!(
+            "{label}: backlog = {backlog} is capped at net.core.somaxconn = {max} there: a boot \
+             storm can overflow the accept queue (SYN retransmits); raise the sysctl to at least \
+             {backlog} (in each namespace; logged once)"
+        ));
+    }
+}
+
 /// One loop's view of a listener's caps: its own gate and the process's.
 pub struct Admission {
     gate: std::sync::Arc<Gate>,
