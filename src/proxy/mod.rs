@@ -365,7 +365,7 @@ async fn run_loop(
                     counters: Counters::default(),
                     closing: Event::default(),
                 });
-                let admission = Admission::new(l.gate.clone());
+                let admission = Admission::for_guests(l.gate.clone());
                 let mut accepts = Vec::with_capacity(l.sockets.len());
                 for s in &l.sockets {
                     match s.try_clone().and_then(TcpAcceptor::from_std) {

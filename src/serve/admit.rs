@@ -13,7 +13,10 @@
 //! - the process-wide [`fd_budget`] gate, derived from `RLIMIT_NOFILE` (soft
 //!   limit raised to the hard one at start, minus a reserve for upstream
 //!   sockets, listeners, namespaces, logs), so accept(2) pauses before it
-//!   would fail with EMFILE. In `metaproxy up` the three daemons share it.
+//!   would fail with EMFILE. In `metaproxy up` the three daemons share it,
+//!   so guests (the proxy's listeners) may fill only [`guest_share`] of it:
+//!   the rest stays for the proxy → agent and agent → API hops that answer
+//!   them.
 //!
 //! A gate's count is the one cross-core value (an atomic): the loops share
 //! listeners, and a cap is per namespace or per daemon, not per loop. A
@@ -168,8 +171,13 @@ impl Gate {
 
     /// Take a place if the count is below the cap.
     fn try_take(&self) -> bool {
+        self.try_take_below(self.max)
+    }
+
+    /// Take a place if the count is below `limit` (at most the cap).
+    fn try_take_below(&self, limit: usize) -> bool {
         let mut n = self.taken.load(Ordering::SeqCst);
-        while n < self.max {
+        while n < limit {
             match self
                 .taken
                 .compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
@@ -181,11 +189,12 @@ impl Gate {
         false
     }
 
-    /// Resolves once a place is taken (the caller then owns it and must
-    /// [`release`](Gate::release) it).
-    fn take(&self) -> Take<'_> {
+    /// Resolves once a place is taken below `limit` (the caller then owns
+    /// it and must [`release`](Gate::release) it).
+    fn take(&self, limit: usize) -> Take<'_> {
         Take {
             gate: self,
+            limit,
             slot: None,
         }
     }
@@ -215,9 +224,9 @@ impl Gate {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An accept loop is about to wait for room: count it, and log the
-    /// start of an episode.
-    fn note_pause(&self) {
+    /// An accept loop is about to wait for room below `limit`: count it,
+    /// and log the start of an episode.
+    fn note_pause(&self, limit: usize) {
         self.pauses.fetch_add(1, Ordering::Relaxed);
         self.episode_pauses.fetch_add(1, Ordering::Relaxed);
         let start = now_ms().saturating_add(1);
@@ -226,8 +235,13 @@ impl Gate {
             .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
+            let share = if limit < self.max {
+                format!(" ({limit} of it for guests' connections)")
+            } else {
+                String::new()
+            };
             log::warn(format_args!(
-                "{}: at {} = {}, pausing accept: new connections wait in the listen \
+                "{}: at {} = {}{share}, pausing accept: new connections wait in the listen \
                  backlog until one closes",
                 self.label, self.what, self.max
             ));
@@ -252,14 +266,15 @@ impl Gate {
 /// Future returned by [`Gate::take`].
 struct Take<'a> {
     gate: &'a Gate,
+    limit: usize,
     slot: Option<usize>,
 }
 
 impl Future for Take<'_> {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let gate = self.gate;
-        if gate.try_take() {
+        let (gate, limit) = (self.gate, self.limit);
+        if gate.try_take_below(limit) {
             return Poll::Ready(());
         }
         {
@@ -286,7 +301,7 @@ impl Future for Take<'_> {
             }
         }
         // Re-check after registering (see `Gate::release`).
-        if gate.try_take() {
+        if gate.try_take_below(limit) {
             return Poll::Ready(());
         }
         Poll::Pending
@@ -385,22 +400,52 @@ pub fn check_backlog(label: &str, backlog: i32) {
     }
 }
 
+/// The part of the process's fd budget that guests' connections (the
+/// proxy's namespace listeners) may use: all but 1/16 (at least 1), which
+/// only the internal hops (the agent's socket, the API's listeners) may
+/// take. In `metaproxy up` the three daemons share one budget, and a storm
+/// of guests must not take the places the proxy → agent and agent → API
+/// connections need to answer them (they would wait for the guests, who
+/// wait for them, until a timeout).
+pub fn guest_share(budget: usize) -> usize {
+    budget.saturating_sub((budget / 16).max(1)).max(1)
+}
+
 /// One loop's view of a listener's caps: its own gate and the process's.
 pub struct Admission {
     gate: std::sync::Arc<Gate>,
     process: &'static Gate,
+    /// Places of `process` this listener may fill (see [`guest_share`]).
+    process_limit: usize,
 }
 
 impl Admission {
-    /// Admit through `gate` and the process-wide [`fd_budget`].
+    /// Admit an internal hop (the agent's socket, the API's listeners)
+    /// through `gate` and the whole process-wide [`fd_budget`].
     pub fn new(gate: std::sync::Arc<Gate>) -> Rc<Admission> {
-        Self::with_process(gate, fd_budget())
+        let process = fd_budget();
+        Self::with_process(gate, process, process.max())
     }
 
-    /// Admit through `gate` and `process` (tests use a process gate of
-    /// their own).
-    pub fn with_process(gate: std::sync::Arc<Gate>, process: &'static Gate) -> Rc<Admission> {
-        Rc::new(Admission { gate, process })
+    /// Admit guests (the proxy's namespace listeners) through `gate` and
+    /// their [`guest_share`] of the process-wide [`fd_budget`].
+    pub fn for_guests(gate: std::sync::Arc<Gate>) -> Rc<Admission> {
+        let process = fd_budget();
+        Self::with_process(gate, process, guest_share(process.max()))
+    }
+
+    /// Admit through `gate` and at most `process_limit` places of `process`
+    /// (tests use a process gate of their own).
+    pub fn with_process(
+        gate: std::sync::Arc<Gate>,
+        process: &'static Gate,
+        process_limit: usize,
+    ) -> Rc<Admission> {
+        Rc::new(Admission {
+            gate,
+            process,
+            process_limit: process_limit.min(process.max()),
+        })
     }
 
     /// The listener's own gate.
@@ -411,15 +456,17 @@ impl Admission {
     /// Take a place under both gates, waiting (paused: counted and
     /// logged) while either is full.
     pub async fn reserve(self: &Rc<Self>) -> Slot {
+        let max = self.gate.max();
         if !self.gate.try_take() {
-            self.gate.note_pause();
-            self.gate.take().await;
+            self.gate.note_pause(max);
+            self.gate.take(max).await;
         }
         // Holding the listener's place while the process is full is fine:
         // any connection's close frees a process place.
-        if !self.process.try_take() {
-            self.process.note_pause();
-            self.process.take().await;
+        let limit = self.process_limit;
+        if !self.process.try_take_below(limit) {
+            self.process.note_pause(limit);
+            self.process.take(limit).await;
         }
         Slot(self.clone())
     }
@@ -575,7 +622,8 @@ mod tests {
     #[test]
     fn the_cap_is_exact_and_a_dropped_waiter_unregisters() {
         let process: &'static Gate = Box::leak(Box::new(Gate::new("p", "fd budget", 100)));
-        let adm = Admission::with_process(Arc::new(Gate::new("t", "max_connections", 2)), process);
+        let adm =
+            Admission::with_process(Arc::new(Gate::new("t", "max_connections", 2)), process, 100);
         let mut r = Box::pin(adm.reserve());
         let Poll::Ready(a) = poll_once(&mut r) else {
             panic!("room for 1")
@@ -615,6 +663,39 @@ mod tests {
     }
 
     #[test]
+    fn guests_leave_room_for_the_internal_hops() {
+        assert_eq!(guest_share(17_500), 16_407);
+        assert_eq!(guest_share(192), 180);
+        assert_eq!(guest_share(1), 1);
+        let process: &'static Gate = Box::leak(Box::new(Gate::new("p", "fd budget", 16)));
+        let guests = Admission::with_process(
+            Arc::new(Gate::new("g", "max_connections", 100)),
+            process,
+            15,
+        );
+        let agent = Admission::with_process(
+            Arc::new(Gate::new("a", "max_connections", 100)),
+            process,
+            16,
+        );
+        let held: Vec<Slot> = (0..15)
+            .map(|_| match poll_once(&mut Box::pin(guests.reserve())) {
+                Poll::Ready(s) => s,
+                Poll::Pending => panic!("room for 15 guests"),
+            })
+            .collect();
+        assert!(
+            poll_once(&mut Box::pin(guests.reserve())).is_pending(),
+            "the 16th guest waits"
+        );
+        assert!(
+            poll_once(&mut Box::pin(agent.reserve())).is_ready(),
+            "the agent's hop does not"
+        );
+        drop(held);
+    }
+
+    #[test]
     fn an_accept_in_flight_is_not_an_open_connection() {
         let gate = Gate::new("t", "max_connections", 4);
         assert!(gate.try_take());
@@ -639,8 +720,8 @@ mod tests {
             g2.release();
         });
         crate::rt::block_on(async {
-            gate.note_pause();
-            gate.take().await;
+            gate.note_pause(1);
+            gate.take(1).await;
         })
         .unwrap();
         closer.join().unwrap();
@@ -652,8 +733,8 @@ mod tests {
     fn an_episode_ends_at_half_the_cap() {
         let gate = Gate::new("t", "max_connections", 4);
         (0..4).for_each(|_| assert!(gate.try_take()));
-        gate.note_pause();
-        gate.note_pause();
+        gate.note_pause(4);
+        gate.note_pause(4);
         assert_ne!(gate.paused_since.load(Ordering::Relaxed), 0);
         gate.release();
         assert!(gate.try_take());
