@@ -433,6 +433,38 @@ fn nonzero(key: &str, v: Option<usize>, default: usize) -> Result<NonZeroUsize, 
     NonZeroUsize::new(v.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
 }
 
+/// The request limits of a `[<section>]` table (`proxy.limits`,
+/// `agent.limits`): head bytes, header count and body bytes as written
+/// (absent = `default`'s), validated alike for every daemon.
+///
+/// # Errors
+/// A head limit outside 256..=1 MiB or a header limit outside 1..=1024,
+/// naming `<section>.<key>`.
+pub fn limits(
+    section: &str,
+    (head, headers, body): (Option<usize>, Option<usize>, Option<u64>),
+    default: Limits,
+) -> Result<Limits, ConfigError> {
+    let l = Limits {
+        max_head_bytes: head.unwrap_or(default.max_head_bytes),
+        max_headers: headers.unwrap_or(default.max_headers),
+        max_body_bytes: body.unwrap_or(default.max_body_bytes),
+    };
+    if !(256..=1024 * 1024).contains(&l.max_head_bytes) {
+        return Err(invalid(
+            format!("{section}.max_head_bytes"),
+            "must be between 256 and 1048576",
+        ));
+    }
+    if !(1..=1024).contains(&l.max_headers) {
+        return Err(invalid(
+            format!("{section}.max_headers"),
+            "must be between 1 and 1024",
+        ));
+    }
+    Ok(l)
+}
+
 /// `v` parsed (and named `key` in errors), or `default` when absent.
 ///
 /// # Errors
@@ -480,25 +512,12 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 DEFAULT_KEEP_ALIVE_TIMEOUT,
             )?,
         };
-        let d = Limits::default();
         let l = &f.limits;
-        let limits = Limits {
-            max_head_bytes: l.max_head_bytes.unwrap_or(d.max_head_bytes),
-            max_headers: l.max_headers.unwrap_or(d.max_headers),
-            max_body_bytes: l.max_body_bytes.unwrap_or(d.max_body_bytes),
-        };
-        if !(256..=1024 * 1024).contains(&limits.max_head_bytes) {
-            return Err(invalid(
-                "proxy.limits.max_head_bytes",
-                "must be between 256 and 1048576",
-            ));
-        }
-        if !(1..=1024).contains(&limits.max_headers) {
-            return Err(invalid(
-                "proxy.limits.max_headers",
-                "must be between 1 and 1024",
-            ));
-        }
+        let limits = limits(
+            "proxy.limits",
+            (l.max_head_bytes, l.max_headers, l.max_body_bytes),
+            Limits::default(),
+        )?;
         let netns_dir = f
             .netns_dir
             .clone()

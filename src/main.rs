@@ -132,6 +132,7 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
         .with_context(|| format!("refusing to start with {}", path.display()))?;
     log::info(format_args!("effective proxy config: {cfg:?}"));
     if check {
+        print_warnings(&proxy_agent_warnings(path, &cfg)?);
         println!("{} is valid", path.display());
         return Ok(());
     }
@@ -191,6 +192,7 @@ fn run_api(path: &Path, check: bool) -> Result<()> {
         .with_context(|| format!("refusing to start with {}", path.display()))?;
     log::info(format_args!("effective api config: {cfg:?}"));
     if check {
+        print_warnings(&cfg.warnings());
         let inv = metaproxy::inventory::Inventory::load(&cfg.inventory)
             .with_context(|| format!("refusing to start with {}", path.display()))?;
         println!(
@@ -237,6 +239,7 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
     // The secret is redacted by AgentConfig's Debug.
     log::info(format_args!("effective agent config: {cfg:?}"));
     if check {
+        print_warnings(&cfg.warnings());
         println!("{} is valid", path.display());
         return Ok(());
     }
@@ -261,8 +264,86 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
     Ok(())
 }
 
-/// The three sections of one file must describe one chain.
+/// Proxy limits above the agent's. The proxy alone cannot know the agent it
+/// will talk to: it compares with this file's `[agent]` section when there
+/// is one (a network node's file usually configures both), else with the
+/// agent's defaults, and says which.
+fn proxy_agent_warnings(path: &Path, proxy: &ProxyConfig) -> Result<Vec<String>> {
+    let file = config::load_file(path)?;
+    let (agent, whose) = match &file.agent {
+        Some(t) => (
+            metaproxy::agent::config::AgentFile::from_table(t)?.limits()?,
+            "this file's [agent.limits]",
+        ),
+        None => (
+            metaproxy::agent::config::DEFAULT_AGENT_LIMITS,
+            "the agent's defaults; this file has no [agent] section",
+        ),
+    };
+    Ok(metaproxy::agent::config::proxy_limit_warnings(
+        &proxy.limits,
+        &agent,
+        whose,
+    ))
+}
+
+/// `--check`'s report of settings that are accepted but unsafe.
+fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        println!("warning: {w}");
+    }
+}
+
+/// Everything `up --check` warns about.
+fn up_warnings(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Vec<String> {
+    [
+        api.warnings(),
+        agent.warnings(),
+        metaproxy::agent::config::proxy_limit_warnings(
+            &proxy.limits,
+            &agent.limits,
+            "[agent.limits]",
+        ),
+    ]
+    .concat()
+}
+
+/// The three sections of one file must describe one chain, and one in
+/// which every guest keeps its own identity end to end: the proxy stamps the
+/// guest's address, the agent resolves it to an instance and signs that,
+/// and the API serves the signed instance. Refused:
+/// - `api.service_metadata_proxy = false`: the API would identify guests by
+///   their TCP peer, which inside `up` is always the agent, so every guest
+///   would be served as whichever instance owns the agent's address (and
+///   its password POST stored on it);
+/// - the agent resolving from another inventory file than the API serves:
+///   the instance the agent signs for an address is then not the one the
+///   API's file gives that address (a stale copy hands a VM another's data).
 fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Result<()> {
+    if !api.service_metadata_proxy {
+        bail!(
+            "api.service_metadata_proxy = false: inside `up` the API's TCP peer is always the agent, \
+             so every guest would be served as the instance that owns the agent's address; \
+             `up` needs service_metadata_proxy = true (a standalone `metaproxy api` may identify guests by peer)"
+        );
+    }
+    if let metaproxy::agent::config::Backend::Inventory(agent_inv) = &agent.backend {
+        let same = |a: &Path, b: &Path| {
+            a == b
+                || matches!(
+                    (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        };
+        if !same(agent_inv, &api.inventory) {
+            bail!(
+                "agent.inventory ({}) is not api.inventory ({}): the agent would sign, for a guest's \
+                 address, an instance the API's file may give to another guest",
+                agent_inv.display(),
+                api.inventory.display()
+            );
+        }
+    }
     if proxy.agent_socket != agent.socket {
         bail!(
             "proxy.agent_socket ({}) is not agent.socket ({}): the proxy would not reach this agent",
@@ -295,6 +376,7 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
             .with_context(|| format!("inventory {}", api_cfg.inventory.display()))
             .with_context(ctx)?;
         println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
+        print_warnings(&up_warnings(&api_cfg, &agent_cfg, &proxy_cfg));
         println!(
             "{} is valid for `up` ({} instance(s) in {})",
             path.display(),
@@ -310,6 +392,13 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
         .map(|a| format!("curl http://{a}/openstack/latest/meta_data.json"));
     let (ctl_path, discover) = (proxy_cfg.control_socket.clone(), proxy_cfg.discover.clone());
     let signals = metaproxy::signals::block_terminating()?;
+    for w in metaproxy::agent::config::proxy_limit_warnings(
+        &proxy_cfg.limits,
+        &agent_cfg.limits,
+        "[agent.limits]",
+    ) {
+        log::warn(format_args!("{w}"));
+    }
     let api = metaproxy::api::server::start(api_cfg).with_context(ctx)?;
     let agent = metaproxy::agent::start(agent_cfg).with_context(ctx)?;
     let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;

@@ -1,7 +1,8 @@
 //! Downstream HTTP/1.1 plumbing shared by the three servers (the proxy, the
 //! agent and the API): waiting for the next request on an idle connection,
 //! reading a request body within the client timeout, answering
-//! `Expect: 100-continue`, and canned rejections.
+//! `Expect: 100-continue`, canned rejections, and lingering before a close
+//! that leaves request bytes unread.
 //!
 //! Each server keeps its own connection loop (they differ in what they do
 //! with a request), but they must agree on how a body is read and bounded;
@@ -92,7 +93,9 @@ pub enum BodyError {
 /// Read the body of the request whose head is at the start of `buf`; returns
 /// the offset in `buf` where the request ends (pipelined bytes may follow).
 /// A chunked body is kept raw in `buf` and, when `decoded` is given, its
-/// payload is appended there. Each read waits at most `client`.
+/// payload is appended there. Each read waits at most `client`. `buf` keeps
+/// every byte it had on every path, a timeout included (the caller still
+/// logs the head from it).
 ///
 /// # Errors
 /// See [`BodyError`].
@@ -112,6 +115,7 @@ pub async fn read_body<S: Stream>(
     };
     let mut scanned = 0usize;
     let mut sent_continue = false;
+    let mut chunk: Vec<u8> = Vec::new();
     loop {
         match (&head.body, scanner.as_mut()) {
             (RequestBody::Length(n), _) => {
@@ -145,20 +149,56 @@ pub async fn read_body<S: Stream>(
                 return Err(BodyError::Gone);
             }
         }
-        let taken = std::mem::take(buf);
+        // Invariant: `buf` (the head the caller still logs and answers from)
+        // never leaves this function. A read that times out is cancelled and
+        // its buffer stays with the kernel until the cancellation completes,
+        // so the read goes to `chunk`, which may be lost; `buf` may not. The
+        // body of a metadata request nearly always arrives with its head, so
+        // `chunk` is rarely allocated at all.
         let (res, b) = match rt::with_deadline(
             Instant::now() + client,
-            conn.read_append(taken, READ_CHUNK_BYTES),
+            conn.read_append(std::mem::take(&mut chunk), READ_CHUNK_BYTES),
         )
         .await
         {
             Ok(r) => r,
             Err(rt::Elapsed) => return Err(BodyError::Status(408)),
         };
-        *buf = b;
+        chunk = b;
         match res {
             Ok(0) | Err(_) => return Err(BodyError::Gone),
-            Ok(_) => {}
+            Ok(_) => {
+                buf.extend_from_slice(&chunk);
+                chunk.clear();
+            }
+        }
+    }
+}
+
+/// Longest a rejected client is drained before its socket is closed.
+pub const LINGER: Duration = Duration::from_millis(500);
+/// Most bytes drained while lingering.
+pub const LINGER_BYTES: usize = 64 * 1024;
+
+/// Close gracefully after a final answer with request bytes still unread (a
+/// rejection, or `Connection: close` with more pipelined behind it). Closing
+/// with unread bytes makes the kernel send an RST, which can destroy the
+/// answer just written before the client reads it; so half-close, discard
+/// what the client still sends (bounded by [`LINGER`] and [`LINGER_BYTES`]),
+/// then let the caller drop the fd.
+pub async fn linger_close<S: Stream>(conn: &S) {
+    conn.shutdown_write();
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0;
+    let mut buf = Vec::new();
+    while drained < LINGER_BYTES {
+        buf.clear();
+        match rt::with_deadline(deadline, conn.read_append(buf, READ_CHUNK_BYTES)).await {
+            Ok((Ok(n), b)) if n > 0 => {
+                drained += n;
+                buf = b;
+            }
+            _ => break,
         }
     }
 }

@@ -9,6 +9,18 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// What a daemon says at start, and `--check` prints, when the shared secret
+/// `key` is empty. Nova and Neutron accept an empty secret (so refusing it
+/// would break drop-in), but an HMAC keyed with nothing is one anyone can
+/// compute: whoever reaches the API can claim to be any instance.
+pub fn empty_secret_warning(key: &str) -> String {
+    format!(
+        "{key} is empty: instance signatures are keyed with nothing, so anyone who can reach \
+         the metadata API can claim to be any instance; set the same secret in Nova's \
+         [neutron] metadata_proxy_shared_secret, [api] and [agent]"
+    )
+}
+
 /// Lowercase hex HMAC-SHA256 of `instance_id` keyed with `secret` (64 chars).
 pub fn sign_instance_id(secret: &[u8], instance_id: &str) -> String {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");

@@ -19,12 +19,19 @@ struct Chain {
     _dir: tempfile::TempDir,
     to: std::net::SocketAddr,
     vms: Vec<VmSpec>,
+    api_addr: std::net::SocketAddr,
+    agent_socket: std::path::PathBuf,
     api: Daemon,
     agent: Daemon,
     proxy: Daemon,
 }
 
 fn chain(access_log: bool) -> Chain {
+    chain_with(access_log, "")
+}
+
+/// [`chain`] with `tail` appended to the config file (it may open tables).
+fn chain_with(access_log: bool, tail: &str) -> Chain {
     let dir = tempfile::tempdir().unwrap();
     let text = synth_toml(&SynthSpec {
         vms: 4,
@@ -44,10 +51,14 @@ fn chain(access_log: bool) -> Chain {
             .replacen("[agent]\n", "[agent]\naccess_log = true\n", 1);
         std::fs::write(&c.config, cfg).unwrap();
     }
+    let cfg = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(&c.config, cfg + tail).unwrap();
     let Daemons { api, agent, proxy } = Daemons::start(&c);
     Chain {
         _dir: dir,
         to: c.proxy,
+        api_addr: c.api,
+        agent_socket: c.agent_socket.clone(),
         vms,
         api,
         agent,
@@ -183,4 +194,36 @@ fn off_by_default() {
     for d in [&c.proxy, &c.agent, &c.api] {
         assert!(access_lines(d).is_empty(), "{}", d.log_text());
     }
+}
+
+/// `POST` with `Content-Length: 10`, 2 bytes of body, then silence: the
+/// daemon's `client` timeout answers 408 (it used to lose the read buffer on
+/// the timeout and panic writing the access line).
+fn body_timeout(mut s: impl std::io::Read + std::io::Write) -> u16 {
+    s.write_all(
+        b"POST /openstack/latest/password HTTP/1.1\r\nHost: m\r\nContent-Length: 10\r\n\r\nab",
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    common::read_response(&mut r, false).map_or(0, |r| r.status)
+}
+
+#[test]
+fn body_timeout_is_408_with_access_log_on_in_each_daemon() {
+    let c = chain_with(
+        true,
+        "\n[api.timeouts]\nclient = \"1s\"\n[agent.timeouts]\nclient = \"1s\"\n",
+    );
+    let wait = Duration::from_secs(10);
+    let tcp = |to| {
+        let s = std::net::TcpStream::connect(to).unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
+        s
+    };
+    assert_eq!(body_timeout(tcp(c.to)), 408, "proxy");
+    assert_eq!(body_timeout(tcp(c.api_addr)), 408, "api");
+    let agent = std::os::unix::net::UnixStream::connect(&c.agent_socket).unwrap();
+    agent.set_read_timeout(Some(wait)).unwrap();
+    assert_eq!(body_timeout(agent), 408, "agent");
+    // No log said `panicked`: `Daemon`'s drop checks that.
 }

@@ -617,3 +617,33 @@ fn check_validates_the_inventory_too() {
     assert!(all.contains("effective api config"), "{all}");
     assert!(!all.contains(SECRET), "{all}");
 }
+
+/// A rejected request with bytes the API never read (an oversized head,
+/// still arriving): closing at once makes the kernel answer those bytes with
+/// an RST, which fails a client still sending its request (it never reads
+/// the answer; an RST can also discard an answer not yet sent). The API
+/// lingers as the proxy does: half-close, drain, then close, so the client
+/// gets its 431 and a clean end, and can finish sending without a reset.
+#[test]
+fn error_answer_with_unread_request_bytes_survives_the_close() {
+    let s = start_demo();
+    let mut head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    head.resize(16 * 1024, b'a');
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(&head).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.status, 431);
+    // The API's FIN: it sent everything it will send.
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // The client goes on sending the rest of its head, as a client that
+    // writes its whole request before reading does.
+    for i in 0..16 {
+        c.write_all(&[b'a'; 1024])
+            .unwrap_or_else(|e| panic!("write {i} after the answer: {e} (the API reset)"));
+    }
+    s.handle.stop().unwrap();
+}

@@ -69,6 +69,33 @@ fn token_matrix_matches_aws_and_firecracker() {
             "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 10.0.0.1\r\n",
             400,
         ),
+        // Any header saying the PUT was forwarded, like X-Forwarded-For.
+        (
+            "/latest/api/token",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nForwarded: for=10.0.0.1\r\n",
+            400,
+        ),
+        (
+            "/latest/api/token",
+            "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Real-IP: 10.0.0.1\r\n",
+            400,
+        ),
+        // The TTL is decimal digits only.
+        (
+            "/latest/api/token",
+            "X-aws-ec2-metadata-token-ttl-seconds: +5\r\n",
+            400,
+        ),
+        (
+            "/latest/api/token",
+            "X-aws-ec2-metadata-token-ttl-seconds: 0x5\r\n",
+            400,
+        ),
+        (
+            "/latest/api/token",
+            "X-aws-ec2-metadata-token-ttl-seconds: 5 5\r\n",
+            400,
+        ),
         (
             "/2021-03-23/api/token",
             "X-aws-ec2-metadata-token-ttl-seconds: 60\r\n",

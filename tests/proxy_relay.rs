@@ -468,3 +468,51 @@ fn more_simultaneous_wakeups_than_ring_buffers_are_all_answered() {
     );
     h.stop().unwrap();
 }
+
+/// The agent reads a POST and closes without answering: the POST may have
+/// reached Nova (a password stored), so it is never re-sent (a second one
+/// would get 409) and the VM gets 502. A GET is re-sent once: 503 after the
+/// second loss.
+#[test]
+fn a_written_post_is_never_resent_after_the_connection_dies() {
+    let agent = FakeAgent::start(AgentMode::CloseAfterRead);
+    let (h, addr) = start(&agent, "");
+    let r = get(
+        addr,
+        "POST /openstack/latest/password HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecret",
+    )
+    .unwrap();
+    assert_eq!(r.status, 502);
+    let posts = agent.seen().iter().filter(|s| s.method == "POST").count();
+    assert_eq!(posts, 1, "{:?}", agent.seen());
+    let r = get(addr, GET).unwrap();
+    assert!(r.status >= 500, "{}", r.status);
+    let gets = agent.seen().iter().filter(|s| s.method == "GET").count();
+    assert_eq!(gets, 2, "a GET is re-sent once");
+    h.stop().unwrap();
+}
+
+/// A one-shot connection (here the fresh one a GET is re-sent on after its
+/// pooled connection died unanswered) is closed by the proxy as soon as its
+/// answer is read, even though the agent would keep it alive: otherwise
+/// each one holds an fd on both sides until the agent's idle timeout.
+#[test]
+fn a_one_shot_connection_is_closed_once_answered() {
+    let agent = FakeAgent::start(AgentMode::FirstCloses);
+    let (h, addr) = start(&agent, "");
+    let r = get(addr, GET).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        agent.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while agent.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the one-shot connection stayed open"
+        );
+        std::thread::yield_now();
+    }
+    h.stop().unwrap();
+}

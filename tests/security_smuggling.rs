@@ -607,6 +607,20 @@ fn truncated_body_then_eof_is_not_answered() {
     run(&up, &c);
 }
 
+/// A body shorter than its Content-Length, then silence past the proxy's
+/// `client` timeout (5 s here): 408, with access logs on (a lost read buffer
+/// once made this panic in the access line; the harness checks the log).
+#[test]
+fn truncated_body_then_silence_is_408() {
+    let up = start_up();
+    let c = case(
+        "truncated body, silence",
+        format!("POST {META} HTTP/1.1\r\nContent-Length: 10\r\n\r\nab"),
+        &[(408, Owner::None)],
+    );
+    run(&up, &c);
+}
+
 /// One attacker connection that expects `heads` (true = the request was a
 /// HEAD) responses in order, then nothing more. Returns the statuses.
 fn pipelined(raw: &[u8], heads: &[bool], up: &common::attack::Up, case: &str) -> Vec<u16> {

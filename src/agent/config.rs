@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::{parse_duration, ConfigError, DurationFile, DEFAULT_AGENT_SOCKET};
+use crate::http::{self, Limits};
 
 /// Neutron's `metadata_backlog`.
 pub const DEFAULT_BACKLOG: i32 = 4096;
@@ -149,6 +150,14 @@ pub struct AgentFile {
     pub metrics_listen: Option<String>,
     /// One line per request: client, scope, the instance it resolved to.
     pub access_log: Option<bool>,
+    /// How long `stop` (SIGTERM) waits for requests in flight.
+    pub drain_timeout: Option<DurationFile>,
+    /// `[agent.timeouts]`
+    #[serde(default)]
+    pub timeouts: AgentTimeoutsFile,
+    /// `[agent.limits]`
+    #[serde(default)]
+    pub limits: AgentLimitsFile,
     /// `[agent.nova]`
     #[serde(default)]
     pub nova: NovaFile,
@@ -156,6 +165,79 @@ pub struct AgentFile {
     #[serde(default)]
     pub neutron: NeutronFile,
 }
+
+/// `[agent.timeouts]`: the client-side haproxy timeouts, as in
+/// `[proxy.timeouts]` and `[api.timeouts]` (the agent's upstream timeout is
+/// `[agent.nova] timeout`).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTimeoutsFile {
+    /// From the first byte of a request to its complete head.
+    pub http_request: Option<DurationFile>,
+    /// Each body read and each response write.
+    pub client: Option<DurationFile>,
+    /// Idle time allowed between requests on a kept-alive connection.
+    pub keep_alive: Option<DurationFile>,
+}
+
+/// `[agent.limits]`: request limits, as in `[proxy.limits]`.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AgentLimitsFile {
+    /// Request head bytes (431 beyond).
+    pub max_head_bytes: Option<usize>,
+    /// Request headers (431 beyond).
+    pub max_headers: Option<usize>,
+    /// Request body bytes (413 beyond).
+    pub max_body_bytes: Option<u64>,
+}
+
+/// The agent's client-side timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentTimeouts {
+    /// From the first byte of a request to its complete head.
+    pub http_request: Duration,
+    /// Each body read and each response write.
+    pub client: Duration,
+    /// Idle time between requests on a kept-alive connection.
+    pub keep_alive: Duration,
+}
+
+impl Default for AgentTimeouts {
+    fn default() -> Self {
+        AgentTimeouts {
+            http_request: DEFAULT_HTTP_REQUEST_TIMEOUT,
+            client: DEFAULT_CLIENT_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// `[agent.timeouts] http_request` by default.
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[agent.timeouts] client` by default.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(32);
+/// `[agent.timeouts] keep_alive` by default: longer than the proxy's, so
+/// the proxy (the client) is the side that closes an idle pooled connection.
+pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// `agent.drain_timeout` by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Head bytes a proxy in front may add to a request it accepted: metaproxy's
+/// rewrite appends `X-Forwarded-For` (an IPv6 address, at most 39
+/// characters) and one router or network id (a 36-character uuid), about
+/// 130 bytes; haproxy's Neutron config adds the same two. Rounded up.
+pub const PROXY_ADDED_HEAD_BYTES: usize = 512;
+/// Header fields a proxy in front may add (the same two, rounded up).
+pub const PROXY_ADDED_HEADERS: usize = 4;
+/// `[agent.limits]` by default: the proxy's defaults plus what the proxy
+/// adds, so a head the proxy accepted at its limit (8 KiB, 64 fields) is not
+/// refused here with a 431 after the rewrite grew it. The body limit is the
+/// proxy's: the rewrite does not touch the body.
+pub const DEFAULT_AGENT_LIMITS: Limits = Limits {
+    max_head_bytes: http::DEFAULT_MAX_HEAD_BYTES + PROXY_ADDED_HEAD_BYTES,
+    max_headers: http::DEFAULT_MAX_HEADERS + PROXY_ADDED_HEADERS,
+    max_body_bytes: http::DEFAULT_MAX_BODY_BYTES,
+};
 
 /// Permissions of the agent socket (Neutron's `metadata_proxy_socket_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +522,12 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// One line per request.
     pub access_log: bool,
+    /// How long `stop` waits for requests in flight.
+    pub drain_timeout: Duration,
+    /// Client-side timeouts (`[agent.timeouts]`).
+    pub timeouts: AgentTimeouts,
+    /// Request limits (`[agent.limits]`).
+    pub limits: Limits,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -464,7 +552,60 @@ impl fmt::Debug for AgentConfig {
             .field("pool_size", &self.pool_size)
             .field("metrics_listen", &self.metrics_listen)
             .field("access_log", &self.access_log)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("timeouts", &self.timeouts)
+            .field("limits", &self.limits)
             .finish()
+    }
+}
+
+/// Where a proxy's limits exceed what the agent accepts (`agent`, described
+/// by `whose`, e.g. "[agent.limits]" or "the agent's defaults"), one
+/// sentence each: a request the proxy accepts near its limit is then
+/// refused by the agent (431/413) after the proxy's rewrite added up to
+/// [`PROXY_ADDED_HEAD_BYTES`] and [`PROXY_ADDED_HEADERS`].
+pub fn proxy_limit_warnings(proxy: &Limits, agent: &Limits, whose: &str) -> Vec<String> {
+    let mut w = Vec::new();
+    let head = proxy.max_head_bytes + PROXY_ADDED_HEAD_BYTES;
+    if head > agent.max_head_bytes {
+        w.push(format!(
+            "proxy.limits.max_head_bytes = {} exceeds what the agent accepts ({whose}: \
+             agent.limits.max_head_bytes = {}, and the proxy adds up to {PROXY_ADDED_HEAD_BYTES} \
+             bytes): heads near the proxy's limit get 431 from the agent; set \
+             agent.limits.max_head_bytes to at least {head}",
+            proxy.max_head_bytes, agent.max_head_bytes
+        ));
+    }
+    let headers = proxy.max_headers + PROXY_ADDED_HEADERS;
+    if headers > agent.max_headers {
+        w.push(format!(
+            "proxy.limits.max_headers = {} exceeds what the agent accepts ({whose}: \
+             agent.limits.max_headers = {}, and the proxy adds up to {PROXY_ADDED_HEADERS}): \
+             set agent.limits.max_headers to at least {headers}",
+            proxy.max_headers, agent.max_headers
+        ));
+    }
+    if proxy.max_body_bytes > agent.max_body_bytes {
+        w.push(format!(
+            "proxy.limits.max_body_bytes = {} exceeds what the agent accepts ({whose}: \
+             agent.limits.max_body_bytes = {}): larger bodies get 413 from the agent",
+            proxy.max_body_bytes, agent.max_body_bytes
+        ));
+    }
+    w
+}
+
+impl AgentConfig {
+    /// Accepted but unsafe settings, one sentence each: logged at start and
+    /// printed by `--check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.shared_secret.is_empty() {
+            w.push(crate::sign::empty_secret_warning(
+                "agent.metadata_proxy_shared_secret",
+            ));
+        }
+        w
     }
 }
 
@@ -502,6 +643,19 @@ fn nonzero(key: &str, v: Option<usize>, default: usize) -> Result<NonZeroUsize, 
 }
 
 impl AgentFile {
+    /// The validated `[agent.limits]` (defaults: [`DEFAULT_AGENT_LIMITS`]).
+    ///
+    /// # Errors
+    /// A limit out of range, naming its key.
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
+        let l = &self.limits;
+        crate::config::limits(
+            "agent.limits",
+            (l.max_head_bytes, l.max_headers, l.max_body_bytes),
+            DEFAULT_AGENT_LIMITS,
+        )
+    }
+
     /// Parse the raw `[agent]` table.
     ///
     /// # Errors
@@ -675,6 +829,33 @@ impl TryFrom<&AgentFile> for AgentConfig {
                 ),
             },
             access_log: f.access_log.unwrap_or(false),
+            drain_timeout: duration(
+                "agent.drain_timeout",
+                &f.drain_timeout,
+                DEFAULT_DRAIN_TIMEOUT,
+                false,
+            )?,
+            timeouts: AgentTimeouts {
+                http_request: duration(
+                    "agent.timeouts.http_request",
+                    &f.timeouts.http_request,
+                    DEFAULT_HTTP_REQUEST_TIMEOUT,
+                    false,
+                )?,
+                client: duration(
+                    "agent.timeouts.client",
+                    &f.timeouts.client,
+                    DEFAULT_CLIENT_TIMEOUT,
+                    false,
+                )?,
+                keep_alive: duration(
+                    "agent.timeouts.keep_alive",
+                    &f.timeouts.keep_alive,
+                    DEFAULT_KEEP_ALIVE_TIMEOUT,
+                    false,
+                )?,
+            },
+            limits: f.limits()?,
         })
     }
 }
@@ -798,6 +979,78 @@ mod tests {
         assert_eq!(c.shared_secret, "");
         assert_eq!(c.backlog, 4096);
         assert_eq!(c.max_connections.get(), 65_536);
+    }
+
+    #[test]
+    fn limits_and_timeouts_are_settings() {
+        let c = agent("inventory = \"i\"").unwrap();
+        assert_eq!(c.limits, DEFAULT_AGENT_LIMITS);
+        assert_eq!(c.limits.max_head_bytes, 8 * 1024 + 512);
+        assert_eq!(c.timeouts, AgentTimeouts::default());
+        assert_eq!(c.timeouts.keep_alive, Duration::from_secs(120));
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        let c = agent(
+            "inventory = \"i\"\ndrain_timeout = \"2s\"\n\
+             [timeouts]\nhttp_request = \"5s\"\nclient = \"6s\"\nkeep_alive = \"7s\"\n\
+             [limits]\nmax_head_bytes = 40000\nmax_headers = 100\nmax_body_bytes = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(2));
+        assert_eq!(
+            c.timeouts,
+            AgentTimeouts {
+                http_request: Duration::from_secs(5),
+                client: Duration::from_secs(6),
+                keep_alive: Duration::from_secs(7),
+            }
+        );
+        assert_eq!(
+            c.limits,
+            Limits {
+                max_head_bytes: 40000,
+                max_headers: 100,
+                max_body_bytes: 1000,
+            }
+        );
+        let e = |t: &str| agent(t).unwrap_err().to_string();
+        let i = "inventory = \"i\"\n";
+        assert!(
+            e(&format!("{i}[limits]\nmax_head_bytes = 10")).contains("agent.limits.max_head_bytes")
+        );
+        assert!(e(&format!("{i}[limits]\nmax_headers = 0")).contains("agent.limits.max_headers"));
+        assert!(e(&format!("{i}[timeouts]\nclient = 0")).contains("agent.timeouts.client"));
+        assert!(e(&format!("{i}[timeouts]\nserver = \"1s\"")).contains("server"));
+    }
+
+    #[test]
+    fn a_proxy_limit_above_the_agents_is_reported() {
+        let proxy = Limits {
+            max_head_bytes: 32768,
+            ..Limits::default()
+        };
+        let w = proxy_limit_warnings(&proxy, &DEFAULT_AGENT_LIMITS, "the agent's defaults");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("proxy.limits.max_head_bytes = 32768"),
+            "{}",
+            w[0]
+        );
+        assert!(w[0].contains("at least 33280"), "{}", w[0]);
+        // The shipped defaults agree.
+        assert!(proxy_limit_warnings(&Limits::default(), &DEFAULT_AGENT_LIMITS, "").is_empty());
+        let agent = Limits {
+            max_head_bytes: 33280,
+            ..DEFAULT_AGENT_LIMITS
+        };
+        assert!(proxy_limit_warnings(&proxy, &agent, "").is_empty());
+        let body = Limits {
+            max_body_bytes: DEFAULT_AGENT_LIMITS.max_body_bytes + 1,
+            max_headers: 61,
+            ..Limits::default()
+        };
+        let w = proxy_limit_warnings(&body, &DEFAULT_AGENT_LIMITS, "");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("proxy.limits.max_body_bytes"));
     }
 
     #[test]

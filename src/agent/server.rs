@@ -34,9 +34,9 @@
 //!
 //! Our own error pages use Neutron's era-C body bytes but CRLF heads and no
 //! `Connection: close`: a well-framed request that resolved to "not found"
-//! leaves the connection in a good state, and closing it would make
-//! metaproxy's proxy pool believe the agent is one-shot (it switches to one
-//! connection per request on the first `Connection: close`).
+//! leaves the connection in a good state, and closing it would cost the
+//! proxy's pool a reconnect (it switches to one connection per request only
+//! after several successful answers that close, never after an error page).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -57,21 +57,13 @@ use crate::agent::forward::{self, ApiResponse, ForwardError};
 use crate::agent::identity::{self, Identity, LookupKey, Scope};
 use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
 use crate::agent::resolve::{resolve, InventoryStore, Resolution, Resolved, Watcher};
-use crate::http::{self, Limits, Method, RequestBody, RequestHead};
+use crate::http::{self, Method, RequestBody, RequestHead};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
 use crate::serve::admit::{self, Admission, Gate};
 use crate::serve::{self, BodyError};
 
-/// From the first byte of a request to its complete head (haproxy's `http-request`).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle time allowed between requests on a kept-alive connection.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Each body read and each response write.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(32);
-/// How long `stop` waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
 /// Buffers kept in a loop's free list.
@@ -82,22 +74,6 @@ const FORBIDDEN_HINT_EVERY: Duration = Duration::from_secs(60);
 const RELAYED: [u16; 9] = [200, 400, 403, 404, 409, 500, 502, 503, 504];
 /// The guest's IMDSv2-style token header, passed through when present.
 const HEADER_TOKEN: &str = "X-aws-ec2-metadata-token";
-/// Head bytes a proxy in front may add to a request it accepted: metaproxy's
-/// rewrite appends `X-Forwarded-For` (an IPv6 address, at most 39
-/// characters) and one router or network id (a 36-character uuid), about
-/// 130 bytes; haproxy's Neutron config adds the same two. Rounded up.
-const PROXY_ADDED_HEAD_BYTES: usize = 512;
-/// Header fields a proxy in front may add (the same two, rounded up).
-const PROXY_ADDED_HEADERS: usize = 4;
-/// The agent's request limits: the proxy's defaults plus what the proxy
-/// adds, so a head the proxy accepted at its limit (8 KiB, 64 fields) is
-/// not refused here with a 431 after the rewrite grew it. The body limit is
-/// the proxy's: the rewrite does not touch the body.
-const AGENT_LIMITS: Limits = Limits {
-    max_head_bytes: http::DEFAULT_MAX_HEAD_BYTES + PROXY_ADDED_HEAD_BYTES,
-    max_headers: http::DEFAULT_MAX_HEADERS + PROXY_ADDED_HEADERS,
-    max_body_bytes: http::DEFAULT_MAX_BODY_BYTES,
-};
 
 const MSG_UNKNOWN: &str = "An unknown error has occurred. Please try your request again.";
 const MSG_UNAVAILABLE: &str =
@@ -296,6 +272,9 @@ fn bind_socket(cfg: &AgentConfig) -> io::Result<UnixListener> {
 /// The inventory is broken, another agent is running, the socket cannot be
 /// bound, or a thread could not start.
 pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
+    for w in cfg.warnings() {
+        log::warn(format_args!("{w}"));
+    }
     let (store, backend) = match &cfg.backend {
         Backend::Inventory(inv_path) => {
             let store = InventoryStore::load(inv_path)
@@ -553,7 +532,7 @@ async fn run_loop(
     let _ = control.next().await;
     drop(accept_task);
     ctx.stopping.set();
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let deadline = Instant::now() + ctx.cfg.drain_timeout;
     while ctx.active.get() > 0 && Instant::now() < deadline {
         rt::sleep(Duration::from_millis(20)).await;
     }
@@ -641,13 +620,13 @@ async fn read_requests(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
             q.room.notified().await;
         }
         if buf.is_empty() {
-            let deadline = Instant::now() + IDLE_TIMEOUT;
+            let deadline = Instant::now() + ctx.cfg.timeouts.keep_alive;
             if serve::wait_for_request!(&*conn, buf, deadline, ctx.stopping) != serve::Idle::Request
             {
                 break;
             }
         }
-        let head_deadline = Instant::now() + HEAD_TIMEOUT;
+        let head_deadline = Instant::now() + ctx.cfg.timeouts.http_request;
         match Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await {
             Ok((slot, close)) => {
                 q.slots.borrow_mut().push_back((slot, close));
@@ -699,7 +678,12 @@ async fn write_answers(ctx: Rc<LoopCtx>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
                 }
             },
         };
-        match rt::with_deadline(Instant::now() + CLIENT_TIMEOUT, conn.write_all(out)).await {
+        match rt::with_deadline(
+            Instant::now() + ctx.cfg.timeouts.client,
+            conn.write_all(out),
+        )
+        .await
+        {
             Ok((Ok(()), b)) => ctx.put_buf(b),
             _ => return,
         }
@@ -720,7 +704,7 @@ async fn next_request(
     buf: &mut Vec<u8>,
     head_deadline: Instant,
 ) -> Result<(Slot, bool), Option<Vec<u8>>> {
-    let limits = AGENT_LIMITS;
+    let limits = ctx.cfg.limits;
     // 1. The head.
     let head = loop {
         match http::parse_request(buf, &limits) {
@@ -750,7 +734,7 @@ async fn next_request(
         buf,
         &head,
         limits.max_body_bytes,
-        CLIENT_TIMEOUT,
+        ctx.cfg.timeouts.client,
         Some(&mut decoded),
     )
     .await

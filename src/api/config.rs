@@ -198,6 +198,19 @@ impl std::fmt::Debug for ApiConfig {
 }
 
 impl ApiConfig {
+    /// Accepted but unsafe settings, one sentence each: logged at start and
+    /// printed by `--check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        // With service_metadata_proxy = false no signature is checked.
+        if self.service_metadata_proxy && self.shared_secret.is_empty() {
+            w.push(crate::sign::empty_secret_warning(
+                "api.metadata_proxy_shared_secret",
+            ));
+        }
+        w
+    }
+
     /// Parse and validate the raw `[api]` table.
     ///
     /// # Errors

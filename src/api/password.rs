@@ -16,6 +16,11 @@
 //! corrupt record (a torn write from a crash) and the file is truncated back
 //! to the last good record, so later appends stay reachable.
 //!
+//! The passwords are plaintext, so the file is `0600` and the state
+//! directory `0700` whatever the umask: both are set explicitly at open
+//! (which also repairs a file an older version created `0644`), not left
+//! to the systemd unit's `UMask`.
+//!
 //! A `Mutex` rather than per-core state: POSTs are rare (once per instance
 //! lifetime), and they must be serialised for the write-then-insert order.
 //! Rejected: one file per instance (a directory fsync per POST and a directory
@@ -24,6 +29,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -34,6 +40,10 @@ pub const PASSWORD_LOG_NAME: &str = "passwords.log";
 const HEADER_BYTES: usize = 4 + 32;
 /// Upper bound on one record's payload; far above Nova's 1020-byte password cap.
 const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Mode of `passwords.log`: plaintext passwords, owner only.
+pub const PASSWORD_LOG_MODE: u32 = 0o600;
+/// Mode of the state directory.
+pub const STATE_DIR_MODE: u32 = 0o700;
 
 /// Errors from the password store.
 #[derive(Debug, thiserror::Error)]
@@ -80,24 +90,36 @@ impl std::fmt::Debug for PasswordStore {
 }
 
 impl PasswordStore {
-    /// Open (or create) `state_dir/passwords.log` and replay it.
+    /// Open (or create) `state_dir/passwords.log` and replay it; make the
+    /// directory 0700 and the file 0600 (`STATE_DIR_MODE`, `PASSWORD_LOG_MODE`).
     ///
     /// # Errors
     /// [`PasswordError::Io`] if the directory or file cannot be opened, read,
-    /// truncated or synced.
+    /// truncated, synced or made private (e.g. a directory owned by another
+    /// user).
     pub fn open(state_dir: &Path) -> Result<PasswordStore, PasswordError> {
         let path = state_dir.join(PASSWORD_LOG_NAME);
         let io = |source| PasswordError::Io {
             path: path.clone(),
             source,
         };
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+            .map_err(|source| PasswordError::Io {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
         let existed = path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(PASSWORD_LOG_MODE)
             .open(&path)
+            .map_err(io)?;
+        // `mode` only applies when the file is created (and under the
+        // umask); an existing one is made private too.
+        file.set_permissions(std::fs::Permissions::from_mode(PASSWORD_LOG_MODE))
             .map_err(io)?;
         if !existed {
             file.sync_all().map_err(io)?;
@@ -334,6 +356,26 @@ mod tests {
         let s = PasswordStore::open(dir.path()).unwrap();
         assert_eq!(s.get("a").as_deref(), Some("pw-a"));
         assert_eq!(s.get("b"), None);
+    }
+
+    #[test]
+    fn log_is_0600_and_state_dir_0700_whatever_the_umask() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // The usual umask, which left the log world-readable (0644).
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = PasswordStore::open(dir.path()).unwrap();
+        s.set_once("a", "pw-a").unwrap();
+        drop(s);
+        let log = dir.path().join(PASSWORD_LOG_NAME);
+        assert_eq!(mode(&log), 0o600);
+        assert_eq!(mode(dir.path()), 0o700);
+        // A log an older version created 0644 is repaired at open.
+        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(PasswordStore::open(dir.path()).unwrap());
+        assert_eq!(mode(&log), 0o600);
+        nix::sys::stat::umask(old);
     }
 
     #[test]

@@ -29,6 +29,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -201,6 +202,9 @@ fn spawn_watcher(
 /// The inventory or the password store could not be loaded, an address could
 /// not be bound (the daemon must refuse to start), or a thread could not start.
 pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
+    for w in cfg.warnings() {
+        log::warn(format_args!("{w}"));
+    }
     // The watcher's baseline is taken before the file is read, so an edit
     // between loading and the watcher starting is not missed.
     let loaded = crate::inventory::watch::FileVersion::of(&cfg.inventory);
@@ -210,12 +214,17 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             format!("{}: {e}", cfg.inventory.display()),
         )
     })?;
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("state_dir {}: {e}", cfg.state_dir.display()),
-        )
-    })?;
+    // Private from the start (PasswordStore::open makes it 0700 in any case).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(super::password::STATE_DIR_MODE)
+        .create(&cfg.state_dir)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("state_dir {}: {e}", cfg.state_dir.display()),
+            )
+        })?;
     let passwords = PasswordStore::open(&cfg.state_dir).map_err(io::Error::other)?;
     let settings = ApiSettings {
         shared_secret: cfg.shared_secret.as_bytes().to_vec(),
@@ -388,7 +397,11 @@ impl Drop for ActiveGuard {
 /// How a connection ended (for debug logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
+    /// Answered, nothing left unread.
     Done,
+    /// Answered (an error, or a final answer with more request bytes behind
+    /// it): linger so the answer is not lost to an RST.
+    Linger,
     PeerClosed,
     Timeout,
     Stopping,
@@ -398,7 +411,10 @@ enum End {
 async fn serve(ctx: &LoopCtx, conn: TcpConn, peer: SocketAddr, accepted: Instant) {
     let end = serve_inner(ctx, &conn, rt::peer_ip(peer), accepted).await;
     log::debug(format_args!("api: connection from {peer} ended: {end:?}"));
-    conn.shutdown();
+    match end {
+        End::Linger => serve::linger_close(&conn).await,
+        _ => conn.shutdown(),
+    }
 }
 
 /// The idle loop: holds no buffer while waiting; each request's state lives
@@ -514,7 +530,11 @@ async fn handle_request(
         Err(rt::Elapsed) => return Err(End::Timeout),
     }
     if !keep {
-        return Err(End::Done);
+        return Err(if buf.len() > body_end {
+            End::Linger
+        } else {
+            End::Done
+        });
     }
     // Keep any pipelined bytes that followed this request.
     buf.drain(..body_end);
@@ -570,7 +590,7 @@ async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
         conn.write_static(http::canned(status)),
     )
     .await;
-    End::Done
+    End::Linger
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub async fn serve(
         // Closing with unread request bytes makes the kernel send an RST,
         // which can destroy the answer we just wrote before the client reads
         // it: half-close, drain what is left for a moment, then close.
-        End::Linger => linger_close(&conn).await,
+        End::Linger => serve::linger_close(&conn).await,
         // A timeout, error or drain: end any IO still queued on it now.
         End::Timeout | End::Stopping | End::IoError => conn.shutdown(),
     }
@@ -237,9 +237,8 @@ async fn handle_request(
     let mut out = ctx.take_buf();
     upstream_head(buf, &head, peer.ip(), &ns.cfg.identity, &mut out);
     out.extend_from_slice(&buf[head.head_len..body_end]);
-    let is_head = head.method == http::Method::Head;
     ns.counters.requests.set(ns.counters.requests.get() + 1);
-    let resp = match ctx.pool.request(out, is_head).await {
+    let resp = match ctx.pool.request(out, head.method).await {
         Ok(r) => r,
         Err(e) => {
             ns.counters
@@ -366,7 +365,9 @@ fn token_verdict(
     let req = imdsv2::TokenRequest {
         is_put: head.method == http::Method::Put,
         path,
-        has_forwarded_for: head.header_count(buf, "x-forwarded-for") > 0,
+        has_forwarded_for: imdsv2::FORWARDING_HEADERS
+            .iter()
+            .any(|h| head.header_count(buf, h) > 0),
         ttl: &ttl,
         tokens: &tokens,
     };
@@ -388,28 +389,4 @@ async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16) -> End {
     )
     .await;
     End::Linger
-}
-
-/// Longest a rejected client is drained before its socket is closed.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
-/// Most bytes drained while lingering.
-const LINGER_BYTES: usize = 64 * 1024;
-
-/// Half-close, discard what the client still sends (bounded in time and
-/// bytes), then let the fd close.
-async fn linger_close(conn: &TcpConn) {
-    conn.shutdown_write();
-    let deadline = Instant::now() + LINGER;
-    let mut drained = 0;
-    let mut buf = Vec::new();
-    while drained < LINGER_BYTES {
-        buf.clear();
-        match rt::with_deadline(deadline, conn.read_append(buf, READ_CHUNK_BYTES)).await {
-            Ok((Ok(n), b)) if n > 0 => {
-                drained += n;
-                buf = b;
-            }
-            _ => break,
-        }
-    }
 }

@@ -17,6 +17,10 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// Headers that mark a request as forwarded by a proxy; a token PUT
+/// carrying any of them is refused with 400 (AWS refuses `X-Forwarded-For`;
+/// `Forwarded` and `X-Real-IP` say the same thing).
+pub const FORWARDING_HEADERS: &[&str] = &["x-forwarded-for", "forwarded", "x-real-ip"];
 /// Largest TTL AWS accepts.
 pub const MAX_TTL_SECS: u64 = 21_600;
 /// Path of the token endpoint.
@@ -161,7 +165,9 @@ pub struct TokenRequest<'a> {
     pub is_put: bool,
     /// Path without query.
     pub path: &'a [u8],
-    /// `X-Forwarded-For` was present.
+    /// `X-Forwarded-For`, `Forwarded` or `X-Real-IP` was present: the PUT
+    /// came through (or pretends to come through) a proxy, and a token must
+    /// not leave the instance ([`FORWARDING_HEADERS`]).
     pub has_forwarded_for: bool,
     /// Every TTL header value.
     pub ttl: &'a [&'a [u8]],
@@ -185,10 +191,15 @@ pub fn decide(
         if req.has_forwarded_for {
             return Verdict::Reject(400);
         }
+        // Decimal digits only: `u64::from_str` would also take `+5`, and
+        // trimming here would take ` 5` (HTTP already strips the OWS around
+        // a field value).
         let ttl = match req.ttl {
-            [one] => std::str::from_utf8(trim(one))
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok()),
+            [one] if !one.is_empty() && one.iter().all(u8::is_ascii_digit) => {
+                std::str::from_utf8(one)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+            }
             _ => None,
         };
         return match ttl {
@@ -303,10 +314,24 @@ mod tests {
         );
         assert!(matches!(ok, Verdict::Issue { ttl: 21600, .. }));
         assert!(matches!(
-            d(Mode::Required, &put(b"/latest/api/token", &[b" 1 "], false)),
+            d(Mode::Required, &put(b"/latest/api/token", &[b"1"], false)),
             Verdict::Issue { ttl: 1, .. }
         ));
-        for bad in [&b"0"[..], b"21601", b"-1", b"abc", b"", b"1.5"] {
+        // Decimal digits only (the HTTP parser already dropped the OWS).
+        for bad in [
+            &b"0"[..],
+            b"21601",
+            b"-1",
+            b"abc",
+            b"",
+            b"1.5",
+            b"+5",
+            b" 5",
+            b"5 ",
+            b"\t5",
+            b"0x5",
+            b"99999999999999999999999",
+        ] {
             assert_eq!(
                 d(Mode::Optional, &put(b"/latest/api/token", &[bad], false)),
                 Verdict::Reject(400),

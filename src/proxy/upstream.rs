@@ -26,15 +26,28 @@
 //! requests than the overflow allows, everything pipelines again.
 //!
 //! Failure rules:
-//! - a connection that dies before any byte of a request's response arrived
-//!   fails that request with [`UpstreamError::Retryable`]; the caller re-sends
-//!   it once on a fresh socket ([`Pool::request`] does this);
+//! - a connection that dies (or is shut down after a timeout) fails each
+//!   request it had not answered: one never written, or a GET/HEAD, with
+//!   [`UpstreamError::Retryable`], and [`Pool::request`] re-sends it once on a
+//!   fresh socket; any other request already written (a password POST, a
+//!   token PUT) with [`UpstreamError::Unanswered`] → 502, because the agent
+//!   may have acted on it: re-sending could store a password twice (Nova
+//!   answers the second POST 409);
 //! - a partial response → 502; agent unreachable → 503; no response within the
 //!   `server` timeout → 504 (and the connection is shut down, because every
 //!   request pipelined behind the silent one is stuck too);
-//! - an agent that answers `Connection: close` (neutron-metadata-agent does,
-//!   one request per connection) switches the pool to one fresh connection per
-//!   request, so pipelined requests are never lost to its closes.
+//! - an agent that answers `Connection: close` after successful answers
+//!   [`ONE_SHOT_AFTER`] times in a row (neutron-metadata-agent does: one
+//!   request per connection) switches the pool to one fresh connection per
+//!   request, so pipelined requests are never lost to its closes; a
+//!   successful keep-alive answer switches it back. A close after an error
+//!   answer (a canned 431 or 400 says `Connection: close` because the stream
+//!   cannot be trusted any more) only ends that connection: one oversized
+//!   head must not degrade the pool for good;
+//! - a one-shot connection (one per request, or the fresh one a re-send
+//!   uses) is closed as soon as its answer is read, whatever the agent says:
+//!   an agent that keeps it alive would otherwise hold one fd per request in
+//!   the proxy until its idle timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -42,7 +55,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::http::{self, Limits, ResponseHead};
+use crate::http::{self, Limits, Method, ResponseHead};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify};
 use crate::rt::{self, UnixConn};
@@ -60,15 +73,26 @@ const STALLED_AFTER: Duration = Duration::from_millis(20);
 /// times `upstream_pool_size` connections.
 const OVERFLOW_FACTOR: usize = 4;
 
+/// Successful answers with `Connection: close`, in a row, after which the
+/// agent is taken to close after every response (one connection per
+/// request from then on).
+pub const ONE_SHOT_AFTER: u32 = 3;
+
 /// Why an upstream exchange failed; [`UpstreamError::status`] classifies it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
     /// Connecting to the agent failed or timed out.
     #[error("agent unreachable: {0}")]
     Unreachable(String),
-    /// The connection died before any of this response arrived; safe to re-send once.
+    /// The connection died before any of this response arrived, and the
+    /// request was never written or is idempotent: safe to re-send once.
     #[error("agent connection lost before the response started")]
     Retryable,
+    /// The connection died after this non-idempotent request was written and
+    /// before its response arrived: the agent may have acted on it, so it is
+    /// not re-sent.
+    #[error("agent connection lost after the request was sent")]
+    Unanswered,
     /// The response was cut off or malformed.
     #[error("agent response broken: {0}")]
     Broken(String),
@@ -82,7 +106,7 @@ impl UpstreamError {
     pub fn status(&self) -> u16 {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::Retryable => 503,
-            UpstreamError::Broken(_) => 502,
+            UpstreamError::Broken(_) | UpstreamError::Unanswered => 502,
             UpstreamError::Timeout => 504,
         }
     }
@@ -110,6 +134,8 @@ type Reply = oneshot::Sender<Result<UpstreamResponse, UpstreamError>>;
 
 struct Pending {
     is_head: bool,
+    /// GET or HEAD: may be re-sent after its bytes were written.
+    idempotent: bool,
     reply: Reply,
     /// When the request was handed to this connection.
     since: Instant,
@@ -129,6 +155,8 @@ struct UpConn {
     dead: Cell<bool>,
     /// When the last response was delivered.
     answered: Cell<Instant>,
+    /// Carries one request: closed as soon as its answer is read.
+    one_shot: bool,
 }
 
 impl UpConn {
@@ -161,9 +189,15 @@ impl UpConn {
         }
         self.stream.shutdown();
         let mut first = first;
+        // In flight = written (or being written): only an idempotent
+        // request may be re-sent; the queued ones never left.
         let in_flight: Vec<Pending> = self.in_flight.borrow_mut().drain(..).collect();
         for p in in_flight {
-            let e = first.take().unwrap_or(UpstreamError::Retryable);
+            let e = first.take().unwrap_or(if p.idempotent {
+                UpstreamError::Retryable
+            } else {
+                UpstreamError::Unanswered
+            });
             let _ = p.reply.send(Err(e));
         }
         let queued: Vec<Queued> = self.queue.borrow_mut().drain(..).collect();
@@ -200,6 +234,8 @@ struct PoolInner {
     conns: RefCell<Vec<Rc<UpConn>>>,
     /// The agent closes after every response: use one connection per request.
     one_per_conn: Cell<bool>,
+    /// Successful answers with `Connection: close` in a row.
+    closes_in_a_row: Cell<u32>,
     /// Log "agent unreachable" once per outage, not per request.
     down_logged: Cell<bool>,
     /// Pooled dials in progress (they count against `size`).
@@ -215,27 +251,29 @@ impl Pool {
             cfg,
             conns: RefCell::new(Vec::new()),
             one_per_conn: Cell::new(false),
+            closes_in_a_row: Cell::new(0),
             down_logged: Cell::new(false),
             dialing: Cell::new(0),
             dial_done: RefCell::new(Event::default()),
         }))
     }
 
-    /// Send one request (a complete head + body) and wait for its response.
-    /// A request whose connection died before any response byte arrived is
-    /// re-sent once on a fresh connection.
+    /// Send one `method` request (a complete head + body) and wait for its
+    /// response. A request whose connection died before any response byte
+    /// arrived is re-sent once on a fresh connection if it was never written
+    /// or is a GET or HEAD (see the module's failure rules).
     ///
     /// # Errors
     /// See [`UpstreamError`].
     pub async fn request(
         &self,
         bytes: Vec<u8>,
-        is_head: bool,
+        method: Method,
     ) -> Result<UpstreamResponse, UpstreamError> {
         // Keep a copy only for the one permitted re-send.
         let retry_copy = bytes.clone();
-        match self.exchange(bytes, is_head, false).await {
-            Err(UpstreamError::Retryable) => match self.exchange(retry_copy, is_head, true).await {
+        match self.exchange(bytes, method, false).await {
+            Err(UpstreamError::Retryable) => match self.exchange(retry_copy, method, true).await {
                 Err(UpstreamError::Retryable) => Err(UpstreamError::Broken(
                     "agent connection lost twice before the response started".into(),
                 )),
@@ -248,7 +286,7 @@ impl Pool {
     async fn exchange(
         &self,
         bytes: Vec<u8>,
-        is_head: bool,
+        method: Method,
         fresh: bool,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let p = &self.0;
@@ -261,7 +299,8 @@ impl Pool {
         conn.queue.borrow_mut().push_back(Queued {
             bytes,
             pending: Pending {
-                is_head,
+                is_head: method == Method::Head,
+                idempotent: matches!(method, Method::Get | Method::Head),
                 reply: tx,
                 since: Instant::now(),
             },
@@ -363,6 +402,7 @@ impl Pool {
             wake_writer: Notify::default(),
             dead: Cell::new(false),
             answered: Cell::new(Instant::now()),
+            one_shot: !pooled,
         });
         rt::spawn(writer(conn.clone()));
         rt::spawn(reader(self.clone(), conn.clone()));
@@ -383,7 +423,24 @@ impl Pool {
         UpstreamError::Unreachable(why)
     }
 
-    fn saw_close(&self) {
+    /// A successful answer said `Connection: close` (`close`) or not.
+    fn saw_success(&self, close: bool) {
+        let p = &self.0;
+        if !close {
+            p.closes_in_a_row.set(0);
+            if p.one_per_conn.replace(false) {
+                log::info(format_args!(
+                    "agent at {} keeps connections alive again; pooling",
+                    p.cfg.socket.display()
+                ));
+            }
+            return;
+        }
+        let n = p.closes_in_a_row.get().saturating_add(1);
+        p.closes_in_a_row.set(n);
+        if n < ONE_SHOT_AFTER {
+            return;
+        }
         if !self.0.one_per_conn.replace(true) {
             log::info(format_args!(
                 "agent at {} closes after each response; using one connection per request",
@@ -443,6 +500,7 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                     let rest = buf.split_off(len);
                     let bytes = std::mem::replace(&mut buf, rest);
                     let close = !head.keep_alive;
+                    let success = head.status < 400;
                     let p = conn
                         .in_flight
                         .borrow_mut()
@@ -454,8 +512,10 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                         until_close: false,
                     }));
                     conn.answered.set(Instant::now());
-                    if close {
-                        pool.saw_close();
+                    if success {
+                        pool.saw_success(close);
+                    }
+                    if close || conn.one_shot {
                         conn.kill(None);
                         return;
                     }

@@ -237,6 +237,8 @@ pub trait Stream {
         &self,
         bytes: &'static [u8],
     ) -> impl std::future::Future<Output = io::Result<()>>;
+    /// See [`TcpConn::shutdown_write`].
+    fn shutdown_write(&self);
 }
 
 macro_rules! stream_trait {
@@ -261,6 +263,9 @@ macro_rules! stream_trait {
                 bytes: &'static [u8],
             ) -> impl std::future::Future<Output = io::Result<()>> {
                 $name::write_static(self, bytes)
+            }
+            fn shutdown_write(&self) {
+                $name::shutdown_write(self)
             }
         }
     };

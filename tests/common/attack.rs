@@ -63,16 +63,19 @@ pub struct Up {
 
 /// Start `metaproxy up` (api + agent + proxy) with the example inventory, as
 /// tests/up_e2e.rs does, with short proxy timeouts so reading "until close"
-/// ends quickly on a kept-alive connection.
+/// ends quickly on a kept-alive connection. Access logs are on in all three
+/// daemons, so every attack also goes through the logging paths; the
+/// harness fails the test if `up` ever logs `panicked`.
 pub fn start_up() -> Up {
     let dir = tempfile::tempdir().unwrap();
     let inv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
-    let (up, proxy) = super::up::start_up_with(
+    let (up, proxy) = super::up::start_up_logged(
         dir.path(),
         &inv,
         ROUTER_ID,
         SECRET,
         "[proxy.timeouts]\nhttp_request = \"2s\"\nkeep_alive = \"2s\"\nclient = \"5s\"",
+        true,
     );
     Up {
         _up: up,

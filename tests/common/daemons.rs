@@ -65,6 +65,9 @@ pub struct Daemon {
     log: PathBuf,
     ready: Ready,
     child: Option<Child>,
+    /// The log, held open so that drop can still read it after the test's
+    /// temp dir (often dropped first) is gone.
+    log_held: Option<std::fs::File>,
 }
 
 impl Daemon {
@@ -77,6 +80,7 @@ impl Daemon {
             log,
             ready,
             child: None,
+            log_held: None,
         };
         d.spawn();
         d
@@ -90,6 +94,9 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
+        if self.log_held.is_none() {
+            self.log_held = Some(std::fs::File::open(&self.log).unwrap());
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
             .args([self.kind, "--config"])
             .arg(&self.config)
@@ -150,9 +157,20 @@ impl Daemon {
     }
 }
 
+/// Fails the test if the daemon's log ever said `panicked` (a panic in a
+/// connection task is caught by the runtime and would otherwise go unnoticed).
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        let mut log = String::new();
+        if let Some(f) = &mut self.log_held {
+            use std::io::{Read, Seek};
+            let _ = f.rewind();
+            let _ = f.read_to_string(&mut log);
+        }
+        if !std::thread::panicking() && log.contains("panicked") {
+            panic!("`metaproxy {}` panicked:\n{log}", self.kind);
+        }
     }
 }
 

@@ -28,6 +28,10 @@ pub enum AgentMode {
     /// everything else at once. One connection answers in order, so whatever
     /// is pipelined behind a slow request waits for it, as with the agent.
     SlowPaths(u64),
+    /// Reads one request, records it, and closes without answering.
+    CloseAfterRead,
+    /// The first connection is `CloseAfterRead`, later ones `KeepAlive`.
+    FirstCloses,
 }
 
 /// One request as the agent saw it.
@@ -54,6 +58,8 @@ pub struct FakeAgent {
     pub path: PathBuf,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
+    /// Connections accepted and not yet closed (by either side).
+    pub open: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -73,15 +79,30 @@ impl FakeAgent {
         listener.set_nonblocking(true).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s2, c2, st2) = (seen.clone(), connections.clone(), stop.clone());
+        let (s2, c2, st2, o2) = (
+            seen.clone(),
+            connections.clone(),
+            stop.clone(),
+            open.clone(),
+        );
         std::thread::spawn(move || {
             while !st2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        c2.fetch_add(1, Ordering::Relaxed);
-                        let (s3, st3) = (s2.clone(), st2.clone());
-                        std::thread::spawn(move || serve_agent_conn(conn, mode, s3, st3));
+                        let first = c2.fetch_add(1, Ordering::Relaxed) == 0;
+                        let mode = match mode {
+                            AgentMode::FirstCloses if first => AgentMode::CloseAfterRead,
+                            AgentMode::FirstCloses => AgentMode::KeepAlive,
+                            m => m,
+                        };
+                        let (s3, st3, o3) = (s2.clone(), st2.clone(), o2.clone());
+                        o3.fetch_add(1, Ordering::SeqCst);
+                        std::thread::spawn(move || {
+                            serve_agent_conn(conn, mode, s3, st3);
+                            o3.fetch_sub(1, Ordering::SeqCst);
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -91,6 +112,7 @@ impl FakeAgent {
             path: path.to_path_buf(),
             seen,
             connections,
+            open,
             stop,
             _dir: None,
         }
@@ -190,6 +212,11 @@ fn serve_agent_conn(
         let payload = format!("{target} for {xff} body={}", body.len());
         let resp = match mode {
             AgentMode::Silent => continue,
+            AgentMode::CloseAfterRead => {
+                let _ = w.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            AgentMode::FirstCloses => unreachable!("resolved per connection"),
             AgentMode::KeepAlive
             | AgentMode::CloseEach
             | AgentMode::Delay(_)

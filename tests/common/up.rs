@@ -13,16 +13,49 @@ use super::daemons::free_port;
 /// The example inventory's router (`examples/inventory.toml`).
 pub const EXAMPLE_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";
 
-/// A running `metaproxy up`; SIGTERM and reaped on drop.
-pub struct Up(Child);
+/// A running `metaproxy up`; SIGTERM and reaped on drop, which then fails
+/// the test if any of its lines said `panicked` (a panic in a connection
+/// task is caught by the runtime and would otherwise go unnoticed).
+pub struct Up {
+    child: Child,
+    /// Start-up lines (up to "serving"), then every `panicked` line after.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stderr: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Up {
+    /// The process id (for `/proc/<pid>/fd`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What `up` logged while starting (through its "serving" line).
+    pub fn start_log(&self) -> String {
+        self.lines.lock().unwrap().concat()
+    }
+}
 
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let _ = self.0.wait();
+        let _ = self.child.wait();
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        let panics: Vec<String> = self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("panicked"))
+            .cloned()
+            .collect();
+        if !std::thread::panicking() {
+            assert!(panics.is_empty(), "`up` panicked:\n{}", panics.join("\n"));
+        }
     }
 }
 
@@ -44,6 +77,18 @@ pub fn start_up_with(
     secret: &str,
     proxy_extra: &str,
 ) -> (Up, SocketAddr) {
+    start_up_logged(dir, inventory, router, secret, proxy_extra, false)
+}
+
+/// [`start_up_with`], with `access_log` set in all three sections.
+pub fn start_up_logged(
+    dir: &Path,
+    inventory: &Path,
+    router: &str,
+    secret: &str,
+    proxy_extra: &str,
+    access_log: bool,
+) -> (Up, SocketAddr) {
     let (proxy_port, api_port) = (free_port(), free_port());
     let sock = dir.join("agent.sock");
     let cfg = dir.join("up.toml");
@@ -52,12 +97,14 @@ pub fn start_up_with(
         format!(
             r#"
 [api]
+access_log = {access_log}
 listen = "127.0.0.1:{api_port}"
 metadata_proxy_shared_secret = "{secret}"
 inventory = "{inv}"
 state_dir = "{state}"
 
 [agent]
+access_log = {access_log}
 socket = "{sock}"
 inventory = "{inv}"
 metadata_proxy_shared_secret = "{secret}"
@@ -65,6 +112,7 @@ metadata_proxy_shared_secret = "{secret}"
 nova_metadata_port = {api_port}
 
 [proxy]
+access_log = {access_log}
 agent_socket = "{sock}"
 control_socket = "{ctl}"
 {proxy_extra}
@@ -86,17 +134,30 @@ listen = "127.0.0.1:{proxy_port}"
         .spawn()
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    let up = Up(child);
+    let mut up = Up {
+        child,
+        lines: Default::default(),
+        stderr: None,
+    };
     let t0 = Instant::now();
     loop {
         let mut line = String::new();
         assert!(err.read_line(&mut line).unwrap() > 0, "up exited early");
-        if line.contains("up: api, agent and proxy are serving") {
+        let serving = line.contains("up: api, agent and proxy are serving");
+        up.lines.lock().unwrap().push(line);
+        if serving {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
     }
-    std::thread::spawn(move || for _ in err.lines() {});
+    let lines = up.lines.clone();
+    up.stderr = Some(std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            if l.contains("panicked") {
+                lines.lock().unwrap().push(l);
+            }
+        }
+    }));
     (up, format!("127.0.0.1:{proxy_port}").parse().unwrap())
 }
 
