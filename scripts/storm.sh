@@ -41,8 +41,9 @@
 # PEERS_DIR / NEUTRON_PORT settings are honoured).
 #
 # --max-connections sets our proxy's per-namespace cap (default: the shipped
-# 1024, like haproxy's maxconn 1024). At the cap ours answers 503 at once,
-# while haproxy stops accepting and leaves the excess in the kernel backlog.
+# 65536). At the cap ours stops accepting until a connection closes and the
+# excess waits in the kernel backlog, as with haproxy's maxconn (1024 in
+# Neutron's config).
 #
 # --cargo-profile builds and runs that cargo profile (default release).
 # --perf ROLE:FILE samples one process of the first setup that has it (ROLE:

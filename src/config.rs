@@ -29,8 +29,15 @@ pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Neutron's `metadata_backlog`.
 pub const DEFAULT_BACKLOG: i32 = 4096;
-/// haproxy's `maxconn` per Neutron proxy, here per namespace.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Open connections per namespace (proxy), and for the agent's socket and
+/// the API's listeners: enough for a 10 000-VM boot storm through one router
+/// namespace, each VM holding a connection or two, with room to spare. The
+/// process-wide fd budget ([`crate::serve::admit::fd_budget`]) bounds it
+/// further. At the cap a listener stops accepting until a connection closes
+/// (haproxy's `maxconn` behaviour; the excess waits in the listen backlog).
+/// An open idle connection costs about 1.7 KB (BENCHMARKS.md), so the cap
+/// reached costs about 110 MB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// Pooled agent connections per loop.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Largest agent response relayed (user-data is at most 64 KiB in Nova).
@@ -200,7 +207,8 @@ pub struct ProxyFile {
     pub agent_socket: Option<PathBuf>,
     /// listen(2) backlog of every TCP listener.
     pub backlog: Option<i32>,
-    /// Concurrent client connections per namespace.
+    /// Concurrent client connections per namespace; at the cap the
+    /// namespace stops accepting until one closes.
     pub max_connections: Option<usize>,
     /// Ignored (accepted so that old files still load): the pool dials up
     /// to `upstream_pool_size` before it pipelines.
@@ -381,7 +389,7 @@ pub struct ProxyConfig {
     pub agent_socket: PathBuf,
     /// listen backlog.
     pub backlog: i32,
-    /// Per-namespace connection cap.
+    /// Per-namespace connection cap (accept pauses at it).
     pub max_connections: NonZeroUsize,
     /// `upstream_pipeline_depth` as set in the file: ignored, logged at start.
     pub ignored_pipeline_depth: Option<usize>,
@@ -781,7 +789,7 @@ mod tests {
         assert_eq!(c.timeouts, Timeouts::default());
         assert_eq!(c.timeouts.client, Duration::from_secs(32));
         assert_eq!(c.backlog, 4096);
-        assert_eq!(c.max_connections.get(), 1024);
+        assert_eq!(c.max_connections.get(), 65_536);
         assert_eq!(c.pool_size.get(), DEFAULT_POOL_SIZE);
         assert_eq!(c.ignored_pipeline_depth, None);
         assert_eq!(c.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));

@@ -6,7 +6,10 @@
 //!
 //! Each server keeps its own connection loop (they differ in what they do
 //! with a request), but they must agree on how a body is read and bounded;
-//! one copy keeps the smuggling rules in one place.
+//! one copy keeps the smuggling rules in one place. They share one accept
+//! loop and its connection caps: [`admit`].
+
+pub mod admit;
 
 use std::time::{Duration, Instant};
 

@@ -356,17 +356,26 @@ fn stalled_half_head_is_closed_after_http_request_timeout() {
     h.stop().unwrap();
 }
 
+/// At `max_connections` the proxy stops accepting: a fourth client waits in
+/// the backlog (no 503, no close) and is served once a held one closes.
+/// (`tests/limits_admission.rs` checks the cap is exact and logged once.)
 #[test]
-fn connection_limit_answers_503_not_silence() {
+fn connection_limit_pauses_accept_instead_of_503() {
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let (h, addr) = start(&agent, "max_connections = 3");
-    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let r = get(addr, GET).unwrap();
-    assert_eq!(r.status, 503);
+    let held: Vec<BufReader<TcpStream>> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(GET.as_bytes()).unwrap();
+            let mut r = BufReader::new(s);
+            assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+            r
+        })
+        .collect();
+    let waiting = std::thread::spawn(move || get(addr, GET).map(|r| r.status));
     drop(held);
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(get(addr, GET).unwrap().status, 200);
+    assert_eq!(waiting.join().unwrap().unwrap(), 200);
     h.stop().unwrap();
 }
 

@@ -119,6 +119,9 @@ pub struct AgentFile {
     pub socket_mode: Option<String>,
     /// listen(2) backlog.
     pub backlog: Option<i32>,
+    /// Open connections on the socket; at the cap the agent stops accepting
+    /// until one closes.
+    pub max_connections: Option<usize>,
     /// `inventory` (only value built so far).
     pub backend: Option<String>,
     /// Inventory file for `backend = "inventory"`.
@@ -497,6 +500,8 @@ pub struct AgentConfig {
     pub socket_mode: SocketMode,
     /// listen(2) backlog.
     pub backlog: i32,
+    /// Connection cap (accept pauses at it).
+    pub max_connections: NonZeroUsize,
     /// Resolution backend.
     pub backend: Backend,
     /// HMAC key shared with the API. Never logged.
@@ -536,6 +541,7 @@ impl fmt::Debug for AgentConfig {
             .field("socket", &self.socket)
             .field("socket_mode", &self.socket_mode)
             .field("backlog", &self.backlog)
+            .field("max_connections", &self.max_connections)
             .field("backend", &self.backend)
             .field("shared_secret", &secret)
             .field("nova", &self.nova)
@@ -788,6 +794,11 @@ impl TryFrom<&AgentFile> for AgentConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET)),
             socket_mode,
             backlog,
+            max_connections: NonZeroUsize::new(
+                f.max_connections
+                    .unwrap_or(crate::config::DEFAULT_MAX_CONNECTIONS),
+            )
+            .ok_or_else(|| invalid("agent.max_connections", "must be at least 1"))?,
             backend,
             shared_secret: f.metadata_proxy_shared_secret.clone().unwrap_or_default(),
             nova,
@@ -967,6 +978,7 @@ mod tests {
         assert_eq!((c.workers.get(), c.pool_size.get()), (1, 8));
         assert_eq!(c.shared_secret, "");
         assert_eq!(c.backlog, 4096);
+        assert_eq!(c.max_connections.get(), 65_536);
     }
 
     #[test]

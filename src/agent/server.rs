@@ -73,10 +73,9 @@ use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHea
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
+use crate::serve::admit::{self, Admission, Gate};
 use crate::serve::{self, BodyError};
 
-/// Back-off after accept(2) fails (EMFILE and friends).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
 /// Buffers kept in a loop's free list.
@@ -303,6 +302,13 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         ),
     };
     let listener = Arc::new(bind_socket(&cfg)?);
+    admit::check_backlog("agent", cfg.backlog);
+    let gate = Arc::new(Gate::new(
+        "agent",
+        "max_connections",
+        cfg.max_connections.get(),
+    ));
+    let budget = admit::fd_budget().max();
     let watcher = match &store {
         Some(s) => Some(Watcher::start(s.clone(), INVENTORY_POLL)?),
         None => None,
@@ -320,9 +326,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         None => None,
     };
     log::info(format_args!(
-        "agent starting: socket {} (mode {:o}), {workers} loop(s), {backend}, metadata API {}{}",
+        "agent starting: socket {} (mode {:o}, max_connections {}, fd budget {budget}), \
+         {workers} loop(s), {backend}, metadata API {}{}",
         cfg.socket.display(),
         cfg.socket_mode.bits(),
+        cfg.max_connections,
         cfg.nova.addr,
         exporter.as_ref().map_or(String::new(), |e| format!(
             ", metrics on http://{}/metrics",
@@ -344,10 +352,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         let cfg = cfg.clone();
         let shared = sh.clone();
         let listener = listener.clone();
+        let gate = gate.clone();
         let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
         async move {
             let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(cfg, shared, &listener, rx, i).await
+            run_loop(cfg, shared, &listener, gate, rx, i).await
         }
     })?;
     Ok(AgentHandle {
@@ -501,6 +510,7 @@ async fn run_loop(
     cfg: Arc<AgentConfig>,
     shared: Arc<Shared>,
     listener: &UnixListener,
+    gate: Arc<Gate>,
     mut control: UnboundedReceiver<Control>,
     index: usize,
 ) -> io::Result<()> {
@@ -533,7 +543,7 @@ async fn run_loop(
         shared,
     });
     let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
-    let accept_task = rt::spawn_handle(accept_loop(ctx.clone(), acceptor));
+    let accept_task = rt::spawn_handle(accept_loop(ctx.clone(), acceptor, Admission::new(gate)));
     let _ = control.next().await;
     drop(accept_task);
     ctx.stopping.set();
@@ -550,18 +560,8 @@ async fn run_loop(
     Ok(())
 }
 
-async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: UnixAcceptor) {
-    loop {
-        let conn = match acceptor.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn(format_args!(
-                    "agent accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}"
-                ));
-                rt::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: UnixAcceptor, admission: Rc<Admission>) {
+    admit::accept_loop(acceptor, admission, |conn, slot| {
         ctx.active.set(ctx.active.get() + 1);
         let c = ctx.clone();
         rt::spawn(async move {
@@ -570,8 +570,11 @@ async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: UnixAcceptor) {
             serve(c, conn.clone()).await;
             conn.shutdown();
             drop(guard);
+            // After the socket is closed: frees the place under the caps.
+            drop((conn, slot));
         });
-    }
+    })
+    .await;
 }
 
 struct ActiveGuard(Rc<LoopCtx>);

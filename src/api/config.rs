@@ -71,6 +71,9 @@ pub struct ApiFile {
     pub workers: Option<usize>,
     /// listen(2) backlog.
     pub backlog: Option<i32>,
+    /// Open connections over all listeners; at the cap the API stops
+    /// accepting until one closes.
+    pub max_connections: Option<usize>,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Option<DurationFile>,
     /// One line per request (off by default).
@@ -95,6 +98,7 @@ impl std::fmt::Debug for ApiFile {
             .field("dhcp_domain", &self.dhcp_domain)
             .field("workers", &self.workers)
             .field("backlog", &self.backlog)
+            .field("max_connections", &self.max_connections)
             .field("drain_timeout", &self.drain_timeout)
             .field("access_log", &self.access_log)
             .field("timeouts", &self.timeouts)
@@ -155,6 +159,8 @@ pub struct ApiConfig {
     pub workers: NonZeroUsize,
     /// listen(2) backlog.
     pub backlog: i32,
+    /// Connection cap (accept pauses at it).
+    pub max_connections: NonZeroUsize,
     /// SIGTERM drain bound.
     pub drain_timeout: Duration,
     /// Client timeouts.
@@ -182,6 +188,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("dhcp_domain", &self.dhcp_domain)
             .field("workers", &self.workers)
             .field("backlog", &self.backlog)
+            .field("max_connections", &self.max_connections)
             .field("drain_timeout", &self.drain_timeout)
             .field("timeouts", &self.timeouts)
             .field("limits", &self.limits)
@@ -358,6 +365,11 @@ impl TryFrom<&ApiFile> for ApiConfig {
             dhcp_domain: f.dhcp_domain.clone(),
             workers,
             backlog,
+            max_connections: NonZeroUsize::new(
+                f.max_connections
+                    .unwrap_or(crate::config::DEFAULT_MAX_CONNECTIONS),
+            )
+            .ok_or_else(|| invalid("api.max_connections", "must be at least 1"))?,
             drain_timeout: dur("api.drain_timeout", &f.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
             timeouts,
             limits: Limits::default(),
@@ -388,6 +400,7 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.workers.get(), 1);
         assert_eq!(c.backlog, 4096);
+        assert_eq!(c.max_connections.get(), 65_536);
         assert_eq!(c.timeouts, ApiTimeouts::default());
         assert!(c.vendor_data.is_none());
     }

@@ -45,12 +45,11 @@ use crate::inventory::{Inventory, InventoryError};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
+use crate::serve::admit::{self, Admission, Gate, Slot};
 use crate::serve::{self, BodyError, Idle};
 
 /// Bytes asked for per read while a request is being assembled.
 const READ_CHUNK_BYTES: usize = 4096;
-/// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often the watcher looks at the inventory file.
 pub const INVENTORY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Upper bound on a connection task's size: what an idle keep-alive
@@ -238,6 +237,7 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         Arc::new(inventory),
         Arc::new(passwords),
     ));
+    admit::check_backlog("api", cfg.backlog);
     let mut sockets = Vec::with_capacity(cfg.listen.len());
     for a in &cfg.listen {
         sockets.push(bind_with_retry(*a, cfg.backlog)?);
@@ -251,10 +251,18 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         log::info(format_args!("api listener up: {b}"));
     }
     let workers = cfg.workers.get();
+    let gate = Arc::new(Gate::new(
+        "api",
+        "max_connections",
+        cfg.max_connections.get(),
+    ));
     log::info(format_args!(
-        "api starting: {workers} loop(s), inventory {}, state {}",
+        "api starting: {workers} loop(s), inventory {}, state {}, max_connections {} \
+         (fd budget {})",
         cfg.inventory.display(),
-        cfg.state_dir.display()
+        cfg.state_dir.display(),
+        cfg.max_connections,
+        admit::fd_budget().max()
     ));
     let inventory_path = cfg.inventory.clone();
     let cfg = Arc::new(cfg);
@@ -272,10 +280,11 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         let cfg = cfg.clone();
         let api = loop_api.clone();
         let sockets = sockets.clone();
+        let gate = gate.clone();
         let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
         async move {
             let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(i, cfg, api, &sockets, rx).await
+            run_loop(i, cfg, api, &sockets, gate, rx).await
         }
     })?;
     let watcher = match spawn_watcher(api.clone(), inventory_path.clone(), loaded) {
@@ -309,6 +318,7 @@ async fn run_loop(
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
     sockets: &[std::net::TcpListener],
+    gate: Arc<Gate>,
     mut control: UnboundedReceiver<Control>,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
@@ -322,10 +332,15 @@ async fn run_loop(
     if index == 0 {
         log::info(format_args!("api loops use {:?}", rt::engine()));
     }
+    let admission = Admission::new(gate);
     let mut accept_tasks = Vec::with_capacity(sockets.len());
     for s in sockets {
         let acceptor = TcpAcceptor::from_std(s.try_clone()?)?;
-        accept_tasks.push(rt::spawn_handle(accept_loop(ctx.clone(), acceptor)));
+        accept_tasks.push(rt::spawn_handle(accept_loop(
+            ctx.clone(),
+            acceptor,
+            admission.clone(),
+        )));
     }
     // Run until told to stop (or the control side is gone).
     let _ = control.next().await;
@@ -344,23 +359,16 @@ async fn run_loop(
     Ok(())
 }
 
-async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: TcpAcceptor) {
-    loop {
-        let (conn, peer) = match acceptor.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn(format_args!(
-                    "api: accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}"
-                ));
-                rt::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: TcpAcceptor, admission: Rc<Admission>) {
+    admit::accept_loop(acceptor, admission, |(conn, peer), slot| {
         let accepted = Instant::now();
         ctx.active.set(ctx.active.get() + 1);
         let c = ctx.clone();
         let fut = async move {
-            let guard = ActiveGuard(c.clone());
+            let guard = ActiveGuard {
+                ctx: c.clone(),
+                _slot: slot,
+            };
             serve(&c, conn, peer, accepted).await;
             drop(guard);
         };
@@ -369,15 +377,20 @@ async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: TcpAcceptor) {
             "idle connection state grew"
         );
         rt::spawn(fut);
-    }
+    })
+    .await;
 }
 
-/// Decrements the active count however the connection task ends.
-struct ActiveGuard(Rc<LoopCtx>);
+/// Decrements the active count and frees the admission slot (after the
+/// connection's socket closed) however the connection task ends.
+struct ActiveGuard {
+    ctx: Rc<LoopCtx>,
+    _slot: Slot,
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.set(self.0.active.get().saturating_sub(1));
+        self.ctx.active.set(self.ctx.active.get().saturating_sub(1));
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use crate::config::{NamespaceConfig, ProxyConfig};
 use crate::log;
 use crate::proxy::{bind_namespace, Control, CounterSnapshot, LoopReport, NamespaceListeners};
 use crate::rt::sync::UnboundedSender;
+use crate::serve::admit::Gate;
 
 /// Where a namespace registration came from; reload and discovery each
 /// manage only their own.
@@ -57,6 +58,8 @@ pub struct NamespaceStatus {
     pub listeners: Vec<SocketAddr>,
     /// Open client connections.
     pub connections: usize,
+    /// Times an accept loop paused at `max_connections`.
+    pub accept_paused: u64,
     /// Counters summed over loops.
     pub counters: CounterSnapshot,
 }
@@ -109,11 +112,16 @@ impl ControlPlane {
                 cfg.identity.id()
             ));
         }
+        let gate = Arc::new(Gate::new(
+            format!("ns {}", cfg.name),
+            "max_connections",
+            self.config().max_connections.get(),
+        ));
         let listeners = Arc::new(NamespaceListeners {
             id,
             cfg,
             sockets,
-            open: Arc::new(AtomicUsize::new(0)),
+            gate,
         });
         self.broadcast(|| Control::Add(listeners.clone()));
         if let Ok(mut e) = self.entries.lock() {
@@ -146,7 +154,7 @@ impl ControlPlane {
             "listener down: {} ({} address(es), {} open connection(s) finishing)",
             gone.listeners.cfg.name,
             gone.listeners.sockets.len(),
-            gone.listeners.open.load(Ordering::Relaxed)
+            gone.listeners.gate.open()
         ));
         true
     }
@@ -269,7 +277,8 @@ impl ControlPlane {
                         .iter()
                         .filter_map(|s| s.local_addr().ok())
                         .collect(),
-                    connections: l.open.load(Ordering::Relaxed),
+                    connections: l.gate.open(),
+                    accept_paused: l.gate.pauses(),
                     counters,
                 }
             })
@@ -282,7 +291,7 @@ impl ControlPlane {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<44} {:<10} {:<60} {:>6} {:>10} {:>10} {:>8} {:>8} {:>6}",
+            "{:<44} {:<10} {:<60} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "NAMESPACE",
             "ORIGIN",
             "LISTENERS -> IDENTITY",
@@ -290,7 +299,10 @@ impl ControlPlane {
             "ACCEPTED",
             "REQUESTS",
             "UP_ERR",
+            "PAUSED",
+            "408",
             "429",
+            "TOKENS",
             "401"
         );
         for s in &st {
@@ -305,7 +317,7 @@ impl ControlPlane {
                 s.counters.accepted,
                 s.counters.requests,
                 s.counters.upstream_errors,
-                s.counters.over_limit,
+                s.accept_paused,
                 s.counters.http_request_timeouts,
                 s.counters.rate_limited,
                 s.counters.tokens_issued,

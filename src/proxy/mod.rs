@@ -10,8 +10,10 @@
 //!
 //! Per loop: a [`LoopCtx`] (config, upstream pool, buffer free list) and per
 //! namespace a [`NsRuntime`] (its config, counters and a `closing` event). The
-//! per-namespace connection count is the one cross-core value (an atomic),
-//! because `max_connections` is a namespace limit, not a per-loop one.
+//! per-namespace connection count is the one cross-core value (an atomic in
+//! the namespace's [`Gate`]), because `max_connections` is a namespace limit,
+//! not a per-loop one. At the cap a namespace stops accepting until one of
+//! its connections closes ([`crate::serve::admit`]).
 //!
 //! Namespaces come and go at run time ([`control::ControlPlane`]: SIGHUP
 //! reload, discovery, `metaproxy ctl`): the control plane binds the new
@@ -31,7 +33,6 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,14 +40,8 @@ use crate::config::{NamespaceConfig, ProxyConfig};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver};
 use crate::rt::{self, TcpAcceptor};
+use crate::serve::admit::{self, Admission, Gate, Slot};
 
-/// Back-off after accept(2) fails (EMFILE, ENFILE, ENOMEM): no spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Accept failures are logged at most once per this interval, process-wide:
-/// EMFILE hits every namespace's accept loop on every core at once, and each
-/// retries every [`ACCEPT_BACKOFF`] (unlimited, that was 20 lines a second per
-/// namespace on two cores; `tests/limits_emfile.rs`).
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Upper bound on a connection task's size: it is what every idle
 /// keep-alive connection costs (see docs/adr/0001-runtime.md).
 pub const CONN_TASK_MAX_BYTES: usize = 1536;
@@ -74,8 +69,8 @@ pub struct NamespaceListeners {
     pub cfg: NamespaceConfig,
     /// Bound, listening sockets (one per address).
     pub sockets: Vec<std::net::TcpListener>,
-    /// Connections open now, across all loops.
-    pub open: Arc<AtomicUsize>,
+    /// Its `max_connections` gate: connections open now, across all loops.
+    pub gate: Arc<Gate>,
 }
 
 /// Per-namespace state on one loop.
@@ -84,8 +79,6 @@ pub struct NsRuntime {
     pub id: u64,
     /// Its config.
     pub cfg: NamespaceConfig,
-    /// Shared open-connection count.
-    pub open: Arc<AtomicUsize>,
     /// Counters (this loop).
     pub counters: Counters,
     /// Set when the namespace is removed or the loop drains: idle
@@ -98,8 +91,6 @@ pub struct NsRuntime {
 pub struct Counters {
     /// Connections accepted.
     pub accepted: Cell<u64>,
-    /// Connections refused with 503 at `max_connections`.
-    pub over_limit: Cell<u64>,
     /// Requests relayed to the agent.
     pub requests: Cell<u64>,
     /// Requests answered 502/503/504 because of the agent.
@@ -119,8 +110,6 @@ pub struct Counters {
 pub struct CounterSnapshot {
     /// See [`Counters::accepted`].
     pub accepted: u64,
-    /// See [`Counters::over_limit`].
-    pub over_limit: u64,
     /// See [`Counters::requests`].
     pub requests: u64,
     /// See [`Counters::upstream_errors`].
@@ -139,7 +128,6 @@ impl CounterSnapshot {
     fn of(c: &Counters) -> Self {
         CounterSnapshot {
             accepted: c.accepted.get(),
-            over_limit: c.over_limit.get(),
             requests: c.requests.get(),
             upstream_errors: c.upstream_errors.get(),
             http_request_timeouts: c.http_request_timeouts.get(),
@@ -152,7 +140,6 @@ impl CounterSnapshot {
     /// Field-wise sum.
     pub fn add(&mut self, o: &CounterSnapshot) {
         self.accepted += o.accepted;
-        self.over_limit += o.over_limit;
         self.requests += o.requests;
         self.upstream_errors += o.upstream_errors;
         self.http_request_timeouts += o.http_request_timeouts;
@@ -213,7 +200,9 @@ pub fn bind_namespace(
     backlog: i32,
 ) -> io::Result<Vec<std::net::TcpListener>> {
     let addrs = ns.listen.clone();
+    let label = format!("ns {}", ns.name);
     rt::netns::in_namespace(ns.netns.as_deref(), move || {
+        admit::check_backlog(&label, backlog);
         addrs
             .iter()
             .map(|a| {
@@ -305,13 +294,22 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
              upstream_pool_size connections before it pipelines (remove the key)"
         ));
     }
+    let budget = admit::fd_budget().max();
+    if cfg.max_connections.get() > budget {
+        log::info(format_args!(
+            "proxy.max_connections = {} per namespace is above the process's fd budget of \
+             {budget}: accept pauses at the budget first (raise LimitNOFILE to lift it)",
+            cfg.max_connections
+        ));
+    }
     log::info(format_args!(
-        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pool {} per loop, imdsv2 {:?}, rate limit {}",
+        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pool {} per loop, imdsv2 {:?}, rate limit {}, max_connections {} per namespace",
         initial.len(),
         cfg.agent_socket.display(),
         cfg.pool_size,
         cfg.imdsv2,
         if cfg.rate_limit.is_some() { "on" } else { "off" },
+        cfg.max_connections,
     ));
     let mut bound = Vec::with_capacity(initial.len());
     for (ns, sockets) in initial {
@@ -364,16 +362,19 @@ async fn run_loop(
                 let ns = Rc::new(NsRuntime {
                     id: l.id,
                     cfg: l.cfg.clone(),
-                    open: l.open.clone(),
                     counters: Counters::default(),
                     closing: Event::default(),
                 });
+                let admission = Admission::for_guests(l.gate.clone());
                 let mut accepts = Vec::with_capacity(l.sockets.len());
                 for s in &l.sockets {
                     match s.try_clone().and_then(TcpAcceptor::from_std) {
-                        Ok(a) => {
-                            accepts.push(rt::spawn_handle(accept_loop(ctx.clone(), ns.clone(), a)))
-                        }
+                        Ok(a) => accepts.push(rt::spawn_handle(accept_loop(
+                            ctx.clone(),
+                            ns.clone(),
+                            a,
+                            admission.clone(),
+                        ))),
                         Err(e) => log::error(format_args!(
                             "loop {index}: cannot adopt a listener of {}: {e}",
                             l.cfg.name
@@ -418,44 +419,22 @@ async fn run_loop(
     Ok(())
 }
 
-async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor) {
-    let max = ctx.cfg.max_connections.get();
-    loop {
-        let (conn, peer) = match acceptor.accept().await {
-            Ok(x) => x,
-            // EINVAL: the listener was shut down (namespace removed or stopping).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
-            Err(e) => {
-                if let Some(n) = ACCEPT_ERRORS.note() {
-                    log::warn(format_args!(
-                        "{}: accept failed: {e}; retrying every {ACCEPT_BACKOFF:?} ({n} accept failure(s) on all listeners in the last {ACCEPT_ERROR_LOG_INTERVAL:?}, one line per interval)",
-                        ns.cfg.name
-                    ));
-                }
-                rt::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+async fn accept_loop(
+    ctx: Rc<LoopCtx>,
+    ns: Rc<NsRuntime>,
+    acceptor: TcpAcceptor,
+    admission: Rc<Admission>,
+) {
+    admit::accept_loop(acceptor, admission, |(conn, peer), slot: Slot| {
         let accepted = Instant::now();
         ns.counters.accepted.set(ns.counters.accepted.get() + 1);
-        if ns.open.fetch_add(1, Ordering::AcqRel) >= max {
-            ns.open.fetch_sub(1, Ordering::AcqRel);
-            ns.counters.over_limit.set(ns.counters.over_limit.get() + 1);
-            let timeout = ctx.cfg.timeouts.client;
-            rt::spawn(async move {
-                let _ = rt::with_deadline(
-                    Instant::now() + timeout,
-                    conn.write_static(crate::http::canned(503)),
-                )
-                .await;
-                conn.shutdown();
-            });
-            continue;
-        }
         ctx.active.set(ctx.active.get() + 1);
         let (c, n) = (ctx.clone(), ns.clone());
         let fut = async move {
-            let guard = ActiveGuard(c.clone(), n.clone());
+            let guard = ActiveGuard {
+                ctx: c.clone(),
+                _slot: slot,
+            };
             conn::serve(c, n, conn, peer, accepted).await;
             drop(guard);
         };
@@ -464,59 +443,19 @@ async fn accept_loop(ctx: Rc<LoopCtx>, ns: Rc<NsRuntime>, acceptor: TcpAcceptor)
             "idle connection state grew"
         );
         rt::spawn(fut);
-    }
+    })
+    .await;
 }
 
-/// Process-wide rate limit for the accept-failure log line (a log throttle,
-/// not per-core state, hence the atomics).
-struct AcceptErrorLog {
-    /// Milliseconds since [`log_epoch`] before which no line is written.
-    next_ms: AtomicU64,
-    /// Failures since the last line.
-    failures: AtomicU64,
+/// Decrements the active count and frees the admission slot (after the
+/// connection's socket closed) however the connection task ends.
+struct ActiveGuard {
+    ctx: Rc<LoopCtx>,
+    _slot: Slot,
 }
-
-static ACCEPT_ERRORS: AcceptErrorLog = AcceptErrorLog {
-    next_ms: AtomicU64::new(0),
-    failures: AtomicU64::new(0),
-};
-
-fn log_epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-impl AcceptErrorLog {
-    /// Count one failure; `Some(failures since the last line)` when a line
-    /// is due now.
-    fn note(&self) -> Option<u64> {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let now = u64::try_from(log_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
-        let next = self.next_ms.load(Ordering::Relaxed);
-        let interval = u64::try_from(ACCEPT_ERROR_LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if now < next
-            || self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now.saturating_add(interval),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
-            return None;
-        }
-        Some(self.failures.swap(0, Ordering::Relaxed))
-    }
-}
-
-/// Decrements the open/active counts however the connection task ends.
-struct ActiveGuard(Rc<LoopCtx>, Rc<NsRuntime>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.set(self.0.active.get().saturating_sub(1));
-        self.1.open.fetch_sub(1, Ordering::AcqRel);
+        self.ctx.active.set(self.ctx.active.get().saturating_sub(1));
     }
 }
