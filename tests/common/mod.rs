@@ -393,4 +393,5 @@ pub mod attack;
 pub mod daemons;
 pub mod netns;
 pub mod neutron;
+pub mod oracle;
 pub mod up;
