@@ -76,7 +76,11 @@ fuzz_target!(|data: &[u8]| {
                 Ok(httparse::Status::Complete(n)) => n,
                 other => panic!("not one complete request: {other:?}: {out:?}"),
             };
-            assert_eq!(n + body.len(), out.len(), "bytes after the request: {out:?}");
+            assert_eq!(
+                n + body.len(),
+                out.len(),
+                "bytes after the request: {out:?}"
+            );
             assert_eq!(req.method, Some(method.as_str()));
             for name in IDENTITY {
                 let n = req
