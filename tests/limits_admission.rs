@@ -13,7 +13,6 @@
 //! is logged once for the whole episode (not once per close).
 
 mod common;
-mod limits_common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,8 +21,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 
 /// The small cap of the per-listener tests.
 const CAP: usize = 8;

@@ -13,7 +13,6 @@
 //! through one process-wide throttle.
 
 mod common;
-mod limits_common;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,8 +20,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 
 /// The limit the daemon starts with (its fd budget comes from it).
 const START_NOFILE: u64 = 4096;

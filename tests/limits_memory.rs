@@ -9,14 +9,13 @@
 //! [`MAX_BYTES_PER_IDLE_CONN`]. This is a memory bound, not a timing one.
 
 mod common;
-mod limits_common;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 
 /// Idle connections held open.
 const IDLE: usize = 5_000;

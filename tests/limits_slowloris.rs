@@ -9,7 +9,6 @@
 //! limit cannot be raised far enough the test scales down and says so.
 
 mod common;
-mod limits_common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -18,8 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// Slow connections wanted.

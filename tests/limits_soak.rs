@@ -9,7 +9,6 @@
 //! Each client thread paces itself so the test does not take the machine.
 
 mod common;
-mod limits_common;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 
 /// Whole run.
 const RUN: Duration = Duration::from_secs(20);

@@ -391,6 +391,7 @@ listen = "127.0.0.1:0"
 pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
 pub mod attack;
 pub mod daemons;
+pub mod limits;
 pub mod netns;
 pub mod neutron;
 pub mod oracle;

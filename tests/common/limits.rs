@@ -16,7 +16,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The router id every limits test serves.
-pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
+pub use super::ROUTER;
 
 /// Raise this process's `RLIMIT_NOFILE` to at least `want` if it can (root
 /// may raise the hard limit too), else soft to hard. Returns the soft limit
