@@ -4,12 +4,12 @@
 mod common;
 
 use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{get, read_response, Resp};
+use common::{free_port, get, read_response, Resp};
 use metaproxy::api::config::ApiConfig;
 use metaproxy::api::server::{start, ApiHandle};
 
@@ -456,14 +456,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Start the binary on `port` (`None`: a free one). If the port is taken

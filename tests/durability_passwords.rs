@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::daemons::{free_port, Daemon, Ready, SECRET};
+use common::daemons::{Daemon, Ready, SECRET};
+use common::free_port;
 use metaproxy::api::{PasswordStore, PASSWORD_LOG_NAME};
 use metaproxy::inventory::synth::{synth_toml, SynthSpec};
 use metaproxy::inventory::Inventory;

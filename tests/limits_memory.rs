@@ -11,7 +11,6 @@
 mod common;
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::limits::*;
@@ -35,16 +34,15 @@ fn idle_keepalive_connections_cost_under_4_kib_each() {
     }
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         &format!("workers = 1\nmax_connections = {}", IDLE + 1000),
         "http_request = \"120s\"\nkeep_alive = \"120s\"",
     );
     let proxy = Daemon::start(IDLE as u64 + 4096, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     let pid = proxy.pid();
     // Warm up: pool connections, free list, allocator arenas.

@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -94,11 +94,10 @@ fn slowloris_is_closed_at_http_request_while_normal_vms_are_served() {
     }
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         &format!("workers = 2\nmax_connections = {}", SLOW + 1000),
         &format!(
             "http_request = \"{}ms\"\nkeep_alive = \"10s\"\nclient = \"10s\"",
@@ -106,7 +105,7 @@ fn slowloris_is_closed_at_http_request_while_normal_vms_are_served() {
         ),
     );
     let mut proxy = Daemon::start(SLOW as u64 + 4096, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     eprintln!("load before: {}", loadavg());
 

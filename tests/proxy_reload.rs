@@ -15,14 +15,6 @@ use common::*;
 
 const NET: &str = "7a7a7a7a-0000-4000-8000-000000000002";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(path: &Path, agent: &Path, ctl: &Path, ports: &[(u16, bool)]) {
     let mut t = format!(
         "[proxy]\nworkers = 2\nagent_socket = \"{}\"\ncontrol_socket = \"{}\"\n",

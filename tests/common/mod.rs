@@ -388,6 +388,30 @@ listen = "127.0.0.1:0"
     metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap()
 }
 
+/// The address in a daemon's `listener up:` log line (the proxy's
+/// `listener up: <ns> <addr> -> ...`, the API's `api listener up: <addr>`):
+/// what a daemon configured with port 0 actually bound. Reading it back is
+/// how a test gets a port without racing: [`free_port`] closes its probe
+/// socket before the child binds, so another process can take the port in
+/// between.
+pub fn bound_addr(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("listener up: ")?;
+    rest.split_whitespace().find_map(|w| w.parse().ok())
+}
+
+/// A port nobody listens on right now. Racy (the port is free again before
+/// the child binds it): only for a config that must name a port before its
+/// daemon starts (another daemon's upstream, a restart on the same port) or
+/// one that must stay dead; otherwise listen on port 0 and read
+/// [`bound_addr`] back.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
 pub mod attack;
 pub mod daemons;
