@@ -563,7 +563,12 @@ fn sighup_reloads_the_inventory_and_sigterm_exits_cleanly() {
     // A broken file on SIGHUP: logged, the daemon keeps serving the old one.
     std::fs::write(&inv, "[[instance]\n").unwrap();
     kill(pid, Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let log = dir.path().join("api.log");
+    common::wait_until(
+        "the failed reload is logged",
+        Duration::from_secs(5),
+        || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("inventory reload from")),
+    );
     assert_eq!(hostname(d.addr), "demo.hup.test");
 
     kill(pid, Signal::SIGTERM).unwrap();

@@ -52,6 +52,8 @@ fn idle_keepalive_connections_cost_under_4_kib_each() {
             200
         );
     }
+    // Not a readiness wait: let the warm-up's allocations settle before the
+    // RSS baseline (RSS has no "settled" signal to poll).
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_kib(pid);
 
@@ -71,6 +73,7 @@ fn idle_keepalive_connections_cost_under_4_kib_each() {
         }
         idle.append(&mut batch);
     }
+    // As above: RSS settles, then it is measured.
     std::thread::sleep(Duration::from_secs(1));
     let after = rss_kib(pid);
     let fds = fd_count(pid);

@@ -114,6 +114,8 @@ fn slowloris_is_closed_at_http_request_while_normal_vms_are_served() {
         let stop = stop.clone();
         std::thread::spawn(move || normal_vms(addr, stop))
     };
+    // The normal VMs' head start: they are already being served when the
+    // slowloris begins (the behaviour under test, not a readiness wait).
     std::thread::sleep(Duration::from_millis(200));
 
     let t0 = Instant::now();

@@ -157,6 +157,7 @@ fn required_mode_demands_a_token_and_tokens_expire() {
     )
     .text();
     assert_eq!(with_token(addr, &token).status, 200);
+    // The TTL running out is the behaviour under test.
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(with_token(addr, &token).status, 401, "expired");
     h.stop().unwrap();

@@ -388,6 +388,16 @@ listen = "127.0.0.1:0"
     metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap()
 }
 
+/// Poll `ready` every few milliseconds until it holds; panic naming `what`
+/// if it does not within `limit`. Tests wait with this, not with sleeps.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        assert!(t0.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The address in a daemon's `listener up:` log line (the proxy's
 /// `listener up: <ns> <addr> -> ...`, the API's `api listener up: <addr>`):
 /// what a daemon configured with port 0 actually bound. Reading it back is
