@@ -290,7 +290,7 @@ pub fn upstream_head(
     buf: &[u8],
     head: &RequestHead,
     peer: std::net::IpAddr,
-    id: &crate::config::NsIdentity,
+    id: &crate::proxy::config::NsIdentity,
     out: &mut Vec<u8>,
 ) {
     let mut xff = Vec::with_capacity(40);
