@@ -41,8 +41,6 @@ pub const DEFAULT_NOVA_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WORKERS: usize = 1;
 /// Idle keep-alive connections to the metadata API kept per loop.
 pub const DEFAULT_POOL_SIZE: usize = 8;
-/// How often the inventory file's mtime is checked.
-pub const INVENTORY_POLL: Duration = Duration::from_secs(1);
 /// Whole-exchange timeout of one Neutron or Keystone call (python-neutronclient's
 /// default is 30 s; a guest waits behind this, so shorter).
 pub const DEFAULT_NEUTRON_TIMEOUT: Duration = Duration::from_secs(10);

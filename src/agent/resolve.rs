@@ -1,19 +1,8 @@
 //! Resolve (scope, address) → (instance, project) from the inventory.
 //!
-//! The inventory is shared by every loop as an `Arc<Inventory>` behind a
-//! read-write lock ([`InventoryStore`]): a reload builds a whole new
-//! inventory off the loops and swaps the `Arc`, so a request sees either the
-//! old or the new file, never a mix. The lock is held only to clone the
-//! `Arc`, and only on a cache miss. A generation number tells each loop that
-//! its cache (per loop, no locks: habit 7) belongs to an older file and must
-//! be dropped.
-//!
-//! Reload is a std thread ([`Watcher`]) polling the file's mtime every
-//! [`INVENTORY_POLL`](super::config::INVENTORY_POLL), or woken on demand. A
-//! broken file keeps the old data and logs why, once per change: rejected
-//! alternative was inotify, which misses editors that replace the file by
-//! rename into a watched directory unless the directory is watched too, and
-//! buys nothing at one stat per second.
+//! The inventory itself, its reload and each loop's copy of it are
+//! [`crate::inventory::store`], shared with the API; this module only
+//! matches a lookup against one loaded [`Inventory`].
 //!
 //! Matching follows Neutron (spec §3.2): router scope → the router's
 //! networks, then the port by fixed IP (or by MAC for link-local IPv6) on
@@ -30,18 +19,12 @@
 //! be signed and sent as someone's) and refusing only CR/LF (a NUL, a space
 //! or 255 bytes of anything is not an instance either).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
 use std::cell::RefCell;
 use std::collections::HashSet;
 
 use crate::agent::identity::{LookupKey, Scope};
 use crate::http::HeaderValue;
-use crate::inventory::{Inventory, InventoryError};
+use crate::inventory::Inventory;
 use crate::log;
 
 /// Whether `s` looks like an id Nova or Keystone issues: a UUID
@@ -223,162 +206,6 @@ pub fn resolve(
             }
         },
         many => Resolution::Ambiguous(many.len()),
-    }
-}
-
-/// The current inventory, shared by every loop.
-#[derive(Debug)]
-pub struct InventoryStore {
-    path: PathBuf,
-    current: RwLock<Arc<Inventory>>,
-    generation: AtomicU64,
-    /// The file as it was just before it was read at start-up: the watcher's
-    /// baseline, so an edit between loading and the watcher starting is seen.
-    loaded: crate::inventory::watch::FileVersion,
-}
-
-impl InventoryStore {
-    /// Load `path` (start-up: a broken file is an error).
-    ///
-    /// # Errors
-    /// The file cannot be read or is invalid.
-    pub fn load(path: &Path) -> Result<InventoryStore, InventoryError> {
-        let loaded = crate::inventory::watch::FileVersion::of(path);
-        let inv = Inventory::load(path)?;
-        Ok(InventoryStore {
-            path: path.to_owned(),
-            current: RwLock::new(Arc::new(inv)),
-            generation: AtomicU64::new(0),
-            loaded,
-        })
-    }
-
-    /// The inventory now, and its generation.
-    pub fn current(&self) -> (Arc<Inventory>, u64) {
-        // Read the generation first: if a swap races us we may pair a new
-        // inventory with an old generation, which only costs one more cache
-        // reset later, never a stale answer cached as new.
-        let generation = self.generation.load(Ordering::Acquire);
-        let inv = match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        (inv, generation)
-    }
-
-    /// Generation of the current inventory (bumped by every successful reload).
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Re-read the file; keep the old data if the new file is broken.
-    ///
-    /// # Errors
-    /// The new file could not be loaded (the old inventory stays).
-    pub fn reload(&self) -> Result<(), InventoryError> {
-        let inv = Arc::new(Inventory::load(&self.path)?);
-        match self.current.write() {
-            Ok(mut g) => *g = inv,
-            Err(poisoned) => *poisoned.into_inner() = inv,
-        }
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(())
-    }
-
-    /// The file this store reads.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// Messages to the watcher thread.
-enum WatchMsg {
-    Reload(mpsc::Sender<Result<(), String>>),
-}
-
-/// The reload thread: polls the inventory's mtime, reloads on change or on demand.
-pub struct Watcher {
-    tx: Option<mpsc::Sender<WatchMsg>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watcher {
-    /// Start polling `store`'s file every `every`.
-    ///
-    /// # Errors
-    /// The thread could not be spawned.
-    pub fn start(store: Arc<InventoryStore>, every: Duration) -> std::io::Result<Watcher> {
-        let (tx, rx) = mpsc::channel::<WatchMsg>();
-        let thread = std::thread::Builder::new()
-            .name("agent-inventory".into())
-            .spawn(move || {
-                let mut seen = store.loaded.clone();
-                loop {
-                    let reply = match rx.recv_timeout(every) {
-                        Ok(WatchMsg::Reload(reply)) => Some(reply),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    };
-                    if !seen.changed(store.path()) && reply.is_none() {
-                        continue;
-                    }
-                    let r = store.reload().map_err(|e| e.to_string());
-                    match &r {
-                        Ok(()) => {
-                            log::info(format_args!(
-                                "inventory {} reloaded (generation {})",
-                                store.path().display(),
-                                store.generation()
-                            ));
-                        }
-                        Err(e) => {
-                            log::error(format_args!(
-                                "inventory {} not reloaded, keeping the previous one: {e}",
-                                store.path().display()
-                            ));
-                        }
-                    }
-                    if let Some(reply) = reply {
-                        let _ = reply.send(r);
-                    }
-                }
-            })?;
-        Ok(Watcher {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Reload now and wait for the outcome.
-    ///
-    /// # Errors
-    /// The new file is broken (the message says why); the old data stays.
-    pub fn reload(&self) -> Result<(), String> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .as_ref()
-            .ok_or("watcher stopped")?
-            .send(WatchMsg::Reload(tx))
-            .map_err(|_| "watcher stopped".to_string())?;
-        rx.recv().map_err(|_| "watcher stopped".to_string())?
-    }
-
-    /// Stop the thread and wait for it.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }
 

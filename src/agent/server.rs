@@ -3,7 +3,8 @@
 //! One loop per worker, each with its own accept on a `dup` of the one
 //! listening socket (as in [`crate::proxy`]), its own resolution cache and
 //! its own pool of API connections: nothing on the request path is shared
-//! between loops except the inventory `Arc` (read on a cache miss). Each
+//! between loops except the inventory store's generation (an atomic, read per
+//! lookup; each loop refreshes its own copy when it moved). Each
 //! loop writes its own block of counters ([`metrics`]), merged on scrape.
 //! With `backend = "neutron"` each loop also has its own
 //! [`NeutronResolver`] (cache, single flight, batching, prefetch).
@@ -61,15 +62,14 @@ use smallvec::SmallVec;
 
 use crate::agent::backend::{BackendError, NeutronResolver};
 use crate::agent::cache::{Lookup, TtlCache};
-use crate::agent::config::{AgentConfig, Backend, INVENTORY_POLL};
+use crate::agent::config::{AgentConfig, Backend};
 use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
 use crate::agent::identity::{self, Identity, LookupKey, Scope};
 use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
-use crate::agent::resolve::{
-    resolve, InventoryStore, RejectedPorts, Resolution, Resolved, Watcher,
-};
+use crate::agent::resolve::{resolve, RejectedPorts, Resolution, Resolved};
 use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
 use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
+use crate::inventory::store::{self, Local, Watcher};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
@@ -127,7 +127,7 @@ pub struct AgentStats {
 
 struct Shared {
     /// The inventory (`backend = "inventory"` only).
-    store: Option<Arc<InventoryStore>>,
+    store: Option<Arc<crate::inventory::Store>>,
     metrics: Registry,
 }
 
@@ -186,8 +186,8 @@ impl AgentHandle {
     /// # Errors
     /// The file is broken; the previous inventory stays in use.
     pub fn reload_inventory(&self) -> Result<(), String> {
-        match &self.watcher {
-            Some(w) => w.reload(),
+        match &self.shared.store {
+            Some(s) => s.reload().map_err(|e| e.to_string()),
             None => Err("no inventory watcher".into()),
         }
     }
@@ -289,7 +289,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     }
     let (store, backend) = match &cfg.backend {
         Backend::Inventory(inv_path) => {
-            let store = InventoryStore::load(inv_path)
+            let store = crate::inventory::Store::load(inv_path)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             (
                 Some(Arc::new(store)),
@@ -310,7 +310,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     ));
     let budget = admit::fd_budget().max();
     let watcher = match &store {
-        Some(s) => Some(Watcher::start(s.clone(), INVENTORY_POLL)?),
+        Some(s) => Some(Watcher::start(
+            s.clone(),
+            store::POLL_INTERVAL,
+            "agent-inventory",
+        )?),
         None => None,
     };
     let workers = cfg.workers.get();
@@ -374,12 +378,13 @@ type CacheKey = (Scope, LookupKey);
 /// Per-loop state shared by its tasks.
 struct LoopCtx {
     cfg: Arc<AgentConfig>,
-    shared: Arc<Shared>,
     /// This loop's counters.
     m: Arc<LoopMetrics>,
     /// `backend = "neutron"`: this loop's resolver.
     neutron: Option<Rc<NeutronResolver>>,
     host_header: String,
+    /// `backend = "inventory"`: this loop's copy of the inventory.
+    inventory: Option<Local>,
     cache: RefCell<TtlCache<CacheKey, Rc<Resolved>>>,
     /// Inventory generation the cache was filled from.
     cache_generation: Cell<u64>,
@@ -420,23 +425,18 @@ impl LoopCtx {
         id: &Identity,
         fresh: bool,
     ) -> Result<(Option<Rc<Resolved>>, bool), BackendError> {
-        match (&self.neutron, &self.shared.store) {
+        match (&self.neutron, &self.inventory) {
             (Some(n), _) => n.lookup(&id.scope, &id.key, fresh).await,
-            (None, Some(store)) => Ok(self.lookup(store, id, fresh)),
+            (None, Some(inv)) => Ok(self.lookup(inv, id, fresh)),
             (None, None) => Err(BackendError::Cancelled),
         }
     }
 
     /// Resolve from the inventory through the cache (unless `fresh`); the
     /// bool says whether the answer came from the cache.
-    fn lookup(
-        &self,
-        store: &InventoryStore,
-        id: &Identity,
-        fresh: bool,
-    ) -> (Option<Rc<Resolved>>, bool) {
+    fn lookup(&self, local: &Local, id: &Identity, fresh: bool) -> (Option<Rc<Resolved>>, bool) {
         let m = &self.m;
-        let generation = store.generation();
+        let (inv, generation) = local.get();
         if generation != self.cache_generation.get() {
             // A reload: everything cached describes the old file.
             *self.cache.borrow_mut() = Self::new_cache(&self.cfg);
@@ -457,22 +457,16 @@ impl LoopCtx {
             }
         }
         inc(&m.inventory_lookups);
-        let (inv, inv_generation) = store.current();
-        let cacheable = inv_generation == self.cache_generation.get();
         let mut cache = self.cache.borrow_mut();
         match resolve(&inv, &id.scope, &id.key, &self.rejected) {
             Resolution::Found(r) => {
                 let r = Rc::new(r);
-                if cacheable {
-                    cache.insert(key, r.clone());
-                }
+                cache.insert(key, r.clone());
                 (Some(r), false)
             }
             Resolution::NotFound => {
                 log::debug(format_args!("no port for {} on {:?}", id.xff, id.scope));
-                if cacheable {
-                    cache.insert_negative(key);
-                }
+                cache.insert_negative(key);
                 (None, false)
             }
             Resolution::Ambiguous(n) => {
@@ -480,9 +474,7 @@ impl LoopCtx {
                     "{n} ports match {} on {:?}; answering 404 (check the inventory for overlaps)",
                     id.xff, id.scope
                 ));
-                if cacheable {
-                    cache.insert_negative(key);
-                }
+                cache.insert_negative(key);
                 (None, false)
             }
         }
@@ -530,6 +522,7 @@ async fn run_loop(
         host_header: cfg.nova.host_header(),
         cache: RefCell::new(LoopCtx::new_cache(&cfg)),
         cache_generation: Cell::new(shared.store.as_ref().map_or(0, |s| s.generation())),
+        inventory: shared.store.as_ref().map(crate::inventory::Store::local),
         m,
         neutron,
         pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
@@ -540,7 +533,6 @@ async fn run_loop(
         free: RefCell::new(Vec::new()),
         rejected: RejectedPorts::default(),
         cfg,
-        shared,
     });
     let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
     let accept_task = rt::spawn_handle(accept_loop(ctx.clone(), acceptor, Admission::new(gate)));
