@@ -7,8 +7,10 @@
 //! error rather than RFC 9112's "TE wins": a pooled upstream connection whose framing we guessed
 //! wrong would poison every later response on it.
 //!
-//! `max_body_bytes` is not applied to responses: the proxy streams them and never buffers a whole
-//! body; a caller that buffers checks `ResponseBody::Length` itself.
+//! `max_body_bytes` is not applied to responses. Every client here reads a response whole before
+//! relaying it (the proxy's upstream pool, the agent's API and Neutron clients: see
+//! [`frame_response`]), so each bounds the body with its own response limit instead (the proxy's
+//! is `max_response_bytes`).
 
 use smallvec::SmallVec;
 
