@@ -17,8 +17,8 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::oracle::{rewritten_head, Model};
-use metaproxy::config::NsIdentity;
 use metaproxy::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody};
+use metaproxy::proxy::config::NsIdentity;
 use proptest::prelude::*;
 
 /// Trust headers: deleted in any case and with `_` for `-`.

@@ -3,7 +3,8 @@
 //! One loop per worker, each with its own accept on a `dup` of the one
 //! listening socket (as in [`crate::proxy`]), its own resolution cache and
 //! its own pool of API connections: nothing on the request path is shared
-//! between loops except the inventory `Arc` (read on a cache miss). Each
+//! between loops except the inventory store's generation (an atomic, read per
+//! lookup; each loop refreshes its own copy when it moved). Each
 //! loop writes its own block of counters ([`metrics`]), merged on scrape.
 //! With `backend = "neutron"` each loop also has its own
 //! [`NeutronResolver`] (cache, single flight, batching, prefetch).
@@ -18,8 +19,8 @@
 //!
 //! Per request (spec §3):
 //! 1. [`identity::parse_identity`] → 400 with its message on any ambiguity;
-//! 2. (scope, key) → [`resolve`] through the loop's [`TtlCache`], or the
-//!    loop's [`NeutronResolver`]; zero or several ports → 404 with Neutron's
+//! 2. (scope, key) → the loop's [`Resolver`] (the inventory through its
+//!    cache, or the [`NeutronResolver`]); zero or several ports → 404 with Neutron's
 //!    era-C page ("Instance was not found on network X."); Neutron failing →
 //!    503 (cache hits are still served);
 //! 3. sign the instance id, forward method, target and body to the API with
@@ -59,17 +60,15 @@ use std::time::{Duration, Instant};
 use futures_util::future::{select, Either};
 use smallvec::SmallVec;
 
-use crate::agent::backend::{BackendError, NeutronResolver};
-use crate::agent::cache::{Lookup, TtlCache};
-use crate::agent::config::{AgentConfig, Backend, INVENTORY_POLL};
+use crate::agent::config::{AgentConfig, Backend};
 use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
-use crate::agent::identity::{self, Identity, LookupKey, Scope};
+use crate::agent::identity::{self, Identity, Scope};
 use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
-use crate::agent::resolve::{
-    resolve, InventoryStore, RejectedPorts, Resolution, Resolved, Watcher,
-};
+use crate::agent::neutron::{BackendError, NeutronResolver};
+use crate::agent::resolve::{InventoryResolver, Resolved, Resolver};
 use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
 use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
+use crate::inventory::store::{self, Watcher};
 use crate::log;
 use crate::rt::sync::{oneshot, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor, UnixConn};
@@ -127,7 +126,7 @@ pub struct AgentStats {
 
 struct Shared {
     /// The inventory (`backend = "inventory"` only).
-    store: Option<Arc<InventoryStore>>,
+    store: Option<Arc<crate::inventory::Store>>,
     metrics: Registry,
 }
 
@@ -186,8 +185,8 @@ impl AgentHandle {
     /// # Errors
     /// The file is broken; the previous inventory stays in use.
     pub fn reload_inventory(&self) -> Result<(), String> {
-        match &self.watcher {
-            Some(w) => w.reload(),
+        match &self.shared.store {
+            Some(s) => s.reload().map_err(|e| e.to_string()),
             None => Err("no inventory watcher".into()),
         }
     }
@@ -289,7 +288,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     }
     let (store, backend) = match &cfg.backend {
         Backend::Inventory(inv_path) => {
-            let store = InventoryStore::load(inv_path)
+            let store = crate::inventory::Store::load(inv_path)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             (
                 Some(Arc::new(store)),
@@ -310,7 +309,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     ));
     let budget = admit::fd_budget().max();
     let watcher = match &store {
-        Some(s) => Some(Watcher::start(s.clone(), INVENTORY_POLL)?),
+        Some(s) => Some(Watcher::start(
+            s.clone(),
+            store::POLL_INTERVAL,
+            "agent-inventory",
+        )?),
         None => None,
     };
     let workers = cfg.workers.get();
@@ -369,39 +372,22 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     })
 }
 
-type CacheKey = (Scope, LookupKey);
-
 /// Per-loop state shared by its tasks.
 struct LoopCtx {
     cfg: Arc<AgentConfig>,
-    shared: Arc<Shared>,
     /// This loop's counters.
     m: Arc<LoopMetrics>,
-    /// `backend = "neutron"`: this loop's resolver.
-    neutron: Option<Rc<NeutronResolver>>,
+    /// The configured backend, with its cache.
+    resolver: Resolver,
     host_header: String,
-    cache: RefCell<TtlCache<CacheKey, Rc<Resolved>>>,
-    /// Inventory generation the cache was filled from.
-    cache_generation: Cell<u64>,
     pool: forward::Pool,
     stopping: Event,
     active: Cell<usize>,
     last_forbidden_hint: Cell<Option<Instant>>,
     free: RefCell<Vec<Vec<u8>>>,
-    /// Inventory ports whose ids were refused, logged once each.
-    rejected: RejectedPorts,
 }
 
 impl LoopCtx {
-    fn new_cache(cfg: &AgentConfig) -> TtlCache<CacheKey, Rc<Resolved>> {
-        TtlCache::new(
-            cfg.cache_capacity,
-            cfg.cache_ttl,
-            cfg.negative_cache_ttl,
-            crate::agent::cache::SystemClock,
-        )
-    }
-
     fn take_buf(&self) -> Vec<u8> {
         self.free.borrow_mut().pop().unwrap_or_default()
     }
@@ -411,80 +397,6 @@ impl LoopCtx {
         if f.len() < FREE_BUFFERS && b.capacity() <= 64 * 1024 {
             b.clear();
             f.push(b);
-        }
-    }
-
-    /// Resolve with the configured backend (see [`LoopCtx::lookup`]).
-    async fn resolve(
-        &self,
-        id: &Identity,
-        fresh: bool,
-    ) -> Result<(Option<Rc<Resolved>>, bool), BackendError> {
-        match (&self.neutron, &self.shared.store) {
-            (Some(n), _) => n.lookup(&id.scope, &id.key, fresh).await,
-            (None, Some(store)) => Ok(self.lookup(store, id, fresh)),
-            (None, None) => Err(BackendError::Cancelled),
-        }
-    }
-
-    /// Resolve from the inventory through the cache (unless `fresh`); the
-    /// bool says whether the answer came from the cache.
-    fn lookup(
-        &self,
-        store: &InventoryStore,
-        id: &Identity,
-        fresh: bool,
-    ) -> (Option<Rc<Resolved>>, bool) {
-        let m = &self.m;
-        let generation = store.generation();
-        if generation != self.cache_generation.get() {
-            // A reload: everything cached describes the old file.
-            *self.cache.borrow_mut() = Self::new_cache(&self.cfg);
-            self.cache_generation.set(generation);
-        }
-        let key = (id.scope.clone(), id.key.clone());
-        if !fresh {
-            match self.cache.borrow_mut().get(&key) {
-                Lookup::Hit(r) => {
-                    inc(&m.cache_hits);
-                    return (Some(r), true);
-                }
-                Lookup::NegativeHit => {
-                    inc(&m.cache_negative_hits);
-                    return (None, true);
-                }
-                Lookup::Miss => inc(&m.cache_misses),
-            }
-        }
-        inc(&m.inventory_lookups);
-        let (inv, inv_generation) = store.current();
-        let cacheable = inv_generation == self.cache_generation.get();
-        let mut cache = self.cache.borrow_mut();
-        match resolve(&inv, &id.scope, &id.key, &self.rejected) {
-            Resolution::Found(r) => {
-                let r = Rc::new(r);
-                if cacheable {
-                    cache.insert(key, r.clone());
-                }
-                (Some(r), false)
-            }
-            Resolution::NotFound => {
-                log::debug(format_args!("no port for {} on {:?}", id.xff, id.scope));
-                if cacheable {
-                    cache.insert_negative(key);
-                }
-                (None, false)
-            }
-            Resolution::Ambiguous(n) => {
-                log::warn(format_args!(
-                    "{n} ports match {} on {:?}; answering 404 (check the inventory for overlaps)",
-                    id.xff, id.scope
-                ));
-                if cacheable {
-                    cache.insert_negative(key);
-                }
-                (None, false)
-            }
         }
     }
 
@@ -516,31 +428,37 @@ async fn run_loop(
 ) -> io::Result<()> {
     use futures_util::StreamExt;
     let m = shared.metrics.0[index].clone();
-    let neutron = match &cfg.backend {
-        Backend::Neutron(n) => Some(NeutronResolver::new(
+    let resolver = match &cfg.backend {
+        Backend::Neutron(n) => Resolver::Neutron(NeutronResolver::new(
             n,
             cfg.cache_ttl,
             cfg.negative_cache_ttl,
             cfg.cache_capacity,
             m.clone(),
         )),
-        Backend::Inventory(_) => None,
+        Backend::Inventory(_) => {
+            let store = shared.store.as_ref();
+            let store = store.ok_or_else(|| io::Error::other("inventory not loaded"))?;
+            Resolver::Inventory(InventoryResolver::new(
+                store.local(),
+                cfg.cache_ttl,
+                cfg.negative_cache_ttl,
+                cfg.cache_capacity,
+                m.clone(),
+            ))
+        }
     };
     let ctx = Rc::new(LoopCtx {
         host_header: cfg.nova.host_header(),
-        cache: RefCell::new(LoopCtx::new_cache(&cfg)),
-        cache_generation: Cell::new(shared.store.as_ref().map_or(0, |s| s.generation())),
         m,
-        neutron,
+        resolver,
         pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
             .with_tls(cfg.nova.tls.clone()),
         stopping: Event::default(),
         active: Cell::new(0),
         last_forbidden_hint: Cell::new(None),
         free: RefCell::new(Vec::new()),
-        rejected: RejectedPorts::default(),
         cfg,
-        shared,
     });
     let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
     let accept_task = rt::spawn_handle(accept_loop(ctx.clone(), acceptor, Admission::new(gate)));
@@ -830,7 +748,7 @@ async fn answer(
             return Trace::default();
         }
     };
-    let (mut resolved, mut cached) = match ctx.resolve(&id, false).await {
+    let (mut resolved, mut cached) = match ctx.resolver.lookup(&id, false).await {
         Ok(r) => r,
         Err(e) => {
             backend_failed(ctx, &id, &e, is_head, close, out);
@@ -886,10 +804,7 @@ async fn answer(
                 // The instance may have moved or been replaced since we cached it.
                 retried = true;
                 inc(&c.retried_after_404);
-                ctx.cache
-                    .borrow_mut()
-                    .invalidate(&(id.scope.clone(), id.key.clone()));
-                (resolved, cached) = match ctx.resolve(&id, true).await {
+                (resolved, cached) = match ctx.resolver.lookup(&id, true).await {
                     Ok(r) => r,
                     Err(e) => {
                         backend_failed(ctx, &id, &e, is_head, close, out);

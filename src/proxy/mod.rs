@@ -22,6 +22,7 @@
 //! namespace's `closing` event, so idle connections close and in-flight
 //! requests finish, while every other namespace is untouched.
 
+pub mod config;
 pub mod conn;
 pub mod control;
 pub mod discover;
@@ -36,8 +37,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{NamespaceConfig, ProxyConfig};
 use crate::log;
+use crate::proxy::config::{NamespaceConfig, ProxyConfig};
 use crate::rt::sync::{Event, UnboundedReceiver};
 use crate::rt::{self, TcpAcceptor};
 use crate::serve::admit::{self, Admission, Gate, Slot};
