@@ -164,6 +164,106 @@ pub struct AgentFile {
     /// `[agent.neutron]`
     #[serde(default)]
     pub neutron: NeutronFile,
+    /// oslo.messaging URL of RabbitMQ for `report_state` (no reporting when absent).
+    pub transport_url: Option<String>,
+    /// The host name reported to Neutron (default: the hostname).
+    pub host: Option<String>,
+    /// Between state reports (default 30 s; 0 disables reporting).
+    pub report_interval: Option<DurationFile>,
+    /// `[agent.oslo_messaging_rabbit]`
+    #[serde(default)]
+    pub oslo_messaging_rabbit: RabbitFile,
+}
+
+/// `[agent.oslo_messaging_rabbit]`: TLS to RabbitMQ, oslo.messaging's names.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitFile {
+    /// Connect over TLS (`amqps`).
+    pub ssl: Option<bool>,
+    /// CA bundle (PEM) the broker's certificate must chain to (default: the Mozilla roots).
+    pub ssl_ca_file: Option<PathBuf>,
+    /// Client certificate: not supported, refused by name.
+    pub ssl_cert_file: Option<PathBuf>,
+    /// Client key: not supported, refused by name.
+    pub ssl_key_file: Option<PathBuf>,
+}
+
+/// `[agent] transport_url`, `host`, `report_interval` and
+/// `[agent.oslo_messaging_rabbit]` → the reporter's settings; `None` when
+/// reporting is off (no `transport_url`, or `report_interval = 0`).
+///
+/// # Errors
+/// A bad value, naming its key (never the URL's password).
+pub fn report_config(f: &AgentFile) -> Result<Option<super::report::ReportConfig>, ConfigError> {
+    let r = &f.oslo_messaging_rabbit;
+    if r.ssl_cert_file.is_some() || r.ssl_key_file.is_some() {
+        let key = if r.ssl_cert_file.is_some() {
+            "ssl_cert_file"
+        } else {
+            "ssl_key_file"
+        };
+        return Err(invalid(
+            format!("agent.oslo_messaging_rabbit.{key}"),
+            "client certificates to RabbitMQ are not supported (ssl_ca_file is)",
+        ));
+    }
+    let Some(url) = &f.transport_url else {
+        if r.ssl.is_some() || r.ssl_ca_file.is_some() {
+            return Err(invalid(
+                "agent.oslo_messaging_rabbit",
+                "set without agent.transport_url",
+            ));
+        }
+        return Ok(None);
+    };
+    let transport = super::report::TransportUrl::parse(url)
+        .map_err(|e| invalid("agent.transport_url", e.to_string()))?;
+    let interval = dur_or_zero(
+        "agent.report_interval",
+        &f.report_interval,
+        super::report::DEFAULT_REPORT_INTERVAL,
+    )?;
+    let host = match &f.host {
+        Some(h) if h.trim().is_empty() || h.len() > 255 => {
+            return Err(invalid("agent.host", "must be 1 to 255 characters"))
+        }
+        Some(h) => h.clone(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| invalid("agent.host", "not set and the hostname is unknown"))?,
+    };
+    let tls = if r.ssl.unwrap_or(false) {
+        let ca_pem = match &r.ssl_ca_file {
+            None => None,
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                invalid(
+                    "agent.oslo_messaging_rabbit.ssl_ca_file",
+                    format!("{}: {e}", p.display()),
+                )
+            })?),
+        };
+        Some(super::report::RabbitTls { ca_pem })
+    } else {
+        if r.ssl_ca_file.is_some() {
+            return Err(invalid(
+                "agent.oslo_messaging_rabbit.ssl_ca_file",
+                "set but ssl is not true",
+            ));
+        }
+        None
+    };
+    if interval.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(super::report::ReportConfig {
+        transport,
+        tls,
+        host,
+        interval,
+    }))
 }
 
 /// `[agent.timeouts]`: the client-side haproxy timeouts, as in
@@ -528,6 +628,8 @@ pub struct AgentConfig {
     pub timeouts: AgentTimeouts,
     /// Request limits (`[agent.limits]`).
     pub limits: Limits,
+    /// `report_state` to Neutron over RabbitMQ, when configured.
+    pub report: Option<super::report::ReportConfig>,
 }
 
 impl fmt::Debug for AgentConfig {
@@ -555,6 +657,7 @@ impl fmt::Debug for AgentConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("timeouts", &self.timeouts)
             .field("limits", &self.limits)
+            .field("report", &self.report)
             .finish()
     }
 }
@@ -812,6 +915,7 @@ impl TryFrom<&AgentFile> for AgentConfig {
                 )?,
             },
             limits: f.limits()?,
+            report: report_config(f)?,
         })
     }
 }
@@ -909,6 +1013,68 @@ mod tests {
     fn agent(text: &str) -> Result<AgentConfig, ConfigError> {
         let t: toml::Table = toml::from_str(text).unwrap();
         AgentConfig::try_from(&t)
+    }
+
+    #[test]
+    fn report_state_settings() {
+        assert_eq!(agent("inventory = \"i\"").unwrap().report, None);
+        let c = agent(
+            "inventory = \"i\"\ntransport_url = \"rabbit://u:pw@h1,u:pw@h2:5673/nv\"\n\
+             host = \"net-1\"",
+        )
+        .unwrap();
+        let r = c.report.unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.interval),
+            ("net-1", Duration::from_secs(30))
+        );
+        assert_eq!(
+            (r.transport.hosts.len(), r.transport.vhost.as_str()),
+            (2, "nv")
+        );
+        assert_eq!(r.tls, None);
+        let c = agent("inventory = \"i\"\ntransport_url = \"rabbit://h/\"").unwrap();
+        assert!(
+            !c.report.unwrap().host.is_empty(),
+            "defaults to the hostname"
+        );
+        let off = agent("inventory = \"i\"\ntransport_url = \"rabbit://h/\"\nreport_interval = 0");
+        assert_eq!(off.unwrap().report, None);
+        let tls = agent(
+            "inventory = \"i\"\ntransport_url = \"rabbit://h/\"\n\
+             [oslo_messaging_rabbit]\nssl = true",
+        );
+        assert_eq!(
+            tls.unwrap().report.unwrap().tls,
+            Some(crate::agent::report::RabbitTls { ca_pem: None })
+        );
+    }
+
+    #[test]
+    fn bad_report_settings_name_their_key() {
+        for (text, key) in [
+            ("transport_url = \"amqp://u:hunter2@h/\"", "agent.transport_url"),
+            ("transport_url = \"rabbit://u:hunter2@h:x/\"", "agent.transport_url"),
+            ("transport_url = \"rabbit://h/\"\nreport_interval = \"soon\"", "agent.report_interval"),
+            ("transport_url = \"rabbit://h/\"\nhost = \"\"", "agent.host"),
+            (
+                "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl = true\nssl_cert_file = \"c\"",
+                "agent.oslo_messaging_rabbit.ssl_cert_file",
+            ),
+            (
+                "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl_ca_file = \"c\"",
+                "agent.oslo_messaging_rabbit.ssl_ca_file",
+            ),
+            (
+                "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl = true\nssl_ca_file = \"/nonexistent\"",
+                "agent.oslo_messaging_rabbit.ssl_ca_file",
+            ),
+            ("[oslo_messaging_rabbit]\nssl = true", "agent.oslo_messaging_rabbit"),
+        ] {
+            let e = agent(&format!("inventory = \"i\"\n{text}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //! [`neutron`]: its [`neutron::resolver`] with cache, prefetch, single flight
 //! and batching over its [`neutron::client`] with Keystone), [`forward`]
 //! (the pooled client to the API and to Neutron), [`metrics`] (per-loop
-//! counters, Prometheus), configured by [`config`].
+//! counters, Prometheus), configured by [`config`]; [`report`] sends
+//! Neutron's `report_state` over RabbitMQ on a thread of its own, so the
+//! agent shows in `openstack network agent list`.
 //!
 //! Everything in the other submodules is pure: no sockets, timers or runtime
 //! types, so each step is unit-tested in isolation and the async layer only
@@ -38,6 +40,7 @@ pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod neutron;
+pub mod report;
 pub mod resolve;
 pub mod server;
 pub mod tls;

@@ -143,6 +143,7 @@ pub struct AgentHandle {
     watcher: Option<Watcher>,
     exporter: Option<metrics::Exporter>,
     shared: Arc<Shared>,
+    _report: Option<super::report::Reporter>,
     /// The socket it serves.
     pub socket: PathBuf,
 }
@@ -340,6 +341,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
             e.addr()
         ))
     ));
+    let report = super::report::start_for(&cfg)?;
     let socket = cfg.socket.clone();
     let cfg = Arc::new(cfg);
     let mut controls = Vec::with_capacity(workers);
@@ -368,6 +370,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         watcher,
         exporter,
         shared,
+        _report: report,
         socket,
     })
 }
