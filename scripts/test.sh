@@ -77,23 +77,24 @@ fi
 if [ "${SKIP_PEERS:-0}" != 1 ] && ls tests/peers_*.rs >/dev/null 2>&1; then
   step "real OpenStack peers: neutron 29 API + nova 34 metadata API (scripts/peers)"
   trap 'scripts/peers/down.sh >/dev/null 2>&1 || true' EXIT
-  scripts/peers/up.sh
+  # A short agent_down_time: tests/peers_report.rs waits for our killed agent to show dead.
+  NEUTRON_AGENT_DOWN_TIME=${NEUTRON_AGENT_DOWN_TIME:-6} scripts/peers/up.sh
   # shellcheck disable=SC1091
   . /tmp/metaproxy-peers/env
   peer_tests=()
   for f in tests/peers_*.rs; do
-    [ "$f" = tests/peers_chain.rs ] || peer_tests+=(--test "$(basename "$f" .rs)")
+    case $f in tests/peers_chain.rs|tests/peers_report.rs) ;; *) peer_tests+=(--test "$(basename "$f" .rs)") ;; esac
   done
   # One at a time: the peers are single-worker services on SQLite.
   METAPROXY_PEERS=1 cargo test --quiet "${peer_tests[@]}" -- --test-threads 1
   if [ "${SKIP_CHAIN:-0}" != 1 ] && [ -f tests/peers_chain.rs ]; then
-    step "our proxy in front of the real neutron-metadata-agent (RabbitMQ + neutron-rpc-server)"
+    step "our proxy in front of the real neutron-metadata-agent, our agent's report_state (RabbitMQ + neutron-rpc-server)"
     scripts/peers/install.sh --chain
     trap 'scripts/peers/chain.sh stop >/dev/null 2>&1 || true; scripts/peers/down.sh >/dev/null 2>&1 || true' EXIT
     scripts/peers/chain.sh start
     # shellcheck disable=SC1091
     . "${PEERS_DIR:-/tmp/metaproxy-peers}/chain/env"
-    METAPROXY_PEERS=1 METAPROXY_PEERS_CHAIN=1 cargo test --quiet --test peers_chain
+    METAPROXY_PEERS=1 METAPROXY_PEERS_CHAIN=1 cargo test --quiet --test peers_chain --test peers_report -- --test-threads 1
     scripts/peers/chain.sh stop
   fi
   scripts/peers/down.sh

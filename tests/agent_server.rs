@@ -696,3 +696,36 @@ fn chunked_guest_body_is_forwarded_with_a_length_and_head_has_no_body() {
     assert_eq!(post.get("Transfer-Encoding"), None);
     assert!(seen.iter().any(|r| r.method == "HEAD"));
 }
+
+/// `transport_url` pointing at a broker that never answers (a listener
+/// nobody accepts on: the TCP handshake completes, AMQP's never does) and
+/// at one that refuses: requests are served as without reporting, and the
+/// agent still stops at once (the reporter's thread is not waited on for its
+/// connect timeout).
+#[test]
+fn a_dead_broker_does_not_affect_serving_or_stopping() {
+    let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = common::free_port();
+    let api = FakeApi::start(ApiMode::Echo);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "transport_url = \"rabbit://u:pw@{},u:pw@127.0.0.1:{refused}/\"\nhost = \"t\"\nreport_interval = \"1s\"",
+        black_hole.local_addr().unwrap()
+    );
+    let cfg = config(dir.path(), api.addr, "5s", &extra);
+    let socket = cfg.socket.clone();
+    let handle = metaproxy::agent::start(cfg).unwrap();
+    let t0 = std::time::Instant::now();
+    for _ in 0..20 {
+        let r = ask(&socket, &router("10.0.0.5"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    handle.stop().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+}

@@ -12,11 +12,17 @@
 #                                   RabbitMQ only if this script started it
 # Writes $PEERS_DIR/chain/env (METAPROXY_PEERS_CHAIN=1, the socket path).
 # Needs Debian's rabbitmq-server (scripts/peers/install.sh --chain).
+# RABBIT_VHOST (default /): a vhost of its own on a broker that another run
+# of the peers shares, so that two rpc-servers do not take each other's
+# q-reports-plugin messages (created here if missing).
 set -euo pipefail
 # shellcheck source=scripts/peers/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 RUN=$PEERS_DIR/chain
+RABBIT_VHOST=${RABBIT_VHOST:-/}
+VHOST_PATH=$( [ "$RABBIT_VHOST" = / ] && echo / || echo "/$RABBIT_VHOST")
+TRANSPORT_URL=rabbit://guest:guest@127.0.0.1:5672$VHOST_PATH
 SOCK=$RUN/metadata_proxy
 NETC=$PEERS_DIR/neutron/etc
 export RABBITMQ_NODENAME=rabbit@localhost RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
@@ -90,11 +96,16 @@ start() {
     peers_log "rabbitmq ready after $((SECONDS - t0)) s"
   fi
 
+  if [ "$RABBIT_VHOST" != / ]; then
+    rabbitmqctl -n rabbit@localhost add_vhost "$RABBIT_VHOST" >/dev/null 2>&1 || true
+    rabbitmqctl -n rabbit@localhost set_permissions -p "$RABBIT_VHOST" guest '.*' '.*' '.*' >/dev/null
+  fi
+
   # 2. neutron-rpc-server on rabbit, over the peer API's DB.
   cat >"$RUN/rpc-rabbit.conf" <<CONF
 # rendered by scripts/peers/chain.sh, layered over the peer neutron.conf
 [DEFAULT]
-transport_url = rabbit://guest:guest@127.0.0.1:5672/
+transport_url = $TRANSPORT_URL
 rpc_workers = 1
 rpc_state_report_workers = 1
 CONF
@@ -117,7 +128,7 @@ state_path = $RUN
 host = metaproxy-chain
 debug = True
 use_stderr = True
-transport_url = rabbit://guest:guest@127.0.0.1:5672/
+transport_url = $TRANSPORT_URL
 
 [AGENT]
 report_interval = 30
@@ -140,6 +151,9 @@ CONF
 export METAPROXY_PEERS_CHAIN=1
 export METAPROXY_PEERS_AGENT_SOCKET=$SOCK
 export METAPROXY_PEERS_FIXTURE=$PEERS_FIXTURE
+export METAPROXY_PEERS_TRANSPORT_URL=$TRANSPORT_URL
+export METAPROXY_PEERS_NEUTRON_URL=$NEUTRON_URL
+export METAPROXY_PEERS_AGENT_DOWN_TIME=$(sed -n "s/^agent_down_time = \([0-9]*\)$/\1/p" "$NETC/neutron.conf" | head -n1)
 ENV
   peers_log "chain up in $((SECONDS - t0)) s: $SOCK -> neutron-metadata-agent -> rabbit -> neutron-rpc-server; nova $NOVA_URL"
   peers_log "test: . $RUN/env && cargo test --test peers_chain      stop: $0 stop"

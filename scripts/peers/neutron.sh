@@ -41,6 +41,9 @@ dhcp_agent_notification = False
 allow_overlapping_ips = True
 rpc_workers = 0
 rpc_state_report_workers = 0
+# how long after its last report_state an agent shows dead (Neutron's 75 s;
+# tests/peers_report.rs sets NEUTRON_AGENT_DOWN_TIME short to see it die)
+agent_down_time = ${NEUTRON_AGENT_DOWN_TIME:-75}
 
 [database]
 connection = sqlite:///$DB

@@ -1,0 +1,236 @@
+//! Our agent in `openstack network agent list`: `report_state` over the
+//! REAL RabbitMQ to the REAL neutron-rpc-server, checked through the real
+//! Neutron API (`GET /v2.0/agents`), as an operator's monitoring sees it.
+//!
+//! `metaproxy agent` (the binary, so it can be killed) reports every second
+//! as a host of its own; the row must appear as `Metadata agent`, alive, with
+//! its configurations; after SIGKILL it must show dead once Neutron's
+//! `agent_down_time` passed (`scripts/test.sh` starts the peers with
+//! `NEUTRON_AGENT_DOWN_TIME=6`); restarted, it must be revived (the
+//! server's answer to the first call, logged by the agent). Then the broker
+//! drops our connections (`rabbitmqctl close_all_connections` on the test's
+//! vhost only): the agent logs the outage once, reconnects, and the row
+//! stays alive.
+//!
+//! Gated by `METAPROXY_PEERS_CHAIN=1` (source `$PEERS_DIR/chain/env`, which
+//! `scripts/peers/chain.sh start` writes); otherwise prints SKIPPED.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Peers {
+    neutron: SocketAddr,
+    transport_url: String,
+    down_time: Duration,
+}
+
+fn peers() -> Option<Peers> {
+    if std::env::var("METAPROXY_PEERS_CHAIN").as_deref() != Ok("1") {
+        println!("SKIPPED peers_report: METAPROXY_PEERS_CHAIN != 1 (scripts/peers/chain.sh start; . $PEERS_DIR/chain/env)");
+        return None;
+    }
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| panic!("{k} not set: source $PEERS_DIR/chain/env"))
+    };
+    let url = var("METAPROXY_PEERS_NEUTRON_URL");
+    let neutron = url
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("METAPROXY_PEERS_NEUTRON_URL {url:?} is not http://ip:port"));
+    let down: u64 = var("METAPROXY_PEERS_AGENT_DOWN_TIME")
+        .parse()
+        .expect("agent_down_time");
+    Some(Peers {
+        neutron,
+        transport_url: var("METAPROXY_PEERS_TRANSPORT_URL"),
+        down_time: Duration::from_secs(down),
+    })
+}
+
+/// Our agent's row, if Neutron has one.
+fn row(p: &Peers, host: &str) -> Option<Value> {
+    let raw = format!(
+        "GET /v2.0/agents?binary=neutron-metadata-agent&host={host} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        p.neutron
+    );
+    let r = common::get(p.neutron, &raw).ok()?;
+    assert_eq!(r.status, 200, "GET /v2.0/agents: {}", r.text());
+    let v: Value = serde_json::from_str(&r.text()).expect("agents JSON");
+    let rows = v["agents"].as_array().expect("agents").clone();
+    assert!(rows.len() <= 1, "one row per (type, host): {v:#}");
+    rows.into_iter().next()
+}
+
+fn alive(p: &Peers, host: &str) -> Option<bool> {
+    row(p, host).and_then(|r| r["alive"].as_bool())
+}
+
+fn delete(p: &Peers, id: &str) {
+    let raw = format!(
+        "DELETE /v2.0/agents/{id} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        p.neutron
+    );
+    let r = common::get(p.neutron, &raw).expect("DELETE agent");
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
+fn spawn(config: &Path, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["agent", "--config"])
+        .arg(config)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn metaproxy agent")
+}
+
+fn log_text(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+fn wait_for(what: &str, limit: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ready() {
+        assert!(
+            t0.elapsed() < limit,
+            "not within {limit:?}: {what}\nagent log:\n{}",
+            log_text(log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn our_agent_is_listed_alive_dies_and_revives() {
+    let Some(p) = peers() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let host = format!("metaproxy-report-{}", std::process::id());
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("agent.toml");
+    let log = dir.path().join("agent.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[agent]
+socket = "{}"
+inventory = "{}/examples/inventory.toml"
+metadata_proxy_shared_secret = "peers"
+transport_url = "{}"
+host = "{host}"
+report_interval = "1s"
+
+[agent.nova]
+nova_metadata_host = "127.0.0.1"
+nova_metadata_port = 18775
+"#,
+            socket.display(),
+            env!("CARGO_MANIFEST_DIR"),
+            p.transport_url
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn(&config, &log);
+    let t0 = Instant::now();
+    wait_for("row alive", Duration::from_secs(30), &log, || {
+        alive(&p, &host) == Some(true)
+    });
+    println!("listed alive after {:?}", t0.elapsed());
+    let r = row(&p, &host).unwrap();
+    assert_eq!(r["agent_type"], "Metadata agent", "{r:#}");
+    assert_eq!(r["binary"], "neutron-metadata-agent");
+    assert_eq!(r["topic"], "N/A");
+    let c = &r["configurations"];
+    assert_eq!(
+        c["metadata_proxy_socket"],
+        socket.display().to_string().as_str()
+    );
+    assert_eq!(c["nova_metadata_host"], "127.0.0.1");
+    assert_eq!(c["nova_metadata_port"], 18775);
+    assert_eq!(c["log_agent_heartbeats"], false);
+    let id = r["id"].as_str().unwrap().to_string();
+    let text = log_text(&log);
+    assert!(
+        text.contains("on host \"") && text.contains("\": new"),
+        "{text}"
+    );
+    assert!(!text.contains("guest:guest"), "password logged: {text}");
+    // Casts keep the heartbeat fresh.
+    let beat = r["heartbeat_timestamp"].clone();
+    wait_for("a later heartbeat", Duration::from_secs(10), &log, || {
+        row(&p, &host).is_some_and(|r| r["heartbeat_timestamp"] != beat)
+    });
+
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let t0 = Instant::now();
+    wait_for(
+        "row dead",
+        p.down_time + Duration::from_secs(15),
+        &log,
+        || alive(&p, &host) == Some(false),
+    );
+    println!(
+        "dead {:?} after SIGKILL (agent_down_time {:?})",
+        t0.elapsed(),
+        p.down_time
+    );
+
+    let mut agent = spawn(&config, &log);
+    wait_for("row alive again", Duration::from_secs(30), &log, || {
+        alive(&p, &host) == Some(true)
+    });
+    wait_for("revived", Duration::from_secs(10), &log, || {
+        log_text(&log).contains("\": revived")
+    });
+    assert_eq!(row(&p, &host).unwrap()["id"], id.as_str(), "same row");
+
+    // The broker drops our connection: one outage line, then recovery.
+    let vhost = p
+        .transport_url
+        .rsplit_once('/')
+        .map(|(_, v)| if v.is_empty() { "/" } else { v })
+        .unwrap_or("/")
+        .to_string();
+    let closed = Command::new("rabbitmqctl")
+        .args([
+            "-n",
+            "rabbit@localhost",
+            "close_all_connections",
+            "--vhost",
+            &vhost,
+            "peers_report",
+        ])
+        .output();
+    match closed {
+        Ok(o) if o.status.success() => {
+            wait_for("outage logged", Duration::from_secs(10), &log, || {
+                log_text(&log).contains("failed:")
+            });
+            wait_for("recovery logged", Duration::from_secs(30), &log, || {
+                log_text(&log).contains("work again after")
+            });
+            let text = log_text(&log);
+            assert_eq!(text.matches("failed:").count(), 1, "{text}");
+            assert_eq!(alive(&p, &host), Some(true));
+        }
+        other => {
+            println!("SKIPPED the broker outage: rabbitmqctl close_all_connections: {other:?}")
+        }
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    delete(&p, &id);
+    println!("agent log:\n{}", log_text(&log));
+}
