@@ -922,6 +922,68 @@ mod tests {
         assert_eq!(inner, m);
     }
 
+    /// A TLS listener for 127.0.0.1 with a self-signed certificate: the
+    /// CA PEM, and a receiver of the first 8 plaintext bytes of each
+    /// connection whose handshake succeeded.
+    fn tls_broker() -> (
+        std::net::SocketAddr,
+        String,
+        std::sync::mpsc::Receiver<Vec<u8>>,
+    ) {
+        use std::io::Read;
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![ck.cert.der().clone()], key)
+                .unwrap(),
+        );
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, c);
+                let mut head = [0u8; 8];
+                if tls.read_exact(&mut head).is_ok() && tx.send(head.to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, ck.cert.pem(), rx)
+    }
+
+    fn tls_config(addr: std::net::SocketAddr, ca_pem: Option<String>) -> ReportConfig {
+        ReportConfig {
+            transport: TransportUrl::parse(&format!("rabbit://u:p@{addr}/")).unwrap(),
+            tls: Some(RabbitTls { ca_pem }),
+            host: "t".into(),
+            interval: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn tls_speaks_amqp_inside_a_verified_session() {
+        let (addr, ca, rx) = tls_broker();
+        let r = start(tls_config(addr, Some(ca)), facts()).unwrap();
+        let head = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("TLS handshake");
+        assert_eq!(head, b"AMQP\x00\x00\x09\x01");
+        drop(r);
+        // Not signed by a trusted CA (the Mozilla roots): no session.
+        let (addr, _, rx) = tls_broker();
+        let r = start(tls_config(addr, None), facts()).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(2)).is_err());
+        drop(r);
+    }
+
     #[test]
     fn replies() {
         let wrap = |v: Value| envelope(&v);
