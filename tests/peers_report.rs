@@ -26,8 +26,18 @@ use serde_json::Value;
 
 struct Peers {
     neutron: SocketAddr,
+    nova: SocketAddr,
     transport_url: String,
     down_time: Duration,
+    /// chain.sh started the broker: the test may stop it.
+    rabbit_ours: bool,
+}
+
+fn http_addr(var: &str, default: &str) -> SocketAddr {
+    let url = std::env::var(var).unwrap_or_else(|_| default.to_string());
+    url.strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{var} {url:?} is not http://ip:port"))
 }
 
 fn peers() -> Option<Peers> {
@@ -38,18 +48,17 @@ fn peers() -> Option<Peers> {
     let var = |k: &str| {
         std::env::var(k).unwrap_or_else(|_| panic!("{k} not set: source $PEERS_DIR/chain/env"))
     };
-    let url = var("METAPROXY_PEERS_NEUTRON_URL");
-    let neutron = url
-        .strip_prefix("http://")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("METAPROXY_PEERS_NEUTRON_URL {url:?} is not http://ip:port"));
+    let neutron = http_addr("METAPROXY_PEERS_NEUTRON_URL", "http://127.0.0.1:9696");
+    let nova = http_addr("METAPROXY_PEERS_NOVA_URL", "http://127.0.0.1:8775");
     let down: u64 = var("METAPROXY_PEERS_AGENT_DOWN_TIME")
         .parse()
         .expect("agent_down_time");
     Some(Peers {
         neutron,
+        nova,
         transport_url: var("METAPROXY_PEERS_TRANSPORT_URL"),
         down_time: Duration::from_secs(down),
+        rabbit_ours: std::env::var("METAPROXY_PEERS_RABBIT_OURS").as_deref() == Ok("1"),
     })
 }
 
@@ -112,35 +121,69 @@ fn wait_for(what: &str, limit: Duration, log: &Path, mut ready: impl FnMut() -> 
     }
 }
 
-#[test]
-fn our_agent_is_listed_alive_dies_and_revives() {
-    let Some(p) = peers() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let host = format!("metaproxy-report-{}", std::process::id());
-    let socket = dir.path().join("agent.sock");
-    let config = dir.path().join("agent.toml");
-    let log = dir.path().join("agent.log");
+/// Write the agent's config: reporting as `host` every second via `url`.
+fn write_config(p: &Peers, dir: &Path, host: &str, url: &str) -> std::path::PathBuf {
+    let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
             r#"[agent]
 socket = "{}"
 inventory = "{}/examples/inventory.toml"
-metadata_proxy_shared_secret = "peers"
-transport_url = "{}"
+metadata_proxy_shared_secret = "{secret}"
+transport_url = "{url}"
 host = "{host}"
 report_interval = "1s"
 
 [agent.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = 18775
+nova_metadata_host = "{}"
+nova_metadata_port = {}
+timeout = "5s"
 "#,
-            socket.display(),
+            dir.join("agent.sock").display(),
             env!("CARGO_MANIFEST_DIR"),
-            p.transport_url
+            p.nova.ip(),
+            p.nova.port(),
+            secret = std::env::var("METAPROXY_PEERS_SECRET").unwrap_or_default(),
         ),
     )
     .unwrap();
+    config
+}
+
+/// One request for the demo instance through our agent's socket: its
+/// status and how long it took (the answer is Nova's, whatever it is).
+fn ask_agent(socket: &Path) -> (u16, Duration) {
+    use std::io::{BufReader, Write};
+    let t0 = Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("agent socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+          X-Forwarded-For: 127.0.0.1\r\nX-Neutron-Router-ID: d0d0d0d0-0000-4000-8000-00000000c001\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .unwrap();
+    let r = common::read_response(&mut BufReader::new(s), false).expect("agent answer");
+    (r.status, t0.elapsed())
+}
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    Command::new("rabbitmqctl")
+        .args(["-n", "rabbit@localhost"])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn our_agent_is_listed_alive_dies_and_revives() {
+    let Some(p) = peers() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let host = format!("metaproxy-report-{}", std::process::id());
+    let socket = dir.path().join("agent.sock");
+    let config = write_config(&p, dir.path(), &host, &p.transport_url);
+    let log = dir.path().join("agent.log");
     let mut agent = spawn(&config, &log);
     let t0 = Instant::now();
     wait_for("row alive", Duration::from_secs(30), &log, || {
@@ -156,8 +199,8 @@ nova_metadata_port = 18775
         c["metadata_proxy_socket"],
         socket.display().to_string().as_str()
     );
-    assert_eq!(c["nova_metadata_host"], "127.0.0.1");
-    assert_eq!(c["nova_metadata_port"], 18775);
+    assert_eq!(c["nova_metadata_host"], p.nova.ip().to_string().as_str());
+    assert_eq!(c["nova_metadata_port"], p.nova.port());
     assert_eq!(c["log_agent_heartbeats"], false);
     let id = r["id"].as_str().unwrap().to_string();
     let text = log_text(&log);
@@ -196,41 +239,99 @@ nova_metadata_port = 18775
     });
     assert_eq!(row(&p, &host).unwrap()["id"], id.as_str(), "same row");
 
-    // The broker drops our connection: one outage line, then recovery.
+    outage(&p, &host, &socket, &log);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    delete(&p, &id);
+    println!("agent log:\n{}", log_text(&log));
+}
+
+/// The broker goes away while the agent serves: every request is answered
+/// as before and promptly, the outage is logged once, and reports resume
+/// (the row is alive again) when the broker is back. With a broker of
+/// chain.sh's own: `rabbitmqctl stop_app` / `start_app` (its non-durable
+/// `neutron` exchange is gone until neutron-rpc-server declares it again);
+/// on a shared one only our vhost's connections are closed.
+fn outage(p: &Peers, host: &str, socket: &Path, log: &Path) {
+    let (before, _) = ask_agent(socket);
     let vhost = p
         .transport_url
         .rsplit_once('/')
         .map(|(_, v)| if v.is_empty() { "/" } else { v })
         .unwrap_or("/")
         .to_string();
-    let closed = Command::new("rabbitmqctl")
-        .args([
-            "-n",
-            "rabbit@localhost",
-            "close_all_connections",
-            "--vhost",
-            &vhost,
-            "peers_report",
-        ])
-        .output();
-    match closed {
-        Ok(o) if o.status.success() => {
-            wait_for("outage logged", Duration::from_secs(10), &log, || {
-                log_text(&log).contains("failed:")
-            });
-            wait_for("recovery logged", Duration::from_secs(30), &log, || {
-                log_text(&log).contains("work again after")
-            });
-            let text = log_text(&log);
-            assert_eq!(text.matches("failed:").count(), 1, "{text}");
-            assert_eq!(alive(&p, &host), Some(true));
-        }
-        other => {
-            println!("SKIPPED the broker outage: rabbitmqctl close_all_connections: {other:?}")
-        }
+    let stopped = p.rabbit_ours && rabbitmqctl(&["stop_app"]);
+    if !stopped && !rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "peers_report"]) {
+        println!("SKIPPED the broker outage: rabbitmqctl failed");
+        return;
     }
+    let t0 = Instant::now();
+    wait_for("outage logged", Duration::from_secs(15), log, || {
+        let (status, took) = ask_agent(socket);
+        assert_eq!(status, before, "serving changed during the outage");
+        assert!(took < Duration::from_secs(2), "a request took {took:?}");
+        log_text(log).contains("failed:")
+    });
+    if stopped {
+        for _ in 0..20 {
+            let (status, took) = ask_agent(socket);
+            assert_eq!(status, before, "serving changed during the outage");
+            assert!(took < Duration::from_secs(2), "a request took {took:?}");
+        }
+        assert!(rabbitmqctl(&["start_app"]), "rabbitmqctl start_app");
+    }
+    wait_for("recovery logged", Duration::from_secs(60), log, || {
+        log_text(log).contains("work again after")
+    });
+    wait_for(
+        "row alive after the outage",
+        Duration::from_secs(30),
+        log,
+        || alive(p, host) == Some(true),
+    );
+    let text = log_text(log);
+    assert_eq!(text.matches("failed:").count(), 1, "logged once: {text}");
+    println!(
+        "broker {} for {:?}: serving unaffected, reports resumed",
+        if stopped {
+            "stopped"
+        } else {
+            "dropped our connections"
+        },
+        t0.elapsed()
+    );
+}
+
+/// The first host of the URL refuses: the agent fails over to the next.
+#[test]
+fn a_dead_first_host_fails_over_to_the_next() {
+    let Some(p) = peers() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let host = format!("metaproxy-report-failover-{}", std::process::id());
+    let rest = p
+        .transport_url
+        .strip_prefix("rabbit://")
+        .expect("rabbit:// URL");
+    let url = format!(
+        "rabbit://guest:guest@127.0.0.1:{},{rest}",
+        common::free_port()
+    );
+    let config = write_config(&p, dir.path(), &host, &url);
+    let log = dir.path().join("agent.log");
+    let mut agent = spawn(&config, &log);
+    wait_for(
+        "row alive via the second host",
+        Duration::from_secs(30),
+        &log,
+        || alive(&p, &host) == Some(true),
+    );
+    let text = log_text(&log);
+    assert!(
+        text.contains("failed:") && text.contains("work again after"),
+        "{text}"
+    );
     agent.kill().unwrap();
     agent.wait().unwrap();
+    let id = row(&p, &host).unwrap()["id"].as_str().unwrap().to_string();
     delete(&p, &id);
-    println!("agent log:\n{}", log_text(&log));
 }

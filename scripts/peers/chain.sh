@@ -153,6 +153,7 @@ export METAPROXY_PEERS_AGENT_SOCKET=$SOCK
 export METAPROXY_PEERS_FIXTURE=$PEERS_FIXTURE
 export METAPROXY_PEERS_TRANSPORT_URL=$TRANSPORT_URL
 export METAPROXY_PEERS_NEUTRON_URL=$NEUTRON_URL
+export METAPROXY_PEERS_RABBIT_OURS=$( [ -f "$RUN/rabbit.ours" ] && echo 1 || echo 0)
 export METAPROXY_PEERS_AGENT_DOWN_TIME=$(sed -n "s/^agent_down_time = \([0-9]*\)$/\1/p" "$NETC/neutron.conf" | head -n1)
 ENV
   peers_log "chain up in $((SECONDS - t0)) s: $SOCK -> neutron-metadata-agent -> rabbit -> neutron-rpc-server; nova $NOVA_URL"
