@@ -181,11 +181,11 @@ pub struct AgentFile {
 pub struct RabbitFile {
     /// Connect over TLS (`amqps`).
     pub ssl: Option<bool>,
-    /// CA bundle (PEM) the broker's certificate must chain to (default: the Mozilla roots).
+    /// CA bundle (PEM) trusted for the broker's certificate, besides the Mozilla roots.
     pub ssl_ca_file: Option<PathBuf>,
-    /// Client certificate: not supported, refused by name.
+    /// Client certificate (PEM) presented to the broker.
     pub ssl_cert_file: Option<PathBuf>,
-    /// Client key: not supported, refused by name.
+    /// Its private key (PEM).
     pub ssl_key_file: Option<PathBuf>,
 }
 
@@ -197,19 +197,12 @@ pub struct RabbitFile {
 /// A bad value, naming its key (never the URL's password).
 pub fn report_config(f: &AgentFile) -> Result<Option<super::report::ReportConfig>, ConfigError> {
     let r = &f.oslo_messaging_rabbit;
-    if r.ssl_cert_file.is_some() || r.ssl_key_file.is_some() {
-        let key = if r.ssl_cert_file.is_some() {
-            "ssl_cert_file"
-        } else {
-            "ssl_key_file"
-        };
-        return Err(invalid(
-            format!("agent.oslo_messaging_rabbit.{key}"),
-            "client certificates to RabbitMQ are not supported (ssl_ca_file is)",
-        ));
-    }
     let Some(url) = &f.transport_url else {
-        if r.ssl.is_some() || r.ssl_ca_file.is_some() {
+        if r.ssl.is_some()
+            || r.ssl_ca_file.is_some()
+            || r.ssl_cert_file.is_some()
+            || r.ssl_key_file.is_some()
+        {
             return Err(invalid(
                 "agent.oslo_messaging_rabbit",
                 "set without agent.transport_url",
@@ -235,7 +228,25 @@ pub fn report_config(f: &AgentFile) -> Result<Option<super::report::ReportConfig
             .filter(|h| !h.is_empty())
             .ok_or_else(|| invalid("agent.host", "not set and the hostname is unknown"))?,
     };
+    let read = |key: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| {
+            invalid(
+                format!("agent.oslo_messaging_rabbit.{key}"),
+                format!("{}: {e}", p.display()),
+            )
+        })
+    };
     let tls = if r.ssl.unwrap_or(false) {
+        let identity = match (&r.ssl_cert_file, &r.ssl_key_file) {
+            (Some(c), Some(k)) => Some((read("ssl_cert_file", c)?, read("ssl_key_file", k)?)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "agent.oslo_messaging_rabbit.ssl_cert_file",
+                    "set both ssl_cert_file and ssl_key_file, or neither",
+                ))
+            }
+        };
         let ca_pem = match &r.ssl_ca_file {
             None => None,
             Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
@@ -245,13 +256,19 @@ pub fn report_config(f: &AgentFile) -> Result<Option<super::report::ReportConfig
                 )
             })?),
         };
-        Some(super::report::RabbitTls { ca_pem })
+        Some(super::report::RabbitTls { ca_pem, identity })
     } else {
-        if r.ssl_ca_file.is_some() {
-            return Err(invalid(
-                "agent.oslo_messaging_rabbit.ssl_ca_file",
-                "set but ssl is not true",
-            ));
+        for (key, set) in [
+            ("ssl_ca_file", r.ssl_ca_file.is_some()),
+            ("ssl_cert_file", r.ssl_cert_file.is_some()),
+            ("ssl_key_file", r.ssl_key_file.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    format!("agent.oslo_messaging_rabbit.{key}"),
+                    "set but ssl is not true",
+                ));
+            }
         }
         None
     };
@@ -1046,7 +1063,10 @@ mod tests {
         );
         assert_eq!(
             tls.unwrap().report.unwrap().tls,
-            Some(crate::agent::report::RabbitTls { ca_pem: None })
+            Some(crate::agent::report::RabbitTls {
+                ca_pem: None,
+                identity: None
+            })
         );
     }
 
@@ -1060,6 +1080,14 @@ mod tests {
             (
                 "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl = true\nssl_cert_file = \"c\"",
                 "agent.oslo_messaging_rabbit.ssl_cert_file",
+            ),
+            (
+                "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl = true\nssl_cert_file = \"/nonexistent\"\nssl_key_file = \"/nonexistent\"",
+                "agent.oslo_messaging_rabbit.ssl_cert_file",
+            ),
+            (
+                "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl_key_file = \"k\"",
+                "agent.oslo_messaging_rabbit.ssl_key_file",
             ),
             (
                 "transport_url = \"rabbit://h/\"\n[oslo_messaging_rabbit]\nssl_ca_file = \"c\"",

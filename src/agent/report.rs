@@ -44,7 +44,8 @@
 //! own for one message every 30 s); a Python sidecar running
 //! oslo.messaging (a second runtime and venv on every network node); lapin's
 //! own connection recovery (it does not fail over across hosts, and we need
-//! to know when an outage starts and ends to log it once).
+//! to know when an outage starts and ends to log it once). The decision is
+//! `docs/adr/0002-report-state-over-lapin.md`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -293,11 +294,29 @@ impl TransportUrl {
 }
 
 /// TLS to the broker (`[agent.oslo_messaging_rabbit] ssl`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RabbitTls {
-    /// PEM bundle the broker's certificate must chain to (`ssl_ca_file`);
-    /// `None`: the Mozilla roots.
+    /// PEM bundle trusted for the broker's certificate (`ssl_ca_file`), in
+    /// addition to the Mozilla roots (lapin's rustls connector adds it).
     pub ca_pem: Option<String>,
+    /// Client certificate chain and key, PEM (`ssl_cert_file`,
+    /// `ssl_key_file`). Never logged.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for RabbitTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let roots = match &self.ca_pem {
+            Some(p) => format!("ssl_ca_file, {} bytes", p.len()),
+            None => "Mozilla roots".into(),
+        };
+        let client = if self.identity.is_some() {
+            ", client certificate"
+        } else {
+            ""
+        };
+        write!(f, "RabbitTls({roots}{client})")
+    }
 }
 
 /// Validated reporting settings (present only with `transport_url`).
@@ -595,7 +614,11 @@ async fn session(
 
     let uri = cfg.transport.amqp_uri(i, cfg.tls.is_some());
     let tls = lapin::tcp::OwnedTLSConfig {
-        identity: None,
+        identity: cfg
+            .tls
+            .as_ref()
+            .and_then(|t| t.identity.clone())
+            .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
         cert_chain: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),
     };
     let props = lapin::ConnectionProperties::default()
@@ -922,33 +945,73 @@ mod tests {
         assert_eq!(inner, m);
     }
 
-    /// A TLS listener for 127.0.0.1 with a self-signed certificate: the
-    /// CA PEM, and a receiver of the first 8 plaintext bytes of each
-    /// connection whose handshake succeeded.
-    fn tls_broker() -> (
-        std::net::SocketAddr,
-        String,
-        std::sync::mpsc::Receiver<Vec<u8>>,
-    ) {
-        use std::io::Read;
-        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    /// What a TLS broker and its clients need: a CA, the server's config
+    /// (certificate for 127.0.0.1; `require_client`: demands one from the
+    /// CA), the CA's PEM and a client certificate and key (PEM).
+    struct Pki {
+        server: Arc<rustls::ServerConfig>,
+        ca_pem: String,
+        client: (Vec<u8>, Vec<u8>),
+    }
+
+    fn pki(require_client: bool) -> Pki {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![ck.cert.der().clone()], key)
-                .unwrap(),
-        );
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let srv_key = rcgen::KeyPair::generate().unwrap();
+        let srv = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&srv_key, &ca)
+            .unwrap();
+        let cli_key = rcgen::KeyPair::generate().unwrap();
+        let cli = rcgen::CertificateParams::new(vec!["agent".to_string()])
+            .unwrap()
+            .signed_by(&cli_key, &ca)
+            .unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if require_client {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der().clone()).unwrap();
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(v)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into());
+        Pki {
+            server: Arc::new(
+                builder
+                    .with_single_cert(vec![srv.der().clone()], key)
+                    .unwrap(),
+            ),
+            ca_pem: ca.pem(),
+            client: (cli.pem().into_bytes(), cli_key.serialize_pem().into_bytes()),
+        }
+    }
+
+    /// A TLS listener on 127.0.0.1: sends the first 8 plaintext bytes of
+    /// each connection whose handshake succeeded.
+    fn tls_broker(
+        server: Arc<rustls::ServerConfig>,
+    ) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<Vec<u8>>) {
+        use std::io::Read;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(c) = c else { return };
-                let conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+                let conn = rustls::ServerConnection::new(server.clone()).unwrap();
                 let mut tls = rustls::StreamOwned::new(conn, c);
                 let mut head = [0u8; 8];
                 if tls.read_exact(&mut head).is_ok() && tx.send(head.to_vec()).is_err() {
@@ -956,32 +1019,73 @@ mod tests {
                 }
             }
         });
-        (addr, ck.cert.pem(), rx)
+        (addr, rx)
     }
 
-    fn tls_config(addr: std::net::SocketAddr, ca_pem: Option<String>) -> ReportConfig {
+    fn tls_config(addr: std::net::SocketAddr, tls: RabbitTls) -> ReportConfig {
         ReportConfig {
             transport: TransportUrl::parse(&format!("rabbit://u:p@{addr}/")).unwrap(),
-            tls: Some(RabbitTls { ca_pem }),
+            tls: Some(tls),
             host: "t".into(),
             interval: Duration::from_secs(1),
         }
     }
 
+    /// `Some(first bytes)` if a session came up within `limit`.
+    fn session_with(
+        server: Arc<rustls::ServerConfig>,
+        tls: RabbitTls,
+        limit: Duration,
+    ) -> Option<Vec<u8>> {
+        let (addr, rx) = tls_broker(server);
+        let r = start(tls_config(addr, tls), facts()).unwrap();
+        let got = rx.recv_timeout(limit).ok();
+        drop(r);
+        got
+    }
+
     #[test]
     fn tls_speaks_amqp_inside_a_verified_session() {
-        let (addr, ca, rx) = tls_broker();
-        let r = start(tls_config(addr, Some(ca)), facts()).unwrap();
-        let head = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("TLS handshake");
-        assert_eq!(head, b"AMQP\x00\x00\x09\x01");
-        drop(r);
+        let p = pki(false);
+        let trusted = RabbitTls {
+            ca_pem: Some(p.ca_pem.clone()),
+            identity: None,
+        };
+        let head = session_with(p.server.clone(), trusted, Duration::from_secs(10));
+        assert_eq!(head.as_deref(), Some(&b"AMQP\x00\x00\x09\x01"[..]));
         // Not signed by a trusted CA (the Mozilla roots): no session.
-        let (addr, _, rx) = tls_broker();
-        let r = start(tls_config(addr, None), facts()).unwrap();
-        assert!(rx.recv_timeout(Duration::from_secs(2)).is_err());
-        drop(r);
+        let roots = RabbitTls {
+            ca_pem: None,
+            identity: None,
+        };
+        assert_eq!(session_with(p.server, roots, Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn tls_client_certificate() {
+        let p = pki(true);
+        let with = RabbitTls {
+            ca_pem: Some(p.ca_pem.clone()),
+            identity: Some(p.client.clone()),
+        };
+        let head = session_with(p.server.clone(), with, Duration::from_secs(10));
+        assert_eq!(head.as_deref(), Some(&b"AMQP\x00\x00\x09\x01"[..]));
+        let without = RabbitTls {
+            ca_pem: Some(p.ca_pem.clone()),
+            identity: None,
+        };
+        assert_eq!(
+            session_with(p.server, without, Duration::from_secs(2)),
+            None
+        );
+        let d = format!(
+            "{:?}",
+            RabbitTls {
+                ca_pem: None,
+                identity: Some(p.client)
+            }
+        );
+        assert!(!d.contains("PRIVATE"), "{d}");
     }
 
     #[test]
