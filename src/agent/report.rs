@@ -76,6 +76,8 @@ pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Connecting to one broker host, TCP and AMQP handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// What stopping waits for work left on the reporter's blocking pool.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_millis(100);
 /// Reply queues expire this long after their last consumer went
 /// (oslo's `rabbit_transient_queues_ttl`, 1800 s).
 pub const REPLY_QUEUE_TTL_MS: u32 = 1_800_000;
@@ -545,6 +547,8 @@ pub fn start(cfg: ReportConfig, facts: AgentFacts) -> std::io::Result<Reporter> 
                     () = s.notified() => {}
                 }
             });
+            // A name lookup on the blocking pool is not waited for.
+            rt.shutdown_timeout(SHUTDOWN_WAIT);
         })?;
     Ok(Reporter {
         stop,
