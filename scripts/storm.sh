@@ -8,6 +8,7 @@
 #                    [--results DIR] [--cargo-profile release|profiling]
 #                    [--perf ROLE:FILE] [--backend inventory|neutron]
 #                    [--max-connections N] [--access-log] [--floor] [--count]
+#                    [--bin PATH]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -65,6 +66,8 @@
 # with a plain run.
 #
 # --cargo-profile builds and runs that cargo profile (default release).
+# --bin PATH runs that metaproxy binary and builds nothing (before/after
+# comparisons: keep a copy of the old build).
 # --perf ROLE:FILE samples one process of the first setup that has it (ROLE:
 # up, proxy, agent, api or haproxy) with `perf record -e cpu-clock -g` for the
 # length of the storm; scripts/flamegraph.sh uses it.
@@ -93,6 +96,7 @@ BACKEND=inventory
 MAX_CONNS=
 FLOOR=0
 COUNT=0
+BIN=
 ACCESS_LOG= # --access-log: access_log = true in [api], [agent] and [proxy] (lines go to $WORK/*.log)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -116,6 +120,7 @@ while [ $# -gt 0 ]; do
     --access-log) ACCESS_LOG=1; shift ;;
     --floor) FLOOR=1; shift ;;
     --count) COUNT=1; shift ;;
+    --bin) BIN=$(realpath "$2"); shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -199,9 +204,11 @@ wait_sock() {
   log "$3: no socket $1 after 30 s"; exit 1
 }
 
-log "building $CARGO_PROFILE"
-cargo build --profile "$CARGO_PROFILE" --quiet --bin metaproxy
-BIN=$PWD/target/$CARGO_PROFILE/metaproxy
+if [ -z "$BIN" ]; then
+  log "building $CARGO_PROFILE"
+  cargo build --profile "$CARGO_PROFILE" --quiet --bin metaproxy
+  BIN=$PWD/target/$CARGO_PROFILE/metaproxy
+fi
 INV=$WORK/inventory.toml
 SECRET=storm-secret
 # `inventory synth`'s router 0, which gets every network with --routers 1.
