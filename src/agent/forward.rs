@@ -29,7 +29,7 @@
 //! impossible, and this rule keeps any other desync from spreading.
 //!
 //! The rule is kept without a syscall: an idle pooled connection always has
-//! a read posted on it ([`Idle`]), from the moment its response was framed.
+//! a read posted on it (`Idle`), from the moment its response was framed.
 //! Bytes that arrive while it is idle complete that read, and checkout (a
 //! poll of the read, no IO) closes the connection. When the read is still
 //! waiting at checkout, the request is written and the same read becomes the
