@@ -5,6 +5,7 @@
 #
 #   scripts/instructions-daemons.sh [requests=2000] [roles="proxy agent api floor"]
 #   KEEP=DIR scripts/instructions-daemons.sh   also keep the callgrind.out files
+#   BIN=PATH scripts/instructions-daemons.sh   run that metaproxy binary, build nothing
 #
 # The chain is proxy -> agent -> api on a synthesized 100-VM inventory, each
 # with one loop; the client is one sequential Python process that opens a new
@@ -39,8 +40,12 @@ VMS=100
 for t in valgrind callgrind_annotate python3 cc; do
   command -v $t >/dev/null || { echo "need $t (apt-get install valgrind python3 gcc)" >&2; exit 1; }
 done
-cargo build --release --quiet --bin metaproxy
-BIN=$PWD/target/release/metaproxy
+if [ -n "${BIN:-}" ]; then
+  BIN=$(realpath "$BIN")
+else
+  cargo build --release --quiet --bin metaproxy
+  BIN=$PWD/target/release/metaproxy
+fi
 WORK=$(mktemp -d /tmp/mp-instr-d.XXXXXX)
 PIDS=()
 stop_all() {
