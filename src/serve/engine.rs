@@ -254,6 +254,8 @@ pub struct Request<'a> {
     pub body: &'a [u8],
     /// Where the request ends in `buf` (pipelined bytes may follow).
     pub end: usize,
+    /// When its head's first bytes were there (for access logs).
+    pub started: Instant,
 }
 
 impl Request<'_> {
@@ -295,14 +297,15 @@ pub trait Handler {
     /// Set when idle connections should close and busy ones close after
     /// their answer (drain, namespace removed).
     fn stop(&self) -> &Event;
-    /// The head did not arrive within `http_request` (answered 408).
-    fn head_timeout(&self) {}
+    /// The head did not arrive within `http_request` (answered 408);
+    /// `started`: when its first bytes were there.
+    fn head_timeout(&self, _started: Instant) {}
     /// The engine answers `status` and closes: a malformed head (`head` is
     /// `None`) or body.
-    fn refused(&self, _buf: &[u8], _head: Option<&RequestHead>, _status: u16) {}
+    fn refused(&self, _buf: &[u8], _head: Option<&RequestHead>, _status: u16, _started: Instant) {}
     /// Called once the head is complete, before the body is read:
     /// `Some(status)` rejects it (the proxy's rate limit).
-    fn check_head(&self, _buf: &[u8], _head: &RequestHead) -> Option<u16> {
+    fn check_head(&self, _buf: &[u8], _head: &RequestHead, _started: Instant) -> Option<u16> {
         None
     }
     /// Answer `req` into `out` (an empty buffer from the free list).
@@ -401,23 +404,24 @@ async fn request<H: Handler>(
     buf: &mut Vec<u8>,
     head_deadline: Instant,
 ) -> Result<(), End> {
+    let started = Instant::now();
     let client = h.timeouts().client;
     // 1. The head.
     let head = match read_head(conn, buf, h.limits(), head_deadline).await {
         Ok(head) => head,
         Err(HeadError::Malformed(status)) => {
-            h.refused(buf, None, status);
+            h.refused(buf, None, status, started);
             return Err(reject(conn, status, false, client).await);
         }
         Err(HeadError::Timeout) => {
-            h.head_timeout();
+            h.head_timeout(started);
             return Err(reject(conn, 408, false, client).await);
         }
         Err(HeadError::Closed) => return Err(End::PeerClosed),
         Err(HeadError::Io) => return Err(End::IoError),
     };
     let is_head = head.method == Method::Head;
-    if let Some(status) = h.check_head(buf, &head) {
+    if let Some(status) = h.check_head(buf, &head, started) {
         return Err(reject(conn, status, is_head, client).await);
     }
 
@@ -428,7 +432,7 @@ async fn request<H: Handler>(
     let end = match read_body(conn, buf, &head, max_body, client, decode).await {
         Ok(end) => end,
         Err(BodyError::Status(status)) => {
-            h.refused(buf, Some(&head), status);
+            h.refused(buf, Some(&head), status, started);
             return Err(reject(conn, status, is_head, client).await);
         }
         Err(BodyError::Gone) => return Err(End::PeerClosed),
@@ -444,6 +448,7 @@ async fn request<H: Handler>(
         head: &head,
         body,
         end,
+        started,
     };
     let mut out = h.server().take_buf();
     let keep = match h.answer(conn, &req, &mut out).await {
