@@ -16,7 +16,9 @@
 //! 2. **signs** the instance id with [`crate::sign::sign_instance_id`];
 //! 3. **forwards** to the Nova-compatible metadata API.
 //!
-//! The IO layer: [`server`] (the Unix-socket server and request flow),
+//! The IO layer: [`daemon`] (start, bind, loops), [`conn`] (one pipelined
+//! connection on the engine), [`handler`] (one request: resolve → sign →
+//! forward → relay),
 //! [`resolve`] (inventory lookups and reload), [`backend`] (the Neutron
 //! resolver: cache, prefetch, single flight, batching, Keystone),
 //! [`forward`] (the pooled client to the API and to Neutron), [`metrics`]
@@ -31,13 +33,15 @@ pub mod backend;
 pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod conn;
+pub mod daemon;
 pub mod forward;
+pub mod handler;
 pub mod identity;
 pub mod metrics;
 pub mod neutron;
 pub mod resolve;
-pub mod server;
 pub mod tls;
 
 pub use config::AgentConfig;
-pub use server::{start, AgentHandle, AgentStats};
+pub use daemon::{start, AgentHandle, AgentStats};

@@ -7,7 +7,7 @@
 //! A daemon supplies only the handler: the proxy rewrites and relays, the API
 //! renders. The agent, whose pipelined requests are resolved concurrently,
 //! keeps its own reader/writer pair but reads each request with the same
-//! [`read_head`](super::read_head) and [`read_body`](super::read_body), and
+//! [`super::read_head`] and [`super::read_body`], and
 //! runs on the same [`Server`].
 //!
 //! Why this shape: the three servers each grew their own accept loop, active
