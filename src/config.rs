@@ -41,7 +41,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// Pooled agent connections per loop.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Largest agent response relayed (user-data is at most 64 KiB in Nova).
-pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+pub use crate::http::DEFAULT_MAX_RESPONSE_BYTES;
 /// Where `metaproxy ctl` finds the proxy.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/metaproxy/proxy.ctl";
 /// Neutron's default `metadata_proxy_socket` under the default `state_path`.

@@ -15,9 +15,10 @@
 pub mod admit;
 pub mod engine;
 
+pub(crate) use engine::settings;
 pub use engine::{
-    control_channels, join_loops, reject, serve_conn, Answer, End, Handler, Inboxes, Request,
-    Server, Stop, Timeouts, CONN_TASK_MAX_BYTES,
+    join_loops, reject, run_loops, serve_conn, Answer, End, Handler, Request, Server, Settings,
+    Stop, Timeouts, CONN_TASK_MAX_BYTES,
 };
 
 use std::time::{Duration, Instant};

@@ -27,7 +27,7 @@ use crate::agent::metrics::inc;
 use crate::http::{self, Method};
 use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, UnixConn};
-use crate::serve::{self, BodyError, HeadError};
+use crate::serve::{self, BodyError, HeadError, Settings};
 
 /// Requests in flight on one connection (resolved and forwarded
 /// concurrently); the reader waits for the writer beyond this.
@@ -79,13 +79,13 @@ async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
             q.room.notified().await;
         }
         if buf.is_empty() {
-            let deadline = Instant::now() + ctx.cfg.timeouts.keep_alive;
+            let deadline = Instant::now() + ctx.server.settings().timeouts.keep_alive;
             if serve::wait_for_request!(&*conn, buf, deadline, ctx.stopping) != serve::Idle::Request
             {
                 break;
             }
         }
-        let head_deadline = Instant::now() + ctx.cfg.timeouts.http_request;
+        let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
         match Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await {
             Ok((slot, close)) => {
                 q.slots.borrow_mut().push_back((slot, close));
@@ -138,7 +138,7 @@ async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
             },
         };
         match rt::with_deadline(
-            Instant::now() + ctx.cfg.timeouts.client,
+            Instant::now() + ctx.server.settings().timeouts.client,
             conn.write_all(out),
         )
         .await
@@ -163,7 +163,7 @@ async fn next_request(
     buf: &mut Vec<u8>,
     head_deadline: Instant,
 ) -> Result<(AnswerSlot, bool), Option<Vec<u8>>> {
-    let limits = &ctx.cfg.limits;
+    let Settings { timeouts, limits } = ctx.server.settings();
     // 1. The head.
     let head = match serve::read_head(conn, buf, limits, head_deadline).await {
         Ok(head) => head,
@@ -175,7 +175,7 @@ async fn next_request(
 
     // 2. The body.
     let mut decoded = Vec::new();
-    let (max_body, client) = (limits.max_body_bytes, ctx.cfg.timeouts.client);
+    let (max_body, client) = (limits.max_body_bytes, timeouts.client);
     let end = match serve::read_body(conn, buf, &head, max_body, client, Some(&mut decoded)).await {
         Ok(end) => end,
         Err(BodyError::Status(s)) => {

@@ -268,16 +268,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     ));
     let socket = cfg.socket.clone();
     let cfg = Arc::new(cfg);
-    let (controls, inboxes) = serve::control_channels(workers);
-    let inboxes = Arc::new(inboxes);
     let sh = shared.clone();
-    let threads = rt::run_loops(workers, "agent", move |i| {
-        let cfg = cfg.clone();
-        let shared = sh.clone();
-        let listener = listener.clone();
-        let gate = gate.clone();
-        let rx = inboxes.take(i);
-        async move { run_loop(cfg, shared, &listener, gate, rx?, i).await }
+    let (controls, threads) = serve::run_loops(workers, "agent", move |i, rx| {
+        let (cfg, shared) = (cfg.clone(), sh.clone());
+        let (listener, gate) = (listener.clone(), gate.clone());
+        async move { run_loop(cfg, shared, &listener, gate, rx, i).await }
     })?;
     Ok(AgentHandle {
         controls,
@@ -446,7 +441,7 @@ async fn run_loop(
         pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
             .with_tls(cfg.nova.tls.clone()),
         stopping: Event::default(),
-        server: Server::new(),
+        server: Server::new(serve::settings!(cfg)),
         last_forbidden_hint: Cell::new(None),
         rejected: RejectedPorts::default(),
         cfg,

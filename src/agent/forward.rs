@@ -48,9 +48,8 @@ use crate::rt::{self, PendingInput, TcpConn};
 
 /// Read size for API responses.
 const READ_BYTES: usize = 16 * 1024;
-/// Largest API response accepted (Nova caps user-data at 64 KiB; the
-/// largest documents are a few hundred KiB).
-pub const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest API response accepted ([`http::DEFAULT_MAX_RESPONSE_BYTES`]).
+pub const MAX_RESPONSE_BYTES: u64 = crate::http::DEFAULT_MAX_RESPONSE_BYTES;
 /// At most one "unsolicited bytes" warning per pool per this interval.
 const UNSOLICITED_LOG_EVERY: Duration = Duration::from_secs(60);
 

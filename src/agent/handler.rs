@@ -127,13 +127,7 @@ async fn answer(
     };
     let (mut resolved, mut cached) = match ctx.resolve(&id, false).await {
         Ok(r) => r,
-        Err(e) => {
-            backend_failed(ctx, &id, &e, is_head, close, out);
-            return Trace {
-                id: Some(id),
-                ..Trace::default()
-            };
-        }
+        Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
     };
     let mut retried = false;
     let guest = GuestRequest {
@@ -186,13 +180,7 @@ async fn answer(
                     .invalidate(&(id.scope.clone(), id.key.clone()));
                 (resolved, cached) = match ctx.resolve(&id, true).await {
                     Ok(r) => r,
-                    Err(e) => {
-                        backend_failed(ctx, &id, &e, is_head, close, out);
-                        return Trace {
-                            id: Some(id),
-                            ..Trace::default()
-                        };
-                    }
+                    Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
                 };
             }
             Ok(resp) => {
@@ -264,21 +252,25 @@ fn access(buf: &[u8], head: &RequestHead, trace: &Trace, status: u16, started: I
     ));
 }
 
-/// Neutron (or Keystone) failed: 503.
+/// Neutron (or Keystone) failed: 503, and what the access log says of it.
 fn backend_failed(
     ctx: &AgentLoop,
-    id: &Identity,
+    id: Identity,
     e: &BackendError,
     is_head: bool,
     close: bool,
     out: &mut Vec<u8>,
-) {
+) -> Trace {
     inc(&ctx.m.backend_unavailable);
     log::warn(format_args!(
         "cannot resolve {} on {:?}: {e}",
         id.xff, id.scope
     ));
     page(503, MSG_BACKEND, is_head, close, out);
+    Trace {
+        id: Some(id),
+        ..Trace::default()
+    }
 }
 
 /// The API's response for the guest: its status, reason and headers, with

@@ -36,13 +36,13 @@ use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
-use crate::http::{self, Limits, RequestHead};
+use crate::http::{self, RequestHead};
 use crate::inventory::{Inventory, InventoryError};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
 use crate::serve::admit::{self, Admission, Gate};
-use crate::serve::{self, Answer, Handler, Request, Server, Stop, Timeouts};
+use crate::serve::{self, Answer, Handler, Request, Server, Stop};
 
 /// How often the watcher looks at the inventory file.
 pub const INVENTORY_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -222,16 +222,11 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     let inventory_path = cfg.inventory.clone();
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
-    let (controls, inboxes) = serve::control_channels(workers);
-    let inboxes = Arc::new(inboxes);
     let loop_api = api.clone();
-    let threads = rt::run_loops(workers, "api", move |i| {
-        let cfg = cfg.clone();
-        let api = loop_api.clone();
-        let sockets = sockets.clone();
-        let gate = gate.clone();
-        let rx = inboxes.take(i);
-        async move { run_loop(i, cfg, api, &sockets, gate, rx?).await }
+    let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
+        let (cfg, api) = (cfg.clone(), loop_api.clone());
+        let (sockets, gate) = (sockets.clone(), gate.clone());
+        async move { run_loop(i, cfg, api, &sockets, gate, rx).await }
     })?;
     let watcher = match spawn_watcher(api.clone(), inventory_path.clone(), loaded) {
         Ok(w) => Some(w),
@@ -272,7 +267,7 @@ async fn run_loop(
         cfg: cfg.clone(),
         api,
         stopping: Event::default(),
-        server: Server::new(),
+        server: Server::new(serve::settings!(cfg)),
     });
     if index == 0 {
         log::info(format_args!("api loops use {:?}", rt::engine()));
@@ -319,19 +314,6 @@ impl Handler for ApiConn {
 
     fn server(&self) -> &Server {
         &self.ctx.server
-    }
-
-    fn limits(&self) -> &Limits {
-        &self.ctx.cfg.limits
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        let t = &self.ctx.cfg.timeouts;
-        Timeouts {
-            http_request: t.http_request,
-            keep_alive: t.keep_alive,
-            client: t.client,
-        }
     }
 
     fn stop(&self) -> &Event {

@@ -14,13 +14,13 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::http::{self, Limits, RequestHead};
+use crate::http::{self, RequestHead};
 use crate::log;
 use crate::proxy::imdsv2::{self, Verdict};
 use crate::proxy::{NsRuntime, ProxyLoop};
 use crate::rt::sync::Event;
 use crate::rt::{self, TcpConn};
-use crate::serve::{self, Answer, Handler, Request, Server, Timeouts};
+use crate::serve::{self, Answer, Handler, Request, Server};
 
 /// One client connection of a namespace on one loop.
 pub struct ProxyConn {
@@ -54,19 +54,6 @@ impl Handler for ProxyConn {
 
     fn server(&self) -> &Server {
         &self.ctx.server
-    }
-
-    fn limits(&self) -> &Limits {
-        &self.ctx.cfg.limits
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        let t = &self.ctx.cfg.timeouts;
-        Timeouts {
-            http_request: t.http_request,
-            keep_alive: t.keep_alive,
-            client: t.client,
-        }
     }
 
     fn stop(&self) -> &Event {

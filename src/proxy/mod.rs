@@ -243,14 +243,11 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
     let limiter = cfg
         .rate_limit
         .map(|r| Arc::new(ratelimit::RateLimiter::new(r)));
-    let (controls, inboxes) = serve::control_channels(workers);
-    let inboxes = Arc::new(inboxes);
     let loop_cfg = cfg.clone();
-    let threads = rt::run_loops(workers, "proxy", move |i| {
+    let (controls, threads) = serve::run_loops(workers, "proxy", move |i, rx| {
         let cfg = loop_cfg.clone();
         let (tokens, limiter) = (tokens.clone(), limiter.clone());
-        let rx = inboxes.take(i);
-        async move { run_loop(i, cfg, rx?, tokens, limiter).await }
+        async move { run_loop(i, cfg, rx, tokens, limiter).await }
     })?;
     let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
     if let Some(depth) = cfg.ignored_pipeline_depth {
@@ -312,7 +309,7 @@ async fn run_loop(
     let ctx = Rc::new(ProxyLoop {
         cfg: cfg.clone(),
         pool,
-        server: Server::new(),
+        server: Server::new(serve::settings!(cfg)),
         tokens,
         limiter,
     });

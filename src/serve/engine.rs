@@ -51,10 +51,11 @@ pub const FREE_BUFFERS: usize = 256;
 /// Largest buffer put back on the free list (a larger one is freed).
 pub const FREE_BUFFER_MAX_BYTES: usize = 64 * 1024;
 
-/// One loop's connections: how many are open (for drain and reports), and
-/// the buffers they recycle. Per loop, never shared across threads.
-#[derive(Default)]
+/// One loop's connections: the limits and timeouts they are held to, how
+/// many are open (for drain and reports), and the buffers they recycle. Per
+/// loop, never shared across threads.
 pub struct Server {
+    settings: Settings,
     active: Cell<usize>,
     /// Notified when `active` falls to zero (wakes [`Server::drain`]).
     drained: Notify,
@@ -71,8 +72,18 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// A loop's server, with no connection yet.
-    pub fn new() -> Rc<Server> {
-        Rc::new(Server::default())
+    pub fn new(settings: Settings) -> Rc<Server> {
+        Rc::new(Server {
+            settings,
+            active: Cell::new(0),
+            drained: Notify::default(),
+            free: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// What its connections are held to.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Connections this loop serves now.
@@ -177,16 +188,40 @@ pub struct Stop;
 
 /// Per-loop receivers of a control channel, handed out once each to the
 /// loop threads (which start after the senders were created).
-pub struct Inboxes<T>(Vec<Mutex<Option<UnboundedReceiver<T>>>>);
+struct Inboxes<T>(Vec<Mutex<Option<UnboundedReceiver<T>>>>);
 
-impl<T> std::fmt::Debug for Inboxes<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Inboxes").field(&self.0.len()).finish()
-    }
+/// Start `workers` loops ([`rt::run_loops`]), each running `make(index,
+/// its control receiver)`; returns the control senders, in loop order, and
+/// the threads (see [`join_loops`]).
+///
+/// # Errors
+/// A thread could not start.
+#[allow(clippy::type_complexity)] // the two halves a daemon's handle keeps
+pub fn run_loops<T, F, Fut>(
+    workers: usize,
+    name: &str,
+    make: F,
+) -> io::Result<(
+    Vec<UnboundedSender<T>>,
+    Vec<std::thread::JoinHandle<io::Result<()>>>,
+)>
+where
+    T: Send + 'static,
+    F: Fn(usize, UnboundedReceiver<T>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = io::Result<()>> + 'static,
+{
+    let (controls, inboxes) = control_channels(workers);
+    let inboxes = std::sync::Arc::new(inboxes);
+    let threads = rt::run_loops(workers, name, move |i| {
+        let rx = inboxes.take(i);
+        let make = make.clone();
+        async move { make(i, rx?).await }
+    })?;
+    Ok((controls, threads))
 }
 
 /// One control channel per loop: the senders, and the receivers to hand out.
-pub fn control_channels<T>(workers: usize) -> (Vec<UnboundedSender<T>>, Inboxes<T>) {
+fn control_channels<T>(workers: usize) -> (Vec<UnboundedSender<T>>, Inboxes<T>) {
     let (tx, rx): (Vec<_>, Vec<_>) = (0..workers)
         .map(|_| {
             let (tx, rx) = unbounded();
@@ -201,7 +236,7 @@ impl<T> Inboxes<T> {
     ///
     /// # Errors
     /// It was already taken (or `i` is out of range).
-    pub fn take(&self, i: usize) -> io::Result<UnboundedReceiver<T>> {
+    fn take(&self, i: usize) -> io::Result<UnboundedReceiver<T>> {
         self.0
             .get(i)
             .and_then(|m| m.lock().ok().and_then(|mut r| r.take()))
@@ -241,6 +276,35 @@ pub struct Timeouts {
     /// Each body read and each response write.
     pub client: Duration,
 }
+
+/// What a daemon's connections are held to, read from its config when the
+/// loop starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// The client-side timeouts.
+    pub timeouts: Timeouts,
+    /// Head and body limits.
+    pub limits: Limits,
+}
+
+/// The [`Settings`] of a daemon's runtime config `$cfg`: its
+/// `timeouts.{http_request, keep_alive, client}` and its `limits` (the
+/// proxy's, the agent's and the API's configs all name them so; a macro
+/// because they are three different types, and by name because three
+/// `Duration`s in a row are easy to swap).
+macro_rules! settings {
+    ($cfg:expr) => {
+        $crate::serve::Settings {
+            timeouts: $crate::serve::Timeouts {
+                http_request: $cfg.timeouts.http_request,
+                keep_alive: $cfg.timeouts.keep_alive,
+                client: $cfg.timeouts.client,
+            },
+            limits: $cfg.limits,
+        }
+    };
+}
+pub(crate) use settings;
 
 /// One request, read whole, as a [`Handler`] sees it.
 #[derive(Debug)]
@@ -288,12 +352,8 @@ pub trait Handler {
     /// Decode a chunked body into [`Request::body`] (the API) rather than
     /// only frame it (the proxy relays the raw bytes).
     const DECODE_CHUNKED: bool = false;
-    /// This loop's server (its free list).
+    /// This loop's server (settings, free list).
     fn server(&self) -> &Server;
-    /// Head and body limits.
-    fn limits(&self) -> &Limits;
-    /// The timeouts.
-    fn timeouts(&self) -> Timeouts;
     /// Set when idle connections should close and busy ones close after
     /// their answer (drain, namespace removed).
     fn stop(&self) -> &Event;
@@ -363,11 +423,13 @@ async fn idle_loop<H: Handler>(h: &H, conn: &H::Conn, accepted: Instant) -> End 
         // Wait for the first bytes of the next request, holding no buffer
         // (nor the timeouts: they are read again after the wait).
         if buf.is_empty() {
-            let t = h.timeouts();
-            let idle_deadline = if first {
-                accepted + t.http_request
-            } else {
-                Instant::now() + t.keep_alive
+            let idle_deadline = {
+                let t = &h.server().settings.timeouts;
+                if first {
+                    accepted + t.http_request
+                } else {
+                    Instant::now() + t.keep_alive
+                }
             };
             match super::wait_for_request!(conn, buf, idle_deadline, h.stop()) {
                 Idle::Request => {}
@@ -379,7 +441,7 @@ async fn idle_loop<H: Handler>(h: &H, conn: &H::Conn, accepted: Instant) -> End 
         }
         // The head must be complete within `http_request` of its first byte
         // (of the accept, for a connection's first request).
-        let http_request = h.timeouts().http_request;
+        let http_request = h.server().settings.timeouts.http_request;
         let head_deadline = if first {
             accepted + http_request
         } else {
@@ -405,9 +467,10 @@ async fn request<H: Handler>(
     head_deadline: Instant,
 ) -> Result<(), End> {
     let started = Instant::now();
-    let client = h.timeouts().client;
+    let Settings { timeouts, limits } = &h.server().settings;
+    let client = timeouts.client;
     // 1. The head.
-    let head = match read_head(conn, buf, h.limits(), head_deadline).await {
+    let head = match read_head(conn, buf, limits, head_deadline).await {
         Ok(head) => head,
         Err(HeadError::Malformed(status)) => {
             h.refused(buf, None, status, started);
@@ -427,7 +490,7 @@ async fn request<H: Handler>(
 
     // 2. The body (bounded by `max_body_bytes` inside the parser/scanner).
     let mut decoded = Vec::new();
-    let max_body = h.limits().max_body_bytes;
+    let max_body = limits.max_body_bytes;
     let decode = H::DECODE_CHUNKED.then_some(&mut decoded);
     let end = match read_body(conn, buf, &head, max_body, client, decode).await {
         Ok(end) => end,
