@@ -4,12 +4,12 @@
 mod common;
 
 use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{get, read_response, Resp};
+use common::{free_port, get, read_response, Resp};
 use metaproxy::api::config::ApiConfig;
 use metaproxy::api::server::{start, ApiHandle};
 
@@ -458,14 +458,6 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Start the binary on `port` (`None`: a free one). If the port is taken
 /// (EADDRINUSE: another test's client may have been given it as its
 /// ephemeral port), try a free one instead.
@@ -571,14 +563,22 @@ fn sighup_reloads_the_inventory_and_sigterm_exits_cleanly() {
     // A broken file on SIGHUP: logged, the daemon keeps serving the old one.
     std::fs::write(&inv, "[[instance]\n").unwrap();
     kill(pid, Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let log = dir.path().join("api.log");
+    common::wait_until(
+        "the failed reload is logged",
+        Duration::from_secs(5),
+        || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("inventory reload from")),
+    );
     assert_eq!(hostname(d.addr), "demo.hup.test");
 
     kill(pid, Signal::SIGTERM).unwrap();
     let status = d.child.wait().unwrap();
     assert!(status.success(), "{status}");
     let log = std::fs::read_to_string(dir.path().join("api.log")).unwrap();
-    assert!(log.contains("inventory reload from"), "{log}");
+    assert!(
+        log.contains("not reloaded, keeping the previous one"),
+        "{log}"
+    );
     assert!(log.contains("line 1"), "the error names the line: {log}");
 }
 

@@ -100,6 +100,8 @@ fn kill_and_restart(s: &mut Setup, which: &str) -> (StormReport, Vec<u16>, Durat
     std::thread::sleep(OUTAGE);
     let respawned = Instant::now();
     let back = daemon.spawn();
+    // The probe keeps sampling after the restart: the recovery is measured
+    // from these samples, so this window is the behaviour under test.
     std::thread::sleep(Duration::from_millis(1200));
     let (samples, wrong_vm) = probe.finish();
     let report = storm.join().unwrap();
@@ -443,6 +445,8 @@ fn namespace_deleted_mid_request_leaves_the_others_alone() {
         .collect();
 
     halfway.wait();
+    // Not a readiness wait: give the proxy time to read the half heads, so
+    // the delete lands on requests it is holding (nothing reports "read").
     std::thread::sleep(Duration::from_millis(300));
     let t_del = Instant::now();
     ip_cmd(&["netns", "del", &names[0]]);
@@ -454,6 +458,7 @@ fn namespace_deleted_mid_request_leaves_the_others_alone() {
     eprintln!("ip netns del -> listener down: {:?}", t_del.elapsed());
     deleted.wait();
     let slow: Vec<(Outcome, Duration)> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+    // The observation window: the other namespace keeps serving after the delete.
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let busy: Vec<Outcome> = busy.into_iter().flat_map(|h| h.join().unwrap()).collect();

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use common::free_port;
 use common::netns::*;
 
 /// Which Neutron agent renders the file.

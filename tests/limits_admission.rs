@@ -13,17 +13,16 @@
 //! is logged once for the whole episode (not once per close).
 
 mod common;
-mod limits_common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{AgentMode, FakeAgent};
-use limits_common::*;
+use common::limits::*;
+use common::{free_port, AgentMode, FakeAgent};
 
 /// The small cap of the per-listener tests.
 const CAP: usize = 8;
@@ -172,16 +171,15 @@ fn proxy_at_max_connections_pauses_accept_and_serves_everyone() {
     raise_nofile(4096);
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         &format!("workers = 2\nmax_connections = {CAP}"),
         "",
     );
     let proxy = Daemon::start(4096, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     let statuses = through_the_cap(
         CAP,
@@ -216,10 +214,9 @@ fn write_api_config(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
 fn api_at_max_connections_pauses_accept_and_serves_everyone() {
     raise_nofile(4096);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = write_api_config(dir.path(), port, &format!("max_connections = {CAP}"));
+    let cfg = write_api_config(dir.path(), 0, &format!("max_connections = {CAP}"));
     let api = Daemon::start(4096, &["api"], &cfg, "api starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = api.listen_addr();
     let statuses = through_the_cap(
         CAP,
         CLIENTS,
@@ -289,14 +286,13 @@ fn proxy_at_the_fd_budget_pauses_accept_instead_of_emfile() {
     raise_nofile(4096);
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = write_proxy_config(dir.path(), &agent.path, port, "workers = 2", "");
+    let cfg = write_proxy_config(dir.path(), &agent.path, 0, "workers = 2", "");
     let proxy = Daemon::start(NOFILE, &["proxy"], &cfg, "proxy starting");
     assert_eq!(
         proxy.count_lines(&format!("fd budget: {budget} client connections")),
         1
     );
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     // The proxy's share of it: the rest is kept for the internal hops.
     let statuses = through_the_cap(
@@ -320,8 +316,7 @@ fn a_backlog_above_somaxconn_is_reported() {
         .parse()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = write_api_config(dir.path(), port, &format!("backlog = {}", somaxconn + 1));
+    let cfg = write_api_config(dir.path(), 0, &format!("backlog = {}", somaxconn + 1));
     let api = Daemon::start(4096, &["api"], &cfg, "api starting");
     assert_eq!(
         api.count_lines(&format!("capped at net.core.somaxconn = {somaxconn}")),

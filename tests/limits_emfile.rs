@@ -13,7 +13,6 @@
 //! through one process-wide throttle.
 
 mod common;
-mod limits_common;
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,8 +20,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{AgentMode, FakeAgent};
-use limits_common::*;
+use common::limits::*;
+use common::{free_port, AgentMode, FakeAgent};
 
 /// The limit the daemon starts with (its fd budget comes from it).
 const START_NOFILE: u64 = 4096;
@@ -131,16 +130,15 @@ fn proxy_emfile_neither_spins_nor_crashes_nor_floods_and_service_resumes() {
     raise_nofile(START_NOFILE);
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         "workers = 2",
         "http_request = \"30s\"\nkeep_alive = \"30s\"",
     );
     let mut proxy = Daemon::start(START_NOFILE, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     saturate_and_recover(
         &mut proxy,
@@ -153,13 +151,12 @@ fn proxy_emfile_neither_spins_nor_crashes_nor_floods_and_service_resumes() {
 fn api_emfile_neither_spins_nor_crashes_nor_floods_and_service_resumes() {
     raise_nofile(START_NOFILE);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
     let cfg = dir.path().join("api.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[api]\nlisten = \"127.0.0.1:{port}\"\ninventory = \"{}\"\nstate_dir = \"{}\"\n\
+            "[api]\nlisten = \"127.0.0.1:0\"\ninventory = \"{}\"\nstate_dir = \"{}\"\n\
              service_metadata_proxy = false\nworkers = 2\n[api.timeouts]\n\
              http_request = \"30s\"\nkeep_alive = \"30s\"\n",
             inv.display(),
@@ -168,7 +165,7 @@ fn api_emfile_neither_spins_nor_crashes_nor_floods_and_service_resumes() {
     )
     .unwrap();
     let mut api = Daemon::start(START_NOFILE, &["api"], &cfg, "api starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = api.listen_addr();
     // Peers 127.0.0.1 (instance "demo"): the API identifies by TCP peer here.
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let served = || matches!(get_from(lo, addr, "/openstack"), Ok(200));

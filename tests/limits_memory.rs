@@ -9,14 +9,12 @@
 //! [`MAX_BYTES_PER_IDLE_CONN`]. This is a memory bound, not a timing one.
 
 mod common;
-mod limits_common;
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 
 /// Idle connections held open.
 const IDLE: usize = 5_000;
@@ -36,16 +34,15 @@ fn idle_keepalive_connections_cost_under_4_kib_each() {
     }
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         &format!("workers = 1\nmax_connections = {}", IDLE + 1000),
         "http_request = \"120s\"\nkeep_alive = \"120s\"",
     );
     let proxy = Daemon::start(IDLE as u64 + 4096, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     let pid = proxy.pid();
     // Warm up: pool connections, free list, allocator arenas.
@@ -55,6 +52,8 @@ fn idle_keepalive_connections_cost_under_4_kib_each() {
             200
         );
     }
+    // Not a readiness wait: let the warm-up's allocations settle before the
+    // RSS baseline (RSS has no "settled" signal to poll).
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_kib(pid);
 
@@ -74,6 +73,7 @@ fn idle_keepalive_connections_cost_under_4_kib_each() {
         }
         idle.append(&mut batch);
     }
+    // As above: RSS settles, then it is measured.
     std::thread::sleep(Duration::from_secs(1));
     let after = rss_kib(pid);
     let fds = fd_count(pid);

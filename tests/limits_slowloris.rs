@@ -9,17 +9,16 @@
 //! limit cannot be raised far enough the test scales down and says so.
 
 mod common;
-mod limits_common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// Slow connections wanted.
@@ -95,11 +94,10 @@ fn slowloris_is_closed_at_http_request_while_normal_vms_are_served() {
     }
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         &format!("workers = 2\nmax_connections = {}", SLOW + 1000),
         &format!(
             "http_request = \"{}ms\"\nkeep_alive = \"10s\"\nclient = \"10s\"",
@@ -107,7 +105,7 @@ fn slowloris_is_closed_at_http_request_while_normal_vms_are_served() {
         ),
     );
     let mut proxy = Daemon::start(SLOW as u64 + 4096, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     eprintln!("load before: {}", loadavg());
 
@@ -116,6 +114,8 @@ fn slowloris_is_closed_at_http_request_while_normal_vms_are_served() {
         let stop = stop.clone();
         std::thread::spawn(move || normal_vms(addr, stop))
     };
+    // The normal VMs' head start: they are already being served when the
+    // slowloris begins (the behaviour under test, not a readiness wait).
     std::thread::sleep(Duration::from_millis(200));
 
     let t0 = Instant::now();

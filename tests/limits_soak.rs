@@ -9,16 +9,15 @@
 //! Each client thread paces itself so the test does not take the machine.
 
 mod common;
-mod limits_common;
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::limits::*;
 use common::{AgentMode, FakeAgent};
-use limits_common::*;
 
 /// Whole run.
 const RUN: Duration = Duration::from_secs(20);
@@ -91,16 +90,15 @@ fn rss_and_fds_stay_flat_under_steady_load() {
     raise_nofile(4096);
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let cfg = write_proxy_config(
         dir.path(),
         &agent.path,
-        port,
+        0,
         "workers = 2",
         "http_request = \"1s\"\nkeep_alive = \"5s\"",
     );
     let mut proxy = Daemon::start(4096, &["proxy"], &cfg, "proxy starting");
-    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let addr = proxy.listen_addr();
     wait_serving(addr);
     let pid = proxy.pid();
 

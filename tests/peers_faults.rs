@@ -299,6 +299,7 @@ fn real_neutron_slow_failing_and_duplicated_under_a_storm() {
         cfg.timeout = Duration::from_secs(5);
         std::thread::spawn(move || storm::run(cfg).unwrap())
     };
+    // The storm's first half second runs fault-free (timeline, not readiness).
     std::thread::sleep(Duration::from_millis(500));
 
     // 1. Slow: Neutron answers nothing for 2× the timeout.

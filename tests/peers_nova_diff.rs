@@ -37,7 +37,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use common::Resp;
+use common::{free_port, Resp};
 
 /// cloud-init's OpenStack reader picks the newest version it knows (Rocky).
 const CLOUD_INIT_OS_VERSION: &str = "2018-08-27";
@@ -232,14 +232,6 @@ fn parse_hex_id(s: &str, prefix: &str) -> u32 {
         16,
     )
     .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Api(Child);

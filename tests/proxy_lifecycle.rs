@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,15 +22,11 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let agent = FakeAgent::start(AgentMode::Delay(600));
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
     let cfg = dir.path().join("proxy.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[proxy]\nworkers = 2\nagent_socket = \"{}\"\ndrain_timeout = \"5s\"\n[[proxy.namespace]]\nrouter_id = \"{ROUTER}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            "[proxy]\nworkers = 2\nagent_socket = \"{}\"\ndrain_timeout = \"5s\"\n[[proxy.namespace]]\nrouter_id = \"{ROUTER}\"\nlisten = \"127.0.0.1:0\"\n",
             agent.path.display()
         ),
     )
@@ -41,25 +37,26 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for "listener up".
+    // Wait for "listener up": it names the port the kernel gave.
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let t0 = Instant::now();
-    loop {
+    let addr = loop {
         let mut line = String::new();
         assert!(err.read_line(&mut line).unwrap() > 0, "proxy exited early");
-        if line.contains("proxy starting") {
-            break;
+        if let Some(a) = bound_addr(&line) {
+            break a;
         }
         assert!(t0.elapsed() < Duration::from_secs(10));
-    }
+    };
     std::thread::spawn(move || for _ in err.lines() {});
-    std::thread::sleep(Duration::from_millis(100));
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"GET /in-flight HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    // In flight: the agent has it and holds the answer for 600 ms.
+    wait_until("the agent has the request", Duration::from_secs(5), || {
+        !agent.seen().is_empty()
+    });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -83,7 +80,15 @@ fn timed_out_connections_release_their_fds() {
     let agent = FakeAgent::start(AgentMode::KeepAlive);
     let h = metaproxy::proxy::start(proxy_config(&agent.path, "")).unwrap();
     let addr = h.bound[0][0];
-    std::thread::sleep(Duration::from_millis(200));
+    // Serving (and a pooled agent connection open) before counting. The
+    // answer is read to EOF: the proxy has closed its side of it by then.
+    let mut warm = TcpStream::connect(addr).unwrap();
+    warm.write_all(b"GET /warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    warm.read_to_end(&mut answer).unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    drop(warm);
     let before = open_fds();
     // 50 clients that send half a head and stall (slowloris).
     let stalled: Vec<TcpStream> = (0..50)
@@ -93,13 +98,25 @@ fn timed_out_connections_release_their_fds() {
             s
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(open_fds() >= before + 100, "both ends open while stalled");
-    // http_request is 1 s in the test config; the proxy must close its side.
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(
+        "both ends open while stalled",
+        Duration::from_secs(5),
+        || open_fds() >= before + 100,
+    );
+    // http_request is 1 s in the test config; the proxy must close its side
+    // (our 50 ends stay open until the drop).
+    wait_until(
+        "the proxy closed its side of every stalled connection",
+        Duration::from_secs(5),
+        || open_fds() <= before + 52,
+    );
     drop(stalled);
-    std::thread::sleep(Duration::from_millis(200));
-    let after = open_fds();
+    let mut after = open_fds();
+    let settled = Instant::now();
+    while after > before + 2 && settled.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+        after = open_fds();
+    }
     assert!(
         after <= before + 2,
         "fds leaked: before {before}, after {after}"

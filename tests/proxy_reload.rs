@@ -15,14 +15,6 @@ use common::*;
 
 const NET: &str = "7a7a7a7a-0000-4000-8000-000000000002";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(path: &Path, agent: &Path, ctl: &Path, ports: &[(u16, bool)]) {
     let mut t = format!(
         "[proxy]\nworkers = 2\nagent_socket = \"{}\"\ncontrol_socket = \"{}\"\n",
@@ -186,11 +178,9 @@ fn sighup_adds_removes_and_keeps_namespaces() {
     write_config(&cfg, &agent.path, &ctl_sock, &[(p2, false)]);
     d.hup();
     d.wait_log("0 namespace(s) added, 1 removed");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        TcpStream::connect(addr(p1)).is_err(),
-        "removed listener closed"
-    );
+    wait_until("removed listener closed", Duration::from_secs(5), || {
+        TcpStream::connect(addr(p1)).is_err()
+    });
     assert_eq!(
         get(addr(p2), "GET /n2 HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap()

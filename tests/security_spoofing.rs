@@ -472,6 +472,7 @@ fn spoofed_heads_split_across_reads_and_pipelined() {
         let raw = format!("{one}{one}GET {META} HTTP/1.1\r\n{spoof}Connection: close\r\n\r\n");
         for part in raw.as_bytes().chunks(piece) {
             s.write_all(part).unwrap();
+            // A slow client on purpose: each piece arrives in its own read.
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         let bytes = common::attack::read_all(&mut s);

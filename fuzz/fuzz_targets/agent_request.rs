@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metaproxy::agent::backend::resolved_from_port;
+use metaproxy::agent::neutron::resolved_from_port;
 use metaproxy::agent::forward::{write_api_request, GuestRequest};
 use metaproxy::agent::identity::{Identity, LookupKey, Scope};
 use metaproxy::agent::neutron::{match_key, parse_ports, PortMatch};
@@ -76,7 +76,11 @@ fuzz_target!(|data: &[u8]| {
                 Ok(httparse::Status::Complete(n)) => n,
                 other => panic!("not one complete request: {other:?}: {out:?}"),
             };
-            assert_eq!(n + body.len(), out.len(), "bytes after the request: {out:?}");
+            assert_eq!(
+                n + body.len(),
+                out.len(),
+                "bytes after the request: {out:?}"
+            );
             assert_eq!(req.method, Some(method.as_str()));
             for name in IDENTITY {
                 let n = req

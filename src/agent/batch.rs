@@ -171,26 +171,25 @@ mod tests {
 
     use super::*;
 
-    /// Small deterministic PRNG (xorshift) so interleavings are reproducible.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A storm of joins (any keys, any batch cap) is fetched in batches
+        /// that cover each key once, and completing them wakes every waiter.
+        #[test]
+        fn storm_batches_cover_each_key_once(
+            keys in proptest::collection::vec(0..200u32, 1..1000),
+            max in 1..64usize,
+        ) {
+            storm_batches(&keys, max);
         }
     }
 
-    #[test]
-    fn storm_batches_cover_each_key_once() {
-        const MAX: usize = 32;
-        let mut b: Batcher<&str, u32> = Batcher::new(MAX);
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    fn storm_batches(keys: &[u32], max: usize) {
+        let mut b: Batcher<&str, u32> = Batcher::new(max);
         let mut batches: Vec<Vec<u32>> = Vec::new();
         let mut joined_per_key: HashMap<u32, usize> = HashMap::new();
-        for waiter in 0..1000u64 {
-            let key = u32::try_from(rng.below(200)).unwrap();
+        for (waiter, &key) in (0u64..).zip(keys) {
             *joined_per_key.entry(key).or_default() += 1;
             if let JoinOutcome::Queued { batch_full: true } = b.join("net-set", key, waiter) {
                 batches.push(b.take_batch(&"net-set"));
@@ -201,7 +200,7 @@ mod tests {
         }
         let mut seen = HashSet::new();
         for batch in &batches {
-            assert!(!batch.is_empty() && batch.len() <= MAX);
+            assert!(!batch.is_empty() && batch.len() <= max);
             for k in batch {
                 assert!(seen.insert(*k), "key {k} fetched twice");
             }
@@ -218,7 +217,7 @@ mod tests {
             }
         }
         woken.sort_unstable();
-        assert_eq!(woken, (0..1000).collect::<Vec<_>>());
+        assert_eq!(woken, (0..keys.len() as u64).collect::<Vec<_>>());
         assert_eq!(b.in_flight(), 0);
         assert!(b.is_idle());
     }
@@ -293,25 +292,36 @@ mod tests {
         assert_eq!(b.take_batch(&()), [1]);
     }
 
-    #[test]
-    fn random_interleaving_wakes_every_waiter_once() {
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any interleaving of joins, takes and completions (in any order)
+        /// keeps one flight per key and wakes every waiter exactly once.
+        #[test]
+        fn random_interleaving_wakes_every_waiter_once(
+            ops in proptest::collection::vec(
+                (0..10u8, 0..3u8, 0..40u8, proptest::prelude::any::<proptest::sample::Index>()),
+                1..2000,
+            ),
+        ) {
+            interleaving(&ops);
+        }
+    }
+
+    fn interleaving(ops: &[(u8, u8, u8, proptest::sample::Index)]) {
         const MAX: usize = 8;
         let mut b: Batcher<u8, u8> = Batcher::new(MAX);
-        let mut rng = Rng(42);
         let mut flights: Vec<(u8, Vec<u8>)> = Vec::new();
         let mut airborne: HashSet<(u8, u8)> = HashSet::new();
         let mut woken: Vec<Waiter> = Vec::new();
         let mut next_waiter = 0u64;
-        for _ in 0..20_000 {
-            match rng.below(10) {
+        for &(op, g, k, pick) in ops {
+            match op {
                 0..=5 => {
-                    let g = u8::try_from(rng.below(3)).unwrap();
-                    let k = u8::try_from(rng.below(40)).unwrap();
                     b.join(g, k, next_waiter);
                     next_waiter += 1;
                 }
                 6 | 7 => {
-                    let g = u8::try_from(rng.below(3)).unwrap();
                     let batch = b.take_batch(&g);
                     assert!(batch.len() <= MAX);
                     for k in &batch {
@@ -323,8 +333,7 @@ mod tests {
                 }
                 _ => {
                     if !flights.is_empty() {
-                        let i = usize::try_from(rng.below(flights.len() as u64)).unwrap();
-                        let (g, batch) = flights.swap_remove(i);
+                        let (g, batch) = flights.swap_remove(pick.index(flights.len()));
                         for k in batch {
                             airborne.remove(&(g, k));
                             woken.extend(b.complete(&g, &k));

@@ -4,7 +4,8 @@
 //! Each loop has its own accept on a `dup` of the one listening socket (as
 //! in [`crate::proxy`]), its own resolution cache and its own pool of API
 //! connections: nothing on the request path is shared between loops except
-//! the inventory `Arc` (read on a cache miss). Each loop writes its own
+//! the inventory store's generation (an atomic, read per lookup; each loop
+//! refreshes its own copy when it moved). Each loop writes its own
 //! block of counters ([`metrics`]), merged on scrape. With
 //! `backend = "neutron"` each loop also has its own [`NeutronResolver`]
 //! (cache, single flight, batching, prefetch).
@@ -13,7 +14,7 @@
 //! writer on the engine's [`Server`]); a request is [`super::handler`]
 //! (resolve → sign → forward → relay).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::UnixListener;
@@ -22,15 +23,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent::backend::{BackendError, NeutronResolver};
-use crate::agent::cache::{Lookup, TtlCache};
-use crate::agent::config::{AgentConfig, Backend, INVENTORY_POLL};
+use crate::agent::config::{AgentConfig, Backend};
 use crate::agent::forward;
-use crate::agent::identity::{Identity, LookupKey, Scope};
-use crate::agent::metrics::{self, inc, LoopMetrics, Registry};
-use crate::agent::resolve::{
-    resolve, InventoryStore, RejectedPorts, Resolution, Resolved, Watcher,
-};
+use crate::agent::metrics::{self, LoopMetrics, Registry};
+use crate::agent::neutron::NeutronResolver;
+use crate::agent::resolve::{InventoryResolver, Resolver};
+use crate::inventory::store::{self, Watcher};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, UnixAcceptor};
@@ -71,7 +69,7 @@ pub struct AgentStats {
 
 struct Shared {
     /// The inventory (`backend = "inventory"` only).
-    store: Option<Arc<InventoryStore>>,
+    store: Option<Arc<crate::inventory::Store>>,
     metrics: Registry,
 }
 
@@ -124,8 +122,8 @@ impl AgentHandle {
     /// # Errors
     /// The file is broken; the previous inventory stays in use.
     pub fn reload_inventory(&self) -> Result<(), String> {
-        match &self.watcher {
-            Some(w) => w.reload(),
+        match &self.shared.store {
+            Some(s) => s.reload().map_err(|e| e.to_string()),
             None => Err("no inventory watcher".into()),
         }
     }
@@ -218,7 +216,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     }
     let (store, backend) = match &cfg.backend {
         Backend::Inventory(inv_path) => {
-            let store = InventoryStore::load(inv_path)
+            let store = crate::inventory::Store::load(inv_path)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             (
                 Some(Arc::new(store)),
@@ -239,7 +237,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     ));
     let budget = admit::fd_budget().max();
     let watcher = match &store {
-        Some(s) => Some(Watcher::start(s.clone(), INVENTORY_POLL)?),
+        Some(s) => Some(Watcher::start(
+            s.clone(),
+            store::POLL_INTERVAL,
+            "agent-inventory",
+        )?),
         None => None,
     };
     let workers = cfg.workers.get();
@@ -284,21 +286,15 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
     })
 }
 
-type CacheKey = (Scope, LookupKey);
-
 /// Per-loop state shared by its tasks.
 pub(super) struct AgentLoop {
     pub(super) cfg: Arc<AgentConfig>,
-    shared: Arc<Shared>,
     /// This loop's counters.
     pub(super) m: Arc<LoopMetrics>,
-    /// `backend = "neutron"`: this loop's resolver.
-    neutron: Option<Rc<NeutronResolver>>,
+    /// The configured backend, with its cache.
+    pub(super) resolver: Resolver,
     /// The `Host` sent to the API.
     pub(super) host_header: String,
-    pub(super) cache: RefCell<TtlCache<CacheKey, Rc<Resolved>>>,
-    /// Inventory generation the cache was filled from.
-    cache_generation: Cell<u64>,
     /// This loop's connections to the API.
     pub(super) pool: forward::Pool,
     /// Set when the loop drains.
@@ -306,94 +302,9 @@ pub(super) struct AgentLoop {
     /// This loop's connections and their buffers.
     pub(super) server: Rc<Server>,
     last_forbidden_hint: Cell<Option<Instant>>,
-    /// Inventory ports whose ids were refused, logged once each.
-    rejected: RejectedPorts,
 }
 
 impl AgentLoop {
-    fn new_cache(cfg: &AgentConfig) -> TtlCache<CacheKey, Rc<Resolved>> {
-        TtlCache::new(
-            cfg.cache_capacity,
-            cfg.cache_ttl,
-            cfg.negative_cache_ttl,
-            crate::agent::cache::SystemClock,
-        )
-    }
-
-    /// Resolve with the configured backend (see [`AgentLoop::lookup`]).
-    pub(super) async fn resolve(
-        &self,
-        id: &Identity,
-        fresh: bool,
-    ) -> Result<(Option<Rc<Resolved>>, bool), BackendError> {
-        match (&self.neutron, &self.shared.store) {
-            (Some(n), _) => n.lookup(&id.scope, &id.key, fresh).await,
-            (None, Some(store)) => Ok(self.lookup(store, id, fresh)),
-            (None, None) => Err(BackendError::Cancelled),
-        }
-    }
-
-    /// Resolve from the inventory through the cache (unless `fresh`); the
-    /// bool says whether the answer came from the cache.
-    fn lookup(
-        &self,
-        store: &InventoryStore,
-        id: &Identity,
-        fresh: bool,
-    ) -> (Option<Rc<Resolved>>, bool) {
-        let m = &self.m;
-        let generation = store.generation();
-        if generation != self.cache_generation.get() {
-            // A reload: everything cached describes the old file.
-            *self.cache.borrow_mut() = Self::new_cache(&self.cfg);
-            self.cache_generation.set(generation);
-        }
-        let key = (id.scope.clone(), id.key.clone());
-        if !fresh {
-            match self.cache.borrow_mut().get(&key) {
-                Lookup::Hit(r) => {
-                    inc(&m.cache_hits);
-                    return (Some(r), true);
-                }
-                Lookup::NegativeHit => {
-                    inc(&m.cache_negative_hits);
-                    return (None, true);
-                }
-                Lookup::Miss => inc(&m.cache_misses),
-            }
-        }
-        inc(&m.inventory_lookups);
-        let (inv, inv_generation) = store.current();
-        let cacheable = inv_generation == self.cache_generation.get();
-        let mut cache = self.cache.borrow_mut();
-        match resolve(&inv, &id.scope, &id.key, &self.rejected) {
-            Resolution::Found(r) => {
-                let r = Rc::new(r);
-                if cacheable {
-                    cache.insert(key, r.clone());
-                }
-                (Some(r), false)
-            }
-            Resolution::NotFound => {
-                log::debug(format_args!("no port for {} on {:?}", id.xff, id.scope));
-                if cacheable {
-                    cache.insert_negative(key);
-                }
-                (None, false)
-            }
-            Resolution::Ambiguous(n) => {
-                log::warn(format_args!(
-                    "{n} ports match {} on {:?}; answering 404 (check the inventory for overlaps)",
-                    id.xff, id.scope
-                ));
-                if cacheable {
-                    cache.insert_negative(key);
-                }
-                (None, false)
-            }
-        }
-    }
-
     pub(super) fn forbidden_hint(&self) {
         let now = Instant::now();
         let due = self
@@ -422,30 +333,36 @@ async fn run_loop(
 ) -> io::Result<()> {
     use futures_util::StreamExt;
     let m = shared.metrics.0[index].clone();
-    let neutron = match &cfg.backend {
-        Backend::Neutron(n) => Some(NeutronResolver::new(
+    let resolver = match &cfg.backend {
+        Backend::Neutron(n) => Resolver::Neutron(NeutronResolver::new(
             n,
             cfg.cache_ttl,
             cfg.negative_cache_ttl,
             cfg.cache_capacity,
             m.clone(),
         )),
-        Backend::Inventory(_) => None,
+        Backend::Inventory(_) => {
+            let store = shared.store.as_ref();
+            let store = store.ok_or_else(|| io::Error::other("inventory not loaded"))?;
+            Resolver::Inventory(InventoryResolver::new(
+                store.local(),
+                cfg.cache_ttl,
+                cfg.negative_cache_ttl,
+                cfg.cache_capacity,
+                m.clone(),
+            ))
+        }
     };
     let ctx = Rc::new(AgentLoop {
         host_header: cfg.nova.host_header(),
-        cache: RefCell::new(AgentLoop::new_cache(&cfg)),
-        cache_generation: Cell::new(shared.store.as_ref().map_or(0, |s| s.generation())),
         m,
-        neutron,
+        resolver,
         pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
             .with_tls(cfg.nova.tls.clone()),
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
         last_forbidden_hint: Cell::new(None),
-        rejected: RejectedPorts::default(),
         cfg,
-        shared,
     });
     let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
     let c = ctx.clone();

@@ -28,9 +28,9 @@
 //! answers (issue 11); [`write_api_request`] makes the smuggling itself
 //! impossible, and this rule keeps any other desync from spreading.
 //!
-//! Response framing duplicates a few lines of `proxy::upstream` on purpose:
-//! the two clients differ in what they buffer and when they retry, and
-//! neither module should reach into the other.
+//! Response framing is [`http::frame_response`], shared with
+//! `proxy::upstream`; the two clients differ only in what they buffer and
+//! when they retry, and neither module reaches into the other.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;

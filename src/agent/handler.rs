@@ -1,7 +1,7 @@
 //! One agent request, as one straight path (spec §3):
 //! 1. [`identity::parse_identity`] → 400 with its message on any ambiguity;
-//! 2. (scope, key) → [`crate::agent::resolve::resolve`] through the loop's
-//!    cache, or the loop's Neutron resolver; zero or several ports → 404
+//! 2. (scope, key) → the loop's [`crate::agent::resolve::Resolver`] (the
+//!    inventory through its cache, or the Neutron resolver); zero or several ports → 404
 //!    with Neutron's era-C page ("Instance was not found on network X.");
 //!    Neutron failing → 503 (cache hits are still served);
 //! 3. sign the instance id, forward method, target and body to the API with
@@ -34,11 +34,11 @@ use std::time::Instant;
 
 use smallvec::SmallVec;
 
-use crate::agent::backend::BackendError;
 use crate::agent::daemon::AgentLoop;
 use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
 use crate::agent::identity::{self, Identity, Scope};
 use crate::agent::metrics::inc;
+use crate::agent::neutron::BackendError;
 use crate::agent::resolve::Resolved;
 use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
 use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
@@ -125,7 +125,7 @@ async fn answer(
             return Trace::default();
         }
     };
-    let (mut resolved, mut cached) = match ctx.resolve(&id, false).await {
+    let (mut resolved, mut cached) = match ctx.resolver.lookup(&id, false).await {
         Ok(r) => r,
         Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
     };
@@ -175,10 +175,7 @@ async fn answer(
                 // The instance may have moved or been replaced since we cached it.
                 retried = true;
                 inc(&c.retried_after_404);
-                ctx.cache
-                    .borrow_mut()
-                    .invalidate(&(id.scope.clone(), id.key.clone()));
-                (resolved, cached) = match ctx.resolve(&id, true).await {
+                (resolved, cached) = match ctx.resolver.lookup(&id, true).await {
                     Ok(r) => r,
                     Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
                 };

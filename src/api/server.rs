@@ -13,44 +13,39 @@
 //! a 200 durable); POSTs happen once per instance lifetime, so blocking the
 //! loop for one fsync was preferred over a blocking-pool hop for every request.
 //!
-//! Inventory reload: [`ApiHandle::reload_inventory`] re-reads the file and
-//! swaps it in ([`MetadataApi::set_inventory`]); a broken file keeps the old
-//! inventory and logs why (the error names the line or key). `main` calls it
-//! on SIGHUP, and a watcher thread calls it when the file changes. The watcher
-//! polls the file's mtime, size and inode once a second on a plain std thread
-//! instead of using inotify: inotify watches an inode, so editors that
-//! replace the file by rename (and config management that does the same)
-//! need the directory watched and the events filtered, while one `stat` a
-//! second is trivially correct and costs nothing.
+//! Inventory reload: an [`inventory::Store`] (shared with the agent's
+//! design) with its watcher thread; each loop reads through its own
+//! [`inventory::store::Local`] copy, so a request takes no lock.
+//! [`ApiHandle::reload_inventory`] reloads on demand (`main` calls it on
+//! SIGHUP); a broken file keeps the old inventory and logs why (the error
+//! names the line or key).
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
 use crate::http::{self, RequestHead};
-use crate::inventory::{Inventory, InventoryError};
+use crate::inventory::store::{self, Local, Watcher};
+use crate::inventory::{self, InventoryError};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
 use crate::serve::admit::{self, Admission, Gate};
 use crate::serve::{self, Answer, Handler, Request, Server, Stop};
 
-/// How often the watcher looks at the inventory file.
-pub const INVENTORY_POLL_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Per-loop state shared by its connection tasks.
 struct ApiLoop {
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
+    /// This loop's copy of the inventory.
+    inventory: Local,
     /// Set when the loop drains.
     stopping: Event,
     server: Rc<Server>,
@@ -60,18 +55,17 @@ struct ApiLoop {
 pub struct ApiHandle {
     /// Actual bound addresses, in `listen` order (port 0 resolved).
     pub bound: Vec<SocketAddr>,
-    api: Arc<MetadataApi>,
-    inventory_path: PathBuf,
+    inventory: Arc<inventory::Store>,
     controls: Vec<UnboundedSender<Stop>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
-    watcher: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    watcher: Option<Watcher>,
 }
 
 impl std::fmt::Debug for ApiHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiHandle")
             .field("bound", &self.bound)
-            .field("inventory_path", &self.inventory_path)
+            .field("inventory_path", &self.inventory.path())
             .finish_non_exhaustive()
     }
 }
@@ -84,7 +78,7 @@ impl ApiHandle {
     /// The file could not be read or is not a valid inventory (the error names
     /// the line or key).
     pub fn reload_inventory(&self) -> Result<(), InventoryError> {
-        reload(&self.api, &self.inventory_path)
+        self.inventory.reload()
     }
 
     /// Ask every loop to drain and wait for them to finish.
@@ -92,62 +86,14 @@ impl ApiHandle {
     /// # Errors
     /// A loop failed.
     pub fn stop(mut self) -> io::Result<()> {
-        if let Some((stop, t)) = self.watcher.take() {
-            stop.store(true, Ordering::Release);
-            t.thread().unpark();
-            let _ = t.join();
+        if let Some(w) = self.watcher.take() {
+            w.stop();
         }
         for c in &self.controls {
             let _ = c.unbounded_send(Stop);
         }
         serve::join_loops(self.threads.drain(..), "api")
     }
-}
-
-fn reload(api: &MetadataApi, path: &Path) -> Result<(), InventoryError> {
-    match Inventory::load(path) {
-        Ok(inv) => {
-            log::info(format_args!(
-                "inventory reloaded from {}: {} instance(s)",
-                path.display(),
-                inv.instances().count()
-            ));
-            api.set_inventory(Arc::new(inv));
-            Ok(())
-        }
-        Err(e) => {
-            log::error(format_args!(
-                "inventory reload from {} failed, keeping the previous one: {e}",
-                path.display()
-            ));
-            Err(e)
-        }
-    }
-}
-
-fn spawn_watcher(
-    api: Arc<MetadataApi>,
-    path: PathBuf,
-    loaded: crate::inventory::watch::FileVersion,
-) -> io::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let t = std::thread::Builder::new()
-        .name("api-inventory-watch".into())
-        .spawn(move || {
-            let mut seen = loaded;
-            while !flag.load(Ordering::Acquire) {
-                std::thread::park_timeout(INVENTORY_POLL_INTERVAL);
-                if flag.load(Ordering::Acquire) {
-                    break;
-                }
-                // A vanished file (mid-rename, or deleted) keeps the old inventory.
-                if seen.changed(&path) {
-                    let _ = reload(&api, &path);
-                }
-            }
-        })?;
-    Ok((stop, t))
 }
 
 /// Load the inventory, open the password store, bind every listener and start
@@ -160,10 +106,7 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
-    // The watcher's baseline is taken before the file is read, so an edit
-    // between loading and the watcher starting is not missed.
-    let loaded = crate::inventory::watch::FileVersion::of(&cfg.inventory);
-    let inventory = Inventory::load(&cfg.inventory).map_err(|e| {
+    let inventory = inventory::Store::load(&cfg.inventory).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{}: {e}", cfg.inventory.display()),
@@ -187,11 +130,8 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         vendor_data: cfg.vendor_data.clone(),
         dhcp_domain_override: cfg.dhcp_domain.clone(),
     };
-    let api = Arc::new(MetadataApi::new(
-        settings,
-        Arc::new(inventory),
-        Arc::new(passwords),
-    ));
+    let inventory = Arc::new(inventory);
+    let api = Arc::new(MetadataApi::new(settings, Arc::new(passwords)));
     admit::check_backlog("api", cfg.backlog);
     let mut sockets = Vec::with_capacity(cfg.listen.len());
     for a in &cfg.listen {
@@ -219,16 +159,20 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         cfg.max_connections,
         admit::fd_budget().max()
     ));
-    let inventory_path = cfg.inventory.clone();
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
-    let loop_api = api.clone();
+    let loop_inventory = inventory.clone();
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
-        let (cfg, api) = (cfg.clone(), loop_api.clone());
+        let (cfg, api) = (cfg.clone(), api.clone());
         let (sockets, gate) = (sockets.clone(), gate.clone());
-        async move { run_loop(i, cfg, api, &sockets, gate, rx).await }
+        let store = loop_inventory.clone();
+        async move { run_loop(i, cfg, api, store.local(), &sockets, gate, rx).await }
     })?;
-    let watcher = match spawn_watcher(api.clone(), inventory_path.clone(), loaded) {
+    let watcher = match Watcher::start(
+        inventory.clone(),
+        store::POLL_INTERVAL,
+        "api-inventory-watch",
+    ) {
         Ok(w) => Some(w),
         Err(e) => {
             log::warn(format_args!(
@@ -239,8 +183,7 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     };
     Ok(ApiHandle {
         bound,
-        api,
-        inventory_path,
+        inventory,
         controls,
         threads,
         watcher,
@@ -258,6 +201,7 @@ async fn run_loop(
     index: usize,
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
+    inventory: Local,
     sockets: &[std::net::TcpListener],
     gate: Arc<Gate>,
     mut control: UnboundedReceiver<Stop>,
@@ -266,6 +210,7 @@ async fn run_loop(
     let ctx = Rc::new(ApiLoop {
         cfg: cfg.clone(),
         api,
+        inventory,
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
     });
@@ -337,7 +282,7 @@ impl Handler for ApiConn {
             peer: rt::peer_ip(self.peer),
         };
         let started = Instant::now();
-        let resp = self.ctx.api.handle(&api_req);
+        let resp = self.ctx.api.handle(&self.ctx.inventory.get().0, &api_req);
         if self.ctx.cfg.access_log {
             access(&api_req, &resp, started);
         }

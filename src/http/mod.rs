@@ -30,8 +30,8 @@ pub use chunked::{
 pub use request::{parse_request, Method, RequestBody, RequestHead};
 pub use response::{frame_response, parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
-    format_ip_for_xff, is_hop_by_hop, is_trust_header, rewrite_proxy_request, write_request_head,
-    write_response_head, HOP_BY_HOP, TRUST_HEADERS,
+    format_ip_for_xff, is_hop_by_hop, is_token_header, is_trust_header, rewrite_proxy_request,
+    write_request_head, write_response_head, HOP_BY_HOP, TOKEN_HEADERS, TRUST_HEADERS, TTL_HEADERS,
 };
 pub use write::{put_header, write_answer, HeaderName, HeaderValue, InvalidHeader};
 

@@ -7,8 +7,9 @@
 //! error rather than RFC 9112's "TE wins": a pooled upstream connection whose framing we guessed
 //! wrong would poison every later response on it.
 //!
-//! `max_body_bytes` is not applied to responses: the proxy streams them and never buffers a whole
-//! body; a caller that buffers checks `ResponseBody::Length` itself.
+//! `max_body_bytes` is not applied to responses. Every caller buffers a whole response before
+//! relaying or reading it (the proxy's upstream pool, the agent's API and Neutron clients), so
+//! each bounds it with its own response limit through [`frame_response`]'s `max_bytes`.
 
 use smallvec::SmallVec;
 

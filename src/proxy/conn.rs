@@ -178,31 +178,21 @@ fn access(
     ));
 }
 
-/// The head sent to the agent: every trust, hop-by-hop and IMDSv2 token
-/// header of the client's request is dropped, then exactly one
-/// `X-Forwarded-For: <peer>` and one router/network id are added. This is
-/// the security boundary the fuzz target `request_rewrite` checks.
+/// The head sent to the agent: [`http::rewrite_proxy_request`] with this
+/// namespace's router or network id.
 pub fn upstream_head(
     buf: &[u8],
     head: &RequestHead,
     peer: std::net::IpAddr,
-    id: &crate::config::NsIdentity,
+    id: &crate::proxy::config::NsIdentity,
     out: &mut Vec<u8>,
 ) {
-    let mut xff = Vec::with_capacity(40);
-    http::format_ip_for_xff(peer, &mut xff);
-    http::write_request_head(
+    http::rewrite_proxy_request(
         buf,
         head,
-        |name| {
-            !http::is_trust_header(name)
-                && !http::is_hop_by_hop(name)
-                && !imdsv2::is_token_header(name)
-        },
-        &[
-            (b"X-Forwarded-For", &xff),
-            (id.header_name().as_bytes(), id.id().as_bytes()),
-        ],
+        peer,
+        id.header_name().as_bytes(),
+        id.id().as_bytes(),
         out,
     );
 }

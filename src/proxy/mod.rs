@@ -26,6 +26,7 @@
 //! Connections run on the connection engine ([`crate::serve::engine`]); this
 //! module and [`conn`] hold only the proxy's part.
 
+pub mod config;
 pub mod conn;
 pub mod control;
 pub mod discover;
@@ -40,8 +41,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{NamespaceConfig, ProxyConfig};
 use crate::log;
+use crate::proxy::config::{NamespaceConfig, ProxyConfig};
 use crate::rt::sync::{Event, UnboundedReceiver};
 use crate::rt::{self, TcpAcceptor};
 use crate::serve::admit::{self, Admission, Gate};

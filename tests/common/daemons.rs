@@ -174,14 +174,7 @@ impl Drop for Daemon {
     }
 }
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::free_port;
 
 /// Where the three daemons of one chain listen.
 #[derive(Clone, Debug)]

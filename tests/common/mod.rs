@@ -364,7 +364,7 @@ pub fn get(addr: SocketAddr, raw: &str) -> std::io::Result<Resp> {
 }
 
 /// A minimal proxy config on loopback with short timeouts.
-pub fn proxy_config(agent: &Path, extra: &str) -> metaproxy::config::ProxyConfig {
+pub fn proxy_config(agent: &Path, extra: &str) -> metaproxy::proxy::config::ProxyConfig {
     let text = format!(
         r#"
 [proxy]
@@ -384,13 +384,49 @@ listen = "127.0.0.1:0"
 "#,
         agent.display()
     );
-    let f = metaproxy::config::parse_str(&text, Path::new("test.toml")).unwrap();
-    metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap()
+    let f = metaproxy::proxy::config::parse_str(&text, Path::new("test.toml")).unwrap();
+    metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap()
+}
+
+/// Poll `ready` every few milliseconds until it holds; panic naming `what`
+/// if it does not within `limit`. Tests wait with this, not with sleeps.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        assert!(t0.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The address in a daemon's `listener up:` log line (the proxy's
+/// `listener up: <ns> <addr> -> ...`, the API's `api listener up: <addr>`):
+/// what a daemon configured with port 0 actually bound. Reading it back is
+/// how a test gets a port without racing: [`free_port`] closes its probe
+/// socket before the child binds, so another process can take the port in
+/// between.
+pub fn bound_addr(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("listener up: ")?;
+    rest.split_whitespace().find_map(|w| w.parse().ok())
+}
+
+/// A port nobody listens on right now. Racy (the port is free again before
+/// the child binds it): only for a config that must name a port before its
+/// daemon starts (another daemon's upstream, a restart on the same port) or
+/// one that must stay dead; otherwise listen on port 0 and read
+/// [`bound_addr`] back.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
 pub mod attack;
 pub mod daemons;
+pub mod limits;
 pub mod netns;
 pub mod neutron;
+pub mod oracle;
 pub mod up;

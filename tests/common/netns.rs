@@ -455,14 +455,7 @@ impl Drop for Daemon {
     }
 }
 
-/// A free TCP port on the host's loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::free_port;
 
 /// `[api]` + `[agent]` sections for our api on `api_port` and our agent on
 /// `sock`, both serving `inventory`.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::daemons::free_port;
+use super::free_port;
 
 /// The example inventory's router (`examples/inventory.toml`).
 pub const EXAMPLE_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";

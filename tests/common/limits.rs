@@ -16,7 +16,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The router id every limits test serves.
-pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
+pub use super::ROUTER;
 
 /// Raise this process's `RLIMIT_NOFILE` to at least `want` if it can (root
 /// may raise the hard limit too), else soft to hard. Returns the soft limit
@@ -37,15 +37,6 @@ pub fn raise_nofile(want: u64) -> u64 {
         );
     }
     soft
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The `i`-th distinct loopback source in the `/16` `127.<net>.0.0`
@@ -162,10 +153,12 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                if line.contains(&ready) {
+                let is_ready = line.contains(&ready);
+                // Logged before the signal, so `listen_addr` finds the line.
+                l2.lock().unwrap().push(line);
+                if is_ready {
                     let _ = tx.send(());
                 }
-                l2.lock().unwrap().push(line);
             }
         });
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {
@@ -173,6 +166,30 @@ impl Daemon {
             panic!("daemon did not start: {:?}", log.lock().unwrap());
         }
         Daemon { child, log }
+    }
+
+    /// The address the daemon's first TCP listener is bound to, from its
+    /// `listener up:` log line; give it `127.0.0.1:0` in the config. Waits
+    /// up to 10 s for the line.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let t0 = Instant::now();
+        loop {
+            if let Some(a) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| super::bound_addr(l))
+            {
+                return a;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no `listener up:` line: {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The daemon's pid (prlimit execs it, so the child's pid is the daemon's).
