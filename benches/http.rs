@@ -26,7 +26,7 @@ fn request(c: &mut Criterion) {
             rewrite_proxy_request(
                 buf,
                 &head,
-                b"10.0.0.5",
+                "10.0.0.5".parse().unwrap(),
                 b"X-Neutron-Router-ID",
                 b"3f1c6a7e-9c1b-4f0e-8a43-0d2d1a6f1b2c",
                 &mut out,

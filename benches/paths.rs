@@ -68,7 +68,6 @@ fn render(c: &mut Criterion) {
             shared_secret: SECRET.to_vec(),
             ..ApiSettings::default()
         },
-        inv,
         passwords,
     );
     let sig = metaproxy::sign::sign_instance_id(SECRET, UUID);
@@ -87,14 +86,14 @@ fn render(c: &mut Criterion) {
         peer: "127.0.0.1".parse().unwrap(),
     };
     let meta = req(b"/openstack/2018-08-27/meta_data.json");
-    assert_eq!(api.handle(&meta).status, 200);
+    assert_eq!(api.handle(&inv, &meta).status, 200);
     c.bench_function("api/meta_data_json", |b| {
-        b.iter(|| api.handle(black_box(&meta)))
+        b.iter(|| api.handle(&inv, black_box(&meta)))
     });
     let listing = req(b"/2009-04-04/meta-data/");
-    assert_eq!(api.handle(&listing).status, 200);
+    assert_eq!(api.handle(&inv, &listing).status, 200);
     c.bench_function("api/ec2_meta_data_listing", |b| {
-        b.iter(|| api.handle(black_box(&listing)))
+        b.iter(|| api.handle(&inv, black_box(&listing)))
     });
 }
 

@@ -7,8 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use metaproxy::agent::AgentConfig;
 use metaproxy::api::config::ApiConfig;
-use metaproxy::config::{self, ProxyConfig};
+use metaproxy::config;
 use metaproxy::log::{self, Level};
+use metaproxy::proxy::config::{self as proxy_config, ProxyConfig};
 
 /// OpenStack's metadata path in one binary: namespace proxy, metadata agent, metadata API.
 #[derive(Parser, Debug)]
@@ -36,7 +37,7 @@ enum Command {
     /// Talk to a running proxy over its control socket (root only).
     Ctl {
         /// The proxy's `control_socket`.
-        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        #[arg(long, default_value = proxy_config::DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         #[command(subcommand)]
         command: CtlCommand,
@@ -120,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn load_proxy_config(path: &Path) -> Result<ProxyConfig> {
-    let file = config::load_file(path)?;
+    let file = proxy_config::load_file(path)?;
     let Some(p) = file.proxy.as_ref() else {
         bail!("{}: no [proxy] section", path.display());
     };
@@ -181,6 +182,9 @@ fn run_proxy(path: &Path, check: bool) -> Result<()> {
 }
 
 fn load_api_config(path: &Path) -> Result<ApiConfig> {
+    // The whole file first, as the proxy's and the agent's loaders read it:
+    // unknown sections and a malformed `[proxy]` are refused by every daemon.
+    proxy_config::load_file(path)?;
     match metaproxy::api::config::load(path)? {
         Some(cfg) => Ok(cfg),
         None => bail!("{}: no [api] section", path.display()),
@@ -226,7 +230,7 @@ fn run_api(path: &Path, check: bool) -> Result<()> {
 }
 
 fn load_agent_config(path: &Path) -> Result<AgentConfig> {
-    let file = config::load_file(path)?;
+    let file = proxy_config::load_file(path)?;
     let Some(a) = file.agent.as_ref() else {
         bail!("{}: no [agent] section", path.display());
     };
@@ -269,7 +273,7 @@ fn run_agent(path: &Path, check: bool) -> Result<()> {
 /// is one (a network node's file usually configures both), else with the
 /// agent's defaults, and says which.
 fn proxy_agent_warnings(path: &Path, proxy: &ProxyConfig) -> Result<Vec<String>> {
-    let file = config::load_file(path)?;
+    let file = proxy_config::load_file(path)?;
     let (agent, whose) = match &file.agent {
         Some(t) => (
             metaproxy::agent::config::AgentFile::from_table(t)?.limits()?,

@@ -567,7 +567,10 @@ fn sighup_reloads_the_inventory_and_sigterm_exits_cleanly() {
     common::wait_until(
         "the failed reload is logged",
         Duration::from_secs(5),
-        || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("inventory reload from")),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("not reloaded, keeping the previous one"))
+        },
     );
     assert_eq!(hostname(d.addr), "demo.hup.test");
 
@@ -575,7 +578,10 @@ fn sighup_reloads_the_inventory_and_sigterm_exits_cleanly() {
     let status = d.child.wait().unwrap();
     assert!(status.success(), "{status}");
     let log = std::fs::read_to_string(dir.path().join("api.log")).unwrap();
-    assert!(log.contains("inventory reload from"), "{log}");
+    assert!(
+        log.contains("not reloaded, keeping the previous one"),
+        "{log}"
+    );
     assert!(log.contains("line 1"), "the error names the line: {log}");
 }
 

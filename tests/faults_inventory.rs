@@ -105,7 +105,7 @@ fn garbage_inventory_mid_storm_keeps_old_data_and_a_valid_file_is_picked_up() {
     );
     let api_log = api.log_text();
     assert!(
-        api_log.contains("failed, keeping the previous one"),
+        api_log.contains("not reloaded, keeping the previous one"),
         "{api_log}"
     );
 

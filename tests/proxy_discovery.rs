@@ -62,8 +62,8 @@ listen = "127.0.0.1:0"
 "#,
         agent.path.display()
     );
-    let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
-    let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
+    let f = metaproxy::proxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+    let cfg = metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
     let d = cfg.discover.clone().unwrap();
     let h = metaproxy::proxy::start(cfg).unwrap();
     // The watcher lives as long as the test (dropped without stop at the end).

@@ -170,9 +170,9 @@ fn a_token_from_another_vm_is_rejected() {
         "[proxy]\nagent_socket = \"{}\"\n[[proxy.namespace]]\nrouter_id = \"{ROUTER}\"\nlisten = \"127.0.0.1:0\"\n",
         agent.path.display()
     );
-    let f = metaproxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
+    let f = metaproxy::proxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
     let h = metaproxy::proxy::start(
-        metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
+        metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
     )
     .unwrap();
     let addr = h.bound[0][0];
@@ -224,9 +224,9 @@ fn a_token_is_rejected_in_another_namespace() {
          [[proxy.namespace]]\nnetwork_id = \"7a7a7a7a-0000-4000-8000-000000000002\"\nlisten = \"127.0.0.1:0\"\n",
         agent.path.display()
     );
-    let f = metaproxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
+    let f = metaproxy::proxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
     let h = metaproxy::proxy::start(
-        metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
+        metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
     )
     .unwrap();
     let (a, b) = (h.bound[0][0], h.bound[1][0]);

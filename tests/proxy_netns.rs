@@ -133,8 +133,8 @@ listen = ["0.0.0.0:9697", "169.254.169.254:80"]
 "#,
         agent.path.display()
     );
-    let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
-    let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
+    let f = metaproxy::proxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+    let cfg = metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
     let h = metaproxy::proxy::start(cfg).unwrap();
 
     let body = curl_in(
@@ -178,8 +178,8 @@ fn a_missing_namespace_is_a_startup_error_naming_it() {
         "[proxy]\nagent_socket = \"{}\"\n[[proxy.namespace]]\nnetns = \"qrouter-does-not-exist\"\nrouter_id = \"{ROUTER}\"\nlisten = \"0.0.0.0:9697\"\n",
         agent.path.display()
     );
-    let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
-    let cfg = metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
+    let f = metaproxy::proxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+    let cfg = metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
     let err = metaproxy::proxy::start(cfg)
         .err()
         .expect("must refuse to start")
@@ -275,9 +275,9 @@ fn token_responses_do_not_survive_more_hops_than_hop_limit() {
             "[proxy]\nagent_socket = \"{}\"\n[proxy.imdsv2]\nhop_limit = {hop_limit}\n[[proxy.namespace]]\nnetns = \"{router}\"\nrouter_id = \"{ROUTER}\"\nlisten = \"10.78.1.1:9697\"\n",
             agent.path.display()
         );
-        let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+        let f = metaproxy::proxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
         let h = metaproxy::proxy::start(
-            metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
+            metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
         )
         .unwrap();
         // An ordinary request crosses both hops either way.

@@ -427,9 +427,9 @@ fn more_simultaneous_wakeups_than_ring_buffers_are_all_answered() {
         "[proxy]\nworkers = 2\nagent_socket = \"{}\"\nmax_connections = 5000\n[proxy.timeouts]\nserver = \"60s\"\nclient = \"60s\"\n[[proxy.namespace]]\nrouter_id = \"{ROUTER}\"\nlisten = \"127.0.0.1:0\"\n",
         agent.path.display()
     );
-    let f = metaproxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
+    let f = metaproxy::proxy::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
     let h = metaproxy::proxy::start(
-        metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
+        metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap(),
     )
     .unwrap();
     let addr = h.bound[0][0];

@@ -37,7 +37,8 @@ fn start_server(inv: Inventory, shift: usize) -> FakeServer {
         service_metadata_proxy: false,
         ..ApiSettings::default()
     };
-    let api = Arc::new(MetadataApi::new(settings, Arc::new(inv), passwords));
+    let api = Arc::new(MetadataApi::new(settings, passwords));
+    let inv = Arc::new(inv);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let peers = Arc::new(Mutex::new(HashSet::new()));
@@ -47,6 +48,7 @@ fn start_server(inv: Inventory, shift: usize) -> FakeServer {
         for s in listener.incoming() {
             let Ok(s) = s else { continue };
             let api = Arc::clone(&api);
+            let inv = Arc::clone(&inv);
             let map = Arc::clone(&map);
             let seen = Arc::clone(&seen);
             std::thread::spawn(move || {
@@ -57,7 +59,7 @@ fn start_server(inv: Inventory, shift: usize) -> FakeServer {
                     Some(&k) => ips[(k + ips.len() - shift % ips.len()) % ips.len()],
                     None => peer,
                 };
-                serve(s, &api, as_peer);
+                serve(s, &api, &inv, as_peer);
             });
         }
     });
@@ -69,7 +71,7 @@ fn start_server(inv: Inventory, shift: usize) -> FakeServer {
 }
 
 /// HTTP/1.1 with keep-alive, GET only, Content-Length framing.
-fn serve(mut s: TcpStream, api: &MetadataApi, peer: IpAddr) {
+fn serve(mut s: TcpStream, api: &MetadataApi, inv: &Inventory, peer: IpAddr) {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -94,13 +96,16 @@ fn serve(mut s: TcpStream, api: &MetadataApi, peer: IpAddr) {
         let close = hdrs.iter().any(|(k, v)| {
             k.eq_ignore_ascii_case(b"connection") && v.eq_ignore_ascii_case(b"close")
         });
-        let resp = api.handle(&ApiRequest {
-            method: req.method.unwrap(),
-            target: req.path.unwrap().as_bytes(),
-            headers: &hdrs,
-            body: b"",
-            peer,
-        });
+        let resp = api.handle(
+            inv,
+            &ApiRequest {
+                method: req.method.unwrap(),
+                target: req.path.unwrap().as_bytes(),
+                headers: &hdrs,
+                body: b"",
+                peer,
+            },
+        );
         let mut out = format!(
             "HTTP/1.1 {} X\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
             resp.status,

@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metaproxy::agent::backend::resolved_from_port;
+use metaproxy::agent::neutron::resolved_from_port;
 use metaproxy::agent::forward::{write_api_request, GuestRequest};
 use metaproxy::agent::identity::{Identity, LookupKey, Scope};
 use metaproxy::agent::neutron::{match_key, parse_ports, PortMatch};

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use metaproxy::config::NsIdentity;
+use metaproxy::proxy::config::NsIdentity;
 use metaproxy::http::{self, Limits};
 
 const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{parse_duration, ConfigError, DurationFile, DEFAULT_AGENT_SOCKET};
+use crate::config::{
+    dur, dur_or_zero, invalid, nonzero, ConfigError, DurationFile, DEFAULT_AGENT_SOCKET,
+};
 use crate::http::{self, Limits};
 
 /// Neutron's `metadata_backlog`.
@@ -39,8 +41,6 @@ pub const DEFAULT_NOVA_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WORKERS: usize = 1;
 /// Idle keep-alive connections to the metadata API kept per loop.
 pub const DEFAULT_POOL_SIZE: usize = 8;
-/// How often the inventory file's mtime is checked.
-pub const INVENTORY_POLL: Duration = Duration::from_secs(1);
 /// Whole-exchange timeout of one Neutron or Keystone call (python-neutronclient's
 /// default is 30 s; a guest waits behind this, so shorter).
 pub const DEFAULT_NEUTRON_TIMEOUT: Duration = Duration::from_secs(10);
@@ -609,39 +609,6 @@ impl AgentConfig {
     }
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        message: message.into(),
-    }
-}
-
-fn duration(
-    key: &str,
-    v: &Option<DurationFile>,
-    default: Duration,
-    allow_zero: bool,
-) -> Result<Duration, ConfigError> {
-    let d = match v {
-        None => return Ok(default),
-        Some(DurationFile::Secs(s)) => Duration::from_secs(*s),
-        Some(DurationFile::Text(t)) => parse_duration(t).ok_or_else(|| {
-            invalid(
-                key,
-                format!("{t:?} is not a duration like \"30s\" or \"250ms\""),
-            )
-        })?,
-    };
-    if d.is_zero() && !allow_zero {
-        return Err(invalid(key, "must be greater than zero"));
-    }
-    Ok(d)
-}
-
-fn nonzero(key: &str, v: Option<usize>, default: usize) -> Result<NonZeroUsize, ConfigError> {
-    NonZeroUsize::new(v.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
-}
-
 impl AgentFile {
     /// The validated `[agent.limits]` (defaults: [`DEFAULT_AGENT_LIMITS`]).
     ///
@@ -776,12 +743,7 @@ impl TryFrom<&AgentFile> for AgentConfig {
             port,
             addr,
             tls,
-            timeout: duration(
-                "agent.nova.timeout",
-                &n.timeout,
-                DEFAULT_NOVA_TIMEOUT,
-                false,
-            )?,
+            timeout: dur("agent.nova.timeout", &n.timeout, DEFAULT_NOVA_TIMEOUT)?,
         };
         let workers = nonzero("agent.workers", f.workers, DEFAULT_WORKERS)?;
         if workers.get() > 1024 {
@@ -802,17 +764,15 @@ impl TryFrom<&AgentFile> for AgentConfig {
             backend,
             shared_secret: f.metadata_proxy_shared_secret.clone().unwrap_or_default(),
             nova,
-            cache_ttl: duration(
+            cache_ttl: dur_or_zero(
                 "agent.cache_ttl",
                 &f.cache_ttl,
                 super::cache::DEFAULT_POSITIVE_TTL,
-                true,
             )?,
-            negative_cache_ttl: duration(
+            negative_cache_ttl: dur_or_zero(
                 "agent.negative_cache_ttl",
                 &f.negative_cache_ttl,
                 super::cache::DEFAULT_NEGATIVE_TTL,
-                true,
             )?,
             cache_capacity: f.cache_capacity.unwrap_or(super::cache::DEFAULT_CAPACITY),
             workers,
@@ -829,30 +789,26 @@ impl TryFrom<&AgentFile> for AgentConfig {
                 ),
             },
             access_log: f.access_log.unwrap_or(false),
-            drain_timeout: duration(
+            drain_timeout: dur(
                 "agent.drain_timeout",
                 &f.drain_timeout,
                 DEFAULT_DRAIN_TIMEOUT,
-                false,
             )?,
             timeouts: AgentTimeouts {
-                http_request: duration(
+                http_request: dur(
                     "agent.timeouts.http_request",
                     &f.timeouts.http_request,
                     DEFAULT_HTTP_REQUEST_TIMEOUT,
-                    false,
                 )?,
-                client: duration(
+                client: dur(
                     "agent.timeouts.client",
                     &f.timeouts.client,
                     DEFAULT_CLIENT_TIMEOUT,
-                    false,
                 )?,
-                keep_alive: duration(
+                keep_alive: dur(
                     "agent.timeouts.keep_alive",
                     &f.timeouts.keep_alive,
                     DEFAULT_KEEP_ALIVE_TIMEOUT,
-                    false,
                 )?,
             },
             limits: f.limits()?,
@@ -926,18 +882,8 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
         endpoint,
         auth,
         region_name: n.region_name.clone(),
-        timeout: duration(
-            "agent.neutron.timeout",
-            &n.timeout,
-            DEFAULT_NEUTRON_TIMEOUT,
-            false,
-        )?,
-        batch_window: duration(
-            "agent.batch_window",
-            &f.batch_window,
-            DEFAULT_BATCH_WINDOW,
-            true,
-        )?,
+        timeout: dur("agent.neutron.timeout", &n.timeout, DEFAULT_NEUTRON_TIMEOUT)?,
+        batch_window: dur_or_zero("agent.batch_window", &f.batch_window, DEFAULT_BATCH_WINDOW)?,
         batch_max: nonzero(
             "agent.batch_max",
             f.batch_max,

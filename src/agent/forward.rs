@@ -38,9 +38,9 @@
 //! per request in a storm (BENCHMARKS.md, issue 13), and it only saw bytes
 //! that had arrived by the instant of the peek.
 //!
-//! Response framing duplicates a few lines of `proxy::upstream` on purpose:
-//! the two clients differ in what they buffer and when they retry, and
-//! neither module should reach into the other.
+//! Response framing is [`http::frame_response`], shared with
+//! `proxy::upstream`; the two clients differ only in what they buffer and
+//! when they retry, and neither module reaches into the other.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -62,9 +62,8 @@ use crate::rt::{self, PendingInput, TcpConn};
 
 /// Read size for API responses.
 const READ_BYTES: usize = 16 * 1024;
-/// Largest API response accepted (Nova caps user-data at 64 KiB; the
-/// largest documents are a few hundred KiB).
-pub const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest API response accepted ([`http::DEFAULT_MAX_RESPONSE_BYTES`]).
+pub const MAX_RESPONSE_BYTES: u64 = crate::http::DEFAULT_MAX_RESPONSE_BYTES;
 /// At most one "unsolicited bytes" warning per pool per this interval.
 const UNSOLICITED_LOG_EVERY: Duration = Duration::from_secs(60);
 

@@ -9,35 +9,42 @@
 //!    [`identity::Scope`] (router or network) and a [`identity::LookupKey`]
 //!    (IP, or MAC for link-local IPv6), failing closed with 400 on anything
 //!    ambiguous; the key is looked up in a [`cache::TtlCache`] and, on a miss,
-//!    against Neutron with the REST queries built and parsed by [`neutron`].
+//!    against Neutron with the REST queries built and parsed by
+//!    [`neutron::query`].
 //!    Concurrent misses are single-flighted and batched per network set by
 //!    [`batch::Batcher`], so a boot storm costs a handful of Neutron queries
 //!    instead of one per guest request;
 //! 2. **signs** the instance id with [`crate::sign::sign_instance_id`];
 //! 3. **forwards** to the Nova-compatible metadata API.
 //!
-//! The IO layer: [`server`] (the Unix-socket server and request flow),
-//! [`resolve`] (inventory lookups and reload), [`backend`] (the Neutron
-//! resolver: cache, prefetch, single flight, batching, Keystone),
-//! [`forward`] (the pooled client to the API and to Neutron), [`metrics`]
-//! (per-loop counters, Prometheus), configured by [`config`].
+//! The IO layer: [`daemon`] (start, bind, loops), [`conn`] (one pipelined
+//! connection on the engine), [`handler`] (one request: resolve → sign →
+//! forward → relay), [`resolve`] (the validated ids and the loop's
+//! [`resolve::Resolver`], one of two backends: [`inventory`], the file
+//! through a per-loop cache, or [`neutron`]: its [`neutron::resolver`] with
+//! cache, prefetch, single flight and batching over its [`neutron::client`]
+//! with Keystone), [`forward`] (the pooled client to the API and to
+//! Neutron), [`metrics`] (per-loop counters, Prometheus), configured by
+//! [`config`].
 //!
 //! Everything in the other submodules is pure: no sockets, timers or runtime
 //! types, so each step is unit-tested in isolation and the async layer only
 //! wires them together. Time enters through [`cache::Clock`] and through the
 //! caller driving [`batch::Batcher`]; that is why neither owns a timer.
 
-pub mod backend;
 pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod conn;
+pub mod daemon;
 pub mod forward;
+pub mod handler;
 pub mod identity;
+pub mod inventory;
 pub mod metrics;
 pub mod neutron;
 pub mod resolve;
-pub mod server;
 pub mod tls;
 
 pub use config::AgentConfig;
-pub use server::{start, AgentHandle, AgentStats};
+pub use daemon::{start, AgentHandle, AgentStats};

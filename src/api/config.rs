@@ -228,25 +228,21 @@ impl ApiConfig {
 /// a type error carries toml's line, column and the offending line.
 ///
 /// # Errors
-/// The file is unreadable or invalid (see [`crate::config::load_file`]), or
-/// `[api]` is; `Ok(None)` when the file has no `[api]` section.
+/// The file is unreadable or invalid (see [`crate::config::load_file`]; a
+/// raw `[proxy]` there, which the command line checks typed with
+/// [`crate::proxy::config::load_file`] first), or `[api]` is; `Ok(None)` when
+/// the file has no `[api]` section.
 pub fn load(path: &Path) -> Result<Option<ApiConfig>, ConfigError> {
     /// Only `[api]`, parsed from the text so errors keep their spans; the
-    /// other sections were checked by `load_file` and are ignored here.
+    /// whole file was checked by `parse_str` and the rest is ignored here.
     #[derive(Deserialize)]
     struct Section {
         #[serde(default)]
         api: Option<ApiFile>,
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = crate::config::read(path)?;
     crate::config::parse_str(&text, path)?;
-    let section: Section = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string().trim_end().to_string(),
-    })?;
+    let section: Section = crate::config::parse_as(&text, path)?;
     section.api.as_ref().map(ApiConfig::try_from).transpose()
 }
 

@@ -1,6 +1,6 @@
 //! Nova-compatible metadata API as a pure handler: request in, response out.
 //!
-//! [`MetadataApi::handle`] does what Nova's `MetadataRequestHandler` does
+//! [`MetadataApi::handle`] (inventory and request in) does what Nova's `MetadataRequestHandler` does
 //! (`shared/spec/metadata-api.md` §1): normalise the path, answer `/` without identity,
 //! identify the instance (signed `X-Instance-ID` from the agent, or the TCP
 //! peer in direct mode), then render the EC2 tree (`ec2.rs`) or the OpenStack
@@ -30,7 +30,7 @@ mod path;
 pub mod server;
 
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use crate::inventory::{Instance, Inventory};
 use crate::sign::verify_instance_signature;
@@ -159,7 +159,6 @@ pub(crate) struct RenderCtx<'a> {
 /// The metadata API. `Sync`: share it behind an `Arc` across workers.
 pub struct MetadataApi {
     settings: ApiSettings,
-    inventory: RwLock<Arc<Inventory>>,
     passwords: Arc<PasswordStore>,
 }
 
@@ -201,45 +200,37 @@ struct Identity<'a> {
 }
 
 impl MetadataApi {
-    /// A handler over `inventory` and `passwords`; see [`ApiSettings`].
-    pub fn new(
-        settings: ApiSettings,
-        inventory: Arc<Inventory>,
-        passwords: Arc<PasswordStore>,
-    ) -> Self {
+    /// A handler over `passwords`; see [`ApiSettings`]. The inventory is
+    /// passed per request (each server loop holds its own copy, see
+    /// [`crate::inventory::store`]).
+    pub fn new(settings: ApiSettings, passwords: Arc<PasswordStore>) -> Self {
         MetadataApi {
             settings,
-            inventory: RwLock::new(inventory),
             passwords,
         }
     }
 
-    /// Swap in a reloaded inventory; requests in flight finish on the old one.
-    pub fn set_inventory(&self, inv: Arc<Inventory>) {
-        *self.inventory.write().unwrap_or_else(|e| e.into_inner()) = inv;
-    }
-
-    fn current_inventory(&self) -> Arc<Inventory> {
-        Arc::clone(&self.inventory.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Answer one request. Never panics on guest input; the status is one of
-    /// 200/400/403/404/409/500.
-    pub fn handle(&self, req: &ApiRequest<'_>) -> ApiResponse {
-        self.handle_on(req, &utc_today())
+    /// Answer one request from `inventory`. Never panics on guest input; the
+    /// status is one of 200/400/403/404/409/500.
+    pub fn handle(&self, inventory: &Inventory, req: &ApiRequest<'_>) -> ApiResponse {
+        self.handle_on(inventory, req, &utc_today())
     }
 
     /// [`MetadataApi::handle`] with an explicit "today" (`YYYY-MM-DD`) for the
     /// OpenStack future-version hiding.
-    pub(crate) fn handle_on(&self, req: &ApiRequest<'_>, today: &str) -> ApiResponse {
+    pub(crate) fn handle_on(
+        &self,
+        inventory: &Inventory,
+        req: &ApiRequest<'_>,
+        today: &str,
+    ) -> ApiResponse {
         let Some(segs) = path::normalize(req.target) else {
             return ApiResponse::not_found();
         };
         if segs.is_empty() {
             return ApiResponse::ok(CONTENT_TYPE_TEXT, ec2::version_list());
         }
-        let inventory = self.current_inventory();
-        let id = match self.identify(req, &inventory) {
+        let id = match self.identify(req, inventory) {
             Ok(id) => id,
             Err(resp) => return resp,
         };
@@ -254,7 +245,7 @@ impl MetadataApi {
             format!("{}.{domain}", id.instance.hostname)
         };
         let ctx = RenderCtx {
-            inventory: &inventory,
+            inventory,
             instance: id.instance,
             hostname,
             remote_address: &id.remote_address,

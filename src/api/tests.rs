@@ -5,6 +5,29 @@
 use super::*;
 use crate::sign::sign_instance_id;
 
+/// The handler bound to one inventory, as a server loop binds its copy.
+struct Api {
+    api: MetadataApi,
+    inv: Arc<Inventory>,
+}
+
+impl Api {
+    fn new(settings: ApiSettings, inv: Arc<Inventory>, passwords: Arc<PasswordStore>) -> Api {
+        Api {
+            api: MetadataApi::new(settings, passwords),
+            inv,
+        }
+    }
+
+    fn handle(&self, req: &ApiRequest<'_>) -> ApiResponse {
+        self.api.handle(&self.inv, req)
+    }
+
+    fn handle_on(&self, req: &ApiRequest<'_>, today: &str) -> ApiResponse {
+        self.api.handle_on(&self.inv, req, today)
+    }
+}
+
 const SECRET: &[u8] = b"s3cr3t-shared";
 const VM1: &str = "00000001-0000-4000-8000-000000000001";
 const VM2: &str = "00000002-0000-4000-8000-000000000002";
@@ -102,7 +125,7 @@ vif_type = "ovs"
 "##;
 
 struct Fixture {
-    api: MetadataApi,
+    api: Api,
     store: Arc<PasswordStore>,
     _dir: tempfile::TempDir,
 }
@@ -112,7 +135,7 @@ fn fixture_with(toml: &str, settings: ApiSettings) -> Fixture {
     let store = Arc::new(PasswordStore::open(dir.path()).unwrap());
     let inv = Arc::new(Inventory::from_toml_str(toml).unwrap());
     Fixture {
-        api: MetadataApi::new(settings, inv, Arc::clone(&store)),
+        api: Api::new(settings, inv, Arc::clone(&store)),
         store,
         _dir: dir,
     }
@@ -143,7 +166,7 @@ fn signed(iid: &str, tenant: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 fn call(
-    api: &MetadataApi,
+    api: &Api,
     method: &str,
     path: &str,
     headers: &[(Vec<u8>, Vec<u8>)],
@@ -165,7 +188,7 @@ fn call(
     )
 }
 
-fn get(api: &MetadataApi, path: &str) -> ApiResponse {
+fn get(api: &Api, path: &str) -> ApiResponse {
     call(api, "GET", path, &signed(VM1, PA), b"")
 }
 
@@ -850,12 +873,12 @@ fn direct_mode_identifies_by_peer() {
 }
 
 #[test]
-fn set_inventory_swaps_atomically() {
+fn the_inventory_is_the_one_passed_in() {
     let f = nova();
     assert_eq!(get(&f.api, "/latest/meta-data/hostname").status, 200);
-    f.api
-        .set_inventory(Arc::new(Inventory::from_toml_str("").unwrap()));
-    assert_eq!(get(&f.api, "/latest/meta-data/hostname").status, 404);
+    let empty = Arc::new(Inventory::from_toml_str("").unwrap());
+    let other = Api::new(nova_settings(), empty, Arc::clone(&f.store));
+    assert_eq!(get(&other, "/latest/meta-data/hostname").status, 404);
 }
 
 #[test]
@@ -935,12 +958,12 @@ fn password_survives_restart() {
     let h = signed(VM1, PA);
     {
         let store = Arc::new(PasswordStore::open(dir.path()).unwrap());
-        let api = MetadataApi::new(nova_settings(), Arc::clone(&inv), store);
+        let api = Api::new(nova_settings(), Arc::clone(&inv), store);
         let r = call(&api, "POST", "/openstack/latest/password", &h, b"s3cret");
         assert_eq!(r.status, 200);
     }
     let store = Arc::new(PasswordStore::open(dir.path()).unwrap());
-    let api = MetadataApi::new(nova_settings(), inv, store);
+    let api = Api::new(nova_settings(), inv, store);
     let r = call(&api, "GET", "/openstack/latest/password", &h, b"");
     assert_eq!(text(&r), "s3cret");
     let r = call(&api, "POST", "/openstack/latest/password", &h, b"again");

@@ -30,8 +30,8 @@ pub use chunked::{
 pub use request::{parse_request, Method, RequestBody, RequestHead};
 pub use response::{frame_response, parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
-    format_ip_for_xff, is_hop_by_hop, is_trust_header, rewrite_proxy_request, write_request_head,
-    write_response_head, HOP_BY_HOP, TRUST_HEADERS,
+    format_ip_for_xff, is_hop_by_hop, is_token_header, is_trust_header, rewrite_proxy_request,
+    write_request_head, write_response_head, HOP_BY_HOP, TOKEN_HEADERS, TRUST_HEADERS, TTL_HEADERS,
 };
 pub use write::{put_header, write_answer, HeaderName, HeaderValue, InvalidHeader};
 
@@ -41,6 +41,11 @@ pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 /// Largest request body (Content-Length or decoded chunked payload), in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024;
+/// Largest metadata response body relayed or accepted, in bytes: the
+/// proxy's default `max_response_bytes` and the agent's cap on the API's
+/// answers (Nova caps user-data at 64 KiB; the largest documents are a few
+/// hundred KiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Longest request target an access-log line carries.
 pub const LOG_TARGET_MAX: usize = 256;

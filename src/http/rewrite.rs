@@ -1,11 +1,18 @@
-//! Header rewrite between the guest and upstream: the one place the proxy's trust decisions live.
+//! Header rewrite between the guest and upstream: which request headers the proxy drops and which
+//! it stamps.
 //!
 //! A guest controls every byte it sends, so any header upstream would treat as a statement by the
 //! proxy ([`TRUST_HEADERS`]) is deleted in every occurrence and spelling, then set exactly once by
-//! the proxy. haproxy's config did this piecemeal (and, with `option forwardfor`, kept a spoofed
-//! X-Forwarded-For, see spec §1.4); doing it in one allow-by-predicate writer makes "exactly one"
-//! checkable. The writers copy the original name and value bytes, so everything else passes
-//! through untouched, and append to a caller-owned `Vec` so the hot path reuses one buffer.
+//! the proxy; the guest's IMDSv2 session headers ([`TOKEN_HEADERS`], [`TTL_HEADERS`]) are a
+//! credential between guest and proxy and are deleted too. haproxy's config did this piecemeal
+//! (and, with `option forwardfor`, kept a spoofed X-Forwarded-For, see spec §1.4); doing it in one
+//! allow-by-predicate writer, [`rewrite_proxy_request`], makes "exactly one" checkable. It is what
+//! production runs (`proxy::conn::upstream_head` only supplies the namespace's id), so its unit
+//! tests, the differential against a naive oracle and `benches/http.rs` measure the real rewrite.
+//! Which namespace a request came from, and whether its token is valid, are decided elsewhere
+//! (`proxy::conn`, `proxy::imdsv2`). The writers copy the original name and value bytes, so
+//! everything else passes through untouched, and append to a caller-owned `Vec` so the hot path
+//! reuses one buffer.
 //!
 //! Rejected: honouring header names listed in the client's `Connection` field as extra hop-by-hop
 //! headers. RFC 9110 asks for it, but it lets a guest delete framing headers (`Connection:
@@ -43,6 +50,14 @@ pub const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
+/// IMDSv2 token request header (AWS); Firecracker's alias is accepted too.
+pub const TTL_HEADERS: &[&str] = &[
+    "x-aws-ec2-metadata-token-ttl-seconds",
+    "x-metadata-token-ttl-seconds",
+];
+/// IMDSv2 token header (AWS); Firecracker's alias is accepted too.
+pub const TOKEN_HEADERS: &[&str] = &["x-aws-ec2-metadata-token", "x-metadata-token"];
+
 /// Response headers that describe the upstream connection, not the response.
 const RESPONSE_CONNECTION_HEADERS: &[&str] = &["connection", "keep-alive", "proxy-connection"];
 
@@ -58,13 +73,27 @@ fn in_list(list: &[&str], name: &[u8]) -> bool {
 /// is the trust header; passed through, it would let a guest set an id the proxy never stamps.
 /// nginx and gunicorn drop such names for the same reason.
 pub fn is_trust_header(name: &[u8]) -> bool {
-    TRUST_HEADERS.iter().any(|h| {
-        name.len() == h.len()
-            && name.iter().zip(h.bytes()).all(|(&a, b)| {
-                let a = if a == b'_' { b'-' } else { a };
-                a.eq_ignore_ascii_case(&b)
-            })
-    })
+    TRUST_HEADERS.iter().any(|h| eq_wsgi(name, h))
+}
+
+/// ASCII case-insensitive equality of a header name with `known` (spelled with `-`), where `_`
+/// in `name` also matches `-`: the two names a WSGI server files under one `HTTP_*` key.
+fn eq_wsgi(name: &[u8], known: &str) -> bool {
+    name.len() == known.len()
+        && name.iter().zip(known.bytes()).all(|(&a, b)| {
+            let a = if a == b'_' { b'-' } else { a };
+            a.eq_ignore_ascii_case(&b)
+        })
+}
+
+/// Whether `name` is one of the IMDSv2 token headers (request or TTL, ASCII case-insensitive,
+/// also with `_` for `-` as for [`is_trust_header`]), which are never forwarded: behind a WSGI
+/// server `X_aws_ec2_metadata_token` is the token header.
+pub fn is_token_header(name: &[u8]) -> bool {
+    TOKEN_HEADERS
+        .iter()
+        .chain(TTL_HEADERS)
+        .any(|h| eq_wsgi(name, h))
 }
 
 /// Whether `name` is one of [`HOP_BY_HOP`] (ASCII case-insensitive).
@@ -100,15 +129,17 @@ pub fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Convenience used by the proxy: drops [`TRUST_HEADERS`] and [`HOP_BY_HOP`], injects exactly one
-/// `X-Forwarded-For: <xff>` and `<id_name>: <id_value>`. Appends to `out`.
+/// The proxy's rewrite of a guest's request head for the agent: drops every [`TRUST_HEADERS`],
+/// [`HOP_BY_HOP`] and IMDSv2 token header, then adds exactly one `X-Forwarded-For: <peer>` and
+/// one `<id_name>: <id_value>`. Appends to `out`. This is the security boundary the fuzz target
+/// `request_rewrite` checks.
 ///
 /// `id_name` is normally `X-Neutron-Router-ID`, `X-Neutron-Network-ID` or `X-OVN-Network-ID`; it
-/// should itself be a trust header so a client copy of it is dropped.
+/// must itself be a trust header so a client copy of it is dropped.
 pub fn rewrite_proxy_request(
     buf: &[u8],
     head: &RequestHead,
-    xff: &[u8],
+    peer: IpAddr,
     id_name: &[u8],
     id_value: &[u8],
     out: &mut Vec<u8>,
@@ -117,11 +148,13 @@ pub fn rewrite_proxy_request(
         is_trust_header(id_name),
         "id header {id_name:?} would not be de-duplicated"
     );
+    let mut xff = Vec::with_capacity(40);
+    format_ip_for_xff(peer, &mut xff);
     write_request_head(
         buf,
         head,
-        |name| !is_trust_header(name) && !is_hop_by_hop(name),
-        &[(b"X-Forwarded-For", xff), (id_name, id_value)],
+        |name| !is_trust_header(name) && !is_hop_by_hop(name) && !is_token_header(name),
+        &[(b"X-Forwarded-For", &xff), (id_name, id_value)],
         out,
     );
 }
@@ -211,7 +244,7 @@ mod tests {
         rewrite_proxy_request(
             buf,
             &head,
-            b"10.0.0.5",
+            "10.0.0.5".parse().unwrap(),
             b"X-Neutron-Router-ID",
             b"r-1",
             &mut out,
@@ -235,7 +268,7 @@ mod tests {
                 String::from_utf8_lossy(out)
             );
         }
-        for hop in HOP_BY_HOP {
+        for hop in HOP_BY_HOP.iter().chain(TOKEN_HEADERS).chain(TTL_HEADERS) {
             assert_eq!(h.header_count(out, hop), 0, "{hop}");
         }
         assert_eq!(h.header(out, "x-forwarded-for"), Some(&b"10.0.0.5"[..]));

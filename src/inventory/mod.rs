@@ -29,6 +29,7 @@
 
 mod file;
 pub mod net;
+pub mod store;
 pub mod synth;
 pub mod watch;
 
@@ -40,6 +41,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 pub use net::Cidr;
+pub use store::Store;
 
 /// Errors from loading an inventory file.
 #[derive(Debug, thiserror::Error)]

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{NamespaceConfig, ProxyConfig};
 use crate::log;
+use crate::proxy::config::{NamespaceConfig, ProxyConfig};
 use crate::proxy::{bind_namespace, Control, CounterSnapshot, LoopReport, NamespaceListeners};
 use crate::rt::sync::UnboundedSender;
 use crate::serve::admit::Gate;
@@ -186,13 +186,8 @@ impl ControlPlane {
     pub fn reload(&self, new: ProxyConfig) -> String {
         let old = self.config();
         let mut restart_needed = Vec::new();
-        {
-            let (mut a, mut b) = ((*old).clone(), new.clone());
-            a.namespaces.clear();
-            b.namespaces.clear();
-            if format!("{a:?}") != format!("{b:?}") {
-                restart_needed.push("settings outside [[proxy.namespace]]");
-            }
+        if old.settings() != new.settings() {
+            restart_needed.push("settings outside [[proxy.namespace]]");
         }
         let current: Vec<(u64, NamespaceConfig)> = self.entries.lock().map_or_else(
             |_| Vec::new(),

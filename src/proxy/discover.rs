@@ -14,15 +14,16 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::config::{is_uuid, NamespaceConfig, NsIdentity};
 use crate::log;
+pub use crate::proxy::config::DiscoverConfig;
+use crate::proxy::config::{is_uuid, NamespaceConfig, NsIdentity};
 use crate::proxy::control::{ControlPlane, Origin};
 
 /// First retry delay after a failed bind.
@@ -33,26 +34,6 @@ const V6_FIRST_CHECK: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Neutron's metadata IPv6 address.
 pub const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
-
-/// Validated `[proxy.discover]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiscoverConfig {
-    /// Directory to watch (the proxy's `netns_dir`).
-    pub dir: PathBuf,
-    /// Router namespace prefix (`qrouter-`).
-    pub router_prefix: String,
-    /// Network namespace prefixes (`qdhcp-`): `X-Neutron-Network-ID`.
-    pub network_prefixes: Vec<String>,
-    /// OVN metadata namespace prefixes (`ovnmeta-`): `X-OVN-Network-ID`.
-    pub ovn_prefixes: Vec<String>,
-    /// Router listeners; an IPv6 wildcard falls back to `0.0.0.0` when the
-    /// namespace has IPv6 disabled.
-    pub router_listen: Vec<SocketAddr>,
-    /// Network listeners.
-    pub network_listen: Vec<SocketAddr>,
-    /// Also bind `[fe80::a9fe:a9fe]:<port>` on the interface holding it, when present.
-    pub network_v6_port: Option<u16>,
-}
 
 impl DiscoverConfig {
     /// What a namespace name maps to, if anything.
@@ -389,7 +370,7 @@ mod tests {
 
     fn cfg() -> DiscoverConfig {
         DiscoverConfig {
-            dir: PathBuf::from("/run/netns"),
+            dir: std::path::PathBuf::from("/run/netns"),
             router_prefix: "qrouter-".into(),
             network_prefixes: vec!["qdhcp-".into()],
             ovn_prefixes: vec!["ovnmeta-".into()],

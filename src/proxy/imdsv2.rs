@@ -25,13 +25,8 @@ pub const FORWARDING_HEADERS: &[&str] = &["x-forwarded-for", "forwarded", "x-rea
 pub const MAX_TTL_SECS: u64 = 21_600;
 /// Path of the token endpoint.
 pub const TOKEN_PATH: &[u8] = b"/latest/api/token";
-/// Token request header (AWS); Firecracker's alias is accepted too.
-pub const TTL_HEADERS: &[&str] = &[
-    "x-aws-ec2-metadata-token-ttl-seconds",
-    "x-metadata-token-ttl-seconds",
-];
-/// Token header (AWS); Firecracker's alias is accepted too.
-pub const TOKEN_HEADERS: &[&str] = &["x-aws-ec2-metadata-token", "x-metadata-token"];
+/// The token headers live beside the other headers the proxy never forwards.
+pub use crate::http::{is_token_header, TOKEN_HEADERS, TTL_HEADERS};
 /// Longest token we bother decoding (ours are 32 characters).
 const MAX_TOKEN_CHARS: usize = 70;
 const TAG_BYTES: usize = 16;
@@ -149,14 +144,6 @@ fn trim(v: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
     &v[start..end]
-}
-
-/// Whether `name` is one of the token headers (request or TTL), which are never forwarded.
-pub fn is_token_header(name: &[u8]) -> bool {
-    TOKEN_HEADERS
-        .iter()
-        .chain(TTL_HEADERS)
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// The request's facts that matter for tokens.
@@ -419,6 +406,10 @@ mod tests {
     fn token_headers_are_recognised_in_any_case() {
         assert!(is_token_header(b"X-AWS-EC2-METADATA-TOKEN"));
         assert!(is_token_header(b"x-metadata-token-ttl-seconds"));
+        // The WSGI spelling of the same header is the same header behind Nova.
+        assert!(is_token_header(b"X_aws_ec2_metadata_token"));
+        assert!(is_token_header(b"x_metadata_token_ttl_seconds"));
+        assert!(!is_token_header(b"x_metadata_token2"));
         assert!(!is_token_header(b"x-forwarded-for"));
     }
 }

@@ -364,7 +364,7 @@ pub fn get(addr: SocketAddr, raw: &str) -> std::io::Result<Resp> {
 }
 
 /// A minimal proxy config on loopback with short timeouts.
-pub fn proxy_config(agent: &Path, extra: &str) -> metaproxy::config::ProxyConfig {
+pub fn proxy_config(agent: &Path, extra: &str) -> metaproxy::proxy::config::ProxyConfig {
     let text = format!(
         r#"
 [proxy]
@@ -384,8 +384,8 @@ listen = "127.0.0.1:0"
 "#,
         agent.display()
     );
-    let f = metaproxy::config::parse_str(&text, Path::new("test.toml")).unwrap();
-    metaproxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap()
+    let f = metaproxy::proxy::config::parse_str(&text, Path::new("test.toml")).unwrap();
+    metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap()
 }
 
 /// Poll `ready` every few milliseconds until it holds; panic naming `what`

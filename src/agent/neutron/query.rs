@@ -24,7 +24,7 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use super::identity::LookupKey;
+use crate::agent::identity::LookupKey;
 
 /// `device_owner` values of a router's interfaces: legacy, HA and DVR.
 pub const ROUTER_INTERFACE_OWNERS: &[&str] = &[
