@@ -70,33 +70,8 @@ TOML
 neutron_haproxy_cfg "$WORK/haproxy.cfg" "$PORT" "$WORK/agent.sock" "$ROUTER" "$WORK/haproxy.pid"
 
 # no-uring CMD...: run CMD with io_uring_setup(2) failing with ENOSYS.
-cat >"$WORK/no-uring.c" <<'C'
-#include <errno.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <stddef.h>
-#include <stdio.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    struct sock_filter f[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
-    if (argc < 2 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
-        perror("no-uring");
-        return 1;
-    }
-    execvp(argv[1], argv + 1);
-    perror("no-uring: exec");
-    return 1;
-}
-C
-cc -O2 -o "$WORK/no-uring" "$WORK/no-uring.c"
+. scripts/lib/no-uring.sh
+build_no_uring "$WORK"
 
 # client.py PORT N MODE: N sequential GETs; every answer must be a 200.
 cat >"$WORK/client.py" <<'PY'

@@ -7,7 +7,8 @@
 #                    [--chain metaproxy|openstack] [--workers N] [--timeout 10s]
 #                    [--results DIR] [--cargo-profile release|profiling]
 #                    [--perf ROLE:FILE] [--backend inventory|neutron]
-#                    [--max-connections N] [--access-log]
+#                    [--max-connections N] [--access-log] [--floor] [--count]
+#                    [--bin PATH]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -45,7 +46,28 @@
 # excess waits in the kernel backlog, as with haproxy's maxconn (1024 in
 # Neutron's config).
 #
+# --floor (issue 13) first runs the same storm against the physical limit:
+# `metaproxy api` alone in direct mode (service_metadata_proxy = false: it
+# identifies each VM by its TCP peer address, as Nova does without Neutron's
+# proxy), listening where the proxy would, same inventory, one loop per core.
+# Then it runs the chain asked for (the three daemons; --up: `up`; --proxy
+# haproxy: haproxy -> agent -> api) and prints both rows and the ratios
+# chain/floor of req/s, CPU per request (per process and summed) and VM
+# p50/p99. Every process's CPU is utime+stime from /proc/PID/stat over the
+# storm only.
+#
+# --count records, per process, every syscall (raw_syscalls:sys_enter) and
+# every io_uring submission (io_uring:io_uring_submit_req, with its opcode) and
+# poll arm (io_uring:io_uring_poll_arm: an op that found its socket not ready)
+# with `perf record` for the length of the storm, and prints them per request
+# with the top syscalls and opcodes. These counts do not move with the
+# machine's load the way CPU time does (batching still does a little). The
+# tracing costs CPU, so CPU and latency of a --count run are not comparable
+# with a plain run.
+#
 # --cargo-profile builds and runs that cargo profile (default release).
+# --bin PATH runs that metaproxy binary and builds nothing (before/after
+# comparisons: keep a copy of the old build).
 # --perf ROLE:FILE samples one process of the first setup that has it (ROLE:
 # up, proxy, agent, api or haproxy) with `perf record -e cpu-clock -g` for the
 # length of the storm; scripts/flamegraph.sh uses it.
@@ -72,6 +94,9 @@ CARGO_PROFILE=release
 PERF=
 BACKEND=inventory
 MAX_CONNS=
+FLOOR=0
+COUNT=0
+BIN=
 ACCESS_LOG= # --access-log: access_log = true in [api], [agent] and [proxy] (lines go to $WORK/*.log)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -93,6 +118,9 @@ while [ $# -gt 0 ]; do
     --backend) BACKEND=$2; shift 2 ;;
     --max-connections) MAX_CONNS=$2; shift 2 ;;
     --access-log) ACCESS_LOG=1; shift ;;
+    --floor) FLOOR=1; shift ;;
+    --count) COUNT=1; shift ;;
+    --bin) BIN=$(realpath "$2"); shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -103,13 +131,19 @@ case $BACKEND in inventory|neutron) ;; *) echo "--backend must be inventory or n
 if [ "$CHAIN" = openstack ] && [ "$BACKEND" = neutron ]; then
   echo "--backend configures our agent; --chain openstack has none" >&2; exit 2
 fi
+if [ "$FLOOR" = 1 ] && { [ "$COMPARE" = 1 ] || [ "$CHAIN" = openstack ]; }; then
+  echo "--floor runs the floor and one chain; it excludes --compare and --chain openstack" >&2; exit 2
+fi
 if [ "$CHAIN" = openstack ] && [ "$UP" = 1 ]; then
   echo "--up and --chain openstack exclude each other (up contains our own agent)" >&2; exit 2
 fi
 
 # The setups to run, in order.
 SETUPS=()
-if [ "$COMPARE" = 1 ]; then
+if [ "$FLOOR" = 1 ]; then
+  SETUPS=(floor)
+  if [ "$UP" = 1 ]; then SETUPS+=(up); else SETUPS+=("$PROXY"); fi
+elif [ "$COMPARE" = 1 ]; then
   [ "$UP" = 1 ] && SETUPS+=(up)
   SETUPS+=(metaproxy haproxy)
 elif [ "$UP" = 1 ]; then
@@ -117,7 +151,9 @@ elif [ "$UP" = 1 ]; then
 else
   SETUPS=("$PROXY")
 fi
-for t in python3 curl; do command -v $t >/dev/null || { echo "storm.sh: need $t" >&2; exit 1; }; done
+TOOLS=(python3 curl)
+[ "$COUNT" = 1 ] && TOOLS+=(perf)
+for t in "${TOOLS[@]}"; do command -v "$t" >/dev/null || { echo "storm.sh: need $t" >&2; exit 1; }; done
 if [[ " ${SETUPS[*]} " == *" haproxy "* ]] && ! command -v haproxy >/dev/null; then
   echo "storm.sh: need haproxy (apt-get install haproxy)" >&2; exit 1
 fi
@@ -168,9 +204,11 @@ wait_sock() {
   log "$3: no socket $1 after 30 s"; exit 1
 }
 
-log "building $CARGO_PROFILE"
-cargo build --profile "$CARGO_PROFILE" --quiet --bin metaproxy
-BIN=$PWD/target/$CARGO_PROFILE/metaproxy
+if [ -z "$BIN" ]; then
+  log "building $CARGO_PROFILE"
+  cargo build --profile "$CARGO_PROFILE" --quiet --bin metaproxy
+  BIN=$PWD/target/$CARGO_PROFILE/metaproxy
+fi
 INV=$WORK/inventory.toml
 SECRET=storm-secret
 # `inventory synth`'s router 0, which gets every network with --routers 1.
@@ -315,6 +353,20 @@ router_id = "$ROUTER"
 listen = "127.0.0.1:$PROXY_PORT"
 TOML
   neutron_haproxy_cfg "$WORK/haproxy.cfg" "$PROXY_PORT" "$AGENT_SOCK" "$ROUTER" "$WORK/haproxy.pid"
+  # The floor: the API alone where the proxy would listen, identifying each
+  # VM by its peer address, one loop per core (its default is one loop,
+  # because behind the agent's pool one is plenty).
+  cat >"$WORK/floor.toml" <<TOML
+# rendered by scripts/storm.sh --floor
+[api]
+listen = "127.0.0.1:$PROXY_PORT"
+service_metadata_proxy = false
+workers = $(nproc)
+inventory = "$INV"
+state_dir = "$WORK/state"
+${MAX_CONNS:+max_connections = $MAX_CONNS}
+${ACCESS_LOG:+access_log = true}
+TOML
 }
 
 # spawn NAME CMD...: start a process, log to $WORK/NAME.log, remember its PID.
@@ -325,16 +377,21 @@ spawn() {
   eval "PID_${name}=$!"
 }
 
-# start_setup SETUP: sets MEASURED (the proxy's PID) and CHAIN_PIDS.
+# start_setup SETUP: sets MEASURED (the proxy's PID, or the floor's api),
+# CHAIN_PIDS and ROLE_PIDS (role=PID for each of our processes).
 start_setup() {
   local setup=$1
   write_config
   rm -f "$WORK/agent.sock"
   PID_api='' PID_agent='' PID_proxy='' PID_haproxy='' PID_up=''
-  if [ "$setup" = up ]; then
+  if [ "$setup" = floor ]; then
+    spawn api "$BIN" --log-level warn api --config "$WORK/floor.toml"
+    wait_tcp "$PROXY_PORT" "$PID_api" api
+    MEASURED=$PID_api CHAIN_PIDS="$PID_api" ROLE_PIDS="api=$PID_api"
+  elif [ "$setup" = up ]; then
     spawn up "$BIN" --log-level warn up --config "$WORK/metaproxy.toml"
     wait_tcp "$PROXY_PORT" "$PID_up" up
-    MEASURED=$PID_up CHAIN_PIDS="$PID_up"
+    MEASURED=$PID_up CHAIN_PIDS="$PID_up" ROLE_PIDS="up=$PID_up"
   else
     if [ "$CHAIN" = metaproxy ]; then
       spawn api "$BIN" --log-level warn api --config "$WORK/metaproxy.toml"
@@ -351,6 +408,8 @@ start_setup() {
     fi
     wait_tcp "$PROXY_PORT" "$MEASURED" "$setup"
     CHAIN_PIDS="$MEASURED $PID_agent $PID_api"
+    ROLE_PIDS="$setup=$MEASURED${PID_agent:+ agent=$PID_agent}${PID_api:+ api=$PID_api}"
+    [ "$setup" = metaproxy ] && ROLE_PIDS="proxy=${ROLE_PIDS#metaproxy=}"
     if [ "$CHAIN" = openstack ]; then
       # The real chain: metadata agent, rpc server, nova (gunicorn master + workers).
       local f p
@@ -377,10 +436,30 @@ cpu_ticks() {
   echo "$s"
 }
 
+# role_ticks: role=ticks for each of ROLE_PIDS.
+role_ticks() {
+  local rp out=()
+  for rp in $ROLE_PIDS; do out+=("${rp%%=*}=$(cpu_ticks "${rp#*=}")"); done
+  echo "${out[*]}"
+}
+
+# Per-process event counts (--count): what perf records for each of ROLE_PIDS.
+COUNT_EVENTS=(-e raw_syscalls:sys_enter -e io_uring:io_uring_submit_req -e io_uring:io_uring_poll_arm)
+
 FAILED=0
 : >"$WORK/results.tsv"
 for setup in "${SETUPS[@]}"; do
   start_setup "$setup"
+  count_pids=()
+  if [ "$COUNT" = 1 ]; then
+    for rp in $ROLE_PIDS; do
+      perf record "${COUNT_EVENTS[@]}" -m 2048 -p "${rp#*=}" -o "$WORK/$setup.${rp%%=*}.perf" \
+        >"$WORK/$setup.${rp%%=*}.perf.log" 2>&1 &
+      count_pids+=($!)
+    done
+    sleep 1  # perf attached to every thread
+  fi
+  r0=$(role_ticks)
   # shellcheck disable=SC2086 # CHAIN_PIDS is a list of PIDs
   read -r c0 a0 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
   load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -409,17 +488,22 @@ for setup in "${SETUPS[@]}"; do
   fi
   # shellcheck disable=SC2086
   read -r c1 a1 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
+  r1=$(role_ticks)
+  for p in "${count_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" || true; done
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$MEASURED/status")
   curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/$setup.metrics" || true
   [ "$rc" = 0 ] || { FAILED=1; log "$setup: storm FAILED (exit $rc)"; }
   [ -f "$WORK/$setup.json" ] || { log "$setup: no report"; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" $((c1 - c0)) $((a1 - a0)) "$hwm" "$load" "$rc" >>"$WORK/results.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" $((c1 - c0)) $((a1 - a0)) "$hwm" "$load" "$rc" \
+    "$r0" "$r1" >>"$WORK/results.tsv"
   stop_pids
 done
 
-python3 - "$WORK" "$(getconf CLK_TCK)" "$CHAIN" "$BACKEND" "$NETWORKS" <<'PY'
-import json, re, sys
+python3 - "$WORK" "$(getconf CLK_TCK)" "$CHAIN" "$BACKEND" "$NETWORKS" "$COUNT" <<'PY'
+import json, os, re, subprocess, sys
+from collections import Counter
 work, hz, chain, backend, networks = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+count = sys.argv[6] == "1"
 def backend_calls(setup):
     """Backend calls from the agent's /metrics: neutron kinds, else inventory lookups."""
     try:
@@ -435,7 +519,9 @@ def backend_calls(setup):
     return f"{m.group(1)} inventory lookups" if m else "n/a"
 rows = {}
 for line in open(f"{work}/results.tsv"):
-    setup, cpu, chain_cpu, hwm, load, rc = line.rstrip("\n").split("\t")
+    setup, cpu, chain_cpu, hwm, load, rc, r0, r1 = line.rstrip("\n").split("\t")
+    t0 = dict(x.split("=") for x in r0.split())
+    per = {k: (int(v) - int(t0[k])) for k, v in (x.split("=") for x in r1.split())}
     r = json.load(open(f"{work}/{setup}.json"))
     n = max(r["requests"], 1)
     rows[setup] = dict(
@@ -445,8 +531,11 @@ for line in open(f"{work}/results.tsv"):
         vm50=r["vm_complete_us"]["p50"] / 1000,
         rss=int(hwm) / 1024, err=sum(r["errors"].values()), wrong=r["errors"]["wrong_vm"],
         done=f'{r["vms_completed"]}/{r["vms"]}', ok="PASS" if r["passed"] else "FAIL", load=load,
-        calls=backend_calls(setup))
-measured = {"up": "up (all three)", "metaproxy": "metaproxy proxy", "haproxy": "haproxy"}
+        calls=backend_calls(setup),
+        # CPU microseconds per request, per process (role -> us).
+        us={k: v / hz * 1e6 / n for k, v in per.items()})
+measured = {"up": "up (all three)", "metaproxy": "metaproxy proxy", "haproxy": "haproxy",
+            "floor": "floor: api direct"}
 behind = ("real neutron-metadata-agent + nova" if chain == "openstack"
           else f"metaproxy agent ({backend} backend) + api")
 print(f"\nstorm.sh summary (behind the proxy: {behind}; CPU = utime+stime over the storm)")
@@ -458,12 +547,71 @@ for s, x in rows.items():
     print(f'| {measured[s]} | {x["done"]} | {x["rps"]:.0f} | {x["cpu"]:.3f} | {x["chain"]:.3f} | '
           f'{x["p99"]:.1f} | {x["vm50"] / 1000:.3f} | {x["vm99"] / 1000:.3f} | {x["rss"]:.1f} | '
           f'{x["err"]} | {x["wrong"]} | {x["ok"]} | {x["calls"]} | {x["load"]} |')
+def ratio(a, b):
+    if not b:
+        return "n/a"
+    return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
+if "floor" in rows and len(rows) > 1:
+    f = rows["floor"]
+    cs = [s for s in rows if s != "floor"][0]
+    c = rows[cs]
+    label = {"up": "up", "metaproxy": "proxy -> agent -> api", "haproxy": "haproxy -> agent -> api"}[cs]
+    print(f"\nfloor (api alone, direct mode, {os.cpu_count()} loops) vs {label}, same run, same storm"
+          " (issue 13 goal: req/s >= 0.80x, summed CPU per request <= 1.30x):")
+    print(f"| metric | floor | {label} | ratio |")
+    print("|---|---|---|---|")
+    print(f'| req/s | {f["rps"]:.0f} | {c["rps"]:.0f} | {ratio(c["rps"], f["rps"])} |')
+    fs, csum = sum(f["us"].values()), sum(c["us"].values())
+    print(f'| CPU us per request, summed | {fs:.1f} | {csum:.1f} | {ratio(csum, fs)} |')
+    for role, us in c["us"].items():
+        fr = f'{f["us"][role]:.1f}' if role in f["us"] else "-"
+        print(f'| CPU us per request: {role} | {fr} | {us:.1f} | {ratio(us, fs)} of floor |')
+    print(f'| VM complete p50 s | {f["vm50"] / 1000:.3f} | {c["vm50"] / 1000:.3f} | {ratio(c["vm50"], f["vm50"])} |')
+    print(f'| VM complete p99 s | {f["vm99"] / 1000:.3f} | {c["vm99"] / 1000:.3f} | {ratio(c["vm99"], f["vm99"])} |')
+    print(f'| requests | {f["req"]} | {c["req"]} | |')
+    print(f'| errors / wrong VM | {f["err"]} / {f["wrong"]} | {c["err"]} / {c["wrong"]} | |')
+if count:
+    names = {}
+    for line in open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"):
+        m = re.match(r"#define __NR_(\w+) (\d+)", line)
+        if m:
+            names[int(m.group(2))] = m.group(1)
+    print("\nper request, per process (--count: perf record over the storm; tracing costs CPU, so"
+          " read counts, not times, from this run)")
+    print("| setup | process | syscalls | io_uring_enter | SQEs submitted | poll arms | top syscalls | top SQE opcodes | lost |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s, x in rows.items():
+        n = max(x["req"], 1)
+        for role in x["us"]:
+            data = f"{work}/{s}.{role}.perf"
+            if not os.path.exists(data):
+                continue
+            out = subprocess.run(["perf", "script", "-i", data, "-F", "event,trace"],
+                                 capture_output=True, text=True).stdout
+            sc, op, arms = Counter(), Counter(), 0
+            for ln in out.splitlines():
+                ev, _, rest = ln.strip().partition(": ")
+                if ev == "raw_syscalls:sys_enter":
+                    m = re.match(r"NR (\d+) \(([^)]*)\)", rest)
+                    if not m:
+                        continue
+                    nr = int(m.group(1))
+                    name = names.get(nr, str(nr))
+                    if name == "recvfrom" and int(m.group(2).split(",")[3], 16) & 2:
+                        name = "recvfrom(MSG_PEEK)"
+                    sc[name] += 1
+                elif ev == "io_uring:io_uring_submit_req":
+                    m = re.search(r"opcode (\w+)", rest)
+                    op[m.group(1) if m else "?"] += 1
+                elif ev == "io_uring:io_uring_poll_arm":
+                    arms += 1
+            log = open(f"{data}.log").read()
+            lost = "; ".join(re.findall(r"lost \d+ chunks", log)) or "0"
+            top = lambda c: " ".join(f"{k} {v / n:.2f}" for k, v in c.most_common(6))
+            print(f'| {measured[s]} | {role} | {sum(sc.values()) / n:.2f} | {sc["io_uring_enter"] / n:.2f} | '
+                  f'{sum(op.values()) / n:.2f} | {arms / n:.2f} | {top(sc)} | {top(op)} | {lost} |')
 if "metaproxy" in rows and "haproxy" in rows:
     m, h = rows["metaproxy"], rows["haproxy"]
-    def ratio(a, b):
-        if not b:
-            return "n/a"
-        return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
     print("\nmetaproxy proxy / haproxy, same run, same load:")
     print("| metric | metaproxy | haproxy | ratio |")
     print("|---|---|---|---|")

@@ -4,20 +4,31 @@
 //! `Expect: 100-continue`, canned rejections, and lingering before a close
 //! that leaves request bytes unread.
 //!
-//! Each server keeps its own connection loop (they differ in what they do
-//! with a request), but they must agree on how a body is read and bounded;
-//! one copy keeps the smuggling rules in one place. They share one accept
-//! loop and its connection caps: [`admit`].
+//! The proxy and the API run their connections on the [`engine`] (each
+//! supplies a [`Handler`]); the agent, which resolves pipelined requests
+//! concurrently, keeps its own reader/writer on the same [`Server`], head
+//! reader [`read_head`] and body reader [`read_body`]: the three must agree
+//! on how a request is read and bounded, and one copy keeps the smuggling
+//! rules in one place. They share one accept loop and its connection caps:
+//! [`admit`].
 
 pub mod admit;
+pub mod engine;
+
+pub(crate) use engine::settings;
+pub use engine::{
+    join_loops, reject, run_loops, serve_conn, Answer, End, Handler, Request, Server, Settings,
+    Stop, Timeouts, CONN_TASK_MAX_BYTES,
+};
 
 use std::time::{Duration, Instant};
 
-use crate::http::{self, ChunkProgress, ChunkedScanner, RequestBody, RequestHead};
+use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, RequestBody, RequestHead};
 use crate::rt::{self, Stream};
 
-/// Bytes asked for per read while a body arrives.
-const READ_CHUNK_BYTES: usize = 4096;
+/// Bytes asked for per read while a request (head or body) arrives, and
+/// while lingering.
+pub const READ_CHUNK_BYTES: usize = 4096;
 
 /// How waiting for the next request on an idle connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +91,52 @@ pub(crate) use wait_for_request;
 
 /// What an idle wait asks for when the buffer ring is empty.
 pub const IDLE_READ_BYTES: usize = READ_CHUNK_BYTES;
+
+/// Why a head could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// It is malformed or over a limit: answer this status and close.
+    Malformed(u16),
+    /// It was not complete by the deadline (408).
+    Timeout,
+    /// EOF before it was complete.
+    Closed,
+    /// A read failed.
+    Io,
+}
+
+/// Complete the head of the request whose first bytes are in `buf`, reading
+/// until `deadline`; the head-size cap is checked before every re-read (the
+/// parser refuses a head over `limits`).
+///
+/// # Errors
+/// See [`HeadError`].
+pub async fn read_head<S: Stream>(
+    conn: &S,
+    buf: &mut Vec<u8>,
+    limits: &Limits,
+    deadline: Instant,
+) -> Result<RequestHead, HeadError> {
+    loop {
+        match http::parse_request(buf, limits) {
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => {}
+            Err(e) => return Err(HeadError::Malformed(e.status())),
+        }
+        let taken = std::mem::take(buf);
+        let (res, b) =
+            match rt::with_deadline(deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await {
+                Ok(r) => r,
+                Err(rt::Elapsed) => return Err(HeadError::Timeout),
+            };
+        *buf = b;
+        match res {
+            Ok(0) => return Err(HeadError::Closed),
+            Ok(_) => {}
+            Err(_) => return Err(HeadError::Io),
+        }
+    }
+}
 
 /// Why a body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,14 +258,4 @@ pub async fn linger_close<S: Stream>(conn: &S) {
             _ => break,
         }
     }
-}
-
-/// Send the canned error page for `status` (it says `Connection: close`);
-/// the caller then closes.
-pub async fn reject<S: Stream>(conn: &S, status: u16, client: Duration) {
-    let _ = rt::with_deadline(
-        Instant::now() + client,
-        conn.write_static(http::canned(status)),
-    )
-    .await;
 }

@@ -567,7 +567,10 @@ fn sighup_reloads_the_inventory_and_sigterm_exits_cleanly() {
     common::wait_until(
         "the failed reload is logged",
         Duration::from_secs(5),
-        || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("inventory reload from")),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("not reloaded, keeping the previous one"))
+        },
     );
     assert_eq!(hostname(d.addr), "demo.hup.test");
 

@@ -33,7 +33,14 @@ const ORACLE_TRUST: &[&str] = &[
     "x-instance-id-signature",
     "x-tenant-id",
 ];
-/// Hop-by-hop and IMDSv2 token headers: deleted in any case (spelled with `-`).
+/// IMDSv2 token headers: deleted in any case and with `_` for `-`, like trust headers.
+const ORACLE_TOKEN: &[&str] = &[
+    "x-aws-ec2-metadata-token",
+    "x-metadata-token",
+    "x-aws-ec2-metadata-token-ttl-seconds",
+    "x-metadata-token-ttl-seconds",
+];
+/// Hop-by-hop headers: deleted in any case (spelled with `-` only).
 const ORACLE_DROPPED: &[&str] = &[
     "connection",
     "keep-alive",
@@ -42,10 +49,6 @@ const ORACLE_DROPPED: &[&str] = &[
     "upgrade",
     "expect",
     "proxy-authorization",
-    "x-aws-ec2-metadata-token",
-    "x-metadata-token",
-    "x-aws-ec2-metadata-token-ttl-seconds",
-    "x-metadata-token-ttl-seconds",
 ];
 /// Names that must pass, some of them one character away from a dropped one.
 const ORACLE_KEPT: &[&str] = &[
@@ -88,6 +91,7 @@ fn config() -> ProptestConfig {
 fn header_name() -> impl Strategy<Value = String> {
     let pool: Vec<&'static str> = ORACLE_TRUST
         .iter()
+        .chain(ORACLE_TOKEN)
         .chain(ORACLE_DROPPED)
         .chain(ORACLE_KEPT)
         .copied()
@@ -142,7 +146,9 @@ fn oracle_xff(ip: IpAddr) -> String {
 
 fn oracle_keeps(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    !ORACLE_TRUST.contains(&lower.replace('_', "-").as_str())
+    let folded = lower.replace('_', "-");
+    !ORACLE_TRUST.contains(&folded.as_str())
+        && !ORACLE_TOKEN.contains(&folded.as_str())
         && !ORACLE_DROPPED.contains(&lower.as_str())
 }
 

@@ -48,6 +48,9 @@ socket = "{}"
 socket_mode = "user"
 backend = "neutron"
 metadata_proxy_shared_secret = "{}"
+# Long enough that a slow first round (one gunicorn worker on SQLite, a
+# loaded CI machine) cannot outlive it: the test asserts caching, not the TTL.
+cache_ttl = "10m"
 {extra}
 [nova]
 nova_metadata_host = "{host}"

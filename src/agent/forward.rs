@@ -28,13 +28,27 @@
 //! answers (issue 11); [`write_api_request`] makes the smuggling itself
 //! impossible, and this rule keeps any other desync from spreading.
 //!
+//! The rule is kept without a syscall: an idle pooled connection always has
+//! a read posted on it (`Idle`), from the moment its response was framed.
+//! Bytes that arrive while it is idle complete that read, and checkout (a
+//! poll of the read, no IO) closes the connection. When the read is still
+//! waiting at checkout, the request is written and the same read becomes the
+//! first read of the response. The previous shape peeked (`recv(MSG_PEEK)`)
+//! after every response and at every checkout: 2 of the agent's 6.8 syscalls
+//! per request in a storm (BENCHMARKS.md, issue 13), and it only saw bytes
+//! that had arrived by the instant of the peek.
+//!
 //! Response framing is [`http::frame_response`], shared with
 //! `proxy::upstream`; the two clients differ only in what they buffer and
 //! when they retry, and neither module reaches into the other.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::agent::identity::Identity;
@@ -48,9 +62,8 @@ use crate::rt::{self, PendingInput, TcpConn};
 
 /// Read size for API responses.
 const READ_BYTES: usize = 16 * 1024;
-/// Largest API response accepted (Nova caps user-data at 64 KiB; the
-/// largest documents are a few hundred KiB).
-pub const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest API response accepted ([`http::DEFAULT_MAX_RESPONSE_BYTES`]).
+pub const MAX_RESPONSE_BYTES: u64 = crate::http::DEFAULT_MAX_RESPONSE_BYTES;
 /// At most one "unsolicited bytes" warning per pool per this interval.
 const UNSOLICITED_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -139,12 +152,67 @@ impl Conn {
             Conn::Tls(c) => c.shutdown(),
         }
     }
+}
 
-    /// What is waiting to be read now (see [`TcpConn::pending_input`]).
+/// A read in flight: its result and the buffer it read into.
+type Read = Pin<Box<dyn Future<Output = (std::io::Result<usize>, Vec<u8>)>>>;
+
+/// What became of the read posted on an idle connection.
+enum Posted {
+    /// Still waiting: nothing arrived.
+    Waiting(Read),
+    /// It completed while nothing was asked: bytes, end of stream or error.
+    Done(PendingInput),
+}
+
+/// An idle pooled connection with a read posted on it, so that bytes no
+/// request asked for are seen whenever they arrive, without a peek.
+struct Idle {
+    conn: Rc<Conn>,
+    read: RefCell<Posted>,
+}
+
+impl Idle {
+    /// Post the read (the op is queued on this first poll and submitted with
+    /// the loop's next batch) and keep it.
+    fn new(conn: Rc<Conn>) -> Idle {
+        let c = conn.clone();
+        let read: Read = Box::pin(async move {
+            c.read_append(Vec::with_capacity(READ_BYTES), READ_BYTES)
+                .await
+        });
+        let idle = Idle {
+            conn,
+            read: RefCell::new(Posted::Waiting(read)),
+        };
+        idle.pending_input();
+        idle
+    }
+
+    /// What arrived while idle, from the posted read's state (no syscall).
     fn pending_input(&self) -> PendingInput {
-        match self {
-            Conn::Plain(c) => c.pending_input(),
-            Conn::Tls(c) => c.pending_input(),
+        let mut posted = self.read.borrow_mut();
+        if let Posted::Waiting(read) = &mut *posted {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready((res, _)) = read.as_mut().poll(&mut cx) {
+                *posted = Posted::Done(match res {
+                    Ok(0) | Err(_) => PendingInput::Closed,
+                    Ok(_) => PendingInput::Bytes,
+                });
+            }
+        }
+        match &*posted {
+            Posted::Waiting(_) => PendingInput::Nothing,
+            Posted::Done(p) => *p,
+        }
+    }
+
+    /// The connection and its still-waiting read, if nothing arrived.
+    fn take(self) -> Result<(Rc<Conn>, Read), (Rc<Conn>, PendingInput)> {
+        let p = self.pending_input();
+        match self.read.into_inner() {
+            Posted::Waiting(read) => Ok((self.conn, read)),
+            Posted::Done(_) => Err((self.conn, p)),
         }
     }
 }
@@ -163,7 +231,7 @@ pub struct Pool {
     max_idle: usize,
     timeout: Duration,
     limits: Limits,
-    idle: RefCell<Vec<Conn>>,
+    idle: RefCell<Vec<Idle>>,
     /// `Some` for HTTPS.
     tls: Option<TlsTarget>,
     /// Log "unreachable" once per outage, not per request.
@@ -299,8 +367,8 @@ impl Pool {
 
     async fn exchange(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
         let _slot = self.slot().await;
-        if let Some(conn) = self.checkout() {
-            match self.once(conn, req, is_head).await {
+        if let Some((conn, read)) = self.checkout() {
+            match self.once(conn, Some(read), req, is_head).await {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retryable) => {
@@ -329,7 +397,7 @@ impl Pool {
                 self.what, self.addr
             ));
         }
-        match self.once(conn, req, is_head).await {
+        match self.once(Rc::new(conn), None, req, is_head).await {
             Ok(r) => Ok(r),
             Err(Attempt::Fatal(e)) => Err(e),
             Err(Attempt::Retryable) => Err(ForwardError::Broken(
@@ -340,17 +408,18 @@ impl Pool {
 
     /// An idle connection that is still clean: one on which bytes arrived
     /// while it was idle (nothing was asked) is broken and closed, as is one
-    /// the peer closed.
-    fn checkout(&self) -> Option<Conn> {
+    /// the peer closed. Returned with its posted read, which is to be the
+    /// response's first read.
+    fn checkout(&self) -> Option<(Rc<Conn>, Read)> {
         loop {
-            let conn = self.idle.borrow_mut().pop()?;
-            match conn.pending_input() {
-                PendingInput::Nothing => return Some(conn),
-                PendingInput::Closed => conn.shutdown(),
-                PendingInput::Bytes => {
+            let idle = self.idle.borrow_mut().pop()?;
+            match idle.take() {
+                Ok(ready) => return Some(ready),
+                Err((conn, PendingInput::Bytes)) => {
                     conn.shutdown();
                     self.unsolicited();
                 }
+                Err((conn, _)) => conn.shutdown(),
             }
         }
     }
@@ -391,7 +460,14 @@ impl Pool {
     }
 
     /// One request on `conn`; the connection returns to the pool if reusable.
-    async fn once(&self, conn: Conn, req: &[u8], is_head: bool) -> Result<ApiResponse, Attempt> {
+    /// `posted` is the read kept on it while idle: the response's first read.
+    async fn once(
+        &self,
+        conn: Rc<Conn>,
+        mut posted: Option<Read>,
+        req: &[u8],
+        is_head: bool,
+    ) -> Result<ApiResponse, Attempt> {
         let (res, _) = conn.write_all(req.to_vec()).await;
         if res.is_err() {
             return Err(Attempt::Retryable);
@@ -403,24 +479,19 @@ impl Pool {
                     // More than one response's worth: the response we framed
                     // may not be this request's (the connection is out of
                     // step). Fail the request, close the connection.
-                    let after = if len < buf.len() {
-                        PendingInput::Bytes
-                    } else {
-                        conn.pending_input()
-                    };
-                    if after == PendingInput::Bytes {
+                    // Bytes that arrive later complete the read posted on
+                    // the idle connection (see `Idle`).
+                    if len < buf.len() {
                         conn.shutdown();
                         self.unsolicited();
                         return Err(Attempt::Fatal(ForwardError::Broken(
                             "bytes after the response that no request asked for".into(),
                         )));
                     }
-                    let reusable = head.keep_alive
-                        && after == PendingInput::Nothing
-                        && head.body != ResponseBody::UntilClose;
+                    let reusable = head.keep_alive && head.body != ResponseBody::UntilClose;
                     buf.truncate(len);
                     if reusable && self.idle.borrow().len() < self.max_idle {
-                        self.idle.borrow_mut().push(conn);
+                        self.idle.borrow_mut().push(Idle::new(conn));
                     } else {
                         conn.shutdown();
                     }
@@ -429,7 +500,10 @@ impl Pool {
                 Ok(None) => {}
                 Err(why) => return Err(Attempt::Fatal(ForwardError::Broken(why))),
             }
-            let (res, back) = conn.read_append(buf, READ_BYTES).await;
+            let (res, back) = match posted.take() {
+                Some(read) => read.await,
+                None => conn.read_append(buf, READ_BYTES).await,
+            };
             buf = back;
             match res {
                 Ok(0) if buf.is_empty() => return Err(Attempt::Retryable),
@@ -674,7 +748,8 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(5);
             while pool.idle.borrow()[0].pending_input() != PendingInput::Bytes {
                 assert!(Instant::now() < deadline, "stale bytes never arrived");
-                std::thread::yield_now();
+                // The posted read completes when the loop runs.
+                crate::rt::sleep(Duration::from_millis(1)).await;
             }
             // The next request is not answered with them: a new connection.
             let b = pool.request(&get("/"), false).await.unwrap();

@@ -17,15 +17,17 @@
 //! 2. **signs** the instance id with [`crate::sign::sign_instance_id`];
 //! 3. **forwards** to the Nova-compatible metadata API.
 //!
-//! The IO layer: [`server`] (the Unix-socket server and request flow),
-//! [`resolve`] (the validated ids and the loop's [`resolve::Resolver`],
-//! one of two backends: [`inventory`], the file through a per-loop cache, or
-//! [`neutron`]: its [`neutron::resolver`] with cache, prefetch, single flight
-//! and batching over its [`neutron::client`] with Keystone), [`forward`]
-//! (the pooled client to the API and to Neutron), [`metrics`] (per-loop
-//! counters, Prometheus), configured by [`config`]; [`report`] sends
-//! Neutron's `report_state` over RabbitMQ on a thread of its own, so the
-//! agent shows in `openstack network agent list`.
+//! The IO layer: [`daemon`] (start, bind, loops), [`conn`] (one pipelined
+//! connection on the engine), [`handler`] (one request: resolve → sign →
+//! forward → relay), [`resolve`] (the validated ids and the loop's
+//! [`resolve::Resolver`], one of two backends: [`inventory`], the file
+//! through a per-loop cache, or [`neutron`]: its [`neutron::resolver`] with
+//! cache, prefetch, single flight and batching over its [`neutron::client`]
+//! with Keystone), [`forward`] (the pooled client to the API and to
+//! Neutron), [`metrics`] (per-loop counters, Prometheus), configured by
+//! [`config`]; [`report`] sends Neutron's `report_state` over RabbitMQ
+//! on a thread of its own, so the agent shows in `openstack network agent
+//! list`.
 //!
 //! Everything in the other submodules is pure: no sockets, timers or runtime
 //! types, so each step is unit-tested in isolation and the async layer only
@@ -35,15 +37,17 @@
 pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod conn;
+pub mod daemon;
 pub mod forward;
+pub mod handler;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod neutron;
 pub mod report;
 pub mod resolve;
-pub mod server;
 pub mod tls;
 
 pub use config::AgentConfig;
-pub use server::{start, AgentHandle, AgentStats};
+pub use daemon::{start, AgentHandle, AgentStats};

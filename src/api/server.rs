@@ -1,15 +1,12 @@
 //! The metadata API's HTTP/1.1 server: [`MetadataApi`] on the `rt` loops.
 //!
-//! Shaped like the namespace proxy (`proxy/mod.rs`, `proxy/conn.rs`): every
-//! listener is created once with our backlog and shared by all loops, each
-//! loop runs its own accept on a `dup` of it, and a connection is an idle loop
-//! that owns no buffer between requests plus a boxed per-request future. A
-//! request is read (head, then the body: Content-Length, or chunked decoded
-//! with [`http::ChunkedScanner::decode`]), handed to the pure handler and answered;
-//! pipelined requests are answered in order because they are taken one after
-//! another from the same buffer. A bad request gets [`http::canned`] and the
-//! connection is closed, since the stream position can no longer be trusted.
-//! Every wait is bounded by `[api.timeouts]` through [`rt::with_deadline`].
+//! Like the namespace proxy, every listener is created once with our backlog
+//! and shared by all loops, each loop runs its own accept on a `dup` of it,
+//! and connections run on the connection engine ([`serve::engine`]: idle
+//! wait holding no buffer, head, body, deadlines from `[api.timeouts]`,
+//! canned rejections that linger, HEAD framing). This file supplies the
+//! engine's [`Handler`]: a chunked body decoded, the request handed to the
+//! pure [`MetadataApi::handle`], its answer rendered.
 //!
 //! The handler runs inline on the loop. It is microseconds, except a password
 //! POST, which `fsync`s the password log before answering (that is what makes
@@ -23,69 +20,35 @@
 //! SIGHUP); a broken file keeps the old inventory and logs why (the error
 //! names the line or key).
 
-use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
-use crate::http::{self, RequestBody};
+use crate::http::{self, RequestHead};
 use crate::inventory::store::{self, Local, Watcher};
 use crate::inventory::{self, InventoryError};
 use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
-use crate::serve::admit::{self, Admission, Gate, Slot};
-use crate::serve::{self, BodyError, Idle};
+use crate::serve::admit::{self, Admission, Gate};
+use crate::serve::{self, Answer, Handler, Request, Server, Stop};
 
-/// Bytes asked for per read while a request is being assembled.
-const READ_CHUNK_BYTES: usize = 4096;
-/// Upper bound on a connection task's size: what an idle keep-alive
-/// connection costs (the request itself is boxed separately).
-const CONN_TASK_MAX_BYTES: usize = 1536;
-/// Buffers kept in a loop's free list.
-const FREE_BUFFERS: usize = 64;
-/// Largest buffer put back on the free list.
-const FREE_BUFFER_MAX_BYTES: usize = 64 * 1024;
-
-/// Per-loop context shared by its connection tasks.
-struct LoopCtx {
+/// Per-loop state shared by its connection tasks.
+struct ApiLoop {
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
     /// This loop's copy of the inventory.
     inventory: Local,
     /// Set when the loop drains.
     stopping: Event,
-    /// Connections being served by this loop.
-    active: Cell<usize>,
-    free: RefCell<Vec<Vec<u8>>>,
-}
-
-impl LoopCtx {
-    fn take_buf(&self) -> Vec<u8> {
-        self.free.borrow_mut().pop().unwrap_or_default()
-    }
-
-    fn put_buf(&self, mut b: Vec<u8>) {
-        let mut f = self.free.borrow_mut();
-        if f.len() < FREE_BUFFERS && b.capacity() <= FREE_BUFFER_MAX_BYTES {
-            b.clear();
-            f.push(b);
-        }
-    }
-}
-
-/// Messages from the control side to the loops.
-#[derive(Debug, Clone, Copy)]
-enum Control {
-    /// Stop accepting, drain in-flight requests, exit.
-    Stop,
+    server: Rc<Server>,
 }
 
 /// A running API server: its loops, the shared handler and the watcher.
@@ -93,7 +56,7 @@ pub struct ApiHandle {
     /// Actual bound addresses, in `listen` order (port 0 resolved).
     pub bound: Vec<SocketAddr>,
     inventory: Arc<inventory::Store>,
-    controls: Vec<UnboundedSender<Control>>,
+    controls: Vec<UnboundedSender<Stop>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
     watcher: Option<Watcher>,
 }
@@ -127,18 +90,9 @@ impl ApiHandle {
             w.stop();
         }
         for c in &self.controls {
-            let _ = c.unbounded_send(Control::Stop);
+            let _ = c.unbounded_send(Stop);
         }
-        let mut first = Ok(());
-        for t in self.threads.drain(..) {
-            let r = t
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("api loop panicked")));
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        serve::join_loops(self.threads.drain(..), "api")
     }
 }
 
@@ -207,26 +161,12 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     ));
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
-    let mut controls = Vec::with_capacity(workers);
-    let mut receivers = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let (tx, rx) = rt::sync::unbounded();
-        controls.push(tx);
-        receivers.push(std::sync::Mutex::new(Some(rx)));
-    }
-    let receivers = Arc::new(receivers);
     let loop_inventory = inventory.clone();
-    let threads = rt::run_loops(workers, "api", move |i| {
-        let cfg = cfg.clone();
-        let api = api.clone();
-        let inventory = loop_inventory.clone();
-        let sockets = sockets.clone();
-        let gate = gate.clone();
-        let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
-        async move {
-            let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(i, cfg, api, inventory.local(), &sockets, gate, rx).await
-        }
+    let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
+        let (cfg, api) = (cfg.clone(), api.clone());
+        let (sockets, gate) = (sockets.clone(), gate.clone());
+        let store = loop_inventory.clone();
+        async move { run_loop(i, cfg, api, store.local(), &sockets, gate, rx).await }
     })?;
     let watcher = match Watcher::start(
         inventory.clone(),
@@ -264,16 +204,15 @@ async fn run_loop(
     inventory: Local,
     sockets: &[std::net::TcpListener],
     gate: Arc<Gate>,
-    mut control: UnboundedReceiver<Control>,
+    mut control: UnboundedReceiver<Stop>,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
-    let ctx = Rc::new(LoopCtx {
+    let ctx = Rc::new(ApiLoop {
         cfg: cfg.clone(),
         api,
         inventory,
         stopping: Event::default(),
-        active: Cell::new(0),
-        free: RefCell::new(Vec::new()),
+        server: Server::new(serve::settings!(cfg)),
     });
     if index == 0 {
         log::info(format_args!("api loops use {:?}", rt::engine()));
@@ -282,211 +221,75 @@ async fn run_loop(
     let mut accept_tasks = Vec::with_capacity(sockets.len());
     for s in sockets {
         let acceptor = TcpAcceptor::from_std(s.try_clone()?)?;
-        accept_tasks.push(rt::spawn_handle(accept_loop(
-            ctx.clone(),
-            acceptor,
-            admission.clone(),
-        )));
+        let c = ctx.clone();
+        let accept = ctx
+            .server
+            .clone()
+            .accept(acceptor, admission.clone(), move |(conn, peer)| {
+                let accepted = Instant::now();
+                let h = ApiConn {
+                    ctx: c.clone(),
+                    peer,
+                };
+                async move {
+                    let end = serve::serve_conn(&h, &conn, accepted).await;
+                    log::debug(format_args!("api: connection from {peer} ended: {end:?}"));
+                }
+            });
+        accept_tasks.push(rt::spawn_handle(accept));
     }
     // Run until told to stop (or the control side is gone).
     let _ = control.next().await;
     drop(accept_tasks); // cancels the accepts: no new connections on this loop
     ctx.stopping.set();
-    let deadline = Instant::now() + cfg.drain_timeout;
-    while ctx.active.get() > 0 && Instant::now() < deadline {
-        rt::sleep(Duration::from_millis(20)).await;
-    }
-    if ctx.active.get() > 0 {
-        log::warn(format_args!(
-            "api loop {index}: drain timeout, closing {} connection(s)",
-            ctx.active.get()
-        ));
-    }
+    let label = format!("api loop {index}");
+    ctx.server.drain(&label, cfg.drain_timeout).await;
     Ok(())
 }
 
-async fn accept_loop(ctx: Rc<LoopCtx>, acceptor: TcpAcceptor, admission: Rc<Admission>) {
-    admit::accept_loop(acceptor, admission, |(conn, peer), slot| {
-        let accepted = Instant::now();
-        ctx.active.set(ctx.active.get() + 1);
-        let c = ctx.clone();
-        let fut = async move {
-            let guard = ActiveGuard {
-                ctx: c.clone(),
-                _slot: slot,
-            };
-            serve(&c, conn, peer, accepted).await;
-            drop(guard);
+/// One API connection: the engine's [`Handler`].
+struct ApiConn {
+    ctx: Rc<ApiLoop>,
+    peer: SocketAddr,
+}
+
+impl Handler for ApiConn {
+    type Conn = TcpConn;
+    const DECODE_CHUNKED: bool = true;
+
+    fn server(&self) -> &Server {
+        &self.ctx.server
+    }
+
+    fn stop(&self) -> &Event {
+        &self.ctx.stopping
+    }
+
+    /// Run the handler and render its answer.
+    async fn answer(&self, _conn: &TcpConn, req: &Request<'_>, out: &mut Vec<u8>) -> Answer {
+        let (buf, head): (&[u8], &RequestHead) = (req.buf, req.head);
+        // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
+        let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
+            .headers
+            .iter()
+            .map(|h| (h.name.get(buf), h.value.get(buf)))
+            .collect();
+        let api_req = ApiRequest {
+            method: head.method.as_str(),
+            target: head.target.get(buf),
+            headers: &headers,
+            body: req.body,
+            peer: rt::peer_ip(self.peer),
         };
-        debug_assert!(
-            std::mem::size_of_val(&fut) <= CONN_TASK_MAX_BYTES,
-            "idle connection state grew"
-        );
-        rt::spawn(fut);
-    })
-    .await;
-}
-
-/// Decrements the active count and frees the admission slot (after the
-/// connection's socket closed) however the connection task ends.
-struct ActiveGuard {
-    ctx: Rc<LoopCtx>,
-    _slot: Slot,
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.ctx.active.set(self.ctx.active.get().saturating_sub(1));
-    }
-}
-
-/// How a connection ended (for debug logs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// Answered, nothing left unread.
-    Done,
-    /// Answered (an error, or a final answer with more request bytes behind
-    /// it): linger so the answer is not lost to an RST.
-    Linger,
-    PeerClosed,
-    Timeout,
-    Stopping,
-    IoError,
-}
-
-async fn serve(ctx: &LoopCtx, conn: TcpConn, peer: SocketAddr, accepted: Instant) {
-    let end = serve_inner(ctx, &conn, rt::peer_ip(peer), accepted).await;
-    log::debug(format_args!("api: connection from {peer} ended: {end:?}"));
-    match end {
-        End::Linger => serve::linger_close(&conn).await,
-        _ => conn.shutdown(),
-    }
-}
-
-/// The idle loop: holds no buffer while waiting; each request's state lives
-/// in [`handle_request`]'s boxed future.
-async fn serve_inner(ctx: &LoopCtx, conn: &TcpConn, peer: IpAddr, accepted: Instant) -> End {
-    let t = ctx.cfg.timeouts;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut first = true;
-    loop {
-        if buf.is_empty() {
-            let idle_deadline = if first {
-                accepted + t.http_request
-            } else {
-                Instant::now() + t.keep_alive
-            };
-            match serve::wait_for_request!(conn, buf, idle_deadline, ctx.stopping) {
-                Idle::Request => {}
-                Idle::PeerClosed => return End::PeerClosed,
-                Idle::IoError => return End::IoError,
-                Idle::Timeout => return End::Timeout,
-                Idle::Stopping => return End::Stopping,
-            }
+        let started = Instant::now();
+        let resp = self.ctx.api.handle(&self.ctx.inventory.get().0, &api_req);
+        if self.ctx.cfg.access_log {
+            access(&api_req, &resp, started);
         }
-        let head_deadline = if first {
-            accepted + t.http_request
-        } else {
-            Instant::now() + t.http_request
-        };
-        first = false;
-        if let Err(end) = Box::pin(handle_request(ctx, conn, peer, &mut buf, head_deadline)).await {
-            return end;
-        }
-        if buf.is_empty() {
-            buf = Vec::new(); // release the capacity while idle
-        }
+        let keep = head.keep_alive && !self.ctx.stopping.is_set();
+        write_response(&resp, req.is_head(), keep, out);
+        Answer::Write { keep }
     }
-}
-
-/// Read one request (its first bytes are in `buf`), run the handler, answer.
-/// `Ok` keeps the connection; pipelined bytes that followed stay in `buf`.
-async fn handle_request(
-    ctx: &LoopCtx,
-    conn: &TcpConn,
-    peer: IpAddr,
-    buf: &mut Vec<u8>,
-    head_deadline: Instant,
-) -> Result<(), End> {
-    let cfg = &ctx.cfg;
-    // 1. The head.
-    let head = loop {
-        match http::parse_request(buf, &cfg.limits) {
-            Ok(Some(h)) => break h,
-            Ok(None) => {}
-            Err(e) => return Err(reject(ctx, conn, e.status(), false).await),
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) =
-            match rt::with_deadline(head_deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await
-            {
-                Ok(r) => r,
-                Err(rt::Elapsed) => return Err(reject(ctx, conn, 408, false).await),
-            };
-        *buf = b;
-        match res {
-            Ok(0) => return Err(End::PeerClosed),
-            Ok(_) => {}
-            Err(_) => return Err(End::IoError),
-        }
-    };
-
-    // 2. The body.
-    let mut decoded = Vec::new();
-    let (max_body, client) = (ctx.cfg.limits.max_body_bytes, ctx.cfg.timeouts.client);
-    let body_end =
-        match serve::read_body(conn, buf, &head, max_body, client, Some(&mut decoded)).await {
-            Ok(end) => end,
-            Err(BodyError::Status(s)) => {
-                return Err(reject(ctx, conn, s, head.method == http::Method::Head).await)
-            }
-            Err(BodyError::Gone) => return Err(End::PeerClosed),
-        };
-    let body: &[u8] = match head.body {
-        RequestBody::Chunked => &decoded,
-        _ => &buf[head.head_len..body_end],
-    };
-
-    // 3. The handler.
-    // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
-    let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
-        .headers
-        .iter()
-        .map(|h| (h.name.get(buf), h.value.get(buf)))
-        .collect();
-    let req = ApiRequest {
-        method: head.method.as_str(),
-        target: head.target.get(buf),
-        headers: &headers,
-        body,
-        peer,
-    };
-    let started = Instant::now();
-    let resp = ctx.api.handle(&ctx.inventory.get().0, &req);
-    if cfg.access_log {
-        access(&req, &resp, started);
-    }
-    drop(headers);
-
-    // 4. The answer.
-    let keep = head.keep_alive && !ctx.stopping.is_set();
-    let mut w = ctx.take_buf();
-    write_response(&resp, head.method == http::Method::Head, keep, &mut w);
-    match rt::with_deadline(Instant::now() + cfg.timeouts.client, conn.write_all(w)).await {
-        Ok((Ok(()), b)) => ctx.put_buf(b),
-        Ok((Err(_), _)) => return Err(End::IoError),
-        Err(rt::Elapsed) => return Err(End::Timeout),
-    }
-    if !keep {
-        return Err(if buf.len() > body_end {
-            End::Linger
-        } else {
-            End::Done
-        });
-    }
-    // Keep any pipelined bytes that followed this request.
-    buf.drain(..body_end);
-    Ok(())
 }
 
 /// One access-log line: the client, the instance it asked as (the agent's
@@ -518,16 +321,6 @@ fn write_response(resp: &ApiResponse, head_only: bool, keep: bool, out: &mut Vec
     let content_type =
         http::HeaderValue::new(resp.content_type.as_bytes()).unwrap_or(http::write::TEXT_PLAIN);
     http::write_answer(out, resp.status, content_type, &resp.body, head_only, !keep);
-}
-
-/// Send a canned error (framed for a HEAD when `is_head`) and end the connection.
-async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16, is_head: bool) -> End {
-    let _ = rt::with_deadline(
-        Instant::now() + ctx.cfg.timeouts.client,
-        conn.write_static(http::canned_for(status, is_head)),
-    )
-    .await;
-    End::Linger
 }
 
 #[cfg(test)]

@@ -41,6 +41,11 @@ pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 /// Largest request body (Content-Length or decoded chunked payload), in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024;
+/// Largest metadata response body relayed or accepted, in bytes: the
+/// proxy's default `max_response_bytes` and the agent's cap on the API's
+/// answers (Nova caps user-data at 64 KiB; the largest documents are a few
+/// hundred KiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Longest request target an access-log line carries.
 pub const LOG_TARGET_MAX: usize = 256;

@@ -73,22 +73,27 @@ fn in_list(list: &[&str], name: &[u8]) -> bool {
 /// is the trust header; passed through, it would let a guest set an id the proxy never stamps.
 /// nginx and gunicorn drop such names for the same reason.
 pub fn is_trust_header(name: &[u8]) -> bool {
-    TRUST_HEADERS.iter().any(|h| {
-        name.len() == h.len()
-            && name.iter().zip(h.bytes()).all(|(&a, b)| {
-                let a = if a == b'_' { b'-' } else { a };
-                a.eq_ignore_ascii_case(&b)
-            })
-    })
+    TRUST_HEADERS.iter().any(|h| eq_wsgi(name, h))
 }
 
-/// Whether `name` is one of the IMDSv2 token headers (request or TTL, ASCII case-insensitive),
-/// which are never forwarded.
+/// ASCII case-insensitive equality of a header name with `known` (spelled with `-`), where `_`
+/// in `name` also matches `-`: the two names a WSGI server files under one `HTTP_*` key.
+fn eq_wsgi(name: &[u8], known: &str) -> bool {
+    name.len() == known.len()
+        && name.iter().zip(known.bytes()).all(|(&a, b)| {
+            let a = if a == b'_' { b'-' } else { a };
+            a.eq_ignore_ascii_case(&b)
+        })
+}
+
+/// Whether `name` is one of the IMDSv2 token headers (request or TTL, ASCII case-insensitive,
+/// also with `_` for `-` as for [`is_trust_header`]), which are never forwarded: behind a WSGI
+/// server `X_aws_ec2_metadata_token` is the token header.
 pub fn is_token_header(name: &[u8]) -> bool {
     TOKEN_HEADERS
         .iter()
         .chain(TTL_HEADERS)
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        .any(|h| eq_wsgi(name, h))
 }
 
 /// Whether `name` is one of [`HOP_BY_HOP`] (ASCII case-insensitive).

@@ -1,11 +1,10 @@
-//! One VM connection: read a request, rewrite its trust headers, relay it
-//! through the upstream pool, write the answer back; repeat while keep-alive.
-//!
-//! Requests pipelined by a client are answered in order because they are
-//! handled one after another from the same buffer. While a connection is idle
-//! between requests it owns no buffer (see [`crate::rt::TcpConn::read_idle`]).
-//! Every wait is bounded by one of haproxy's timeouts via
-//! [`crate::rt::with_deadline`], which cancels the IO on expiry:
+//! One VM connection, the proxy's [`Handler`] on the connection engine
+//! ([`crate::serve::engine`]): rate-limit the head, answer the IMDSv2 token
+//! endpoint or check its token, rewrite the trust headers, relay through
+//! the upstream pool, frame the answer back. The engine reads the request
+//! and writes the answer; keep-alive, pipelining and every deadline are its.
+//! Timeouts are haproxy's, bounded with [`crate::rt::with_deadline`], which
+//! cancels the IO on expiry:
 //! - `http_request`: from the first byte of a request (or accept) to its complete head;
 //! - `keep_alive`: idle time between requests;
 //! - `client`: each body read and each response write;
@@ -18,245 +17,142 @@ use std::time::Instant;
 use crate::http::{self, RequestHead};
 use crate::log;
 use crate::proxy::imdsv2::{self, Verdict};
-use crate::proxy::{LoopCtx, NsRuntime};
+use crate::proxy::{NsRuntime, ProxyLoop};
+use crate::rt::sync::Event;
 use crate::rt::{self, TcpConn};
-use crate::serve::{self, BodyError, Idle};
+use crate::serve::{self, Answer, Handler, Request, Server};
 
-/// Bytes asked for per read while a request is being assembled.
-const READ_CHUNK_BYTES: usize = 4096;
-
-/// How a connection ended (for debug logs and tests of the limits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// Answered, nothing left unread: just close.
-    Done,
-    /// Answered (an error, or a final answer with more request bytes
-    /// behind it): close gracefully so the answer is not lost to an RST.
-    Linger,
-    PeerClosed,
-    Timeout,
-    Stopping,
-    IoError,
+/// One client connection of a namespace on one loop.
+pub struct ProxyConn {
+    /// The loop's state.
+    pub ctx: Rc<ProxyLoop>,
+    /// The namespace it came in on.
+    pub ns: Rc<NsRuntime>,
+    /// The client.
+    pub peer: SocketAddr,
 }
 
 /// Serve one accepted client connection until it closes.
-pub async fn serve(
-    ctx: Rc<LoopCtx>,
-    ns: Rc<NsRuntime>,
-    conn: TcpConn,
-    peer: SocketAddr,
-    accepted: Instant,
-) {
-    let end = serve_inner(&ctx, &ns, &conn, peer, accepted).await;
+pub async fn serve(h: ProxyConn, conn: TcpConn, accepted: Instant) {
+    let end = serve::serve_conn(&h, &conn, accepted).await;
     log::debug(format_args!(
-        "{}: connection from {peer} ended: {end:?}",
-        ns.cfg.name
+        "{}: connection from {} ended: {end:?}",
+        h.ns.cfg.name, h.peer
     ));
-    match end {
-        // A clean end just closes the fd (no extra syscall for a
-        // connection-per-request client like cloud-init).
-        End::Done | End::PeerClosed => {}
-        // Closing with unread request bytes makes the kernel send an RST,
-        // which can destroy the answer we just wrote before the client reads
-        // it: half-close, drain what is left for a moment, then close.
-        End::Linger => serve::linger_close(&conn).await,
-        // A timeout, error or drain: end any IO still queued on it now.
-        End::Timeout | End::Stopping | End::IoError => conn.shutdown(),
-    }
 }
 
-/// The idle loop. Its state is all an idle keep-alive connection costs, so it
-/// holds only the wait itself; everything a request needs lives in
-/// [`handle_request`]'s future, boxed and freed when the answer is written.
-async fn serve_inner(
-    ctx: &LoopCtx,
-    ns: &NsRuntime,
-    conn: &TcpConn,
-    peer: SocketAddr,
-    accepted: Instant,
-) -> End {
-    let t = ctx.cfg.timeouts;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut first = true;
-    loop {
-        // Wait for the first bytes of the next request, holding no buffer.
-        if buf.is_empty() {
-            let idle_deadline = if first {
-                accepted + t.http_request
-            } else {
-                Instant::now() + t.keep_alive
-            };
-            match serve::wait_for_request!(conn, buf, idle_deadline, ns.closing) {
-                Idle::Request => {}
-                Idle::PeerClosed => return End::PeerClosed,
-                Idle::IoError => return End::IoError,
-                Idle::Timeout => return End::Timeout,
-                Idle::Stopping => return End::Stopping,
-            }
-        }
-        // The head must be complete within `http_request` of its first byte
-        // (of the accept, for a connection's first request).
-        let head_deadline = if first {
-            accepted + t.http_request
-        } else {
-            Instant::now() + t.http_request
-        };
-        first = false;
-        match Box::pin(handle_request(ctx, ns, conn, peer, &mut buf, head_deadline)).await {
-            Ok(()) => {}
-            Err(end) => return end,
-        }
-        if buf.is_empty() {
-            buf = Vec::new(); // release the capacity while idle
+impl ProxyConn {
+    fn log(&self, req: Option<(&[u8], &RequestHead)>, status: u16, bytes: usize, started: Instant) {
+        if self.ctx.cfg.access_log {
+            access(&self.ns, self.peer, req, status, bytes, started);
         }
     }
 }
 
-/// Read one request (its first bytes are in `buf`), relay it and answer.
-/// `Ok` keeps the connection; pipelined bytes that followed stay in `buf`.
-async fn handle_request(
-    ctx: &LoopCtx,
-    ns: &NsRuntime,
-    conn: &TcpConn,
-    peer: SocketAddr,
-    buf: &mut Vec<u8>,
-    head_deadline: Instant,
-) -> Result<(), End> {
-    let cfg = &ctx.cfg;
-    let started = Instant::now();
-    let log = |req: Option<&RequestHead>, buf: &[u8], status: u16, bytes: usize| {
-        if cfg.access_log {
-            access(ns, peer, req.map(|h| (buf, h)), status, bytes, started);
+impl Handler for ProxyConn {
+    type Conn = TcpConn;
+
+    fn server(&self) -> &Server {
+        &self.ctx.server
+    }
+
+    fn stop(&self) -> &Event {
+        &self.ns.closing
+    }
+
+    fn head_timeout(&self, started: Instant) {
+        let c = &self.ns.counters;
+        c.http_request_timeouts
+            .set(c.http_request_timeouts.get() + 1);
+        self.log(None, 408, 0, started);
+    }
+
+    fn refused(&self, buf: &[u8], head: Option<&RequestHead>, status: u16, started: Instant) {
+        self.log(head.map(|h| (buf, h)), status, 0, started);
+    }
+
+    /// The rate limit, before any work for the request.
+    fn check_head(&self, buf: &[u8], head: &RequestHead, started: Instant) -> Option<u16> {
+        let l = self.ctx.limiter.as_ref()?;
+        if l.allow(self.ns.id, rt::peer_ip(self.peer), Instant::now()) {
+            return None;
         }
-    };
-    // 1. Complete the head.
-    let head = loop {
-        match http::parse_request(buf, &cfg.limits) {
-            Ok(Some(h)) => break h,
-            Ok(None) => {}
-            Err(e) => {
-                log(None, buf, e.status(), 0);
-                return Err(reject(ctx, conn, e.status(), false).await);
+        let c = &self.ns.counters;
+        c.rate_limited.set(c.rate_limited.get() + 1);
+        self.log(Some((buf, head)), 429, 0, started);
+        Some(429)
+    }
+
+    async fn answer(&self, conn: &TcpConn, req: &Request<'_>, w: &mut Vec<u8>) -> Answer {
+        let (ctx, ns, peer) = (&*self.ctx, &*self.ns, self.peer);
+        let (buf, head, started) = (req.buf, req.head, req.started);
+        // IMDSv2: the token endpoint is answered here; tokens are checked here.
+        match token_verdict(ctx, ns, peer, buf, head) {
+            Verdict::Relay => {}
+            Verdict::Reject(status) => {
+                let c = &ns.counters;
+                c.token_rejected.set(c.token_rejected.get() + 1);
+                self.log(Some((buf, head)), status, 0, started);
+                return Answer::Reject(status);
             }
-        }
-        let taken = std::mem::take(buf);
-        let (res, b) =
-            match rt::with_deadline(head_deadline, conn.read_append(taken, READ_CHUNK_BYTES)).await
-            {
-                Ok(r) => r,
-                Err(rt::Elapsed) => {
-                    ns.counters
-                        .http_request_timeouts
-                        .set(ns.counters.http_request_timeouts.get() + 1);
-                    log(None, &[], 408, 0);
-                    return Err(reject(ctx, conn, 408, false).await);
+            Verdict::Issue { token, ttl } => {
+                let c = &ns.counters;
+                c.tokens_issued.set(c.tokens_issued.get() + 1);
+                // The answer must not survive more than `hop_limit` hops (AWS's
+                // HttpPutResponseHopLimit): a container behind the VM cannot steal it.
+                if let Err(e) = rt::set_ip_ttl(conn, ctx.cfg.hop_limit) {
+                    log::warn(format_args!(
+                        "{}: cannot set IP TTL for a token response: {e}",
+                        ns.cfg.name
+                    ));
+                    return Answer::Reject(500);
                 }
-            };
-        *buf = b;
-        match res {
-            Ok(0) => return Err(End::PeerClosed),
-            Ok(_) => {}
-            Err(_) => return Err(End::IoError),
-        }
-    };
-
-    // 2. Rate limit before any work for the request.
-    if let Some(l) = &ctx.limiter {
-        if !l.allow(ns.id, rt::peer_ip(peer), Instant::now()) {
-            ns.counters
-                .rate_limited
-                .set(ns.counters.rate_limited.get() + 1);
-            log(Some(&head), buf, 429, 0);
-            return Err(reject(ctx, conn, 429, head.method == http::Method::Head).await);
-        }
-    }
-
-    // 3. The body (bounded by limits.max_body_bytes inside the parser/scanner).
-    let limits = &ctx.cfg.limits;
-    let body_end = match serve::read_body(
-        conn,
-        buf,
-        &head,
-        limits.max_body_bytes,
-        ctx.cfg.timeouts.client,
-        None,
-    )
-    .await
-    {
-        Ok(end) => end,
-        Err(BodyError::Status(s)) => {
-            log(Some(&head), buf, s, 0);
-            return Err(reject(ctx, conn, s, head.method == http::Method::Head).await);
-        }
-        Err(BodyError::Gone) => return Err(End::PeerClosed),
-    };
-
-    // 4. IMDSv2: the token endpoint is answered here; tokens are checked here.
-    match token_verdict(ctx, ns, peer, buf, &head) {
-        Verdict::Relay => {}
-        Verdict::Reject(status) => {
-            ns.counters
-                .token_rejected
-                .set(ns.counters.token_rejected.get() + 1);
-            log(Some(&head), buf, status, 0);
-            return Err(reject(ctx, conn, status, head.method == http::Method::Head).await);
-        }
-        Verdict::Issue { token, ttl } => {
-            ns.counters
-                .tokens_issued
-                .set(ns.counters.tokens_issued.get() + 1);
-            // The answer must not survive more than `hop_limit` hops (AWS's
-            // HttpPutResponseHopLimit): a container behind the VM cannot steal it.
-            if let Err(e) = rt::set_ip_ttl(conn, ctx.cfg.hop_limit) {
-                log::warn(format_args!(
-                    "{}: cannot set IP TTL for a token response: {e}",
-                    ns.cfg.name
-                ));
-                return Err(reject(ctx, conn, 500, head.method == http::Method::Head).await);
+                let keep = head.keep_alive && !ns.closing.is_set();
+                w.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-aws-ec2-metadata-token-ttl-seconds: ");
+                w.extend_from_slice(ttl.to_string().as_bytes());
+                w.extend_from_slice(b"\r\nContent-Length: ");
+                w.extend_from_slice(token.len().to_string().as_bytes());
+                w.extend_from_slice(if keep {
+                    b"\r\n\r\n" as &[u8]
+                } else {
+                    b"\r\nConnection: close\r\n\r\n"
+                });
+                if !req.is_head() {
+                    w.extend_from_slice(token.as_bytes());
+                }
+                self.log(Some((buf, head)), 200, token.len(), started);
+                return Answer::Write { keep };
             }
-            let keep = head.keep_alive && !ns.closing.is_set();
-            let mut w = ctx.take_buf();
-            w.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-aws-ec2-metadata-token-ttl-seconds: ");
-            w.extend_from_slice(ttl.to_string().as_bytes());
-            w.extend_from_slice(b"\r\nContent-Length: ");
-            w.extend_from_slice(token.len().to_string().as_bytes());
-            w.extend_from_slice(if keep {
-                b"\r\n\r\n" as &[u8]
-            } else {
-                b"\r\nConnection: close\r\n\r\n"
-            });
-            if head.method != http::Method::Head {
-                w.extend_from_slice(token.as_bytes());
+        }
+
+        // Rewrite and relay.
+        let mut out = ctx.server.take_buf();
+        upstream_head(buf, head, peer.ip(), &ns.cfg.identity, &mut out);
+        out.extend_from_slice(req.body);
+        ns.counters.requests.set(ns.counters.requests.get() + 1);
+        let resp = match ctx.pool.request(out, head.method).await {
+            Ok(r) => r,
+            Err(e) => {
+                let c = &ns.counters;
+                c.upstream_errors.set(c.upstream_errors.get() + 1);
+                log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
+                self.log(Some((buf, head)), e.status(), 0, started);
+                return Answer::Reject(e.status());
             }
-            log(Some(&head), buf, 200, token.len());
-            return finish(ctx, conn, buf, body_end, w, keep).await;
-        }
+        };
+
+        // Keep the client only if both sides allow it.
+        let keep = head.keep_alive && !resp.until_close && !ns.closing.is_set();
+        http::write_response_head(&resp.bytes, &resp.head, !keep, w);
+        w.extend_from_slice(resp.body());
+        self.log(
+            Some((buf, head)),
+            resp.head.status,
+            resp.body().len(),
+            started,
+        );
+        Answer::Write { keep }
     }
-
-    // 5. Rewrite and relay.
-    let mut out = ctx.take_buf();
-    upstream_head(buf, &head, peer.ip(), &ns.cfg.identity, &mut out);
-    out.extend_from_slice(&buf[head.head_len..body_end]);
-    ns.counters.requests.set(ns.counters.requests.get() + 1);
-    let resp = match ctx.pool.request(out, head.method).await {
-        Ok(r) => r,
-        Err(e) => {
-            ns.counters
-                .upstream_errors
-                .set(ns.counters.upstream_errors.get() + 1);
-            log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
-            log(Some(&head), buf, e.status(), 0);
-            return Err(reject(ctx, conn, e.status(), head.method == http::Method::Head).await);
-        }
-    };
-
-    // 6. Answer. Keep the client only if both sides allow it.
-    let keep = head.keep_alive && !resp.until_close && !ns.closing.is_set();
-    let mut w = ctx.take_buf();
-    http::write_response_head(&resp.bytes, &resp.head, !keep, &mut w);
-    w.extend_from_slice(resp.body());
-    log(Some(&head), buf, resp.head.status, resp.body().len());
-    finish(ctx, conn, buf, body_end, w, keep).await
 }
 
 /// One access-log line: namespace, client, request line (target as
@@ -301,35 +197,9 @@ pub fn upstream_head(
     );
 }
 
-/// Write a response; on success drop the answered request from `buf`,
-/// keeping any pipelined bytes after it.
-async fn finish(
-    ctx: &LoopCtx,
-    conn: &TcpConn,
-    buf: &mut Vec<u8>,
-    body_end: usize,
-    w: Vec<u8>,
-    keep: bool,
-) -> Result<(), End> {
-    match rt::with_deadline(Instant::now() + ctx.cfg.timeouts.client, conn.write_all(w)).await {
-        Ok((Ok(()), b)) => ctx.put_buf(b),
-        Ok((Err(_), _)) => return Err(End::IoError),
-        Err(rt::Elapsed) => return Err(End::Timeout),
-    }
-    if !keep {
-        return Err(if buf.len() > body_end {
-            End::Linger
-        } else {
-            End::Done
-        });
-    }
-    buf.drain(..body_end);
-    Ok(())
-}
-
 /// The IMDSv2 decision for this request.
 fn token_verdict(
-    ctx: &LoopCtx,
+    ctx: &ProxyLoop,
     ns: &NsRuntime,
     peer: SocketAddr,
     buf: &[u8],
@@ -369,14 +239,4 @@ fn token_verdict(
         &req,
         Instant::now(),
     )
-}
-
-/// Send a canned error (framed for a HEAD when `is_head`) and end the connection.
-async fn reject(ctx: &LoopCtx, conn: &TcpConn, status: u16, is_head: bool) -> End {
-    let _ = rt::with_deadline(
-        Instant::now() + ctx.cfg.timeouts.client,
-        conn.write_static(http::canned_for(status, is_head)),
-    )
-    .await;
-    End::Linger
 }

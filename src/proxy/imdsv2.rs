@@ -406,6 +406,10 @@ mod tests {
     fn token_headers_are_recognised_in_any_case() {
         assert!(is_token_header(b"X-AWS-EC2-METADATA-TOKEN"));
         assert!(is_token_header(b"x-metadata-token-ttl-seconds"));
+        // The WSGI spelling of the same header is the same header behind Nova.
+        assert!(is_token_header(b"X_aws_ec2_metadata_token"));
+        assert!(is_token_header(b"x_metadata_token_ttl_seconds"));
+        assert!(!is_token_header(b"x_metadata_token2"));
         assert!(!is_token_header(b"x-forwarded-for"));
     }
 }

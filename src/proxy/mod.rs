@@ -8,7 +8,8 @@
 //! bound with `SO_REUSEPORT` would silently take half the traffic, where a
 //! plain bind fails loudly with "address in use".
 //!
-//! Per loop: a [`LoopCtx`] (config, upstream pool, buffer free list) and per
+//! Per loop: a [`ProxyLoop`] (config, upstream pool, the engine's
+//! [`Server`] with its buffer free list) and per
 //! namespace a [`NsRuntime`] (its config, counters and a `closing` event). The
 //! per-namespace connection count is the one cross-core value (an atomic in
 //! the namespace's [`Gate`]), because `max_connections` is a namespace limit,
@@ -21,6 +22,9 @@
 //! [`Control::Remove`] makes each loop drop its accepts and set that
 //! namespace's `closing` event, so idle connections close and in-flight
 //! requests finish, while every other namespace is untouched.
+//!
+//! Connections run on the connection engine ([`crate::serve::engine`]); this
+//! module and [`conn`] hold only the proxy's part.
 
 pub mod config;
 pub mod conn;
@@ -30,24 +34,19 @@ pub mod imdsv2;
 pub mod ratelimit;
 pub mod upstream;
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::log;
 use crate::proxy::config::{NamespaceConfig, ProxyConfig};
 use crate::rt::sync::{Event, UnboundedReceiver};
 use crate::rt::{self, TcpAcceptor};
-use crate::serve::admit::{self, Admission, Gate, Slot};
-
-/// Upper bound on a connection task's size: it is what every idle
-/// keep-alive connection costs (see docs/adr/0001-runtime.md).
-pub const CONN_TASK_MAX_BYTES: usize = 1536;
-/// Buffers kept in a loop's free list.
-const FREE_BUFFERS: usize = 256;
+use crate::serve::admit::{self, Admission, Gate};
+use crate::serve::{self, Server};
 
 /// Messages from the control plane to the loops.
 pub enum Control {
@@ -161,34 +160,18 @@ pub struct LoopReport {
     pub namespaces: Vec<(u64, CounterSnapshot)>,
 }
 
-/// Per-loop context shared by its tasks.
-pub struct LoopCtx {
+/// Per-loop state shared by its tasks.
+pub struct ProxyLoop {
     /// Validated configuration.
     pub cfg: Arc<ProxyConfig>,
     /// Upstream pool of this loop.
     pub pool: upstream::Pool,
-    /// Connections being served by this loop.
-    pub active: Cell<usize>,
+    /// This loop's connections and their buffers.
+    pub server: Rc<Server>,
     /// IMDSv2 token issuer/validator (one per process).
     pub tokens: Arc<imdsv2::TokenAuthority>,
     /// Rate limiter (one per process), when enabled.
     pub limiter: Option<Arc<ratelimit::RateLimiter>>,
-    free: RefCell<Vec<Vec<u8>>>,
-}
-
-impl LoopCtx {
-    /// A cleared buffer from the free list (or a new one).
-    pub fn take_buf(&self) -> Vec<u8> {
-        self.free.borrow_mut().pop().unwrap_or_default()
-    }
-    /// Return a buffer for reuse.
-    pub fn put_buf(&self, mut b: Vec<u8>) {
-        let mut f = self.free.borrow_mut();
-        if f.len() < FREE_BUFFERS && b.capacity() <= 64 * 1024 {
-            b.clear();
-            f.push(b);
-        }
-    }
 }
 
 /// Create one namespace's listeners inside it.
@@ -241,16 +224,7 @@ impl ProxyHandle {
     /// # Errors
     /// A loop failed.
     pub fn join(self) -> io::Result<()> {
-        let mut first = Ok(());
-        for t in self.threads {
-            let r = t
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("proxy loop panicked")));
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        serve::join_loops(self.threads, "proxy")
     }
 }
 
@@ -270,23 +244,11 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
     let limiter = cfg
         .rate_limit
         .map(|r| Arc::new(ratelimit::RateLimiter::new(r)));
-    let mut controls = Vec::with_capacity(workers);
-    let mut receivers = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let (tx, rx) = crate::rt::sync::unbounded();
-        controls.push(tx);
-        receivers.push(std::sync::Mutex::new(Some(rx)));
-    }
-    let receivers = Arc::new(receivers);
     let loop_cfg = cfg.clone();
-    let threads = rt::run_loops(workers, "proxy", move |i| {
+    let (controls, threads) = serve::run_loops(workers, "proxy", move |i, rx| {
         let cfg = loop_cfg.clone();
         let (tokens, limiter) = (tokens.clone(), limiter.clone());
-        let rx = receivers[i].lock().ok().and_then(|mut r| r.take());
-        async move {
-            let rx = rx.ok_or_else(|| io::Error::other("control channel already taken"))?;
-            run_loop(i, cfg, rx, tokens, limiter).await
-        }
+        async move { run_loop(i, cfg, rx, tokens, limiter).await }
     })?;
     let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
     if let Some(depth) = cfg.ignored_pipeline_depth {
@@ -345,13 +307,12 @@ async fn run_loop(
         limits: cfg.limits,
         max_response_bytes: cfg.max_response_bytes,
     });
-    let ctx = Rc::new(LoopCtx {
+    let ctx = Rc::new(ProxyLoop {
         cfg: cfg.clone(),
         pool,
-        active: Cell::new(0),
+        server: Server::new(serve::settings!(cfg)),
         tokens,
         limiter,
-        free: RefCell::new(Vec::new()),
     });
     if index == 0 {
         log::info(format_args!("proxy loops use {:?}", rt::engine()));
@@ -371,8 +332,8 @@ async fn run_loop(
                 for s in &l.sockets {
                     match s.try_clone().and_then(TcpAcceptor::from_std) {
                         Ok(a) => accepts.push(rt::spawn_handle(accept_loop(
-                            ctx.clone(),
-                            ns.clone(),
+                            &ctx,
+                            &ns,
                             a,
                             admission.clone(),
                         ))),
@@ -393,7 +354,7 @@ async fn run_loop(
             Control::Report(reply) => {
                 let _ = reply.send(LoopReport {
                     index,
-                    active: ctx.active.get(),
+                    active: ctx.server.active(),
                     namespaces: served
                         .iter()
                         .map(|(id, l)| (*id, CounterSnapshot::of(&l.ns.counters)))
@@ -407,56 +368,30 @@ async fn run_loop(
         drop(l.accepts);
         l.ns.closing.set();
     }
-    let deadline = Instant::now() + cfg.drain_timeout;
-    while ctx.active.get() > 0 && Instant::now() < deadline {
-        rt::sleep(Duration::from_millis(20)).await;
-    }
-    if ctx.active.get() > 0 {
-        log::warn(format_args!(
-            "loop {index}: drain timeout, closing {} connection(s)",
-            ctx.active.get()
-        ));
-    }
+    let label = format!("proxy loop {index}");
+    ctx.server.drain(&label, cfg.drain_timeout).await;
     Ok(())
 }
 
-async fn accept_loop(
-    ctx: Rc<LoopCtx>,
-    ns: Rc<NsRuntime>,
+/// One listener's accept loop: every connection is a [`conn::ProxyConn`]
+/// on the loop's [`Server`].
+fn accept_loop(
+    ctx: &Rc<ProxyLoop>,
+    ns: &Rc<NsRuntime>,
     acceptor: TcpAcceptor,
     admission: Rc<Admission>,
-) {
-    admit::accept_loop(acceptor, admission, |(conn, peer), slot: Slot| {
-        let accepted = Instant::now();
-        ns.counters.accepted.set(ns.counters.accepted.get() + 1);
-        ctx.active.set(ctx.active.get() + 1);
-        let (c, n) = (ctx.clone(), ns.clone());
-        let fut = async move {
-            let guard = ActiveGuard {
-                ctx: c.clone(),
-                _slot: slot,
+) -> impl std::future::Future<Output = ()> {
+    let (ctx, ns) = (ctx.clone(), ns.clone());
+    ctx.server
+        .clone()
+        .accept(acceptor, admission, move |(conn, peer)| {
+            let accepted = Instant::now();
+            ns.counters.accepted.set(ns.counters.accepted.get() + 1);
+            let h = conn::ProxyConn {
+                ctx: ctx.clone(),
+                ns: ns.clone(),
+                peer,
             };
-            conn::serve(c, n, conn, peer, accepted).await;
-            drop(guard);
-        };
-        debug_assert!(
-            std::mem::size_of_val(&fut) <= CONN_TASK_MAX_BYTES,
-            "idle connection state grew"
-        );
-        rt::spawn(fut);
-    })
-    .await;
-}
-
-/// Decrements the active count and frees the admission slot (after the
-/// connection's socket closed) however the connection task ends.
-struct ActiveGuard {
-    ctx: Rc<LoopCtx>,
-    _slot: Slot,
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.ctx.active.set(self.ctx.active.get().saturating_sub(1));
-    }
+            conn::serve(h, conn, accepted)
+        })
 }

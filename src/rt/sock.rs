@@ -264,8 +264,15 @@ pub trait Stream {
         &self,
         bytes: &'static [u8],
     ) -> impl std::future::Future<Output = io::Result<()>>;
+    /// See [`TcpConn::write_all`].
+    fn write_all(
+        &self,
+        buf: Vec<u8>,
+    ) -> impl std::future::Future<Output = (io::Result<()>, Vec<u8>)>;
     /// See [`TcpConn::shutdown_write`].
     fn shutdown_write(&self);
+    /// See [`TcpConn::shutdown`].
+    fn shutdown(&self);
 }
 
 macro_rules! stream_trait {
@@ -291,8 +298,17 @@ macro_rules! stream_trait {
             ) -> impl std::future::Future<Output = io::Result<()>> {
                 $name::write_static(self, bytes)
             }
+            fn write_all(
+                &self,
+                buf: Vec<u8>,
+            ) -> impl std::future::Future<Output = (io::Result<()>, Vec<u8>)> {
+                $name::write_all(self, buf)
+            }
             fn shutdown_write(&self) {
                 $name::shutdown_write(self)
+            }
+            fn shutdown(&self) {
+                $name::shutdown(self)
             }
         }
     };

@@ -15,9 +15,7 @@ use std::task::{Context, Poll, Waker};
 
 use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, ResponseBody};
 use crate::rt::TcpConn;
-
-/// Bytes asked for per read.
-const READ_CHUNK_BYTES: usize = 4096;
+use crate::serve::READ_CHUNK_BYTES;
 /// Largest response body a VM accepts (metadata answers are a few KiB).
 pub const MAX_RESPONSE_BODY_BYTES: u64 = 1024 * 1024;
 /// Buffers kept in a loop's pool; more are freed.

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Instructions per request (callgrind) of each of our daemons in the real
+# chain, and of the floor (issue 13): where each daemon's user-space work goes,
+# in a number that does not move with the machine's load.
+#
+#   scripts/instructions-daemons.sh [requests=2000] [roles="proxy agent api floor"]
+#   KEEP=DIR scripts/instructions-daemons.sh   also keep the callgrind.out files
+#   BIN=PATH scripts/instructions-daemons.sh   run that metaproxy binary, build nothing
+#
+# The chain is proxy -> agent -> api on a synthesized 100-VM inventory, each
+# with one loop; the client is one sequential Python process that opens a new
+# connection per request (cloud-init's pattern), binds the address of VM
+# i % 100 and GETs its `openstack/2018-08-27/meta_data.json`, checking the
+# answer is a 200 naming that VM. Roles:
+#
+#   proxy   `metaproxy proxy` under callgrind (agent and api native)
+#   agent   `metaproxy agent` (cache hits: cache_ttl is an hour here)
+#   api     `metaproxy api` behind the agent (signed headers, render)
+#   floor   `metaproxy api` alone in direct mode (service_metadata_proxy =
+#           false), the client talking to it directly: the one-hop limit
+#
+# Each role runs twice, serving 100 and 100 + REQUESTS requests, and exits on
+# SIGTERM; the difference of the totals over REQUESTS is the cost per request
+# with start-up, inventory load and shutdown cancelled out (the first 100 warm
+# every VM's cache entries). The top functions by self cost per request (the
+# same difference, per function) are printed per role.
+#
+# As in scripts/instructions.sh, the daemon under valgrind runs behind a
+# seccomp wrapper that fails io_uring_setup (valgrind does not model the
+# kernel writing the rings), so compio uses its epoll driver there: the count
+# is user space only, and the IO path is epoll's, not io_uring's. Syscall and
+# submission counts on io_uring come from `scripts/storm.sh --count`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQS=${1:-2000}
+ROLES=${2:-proxy agent api floor}
+BASE=100
+VMS=100
+
+for t in valgrind callgrind_annotate python3 cc; do
+  command -v $t >/dev/null || { echo "need $t (apt-get install valgrind python3 gcc)" >&2; exit 1; }
+done
+if [ -n "${BIN:-}" ]; then
+  BIN=$(realpath "$BIN")
+else
+  cargo build --release --quiet --bin metaproxy
+  BIN=$PWD/target/release/metaproxy
+fi
+WORK=$(mktemp -d /tmp/mp-instr-d.XXXXXX)
+PIDS=()
+stop_all() {
+  local p
+  # TERM, then KILL after 30 s: a daemon under valgrind exits slowly.
+  for p in "${PIDS[@]}"; do
+    kill -TERM "$p" 2>/dev/null || continue
+    for _ in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PIDS=()
+}
+cleanup() {
+  stop_all
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$WORK"/cg.* "$WORK"/*.log "$KEEP"/ 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+INV=$WORK/inventory.toml
+"$BIN" inventory synth --vms "$VMS" --networks 1 --routers 1 --out "$INV"
+ROUTER=5707ae75-0000-4000-8002-000000000000
+API_PORT=$(free_port)
+PORT=$(free_port)
+cat >"$WORK/chain.toml" <<TOML
+[api]
+listen = "127.0.0.1:$API_PORT"
+metadata_proxy_shared_secret = "s"
+inventory = "$INV"
+state_dir = "$WORK/state"
+[agent]
+socket = "$WORK/agent.sock"
+inventory = "$INV"
+metadata_proxy_shared_secret = "s"
+cache_ttl = "3600s"
+[agent.nova]
+nova_metadata_port = $API_PORT
+[proxy]
+workers = 1
+agent_socket = "$WORK/agent.sock"
+control_socket = "$WORK/proxy.ctl"
+[[proxy.namespace]]
+router_id = "$ROUTER"
+listen = "127.0.0.1:$PORT"
+TOML
+cat >"$WORK/floor.toml" <<TOML
+[api]
+listen = "127.0.0.1:$PORT"
+service_metadata_proxy = false
+inventory = "$INV"
+state_dir = "$WORK/state"
+TOML
+
+# no-uring CMD...: run CMD with io_uring_setup(2) failing with ENOSYS.
+. scripts/lib/no-uring.sh
+build_no_uring "$WORK"
+
+# client.py INVENTORY PORT N: N sequential GETs, a connection each, VM i % 100.
+cat >"$WORK/client.py" <<'PY'
+import socket, sys, time, tomllib
+inv, port, n = tomllib.load(open(sys.argv[1], "rb")), int(sys.argv[2]), int(sys.argv[3])
+vms = [(i["port"][0]["fixed_ips"][0], i["uuid"]) for i in inv["instance"]]
+req = (b"GET /openstack/2018-08-27/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+       b"User-Agent: Cloud-Init/22.4.2\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+def get(ip):
+    s = socket.socket()
+    s.settimeout(120)
+    s.bind((ip, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(req)
+    buf = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        buf += d
+    s.close()
+    return buf
+for _ in range(1200):  # until the chain answers (valgrind starts slowly)
+    try:
+        get(vms[0][0])
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("chain not reachable")
+for i in range(n - 1):
+    ip, uuid = vms[(i + 1) % len(vms)]
+    r = get(ip)
+    if not r.startswith(b"HTTP/1.1 200") or uuid.encode() not in r:
+        sys.exit("bad answer for %s: %r" % (ip, r[:120]))
+PY
+
+# wait_up FILE|PORT: a socket file exists or a TCP port accepts.
+wait_up() {
+  for _ in $(seq 1 600); do
+    case $1 in
+      /*) [ -S "$1" ] && return 0 ;;
+      *) (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0 ;;
+    esac
+    sleep 0.1
+  done
+  echo "nothing at $1 after 60 s" >&2; exit 1
+}
+
+# run ROLE NAME CONFIG: start daemon NAME (api|agent|proxy), under callgrind
+# when it is ROLE's, and remember its PID.
+run() {
+  local role=$1 name=$2 cfg=$3 n=$4
+  local cmd=("$BIN" --log-level info "$name" --config "$cfg")
+  if [ "$role" = "$name" ] || { [ "$role" = floor ] && [ "$name" = api ]; }; then
+    cmd=("$WORK/no-uring" valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$role.$n" "${cmd[@]}")
+  fi
+  "${cmd[@]}" >"$WORK/$role.$name.log" 2>&1 &
+  PIDS+=($!)
+}
+
+# instr ROLE N: callgrind total (Ir) of ROLE's daemon serving N requests.
+instr() {
+  local role=$1 n=$2
+  rm -f "$WORK/agent.sock"
+  if [ "$role" = floor ]; then
+    run floor api "$WORK/floor.toml" "$n"
+  else
+    run "$role" api "$WORK/chain.toml" "$n"; wait_up "$API_PORT"
+    run "$role" agent "$WORK/chain.toml" "$n"; wait_up "$WORK/agent.sock"
+    run "$role" proxy "$WORK/chain.toml" "$n"
+  fi
+  wait_up "$PORT"
+  python3 "$WORK/client.py" "$INV" "$PORT" "$n" || { tail -n 20 "$WORK"/"$role".*.log >&2; exit 1; }
+  stop_all
+  awk '/^(summary|totals):/ {print $2; exit}' "$WORK/cg.$role.$n"
+}
+
+printf '%-6s %14s   (%s sequential requests, a connection each)\n' role instr/request "$REQS"
+declare -A PER
+for role in $ROLES; do
+  a=$(instr "$role" "$BASE")
+  b=$(instr "$role" $((BASE + REQS)))
+  PER[$role]=$(( (b - a) / REQS ))
+  printf '%-6s %14s\n' "$role" "${PER[$role]}"
+done
+# top ROLE: functions by self cost per request (the longer run minus the shorter).
+top() {
+  python3 - "$WORK/cg.$1.$BASE" "$WORK/cg.$1.$((BASE + REQS))" "$REQS" "${PER[$1]}" <<'PY'
+import re, subprocess, sys
+def self_cost(f):
+    out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", f],
+                         capture_output=True, text=True).stdout
+    d = {}
+    for ln in out.splitlines():
+        m = re.match(r"\s*([\d,]+) \([\s\d.]+%\)\s+(.*?)(?: \[[^\]]*\])?$", ln)
+        if m and "PROGRAM TOTALS" not in m.group(2):
+            fn = m.group(2).split(":", 1)[-1]
+            d[fn] = d.get(fn, 0) + int(m.group(1).replace(",", ""))
+    return d
+a, b, n, per = self_cost(sys.argv[1]), self_cost(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+delta = sorted(((b[k] - a.get(k, 0)) / n, k) for k in b)
+for v, k in reversed(delta[-15:]):
+    print(f"  {v:9.0f} {100 * v / per:5.1f}%  {k[:130]}")
+PY
+}
+for role in $ROLES; do
+  echo
+  echo "top functions by self cost per request, $role (instructions, share of ${PER[$role]}):"
+  top "$role"
+done
+echo
+grep -ho 'loops use [A-Za-z]*' "$WORK"/*.log | sort | uniq -c | sed 's/^/engine: /'
+echo "user-space instructions only (callgrind); the daemon under valgrind runs compio's epoll driver (io_uring_setup blocked)"

@@ -1,0 +1,203 @@
+//! One agent connection: HTTP/1.1 keep-alive with pipelining. A reader
+//! parses requests as they arrive and starts each one's resolution and
+//! forwarding at once on its own task ([`super::handler`]), so one
+//! slow Neutron lookup does not hold up the cache hits pipelined behind it;
+//! a writer answers strictly in request order. This serves both metaproxy's
+//! own proxy (a pooled, pipelined client) and haproxy with
+//! `option http-server-close` (one request, then `Connection: close`).
+//!
+//! The reader waits with the engine's `serve::wait_for_request!` (no
+//! buffer held while idle) and reads with its [`serve::read_head`] and
+//! [`serve::read_body`]; the connection runs on the loop's
+//! [`crate::serve::Server`] (accept, caps, drain, free list).
+//!
+//! Rejected: the engine's sequential [`crate::serve::serve_conn`] (the
+//! proxy's and the API's): it answers one request before reading the next,
+//! which would serialise a pipelined batch behind its slowest lookup.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Instant;
+
+use futures_util::future::{select, Either};
+
+use crate::agent::daemon::AgentLoop;
+use crate::agent::handler;
+use crate::agent::metrics::inc;
+use crate::http::{self, Method};
+use crate::rt::sync::{oneshot, Notify};
+use crate::rt::{self, UnixConn};
+use crate::serve::{self, BodyError, HeadError, Settings};
+
+/// Requests in flight on one connection (resolved and forwarded
+/// concurrently); the reader waits for the writer beyond this.
+const PIPELINE_MAX: usize = 64;
+
+/// One answer slot, in request order.
+enum AnswerSlot {
+    /// Being resolved and forwarded by its own task (for a HEAD when the bool is set).
+    Pending(oneshot::Receiver<Vec<u8>>, bool),
+    /// Already known (a canned rejection).
+    Ready(Vec<u8>),
+}
+
+/// Answers waiting to be written, in the order their requests arrived.
+#[derive(Default)]
+struct OutQueue {
+    slots: RefCell<std::collections::VecDeque<(AnswerSlot, bool)>>,
+    /// The reader added a slot or finished.
+    more: Notify,
+    /// The writer made room.
+    room: Notify,
+    /// The reader will add nothing more.
+    reader_done: Cell<bool>,
+}
+
+/// One connection: a reader that parses requests as they arrive and starts
+/// each one's resolution and forwarding at once (pipelined requests are
+/// resolved concurrently: one slow Neutron lookup does not hold up the cache
+/// hits behind it), and a writer that answers strictly in request order.
+pub(super) async fn serve(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>) {
+    let q = Rc::new(OutQueue::default());
+    let reader = read_requests(ctx.clone(), conn.clone(), q.clone());
+    let writer = write_answers(ctx.clone(), conn.clone(), q.clone());
+    futures_util::pin_mut!(reader, writer);
+    match select(reader, writer).await {
+        // Reading is over (EOF, close, error slot queued): answer what is queued.
+        Either::Left(((), writer)) => writer.await,
+        // The writer stopped (write failed, or an answer closed the connection).
+        Either::Right(((), _)) => {}
+    }
+}
+
+/// The reader half: wait for bytes holding no buffer while idle, parse each
+/// request, queue its answer slot.
+async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        while q.slots.borrow().len() >= PIPELINE_MAX {
+            q.room.notified().await;
+        }
+        if buf.is_empty() {
+            let deadline = Instant::now() + ctx.server.settings().timeouts.keep_alive;
+            if serve::wait_for_request!(&*conn, buf, deadline, ctx.stopping) != serve::Idle::Request
+            {
+                break;
+            }
+        }
+        let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
+        match Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await {
+            Ok((slot, close)) => {
+                q.slots.borrow_mut().push_back((slot, close));
+                q.more.notify();
+                if close {
+                    break;
+                }
+            }
+            Err(None) => break,
+            Err(Some(rejection)) => {
+                q.slots
+                    .borrow_mut()
+                    .push_back((AnswerSlot::Ready(rejection), true));
+                q.more.notify();
+                break;
+            }
+        }
+        if ctx.stopping.is_set() {
+            break;
+        }
+        if buf.is_empty() {
+            buf = Vec::new(); // release the capacity while idle
+        }
+    }
+    q.reader_done.set(true);
+    q.more.notify();
+}
+
+/// The writer half: write each answer as soon as it and all before it are done.
+async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
+    loop {
+        let front = q.slots.borrow_mut().pop_front();
+        let Some((slot, close)) = front else {
+            if q.reader_done.get() {
+                return;
+            }
+            q.more.notified().await;
+            continue;
+        };
+        q.room.notify();
+        let out = match slot {
+            AnswerSlot::Ready(b) => b,
+            AnswerSlot::Pending(rx, is_head) => match rx.await {
+                Ok(b) => b,
+                Err(_) => {
+                    let mut b = Vec::new();
+                    handler::page(500, handler::MSG_UNKNOWN, is_head, true, &mut b);
+                    b
+                }
+            },
+        };
+        match rt::with_deadline(
+            Instant::now() + ctx.server.settings().timeouts.client,
+            conn.write_all(out),
+        )
+        .await
+        {
+            Ok((Ok(()), b)) => ctx.server.put_buf(b),
+            _ => return,
+        }
+        if close {
+            conn.shutdown_write();
+            return;
+        }
+    }
+}
+
+/// Read one request (its first bytes are in `buf`) and start answering it on
+/// its own task. Returns the answer slot and whether the connection closes
+/// after it; `Err(Some(bytes))` is a rejection to write last, `Err(None)` a
+/// connection that just ends. Pipelined bytes that followed stay in `buf`.
+async fn next_request(
+    ctx: &Rc<AgentLoop>,
+    conn: &UnixConn,
+    buf: &mut Vec<u8>,
+    head_deadline: Instant,
+) -> Result<(AnswerSlot, bool), Option<Vec<u8>>> {
+    let Settings { timeouts, limits } = ctx.server.settings();
+    // 1. The head.
+    let head = match serve::read_head(conn, buf, limits, head_deadline).await {
+        Ok(head) => head,
+        Err(HeadError::Malformed(s)) => return Err(Some(http::canned(s).to_vec())),
+        Err(HeadError::Timeout) => return Err(Some(http::canned(408).to_vec())),
+        Err(HeadError::Closed | HeadError::Io) => return Err(None),
+    };
+    inc(&ctx.m.requests);
+
+    // 2. The body.
+    let mut decoded = Vec::new();
+    let (max_body, client) = (limits.max_body_bytes, timeouts.client);
+    let end = match serve::read_body(conn, buf, &head, max_body, client, Some(&mut decoded)).await {
+        Ok(end) => end,
+        Err(BodyError::Status(s)) => {
+            return Err(Some(
+                http::canned_for(s, head.method == Method::Head).to_vec(),
+            ))
+        }
+        Err(BodyError::Gone) => return Err(None),
+    };
+
+    // 3. Resolve, sign, forward on its own task. Draining does not add
+    // `Connection: close` (metaproxy's proxy would take that as "one-shot
+    // agent" for good); the reader stops instead, and a pooled client
+    // re-sends what it had pipelined behind.
+    let keep = head.keep_alive;
+    let is_head = head.method == Method::Head;
+    let request: Vec<u8> = buf.drain(..end).collect();
+    let (tx, rx) = oneshot::channel();
+    let c = ctx.clone();
+    rt::spawn(async move {
+        let out = handler::respond(&c, &request, &head, &decoded, !keep).await;
+        let _ = tx.send(out);
+    });
+    Ok((AnswerSlot::Pending(rx, is_head), !keep))
+}

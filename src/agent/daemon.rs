@@ -1,0 +1,392 @@
+//! The agent's daemon: load the backend, bind the Unix socket, start one
+//! loop per worker, stop and report.
+//!
+//! Each loop has its own accept on a `dup` of the one listening socket (as
+//! in [`crate::proxy`]), its own resolution cache and its own pool of API
+//! connections: nothing on the request path is shared between loops except
+//! the inventory store's generation (an atomic, read per lookup; each loop
+//! refreshes its own copy when it moved). Each loop writes its own
+//! block of counters ([`metrics`]), merged on scrape. With
+//! `backend = "neutron"` each loop also has its own [`NeutronResolver`]
+//! (cache, single flight, batching, prefetch).
+//!
+//! A connection is [`super::conn`] (a pipelined reader and an in-order
+//! writer on the engine's [`Server`]); a request is [`super::handler`]
+//! (resolve → sign → forward → relay).
+
+use std::cell::Cell;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::agent::config::{AgentConfig, Backend};
+use crate::agent::forward;
+use crate::agent::metrics::{self, LoopMetrics, Registry};
+use crate::agent::neutron::NeutronResolver;
+use crate::agent::resolve::{InventoryResolver, Resolver};
+use crate::inventory::store::{self, Watcher};
+use crate::log;
+use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
+use crate::rt::{self, UnixAcceptor};
+use crate::serve::admit::{self, Admission, Gate};
+use crate::serve::{self, Server, Stop};
+
+/// At most one "shared secrets differ" hint per loop per this interval.
+const FORBIDDEN_HINT_EVERY: Duration = Duration::from_secs(60);
+
+/// A snapshot of the agent's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Requests parsed.
+    pub requests: u64,
+    /// Resolutions that went to the inventory (cache misses and forced lookups).
+    pub inventory_lookups: u64,
+    /// Resolutions answered by a cache (positive or negative).
+    pub cache_hits: u64,
+    /// Resolutions that missed the cache (Neutron backend).
+    pub cache_misses: u64,
+    /// Calls to Neutron (router networks, port batches, prefetches).
+    pub neutron_calls: u64,
+    /// Keystone token requests.
+    pub token_requests: u64,
+    /// Requests answered 503 because the backend failed.
+    pub backend_unavailable: u64,
+    /// Requests answered 400 for their identity headers.
+    pub bad_requests: u64,
+    /// Requests answered 404 because the guest did not resolve.
+    pub not_found: u64,
+    /// Requests sent to the API.
+    pub forwarded: u64,
+    /// API exchanges that failed (503/504/502) or gave an unexpected status.
+    pub api_errors: u64,
+    /// Cached mappings invalidated and retried after an API 404.
+    pub retried_after_404: u64,
+}
+
+struct Shared {
+    /// The inventory (`backend = "inventory"` only).
+    store: Option<Arc<crate::inventory::Store>>,
+    metrics: Registry,
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    controls: Vec<UnboundedSender<Stop>>,
+    threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
+    watcher: Option<Watcher>,
+    exporter: Option<metrics::Exporter>,
+    shared: Arc<Shared>,
+    _report: Option<super::report::Reporter>,
+    /// The socket it serves.
+    pub socket: PathBuf,
+}
+
+impl AgentHandle {
+    /// Counters so far, summed over loops.
+    pub fn stats(&self) -> AgentStats {
+        use metrics::Call;
+        let r = &self.shared.metrics;
+        AgentStats {
+            requests: r.sum(|m| &m.requests),
+            inventory_lookups: r.sum(|m| &m.inventory_lookups),
+            cache_hits: r.sum(|m| &m.cache_hits) + r.sum(|m| &m.cache_negative_hits),
+            cache_misses: r.sum(|m| &m.cache_misses),
+            neutron_calls: r.calls(Call::RouterNetworks)
+                + r.calls(Call::Ports)
+                + r.calls(Call::Prefetch),
+            token_requests: r.calls(Call::Token),
+            backend_unavailable: r.sum(|m| &m.backend_unavailable),
+            bad_requests: r.sum(|m| &m.bad_requests),
+            not_found: r.sum(|m| &m.not_found),
+            forwarded: r.sum(|m| &m.forwarded),
+            api_errors: r.sum(|m| &m.api_errors),
+            retried_after_404: r.sum(|m| &m.retried_after_404),
+        }
+    }
+
+    /// The metrics in Prometheus text (what `agent.metrics_listen` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.exporter.as_ref().map(metrics::Exporter::addr)
+    }
+
+    /// Reload the inventory now (the file is also polled every second).
+    ///
+    /// # Errors
+    /// The file is broken; the previous inventory stays in use.
+    pub fn reload_inventory(&self) -> Result<(), String> {
+        match &self.shared.store {
+            Some(s) => s.reload().map_err(|e| e.to_string()),
+            None => Err("no inventory watcher".into()),
+        }
+    }
+
+    /// Stop accepting, let requests in flight finish (bounded), wait for the loops.
+    ///
+    /// # Errors
+    /// A loop failed.
+    pub fn stop(mut self) -> io::Result<()> {
+        for c in &self.controls {
+            let _ = c.unbounded_send(Stop);
+        }
+        if let Some(w) = self.watcher.take() {
+            w.stop();
+        }
+        self.exporter.take();
+        self.join()
+    }
+
+    /// Wait for the loops to end.
+    ///
+    /// # Errors
+    /// A loop failed.
+    pub fn join(self) -> io::Result<()> {
+        serve::join_loops(self.threads, "agent")
+    }
+}
+
+/// Create the socket's directory, replace a stale socket file, bind.
+///
+/// # Errors
+/// Another agent answers on the socket; the path is not a socket; bind failed.
+fn bind_socket(cfg: &AgentConfig) -> io::Result<UnixListener> {
+    let path = &cfg.socket;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Ok(_) => {
+            // A SIGKILLed agent's listener lingers (and completes connects)
+            // for tens of milliseconds while the kernel tears its io_uring
+            // down; only a socket that keeps accepting for
+            // BIND_RETRY_FOR belongs to a live agent.
+            let give_up = std::time::Instant::now() + rt::BIND_RETRY_FOR;
+            while std::os::unix::net::UnixStream::connect(path).is_ok()
+                && std::time::Instant::now() < give_up
+            {
+                std::thread::sleep(rt::BIND_RETRY_EVERY);
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another agent is running: {} accepts connections",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+            log::info(format_args!(
+                "replaced stale socket {} (nothing was accepting)",
+                path.display()
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    rt::listen_unix(path, cfg.backlog, cfg.socket_mode.bits())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {}: {e}", path.display())))
+}
+
+/// Load the inventory, bind the socket and start `cfg.workers` loops.
+///
+/// # Errors
+/// The inventory is broken, another agent is running, the socket cannot be
+/// bound, or a thread could not start.
+pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
+    for w in cfg.warnings() {
+        log::warn(format_args!("{w}"));
+    }
+    let (store, backend) = match &cfg.backend {
+        Backend::Inventory(inv_path) => {
+            let store = crate::inventory::Store::load(inv_path)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            (
+                Some(Arc::new(store)),
+                format!("inventory {}", inv_path.display()),
+            )
+        }
+        Backend::Neutron(n) => (
+            None,
+            format!("neutron at {} ({:?})", n.endpoint.addr, n.auth),
+        ),
+    };
+    let listener = Arc::new(bind_socket(&cfg)?);
+    admit::check_backlog("agent", cfg.backlog);
+    let gate = Arc::new(Gate::new(
+        "agent",
+        "max_connections",
+        cfg.max_connections.get(),
+    ));
+    let budget = admit::fd_budget().max();
+    let watcher = match &store {
+        Some(s) => Some(Watcher::start(
+            s.clone(),
+            store::POLL_INTERVAL,
+            "agent-inventory",
+        )?),
+        None => None,
+    };
+    let workers = cfg.workers.get();
+    let shared = Arc::new(Shared {
+        store,
+        metrics: Registry::new(workers),
+    });
+    let exporter = match cfg.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(addr, shared.metrics.clone())
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics_listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    log::info(format_args!(
+        "agent starting: socket {} (mode {:o}, max_connections {}, fd budget {budget}), \
+         {workers} loop(s), {backend}, metadata API {}{}",
+        cfg.socket.display(),
+        cfg.socket_mode.bits(),
+        cfg.max_connections,
+        cfg.nova.addr,
+        exporter.as_ref().map_or(String::new(), |e| format!(
+            ", metrics on http://{}/metrics",
+            e.addr()
+        ))
+    ));
+    let report = super::report::start_for(&cfg)?;
+    let socket = cfg.socket.clone();
+    let cfg = Arc::new(cfg);
+    let sh = shared.clone();
+    let (controls, threads) = serve::run_loops(workers, "agent", move |i, rx| {
+        let (cfg, shared) = (cfg.clone(), sh.clone());
+        let (listener, gate) = (listener.clone(), gate.clone());
+        async move { run_loop(cfg, shared, &listener, gate, rx, i).await }
+    })?;
+    Ok(AgentHandle {
+        controls,
+        threads,
+        watcher,
+        exporter,
+        shared,
+        _report: report,
+        socket,
+    })
+}
+
+/// Per-loop state shared by its tasks.
+pub(super) struct AgentLoop {
+    pub(super) cfg: Arc<AgentConfig>,
+    /// This loop's counters.
+    pub(super) m: Arc<LoopMetrics>,
+    /// The configured backend, with its cache.
+    pub(super) resolver: Resolver,
+    /// The `Host` sent to the API.
+    pub(super) host_header: String,
+    /// This loop's connections to the API.
+    pub(super) pool: forward::Pool,
+    /// Set when the loop drains.
+    pub(super) stopping: Event,
+    /// This loop's connections and their buffers.
+    pub(super) server: Rc<Server>,
+    last_forbidden_hint: Cell<Option<Instant>>,
+}
+
+impl AgentLoop {
+    pub(super) fn forbidden_hint(&self) {
+        let now = Instant::now();
+        let due = self
+            .last_forbidden_hint
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= FORBIDDEN_HINT_EVERY);
+        if due {
+            self.last_forbidden_hint.set(Some(now));
+            log::warn(format_args!(
+                "metadata API at {} answered 403 Forbidden: the shared secrets \
+                 (agent metadata_proxy_shared_secret and Nova's [neutron] \
+                 metadata_proxy_shared_secret) probably differ",
+                self.cfg.nova.addr
+            ));
+        }
+    }
+}
+
+async fn run_loop(
+    cfg: Arc<AgentConfig>,
+    shared: Arc<Shared>,
+    listener: &UnixListener,
+    gate: Arc<Gate>,
+    mut control: UnboundedReceiver<Stop>,
+    index: usize,
+) -> io::Result<()> {
+    use futures_util::StreamExt;
+    let m = shared.metrics.0[index].clone();
+    let resolver = match &cfg.backend {
+        Backend::Neutron(n) => Resolver::Neutron(NeutronResolver::new(
+            n,
+            cfg.cache_ttl,
+            cfg.negative_cache_ttl,
+            cfg.cache_capacity,
+            m.clone(),
+        )),
+        Backend::Inventory(_) => {
+            let store = shared.store.as_ref();
+            let store = store.ok_or_else(|| io::Error::other("inventory not loaded"))?;
+            Resolver::Inventory(InventoryResolver::new(
+                store.local(),
+                cfg.cache_ttl,
+                cfg.negative_cache_ttl,
+                cfg.cache_capacity,
+                m.clone(),
+            ))
+        }
+    };
+    let ctx = Rc::new(AgentLoop {
+        host_header: cfg.nova.host_header(),
+        m,
+        resolver,
+        pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
+            .with_tls(cfg.nova.tls.clone()),
+        stopping: Event::default(),
+        server: Server::new(serve::settings!(cfg)),
+        last_forbidden_hint: Cell::new(None),
+        cfg,
+    });
+    let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
+    let c = ctx.clone();
+    let accept = ctx
+        .server
+        .clone()
+        .accept(acceptor, Admission::new(gate), move |conn| {
+            let c = c.clone();
+            async move {
+                let conn = Rc::new(conn);
+                super::conn::serve(c, conn.clone()).await;
+                conn.shutdown();
+                // The task drops `conn` (closing the socket) before the
+                // engine frees its place under the caps.
+            }
+        });
+    let accept_task = rt::spawn_handle(accept);
+    let _ = control.next().await;
+    drop(accept_task);
+    ctx.stopping.set();
+    let label = format!("agent loop {index}");
+    ctx.server.drain(&label, ctx.cfg.drain_timeout).await;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! One agent request, as one straight path (spec §3):
+//! 1. [`identity::parse_identity`] → 400 with its message on any ambiguity;
+//! 2. (scope, key) → the loop's [`crate::agent::resolve::Resolver`] (the
+//!    inventory through its cache, or the Neutron resolver); zero or several ports → 404
+//!    with Neutron's era-C page ("Instance was not found on network X.");
+//!    Neutron failing → 503 (cache hits are still served);
+//! 3. sign the instance id, forward method, target and body to the API with
+//!    exactly `Host`, `X-Forwarded-For` (the raw value), `X-Instance-ID`,
+//!    `X-Tenant-ID`, `X-Instance-ID-Signature`, `Content-Length` when there
+//!    is a body, and `X-aws-ec2-metadata-token` when the guest sent one;
+//! 4. relay 200/400/403/404/409/500/502/503/504 with the API's headers and
+//!    body (Content-Length recomputed, chunking removed); anything else →
+//!    500; API unreachable → 503; too slow → 504. A 404 for a mapping that
+//!    came from the cache invalidates it and retries once with a fresh
+//!    lookup (what Neutron's ML2/OVS agent did, spec §3.3).
+//!
+//! Our own error pages use Neutron's era-C body bytes but CRLF heads and no
+//! `Connection: close`: a well-framed request that resolved to "not found"
+//! leaves the connection in a good state, and closing it would cost the
+//! proxy's pool a reconnect (it switches to one connection per request only
+//! after several successful answers that close, never after an error page).
+//! After a HEAD every page has the same head and no body
+//! ([`http::write_answer`]): the proxy does not read a body after a HEAD, so
+//! one would become the start of the next VM's answer on that pooled
+//! connection.
+//!
+//! The request to the API is written by [`forward::write_api_request`] from
+//! a [`Resolved`], whose ids were parsed where the backend returned them: a
+//! tenant's `device_id` cannot put a byte into the head that an id may not
+//! have.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use smallvec::SmallVec;
+
+use crate::agent::daemon::AgentLoop;
+use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
+use crate::agent::identity::{self, Identity, Scope};
+use crate::agent::metrics::inc;
+use crate::agent::neutron::BackendError;
+use crate::agent::resolve::Resolved;
+use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
+use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
+use crate::log;
+
+/// Statuses of the API relayed as they are (Neutron era C's list); others → 500.
+const RELAYED: [u16; 9] = [200, 400, 403, 404, 409, 500, 502, 503, 504];
+/// The guest's IMDSv2-style token header, passed through when present.
+const HEADER_TOKEN: &str = "X-aws-ec2-metadata-token";
+
+/// The 500 page's message.
+pub(super) const MSG_UNKNOWN: &str =
+    "An unknown error has occurred. Please try your request again.";
+const MSG_UNAVAILABLE: &str =
+    "The remote metadata server is temporarily unavailable. Please try again later.";
+const MSG_TIMEOUT: &str =
+    "The remote metadata server did not answer in time. Please try again later.";
+const MSG_BROKEN: &str = "The remote metadata server sent a broken response.";
+const MSG_BACKEND: &str =
+    "The instance could not be looked up: Neutron is temporarily unavailable. Please try again later.";
+
+/// What the access log says about one answer: who asked through what, and
+/// which instance that resolved to (`None`: not found, or never resolved).
+#[derive(Default)]
+struct Trace {
+    id: Option<Identity>,
+    resolved: Option<Rc<Resolved>>,
+    cached: bool,
+}
+
+/// Answer one request read whole (`request`: its head and raw body;
+/// `decoded`: a chunked body's payload): resolve, sign, forward, relay,
+/// count its status, log it. Runs on its own task (see [`super::conn`]).
+pub(super) async fn respond(
+    ctx: &AgentLoop,
+    request: &[u8],
+    head: &RequestHead,
+    decoded: &[u8],
+    close: bool,
+) -> Vec<u8> {
+    let body: &[u8] = match head.body {
+        RequestBody::Chunked => decoded,
+        _ => &request[head.head_len..],
+    };
+    let mut out = ctx.server.take_buf();
+    let started = Instant::now();
+    let trace = answer(ctx, request, head, body, close, &mut out).await;
+    // "HTTP/1.1 NNN …": every answer starts with a status line we wrote.
+    let status = out
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    ctx.m.response(status);
+    if ctx.cfg.access_log {
+        access(request, head, &trace, status, started);
+    }
+    out
+}
+
+/// Build the whole response to one parsed request into `out`.
+async fn answer(
+    ctx: &AgentLoop,
+    buf: &[u8],
+    head: &RequestHead,
+    body: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Trace {
+    let c = &*ctx.m;
+    let is_head = head.method == Method::Head;
+    let id = match identity::parse_identity(|name| {
+        head.headers
+            .iter()
+            .filter(|h| h.name.get(buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| h.value.get(buf))
+            .collect::<SmallVec<[&[u8]; 2]>>()
+    }) {
+        Ok(id) => id,
+        Err(e) => {
+            inc(&c.bad_requests);
+            log::debug(format_args!("400: {e}"));
+            page(400, &e.message(), is_head, close, out);
+            return Trace::default();
+        }
+    };
+    let (mut resolved, mut cached) = match ctx.resolver.lookup(&id, false).await {
+        Ok(r) => r,
+        Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
+    };
+    let mut retried = false;
+    let guest = GuestRequest {
+        method: head.method,
+        target: head.target.get(buf),
+        token: head.header(buf, HEADER_TOKEN),
+        body,
+    };
+    loop {
+        let Some(r) = resolved.as_deref() else {
+            inc(&c.not_found);
+            let msg = match &id.scope {
+                Scope::Network(n) => format!("Instance was not found on network {n}."),
+                Scope::Router(r) => format!("Instance was not found on router {r}."),
+            };
+            page(404, &msg, is_head, close, out);
+            return Trace {
+                id: Some(id),
+                resolved: None,
+                cached,
+            };
+        };
+        let mut req = ctx.server.take_buf();
+        let secret = ctx.cfg.shared_secret.as_bytes();
+        if let Err(e) =
+            forward::write_api_request(&mut req, &guest, &ctx.host_header, &id, r, secret)
+        {
+            ctx.server.put_buf(req);
+            inc(&c.bad_requests);
+            log::debug(format_args!("400: request not forwardable: {e}"));
+            page(400, "The request cannot be forwarded.", is_head, close, out);
+            return Trace {
+                id: Some(id),
+                resolved,
+                cached,
+            };
+        }
+        inc(&c.forwarded);
+        let started = Instant::now();
+        let result = ctx.pool.request(&req, is_head).await;
+        c.forward_latency(started.elapsed());
+        ctx.server.put_buf(req);
+        match result {
+            Ok(resp) if resp.head.status == 404 && cached && !retried => {
+                // The instance may have moved or been replaced since we cached it.
+                retried = true;
+                inc(&c.retried_after_404);
+                (resolved, cached) = match ctx.resolver.lookup(&id, true).await {
+                    Ok(r) => r,
+                    Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
+                };
+            }
+            Ok(resp) => {
+                let status = resp.head.status;
+                if status == 403 {
+                    ctx.forbidden_hint();
+                }
+                if RELAYED.contains(&status) {
+                    relay(&resp, is_head, close, out);
+                } else {
+                    inc(&c.api_errors);
+                    log::warn(format_args!(
+                        "metadata API answered unexpected status {status}; answering 500"
+                    ));
+                    page(500, MSG_UNKNOWN, is_head, close, out);
+                }
+                break;
+            }
+            Err(e) => {
+                inc(&c.api_errors);
+                log::debug(format_args!("forward for {}: {e}", id.xff));
+                let msg = match e {
+                    ForwardError::Unreachable(_) => MSG_UNAVAILABLE,
+                    ForwardError::Timeout => MSG_TIMEOUT,
+                    ForwardError::Broken(_) => MSG_BROKEN,
+                };
+                page(e.status(), msg, is_head, close, out);
+                break;
+            }
+        }
+    }
+    Trace {
+        id: Some(id),
+        resolved,
+        cached,
+    }
+}
+
+/// One access-log line: the guest (`X-Forwarded-For`), the router or
+/// network it came through, the instance and project it resolved to (`-`
+/// when none) and whether from the cache, then the request line, status and
+/// time. Never a header value: the signature and tokens travel in headers.
+fn access(buf: &[u8], head: &RequestHead, trace: &Trace, status: u16, started: Instant) {
+    let t = head.target.get(buf);
+    let target = http::loggable_target(t);
+    let (client, scope) = match &trace.id {
+        Some(id) => (
+            id.xff.escape_default().to_string(),
+            match &id.scope {
+                Scope::Router(r) => format!("router {r}"),
+                Scope::Network(n) => format!("network {n}"),
+            },
+        ),
+        None => ("-".to_string(), "-".to_string()),
+    };
+    let instance = match &trace.resolved {
+        Some(r) => format!(
+            "instance {} project {} ({})",
+            r.instance,
+            r.project,
+            if trace.cached { "cached" } else { "looked up" }
+        ),
+        None => "no instance".to_string(),
+    };
+    log::access(format_args!(
+        "{client} via {scope} -> {instance} \"{} {target}\" {status} {:.1}ms",
+        head.method.as_str(),
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
+}
+
+/// Neutron (or Keystone) failed: 503, and what the access log says of it.
+fn backend_failed(
+    ctx: &AgentLoop,
+    id: Identity,
+    e: &BackendError,
+    is_head: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Trace {
+    inc(&ctx.m.backend_unavailable);
+    log::warn(format_args!(
+        "cannot resolve {} on {:?}: {e}",
+        id.xff, id.scope
+    ));
+    page(503, MSG_BACKEND, is_head, close, out);
+    Trace {
+        id: Some(id),
+        ..Trace::default()
+    }
+}
+
+/// The API's response for the guest: its status, reason and headers, with
+/// the connection headers and framing replaced by ours. A field of the
+/// API's that would not make a well-formed head is dropped.
+fn relay(resp: &ApiResponse, is_head: bool, close: bool, out: &mut Vec<u8>) {
+    let h = &resp.head;
+    let b = &resp.bytes;
+    let reason = HeaderValue::new(h.reason.get(b))
+        .ok()
+        .filter(|r| !r.as_bytes().is_empty())
+        .unwrap_or(HeaderValue::from_static(http::reason(h.status)));
+    put_status_line(out, h.status, reason);
+    for hs in &h.headers {
+        let name = hs.name.get(b);
+        let drop = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+        ]
+        .iter()
+        .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
+            || (!is_head && name.eq_ignore_ascii_case(b"content-length"));
+        if drop {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (HeaderName::new(name), HeaderValue::new(hs.value.get(b))) {
+            http::put_header(out, n, v);
+        }
+    }
+    let payload = if is_head { Vec::new() } else { resp.payload() };
+    if !is_head {
+        put_content_length(out, payload.len() as u64);
+    }
+    if close {
+        http::put_header(out, CONNECTION, HeaderValue::from_static("close"));
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&payload);
+}
+
+/// Neutron era C's error page (`neutron/common/metadata.py`): same body
+/// bytes (LF line endings, N = 95 + 2·len(title) + len(message)), CRLF head.
+/// After a HEAD, the same head and no body ([`http::write_answer`]).
+pub fn page(status: u16, message: &str, is_head: bool, close: bool, out: &mut Vec<u8>) {
+    let title = format!("{status} {}", http::reason(status));
+    let body = format!(
+        "<html>\n <head>\n  <title>{title}</title>\n </head>\n <body>\n  <h1>{title}</h1>\n  {message}<br /><br />\n\n\n </body>\n</html>"
+    );
+    http::write_answer(out, status, TEXT_PLAIN, body.as_bytes(), is_head, close);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_page_matches_neutron_length_formula() {
+        let msg = "Instance was not found on network abc.";
+        let mut out = Vec::new();
+        page(404, msg, false, false, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let title = "404 Not Found";
+        assert_eq!(body.len(), 95 + 2 * title.len() + msg.len());
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(!head.contains("Connection"));
+        assert!(body.contains(&format!("  {msg}<br /><br />\n\n\n </body>\n</html>")));
+    }
+
+    #[test]
+    fn error_pages_after_head_have_the_head_and_no_body() {
+        for status in [400, 404, 500, 502, 503, 504] {
+            let mut get = Vec::new();
+            page(status, "m", false, false, &mut get);
+            let mut head = Vec::new();
+            page(status, "m", true, false, &mut head);
+            assert!(get.starts_with(&head), "{status}: same head");
+            assert!(head.ends_with(b"\r\n\r\n"), "{status}: no body");
+            assert!(get.len() > head.len());
+        }
+    }
+}
