@@ -168,6 +168,22 @@ fn ask_agent(socket: &Path) -> (u16, Duration) {
     (r.status, t0.elapsed())
 }
 
+/// Slowest answer allowed while the broker is away. The answer is the real
+/// Nova's, on a loaded 2-core machine; an agent that waited on the broker
+/// would take its 10 s connect timeout.
+const SERVING_LIMIT: Duration = Duration::from_secs(5);
+
+/// Starts the broker's app again when dropped (also when the test fails).
+struct StartApp(bool);
+
+impl Drop for StartApp {
+    fn drop(&mut self) {
+        if self.0 && !rabbitmqctl(&["start_app"]) {
+            eprintln!("rabbitmqctl start_app failed: the broker stays stopped");
+        }
+    }
+}
+
 fn rabbitmqctl(args: &[&str]) -> bool {
     Command::new("rabbitmqctl")
         .args(["-n", "rabbit@localhost"])
@@ -261,23 +277,28 @@ fn outage(p: &Peers, host: &str, socket: &Path, log: &Path) {
         .unwrap_or("/")
         .to_string();
     let stopped = p.rabbit_ours && rabbitmqctl(&["stop_app"]);
+    let mut restart = StartApp(stopped);
+    let mut slowest = Duration::ZERO;
+    let mut serve = || {
+        let (status, took) = ask_agent(socket);
+        assert_eq!(status, before, "serving changed during the outage");
+        assert!(took < SERVING_LIMIT, "a request took {took:?}");
+        slowest = slowest.max(took);
+    };
     if !stopped && !rabbitmqctl(&["close_all_connections", "--vhost", &vhost, "peers_report"]) {
         println!("SKIPPED the broker outage: rabbitmqctl failed");
         return;
     }
     let t0 = Instant::now();
     wait_for("outage logged", Duration::from_secs(15), log, || {
-        let (status, took) = ask_agent(socket);
-        assert_eq!(status, before, "serving changed during the outage");
-        assert!(took < Duration::from_secs(2), "a request took {took:?}");
+        serve();
         log_text(log).contains("failed:")
     });
     if stopped {
         for _ in 0..20 {
-            let (status, took) = ask_agent(socket);
-            assert_eq!(status, before, "serving changed during the outage");
-            assert!(took < Duration::from_secs(2), "a request took {took:?}");
+            serve();
         }
+        restart.0 = false;
         assert!(rabbitmqctl(&["start_app"]), "rabbitmqctl start_app");
     }
     wait_for("recovery logged", Duration::from_secs(60), log, || {
@@ -292,7 +313,7 @@ fn outage(p: &Peers, host: &str, socket: &Path, log: &Path) {
     let text = log_text(log);
     assert_eq!(text.matches("failed:").count(), 1, "logged once: {text}");
     println!(
-        "broker {} for {:?}: serving unaffected, reports resumed",
+        "broker {} for {:?}: serving unaffected (slowest answer {slowest:?}), reports resumed",
         if stopped {
             "stopped"
         } else {
