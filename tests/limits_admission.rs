@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -35,36 +35,6 @@ const DEMO_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";
 
 trait Conn: Read + Write + Send {}
 impl<T: Read + Write + Send> Conn for T {}
-
-/// Read one response's status line and headers, and its Content-Length body.
-fn read_status(s: &mut dyn Conn) -> std::io::Result<u16> {
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let mut len = 0;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((n, v)) = h.split_once(':') {
-            if n.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse::<usize>().unwrap_or(0);
-            }
-        }
-    }
-    r.read_exact(&mut vec![0; len])?;
-    Ok(status)
-}
 
 /// Run `clients` clients through a daemon capped at `cap` (see the module
 /// doc); returns every client's status.

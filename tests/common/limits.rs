@@ -62,7 +62,7 @@ pub fn connect_from(src: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream>
 
 /// Read one HTTP response with a Content-Length body (or until close)
 /// and return its status.
-pub fn read_status(s: &mut TcpStream) -> std::io::Result<u16> {
+pub fn read_status<S: Read + ?Sized>(s: &mut S) -> std::io::Result<u16> {
     let mut r = BufReader::new(s);
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
