@@ -45,8 +45,8 @@ pub const DEFAULT_BACKLOG: i32 = 4096;
 /// process-wide fd budget ([`crate::serve::admit::fd_budget`]) bounds it
 /// further. At the cap a listener stops accepting until a connection closes
 /// (haproxy's `maxconn` behaviour; the excess waits in the listen backlog).
-/// An open idle connection costs about 1.7 KB (BENCHMARKS.md), so the cap
-/// reached costs about 110 MB.
+/// An open idle connection costs about 1.5 KB (BENCHMARKS.md), so the cap
+/// reached costs about 96 MB.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// Neutron's default `metadata_proxy_socket` under the default `state_path`.
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/lib/neutron/metadata_proxy";
