@@ -137,6 +137,14 @@ for u in "${UNITS[@]}"; do
     [ -x "$prog" ] || fail "$u.service runs $prog, which is not installed"
   done
 done
+# The installed units as systemd reads them: unknown keys, programs that are
+# not where ExecStart= looks (any message fails).
+if command -v systemd-analyze >/dev/null; then
+  unit_files=()
+  for u in "${UNITS[@]}"; do unit_files+=("/usr/lib/systemd/system/$u.service"); done
+  out=$(systemd-analyze verify "${unit_files[@]}" 2>&1) || fail "systemd-analyze verify: $out"
+  [ -z "$out" ] || fail "systemd-analyze verify: $out"
+fi
 # The shipped config validates, read as the daemons read it (user metaproxy).
 setpriv --reuid metaproxy --regid metaproxy --init-groups -- \
   /usr/bin/metaproxy proxy --config "$CONF" --check >"$WORK/check.log" 2>&1 \
