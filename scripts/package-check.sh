@@ -89,6 +89,16 @@ say "lintian $DEB"
 lintian --fail-on warning,error "$DEB" \
   || fail "lintian: fix the tag or justify it in debian/lintian-overrides"
 
+# Without systemd running here (CI containers) the units' start/restart logic
+# of the maintainer scripts cannot run: check what it would do. On upgrade
+# only try-restart (units that were running), never start; stop on remove.
+dpkg-deb -e "$DEB" "$WORK/control"
+grep -q '^[[:space:]]*deb-systemd-invoke try-restart metaproxy-' "$WORK/control/postinst" \
+  || fail "postinst does not try-restart the units on upgrade"
+! grep -Eq 'deb-systemd-invoke (start|restart) |_dh_action=start' "$WORK/control/postinst" \
+  || fail "postinst starts units (enabling them is checked after the install below)"
+grep -q 'deb-systemd-invoke stop metaproxy-' "$WORK/control/prerm" || fail "prerm does not stop the units on removal"
+
 # --- 2. install, check what is installed ------------------------------------
 UNITS=(metaproxy-agent metaproxy-api metaproxy-proxy metaproxy-qrouter-rules metaproxy-up)
 units_disabled() {
