@@ -135,6 +135,9 @@ for f in copyright changelog.Debian.gz; do
   [ -f "/usr/share/doc/metaproxy/$f" ] || fail "/usr/share/doc/metaproxy/$f missing"
 done
 units_disabled install
+changelog_version=$(zcat /usr/share/doc/metaproxy/changelog.Debian.gz | sed -n '1s/^metaproxy (\([^)]*\)).*/\1/p')
+[ "$changelog_version" = "$VERSION" ] \
+  || fail "debian/changelog's last entry is ${changelog_version:-unreadable}, the package $VERSION: add an entry"
 # Every Documentation=file:// of every unit, and every absolute program it runs.
 for u in "${UNITS[@]}"; do
   f=/usr/lib/systemd/system/$u.service
