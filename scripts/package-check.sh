@@ -131,8 +131,8 @@ CONF=/etc/metaproxy/metaproxy.toml
 dpkg-query -W -f='${Conffiles}\n' metaproxy | grep -q " $CONF " || fail "$CONF is not a conffile"
 cmp -s "$CONF" deploy/network-node.toml || fail "$CONF differs from deploy/network-node.toml"
 [ -x /usr/libexec/metaproxy/qrouter-metadata-rules.sh ] || fail "qrouter-metadata-rules.sh not installed where its unit runs it"
-for f in copyright changelog.Debian.gz; do
-  [ -f "/usr/share/doc/metaproxy/$f" ] || fail "/usr/share/doc/metaproxy/$f missing"
+for f in /usr/share/doc/metaproxy/copyright /usr/share/doc/metaproxy/changelog.Debian.gz /usr/share/man/man1/metaproxy.1.gz; do
+  [ -f "$f" ] || fail "$f missing"
 done
 units_disabled install
 changelog_version=$(zcat /usr/share/doc/metaproxy/changelog.Debian.gz | sed -n '1s/^metaproxy (\([^)]*\)).*/\1/p')

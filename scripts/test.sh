@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use. Installed only when missing (idempotent).
-PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian)
+PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian help2man dpkg-dev)
 
 install_packages() {
   local missing=()
