@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use. Installed only when missing (idempotent).
-PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux)
+PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian help2man dpkg-dev)
 
 install_packages() {
   local missing=()
@@ -72,6 +72,15 @@ scripts/storm.sh --floor --vms 100 --ramp 2s
 # wrong-VM (exit 1 otherwise). ~30-45 s of storm on 2 loaded cores.
 step "boot storm at shipped defaults: 10 000 VMs, 40 networks, one namespace (scripts/storm.sh)"
 scripts/storm.sh --vms 10000 --networks 40
+
+# Issue 15: the Debian package on this machine. Packages the release build the
+# storms made (no rebuild), lintian, installs it, runs the installed
+# metaproxy-proxy.service's ExecStart as the unit would (user metaproxy, its
+# capabilities) serving one request through a qrouter- namespace, upgrades,
+# purges and checks nothing is left. ~1 min, plus `cargo install cargo-deb` on
+# a machine without it (scripts/package.sh).
+step "Debian package: lintian, install, the installed unit serving a namespace, upgrade, purge (scripts/package-check.sh)"
+scripts/package-check.sh
 
 FUZZ_SECS=${FUZZ_SECS:-20}
 if [ "$FUZZ_SECS" != 0 ]; then
