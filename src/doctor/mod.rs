@@ -32,7 +32,7 @@ pub mod netfilter;
 pub mod probe;
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -47,6 +47,11 @@ use crate::proxy::config::{self as proxy_config, NamespaceConfig, NsIdentity, Pr
 
 /// Every single exchange (a socket, Neutron, the API) is bounded by this.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Below this many connections per namespace (each namespace's share of the
+/// fd budget when all are busy, or its `max_connections`) the fd budget is
+/// a WARN: cloud-init holds one connection per booting VM, so this is the
+/// number of VMs behind one router that can boot at once without waiting.
+pub const MIN_CONNECTIONS_PER_NAMESPACE: usize = 64;
 /// What the API is asked for in the secret and `--vm` checks.
 const PROBE_TARGET: &str = "/openstack/latest/meta_data.json";
 
@@ -118,11 +123,47 @@ pub fn render_text(checks: &[Check]) -> String {
             Status::Warn => "WARN",
             Status::Fail => "FAIL",
         };
-        let _ = write!(out, "{status:<4} {}: {}", c.name, c.detail);
+        let _ = write!(out, "{status:<4} {}: {}", c.name, one_line(&c.detail));
         if !c.hint.is_empty() {
-            let _ = write!(out, "; fix: {}", c.hint);
+            let _ = write!(out, "; fix: {}", one_line(&c.hint));
         }
         out.push('\n');
+    }
+    out
+}
+
+/// `s` with every run of whitespace or control characters as one space:
+/// details quote peers' answers, and a report line must stay one line.
+fn one_line(s: &str) -> String {
+    s.split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The text of an error page (tags dropped), at most 200 bytes of it.
+fn page_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(600)]);
+    let mut out = String::new();
+    let mut in_tag = false;
+    for c in text.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                out.push(' ');
+            }
+            '>' => in_tag = false,
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    let mut out = one_line(&out);
+    if out.len() > 200 {
+        let mut end = 200;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
     }
     out
 }
@@ -137,14 +178,22 @@ pub fn run(path: &Path, opts: &Options) -> Vec<Check> {
     let mut out = Vec::new();
     let (proxy, agent) = load(path, &mut out);
     if let Some(proxy) = &proxy {
-        let namespaces = namespaces(proxy, opts, &mut out);
+        let all = namespaces(proxy, &Options::default(), &mut out);
+        let namespaces = match &opts.namespace {
+            Some(_) => namespaces(proxy, opts, &mut Vec::new()),
+            None => all.clone(),
+        };
+        if opts.namespace.is_some() && namespaces.is_empty() {
+            // Said once, with the hint.
+            namespaces_missing(opts, &mut out);
+        }
         for ns in &namespaces {
             out.push(listener(ns));
             if is_router_ns(proxy, ns) {
                 out.extend(router_rules(ns));
             }
         }
-        out.push(fd_budget(path, proxy, namespaces.len()));
+        out.push(fd_budget(path, proxy, all.len()));
     }
     let socket = agent
         .as_ref()
@@ -172,7 +221,13 @@ pub fn run(path: &Path, opts: &Options) -> Vec<Check> {
         out.push(registration(agent));
     }
     if let Some(ip) = opts.vm {
-        out.extend(vm_path(proxy.as_ref(), agent.as_ref(), socket.as_deref(), opts, ip));
+        out.extend(vm_path(
+            proxy.as_ref(),
+            agent.as_ref(),
+            socket.as_deref(),
+            opts,
+            ip,
+        ));
     }
     out
 }
@@ -243,7 +298,10 @@ fn load(path: &Path, out: &mut Vec<Check>) -> (Option<ProxyConfig>, Option<Agent
     } else if !sections.is_empty() {
         out.insert(
             0,
-            Check::ok("config", format!("{}: {}", path.display(), sections.join(", "))),
+            Check::ok(
+                "config",
+                format!("{}: {}", path.display(), sections.join(", ")),
+            ),
         );
     }
     (proxy, agent)
@@ -288,15 +346,17 @@ fn namespaces(proxy: &ProxyConfig, opts: &Options, out: &mut Vec<Check>) -> Vec<
             || n.netns.as_deref() == Some(Path::new(want))
             || n.netns.as_deref().and_then(Path::file_name) == Some(std::ffi::OsStr::new(want))
     };
-    let picked: Vec<_> = all.into_iter().filter(matches).collect();
-    if picked.is_empty() {
+    all.into_iter().filter(matches).collect()
+}
+
+fn namespaces_missing(opts: &Options, out: &mut Vec<Check>) {
+    if let Some(want) = &opts.namespace {
         out.push(Check::fail(
             format!("namespace {want}"),
             "not served by this config: no [[proxy.namespace]] names it and discovery does not match it",
             "add it to [[proxy.namespace]], or check [proxy.discover] prefixes and that `ip netns` lists it",
         ));
     }
-    picked
 }
 
 fn is_router_ns(proxy: &ProxyConfig, ns: &NamespaceConfig) -> bool {
@@ -325,7 +385,11 @@ fn list(addrs: &[SocketAddr]) -> String {
 fn listener(ns: &NamespaceConfig) -> Check {
     let name = format!("listener {}", ns.name);
     match probe::listening(ns.netns.as_deref()) {
-        Err(e) => Check::fail(name, e.to_string(), "run as root; check the namespace exists (`ip netns`)"),
+        Err(e) => Check::fail(
+            name,
+            e.to_string(),
+            "run as root; check the namespace exists (`ip netns`)",
+        ),
         Ok(bound) => {
             let missing: Vec<SocketAddr> = ns
                 .listen
@@ -357,9 +421,11 @@ fn router_rules(ns: &NamespaceConfig) -> Vec<Check> {
         format!("redirect {}", ns.name),
         format!("input rule {}", ns.name),
     );
-    if ns.listen.iter().any(|a| {
-        a.port() == 80 && (a.ip().is_unspecified() || a.ip() == IpAddr::V4(METADATA_V4))
-    }) {
+    if ns
+        .listen
+        .iter()
+        .any(|a| a.port() == 80 && (a.ip().is_unspecified() || a.ip() == IpAddr::V4(METADATA_V4)))
+    {
         return vec![Check::ok(
             redirect,
             "not needed: the listener is on port 80 itself",
@@ -420,7 +486,10 @@ fn router_rules(ns: &NamespaceConfig) -> Vec<Check> {
             )
         },
         if has_input {
-            Check::ok(input, format!("port {port} is dropped unless redirected ({from})"))
+            Check::ok(
+                input,
+                format!("port {port} is dropped unless redirected ({from})"),
+            )
         } else {
             Check::fail(
                 input,
@@ -445,8 +514,7 @@ fn fd_budget(path: &Path, proxy: &ProxyConfig, namespaces: usize) -> Check {
     let name = "fd budget";
     let (limit, whose) = match running_daemon(path) {
         Some((pid, limit)) => (limit, format!("the running proxy (pid {pid})")),
-        None => match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        {
+        None => match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
             Ok((_, hard)) => (
                 hard,
                 "this shell's hard limit (no running proxy found for this config; a unit's \
@@ -457,27 +525,32 @@ fn fd_budget(path: &Path, proxy: &ProxyConfig, namespaces: usize) -> Check {
         },
     };
     let budget = admit::budget_for(limit);
-    let reserve = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(budget);
+    let reserve = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(budget);
     let listeners: usize = proxy.workers.get()
         * namespaces.max(1)
-        * proxy.namespaces.first().map_or(1, |n| n.listen.len().max(1));
-    let demand = namespaces.saturating_mul(proxy.max_connections.get());
+        * proxy
+            .namespaces
+            .first()
+            .map_or(1, |n| n.listen.len().max(1));
+    let per_ns = proxy.max_connections.get().min(budget / namespaces.max(1));
     let detail = format!(
-        "RLIMIT_NOFILE {limit} of {whose}: {budget} client connections; {namespaces} namespace(s) \
-         x max_connections {} = {demand}",
+        "RLIMIT_NOFILE {limit} of {whose}: {budget} client connections, {per_ns} per namespace \
+         when all {namespaces} are busy (max_connections {})",
         proxy.max_connections
     );
-    let hint = "raise LimitNOFILE in the proxy's unit (or `ulimit -n`), or lower proxy.max_connections";
+    let hint = "raise LimitNOFILE in the proxy's unit (or `ulimit -n`)";
     if listeners > reserve || budget < namespaces {
         Check::fail(
             name,
             format!("{detail}; the listeners alone ({listeners} fds) exceed the {reserve} kept for them, so accept fails with EMFILE"),
             hint,
         )
-    } else if demand > budget {
+    } else if per_ns < MIN_CONNECTIONS_PER_NAMESPACE {
         Check::warn(
             name,
-            format!("{detail}: in a storm across all namespaces accept pauses at the budget first"),
+            format!("{detail}: below {MIN_CONNECTIONS_PER_NAMESPACE}, a boot storm behind one router waits in the listen backlog"),
             hint,
         )
     } else {
@@ -531,8 +604,10 @@ fn running_daemon(path: &Path) -> Option<(u32, u64)> {
 
 fn unix_connect(sock: &Path) -> Result<UnixStream, String> {
     let s = UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
-    s.set_read_timeout(Some(CHECK_TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(CHECK_TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(CHECK_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(CHECK_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     Ok(s)
 }
 
@@ -569,7 +644,10 @@ fn drive<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
     }
 }
 
-fn neutron_get(cfg: &NeutronConfig, path: &str) -> Result<Vec<u8>, crate::agent::neutron::BackendError> {
+fn neutron_get(
+    cfg: &NeutronConfig,
+    path: &str,
+) -> Result<Vec<u8>, crate::agent::neutron::BackendError> {
     use crate::agent::neutron::{BackendError, NeutronClient};
     let client = NeutronClient::new(cfg, Default::default());
     drive(client.get(path, crate::agent::metrics::Call::Ports))
@@ -583,7 +661,11 @@ fn backend(agent: &AgentConfig) -> Check {
         Backend::Inventory(path) => match crate::inventory::Inventory::load(path) {
             Ok(inv) => Check::ok(
                 "backend inventory",
-                format!("{}: {} instance(s)", path.display(), inv.instances().count()),
+                format!(
+                    "{}: {} instance(s)",
+                    path.display(),
+                    inv.instances().count()
+                ),
             ),
             Err(e) => Check::fail(
                 "backend inventory",
@@ -624,7 +706,12 @@ fn backend(agent: &AgentConfig) -> Check {
 }
 
 /// A GET of `target` to the API signed for `instance` as the agent signs it.
-fn api_request(agent: &AgentConfig, instance: &str, project: &str, xff: IpAddr) -> Result<ApiResponse, String> {
+fn api_request(
+    agent: &AgentConfig,
+    instance: &str,
+    project: &str,
+    xff: IpAddr,
+) -> Result<ApiResponse, String> {
     let resolved = Resolved::new(instance, project).map_err(|e| format!("{e:?}"))?;
     let id = Identity {
         scope: Scope::Router(crate::agent::report::uuid4(false)),
@@ -709,7 +796,10 @@ struct AgentsBody {
 fn registration(agent: &AgentConfig) -> Check {
     let name = "agent registration";
     let Some(report) = &agent.report else {
-        return Check::ok(name, "not checked: reporting is off ([agent] transport_url unset)");
+        return Check::ok(
+            name,
+            "not checked: reporting is off ([agent] transport_url unset)",
+        );
     };
     let host = &report.host;
     let Backend::Neutron(cfg) = &agent.backend else {
@@ -778,7 +868,11 @@ fn vm_path(
 ) -> Vec<Check> {
     let mut out = Vec::new();
     let Some(ns_name) = &opts.namespace else {
-        out.push(Check::fail("vm", "--vm needs --namespace", "name the VM's router or network namespace"));
+        out.push(Check::fail(
+            "vm",
+            "--vm needs --namespace",
+            "name the VM's router or network namespace",
+        ));
         return out;
     };
     let Some(proxy) = proxy else {
@@ -787,7 +881,11 @@ fn vm_path(
     };
     let mut ignored = Vec::new();
     let Some(ns) = namespaces(proxy, opts, &mut ignored).into_iter().next() else {
-        out.push(Check::fail(format!("vm {vm}"), format!("{ns_name} is not served by this config"), ""));
+        out.push(Check::fail(
+            format!("vm {vm}"),
+            format!("{ns_name} is not served by this config"),
+            "",
+        ));
         return out;
     };
     // Hop 1: the proxy in the namespace answers HTTP.
@@ -803,7 +901,9 @@ fn vm_path(
         let name = format!("vm {vm} api");
         let project = md.project_id.clone().unwrap_or_default();
         out.push(match api_request(agent, &md.uuid, &project, vm) {
-            Ok(r) if r.head.status == 200 => Check::ok(name, format!("200 for instance {}", md.uuid)),
+            Ok(r) if r.head.status == 200 => {
+                Check::ok(name, format!("200 for instance {}", md.uuid))
+            }
             Ok(r) => Check::fail(
                 name,
                 format!("{} for instance {}", r.head.status, md.uuid),
@@ -829,15 +929,27 @@ fn vm_listener_hop(ns: &NamespaceConfig, vm: IpAddr) -> Check {
         "GET {PROBE_TARGET} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
     );
     let r = crate::rt::netns::in_namespace(ns.netns.as_deref(), || {
-        let mut s = TcpStream::connect_timeout(&target, CHECK_TIMEOUT)?;
-        s.set_read_timeout(Some(CHECK_TIMEOUT))?;
-        s.set_write_timeout(Some(CHECK_TIMEOUT))?;
+        let mut s = probe::connect_marked(target, CHECK_TIMEOUT)?;
         probe::exchange(&mut s, req.as_bytes(), false).map_err(std::io::Error::other)
     });
     match r {
+        Ok(r) if r.head.status >= 500 => Check::fail(
+            name,
+            format!(
+                "{target} in {} answered {} {}",
+                ns.name,
+                r.head.status,
+                page_text(&r.payload())
+            ),
+            "the proxy does not reach the agent: see the agent socket check and the proxy's log",
+        ),
         Ok(r) => Check::ok(
             name,
-            format!("{target} in {} answered {} (from the namespace's own address)", ns.name, r.head.status),
+            format!(
+                "the proxy on {target} in {} answered {} (marked as redirected traffic; a 404 is \
+                 expected, the probe comes from the namespace's own address, not the VM's)",
+                ns.name, r.head.status
+            ),
         ),
         Err(e) => Check::fail(
             name,
@@ -859,32 +971,41 @@ fn vm_agent_hop(sock: &Path, identity: &NsIdentity, vm: IpAddr) -> (Check, Optio
         ("Connection", "close"),
     ];
     for (n, v) in headers {
-        match (HeaderName::new(n.as_bytes()), HeaderValue::new(v.as_bytes())) {
+        match (
+            HeaderName::new(n.as_bytes()),
+            HeaderValue::new(v.as_bytes()),
+        ) {
             (Ok(n), Ok(v)) => put_header(&mut req, n, v),
             _ => return (Check::fail(name, format!("unusable header {n}"), ""), None),
         }
     }
     req.extend_from_slice(b"\r\n");
     match unix_connect(sock).and_then(|mut s| probe::exchange(&mut s, &req, false)) {
-        Err(e) => (Check::fail(name, e, "see the agent socket check above"), None),
+        Err(e) => (
+            Check::fail(name, e, "see the agent socket check above"),
+            None,
+        ),
         Ok(r) if r.head.status == 200 => match serde_json::from_slice::<MetaData>(&r.payload()) {
             Ok(md) => (
                 Check::ok(
                     name,
                     format!(
-                        "{} {vm} resolved to instance {} ({})",
+                        "X-Forwarded-For {vm} with {} {} resolved to instance {} ({})",
                         identity.header_name(),
+                        identity.id(),
                         md.uuid,
                         md.hostname.as_deref().unwrap_or("no hostname")
                     ),
                 ),
                 Some(md),
             ),
-            Err(e) => (Check::fail(name, format!("200 but not meta_data.json: {e}"), ""), None),
+            Err(e) => (
+                Check::fail(name, format!("200 but not meta_data.json: {e}"), ""),
+                None,
+            ),
         },
         Ok(r) => {
-            let body = r.payload();
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            let text = page_text(&r.payload());
             let hint = match r.head.status {
                 404 => format!("no instance has {vm} behind {}: check the VM's port in Neutron (`openstack port list --fixed-ip ip-address={vm}`)", identity.id()),
                 403 => "the API rejected the signature: see the shared secret check".to_string(),

@@ -82,6 +82,31 @@ pub fn is_bound(want: SocketAddr, bound: &[SocketAddr]) -> bool {
     })
 }
 
+/// Neutron's `metadata_access_mark`: the mark its mangle rule puts on
+/// redirected metadata traffic, which the INPUT rule lets through.
+pub const METADATA_ACCESS_MARK: u32 = 0x1;
+
+/// Connect to `addr` (from the calling thread's namespace) with timeouts on
+/// every IO, the socket carrying [`METADATA_ACCESS_MARK`] so that a router's
+/// INPUT rule treats it as redirected metadata traffic (setting the mark
+/// needs CAP_NET_ADMIN; without it the connect is tried unmarked).
+///
+/// # Errors
+/// The connect failed or timed out.
+pub fn connect_marked(addr: SocketAddr, timeout: Duration) -> io::Result<std::net::TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let _ = s.set_mark(METADATA_ACCESS_MARK);
+    s.connect_timeout(&addr.into(), timeout)?;
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
 /// Run `program args` inside the namespace at `netns`, with a timeout:
 /// `Ok(None)` when the program is not installed.
 ///
