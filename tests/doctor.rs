@@ -272,6 +272,30 @@ fn doctor_in_the_netns_topology() {
     assert_status(&report, &format!("listener {rns}"), "OK");
     assert_eq!(code, 1, "{report}");
 
+    // The same namespace found by discovery (a netns directory of its own,
+    // so that other tests' namespaces stay out of it) rather than configured.
+    let ns_dir = d.join("netns");
+    std::fs::create_dir(&ns_dir).unwrap();
+    std::os::unix::fs::symlink(format!("/run/netns/{lonely}"), ns_dir.join(&lonely)).unwrap();
+    std::os::unix::fs::symlink(format!("/run/netns/{}", vm1.ns), ns_dir.join(&vm1.ns)).unwrap();
+    let discovered = d.join("discovered.toml");
+    let section = proxy_section(&topo, &sock, d, "\n[proxy.discover]\nenabled = true\n")
+        .replace("netns = \"", "netns = \"/run/netns/")
+        .replace(
+            "workers = 1\n",
+            &format!("workers = 1\nnetns_dir = \"{}\"\n", ns_dir.display()),
+        );
+    std::fs::write(&discovered, base.clone() + &section).unwrap();
+    let (code, report) = doctor(&discovered, &[]);
+    assert!(line(&report, "config").contains("discovery on"), "{report}");
+    assert_status(&report, &format!("listener {lonely}"), "FAIL");
+    assert_status(&report, &format!("listener /run/netns/{rns}"), "OK");
+    assert!(
+        !report.contains(&format!("listener {}", vm1.ns)),
+        "not a Neutron name:\n{report}"
+    );
+    assert_eq!(code, 1, "{report}");
+
     // The agent's secret differs from the API's.
     let wrong = d.join("wrong-secret.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
