@@ -252,6 +252,21 @@ fn doctor_in_the_netns_topology() {
         "{report}"
     );
     assert_eq!(code, 1, "{report}");
+    // A DROP of 9697 that does not spare the marked, redirected traffic.
+    add_router_rules(rns);
+    nft(
+        rns,
+        "flush chain ip filter INPUT\nadd rule ip filter INPUT tcp dport 9697 drop\n",
+    );
+    let (code, report) = doctor(&cfg, &[]);
+    assert_status(&report, &format!("redirect {rns}"), "OK");
+    assert_status(&report, &format!("input rule {rns}"), "FAIL");
+    assert!(
+        line(&report, &format!("input rule {rns}")).contains("before redirected"),
+        "{report}"
+    );
+    assert_eq!(code, 1, "{report}");
+    nft(rns, "delete table ip nat\ndelete table ip filter\n");
     add_router_rules(rns);
 
     // A namespace no proxy listens in.

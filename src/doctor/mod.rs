@@ -417,7 +417,7 @@ fn listener(ns: &NamespaceConfig) -> Check {
 /// In a router namespace whose listener is not on port 80 itself: the
 /// REDIRECT of 169.254.169.254:80 to it and the INPUT rule closing its port.
 fn router_rules(ns: &NamespaceConfig) -> Vec<Check> {
-    let (redirect, input) = (
+    let (redirect, input_name) = (
         format!("redirect {}", ns.name),
         format!("input rule {}", ns.name),
     );
@@ -439,12 +439,21 @@ fn router_rules(ns: &NamespaceConfig) -> Vec<Check> {
     let nft = probe::run_in(netns, "nft", &["list", "ruleset"]);
     let mut errors = Vec::new();
     let mut seen = Vec::new();
-    let (mut has_redirect, mut has_input) = (false, false);
+    let mut has_redirect = false;
+    let mut input = netfilter::InputRule::Missing;
+    let better = |a: netfilter::InputRule, b: netfilter::InputRule| {
+        use netfilter::InputRule::{DropsRedirected, Missing, Ok};
+        match (a, b) {
+            (Ok, _) | (_, Ok) => Ok,
+            (DropsRedirected, _) | (_, DropsRedirected) => DropsRedirected,
+            (Missing, Missing) => Missing,
+        }
+    };
     match &save {
         Ok(Some(text)) => {
             seen.push("iptables-save");
             has_redirect |= netfilter::iptables_has_redirect(text, port);
-            has_input |= netfilter::iptables_has_input_drop(text, port);
+            input = better(input, netfilter::iptables_input_rule(text, port));
         }
         Ok(None) => {}
         Err(e) => errors.push(format!("iptables-save: {e}")),
@@ -453,7 +462,7 @@ fn router_rules(ns: &NamespaceConfig) -> Vec<Check> {
         Ok(Some(text)) => {
             seen.push("nft");
             has_redirect |= netfilter::nft_has_redirect(text, port);
-            has_input |= netfilter::nft_has_input_drop(text, port);
+            input = better(input, netfilter::nft_input_rule(text, port));
         }
         Ok(None) => {}
         Err(e) => errors.push(format!("nft: {e}")),
@@ -485,21 +494,24 @@ fn router_rules(ns: &NamespaceConfig) -> Vec<Check> {
                 ),
             )
         },
-        if has_input {
-            Check::ok(
-                input,
-                format!("port {port} is dropped unless redirected ({from})"),
-            )
-        } else {
-            Check::fail(
-                input,
+        match input {
+            netfilter::InputRule::Ok => {
+                Check::ok(input_name, format!("port {port} is dropped unless redirected ({from})"))
+            }
+            netfilter::InputRule::DropsRedirected => Check::fail(
+                input_name,
+                format!("port {port} is dropped before redirected (marked) traffic is accepted ({from}): VMs behind this router get no answer"),
+                "put the ACCEPT of `-m mark --mark 0x1/0xffff` before the DROP, or make the DROP `-m mark ! --mark 0x1/0xffff`",
+            ),
+            netfilter::InputRule::Missing => Check::fail(
+                input_name,
                 format!("no INPUT rule dropping port {port} ({from}): the listener is reachable on the router's other addresses"),
                 format!(
                     "add it: `ip netns exec {} iptables -A INPUT -p tcp -m tcp --dport {port} -m mark ! --mark 0x1/0xffff -j DROP` \
                      (or run qrouter-metadata-rules.sh)",
                     ns.name
                 ),
-            )
+            ),
         },
     ]
 }

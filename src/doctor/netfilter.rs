@@ -34,13 +34,38 @@ pub fn iptables_has_redirect(save: &str, port: u16) -> bool {
     })
 }
 
-/// Whether `save` drops TCP to `port` in a chain reachable from filter
-/// `INPUT` (the rule that keeps the listener off the router's other
-/// addresses).
-pub fn iptables_has_input_drop(save: &str, port: u16) -> bool {
+/// What the filter rules do to the listener's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRule {
+    /// Nothing drops it: the listener is open on every address of the router.
+    Missing,
+    /// Dropped, but redirected (marked) traffic too: the DROP comes with no
+    /// mark exception and after no ACCEPT of the mark.
+    DropsRedirected,
+    /// Dropped unless marked, as Neutron (ACCEPT the mark, then DROP) or
+    /// the rules script (`! --mark … -j DROP`) have it.
+    Ok,
+}
+
+/// [`InputRule`] for `port` in `save` (`iptables-save` output), over the
+/// chains reachable from filter `INPUT`, in file order.
+pub fn iptables_input_rule(save: &str, port: u16) -> InputRule {
     let dport = format!("--dport {port}");
-    rules_in(save, "filter", "INPUT")
-        .any(|r| has_word(r, &dport) && (r.contains("-j DROP") || r.contains("-j REJECT")))
+    let mut mark_accepted = false;
+    for r in rules_in(save, "filter", "INPUT") {
+        let marks = r.contains("--mark");
+        if marks && !r.contains("! --mark") && r.contains("-j ACCEPT") {
+            mark_accepted = true;
+        }
+        if has_word(r, &dport) && (r.contains("-j DROP") || r.contains("-j REJECT")) {
+            return if mark_accepted || r.contains("! --mark") {
+                InputRule::Ok
+            } else {
+                InputRule::DropsRedirected
+            };
+        }
+    }
+    InputRule::Missing
 }
 
 /// Whether `ruleset` (`nft list ruleset`) has a rule redirecting
@@ -54,12 +79,26 @@ pub fn nft_has_redirect(ruleset: &str, port: u16) -> bool {
     })
 }
 
-/// Whether `ruleset` drops (or rejects) TCP to `port` in some chain.
-pub fn nft_has_input_drop(ruleset: &str, port: u16) -> bool {
-    ruleset.lines().any(|l| {
-        has_word(l, &format!("dport {port}"))
-            && (l.trim_end().ends_with("drop") || l.contains(" reject"))
-    })
+/// [`InputRule`] for `port` in `ruleset` (`nft list ruleset`), over every
+/// chain in order.
+pub fn nft_input_rule(ruleset: &str, port: u16) -> InputRule {
+    let dport = format!("dport {port}");
+    let mut mark_accepted = false;
+    for l in ruleset.lines() {
+        let l = l.trim_end();
+        let marks = l.contains("mark");
+        if marks && !l.contains("!=") && l.ends_with("accept") {
+            mark_accepted = true;
+        }
+        if has_word(l, &dport) && (l.ends_with("drop") || l.contains(" reject")) {
+            return if mark_accepted || marks && l.contains("!=") {
+                InputRule::Ok
+            } else {
+                InputRule::DropsRedirected
+            };
+        }
+    }
+    InputRule::Missing
 }
 
 /// `needle` in `hay` on word boundaries (so `--dport 80` is not `--dport 8080`).
@@ -132,9 +171,17 @@ COMMIT
     #[test]
     fn neutrons_rules_are_found_through_their_chains() {
         assert!(iptables_has_redirect(NEUTRON, 9697));
-        assert!(iptables_has_input_drop(NEUTRON, 9697));
+        assert_eq!(iptables_input_rule(NEUTRON, 9697), InputRule::Ok);
         assert!(!iptables_has_redirect(NEUTRON, 9698));
-        assert!(!iptables_has_input_drop(NEUTRON, 969));
+        assert_eq!(iptables_input_rule(NEUTRON, 969), InputRule::Missing);
+        let no_accept = NEUTRON.replace(
+            "-A neutron-l3-agent-INPUT -m mark --mark 0x1/0xffff -j ACCEPT\n",
+            "",
+        );
+        assert_eq!(
+            iptables_input_rule(&no_accept, 9697),
+            InputRule::DropsRedirected
+        );
     }
 
     #[test]
@@ -149,7 +196,7 @@ COMMIT
     fn the_rules_script_form_is_found() {
         let save = "*nat\n-A PREROUTING -d 169.254.169.254/32 -i qr-+ -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 9697\nCOMMIT\n*filter\n-A INPUT -p tcp -m tcp --dport 9697 -m mark ! --mark 0x1/0xffff -j DROP\nCOMMIT\n";
         assert!(iptables_has_redirect(save, 9697));
-        assert!(iptables_has_input_drop(save, 9697));
+        assert_eq!(iptables_input_rule(save, 9697), InputRule::Ok);
         let port_8080 = save.replace("--dport 80 ", "--dport 8080 ");
         assert!(!iptables_has_redirect(&port_8080, 9697));
     }
@@ -170,8 +217,15 @@ table ip filter {
 }
 "#;
         assert!(nft_has_redirect(ruleset, 9697));
-        assert!(nft_has_input_drop(ruleset, 9697));
+        assert_eq!(nft_input_rule(ruleset, 9697), InputRule::Ok);
         assert!(!nft_has_redirect(ruleset, 9698));
-        assert!(!nft_has_input_drop("table ip filter {\n}\n", 9697));
+        assert_eq!(
+            nft_input_rule("table ip filter {\n}\n", 9697),
+            InputRule::Missing
+        );
+        let bare = "chain INPUT {\n\t\ttcp dport 9697 drop\n}\n";
+        assert_eq!(nft_input_rule(bare, 9697), InputRule::DropsRedirected);
+        let neutron_style = "chain INPUT {\n\t\tmeta mark & 0x0000ffff == 0x00000001 counter accept\n\t\ttcp dport 9697 counter drop\n}\n";
+        assert_eq!(nft_input_rule(neutron_style, 9697), InputRule::Ok);
     }
 }
