@@ -216,6 +216,16 @@ fn doctor_in_the_netns_topology() {
         "--namespace checks only that one:\n{report}"
     );
     assert_eq!(code, 0, "{report}");
+    // And as vm3, through the DHCP namespace (listener on 169.254.169.254:80).
+    let vm3 = &topo.vms[2];
+    let (code, report) = doctor(&cfg, &["--namespace", &topo.dhcp_ns, "--vm", vm3.ip]);
+    assert_status(&report, &format!("vm {} listener", vm3.ip), "OK");
+    assert!(
+        line(&report, &format!("vm {} agent", vm3.ip)).contains(&vm3.uuid),
+        "{report}"
+    );
+    assert_status(&report, &format!("vm {} api", vm3.ip), "OK");
+    assert_eq!(code, 0, "{report}");
     // An address no VM has: the agent hop fails and says so.
     let (code, report) = doctor(&cfg, &["--namespace", rns, "--vm", "10.90.0.99"]);
     assert_status(&report, "vm 10.90.0.99 agent", "FAIL");

@@ -167,11 +167,27 @@ pub fn exchange<S: Read + Write>(
     let limits = Limits::default();
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 8192];
+    // The socket's timeout bounds each read; this bounds the whole answer
+    // (a peer trickling bytes, or reads interrupted again and again).
+    let t0 = Instant::now();
     loop {
-        let n = stream.read(&mut chunk).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "no answer in time".to_string(),
-            _ => format!("reading: {e}"),
-        })?;
+        if t0.elapsed() > super::CHECK_TIMEOUT {
+            return Err("no whole answer in time".to_string());
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            // A signal (the event loop's helper threads) is no answer: read again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err("no answer in time".to_string())
+            }
+            Err(e) => return Err(format!("reading: {e}")),
+        };
         buf.extend_from_slice(&chunk[..n]);
         match frame_response(&buf, &limits, is_head, MAX_ANSWER_BYTES, n == 0)? {
             Some((len, head)) => {
