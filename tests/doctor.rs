@@ -449,9 +449,10 @@ project_name = "service"
         line(&report, "agent registration").contains("down"),
         "{report}"
     );
+    // No row: unregistered, or hidden from a non-admin user by policy.
     neutron.set_agents(serde_json::json!([]));
     let (_, report) = doctor(&good, &[]);
-    assert_status(&report, "agent registration", "FAIL");
+    assert_status(&report, "agent registration", "WARN");
 
     let (code, report) = doctor(&config("wr0ng-pw"), &[]);
     assert_status(&report, "neutron", "FAIL");

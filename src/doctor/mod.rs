@@ -193,7 +193,7 @@ pub fn run(path: &Path, opts: &Options) -> Vec<Check> {
                 out.extend(router_rules(ns));
             }
         }
-        out.push(fd_budget(path, proxy, all.len()));
+        out.push(fd_budget(path, proxy, &all));
     }
     let socket = agent
         .as_ref()
@@ -521,7 +521,7 @@ const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The fd limit of the proxy that serves `path` (running, else this
 /// process's hard limit, which a proxy started from here raises to) against
 /// what the namespaces may hold; the budget is [`crate::serve::admit::budget_for`].
-fn fd_budget(path: &Path, proxy: &ProxyConfig, namespaces: usize) -> Check {
+fn fd_budget(path: &Path, proxy: &ProxyConfig, all: &[NamespaceConfig]) -> Check {
     use crate::serve::admit;
     let name = "fd budget";
     let (limit, whose) = match running_daemon(path) {
@@ -540,12 +540,9 @@ fn fd_budget(path: &Path, proxy: &ProxyConfig, namespaces: usize) -> Check {
     let reserve = usize::try_from(limit)
         .unwrap_or(usize::MAX)
         .saturating_sub(budget);
-    let listeners: usize = proxy.workers.get()
-        * namespaces.max(1)
-        * proxy
-            .namespaces
-            .first()
-            .map_or(1, |n| n.listen.len().max(1));
+    let namespaces = all.len();
+    // Every loop holds a dup of every listener.
+    let listeners: usize = proxy.workers.get() * all.iter().map(|n| n.listen.len()).sum::<usize>();
     let per_ns = proxy.max_connections.get().min(budget / namespaces.max(1));
     let detail = format!(
         "RLIMIT_NOFILE {limit} of {whose}: {budget} client connections, {per_ns} per namespace \
@@ -834,10 +831,17 @@ fn registration(agent: &AgentConfig) -> Check {
         Ok(body) => match serde_json::from_slice::<AgentsBody>(&body) {
             Err(e) => Check::warn(name, format!("unusable answer from Neutron: {e}"), ""),
             Ok(b) => match b.agents.first() {
-                None => Check::fail(
+                // Not a FAIL: Neutron's policy filters agents out of the
+                // list for a user without the admin role, which is what an
+                // agent's service user usually has.
+                None => Check::warn(
                     name,
-                    format!("Neutron lists no Metadata agent on host {host}"),
-                    "check the agent's log for `report_state` errors, [agent] transport_url and host (Neutron's [DEFAULT] host)",
+                    format!(
+                        "Neutron lists no Metadata agent on host {host} to this user (unregistered, \
+                         or the user may not see agents: that needs the admin role)"
+                    ),
+                    "`openstack network agent list --agent-type metadata --host <host>` as admin; if it is missing there, \
+                     check the agent's log for `report_state` errors, [agent] transport_url and host (Neutron's [DEFAULT] host)",
                 ),
                 Some(a) if a.alive => Check::ok(
                     name,
