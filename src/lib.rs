@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod doctor;
 pub mod http;
 pub mod inventory;
 pub mod log;

@@ -80,6 +80,28 @@ enum Command {
     /// replay cloud-init's requests against TARGET and check every answer.
     /// Exits 1 unless every VM completed without errors.
     Storm(StormArgs),
+    /// Why can't a VM reach its metadata? Check the path from this network
+    /// node: each namespace's listener, the qrouter- REDIRECT and INPUT
+    /// rules, the agent's socket, Neutron and its credentials, the metadata
+    /// API and the shared secret (never printed), the fd budget, the agent's
+    /// registration in Neutron, and with --vm one request as that VM. One
+    /// line per check (OK, WARN or FAIL and what to do); exits 1 if any
+    /// check fails. Run as root (it enters the namespaces).
+    Doctor {
+        /// Configuration file (TOML; `[proxy]` and `[agent]` are used).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Check only this namespace (a name under the netns dir, or a path).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Also send one request through the whole path as the VM with this
+        /// address, and print the instance it resolved to (needs --namespace).
+        #[arg(long, requires = "namespace")]
+        vm: Option<std::net::IpAddr>,
+        /// Print the checks as a JSON array of {name, status, detail, hint}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inventory tools.
     Inventory {
         #[command(subcommand)]
@@ -117,7 +139,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Agent { config, check } => run_agent(&config, check),
         Command::Storm(args) => run_storm(args),
         Command::Inventory { command } => run_inventory(command),
+        Command::Doctor {
+            config,
+            namespace,
+            vm,
+            json,
+        } => run_doctor(&config, namespace, vm, json),
     }
+}
+
+fn run_doctor(
+    path: &Path,
+    namespace: Option<String>,
+    vm: Option<std::net::IpAddr>,
+    json: bool,
+) -> Result<()> {
+    let opts = metaproxy::doctor::Options { namespace, vm };
+    let checks = metaproxy::doctor::run(path, &opts);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        print!("{}", metaproxy::doctor::render_text(&checks));
+    }
+    if metaproxy::doctor::any_failed(&checks) {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn load_proxy_config(path: &Path) -> Result<ProxyConfig> {

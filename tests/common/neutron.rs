@@ -261,3 +261,109 @@ fn serve(conn: std::net::TcpStream, db: &[FakePort], mode: &Mutex<NeutronMode>, 
         }
     }
 }
+
+/// A fake Keystone + Neutron on one address (Keystone at `/v3`), as the
+/// agent's `auth_strategy = "keystone"` sees them: a token for `password`
+/// only (401 for any other, as Keystone answers a wrong password), `GET
+/// /v2.0/ports` over `db` and `GET /v2.0/agents` answering `agents` (a JSON
+/// array, switchable at run time), both with a valid token only.
+pub struct FakeKeystoneNeutron {
+    pub addr: SocketAddr,
+    pub agents: Arc<Mutex<serde_json::Value>>,
+}
+
+impl FakeKeystoneNeutron {
+    pub fn start(password: &str, db: Vec<FakePort>) -> FakeKeystoneNeutron {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let agents = Arc::new(Mutex::new(serde_json::json!([])));
+        let (db, a, password) = (Arc::new(db), agents.clone(), password.to_string());
+        let tokens = Arc::new(Mutex::new(Vec::<String>::new()));
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let (db, a, pw, t) = (db.clone(), a.clone(), password.clone(), tokens.clone());
+                std::thread::spawn(move || serve_keystone(c, &db, &a, &pw, &t));
+            }
+        });
+        FakeKeystoneNeutron { addr, agents }
+    }
+
+    pub fn set_agents(&self, agents: serde_json::Value) {
+        *self.agents.lock().unwrap() = agents;
+    }
+}
+
+fn serve_keystone(
+    conn: std::net::TcpStream,
+    db: &[FakePort],
+    agents: &Mutex<serde_json::Value>,
+    password: &str,
+    tokens: &Mutex<Vec<String>>,
+) {
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("").to_string();
+        let (mut cl, mut token) = (0usize, String::new());
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end_matches(['\r', '\n']);
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    cl = v.trim().parse().unwrap_or(0);
+                } else if k.eq_ignore_ascii_case("x-auth-token") {
+                    token = v.trim().to_string();
+                }
+            }
+        }
+        let mut body = vec![0u8; cl];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let mut extra = String::new();
+        let (status, out) = if method == "POST" && target == "/v3/auth/tokens" {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if v["auth"]["identity"]["password"]["user"]["password"] == password {
+                let mut t = tokens.lock().unwrap();
+                let tok = format!("tok-{}", t.len() + 1);
+                t.push(tok.clone());
+                extra = format!("X-Subject-Token: {tok}\r\n");
+                (
+                    201,
+                    r#"{"token":{"expires_at":"2099-01-01T00:00:00.000000Z"}}"#.to_string(),
+                )
+            } else {
+                (
+                    401,
+                    r#"{"error":{"code":401,"title":"Unauthorized","message":"The request you have made requires authentication."}}"#
+                        .to_string(),
+                )
+            }
+        } else if !tokens.lock().unwrap().contains(&token) {
+            (401, r#"{"error": {"code": 401}}"#.to_string())
+        } else if target.starts_with("/v2.0/agents?") {
+            let rows = agents.lock().unwrap().clone();
+            (200, serde_json::json!({ "agents": rows }).to_string())
+        } else {
+            query(&target, db, false)
+        };
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{out}",
+            out.len()
+        );
+        if r.get_mut().write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
