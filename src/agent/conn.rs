@@ -247,11 +247,14 @@ async fn next_request(
     // re-sends what it had pipelined behind.
     let keep = head.keep_alive;
     let is_head = head.method == Method::Head;
-    let request: Vec<u8> = buf.drain(..end).collect();
+    let mut request = ctx.server.take_buf();
+    request.extend_from_slice(&buf[..end]);
+    buf.drain(..end);
     let (tx, rx) = oneshot::channel();
     let c = ctx.clone();
     rt::spawn(async move {
         let out = handler::respond(&c, &request, &head, &decoded, !keep).await;
+        c.server.put_buf(request);
         let _ = tx.send(out);
     });
     Ok((AnswerSlot::Pending(rx, is_head), !keep))
