@@ -38,6 +38,12 @@
 //! per request in a storm (BENCHMARKS.md, issue 13), and it only saw bytes
 //! that had arrived by the instant of the peek.
 //!
+//! A request on a pooled connection allocates no buffer: the pool keeps the
+//! emptied buffers of its writes and reads (two per slot, at most
+//! `POOL_BUFFER_MAX_BYTES` each), and the caller hands a response's bytes
+//! back with [`Pool::recycle`] once it has relayed them
+//! (`tests/alloc_counts.rs` counts the agent's allocations per request).
+//!
 //! Response framing is [`http::frame_response`], shared with
 //! `proxy::upstream`; the two clients differ only in what they buffer and
 //! when they retry, and neither module reaches into the other.
@@ -258,7 +264,7 @@ pub struct Pool {
     /// When that was last logged.
     unsolicited_logged: Cell<Option<Instant>>,
     /// Emptied buffers for request writes and response reads (at most two
-    /// per slot, each at most [`POOL_BUFFER_MAX_BYTES`]): a request on a
+    /// per slot, each at most `POOL_BUFFER_MAX_BYTES`): a request on a
     /// pooled connection allocates none.
     bufs: RefCell<Vec<Vec<u8>>>,
 }
@@ -365,7 +371,7 @@ impl Pool {
 
     /// Give a buffer back for the pool's next request or response (the
     /// caller is done with an [`ApiResponse`]'s `bytes`, say); dropped when
-    /// the pool holds enough or it is larger than [`POOL_BUFFER_MAX_BYTES`].
+    /// the pool holds enough or it is larger than `POOL_BUFFER_MAX_BYTES`.
     pub fn recycle(&self, mut buf: Vec<u8>) {
         let mut bufs = self.bufs.borrow_mut();
         if bufs.len() < 2 * self.max_idle.max(1) && buf.capacity() <= POOL_BUFFER_MAX_BYTES {
