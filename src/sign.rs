@@ -23,20 +23,51 @@ pub fn empty_secret_warning(key: &str) -> String {
 
 /// Lowercase hex HMAC-SHA256 of `instance_id` keyed with `secret` (64 chars).
 pub fn sign_instance_id(secret: &[u8], instance_id: &str) -> String {
+    sign_instance_id_hex(secret, instance_id)
+        .as_str()
+        .to_owned()
+}
+
+/// A signature as its 64 lowercase hex digits, on the stack: the agent signs
+/// and the API verifies every request without a heap allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SignatureHex([u8; 64]);
+
+impl SignatureHex {
+    /// The 64 hex digits.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The 64 hex digits.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for SignatureHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignatureHex(..)")
+    }
+}
+
+/// [`sign_instance_id`] without the allocation.
+pub fn sign_instance_id_hex(secret: &[u8], instance_id: &str) -> SignatureHex {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
     mac.update(instance_id.as_bytes());
     let tag = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(64);
-    for b in tag {
-        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        out.push(char::from(b"0123456789abcdef"[usize::from(b & 0xf)]));
+    let mut out = [0u8; 64];
+    for (i, b) in tag.iter().enumerate() {
+        out[2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
+        out[2 * i + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
     }
-    out
+    SignatureHex(out)
 }
 
 /// Constant-time check of a presented signature against the expected one.
 pub fn verify_instance_signature(secret: &[u8], instance_id: &str, presented: &[u8]) -> bool {
-    let expected = sign_instance_id(secret, instance_id);
+    let expected = sign_instance_id_hex(secret, instance_id);
     let expected = expected.as_bytes();
     if presented.len() != expected.len() {
         return false;

@@ -193,7 +193,17 @@ fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
         };
         let instance = s.get("X-Instance-ID").unwrap_or("").to_string();
         let is_head = s.method == "HEAD";
+        let target = s.target.clone();
         seen.lock().unwrap().push(s);
+        if target == "/broken" {
+            // Not a response: the agent's request on this connection fails.
+            let _ = w.write_all(b"NOT HTTP AT ALL\r\n\r\n");
+            return;
+        }
+        if target == "/slow" {
+            // A slow render: the answers pipelined behind it are done first.
+            std::thread::sleep(Duration::from_millis(300));
+        }
         let m = *mode.lock().unwrap();
         let (status, body) = match m {
             ApiMode::Echo | ApiMode::EchoThenClose => (200, format!("instance={instance}")),
@@ -491,6 +501,64 @@ fn pipelined_requests_are_answered_in_order() {
         .unwrap();
     let d = read_response(&mut r, false).unwrap();
     assert_eq!(d.text(), format!("instance={VM6}"));
+}
+
+#[test]
+fn a_failure_mid_batch_gets_its_own_answer_and_spares_its_neighbours() {
+    // Answers that are done by the time the one before them is are written
+    // together; each must still be its own request's answer, in order.
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent(api.addr, "5s");
+    let with_target =
+        |raw: String, t: &str| raw.replacen("/latest/meta-data/instance-id?x=1", t, 1);
+    let head = router("10.0.0.6").replacen("GET ", "HEAD ", 1);
+    let no_xff = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Neutron-Router-ID: {ROUTER}\r\n\r\n");
+    let last = network("10.0.0.5").replace("User-Agent", "Connection: close\r\nUser-Agent");
+    let batch = [
+        router("10.0.0.5"),
+        with_target(router("10.0.0.6"), "/slow"),
+        no_xff,
+        with_target(router("10.0.0.5"), "/broken"),
+        router("10.0.0.99"),
+        head,
+        network("10.0.0.6"),
+        last,
+    ]
+    .concat();
+    let mut s = connect(&agent.socket);
+    s.write_all(batch.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut next = |is_head: bool| read_response(&mut r, is_head).unwrap();
+    let a = next(false);
+    assert_eq!((a.status, a.text()), (200, format!("instance={VM5}")));
+    let slow = next(false);
+    assert_eq!((slow.status, slow.text()), (200, format!("instance={VM6}")));
+    let bad = next(false);
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let broken = next(false);
+    assert_eq!(broken.status, 502, "{}", broken.text());
+    assert!(
+        broken.text().contains("broken response"),
+        "{}",
+        broken.text()
+    );
+    let missing = next(false);
+    assert_eq!(missing.status, 404);
+    assert!(missing.text().contains("not found on router"));
+    let h = next(true);
+    assert_eq!(h.status, 200);
+    assert!(h.body.is_empty(), "no body after a HEAD");
+    let b = next(false);
+    assert_eq!((b.status, b.text()), (200, format!("instance={VM6}")));
+    let c = next(false);
+    assert_eq!((c.status, c.text()), (200, format!("instance={VM5}")));
+    assert_eq!(c.header("Connection"), Some("close"));
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.is_empty(),
+        "closed after the last answer, nothing stray"
+    );
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! parses requests as they arrive and starts each one's resolution and
 //! forwarding at once on its own task ([`super::handler`]), so one
 //! slow Neutron lookup does not hold up the cache hits pipelined behind it;
-//! a writer answers strictly in request order. This serves both metaproxy's
+//! a writer answers strictly in request order, and writes the answers that
+//! are done together in one write (one SEND per batch rather than per
+//! answer: the proxy pipelines, so a read often carries several requests and
+//! their answers complete in the same loop turn). This serves both metaproxy's
 //! own proxy (a pooled, pipelined client) and haproxy with
 //! `option http-server-close` (one request, then `Connection: close`).
 //!
@@ -32,6 +35,11 @@ use crate::serve::{self, BodyError, HeadError, Settings};
 /// Requests in flight on one connection (resolved and forwarded
 /// concurrently); the reader waits for the writer beyond this.
 const PIPELINE_MAX: usize = 64;
+/// Largest batch of answers written at once: the answers behind the first
+/// that are already done join its write up to this size (the first is
+/// written whatever its size; its bound is the API's response limit).
+/// Equal to the free list's largest buffer, so a batch buffer is recycled.
+const WRITE_BATCH_MAX_BYTES: usize = crate::serve::engine::FREE_BUFFER_MAX_BYTES;
 
 /// One answer slot, in request order.
 enum AnswerSlot {
@@ -114,11 +122,14 @@ async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
     q.more.notify();
 }
 
-/// The writer half: write each answer as soon as it and all before it are done.
+/// The writer half: write each answer as soon as it and all before it are
+/// done, together with the answers behind it that are already done (one
+/// write per batch, not one per answer; [`WRITE_BATCH_MAX_BYTES`] bounds a
+/// batch).
 async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
     loop {
         let front = q.slots.borrow_mut().pop_front();
-        let Some((slot, close)) = front else {
+        let Some((slot, mut close)) = front else {
             if q.reader_done.get() {
                 return;
             }
@@ -126,17 +137,16 @@ async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
             continue;
         };
         q.room.notify();
-        let out = match slot {
+        let mut out = match slot {
             AnswerSlot::Ready(b) => b,
             AnswerSlot::Pending(rx, is_head) => match rx.await {
                 Ok(b) => b,
-                Err(_) => {
-                    let mut b = Vec::new();
-                    handler::page(500, handler::MSG_UNKNOWN, is_head, true, &mut b);
-                    b
-                }
+                Err(_) => lost_answer(is_head),
             },
         };
+        if !close {
+            close = gather_done(&ctx, &q, &mut out);
+        }
         match rt::with_deadline(
             Instant::now() + ctx.server.settings().timeouts.client,
             conn.write_all(out),
@@ -151,6 +161,51 @@ async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
             return;
         }
     }
+}
+
+/// Append to `out` the answers at the front of the queue that are already
+/// done, in request order, while the batch stays within
+/// [`WRITE_BATCH_MAX_BYTES`]; stops at the first answer still being worked
+/// on, and after one that closes the connection. Returns whether the last
+/// answer appended closes it.
+///
+/// Invariant: an answer is appended whole or not at all, so every answer in
+/// a batch is exactly the bytes its own task produced (a failed request's
+/// error page included), in the order the requests arrived.
+fn gather_done(ctx: &AgentLoop, q: &OutQueue, out: &mut Vec<u8>) -> bool {
+    let mut slots = q.slots.borrow_mut();
+    while let Some((slot, close)) = slots.front_mut() {
+        let done = match slot {
+            AnswerSlot::Ready(b) => std::mem::take(b),
+            AnswerSlot::Pending(rx, is_head) => match rx.try_recv() {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(_) => lost_answer(*is_head),
+            },
+        };
+        if out.len() + done.len() > WRITE_BATCH_MAX_BYTES {
+            // The next batch starts with it.
+            *slot = AnswerSlot::Ready(done);
+            break;
+        }
+        let close = *close;
+        slots.pop_front();
+        out.extend_from_slice(&done);
+        ctx.server.put_buf(done);
+        q.room.notify();
+        if close {
+            return true;
+        }
+    }
+    false
+}
+
+/// The answer to a request whose task ended without one (it cannot, short
+/// of a bug): a 500 that closes the connection.
+fn lost_answer(is_head: bool) -> Vec<u8> {
+    let mut b = Vec::new();
+    handler::page(500, handler::MSG_UNKNOWN, is_head, true, &mut b);
+    b
 }
 
 /// Read one request (its first bytes are in `buf`) and start answering it on
@@ -192,11 +247,14 @@ async fn next_request(
     // re-sends what it had pipelined behind.
     let keep = head.keep_alive;
     let is_head = head.method == Method::Head;
-    let request: Vec<u8> = buf.drain(..end).collect();
+    let mut request = ctx.server.take_buf();
+    request.extend_from_slice(&buf[..end]);
+    buf.drain(..end);
     let (tx, rx) = oneshot::channel();
     let c = ctx.clone();
     rt::spawn(async move {
         let out = handler::respond(&c, &request, &head, &decoded, !keep).await;
+        c.server.put_buf(request);
         let _ = tx.send(out);
     });
     Ok((AnswerSlot::Pending(rx, is_head), !keep))

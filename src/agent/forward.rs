@@ -38,6 +38,12 @@
 //! per request in a storm (BENCHMARKS.md, issue 13), and it only saw bytes
 //! that had arrived by the instant of the peek.
 //!
+//! A request on a pooled connection allocates no buffer: the pool keeps the
+//! emptied buffers of its writes and reads (two per slot, at most
+//! `POOL_BUFFER_MAX_BYTES` each), and the caller hands a response's bytes
+//! back with [`Pool::recycle`] once it has relayed them
+//! (`tests/alloc_counts.rs` counts the agent's allocations per request).
+//!
 //! Response framing is [`http::frame_response`], shared with
 //! `proxy::upstream`; the two clients differ only in what they buffer and
 //! when they retry, and neither module reaches into the other.
@@ -64,6 +70,8 @@ use crate::rt::{self, PendingInput, TcpConn};
 const READ_BYTES: usize = 16 * 1024;
 /// Largest API response accepted ([`http::DEFAULT_MAX_RESPONSE_BYTES`]).
 pub const MAX_RESPONSE_BYTES: u64 = crate::http::DEFAULT_MAX_RESPONSE_BYTES;
+/// Largest buffer a pool keeps for reuse (a larger one is freed).
+const POOL_BUFFER_MAX_BYTES: usize = 64 * 1024;
 /// At most one "unsolicited bytes" warning per pool per this interval.
 const UNSOLICITED_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -102,6 +110,17 @@ pub struct ApiResponse {
 }
 
 impl ApiResponse {
+    /// The body's payload, borrowed from the bytes received unless it was
+    /// chunked (then de-chunked into a new buffer).
+    pub fn payload_ref(&self) -> std::borrow::Cow<'_, [u8]> {
+        let raw = &self.bytes[self.head.head_len..];
+        match self.head.body {
+            ResponseBody::None => std::borrow::Cow::Borrowed(&[]),
+            ResponseBody::Chunked => std::borrow::Cow::Owned(self.payload()),
+            ResponseBody::Length(_) | ResponseBody::UntilClose => std::borrow::Cow::Borrowed(raw),
+        }
+    }
+
     /// The body's payload: de-chunked if it was chunked.
     pub fn payload(&self) -> Vec<u8> {
         let raw = &self.bytes[self.head.head_len..];
@@ -173,14 +192,11 @@ struct Idle {
 }
 
 impl Idle {
-    /// Post the read (the op is queued on this first poll and submitted with
-    /// the loop's next batch) and keep it.
-    fn new(conn: Rc<Conn>) -> Idle {
+    /// Post the read into `buf` (an empty buffer; the op is queued on this
+    /// first poll and submitted with the loop's next batch) and keep it.
+    fn new(conn: Rc<Conn>, buf: Vec<u8>) -> Idle {
         let c = conn.clone();
-        let read: Read = Box::pin(async move {
-            c.read_append(Vec::with_capacity(READ_BYTES), READ_BYTES)
-                .await
-        });
+        let read: Read = Box::pin(async move { c.read_append(buf, READ_BYTES).await });
         let idle = Idle {
             conn,
             read: RefCell::new(Posted::Waiting(read)),
@@ -247,6 +263,10 @@ pub struct Pool {
     unsolicited: Cell<u64>,
     /// When that was last logged.
     unsolicited_logged: Cell<Option<Instant>>,
+    /// Emptied buffers for request writes and response reads (at most two
+    /// per slot, each at most `POOL_BUFFER_MAX_BYTES`): a request on a
+    /// pooled connection allocates none.
+    bufs: RefCell<Vec<Vec<u8>>>,
 }
 
 /// Gives the pool slot back (to the next waiter, if any) however the
@@ -313,6 +333,7 @@ impl Pool {
             waiters: RefCell::new(std::collections::VecDeque::new()),
             unsolicited: Cell::new(0),
             unsolicited_logged: Cell::new(None),
+            bufs: RefCell::new(Vec::new()),
         }
     }
 
@@ -341,6 +362,22 @@ impl Pool {
     pub fn with_tls(mut self, tls: Option<TlsTarget>) -> Pool {
         self.tls = tls;
         self
+    }
+
+    /// An empty buffer, reused if one was given back.
+    fn take_buf(&self) -> Vec<u8> {
+        self.bufs.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Give a buffer back for the pool's next request or response (the
+    /// caller is done with an [`ApiResponse`]'s `bytes`, say); dropped when
+    /// the pool holds enough or it is larger than `POOL_BUFFER_MAX_BYTES`.
+    pub fn recycle(&self, mut buf: Vec<u8>) {
+        let mut bufs = self.bufs.borrow_mut();
+        if bufs.len() < 2 * self.max_idle.max(1) && buf.capacity() <= POOL_BUFFER_MAX_BYTES {
+            buf.clear();
+            bufs.push(buf);
+        }
     }
 
     /// Idle connections held now.
@@ -468,11 +505,18 @@ impl Pool {
         req: &[u8],
         is_head: bool,
     ) -> Result<ApiResponse, Attempt> {
-        let (res, _) = conn.write_all(req.to_vec()).await;
+        let mut out = self.take_buf();
+        out.extend_from_slice(req);
+        let (res, out) = conn.write_all(out).await;
+        self.recycle(out);
         if res.is_err() {
             return Err(Attempt::Retryable);
         }
-        let mut buf: Vec<u8> = Vec::new();
+        // The posted read brings its own buffer.
+        let mut buf: Vec<u8> = match posted {
+            Some(_) => Vec::new(),
+            None => self.take_buf(),
+        };
         loop {
             match frame(&buf, &self.limits, is_head, false) {
                 Ok(Some((len, head))) => {
@@ -491,7 +535,8 @@ impl Pool {
                     let reusable = head.keep_alive && head.body != ResponseBody::UntilClose;
                     buf.truncate(len);
                     if reusable && self.idle.borrow().len() < self.max_idle {
-                        self.idle.borrow_mut().push(Idle::new(conn));
+                        let read_buf = self.take_buf();
+                        self.idle.borrow_mut().push(Idle::new(conn, read_buf));
                     } else {
                         conn.shutdown();
                     }
@@ -578,7 +623,7 @@ pub fn write_api_request(
     let host = HeaderValue::new(host.as_bytes())?;
     let xff = HeaderValue::new(id.xff.as_bytes())?;
     let token = guest.token.map(HeaderValue::new).transpose()?;
-    let sig = crate::sign::sign_instance_id(secret, r.instance.as_str());
+    let sig = crate::sign::sign_instance_id_hex(secret, r.instance.as_str());
     let sig = HeaderValue::new(sig.as_bytes())?;
     out.extend_from_slice(guest.method.as_str().as_bytes());
     out.push(b' ');

@@ -187,6 +187,7 @@ async fn answer(
                 }
                 if RELAYED.contains(&status) {
                     relay(&resp, is_head, close, out);
+                    ctx.pool.recycle(resp.bytes);
                 } else {
                     inc(&c.api_errors);
                     log::warn(format_args!(
@@ -299,7 +300,11 @@ fn relay(resp: &ApiResponse, is_head: bool, close: bool, out: &mut Vec<u8>) {
             http::put_header(out, n, v);
         }
     }
-    let payload = if is_head { Vec::new() } else { resp.payload() };
+    let payload = if is_head {
+        std::borrow::Cow::Borrowed(&[][..])
+    } else {
+        resp.payload_ref()
+    };
     if !is_head {
         put_content_length(out, payload.len() as u64);
     }
