@@ -591,6 +591,7 @@ pub struct Shared {
     snapshot: RwLock<Arc<Replica>>,
     generation: AtomicU64,
     stats: Mutex<MonitorStats>,
+    echoes: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -609,7 +610,9 @@ impl Shared {
 
     /// The counters.
     pub fn stats(&self) -> MonitorStats {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        s.echoes_sent = self.echoes.load(Ordering::Relaxed);
+        s
     }
 
     fn publish(&self, r: &Replica) {
@@ -642,6 +645,7 @@ impl SbMonitor {
             snapshot: RwLock::new(Arc::new(Replica::new(&cfg.chassis, &Schema::default()))),
             generation: AtomicU64::new(0),
             stats: Mutex::new(MonitorStats::default()),
+            echoes: Arc::new(AtomicU64::new(0)),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (shared.clone(), stop.clone());
@@ -694,6 +698,7 @@ fn run(cfg: SbConfig, shared: &Shared, stop: &AtomicBool) {
         let mut got_initial = false;
         let err = match Conn::open(remote, &cfg.conn) {
             Ok(mut conn) => {
+                conn.echo_counter = Some(shared.echoes.clone());
                 let r = session(
                     &mut conn,
                     &cfg,
@@ -702,11 +707,7 @@ fn run(cfg: SbConfig, shared: &Shared, stop: &AtomicBool) {
                     &stopped,
                     &mut got_initial,
                 );
-                let sent = conn.stats.echoes_sent;
-                shared.with_stats(|s| {
-                    s.echoes_sent += sent;
-                    s.connected = false;
-                });
+                shared.with_stats(|s| s.connected = false);
                 r.err()
             }
             Err(e) => Some(e),

@@ -409,6 +409,8 @@ pub struct Conn {
     rbuf: Vec<u8>,
     /// Counters.
     pub stats: ConnStats,
+    /// Also counts our echo probes, for a reader on another thread.
+    pub echo_counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -485,6 +487,7 @@ impl Conn {
             pending: VecDeque::new(),
             rbuf: vec![0; READ_CHUNK_BYTES],
             stats: ConnStats::default(),
+            echo_counter: None,
         })
     }
 
@@ -621,6 +624,9 @@ impl Conn {
             None if self.last_rx.elapsed() >= self.probe => {
                 self.send(&json!({"method": "echo", "params": [], "id": "echo"}))?;
                 self.stats.echoes_sent += 1;
+                if let Some(c) = &self.echo_counter {
+                    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.echo_sent = Some(Instant::now());
                 Ok(())
             }
