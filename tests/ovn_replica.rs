@@ -527,3 +527,189 @@ fn chassis_name_and_bridge_come_from_the_local_open_vswitch_db() {
         ("compute-2".into(), "br-ovn".into())
     );
 }
+
+/// CA, server and client certificates; the server's name is not its address.
+fn pki(
+    dir: &std::path::Path,
+    tag: &str,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // OpenSSL (ovsdb-server's side) matches issuers by name: give it one.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("ovn test CA {tag}"));
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (srv_cert, srv_key) = leaf("ovsdb.example");
+    let (cli_cert, cli_key) = leaf("chassis-local");
+    let p = |n: &str| dir.join(format!("{tag}-{n}"));
+    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(p("srv.pem"), srv_cert).unwrap();
+    std::fs::write(p("srv.key"), srv_key).unwrap();
+    std::fs::write(p("cli.pem"), cli_cert).unwrap();
+    std::fs::write(p("cli.key"), cli_key).unwrap();
+    (
+        p("ca.pem"),
+        p("srv.pem"),
+        p("srv.key"),
+        p("cli.pem"),
+        p("cli.key"),
+    )
+}
+
+#[test]
+fn ssl_remote_verifies_the_chain_not_the_name() {
+    if !available("ssl_remote_verifies_the_chain_not_the_name") {
+        return;
+    }
+    let sb = Server::southbound(Kind::Standalone);
+    let cloud = Cloud::new(&sb);
+    let a = cloud.network(NET_A);
+    cloud.port(
+        &a,
+        "vm1",
+        "",
+        "fa:16:3e:00:00:05 10.0.0.5",
+        "11111111-1111-4111-8111-111111111111",
+    );
+    cloud.bind("vm1", LOCAL);
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, srv_cert, srv_key, cli_cert, cli_key) = pki(dir.path(), "good");
+    let port = common::free_port();
+    sb.listen_ssl(port, &srv_key, &srv_cert, &ca);
+    let files = |ca: &std::path::Path| metaproxy::ovn::ovsdb::TlsFiles {
+        private_key: cli_key.clone(),
+        certificate: cli_cert.clone(),
+        ca_cert: ca.to_path_buf(),
+    };
+    let mut o = opts(Duration::ZERO);
+    o.tls = Some(metaproxy::ovn::ovsdb::tls_config(&files(&ca)).unwrap());
+    // A remote list: the first is down, the second is the TLS one.
+    let m = SbMonitor::start(SbConfig {
+        remotes: Remote::parse_list(&format!("tcp:127.0.0.1:1,ssl:127.0.0.1:{port}")).unwrap(),
+        conn: o,
+        chassis: LOCAL.to_string(),
+    })
+    .unwrap();
+    wait_until("replica over ssl", LIMIT, || {
+        found(&m.shared().snapshot(), NET_A, "10.0.0.5").as_deref() == Some("vm1")
+    });
+    // A CA that did not sign the server's certificate: refused.
+    let (other_ca, ..) = pki(dir.path(), "other");
+    let mut o = opts(Duration::ZERO);
+    o.tls = Some(metaproxy::ovn::ovsdb::tls_config(&files(&other_ca)).unwrap());
+    let err = Conn::open(
+        &Remote::parse(&format!("ssl:127.0.0.1:{port}")).unwrap(),
+        &o,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("handshake"), "{err}");
+    // ssl: without TLS files is a clear error.
+    let err = Conn::open(
+        &Remote::parse(&format!("ssl:127.0.0.1:{port}")).unwrap(),
+        &opts(Duration::ZERO),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("private key"), "{err}");
+}
+
+/// A server from before `monitor_cond_since` and `monitor_cond`: it
+/// answers `unknown method` (ovsdb-server's own words) and serves RFC 7047
+/// `monitor`, whose rows the replica filters itself.
+#[test]
+fn falls_back_to_monitor_cond_then_monitor() {
+    if !std::path::Path::new(common::ovsdb::SB_SCHEMA).exists() {
+        eprintln!(
+            "SKIPPED falls_back_to_monitor_cond_then_monitor: needs {}",
+            common::ovsdb::SB_SCHEMA
+        );
+        return;
+    }
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::ovsdb::SB_SCHEMA).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let ch = "00000000-0000-4000-8000-0000000000c1";
+    let other = "00000000-0000-4000-8000-0000000000c2";
+    let dp = "00000000-0000-4000-8000-0000000000d1";
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut dec = Decoder::new(1 << 20);
+        let mut buf = [0u8; 4096];
+        let mut methods = Vec::new();
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                return methods;
+            }
+            dec.feed(&buf[..n]).unwrap();
+            while let Some(req) = dec.next_value().unwrap() {
+                let m = req["method"].as_str().unwrap().to_string();
+                methods.push(m.clone());
+                let answer = match m.as_str() {
+                    "get_schema" => json!({"id": req["id"], "result": schema, "error": null}),
+                    "monitor" => {
+                        assert!(req["params"][2]["Port_Binding"]["where"].is_null());
+                        json!({"id": req["id"], "error": null, "result": {
+                            "Chassis": {ch: {"new": {"name": LOCAL, "hostname": "", "external_ids": ["map", []]}}},
+                            "Datapath_Binding": {dp: {"new": {"tunnel_key": 1, "external_ids": ["map", [["name", format!("neutron-{NET_A}")]]]}}},
+                            "Port_Binding": {
+                                "00000000-0000-4000-8000-000000000001": {"new": {"logical_port": "mine", "type": "", "datapath": ["uuid", dp],
+                                    "chassis": ["uuid", ch], "additional_chassis": ["set", []], "mac": "fa:16:3e:00:00:05 10.0.0.5",
+                                    "external_ids": ["map", []], "options": ["map", []], "up": true}},
+                                "00000000-0000-4000-8000-000000000002": {"new": {"logical_port": "elsewhere", "type": "", "datapath": ["uuid", dp],
+                                    "chassis": ["uuid", other], "additional_chassis": ["set", []], "mac": "fa:16:3e:00:00:06 10.0.0.5",
+                                    "external_ids": ["map", []], "options": ["map", []], "up": true}}
+                            }
+                        }})
+                    }
+                    _ => json!({"id": req["id"], "result": null, "error": "unknown method"}),
+                };
+                s.write_all(answer.to_string().as_bytes()).unwrap();
+            }
+        }
+    });
+    let m = monitor_at(&format!("unix:{}", path.display()));
+    // Another chassis' port with the same address is filtered out here,
+    // as the server-side condition would have.
+    wait_until("plain monitor snapshot", LIMIT, || {
+        found(&m.shared().snapshot(), NET_A, "10.0.0.5").as_deref() == Some("mine")
+    });
+    assert_eq!(m.shared().stats().method, Some(Method::Plain));
+    drop(m);
+    let methods = server.join().unwrap();
+    assert_eq!(
+        methods,
+        [
+            "get_schema",
+            "monitor_cond_since",
+            "monitor_cond",
+            "monitor"
+        ]
+    );
+}
+
+fn monitor_at(remote: &str) -> SbMonitor {
+    SbMonitor::start(SbConfig {
+        remotes: Remote::parse_list(remote).unwrap(),
+        conn: opts(Duration::ZERO),
+        chassis: LOCAL.to_string(),
+    })
+    .unwrap()
+}

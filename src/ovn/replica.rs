@@ -65,6 +65,9 @@ pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 /// Largest reconnect delay (OVS `reconnect`'s default maximum backoff).
 pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
 
+/// Distinct connection failures logged per outage.
+const OUTAGE_LOG_LINES: usize = 8;
+
 /// The columns we monitor, per table; those the server's schema lacks are
 /// left out (`additional_chassis` before OVN 22.06, `nb_uuid` before 25.09).
 pub const MONITORED: &[(&str, &[&str])] = &[
@@ -691,7 +694,9 @@ fn run(cfg: SbConfig, shared: &Shared, stop: &AtomicBool) {
     };
     let mut backoff = BACKOFF_FIRST;
     let mut i = 0usize;
-    let mut failing_since: Option<Instant> = None;
+    // Each distinct failure is logged once per outage (a remote list can
+    // fail in several ways at once), at most OUTAGE_LOG_LINES of them.
+    let mut logged: Vec<String> = Vec::new();
     while !stopped() {
         let remote = &cfg.remotes[i % cfg.remotes.len()];
         i += 1;
@@ -723,12 +728,12 @@ fn run(cfg: SbConfig, shared: &Shared, stop: &AtomicBool) {
         shared.with_stats(|s| s.last_error = Some(msg.clone()));
         if got_initial {
             backoff = BACKOFF_FIRST;
-            failing_since = None;
+            logged.clear();
             log::warn(format_args!(
                 "ovn: southbound session ended: {msg}; reconnecting"
             ));
-        } else if failing_since.is_none() {
-            failing_since = Some(Instant::now());
+        } else if !logged.contains(&msg) && logged.len() < OUTAGE_LOG_LINES {
+            logged.push(msg.clone());
             log::warn(format_args!(
                 "ovn: cannot reach the southbound database: {msg}; retrying with backoff {}s to {}s, remotes in turn",
                 BACKOFF_FIRST.as_secs(),
@@ -833,7 +838,6 @@ fn session(
     }
     resume.acked = (method != Method::Plain).then(|| conds.clone());
     *got_initial = true;
-    shared.publish(&replica);
     let txn = resume.txn;
     shared.with_stats(|s| {
         s.sessions += 1;
@@ -846,6 +850,7 @@ fn session(
         }
         s.last_txn = (method == Method::CondSince).then_some(txn);
     });
+    shared.publish(&replica);
     log::info(format_args!(
         "ovn: southbound {} via {method:?}: {} ports, {} datapaths{}",
         conn.remote(),

@@ -59,6 +59,8 @@ pub struct Server {
     pub kind: Kind,
     pub name: &'static str,
     child: std::cell::RefCell<Option<Child>>,
+    /// More server arguments (a `pssl:` remote and its key files).
+    extra: std::cell::RefCell<Vec<String>>,
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -115,6 +117,7 @@ impl Server {
             kind,
             name,
             child: Default::default(),
+            extra: Default::default(),
         };
         s.start();
         s
@@ -136,6 +139,7 @@ impl Server {
                 self.dir.path().join("ctl").display()
             ))
             .arg("-vconsole:off")
+            .args(self.extra.borrow().iter())
             .arg(format!(
                 "--log-file={}",
                 self.dir.path().join("ovsdb-server.log").display()
@@ -160,6 +164,19 @@ impl Server {
                 .status()
                 .is_ok_and(|s| s.success())
         });
+    }
+
+    /// Restart with `--remote=pssl:PORT:127.0.0.1` and these PEM files as
+    /// well (OVS's mutual TLS: the server checks our certificate too).
+    pub fn listen_ssl(&self, port: u16, key: &Path, cert: &Path, ca: &Path) {
+        self.kill();
+        *self.extra.borrow_mut() = vec![
+            format!("--remote=pssl:{port}:127.0.0.1"),
+            format!("--private-key={}", key.display()),
+            format!("--certificate={}", cert.display()),
+            format!("--ca-cert={}", ca.display()),
+        ];
+        self.start();
     }
 
     /// Stop it by PID (SIGKILL: a crash, not a clean shutdown).
