@@ -358,7 +358,8 @@ fn restart(kind: Kind) {
     }
     let m = monitor(&sb, Duration::ZERO);
     wait_until("initial snapshot", LIMIT, || {
-        found(&m.shared().snapshot(), NET_A, "10.0.1.19").is_some()
+        m.shared().stats().sessions >= 1
+            && found(&m.shared().snapshot(), NET_A, "10.0.1.19").is_some()
     });
     assert_eq!(m.shared().stats().method, Some(Method::CondSince));
     // Changes, then a crash, then more changes while we reconnect.
@@ -689,7 +690,8 @@ fn falls_back_to_monitor_cond_then_monitor() {
     // Another chassis' port with the same address is filtered out here,
     // as the server-side condition would have.
     wait_until("plain monitor snapshot", LIMIT, || {
-        found(&m.shared().snapshot(), NET_A, "10.0.0.5").as_deref() == Some("mine")
+        m.shared().stats().sessions >= 1
+            && found(&m.shared().snapshot(), NET_A, "10.0.0.5").as_deref() == Some("mine")
     });
     assert_eq!(m.shared().stats().method, Some(Method::Plain));
     drop(m);
@@ -712,4 +714,94 @@ fn monitor_at(remote: &str) -> SbMonitor {
         chassis: LOCAL.to_string(),
     })
     .unwrap()
+}
+
+#[test]
+fn ovn_dump_replica_prints_the_replica_and_its_index() {
+    if !available("ovn_dump_replica_prints_the_replica_and_its_index") {
+        return;
+    }
+    let sb = Server::southbound(Kind::Standalone);
+    let cloud = Cloud::new(&sb);
+    let a = cloud.network(NET_A);
+    let vm1 = cloud.port(
+        &a,
+        "vm1",
+        "",
+        "fa:16:3e:00:00:05 10.0.0.5",
+        "11111111-1111-4111-8111-111111111111",
+    );
+    cloud.bind("vm1", LOCAL);
+    // The chassis name comes from the local Open_vSwitch DB.
+    let ovs = Server::vswitch(LOCAL, None);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args([
+            "ovn-dump-replica",
+            "--ovn-sb-connection",
+            &sb.remote(),
+            "--ovsdb-connection",
+            &ovs.remote(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dump["chassis"], LOCAL);
+    assert_eq!(dump["index"][NET_A]["ip"]["10.0.0.5"], json!([vm1]));
+    assert_eq!(
+        dump["index"][NET_A]["mac"]["fa:16:3e:00:00:05"],
+        json!([vm1])
+    );
+    assert_eq!(dump["tables"]["Port_Binding"][&vm1]["logical_port"], "vm1");
+    // Unreachable: a clear error naming the remote, exit 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args([
+            "ovn-dump-replica",
+            "--ovn-sb-connection",
+            "unix:/nonexistent/sb.sock",
+            "--chassis",
+            LOCAL,
+            "--timeout",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unix:/nonexistent/sb.sock"), "{err}");
+}
+
+/// A server that sends one endless string: refused at the message bound,
+/// the buffer never past it.
+#[test]
+fn a_hostile_server_cannot_make_us_buffer_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hostile.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(b"{\"id\":1,\"result\":\"");
+        let chunk = vec![b'x'; 64 * 1024];
+        // Until the client hangs up (at most 64 MiB).
+        for _ in 0..1024 {
+            if s.write_all(&chunk).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let mut o = opts(Duration::ZERO);
+    o.max_message_bytes = 1024 * 1024;
+    let mut conn = Conn::open(&Remote::Unix(path), &o).unwrap();
+    let err = conn.call("list_dbs", json!([]), &|| false).unwrap_err();
+    assert!(
+        err.to_string().contains("larger than 1048576 bytes"),
+        "{err}"
+    );
+    drop(conn);
+    assert!(server.join().unwrap(), "the client kept reading");
 }

@@ -578,6 +578,9 @@ pub struct MonitorStats {
     pub method: Option<Method>,
     /// Whether a session is up.
     pub connected: bool,
+    /// Whether the replica holds everything the monitor asks for: a session
+    /// is up and no condition change (this chassis' clauses) is pending.
+    pub synced: bool,
     /// The last transaction id seen.
     pub last_txn: Option<Uuid>,
     /// Echo probes sent, over all sessions.
@@ -712,7 +715,10 @@ fn run(cfg: SbConfig, shared: &Shared, stop: &AtomicBool) {
                     &stopped,
                     &mut got_initial,
                 );
-                shared.with_stats(|s| s.connected = false);
+                shared.with_stats(|s| {
+                    s.connected = false;
+                    s.synced = false;
+                });
                 r.err()
             }
             Err(e) => Some(e),
@@ -838,6 +844,9 @@ fn session(
     }
     resume.acked = (method != Method::Plain).then(|| conds.clone());
     *got_initial = true;
+    // Invariant: the snapshot is published before the session is counted,
+    // so a reader that saw `sessions` move sees that session's snapshot.
+    shared.publish(&replica);
     let txn = resume.txn;
     shared.with_stats(|s| {
         s.sessions += 1;
@@ -850,30 +859,40 @@ fn session(
         }
         s.last_txn = (method == Method::CondSince).then_some(txn);
     });
-    shared.publish(&replica);
-    log::info(format_args!(
-        "ovn: southbound {} via {method:?}: {} ports, {} datapaths{}",
-        conn.remote(),
-        replica.tables["Port_Binding"].len(),
-        replica.tables["Datapath_Binding"].len(),
-        if resumed {
-            " (resumed)"
-        } else {
-            " (full snapshot)"
-        }
-    ));
     // The chassis clauses follow the Chassis row's UUID.
     let mut cond_change: Option<(u64, Value)> = None;
+    let mut synced = false;
     let result = loop {
         if !v1 && cond_change.is_none() {
             let want = replica.monitor_requests(false);
             if resume.acked.as_ref() != Some(&want) {
-                let id = conn.request(
+                match conn.request(
                     "monitor_cond_change",
                     json!([MONITOR_ID, MONITOR_ID, replica.cond_change_requests()]),
-                )?;
-                cond_change = Some((id, want));
+                ) {
+                    Ok(id) => cond_change = Some((id, want)),
+                    Err(e) => break Err(e),
+                }
+                if synced {
+                    synced = false;
+                    shared.with_stats(|s| s.synced = false);
+                }
             }
+        }
+        if cond_change.is_none() && !synced {
+            synced = true;
+            shared.with_stats(|s| s.synced = true);
+            log::info(format_args!(
+                "ovn: southbound {} in sync via {method:?}: {} ports, {} datapaths{}",
+                conn.remote(),
+                replica.tables["Port_Binding"].len(),
+                replica.tables["Datapath_Binding"].len(),
+                if resumed {
+                    " (resumed)"
+                } else {
+                    " (full snapshot)"
+                }
+            ));
         }
         let ev = match conn.next_event(stopped) {
             Ok(ev) => ev,
