@@ -4,9 +4,10 @@
 //! Open_vSwitch database.
 //!
 //! Why our own: the Rust crates on crates.io (`ovsdb` 0.0.6, `ovsdb-client`
-//! 0.0.1, both tokio, both unmaintained prototypes) speak plain `monitor`
-//! only, without `monitor_cond_since`, resume, TLS or probes; libovsdb and
-//! the Python IDL are other languages. The protocol part we need is small:
+//! 0.0.1 on jsonrpsee, both tokio, both early 0.0.x releases, checked in
+//! 2026-12) speak plain `monitor` only, without `monitor_cond_since`,
+//! resume, TLS or probes; libovsdb (Go) and the Python IDL are other
+//! languages. The protocol part we need is small:
 //! [`frame`] (concatenated JSON values), [`datum`] (values and diffs), and
 //! [`Conn`] here (requests, replies, notifications, echo).
 //!
