@@ -805,3 +805,42 @@ fn a_hostile_server_cannot_make_us_buffer_without_bound() {
     drop(conn);
     assert!(server.join().unwrap(), "the client kept reading");
 }
+
+/// Notifications that arrive while `call` waits for its reply are handed
+/// out afterwards, in the order they arrived, across several calls.
+#[test]
+fn notifications_during_calls_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("order.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut dec = Decoder::new(1 << 16);
+        let mut buf = [0u8; 4096];
+        let mut n = 0;
+        while n < 2 {
+            let k = s.read(&mut buf).unwrap();
+            assert!(k > 0);
+            dec.feed(&buf[..k]).unwrap();
+            while let Some(req) = dec.next_value().unwrap() {
+                n += 1;
+                let note = json!({"method": "update2", "params": ["m", {"seq": n}], "id": null});
+                let reply = json!({"id": req["id"], "result": n, "error": null});
+                s.write_all(format!("{note}{reply}").as_bytes()).unwrap();
+            }
+        }
+    });
+    let mut conn = Conn::open(&Remote::Unix(path), &opts(Duration::ZERO)).unwrap();
+    assert_eq!(conn.call("a", json!([]), &|| false).unwrap(), json!(1));
+    assert_eq!(conn.call("b", json!([]), &|| false).unwrap(), json!(2));
+    server.join().unwrap();
+    for seq in [1, 2] {
+        match conn.next_event(&|| false).unwrap() {
+            metaproxy::ovn::ovsdb::Event::Notify(m, p) => {
+                assert_eq!(m, "update2");
+                assert_eq!(p[1]["seq"], seq);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -547,8 +547,9 @@ impl Conn {
                 Err(e) => break Err(e),
             }
         };
-        held.append(&mut self.pending);
-        self.pending = held;
+        // Invariant: events keep their arrival order; those from before the
+        // call come out of `next_event` first.
+        self.pending.append(&mut held);
         out
     }
 
