@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use. Installed only when missing (idempotent).
-PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian help2man dpkg-dev)
+PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian help2man dpkg-dev
+  ovn-central ovn-common openvswitch-common openvswitch-switch)
 
 install_packages() {
   local missing=()
@@ -25,7 +26,8 @@ install_packages() {
     return
   fi
   step "installing ${missing[*]}"
-  # Keep package scripts from starting services (haproxy) on this machine.
+  # Keep package scripts from starting services (haproxy, ovsdb-server, ovn-northd)
+  # on this machine: the OVN tests start their own database servers on private sockets.
   local prc=/usr/sbin/policy-rc.d created=0
   if [ ! -e "$prc" ]; then printf '#!/bin/sh\nexit 101\n' >"$prc"; chmod +x "$prc"; created=1; fi
   export DEBIAN_FRONTEND=noninteractive

@@ -107,6 +107,40 @@ enum Command {
         #[command(subcommand)]
         command: InventoryCmd,
     },
+    /// Debugging: build a compute node's replica of the OVN Southbound DB
+    /// (localports, this chassis' ports, datapaths, its Chassis and
+    /// Chassis_Private rows, SB_Global) as the coming `metaproxy ovn` will,
+    /// and print it with its (network, IP) and (network, MAC) indexes as
+    /// JSON. Serves nothing and writes nothing.
+    #[command(name = "ovn-dump-replica")]
+    OvnDumpReplica(OvnDumpArgs),
+}
+
+#[derive(Args, Debug)]
+struct OvnDumpArgs {
+    /// `[ovn] ovn_sb_connection`: comma-separated `tcp:`, `ssl:` or `unix:` remotes, tried in turn.
+    #[arg(long)]
+    ovn_sb_connection: String,
+    /// `[ovs] ovsdb_connection`: the local Open_vSwitch DB, whose
+    /// `external_ids:system-id` names this chassis.
+    #[arg(long, default_value = "tcp:127.0.0.1:6640")]
+    ovsdb_connection: String,
+    /// The chassis name, instead of reading `system-id`.
+    #[arg(long)]
+    chassis: Option<String>,
+    /// `[ovn] ovn_sb_private_key` (for `ssl:`).
+    #[arg(long)]
+    ovn_sb_private_key: Option<PathBuf>,
+    /// `[ovn] ovn_sb_certificate` (for `ssl:`).
+    #[arg(long)]
+    ovn_sb_certificate: Option<PathBuf>,
+    /// `[ovn] ovn_sb_ca_cert` (for `ssl:`).
+    #[arg(long)]
+    ovn_sb_ca_cert: Option<PathBuf>,
+    /// Give up after this many seconds without a snapshot (also the
+    /// connect timeout, `ovsdb_connection_timeout`).
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
             vm,
             json,
         } => run_doctor(&config, namespace, vm, json),
+        Command::OvnDumpReplica(args) => run_ovn_dump(args),
     }
 }
 
@@ -164,6 +199,57 @@ fn run_doctor(
     if metaproxy::doctor::any_failed(&checks) {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+fn run_ovn_dump(a: OvnDumpArgs) -> Result<()> {
+    use metaproxy::ovn::ovsdb::{read_local_chassis, tls_config, ConnOptions, Remote, TlsFiles};
+    use metaproxy::ovn::replica::{SbConfig, SbMonitor};
+    let remotes = Remote::parse_list(&a.ovn_sb_connection).context("--ovn-sb-connection")?;
+    let limit = std::time::Duration::from_secs(a.timeout.max(1));
+    let mut conn = ConnOptions {
+        connect_timeout: limit,
+        probe_interval: std::time::Duration::ZERO,
+        ..ConnOptions::default()
+    };
+    match (a.ovn_sb_private_key, a.ovn_sb_certificate, a.ovn_sb_ca_cert) {
+        (Some(private_key), Some(certificate), Some(ca_cert)) => {
+            conn.tls = Some(tls_config(&TlsFiles {
+                private_key,
+                certificate,
+                ca_cert,
+            })?);
+        }
+        (None, None, None) => {}
+        _ => anyhow::bail!(
+            "--ovn-sb-private-key, --ovn-sb-certificate and --ovn-sb-ca-cert go together"
+        ),
+    }
+    let chassis = match a.chassis {
+        Some(c) => c,
+        None => {
+            let ovs = Remote::parse(&a.ovsdb_connection).context("--ovsdb-connection")?;
+            read_local_chassis(&ovs, &conn)
+                .context("reading the chassis name from the local Open_vSwitch DB")?
+                .0
+        }
+    };
+    let monitor = SbMonitor::start(SbConfig {
+        remotes,
+        conn,
+        chassis,
+    })?;
+    let t0 = std::time::Instant::now();
+    while !monitor.shared().stats().synced {
+        if t0.elapsed() >= limit {
+            let why = monitor.shared().stats().last_error.unwrap_or_default();
+            anyhow::bail!("no Southbound snapshot within {}s: {why}", limit.as_secs());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let dump = monitor.shared().snapshot().dump();
+    drop(monitor);
+    println!("{}", serde_json::to_string_pretty(&dump)?);
     Ok(())
 }
 

@@ -429,4 +429,5 @@ pub mod limits;
 pub mod netns;
 pub mod neutron;
 pub mod oracle;
+pub mod ovsdb;
 pub mod up;
