@@ -86,6 +86,9 @@ pub struct ApiFile {
     pub source: Option<String>,
     /// `[api.nova]`: Nova's databases (with `source = "nova"`).
     pub nova: Option<NovaFile>,
+    /// `[api.neutron]`: where security group names come from (with
+    /// `source = "nova"`); the same keys as `[agent.neutron]`.
+    pub neutron: Option<crate::agent::config::NeutronFile>,
 }
 
 /// `[api.nova]` as written in the file: nova.conf's options of the same
@@ -133,6 +136,8 @@ pub struct NovaSettings {
     pub local_metadata_per_cell: bool,
     /// How long a loaded instance is served before it is read again.
     pub metadata_cache_expiration: Duration,
+    /// Neutron, for the security group names (`[api.neutron]`).
+    pub neutron: crate::agent::config::NeutronConfig,
 }
 
 /// Where the API's instances come from.
@@ -165,6 +170,7 @@ impl std::fmt::Debug for ApiFile {
             .field("timeouts", &self.timeouts)
             .field("source", &self.source)
             .field("nova", &self.nova)
+            .field("neutron", &self.neutron.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -313,7 +319,10 @@ pub fn load(path: &Path) -> Result<Option<ApiConfig>, ConfigError> {
     section.api.as_ref().map(ApiConfig::try_from).transpose()
 }
 
-fn nova_settings(f: Option<&NovaFile>) -> Result<NovaSettings, ConfigError> {
+fn nova_settings(
+    f: Option<&NovaFile>,
+    neutron: Option<&crate::agent::config::NeutronFile>,
+) -> Result<NovaSettings, ConfigError> {
     let Some(f) = f else {
         return Err(invalid(
             "api.nova",
@@ -343,7 +352,19 @@ fn nova_settings(f: Option<&NovaFile>) -> Result<NovaSettings, ConfigError> {
             ))
         }
     };
+    let neutron = crate::agent::config::neutron_section(
+        "api.neutron",
+        neutron.ok_or_else(|| {
+            invalid(
+                "api.neutron",
+                "is required with api.source = \"nova\": security group names come from Neutron, \
+                 as Nova reads them (the same keys as [agent.neutron])",
+            )
+        })?,
+        "with api.source = \"nova\"",
+    )?;
     Ok(NovaSettings {
+        neutron,
         connection,
         api_connection,
         local_metadata_per_cell: local,
@@ -420,9 +441,15 @@ impl TryFrom<&ApiFile> for ApiConfig {
                         "is only read with api.source = \"nova\"",
                     ));
                 }
+                if f.neutron.is_some() {
+                    return Err(invalid(
+                        "api.neutron",
+                        "is only read with api.source = \"nova\" (the inventory names security groups)",
+                    ));
+                }
                 ApiSource::Inventory
             }
-            Some("nova") => ApiSource::Nova(nova_settings(f.nova.as_ref())?),
+            Some("nova") => ApiSource::Nova(nova_settings(f.nova.as_ref(), f.neutron.as_ref())?),
             Some(other) => {
                 return Err(invalid(
                     "api.source",
@@ -598,7 +625,8 @@ mod tests {
         let c = parse(
             "[api]\nsource = \"nova\"\n[api.nova]\n\
              connection = \"mysql+pymysql://nova:cellpw@db/nova?charset=utf8\"\n\
-             api_connection = \"mysql+pymysql://nova:apipw@db/nova_api?charset=utf8\"\n",
+             api_connection = \"mysql+pymysql://nova:apipw@db/nova_api?charset=utf8\"\n\
+             [api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n",
         )
         .unwrap();
         let ApiSource::Nova(n) = &c.source else {
@@ -611,7 +639,8 @@ mod tests {
         assert!(!d.contains("cellpw") && !d.contains("apipw"), "{d}");
         let local = parse(
             "[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////tmp/nova.db\"\n\
-             local_metadata_per_cell = true\nmetadata_cache_expiration = 0\n",
+             local_metadata_per_cell = true\nmetadata_cache_expiration = 0\n\
+             [api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n",
         )
         .unwrap();
         let ApiSource::Nova(n) = &local.source else {
@@ -637,6 +666,12 @@ mod tests {
         assert!(e.contains("api.nova.connection") && !e.contains("secretpw"), "{e}");
         let e = err("[api]\nsource = \"nova\"\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n");
         assert!(e.contains("api.inventory"), "{e}");
+        let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n");
+        assert!(e.contains("api.neutron"), "{e}");
+        let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n[api.neutron]\nauth_strategy = \"noauth\"\n");
+        assert!(e.contains("api.neutron.url"), "{e}");
+        let e = err("[api]\ninventory = \"i\"\n[api.neutron]\nurl = \"http://h:9696\"\n");
+        assert!(e.contains("api.neutron"), "{e}");
         let e = err("[api]\nsource = \"novaa\"\ninventory = \"i\"\n");
         assert!(e.contains("api.source"), "{e}");
         let e = err("[api]\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\n");

@@ -27,7 +27,7 @@ mod json;
 pub mod nova;
 mod openstack;
 mod password;
-mod path;
+pub(crate) mod path;
 pub mod server;
 
 use std::net::IpAddr;

@@ -45,8 +45,8 @@ use crate::serve::{self, Answer, Handler, Request, Server, Stop};
 enum LoopSource {
     /// This loop's copy of the inventory.
     Inventory(Local),
-    /// Nova's databases, through the database thread.
-    Nova(nova::NovaClient),
+    /// Nova's databases, through the database thread, and Neutron.
+    Nova(nova::NovaClient, nova::neutron::SecurityGroups),
 }
 
 /// Per-loop state shared by its connection tasks.
@@ -209,7 +209,13 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         let (sockets, gate) = (sockets.clone(), gate.clone());
         let source = match (&loop_inventory, &client) {
             (Some(store), _) => LoopSource::Inventory(store.local()),
-            (None, Some(c)) => LoopSource::Nova(c.clone()),
+            (None, Some(c)) => match &cfg.source {
+                ApiSource::Nova(n) => LoopSource::Nova(
+                    c.clone(),
+                    nova::neutron::SecurityGroups::new(&n.neutron, n.metadata_cache_expiration),
+                ),
+                ApiSource::Inventory => unreachable!("a Nova client without the Nova source"),
+            },
             (None, None) => unreachable!("start sets an inventory or a Nova source"),
         };
         async move { run_loop(i, cfg, api, source, &sockets, gate, rx).await }
@@ -366,7 +372,9 @@ impl Handler for ApiConn {
         let started = Instant::now();
         let resp = match &self.ctx.source {
             LoopSource::Inventory(local) => self.ctx.api.handle(&local.get().0, &api_req),
-            LoopSource::Nova(client) => nova::answer(&self.ctx.api, client, &api_req).await,
+            LoopSource::Nova(client, groups) => {
+                nova::answer(&self.ctx.api, client, groups, &api_req).await
+            }
         };
         if self.ctx.cfg.access_log {
             access(&api_req, &resp, started);

@@ -18,14 +18,17 @@
 //! password POST that passes the handler's checks is stored by the
 //! database thread in one race-free transaction ([`db::set_password_once`]).
 //!
-//! Not yet (the first part of issue 14): security group names from
-//! Neutron (served as an empty list), `devices` and `dedicated_cpus` from
+//! Security group names come from Neutron ([`neutron`], `[api.neutron]`),
+//! only for EC2 paths, as the OpenStack tree does not show them.
+//!
+//! Not yet (the first part of issue 14): `devices` and `dedicated_cpus` from
 //! `device_metadata`/`numa_topology` (validated, rendered as `[]`),
 //! ephemeral and swap entries of `block-device-mapping`, templated
 //! `cell_mappings.database_connection`, TLS to MySQL, and identifying
 //! guests by address (`service_metadata_proxy = false`).
 
 pub mod db;
+pub mod neutron;
 pub mod rows;
 pub mod source;
 pub mod url;
@@ -37,7 +40,12 @@ use crate::log;
 pub use source::{start, Lookup, NovaClient, NovaError, NovaSource, StartReport};
 
 /// Answer one request from Nova's databases.
-pub async fn answer(api: &MetadataApi, client: &NovaClient, req: &ApiRequest<'_>) -> ApiResponse {
+pub async fn answer(
+    api: &MetadataApi,
+    client: &NovaClient,
+    groups: &neutron::SecurityGroups,
+    req: &ApiRequest<'_>,
+) -> ApiResponse {
     let today = crate::api::utc_today();
     let Some(uuid) = api.signed_instance_id(req) else {
         // `/`, a malformed path, or an identity error: the handler says which.
@@ -52,7 +60,24 @@ pub async fn answer(api: &MetadataApi, client: &NovaClient, req: &ApiRequest<'_>
         }
     };
     let password = loaded.password.as_deref();
-    match api.handle_with(&loaded.inventory, req, &today, Passwords::Row(password)) {
+    // The EC2 tree lists security groups: fill them in from Neutron.
+    let with_groups;
+    let inventory = if is_ec2_path(req.target) {
+        let names = match groups.names(&uuid).await {
+            Ok(n) => n,
+            Err(e) => {
+                log::error(format_args!(
+                    "api: security groups of instance {uuid} from Neutron: {e}"
+                ));
+                return ApiResponse::internal();
+            }
+        };
+        with_groups = with_security_groups(&loaded.inventory, &uuid, &names);
+        &with_groups
+    } else {
+        &loaded.inventory
+    };
+    match api.handle_with(inventory, req, &today, Passwords::Row(password)) {
         Handled::Answer(r) => r,
         Handled::StorePassword(pw) => match client.set_password(&uuid, &pw).await {
             Ok(db::PasswordWrite::Stored) => {
@@ -68,5 +93,27 @@ pub async fn answer(api: &MetadataApi, client: &NovaClient, req: &ApiRequest<'_>
                 ApiResponse::internal()
             }
         },
+    }
+}
+
+/// Whether a (signed, non-root) request is for the EC2 tree: every path
+/// not under `/openstack`.
+fn is_ec2_path(target: &[u8]) -> bool {
+    match crate::api::path::normalize(target) {
+        Some(segs) => segs.first().is_some_and(|s| s != "openstack"),
+        None => false,
+    }
+}
+
+/// A copy of the one-instance inventory with the instance's security groups set.
+fn with_security_groups(inv: &Inventory, uuid: &str, names: &[String]) -> Inventory {
+    let networks: Vec<_> = inv.networks().cloned().collect();
+    match inv.instance(uuid) {
+        Some(i) => {
+            let mut i = i.clone();
+            i.security_groups = names.to_vec();
+            Inventory::of_one(inv.dhcp_domain().to_owned(), networks, i)
+        }
+        None => Inventory::empty(),
     }
 }
