@@ -408,10 +408,14 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
         println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
         print_warnings(&up_warnings(&api_cfg, &agent_cfg, &proxy_cfg));
         if let metaproxy::api::config::ApiSource::Nova(n) = &api_cfg.source {
-            let (source, report) = metaproxy::api::server::start_nova(n, &api_cfg).with_context(ctx)?;
+            let (source, report) =
+                metaproxy::api::server::start_nova(n, &api_cfg).with_context(ctx)?;
             source.stop();
             let total: i64 = report.instances.iter().map(|(_, n)| n).sum();
-            println!("{} is valid for `up` ({total} instance(s) in Nova's databases)", path.display());
+            println!(
+                "{} is valid for `up` ({total} instance(s) in Nova's databases)",
+                path.display()
+            );
             return Ok(());
         }
         let inv = metaproxy::inventory::Inventory::load(&api_cfg.inventory)

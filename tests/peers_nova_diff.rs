@@ -159,7 +159,9 @@ fn start_api(dir: &Path, secret: &str, inventory: &str) -> (Api, SocketAddr) {
 
 #[test]
 fn metaproxy_api_answers_what_nova_answers() {
-    let Some(p) = peers("peers_nova_diff") else { return };
+    let Some(p) = peers("peers_nova_diff") else {
+        return;
+    };
     let fx = &p.fixture;
     let instances = instances(&p);
     assert!(!instances.is_empty(), "fixture has no instances");

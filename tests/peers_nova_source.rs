@@ -114,13 +114,20 @@ fn check_reads_novas_schema_and_counts_its_instances() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let n = instances(&p).len();
     assert!(
         stdout.contains(&format!("({n} instance(s) in")),
         "expected {n} instances: {stdout}"
     );
-    assert!(stdout.contains("Nova schema version ab450ba04102"), "{stdout}");
+    assert!(
+        stdout.contains("Nova schema version ab450ba04102"),
+        "{stdout}"
+    );
 }
 
 /// Sets every fixture instance's password chunks to "" (what
@@ -142,7 +149,11 @@ impl ClearPasswords {
             .arg(&self.0)
             .status()
             .unwrap();
-        assert!(status.success(), "clearing passwords in {}", self.0.display());
+        assert!(
+            status.success(),
+            "clearing passwords in {}",
+            self.0.display()
+        );
     }
 }
 

@@ -963,7 +963,11 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
 ///
 /// # Errors
 /// A missing or invalid key, named.
-pub fn neutron_section(prefix: &str, n: &NeutronFile, when: &str) -> Result<NeutronConfig, ConfigError> {
+pub fn neutron_section(
+    prefix: &str,
+    n: &NeutronFile,
+    when: &str,
+) -> Result<NeutronConfig, ConfigError> {
     let k = |key: &str| format!("{prefix}.{key}");
     let url = required(&k("url"), &n.url, when)?;
     let endpoint = Endpoint::parse(&k("url"), &url)?;
@@ -1024,8 +1028,7 @@ pub fn neutron_section(prefix: &str, n: &NeutronFile, when: &str) -> Result<Neut
         region_name: n.region_name.clone(),
         timeout: dur(&k("timeout"), &n.timeout, DEFAULT_NEUTRON_TIMEOUT)?,
         batch_window: DEFAULT_BATCH_WINDOW,
-        batch_max: NonZeroUsize::new(super::batch::DEFAULT_MAX_BATCH)
-            .unwrap_or(NonZeroUsize::MIN),
+        batch_max: NonZeroUsize::new(super::batch::DEFAULT_MAX_BATCH).unwrap_or(NonZeroUsize::MIN),
         prefetch_network: true,
         prefetch_max_ports: DEFAULT_PREFETCH_MAX_PORTS,
     })

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::nova::url::DbUrl;
 use crate::config::{
     dur, invalid, ConfigError, DurationFile, OneOrMany, DEFAULT_BACKLOG, DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_HTTP_REQUEST_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
 };
-use crate::api::nova::url::DbUrl;
 use crate::http::Limits;
 
 /// Nova's `metadata_listen` / `metadata_listen_port` on loopback.
@@ -110,8 +110,9 @@ impl std::fmt::Debug for NovaFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URLs carry passwords: never print them raw.
         let url = |u: &Option<String>| {
-            u.as_deref()
-                .map(|u| DbUrl::parse(u).map_or_else(|_| "<unparsable>".to_owned(), |u| u.redacted()))
+            u.as_deref().map(|u| {
+                DbUrl::parse(u).map_or_else(|_| "<unparsable>".to_owned(), |u| u.redacted())
+            })
         };
         f.debug_struct("NovaFile")
             .field("connection", &url(&self.connection))
@@ -663,8 +664,13 @@ mod tests {
         let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\n");
         assert!(e.contains("api.nova.api_connection"), "{e}");
         let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"postgresql://u:secretpw@h/n\"\napi_connection = \"sqlite:////x\"\n");
-        assert!(e.contains("api.nova.connection") && !e.contains("secretpw"), "{e}");
-        let e = err("[api]\nsource = \"nova\"\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n");
+        assert!(
+            e.contains("api.nova.connection") && !e.contains("secretpw"),
+            "{e}"
+        );
+        const NEUTRON: &str =
+            "[api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n";
+        let e = err(&format!("[api]\nsource = \"nova\"\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n{NEUTRON}"));
         assert!(e.contains("api.inventory"), "{e}");
         let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n");
         assert!(e.contains("api.neutron"), "{e}");
@@ -676,7 +682,7 @@ mod tests {
         assert!(e.contains("api.source"), "{e}");
         let e = err("[api]\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\n");
         assert!(e.contains("api.nova"), "{e}");
-        let e = err("[api]\nsource = \"nova\"\nservice_metadata_proxy = false\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n");
+        let e = err(&format!("[api]\nsource = \"nova\"\nservice_metadata_proxy = false\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n{NEUTRON}"));
         assert!(e.contains("api.service_metadata_proxy"), "{e}");
     }
 

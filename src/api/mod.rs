@@ -496,7 +496,10 @@ impl MetadataApi {
                     return Handled::Answer(ApiResponse::error(400, "Request is too large."));
                 }
                 let Ok(body) = std::str::from_utf8(req.body) else {
-                    return Handled::Answer(ApiResponse::error(400, "Password is not valid UTF-8."));
+                    return Handled::Answer(ApiResponse::error(
+                        400,
+                        "Password is not valid UTF-8.",
+                    ));
                 };
                 if let Passwords::Row(_) = pw {
                     return Handled::StorePassword(body.to_owned());

@@ -156,7 +156,11 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             for (db, count) in &report.instances {
                 log::info(format_args!("api: {db}: {count} instance(s)"));
             }
-            (None, Some(source), MetadataApi::without_password_log(settings))
+            (
+                None,
+                Some(source),
+                MetadataApi::without_password_log(settings),
+            )
         }
     };
     let api = Arc::new(api);

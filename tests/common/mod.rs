@@ -427,7 +427,7 @@ pub mod attack;
 pub mod daemons;
 pub mod limits;
 pub mod netns;
-pub mod nova_peers;
 pub mod neutron;
+pub mod nova_peers;
 pub mod oracle;
 pub mod up;

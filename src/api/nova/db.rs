@@ -157,22 +157,58 @@ pub const CELL_SCHEMA: &[(&str, &[&str])] = &[
     (
         "instances",
         &[
-            "id", "uuid", "deleted", "project_id", "hostname", "display_name",
-            "launch_index", "availability_zone", "reservation_id", "image_ref",
-            "kernel_id", "ramdisk_id", "key_name", "user_data", "root_device_name",
+            "id",
+            "uuid",
+            "deleted",
+            "project_id",
+            "hostname",
+            "display_name",
+            "launch_index",
+            "availability_zone",
+            "reservation_id",
+            "image_ref",
+            "kernel_id",
+            "ramdisk_id",
+            "key_name",
+            "user_data",
+            "root_device_name",
         ],
     ),
     (
         "instance_extra",
-        &["instance_uuid", "deleted", "flavor", "keypairs", "device_metadata", "numa_topology"],
+        &[
+            "instance_uuid",
+            "deleted",
+            "flavor",
+            "keypairs",
+            "device_metadata",
+            "numa_topology",
+        ],
     ),
-    ("instance_metadata", &["id", "instance_uuid", "deleted", "`key`", "value"]),
+    (
+        "instance_metadata",
+        &["id", "instance_uuid", "deleted", "`key`", "value"],
+    ),
     (
         "instance_system_metadata",
-        &["id", "instance_uuid", "deleted", "`key`", "value", "created_at", "updated_at"],
+        &[
+            "id",
+            "instance_uuid",
+            "deleted",
+            "`key`",
+            "value",
+            "created_at",
+            "updated_at",
+        ],
     ),
-    ("instance_info_caches", &["instance_uuid", "deleted", "network_info"]),
-    ("instance_id_mappings", &["id", "uuid", "created_at", "deleted"]),
+    (
+        "instance_info_caches",
+        &["instance_uuid", "deleted", "network_info"],
+    ),
+    (
+        "instance_id_mappings",
+        &["id", "uuid", "created_at", "deleted"],
+    ),
     ("s3_images", &["id", "uuid", "created_at", "deleted"]),
 ];
 
@@ -530,7 +566,15 @@ mod tests {
     #[test]
     fn passwords_are_cut_in_characters_as_nova_cuts_them() {
         let c = password_chunks("abc");
-        assert_eq!(c, ["abc".to_owned(), String::new(), String::new(), String::new()]);
+        assert_eq!(
+            c,
+            [
+                "abc".to_owned(),
+                String::new(),
+                String::new(),
+                String::new()
+            ]
+        );
         // 300 two-byte characters: 255 in the first chunk, 45 in the second.
         let long = "é".repeat(300);
         let c = password_chunks(&long);

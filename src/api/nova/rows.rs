@@ -160,9 +160,7 @@ fn ec2_id(column: &str, id: i64) -> Result<u32, DecodeError> {
 pub fn flavor_name(text: &str) -> Result<String, DecodeError> {
     const COL: &str = "instance_extra.flavor";
     let v = json(COL, text)?;
-    let cur = v
-        .get("cur")
-        .ok_or_else(|| bad(COL, "no \"cur\" flavor"))?;
+    let cur = v.get("cur").ok_or_else(|| bad(COL, "no \"cur\" flavor"))?;
     let data = ovo_data(COL, cur, "Flavor")?;
     data.get("name")
         .and_then(Value::as_str)
@@ -241,9 +239,7 @@ fn array<'v>(col: &str, v: &'v Value, key: &str) -> Result<&'v [Value], DecodeEr
 ///
 /// # Errors
 /// Not JSON, not a list of VIFs, or a field of the wrong type.
-pub fn network_info(
-    text: &str,
-) -> Result<(Vec<Port>, Vec<Network>, Vec<IpAddr>), DecodeError> {
+pub fn network_info(text: &str) -> Result<(Vec<Port>, Vec<Network>, Vec<IpAddr>), DecodeError> {
     const COL: &str = "instance_info_caches.network_info";
     let v = json(COL, text)?;
     let vifs = match &v {
@@ -383,9 +379,7 @@ pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
     )?;
     // Nova shows a keypair only when the instance was booted with a key name.
     let keys = match (&r.key_name, &extra.keypairs) {
-        (Some(name), Some(text)) if !name.is_empty() => {
-            first_keypair(text)?.into_iter().collect()
-        }
+        (Some(name), Some(text)) if !name.is_empty() => first_keypair(text)?.into_iter().collect(),
         _ => Vec::new(),
     };
     // Validate the JSON Nova loads with the instance (a broken row is a 500
@@ -515,7 +509,10 @@ mod tests {
         assert_eq!(i.keys[0].name, "peer-key");
         assert_eq!(i.keys[0].data, "ssh-ed25519 AAAA peer@test");
         assert_eq!(i.meta.get("role").map(String::as_str), Some("web"));
-        assert_eq!(i.floating_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            i.floating_ips,
+            vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(i.ports.len(), 1);
         let p = &i.ports[0];
         assert_eq!(p.devname, "tapa0a839ec-c9");

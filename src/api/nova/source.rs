@@ -203,7 +203,10 @@ struct Dbs {
 /// # Errors
 /// A database cannot be reached, has an untested alembic version (the
 /// message names it and the supported ones), or lacks a table or column.
-pub fn start(settings: &NovaSettings, dhcp_domain: String) -> Result<(NovaSource, StartReport), String> {
+pub fn start(
+    settings: &NovaSettings,
+    dhcp_domain: String,
+) -> Result<(NovaSource, StartReport), String> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let settings = settings.clone();
@@ -294,7 +297,13 @@ async fn open_and_check(
     let api = match &s.api_connection {
         None => None,
         Some(url) => {
-            let (api, v) = check_one(url, "api.nova.api_connection", SUPPORTED_API_VERSIONS, db::API_SCHEMA).await?;
+            let (api, v) = check_one(
+                url,
+                "api.nova.api_connection",
+                SUPPORTED_API_VERSIONS,
+                db::API_SCHEMA,
+            )
+            .await?;
             report.versions.push((url.redacted(), v));
             if !s.local_metadata_per_cell {
                 // Every cell the API database names must be readable now,
@@ -308,7 +317,8 @@ async fn open_and_check(
                         continue;
                     }
                     let role = format!("cell {name:?}");
-                    let (db, v) = check_one(&parsed, &role, SUPPORTED_MAIN_VERSIONS, db::CELL_SCHEMA).await?;
+                    let (db, v) =
+                        check_one(&parsed, &role, SUPPORTED_MAIN_VERSIONS, db::CELL_SCHEMA).await?;
                     let n = db::count_instances(&db)
                         .await
                         .map_err(|e| format!("{role} {parsed}: {e}"))?;
@@ -402,8 +412,14 @@ async fn set_password(dbs: &Dbs, uuid: &str, password: &str) -> Result<PasswordW
 }
 
 enum Entry {
-    Ready { at: Instant, value: Arc<Loaded> },
-    Pending { waiters: Vec<LoadReply>, stale: bool },
+    Ready {
+        at: Instant,
+        value: Arc<Loaded>,
+    },
+    Pending {
+        waiters: Vec<LoadReply>,
+        stale: bool,
+    },
 }
 
 /// What the dispatcher's tasks hand back.
@@ -459,7 +475,8 @@ async fn dispatch(dbs: Arc<Dbs>, expiration: Duration, mut rx: mpsc::UnboundedRe
                     );
                     let (dbs, done) = (dbs.clone(), done_tx.clone());
                     tokio::spawn(async move {
-                        let result = match tokio::time::timeout(DB_TIMEOUT, load(&dbs, &uuid)).await {
+                        let result = match tokio::time::timeout(DB_TIMEOUT, load(&dbs, &uuid)).await
+                        {
                             Ok(r) => r,
                             Err(_) => Err(NovaError::Db(format!(
                                 "reading instance {uuid} took longer than {DB_TIMEOUT:?}"

@@ -59,7 +59,9 @@ pub struct DbUrl {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
     /// No `scheme://`.
-    #[error("not a database URL (expected mysql+pymysql://user:password@host/db or sqlite:////path)")]
+    #[error(
+        "not a database URL (expected mysql+pymysql://user:password@host/db or sqlite:////path)"
+    )]
     NoScheme,
     /// A dialect other than mysql or sqlite.
     #[error("dialect {0:?} is not supported (mysql, mysql+pymysql or sqlite)")]
@@ -168,12 +170,12 @@ impl DbUrl {
                 };
                 let (host, port) = split_host_port(hostport)?;
                 if host.is_empty() && unix_socket.is_none() {
-                    return Err(UrlError::Authority(
-                        "no host (and no ?unix_socket=)".into(),
-                    ));
+                    return Err(UrlError::Authority("no host (and no ?unix_socket=)".into()));
                 }
                 if database.is_empty() {
-                    return Err(UrlError::Authority("no database name after the host".into()));
+                    return Err(UrlError::Authority(
+                        "no database name after the host".into(),
+                    ));
                 }
                 Ok(DbUrl {
                     target: DbTarget::Mysql {
@@ -206,7 +208,11 @@ fn split_host_port(hp: &str) -> Result<(String, u16), UrlError> {
             .split_once(']')
             .ok_or_else(|| UrlError::Authority("unterminated [ in the host".into()))?;
         let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok().filter(|&p| p != 0).ok_or_else(|| bad_port(p))?,
+            Some(p) => p
+                .parse()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| bad_port(p))?,
             None if after.is_empty() => DEFAULT_PORT,
             None => return Err(UrlError::Authority(format!("{after:?} after the host"))),
         };
@@ -214,7 +220,11 @@ fn split_host_port(hp: &str) -> Result<(String, u16), UrlError> {
     }
     match hp.rsplit_once(':') {
         Some((h, p)) => {
-            let port = p.parse().ok().filter(|&p| p != 0).ok_or_else(|| bad_port(p))?;
+            let port = p
+                .parse()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| bad_port(p))?;
             Ok((h.to_owned(), port))
         }
         None => Ok((hp.to_owned(), DEFAULT_PORT)),
@@ -306,19 +316,27 @@ mod tests {
         let DbTarget::Mysql { user, password, .. } = mysql("mysql://nova:a:b@c@db/nova") else {
             panic!()
         };
-        assert_eq!((user.as_str(), password.as_deref()), ("nova", Some("a:b@c")));
+        assert_eq!(
+            (user.as_str(), password.as_deref()),
+            ("nova", Some("a:b@c"))
+        );
     }
 
     #[test]
     fn devstack_parameters_are_accepted_and_reported() {
-        let u = DbUrl::parse("mysql+pymysql://root:pw@127.0.0.1/nova_cell1?charset=utf8&plugin=dbcounter").unwrap();
+        let u = DbUrl::parse(
+            "mysql+pymysql://root:pw@127.0.0.1/nova_cell1?charset=utf8&plugin=dbcounter",
+        )
+        .unwrap();
         assert_eq!(u.ignored, vec!["plugin".to_owned()]);
     }
 
     #[test]
     fn sqlite_urls_keep_sqlalchemys_slashes() {
         assert_eq!(
-            DbUrl::parse("sqlite:////var/lib/nova/nova.sqlite").unwrap().target,
+            DbUrl::parse("sqlite:////var/lib/nova/nova.sqlite")
+                .unwrap()
+                .target,
             DbTarget::Sqlite {
                 path: "/var/lib/nova/nova.sqlite".into()
             }
