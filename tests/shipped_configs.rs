@@ -286,3 +286,25 @@ fn up_refuses_a_chain_where_identity_collapses() {
     let direct = dir.path().join("direct.toml");
     check("api", &direct);
 }
+
+#[test]
+fn the_nova_controller_example_parses_and_hides_its_passwords() {
+    // Its databases are on "controller": `--check` gets past the config and
+    // fails connecting, naming the database without the password.
+    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["api", "--check", "--config", "deploy/controller-nova.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("api.nova.connection mysql://nova:***@controller:3306/nova"),
+        "{text}"
+    );
+    assert!(!text.contains("NOVA_DBPASS") && !text.contains("NOVA_PASS"), "{text}");
+}
