@@ -178,15 +178,27 @@ fn a_malformed_row_is_that_instances_500_and_passwords_land_in_system_metadata()
     assert_eq!(r.status, 404, "a deleted instance: {}", r.text());
     // The broken row did not take the good one down.
     assert_eq!(send(addr, "GET", md, GOOD, "").status, 200);
-    common::wait_until("the log names the broken column", Duration::from_secs(5), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(&format!("instance {BROKEN}: bad row: instance_extra.flavor: not valid JSON"))
-    });
+    common::wait_until(
+        "the log names the broken column",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!(
+                    "instance {BROKEN}: bad row: instance_extra.flavor: not valid JSON"
+                ))
+        },
+    );
 
     let pw = "y".repeat(600);
-    assert_eq!(send(addr, "POST", "/openstack/latest/password", GOOD, &pw).status, 200);
-    assert_eq!(send(addr, "POST", "/openstack/latest/password", GOOD, "again").status, 409);
+    assert_eq!(
+        send(addr, "POST", "/openstack/latest/password", GOOD, &pw).status,
+        200
+    );
+    assert_eq!(
+        send(addr, "POST", "/openstack/latest/password", GOOD, "again").status,
+        409
+    );
     let r = send(addr, "GET", "/openstack/latest/password", GOOD, "");
     assert_eq!((r.status, r.text()), (200, pw.clone()));
     // Where Nova keeps it: four chunks of 255 characters.
@@ -207,7 +219,12 @@ fn a_malformed_row_is_that_instances_500_and_passwords_land_in_system_metadata()
     let lens: Vec<(&str, usize)> = rows.iter().map(|(k, v)| (k.as_str(), v.len())).collect();
     assert_eq!(
         lens,
-        [("password_0", 255), ("password_1", 255), ("password_2", 90), ("password_3", 0)]
+        [
+            ("password_0", 255),
+            ("password_1", 255),
+            ("password_2", 90),
+            ("password_3", 0)
+        ]
     );
 }
 
@@ -234,7 +251,10 @@ fn refused(version: &str, without: Option<&str>) -> String {
 #[test]
 fn the_schema_is_checked_at_start() {
     let ok = refused("ab450ba04102", None);
-    assert!(ok.starts_with("OK ") && ok.contains("(2 instance(s) in 1 cell database(s))"), "{ok}");
+    assert!(
+        ok.starts_with("OK ") && ok.contains("(2 instance(s) in 1 cell database(s))"),
+        "{ok}"
+    );
     let e = refused("0123456789ab", None);
     assert!(
         e.contains("0123456789ab") && e.contains("supported: ab450ba04102"),

@@ -306,5 +306,8 @@ fn the_nova_controller_example_parses_and_hides_its_passwords() {
         text.contains("api.nova.connection mysql://nova:***@controller:3306/nova"),
         "{text}"
     );
-    assert!(!text.contains("NOVA_DBPASS") && !text.contains("NOVA_PASS"), "{text}");
+    assert!(
+        !text.contains("NOVA_DBPASS") && !text.contains("NOVA_PASS"),
+        "{text}"
+    );
 }

@@ -1007,7 +1007,7 @@ pub fn neutron_section(
         }
         other => {
             return Err(invalid(
-                &k("auth_strategy"),
+                k("auth_strategy"),
                 format!("{other:?} is not keystone or noauth"),
             ))
         }
@@ -1016,7 +1016,7 @@ pub fn neutron_section(
         || matches!(&auth, NeutronAuth::Keystone { endpoint, .. } if endpoint.tls_name.is_some());
     let tls = if any_https {
         let cfg = super::tls::client_config(n.insecure.unwrap_or(false), n.ca_file.as_deref())
-            .map_err(|e| invalid(&k("ca_file"), e.to_string()))?;
+            .map_err(|e| invalid(k("ca_file"), e.to_string()))?;
         Some(TlsClient(cfg))
     } else {
         None

@@ -146,8 +146,8 @@ pub struct NovaSettings {
 pub enum ApiSource {
     /// The inventory file (`api.inventory`).
     Inventory,
-    /// Nova's databases.
-    Nova(NovaSettings),
+    /// Nova's databases (boxed: the settings are large, the enum is copied around).
+    Nova(Box<NovaSettings>),
 }
 
 impl std::fmt::Debug for ApiFile {
@@ -450,7 +450,10 @@ impl TryFrom<&ApiFile> for ApiConfig {
                 }
                 ApiSource::Inventory
             }
-            Some("nova") => ApiSource::Nova(nova_settings(f.nova.as_ref(), f.neutron.as_ref())?),
+            Some("nova") => ApiSource::Nova(Box::new(nova_settings(
+                f.nova.as_ref(),
+                f.neutron.as_ref(),
+            )?)),
             Some(other) => {
                 return Err(invalid(
                     "api.source",

@@ -46,7 +46,7 @@ enum LoopSource {
     /// This loop's copy of the inventory.
     Inventory(Local),
     /// Nova's databases, through the database thread, and Neutron.
-    Nova(nova::NovaClient, nova::neutron::SecurityGroups),
+    Nova(nova::NovaClient, Box<nova::neutron::SecurityGroups>),
 }
 
 /// Per-loop state shared by its connection tasks.
@@ -216,7 +216,10 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             (None, Some(c)) => match &cfg.source {
                 ApiSource::Nova(n) => LoopSource::Nova(
                     c.clone(),
-                    nova::neutron::SecurityGroups::new(&n.neutron, n.metadata_cache_expiration),
+                    Box::new(nova::neutron::SecurityGroups::new(
+                        &n.neutron,
+                        n.metadata_cache_expiration,
+                    )),
                 ),
                 ApiSource::Inventory => unreachable!("a Nova client without the Nova source"),
             },

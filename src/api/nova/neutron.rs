@@ -25,11 +25,14 @@ use crate::agent::neutron::NeutronClient;
 /// and if that is not enough, all).
 const MAX_CACHED: usize = 100_000;
 
+/// Names per instance, with when they were read.
+type Cache = HashMap<String, (Instant, Rc<Vec<String>>)>;
+
 /// One loop's security-group reader.
 pub struct SecurityGroups {
     client: NeutronClient,
     expiration: Duration,
-    cache: RefCell<HashMap<String, (Instant, Rc<Vec<String>>)>>,
+    cache: RefCell<Cache>,
 }
 
 impl std::fmt::Debug for SecurityGroups {

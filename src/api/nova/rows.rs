@@ -235,11 +235,14 @@ fn array<'v>(col: &str, v: &'v Value, key: &str) -> Result<&'v [Value], DecodeEr
     }
 }
 
+/// What `network_info` holds: the ports, their networks, the floating IPs.
+pub type NetworkInfo = (Vec<Port>, Vec<Network>, Vec<IpAddr>);
+
 /// Ports, networks and floating IPs from `instance_info_caches.network_info`.
 ///
 /// # Errors
 /// Not JSON, not a list of VIFs, or a field of the wrong type.
-pub fn network_info(text: &str) -> Result<(Vec<Port>, Vec<Network>, Vec<IpAddr>), DecodeError> {
+pub fn network_info(text: &str) -> Result<NetworkInfo, DecodeError> {
     const COL: &str = "instance_info_caches.network_info";
     let v = json(COL, text)?;
     let vifs = match &v {
@@ -561,7 +564,8 @@ mod tests {
 
     #[test]
     fn malformed_rows_name_the_column_and_never_panic() {
-        let cases: Vec<(Box<dyn Fn(&mut Rows)>, &str)> = vec![
+        type Break = Box<dyn Fn(&mut Rows)>;
+        let cases: Vec<(Break, &str)> = vec![
             (Box::new(|r| r.extra = None), "instance_extra"),
             (
                 Box::new(|r| r.extra.as_mut().unwrap().flavor = Some("{".into())),
