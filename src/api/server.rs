@@ -49,6 +49,29 @@ enum LoopSource {
     Nova(nova::NovaClient, Box<nova::neutron::SecurityGroups>),
 }
 
+/// What each loop builds its [`LoopSource`] from.
+#[derive(Clone)]
+enum SourceFactory {
+    Inventory(Arc<inventory::Store>),
+    Nova(nova::NovaClient, Box<crate::api::config::NovaSettings>),
+}
+
+impl SourceFactory {
+    /// On the loop's thread: the Neutron client is per loop.
+    fn for_loop(&self) -> LoopSource {
+        match self {
+            SourceFactory::Inventory(store) => LoopSource::Inventory(store.local()),
+            SourceFactory::Nova(client, n) => LoopSource::Nova(
+                client.clone(),
+                Box::new(nova::neutron::SecurityGroups::new(
+                    &n.neutron,
+                    n.metadata_cache_expiration,
+                )),
+            ),
+        }
+    }
+}
+
 /// Per-loop state shared by its connection tasks.
 struct ApiLoop {
     cfg: Arc<ApiConfig>,
@@ -136,7 +159,7 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         vendor_data: cfg.vendor_data.clone(),
         dhcp_domain_override: cfg.dhcp_domain.clone(),
     };
-    let (inventory, nova, api) = match &cfg.source {
+    let (inventory, nova, api, factory) = match &cfg.source {
         ApiSource::Inventory => {
             let inventory = inventory::Store::load(&cfg.inventory).map_err(|e| {
                 io::Error::new(
@@ -146,7 +169,9 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             })?;
             let passwords = open_password_log(&cfg)?;
             let api = MetadataApi::new(settings, Arc::new(passwords));
-            (Some(Arc::new(inventory)), None, api)
+            let inventory = Arc::new(inventory);
+            let factory = SourceFactory::Inventory(inventory.clone());
+            (Some(inventory), None, api, factory)
         }
         ApiSource::Nova(n) => {
             let (source, report) = start_nova(n, &cfg)?;
@@ -156,11 +181,9 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
             for (db, count) in &report.instances {
                 log::info(format_args!("api: {db}: {count} instance(s)"));
             }
-            (
-                None,
-                Some(source),
-                MetadataApi::without_password_log(settings),
-            )
+            let factory = SourceFactory::Nova(source.client(), n.clone());
+            let api = MetadataApi::without_password_log(settings);
+            (None, Some(source), api, factory)
         }
     };
     let api = Arc::new(api);
@@ -206,25 +229,10 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     ));
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
-    let loop_inventory = inventory.clone();
-    let client = nova.as_ref().map(nova::NovaSource::client);
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
         let (cfg, api) = (cfg.clone(), api.clone());
         let (sockets, gate) = (sockets.clone(), gate.clone());
-        let source = match (&loop_inventory, &client) {
-            (Some(store), _) => LoopSource::Inventory(store.local()),
-            (None, Some(c)) => match &cfg.source {
-                ApiSource::Nova(n) => LoopSource::Nova(
-                    c.clone(),
-                    Box::new(nova::neutron::SecurityGroups::new(
-                        &n.neutron,
-                        n.metadata_cache_expiration,
-                    )),
-                ),
-                ApiSource::Inventory => unreachable!("a Nova client without the Nova source"),
-            },
-            (None, None) => unreachable!("start sets an inventory or a Nova source"),
-        };
+        let source = factory.for_loop();
         async move { run_loop(i, cfg, api, source, &sockets, gate, rx).await }
     })?;
     let watcher = match &inventory {

@@ -3,7 +3,7 @@
 //!
 //! Every statement is plain SQL that both dialects accept (`?`
 //! placeholders, `` `key` `` quoted because it is reserved in MySQL), run
-//! on a [`Db`] by [`with_db!`], which expands the same code once per
+//! on a [`Db`] by `with_db!`, which expands the same code once per
 //! driver; the rows are decoded into the plain structs of [`super::rows`]
 //! right here, so nothing above this module sees a driver type.
 //!

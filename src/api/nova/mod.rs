@@ -10,7 +10,7 @@
 //! is a 409 through every other (and through Nova).
 //!
 //! The request path: the loop verifies the signature
-//! ([`MetadataApi::signed_instance_id`]: nothing is read for an unsigned or
+//! (`MetadataApi::signed_instance_id`: nothing is read for an unsigned or
 //! forged request), asks the database thread for the instance
 //! ([`source`]: cache, single flight, `sqlx` on its own runtime), decodes
 //! the rows into the renderers' model ([`rows`]: a one-instance
