@@ -81,7 +81,8 @@ pub struct ExtraRow {
 pub struct Ec2Ids {
     /// `i-%08x`
     pub instance: i64,
-    /// `ami-%08x`; `None` without an image (volume-backed: Nova prints `ami-None`? no: it has no image id)
+    /// `ami-%08x`; `None` without an image (a volume-backed instance: Nova
+    /// then shows `None` as the `ami-id`, the renderer `ami-00000000`).
     pub image: Option<i64>,
     /// `aki-%08x`
     pub kernel: Option<i64>,
