@@ -330,6 +330,25 @@ fn run_api(path: &Path, check: bool) -> Result<()> {
     log::info(format_args!("effective api config: {cfg:?}"));
     if check {
         print_warnings(&cfg.warnings());
+        if let metaproxy::api::config::ApiSource::Nova(n) = &cfg.source {
+            // Connect, check the alembic versions and the tables, count.
+            let (source, report) = metaproxy::api::server::start_nova(n, &cfg)
+                .with_context(|| format!("refusing to start with {}", path.display()))?;
+            source.stop();
+            for (db, v) in &report.versions {
+                println!("{db}: Nova schema version {v}");
+            }
+            let total: i64 = report.instances.iter().map(|(_, n)| n).sum();
+            for (db, count) in &report.instances {
+                println!("{db}: {count} instance(s)");
+            }
+            println!(
+                "{} is valid ({total} instance(s) in {} cell database(s))",
+                path.display(),
+                report.instances.len()
+            );
+            return Ok(());
+        }
         let inv = metaproxy::inventory::Inventory::load(&cfg.inventory)
             .with_context(|| format!("refusing to start with {}", path.display()))?;
         println!(
@@ -464,6 +483,16 @@ fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Res
              `up` needs service_metadata_proxy = true (a standalone `metaproxy api` may identify guests by peer)"
         );
     }
+    if let (
+        metaproxy::agent::config::Backend::Inventory(_),
+        metaproxy::api::config::ApiSource::Nova(_),
+    ) = (&agent.backend, &api.source)
+    {
+        bail!(
+            "agent.inventory with api.source = \"nova\": the agent would resolve guests from a file \
+             and the API serve them from Nova's databases; use the agent's Neutron backend"
+        );
+    }
     if let metaproxy::agent::config::Backend::Inventory(agent_inv) = &agent.backend {
         let same = |a: &Path, b: &Path| {
             a == b
@@ -509,11 +538,22 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
     let proxy_cfg = load_proxy_config(path).with_context(ctx)?;
     check_chain(&api_cfg, &agent_cfg, &proxy_cfg).with_context(ctx)?;
     if check {
+        println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
+        print_warnings(&up_warnings(&api_cfg, &agent_cfg, &proxy_cfg));
+        if let metaproxy::api::config::ApiSource::Nova(n) = &api_cfg.source {
+            let (source, report) =
+                metaproxy::api::server::start_nova(n, &api_cfg).with_context(ctx)?;
+            source.stop();
+            let total: i64 = report.instances.iter().map(|(_, n)| n).sum();
+            println!(
+                "{} is valid for `up` ({total} instance(s) in Nova's databases)",
+                path.display()
+            );
+            return Ok(());
+        }
         let inv = metaproxy::inventory::Inventory::load(&api_cfg.inventory)
             .with_context(|| format!("inventory {}", api_cfg.inventory.display()))
             .with_context(ctx)?;
-        println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
-        print_warnings(&up_warnings(&api_cfg, &agent_cfg, &proxy_cfg));
         println!(
             "{} is valid for `up` ({} instance(s) in {})",
             path.display(),

@@ -945,24 +945,47 @@ fn required(key: &str, v: &Option<String>, why: &str) -> Result<String, ConfigEr
 }
 
 fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
-    let n = &f.neutron;
-    let url = required("agent.neutron.url", &n.url, "with backend = \"neutron\"")?;
-    let endpoint = Endpoint::parse("agent.neutron.url", &url)?;
+    let mut c = neutron_section("agent.neutron", &f.neutron, "with backend = \"neutron\"")?;
+    c.batch_window = dur_or_zero("agent.batch_window", &f.batch_window, DEFAULT_BATCH_WINDOW)?;
+    c.batch_max = nonzero(
+        "agent.batch_max",
+        f.batch_max,
+        super::batch::DEFAULT_MAX_BATCH,
+    )?;
+    c.prefetch_network = f.prefetch_network.unwrap_or(true);
+    c.prefetch_max_ports = f.prefetch_max_ports.unwrap_or(DEFAULT_PREFETCH_MAX_PORTS);
+    Ok(c)
+}
+
+/// A Neutron section (`[agent.neutron]`, `[api.neutron]`: the same keys)
+/// into a [`NeutronConfig`] with the agent's default batching; errors name
+/// `{prefix}.key`; `when` says why `url` is required.
+///
+/// # Errors
+/// A missing or invalid key, named.
+pub fn neutron_section(
+    prefix: &str,
+    n: &NeutronFile,
+    when: &str,
+) -> Result<NeutronConfig, ConfigError> {
+    let k = |key: &str| format!("{prefix}.{key}");
+    let url = required(&k("url"), &n.url, when)?;
+    let endpoint = Endpoint::parse(&k("url"), &url)?;
     let auth = match n.auth_strategy.as_deref().unwrap_or("keystone") {
         "noauth" => NeutronAuth::NoAuth,
         "keystone" => {
             let why = "with auth_strategy = \"keystone\"";
-            let auth_url = required("agent.neutron.auth_url", &n.auth_url, why)?;
-            let endpoint = Endpoint::parse("agent.neutron.auth_url", &auth_url)?;
+            let auth_url = required(&k("auth_url"), &n.auth_url, why)?;
+            let endpoint = Endpoint::parse(&k("auth_url"), &auth_url)?;
             let method = if n.application_credential_id.is_some() {
                 KeystoneMethod::ApplicationCredential {
                     id: required(
-                        "agent.neutron.application_credential_id",
+                        &k("application_credential_id"),
                         &n.application_credential_id,
                         why,
                     )?,
                     secret: required(
-                        "agent.neutron.application_credential_secret",
+                        &k("application_credential_secret"),
                         &n.application_credential_secret,
                         "with application_credential_id",
                     )?,
@@ -970,10 +993,10 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
             } else {
                 let dflt = |v: &Option<String>| v.clone().unwrap_or_else(|| "Default".into());
                 KeystoneMethod::Password {
-                    username: required("agent.neutron.username", &n.username, why)?,
-                    password: required("agent.neutron.password", &n.password, why)?,
+                    username: required(&k("username"), &n.username, why)?,
+                    password: required(&k("password"), &n.password, why)?,
                     user_domain_name: dflt(&n.user_domain_name),
-                    project_name: required("agent.neutron.project_name", &n.project_name, why)?,
+                    project_name: required(&k("project_name"), &n.project_name, why)?,
                     project_domain_name: dflt(&n.project_domain_name),
                 }
             };
@@ -984,7 +1007,7 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
         }
         other => {
             return Err(invalid(
-                "agent.neutron.auth_strategy",
+                k("auth_strategy"),
                 format!("{other:?} is not keystone or noauth"),
             ))
         }
@@ -993,7 +1016,7 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
         || matches!(&auth, NeutronAuth::Keystone { endpoint, .. } if endpoint.tls_name.is_some());
     let tls = if any_https {
         let cfg = super::tls::client_config(n.insecure.unwrap_or(false), n.ca_file.as_deref())
-            .map_err(|e| invalid("agent.neutron.ca_file", e.to_string()))?;
+            .map_err(|e| invalid(k("ca_file"), e.to_string()))?;
         Some(TlsClient(cfg))
     } else {
         None
@@ -1003,15 +1026,11 @@ fn neutron_config(f: &AgentFile) -> Result<NeutronConfig, ConfigError> {
         endpoint,
         auth,
         region_name: n.region_name.clone(),
-        timeout: dur("agent.neutron.timeout", &n.timeout, DEFAULT_NEUTRON_TIMEOUT)?,
-        batch_window: dur_or_zero("agent.batch_window", &f.batch_window, DEFAULT_BATCH_WINDOW)?,
-        batch_max: nonzero(
-            "agent.batch_max",
-            f.batch_max,
-            super::batch::DEFAULT_MAX_BATCH,
-        )?,
-        prefetch_network: f.prefetch_network.unwrap_or(true),
-        prefetch_max_ports: f.prefetch_max_ports.unwrap_or(DEFAULT_PREFETCH_MAX_PORTS),
+        timeout: dur(&k("timeout"), &n.timeout, DEFAULT_NEUTRON_TIMEOUT)?,
+        batch_window: DEFAULT_BATCH_WINDOW,
+        batch_max: NonZeroUsize::new(super::batch::DEFAULT_MAX_BATCH).unwrap_or(NonZeroUsize::MIN),
+        prefetch_network: true,
+        prefetch_max_ports: DEFAULT_PREFETCH_MAX_PORTS,
     })
 }
 

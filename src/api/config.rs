@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::nova::url::DbUrl;
 use crate::config::{
     dur, invalid, ConfigError, DurationFile, OneOrMany, DEFAULT_BACKLOG, DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_HTTP_REQUEST_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
@@ -81,6 +82,72 @@ pub struct ApiFile {
     /// `[api.timeouts]`
     #[serde(default)]
     pub timeouts: ApiTimeoutsFile,
+    /// Where instances come from: `"inventory"` (default) or `"nova"`.
+    pub source: Option<String>,
+    /// `[api.nova]`: Nova's databases (with `source = "nova"`).
+    pub nova: Option<NovaFile>,
+    /// `[api.neutron]`: where security group names come from (with
+    /// `source = "nova"`); the same keys as `[agent.neutron]`.
+    pub neutron: Option<crate::agent::config::NeutronFile>,
+}
+
+/// `[api.nova]` as written in the file: nova.conf's options of the same
+/// names, values pasted unchanged.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NovaFile {
+    /// nova.conf `[database] connection`: the (local) cell database.
+    pub connection: Option<String>,
+    /// nova.conf `[api_database] connection`: the API database.
+    pub api_connection: Option<String>,
+    /// nova.conf `[api] local_metadata_per_cell`.
+    pub local_metadata_per_cell: Option<bool>,
+    /// nova.conf `[api] metadata_cache_expiration`, seconds (0 = no cache).
+    pub metadata_cache_expiration: Option<u64>,
+}
+
+impl std::fmt::Debug for NovaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URLs carry passwords: never print them raw.
+        let url = |u: &Option<String>| {
+            u.as_deref().map(|u| {
+                DbUrl::parse(u).map_or_else(|_| "<unparsable>".to_owned(), |u| u.redacted())
+            })
+        };
+        f.debug_struct("NovaFile")
+            .field("connection", &url(&self.connection))
+            .field("api_connection", &url(&self.api_connection))
+            .field("local_metadata_per_cell", &self.local_metadata_per_cell)
+            .field("metadata_cache_expiration", &self.metadata_cache_expiration)
+            .finish()
+    }
+}
+
+/// Nova's `[api] metadata_cache_expiration` default.
+pub const DEFAULT_METADATA_CACHE_EXPIRATION: Duration = Duration::from_secs(15);
+
+/// Validated `[api.nova]`. `Debug` redacts the passwords in the URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NovaSettings {
+    /// The local cell database (`[database] connection`).
+    pub connection: DbUrl,
+    /// The API database; `None` only with `local_metadata_per_cell`.
+    pub api_connection: Option<DbUrl>,
+    /// Read the local cell only (no `instance_mappings` lookup).
+    pub local_metadata_per_cell: bool,
+    /// How long a loaded instance is served before it is read again.
+    pub metadata_cache_expiration: Duration,
+    /// Neutron, for the security group names (`[api.neutron]`).
+    pub neutron: crate::agent::config::NeutronConfig,
+}
+
+/// Where the API's instances come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiSource {
+    /// The inventory file (`api.inventory`).
+    Inventory,
+    /// Nova's databases (boxed: the settings are large, the enum is copied around).
+    Nova(Box<NovaSettings>),
 }
 
 impl std::fmt::Debug for ApiFile {
@@ -102,6 +169,9 @@ impl std::fmt::Debug for ApiFile {
             .field("drain_timeout", &self.drain_timeout)
             .field("access_log", &self.access_log)
             .field("timeouts", &self.timeouts)
+            .field("source", &self.source)
+            .field("nova", &self.nova)
+            .field("neutron", &self.neutron.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -145,8 +215,11 @@ pub struct ApiConfig {
     pub shared_secret: String,
     /// Identify by signed headers (true) or by TCP peer (false).
     pub service_metadata_proxy: bool,
-    /// Inventory file, loaded at start and on reload.
+    /// Inventory file, loaded at start and on reload (empty with
+    /// `source = "nova"`, which reads no file).
     pub inventory: PathBuf,
+    /// Where instances come from.
+    pub source: ApiSource,
     /// Password log directory (created if missing).
     pub state_dir: PathBuf,
     /// Where `vendor_data` came from, for the effective-config log.
@@ -183,6 +256,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("shared_secret", secret)
             .field("service_metadata_proxy", &self.service_metadata_proxy)
             .field("inventory", &self.inventory)
+            .field("source", &self.source)
             .field("state_dir", &self.state_dir)
             .field("vendor_data_json", &self.vendor_data_json)
             .field("dhcp_domain", &self.dhcp_domain)
@@ -246,6 +320,61 @@ pub fn load(path: &Path) -> Result<Option<ApiConfig>, ConfigError> {
     section.api.as_ref().map(ApiConfig::try_from).transpose()
 }
 
+fn nova_settings(
+    f: Option<&NovaFile>,
+    neutron: Option<&crate::agent::config::NeutronFile>,
+) -> Result<NovaSettings, ConfigError> {
+    let Some(f) = f else {
+        return Err(invalid(
+            "api.nova",
+            "is required with api.source = \"nova\" (connection, api_connection)",
+        ));
+    };
+    let url = |key: &str, v: &str| {
+        DbUrl::parse(v).map_err(|e| invalid(format!("api.nova.{key}"), e.to_string()))
+    };
+    let connection = match f.connection.as_deref() {
+        Some(c) => url("connection", c)?,
+        None => {
+            return Err(invalid(
+                "api.nova.connection",
+                "is required (nova.conf [database] connection)",
+            ))
+        }
+    };
+    let local = f.local_metadata_per_cell.unwrap_or(false);
+    let api_connection = match f.api_connection.as_deref() {
+        Some(c) => Some(url("api_connection", c)?),
+        None if local => None,
+        None => {
+            return Err(invalid(
+                "api.nova.api_connection",
+                "is required (nova.conf [api_database] connection) unless local_metadata_per_cell = true",
+            ))
+        }
+    };
+    let neutron = crate::agent::config::neutron_section(
+        "api.neutron",
+        neutron.ok_or_else(|| {
+            invalid(
+                "api.neutron",
+                "is required with api.source = \"nova\": security group names come from Neutron, \
+                 as Nova reads them (the same keys as [agent.neutron])",
+            )
+        })?,
+        "with api.source = \"nova\"",
+    )?;
+    Ok(NovaSettings {
+        neutron,
+        connection,
+        api_connection,
+        local_metadata_per_cell: local,
+        metadata_cache_expiration: f
+            .metadata_cache_expiration
+            .map_or(DEFAULT_METADATA_CACHE_EXPIRATION, Duration::from_secs),
+    })
+}
+
 fn read_vendor_data(path: &Path) -> Result<serde_json::Value, ConfigError> {
     const KEY: &str = "api.vendor_data_json";
     let meta = std::fs::metadata(path)
@@ -305,13 +434,55 @@ impl TryFrom<&ApiFile> for ApiConfig {
         if listen.is_empty() {
             return Err(invalid("api.listen", "needs at least one address"));
         }
-        let inventory = match &f.inventory {
-            None => return Err(invalid("api.inventory", "is required (the inventory file)")),
-            Some(p) if p.as_os_str().is_empty() => {
+        let source = match f.source.as_deref() {
+            None | Some("inventory") => {
+                if f.nova.is_some() {
+                    return Err(invalid(
+                        "api.nova",
+                        "is only read with api.source = \"nova\"",
+                    ));
+                }
+                if f.neutron.is_some() {
+                    return Err(invalid(
+                        "api.neutron",
+                        "is only read with api.source = \"nova\" (the inventory names security groups)",
+                    ));
+                }
+                ApiSource::Inventory
+            }
+            Some("nova") => ApiSource::Nova(Box::new(nova_settings(
+                f.nova.as_ref(),
+                f.neutron.as_ref(),
+            )?)),
+            Some(other) => {
+                return Err(invalid(
+                    "api.source",
+                    format!("{other:?}: expected \"inventory\" or \"nova\""),
+                ))
+            }
+        };
+        let inventory = match (&source, &f.inventory) {
+            (ApiSource::Nova(_), Some(_)) => {
+                return Err(invalid(
+                    "api.inventory",
+                    "is not read with api.source = \"nova\" (remove it)",
+                ))
+            }
+            (ApiSource::Nova(_), None) => PathBuf::new(),
+            (ApiSource::Inventory, None) => {
+                return Err(invalid("api.inventory", "is required (the inventory file)"))
+            }
+            (ApiSource::Inventory, Some(p)) if p.as_os_str().is_empty() => {
                 return Err(invalid("api.inventory", "empty path"))
             }
-            Some(p) => p.clone(),
+            (ApiSource::Inventory, Some(p)) => p.clone(),
         };
+        if matches!(source, ApiSource::Nova(_)) && f.service_metadata_proxy == Some(false) {
+            return Err(invalid(
+                "api.service_metadata_proxy",
+                "false (identify guests by address) is not supported with api.source = \"nova\" yet",
+            ));
+        }
         let state_dir = match &f.state_dir {
             Some(p) if p.as_os_str().is_empty() => {
                 return Err(invalid("api.state_dir", "empty path"))
@@ -355,6 +526,7 @@ impl TryFrom<&ApiFile> for ApiConfig {
             shared_secret: f.metadata_proxy_shared_secret.clone().unwrap_or_default(),
             service_metadata_proxy: f.service_metadata_proxy.unwrap_or(true),
             inventory,
+            source,
             state_dir,
             vendor_data_json: f.vendor_data_json.clone(),
             vendor_data,
@@ -450,6 +622,71 @@ mod tests {
             bad.display().to_string()
         ));
         assert!(e.contains("api.vendor_data_json"), "{e}");
+    }
+
+    #[test]
+    fn nova_source_takes_nova_confs_urls_unchanged() {
+        let c = parse(
+            "[api]\nsource = \"nova\"\n[api.nova]\n\
+             connection = \"mysql+pymysql://nova:cellpw@db/nova?charset=utf8\"\n\
+             api_connection = \"mysql+pymysql://nova:apipw@db/nova_api?charset=utf8\"\n\
+             [api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n",
+        )
+        .unwrap();
+        let ApiSource::Nova(n) = &c.source else {
+            panic!("{:?}", c.source)
+        };
+        assert!(!n.local_metadata_per_cell);
+        assert_eq!(n.metadata_cache_expiration, Duration::from_secs(15));
+        assert!(n.api_connection.is_some());
+        let d = format!("{c:?}");
+        assert!(!d.contains("cellpw") && !d.contains("apipw"), "{d}");
+        let local = parse(
+            "[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////tmp/nova.db\"\n\
+             local_metadata_per_cell = true\nmetadata_cache_expiration = 0\n\
+             [api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n",
+        )
+        .unwrap();
+        let ApiSource::Nova(n) = &local.source else {
+            panic!()
+        };
+        assert_eq!(n.metadata_cache_expiration, Duration::ZERO);
+        assert_eq!(n.api_connection, None);
+        // The file layer's Debug redacts too.
+        let f: ApiFile = toml::from_str(
+            "source = \"nova\"\n[nova]\nconnection = \"mysql://nova:cellpw@db/nova\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{f:?}").contains("cellpw"));
+    }
+
+    #[test]
+    fn nova_source_errors_name_the_key() {
+        let e = err("[api]\nsource = \"nova\"\n");
+        assert!(e.contains("api.nova"), "{e}");
+        let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\n");
+        assert!(e.contains("api.nova.api_connection"), "{e}");
+        let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"postgresql://u:secretpw@h/n\"\napi_connection = \"sqlite:////x\"\n");
+        assert!(
+            e.contains("api.nova.connection") && !e.contains("secretpw"),
+            "{e}"
+        );
+        const NEUTRON: &str =
+            "[api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n";
+        let e = err(&format!("[api]\nsource = \"nova\"\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n{NEUTRON}"));
+        assert!(e.contains("api.inventory"), "{e}");
+        let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n");
+        assert!(e.contains("api.neutron"), "{e}");
+        let e = err("[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n[api.neutron]\nauth_strategy = \"noauth\"\n");
+        assert!(e.contains("api.neutron.url"), "{e}");
+        let e = err("[api]\ninventory = \"i\"\n[api.neutron]\nurl = \"http://h:9696\"\n");
+        assert!(e.contains("api.neutron"), "{e}");
+        let e = err("[api]\nsource = \"novaa\"\ninventory = \"i\"\n");
+        assert!(e.contains("api.source"), "{e}");
+        let e = err("[api]\ninventory = \"i\"\n[api.nova]\nconnection = \"sqlite:////x\"\n");
+        assert!(e.contains("api.nova"), "{e}");
+        let e = err(&format!("[api]\nsource = \"nova\"\nservice_metadata_proxy = false\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n{NEUTRON}"));
+        assert!(e.contains("api.service_metadata_proxy"), "{e}");
     }
 
     #[test]

@@ -24,9 +24,10 @@
 pub mod config;
 mod ec2;
 mod json;
+pub mod nova;
 mod openstack;
 mod password;
-mod path;
+pub(crate) mod path;
 pub mod server;
 
 use std::net::IpAddr;
@@ -101,7 +102,7 @@ pub struct ApiResponse {
 }
 
 impl ApiResponse {
-    fn ok(content_type: &'static str, body: impl Into<Vec<u8>>) -> ApiResponse {
+    pub(crate) fn ok(content_type: &'static str, body: impl Into<Vec<u8>>) -> ApiResponse {
         ApiResponse {
             status: 200,
             content_type,
@@ -125,18 +126,18 @@ impl ApiResponse {
         }
     }
 
-    fn not_found() -> ApiResponse {
+    pub(crate) fn not_found() -> ApiResponse {
         Self::error(404, "The resource could not be found.")
     }
 
-    fn conflict() -> ApiResponse {
+    pub(crate) fn conflict() -> ApiResponse {
         Self::error(
             409,
             "There was a conflict when trying to complete your request.",
         )
     }
 
-    fn internal() -> ApiResponse {
+    pub(crate) fn internal() -> ApiResponse {
         Self::error(
             500,
             "The server has either erred or is incapable of performing the requested operation.",
@@ -156,10 +157,30 @@ pub(crate) struct RenderCtx<'a> {
     pub(crate) vendor_data: Option<&'a serde_json::Value>,
 }
 
+/// Where the password of the identified instance is, for one request.
+#[derive(Clone, Copy)]
+pub(crate) enum Passwords<'a> {
+    /// The durable password log (inventory source): POSTs are stored inline.
+    Log,
+    /// Read with the instance (Nova's `instance_system_metadata`): a POST
+    /// that passes the checks is handed back as [`Handled::StorePassword`].
+    Row(Option<&'a str>),
+}
+
+/// A request's outcome when the password lives in a database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// Send this.
+    Answer(ApiResponse),
+    /// Store this password (if none is set: else 409), then answer 200.
+    StorePassword(String),
+}
+
 /// The metadata API. `Sync`: share it behind an `Arc` across workers.
 pub struct MetadataApi {
     settings: ApiSettings,
-    passwords: Arc<PasswordStore>,
+    /// `None` when passwords live with the instance (the Nova source).
+    passwords: Option<Arc<PasswordStore>>,
 }
 
 impl std::fmt::Debug for MetadataApi {
@@ -206,7 +227,16 @@ impl MetadataApi {
     pub fn new(settings: ApiSettings, passwords: Arc<PasswordStore>) -> Self {
         MetadataApi {
             settings,
-            passwords,
+            passwords: Some(passwords),
+        }
+    }
+
+    /// A handler without a password log: for a source that keeps passwords
+    /// with the instance ([`nova`]); the inventory path's POSTs are 500 here.
+    pub fn without_password_log(settings: ApiSettings) -> Self {
+        MetadataApi {
+            settings,
+            passwords: None,
         }
     }
 
@@ -224,15 +254,53 @@ impl MetadataApi {
         req: &ApiRequest<'_>,
         today: &str,
     ) -> ApiResponse {
+        match self.handle_with(inventory, req, today, Passwords::Log) {
+            Handled::Answer(r) => r,
+            // The log stores inline; nothing is ever handed back.
+            Handled::StorePassword(_) => ApiResponse::internal(),
+        }
+    }
+
+    /// The signed `X-Instance-ID` of a request that will need an instance:
+    /// a path below `/`, exactly one of each identity header and a valid
+    /// signature. `None` for everything [`MetadataApi::handle`] answers
+    /// without one (or refuses), so a source that reads a database reads
+    /// nothing for an unsigned or forged request.
+    pub(crate) fn signed_instance_id(&self, req: &ApiRequest<'_>) -> Option<String> {
+        if !self.settings.service_metadata_proxy {
+            return None;
+        }
+        let segs = path::normalize(req.target)?;
+        if segs.is_empty() || !matches!(header(req, "X-Metadata-Provider"), Header::Missing) {
+            return None;
+        }
+        let (Header::One(id), Header::One(sig), Header::One(_)) = (
+            header(req, "X-Instance-ID"),
+            header(req, "X-Instance-ID-Signature"),
+            header(req, "X-Tenant-ID"),
+        ) else {
+            return None;
+        };
+        let id = std::str::from_utf8(id).ok()?;
+        verify_instance_signature(&self.settings.shared_secret, id, sig).then(|| id.to_owned())
+    }
+
+    pub(crate) fn handle_with(
+        &self,
+        inventory: &Inventory,
+        req: &ApiRequest<'_>,
+        today: &str,
+        passwords: Passwords<'_>,
+    ) -> Handled {
         let Some(segs) = path::normalize(req.target) else {
-            return ApiResponse::not_found();
+            return Handled::Answer(ApiResponse::not_found());
         };
         if segs.is_empty() {
-            return ApiResponse::ok(CONTENT_TYPE_TEXT, ec2::version_list());
+            return Handled::Answer(ApiResponse::ok(CONTENT_TYPE_TEXT, ec2::version_list()));
         }
         let id = match self.identify(req, inventory) {
             Ok(id) => id,
-            Err(resp) => return resp,
+            Err(resp) => return Handled::Answer(resp),
         };
         let domain = self
             .settings
@@ -252,9 +320,9 @@ impl MetadataApi {
             vendor_data: self.settings.vendor_data.as_ref(),
         };
         match segs[0].as_str() {
-            "openstack" => self.openstack(req, &ctx, &segs[1..], today),
-            "ec2" => Self::ec2(&ctx, &segs[1..]),
-            _ => Self::ec2(&ctx, &segs),
+            "openstack" => self.openstack(req, &ctx, &segs[1..], today, passwords),
+            "ec2" => Handled::Answer(Self::ec2(&ctx, &segs[1..])),
+            _ => Handled::Answer(Self::ec2(&ctx, &segs)),
         }
     }
 
@@ -357,20 +425,32 @@ impl MetadataApi {
         ctx: &RenderCtx<'_>,
         segs: &[String],
         today: &str,
-    ) -> ApiResponse {
+        passwords: Passwords<'_>,
+    ) -> Handled {
         let Some((version, rest)) = segs.split_first() else {
-            return ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::version_list(today));
+            return Handled::Answer(ApiResponse::ok(
+                CONTENT_TYPE_TEXT,
+                openstack::version_list(today),
+            ));
         };
         // `content/NNNN` holds injected files, which only config drives have.
         let Some(version) = openstack::version_index(version) else {
-            return ApiResponse::not_found();
+            return Handled::Answer(ApiResponse::not_found());
         };
         let leaf = match rest {
-            [] => return ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::version_dir(ctx, version)),
+            [] => {
+                return Handled::Answer(ApiResponse::ok(
+                    CONTENT_TYPE_TEXT,
+                    openstack::version_dir(ctx, version),
+                ))
+            }
             [leaf] => leaf.as_str(),
-            _ => return ApiResponse::not_found(),
+            _ => return Handled::Answer(ApiResponse::not_found()),
         };
-        match leaf {
+        if leaf == "password" && openstack::at_least(version, openstack::GRIZZLY) {
+            return self.password(req, ctx.instance, passwords);
+        }
+        Handled::Answer(match leaf {
             "meta_data.json" => match openstack::meta_data(ctx, version) {
                 Ok(body) => ApiResponse::ok(CONTENT_TYPE_JSON, body),
                 Err(_) => ApiResponse::internal(),
@@ -388,24 +468,22 @@ impl MetadataApi {
                     ApiResponse::ok(CONTENT_TYPE_JSON, b)
                 }),
             "network_data.json" => ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::network_data(ctx)),
-            "password" if openstack::at_least(version, openstack::GRIZZLY) => {
-                self.password(req, ctx.instance)
-            }
             _ => ApiResponse::not_found(),
-        }
+        })
     }
 
     /// `password.handle_password`: the one method-sensitive path.
-    fn password(&self, req: &ApiRequest<'_>, instance: &Instance) -> ApiResponse {
-        match req.method {
-            "GET" => ApiResponse::ok(
-                CONTENT_TYPE_HTML,
-                self.passwords.get(&instance.uuid).unwrap_or_default(),
-            ),
+    fn password(&self, req: &ApiRequest<'_>, instance: &Instance, pw: Passwords<'_>) -> Handled {
+        let current = || match pw {
+            Passwords::Log => self.passwords.as_ref()?.get(&instance.uuid),
+            Passwords::Row(p) => p.map(str::to_owned),
+        };
+        Handled::Answer(match req.method {
+            "GET" => ApiResponse::ok(CONTENT_TYPE_HTML, current().unwrap_or_default()),
             "POST" => {
                 // Nova checks the conflict before the size.
-                if self.passwords.get(&instance.uuid).is_some() {
-                    return ApiResponse::conflict();
+                if current().is_some() {
+                    return Handled::Answer(ApiResponse::conflict());
                 }
                 let declared_too_large = match header(req, "Content-Length") {
                     Header::One(v) => std::str::from_utf8(v)
@@ -415,12 +493,21 @@ impl MetadataApi {
                     _ => false,
                 };
                 if declared_too_large || req.body.len() > MAX_PASSWORD_BYTES {
-                    return ApiResponse::error(400, "Request is too large.");
+                    return Handled::Answer(ApiResponse::error(400, "Request is too large."));
                 }
-                let Ok(pw) = std::str::from_utf8(req.body) else {
-                    return ApiResponse::error(400, "Password is not valid UTF-8.");
+                let Ok(body) = std::str::from_utf8(req.body) else {
+                    return Handled::Answer(ApiResponse::error(
+                        400,
+                        "Password is not valid UTF-8.",
+                    ));
                 };
-                match self.passwords.set_once(&instance.uuid, pw) {
+                if let Passwords::Row(_) = pw {
+                    return Handled::StorePassword(body.to_owned());
+                }
+                let Some(log) = &self.passwords else {
+                    return Handled::Answer(ApiResponse::internal());
+                };
+                match log.set_once(&instance.uuid, body) {
                     Ok(()) => ApiResponse::ok(CONTENT_TYPE_HTML, Vec::new()),
                     Err(PasswordError::AlreadySet) => ApiResponse::conflict(),
                     Err(PasswordError::TooLarge) => {
@@ -430,12 +517,12 @@ impl MetadataApi {
                 }
             }
             _ => ApiResponse::error(400, "GET and POST only are supported."),
-        }
+        })
     }
 }
 
 /// Today's UTC date as `YYYY-MM-DD`.
-fn utc_today() -> String {
+pub(crate) fn utc_today() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -445,7 +532,7 @@ fn utc_today() -> String {
 }
 
 /// Days since 1970-01-01 → (year, month, day); Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

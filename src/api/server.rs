@@ -29,7 +29,8 @@ use std::time::Instant;
 
 use smallvec::SmallVec;
 
-use crate::api::config::ApiConfig;
+use crate::api::config::{ApiConfig, ApiSource};
+use crate::api::nova;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
 use crate::http::{self, RequestHead};
 use crate::inventory::store::{self, Local, Watcher};
@@ -40,12 +41,42 @@ use crate::rt::{self, TcpAcceptor, TcpConn};
 use crate::serve::admit::{self, Admission, Gate};
 use crate::serve::{self, Answer, Handler, Request, Server, Stop};
 
+/// Where a loop's instances come from.
+enum LoopSource {
+    /// This loop's copy of the inventory.
+    Inventory(Local),
+    /// Nova's databases, through the database thread, and Neutron.
+    Nova(nova::NovaClient, Box<nova::neutron::SecurityGroups>),
+}
+
+/// What each loop builds its [`LoopSource`] from.
+#[derive(Clone)]
+enum SourceFactory {
+    Inventory(Arc<inventory::Store>),
+    Nova(nova::NovaClient, Box<crate::api::config::NovaSettings>),
+}
+
+impl SourceFactory {
+    /// On the loop's thread: the Neutron client is per loop.
+    fn for_loop(&self) -> LoopSource {
+        match self {
+            SourceFactory::Inventory(store) => LoopSource::Inventory(store.local()),
+            SourceFactory::Nova(client, n) => LoopSource::Nova(
+                client.clone(),
+                Box::new(nova::neutron::SecurityGroups::new(
+                    &n.neutron,
+                    n.metadata_cache_expiration,
+                )),
+            ),
+        }
+    }
+}
+
 /// Per-loop state shared by its connection tasks.
 struct ApiLoop {
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
-    /// This loop's copy of the inventory.
-    inventory: Local,
+    source: LoopSource,
     /// Set when the loop drains.
     stopping: Event,
     server: Rc<Server>,
@@ -55,7 +86,10 @@ struct ApiLoop {
 pub struct ApiHandle {
     /// Actual bound addresses, in `listen` order (port 0 resolved).
     pub bound: Vec<SocketAddr>,
-    inventory: Arc<inventory::Store>,
+    /// `None` with the Nova source.
+    inventory: Option<Arc<inventory::Store>>,
+    /// The database thread of the Nova source.
+    nova: Option<nova::NovaSource>,
     controls: Vec<UnboundedSender<Stop>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
     watcher: Option<Watcher>,
@@ -65,7 +99,7 @@ impl std::fmt::Debug for ApiHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiHandle")
             .field("bound", &self.bound)
-            .field("inventory_path", &self.inventory.path())
+            .field("inventory_path", &self.inventory.as_ref().map(|i| i.path()))
             .finish_non_exhaustive()
     }
 }
@@ -78,7 +112,15 @@ impl ApiHandle {
     /// The file could not be read or is not a valid inventory (the error names
     /// the line or key).
     pub fn reload_inventory(&self) -> Result<(), InventoryError> {
-        self.inventory.reload()
+        match &self.inventory {
+            Some(i) => i.reload(),
+            None => {
+                log::info(format_args!(
+                    "api: source = nova reads no inventory file: nothing to reload"
+                ));
+                Ok(())
+            }
+        }
     }
 
     /// Ask every loop to drain and wait for them to finish.
@@ -92,7 +134,12 @@ impl ApiHandle {
         for c in &self.controls {
             let _ = c.unbounded_send(Stop);
         }
-        serve::join_loops(self.threads.drain(..), "api")
+        let r = serve::join_loops(self.threads.drain(..), "api");
+        // After the loops: their clients are gone, the thread's queries too.
+        if let Some(n) = self.nova.take() {
+            n.stop();
+        }
+        r
     }
 }
 
@@ -106,32 +153,40 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
-    let inventory = inventory::Store::load(&cfg.inventory).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", cfg.inventory.display()),
-        )
-    })?;
-    // Private from the start (PasswordStore::open makes it 0700 in any case).
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(super::password::STATE_DIR_MODE)
-        .create(&cfg.state_dir)
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("state_dir {}: {e}", cfg.state_dir.display()),
-            )
-        })?;
-    let passwords = PasswordStore::open(&cfg.state_dir).map_err(io::Error::other)?;
     let settings = ApiSettings {
         shared_secret: cfg.shared_secret.as_bytes().to_vec(),
         service_metadata_proxy: cfg.service_metadata_proxy,
         vendor_data: cfg.vendor_data.clone(),
         dhcp_domain_override: cfg.dhcp_domain.clone(),
     };
-    let inventory = Arc::new(inventory);
-    let api = Arc::new(MetadataApi::new(settings, Arc::new(passwords)));
+    let (inventory, nova, api, factory) = match &cfg.source {
+        ApiSource::Inventory => {
+            let inventory = inventory::Store::load(&cfg.inventory).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", cfg.inventory.display()),
+                )
+            })?;
+            let passwords = open_password_log(&cfg)?;
+            let api = MetadataApi::new(settings, Arc::new(passwords));
+            let inventory = Arc::new(inventory);
+            let factory = SourceFactory::Inventory(inventory.clone());
+            (Some(inventory), None, api, factory)
+        }
+        ApiSource::Nova(n) => {
+            let (source, report) = start_nova(n, &cfg)?;
+            for (db, v) in &report.versions {
+                log::info(format_args!("api: {db} is at Nova schema version {v}"));
+            }
+            for (db, count) in &report.instances {
+                log::info(format_args!("api: {db}: {count} instance(s)"));
+            }
+            let factory = SourceFactory::Nova(source.client(), n.clone());
+            let api = MetadataApi::without_password_log(settings);
+            (None, Some(source), api, factory)
+        }
+    };
+    let api = Arc::new(api);
     admit::check_backlog("api", cfg.backlog);
     let mut sockets = Vec::with_capacity(cfg.listen.len());
     for a in &cfg.listen {
@@ -151,44 +206,92 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         "max_connections",
         cfg.max_connections.get(),
     ));
+    let from = match &cfg.source {
+        ApiSource::Inventory => format!(
+            "inventory {}, state {}",
+            cfg.inventory.display(),
+            cfg.state_dir.display()
+        ),
+        ApiSource::Nova(n) => format!(
+            "nova {}{}",
+            n.connection,
+            n.api_connection
+                .as_ref()
+                .map(|a| format!(" + api {a}"))
+                .unwrap_or_default()
+        ),
+    };
     log::info(format_args!(
-        "api starting: {workers} loop(s), inventory {}, state {}, max_connections {} \
+        "api starting: {workers} loop(s), {from}, max_connections {} \
          (fd budget {})",
-        cfg.inventory.display(),
-        cfg.state_dir.display(),
         cfg.max_connections,
         admit::fd_budget().max()
     ));
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
-    let loop_inventory = inventory.clone();
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
         let (cfg, api) = (cfg.clone(), api.clone());
         let (sockets, gate) = (sockets.clone(), gate.clone());
-        let store = loop_inventory.clone();
-        async move { run_loop(i, cfg, api, store.local(), &sockets, gate, rx).await }
+        let source = factory.for_loop();
+        async move { run_loop(i, cfg, api, source, &sockets, gate, rx).await }
     })?;
-    let watcher = match Watcher::start(
-        inventory.clone(),
-        store::POLL_INTERVAL,
-        "api-inventory-watch",
-    ) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            log::warn(format_args!(
-                "cannot start the inventory watcher ({e}); reload with SIGHUP"
-            ));
-            None
-        }
+    let watcher = match &inventory {
+        None => None,
+        Some(inv) => match Watcher::start(inv.clone(), store::POLL_INTERVAL, "api-inventory-watch")
+        {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn(format_args!(
+                    "cannot start the inventory watcher ({e}); reload with SIGHUP"
+                ));
+                None
+            }
+        },
     };
     Ok(ApiHandle {
         bound,
         inventory,
+        nova,
         controls,
         threads,
         watcher,
     })
 }
+
+/// The password log of the inventory source, in a private `state_dir`.
+fn open_password_log(cfg: &ApiConfig) -> io::Result<PasswordStore> {
+    // Private from the start (PasswordStore::open makes it 0700 in any case).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(super::password::STATE_DIR_MODE)
+        .create(&cfg.state_dir)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("state_dir {}: {e}", cfg.state_dir.display()),
+            )
+        })?;
+    PasswordStore::open(&cfg.state_dir).map_err(io::Error::other)
+}
+
+/// Connect to Nova's databases and check their schema (refusing to start
+/// on an untested version or a missing column).
+///
+/// # Errors
+/// What [`nova::start`] found, as `InvalidData`.
+pub fn start_nova(
+    n: &crate::api::config::NovaSettings,
+    cfg: &ApiConfig,
+) -> io::Result<(nova::NovaSource, nova::StartReport)> {
+    let domain = cfg
+        .dhcp_domain
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NOVA_DHCP_DOMAIN.to_owned());
+    nova::start(n, domain).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Nova's `[api] dhcp_domain` default, used when `api.dhcp_domain` is unset.
+pub const DEFAULT_NOVA_DHCP_DOMAIN: &str = "novalocal";
 
 /// [`rt::listen_tcp_retrying`]: a quick restart after a crash waits out the
 /// dead process's listener.
@@ -201,7 +304,7 @@ async fn run_loop(
     index: usize,
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
-    inventory: Local,
+    source: LoopSource,
     sockets: &[std::net::TcpListener],
     gate: Arc<Gate>,
     mut control: UnboundedReceiver<Stop>,
@@ -210,7 +313,7 @@ async fn run_loop(
     let ctx = Rc::new(ApiLoop {
         cfg: cfg.clone(),
         api,
-        inventory,
+        source,
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
     });
@@ -282,7 +385,12 @@ impl Handler for ApiConn {
             peer: rt::peer_ip(self.peer),
         };
         let started = Instant::now();
-        let resp = self.ctx.api.handle(&self.ctx.inventory.get().0, &api_req);
+        let resp = match &self.ctx.source {
+            LoopSource::Inventory(local) => self.ctx.api.handle(&local.get().0, &api_req),
+            LoopSource::Nova(client, groups) => {
+                nova::answer(&self.ctx.api, client, groups, &api_req).await
+            }
+        };
         if self.ctx.cfg.access_log {
             access(&api_req, &resp, started);
         }

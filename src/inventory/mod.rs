@@ -443,6 +443,51 @@ impl Inventory {
         })
     }
 
+    /// A view of one instance and the networks its ports are on, for the
+    /// API's per-request rendering from another source (Nova's database).
+    /// Only the lookups the API makes are indexed (by instance UUID and by
+    /// network id); the agent's port lookups and `instance_by_ip` see nothing.
+    /// Ports naming a network not in `networks` render no `network_data.json`
+    /// entry, as the inventory file's validation would have refused them.
+    pub fn of_one(dhcp_domain: String, networks: Vec<Network>, instance: Instance) -> Inventory {
+        let mut by_network = HashMap::new();
+        for (i, n) in networks.iter().enumerate() {
+            by_network.entry(n.id.clone()).or_insert(i);
+        }
+        let mut by_uuid = HashMap::new();
+        by_uuid.insert(instance.uuid.clone(), 0);
+        Inventory {
+            dhcp_domain,
+            networks,
+            routers: Vec::new(),
+            instances: vec![instance],
+            by_uuid,
+            by_network,
+            by_router: HashMap::new(),
+            by_net_ip: HashMap::new(),
+            by_net_mac: HashMap::new(),
+            by_ip: HashMap::new(),
+            ports_of_network: HashMap::new(),
+        }
+    }
+
+    /// An inventory with nothing in it (every identified request is a 404).
+    pub fn empty() -> Inventory {
+        Inventory {
+            dhcp_domain: String::new(),
+            networks: Vec::new(),
+            routers: Vec::new(),
+            instances: Vec::new(),
+            by_uuid: HashMap::new(),
+            by_network: HashMap::new(),
+            by_router: HashMap::new(),
+            by_net_ip: HashMap::new(),
+            by_net_mac: HashMap::new(),
+            by_ip: HashMap::new(),
+            ports_of_network: HashMap::new(),
+        }
+    }
+
     /// The `dhcp_domain` appended to hostnames (`""` = none).
     pub fn dhcp_domain(&self) -> &str {
         &self.dhcp_domain

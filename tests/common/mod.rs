@@ -428,6 +428,7 @@ pub mod daemons;
 pub mod limits;
 pub mod netns;
 pub mod neutron;
+pub mod nova_peers;
 pub mod oracle;
 pub mod ovsdb;
 pub mod up;

@@ -1,0 +1,119 @@
+//! `[api] source = "nova"`: serve the instances in Nova's own databases,
+//! as nova-api-metadata does, and keep passwords where Nova keeps them.
+//!
+//! nova-api-metadata does not use Nova's REST API: it reads the API
+//! database (`instance_mappings` → `cell_mappings`) and the instance's cell
+//! database directly, and writes a password into `instance_system_metadata`.
+//! So do we, with the same credentials (nova.conf's URLs pasted unchanged,
+//! [`url`]), which makes the API stateless: several API nodes behind a load
+//! balancer share the cloud's database, and a password POSTed through one
+//! is a 409 through every other (and through Nova).
+//!
+//! The request path: the loop verifies the signature
+//! (`MetadataApi::signed_instance_id`: nothing is read for an unsigned or
+//! forged request), asks the database thread for the instance
+//! ([`source`]: cache, single flight, `sqlx` on its own runtime), decodes
+//! the rows into the renderers' model ([`rows`]: a one-instance
+//! [`Inventory`]) and renders exactly as for the inventory source. A
+//! password POST that passes the handler's checks is stored by the
+//! database thread in one race-free transaction ([`db::set_password_once`]).
+//!
+//! Security group names come from Neutron ([`neutron`], `[api.neutron]`),
+//! only for EC2 paths, as the OpenStack tree does not show them.
+//!
+//! Not yet (the first part of issue 14): `devices` and `dedicated_cpus` from
+//! `device_metadata`/`numa_topology` (validated, rendered as `[]`),
+//! ephemeral and swap entries of `block-device-mapping`, templated
+//! `cell_mappings.database_connection`, TLS to MySQL, and identifying
+//! guests by address (`service_metadata_proxy = false`).
+
+pub mod db;
+pub mod neutron;
+pub mod rows;
+pub mod source;
+pub mod url;
+
+use crate::api::{ApiRequest, ApiResponse, Handled, MetadataApi, Passwords, CONTENT_TYPE_HTML};
+use crate::inventory::Inventory;
+use crate::log;
+
+pub use source::{start, Lookup, NovaClient, NovaError, NovaSource, StartReport};
+
+/// Answer one request from Nova's databases.
+pub async fn answer(
+    api: &MetadataApi,
+    client: &NovaClient,
+    groups: &neutron::SecurityGroups,
+    req: &ApiRequest<'_>,
+) -> ApiResponse {
+    let today = crate::api::utc_today();
+    let Some(uuid) = api.signed_instance_id(req) else {
+        // `/`, a malformed path, or an identity error: the handler says which.
+        return api.handle_on(&Inventory::empty(), req, &today);
+    };
+    let loaded = match client.load(&uuid).await {
+        Ok(Lookup::Found(l)) => l,
+        Ok(Lookup::NotFound) => return api.handle_on(&Inventory::empty(), req, &today),
+        Err(e) => {
+            log::error(format_args!("api: instance {uuid}: {e}"));
+            return ApiResponse::internal();
+        }
+    };
+    let password = loaded.password.as_deref();
+    // The EC2 tree lists security groups: fill them in from Neutron.
+    let with_groups;
+    let inventory = if is_ec2_path(req.target) {
+        let names = match groups.names(&uuid).await {
+            Ok(n) => n,
+            Err(e) => {
+                log::error(format_args!(
+                    "api: security groups of instance {uuid} from Neutron: {e}"
+                ));
+                return ApiResponse::internal();
+            }
+        };
+        with_groups = with_security_groups(&loaded.inventory, &uuid, &names);
+        &with_groups
+    } else {
+        &loaded.inventory
+    };
+    match api.handle_with(inventory, req, &today, Passwords::Row(password)) {
+        Handled::Answer(r) => r,
+        Handled::StorePassword(pw) => match client.set_password(&uuid, &pw).await {
+            Ok(db::PasswordWrite::Stored) => {
+                log::info(format_args!("api: password stored for instance {uuid}"));
+                ApiResponse::ok(CONTENT_TYPE_HTML, Vec::new())
+            }
+            Ok(db::PasswordWrite::AlreadySet) => ApiResponse::conflict(),
+            Ok(db::PasswordWrite::NoInstance) => ApiResponse::not_found(),
+            Err(e) => {
+                log::error(format_args!(
+                    "api: storing the password of instance {uuid}: {e}"
+                ));
+                ApiResponse::internal()
+            }
+        },
+    }
+}
+
+/// Whether a (signed, non-root) request is for the EC2 tree: every path
+/// not under `/openstack`.
+fn is_ec2_path(target: &[u8]) -> bool {
+    match crate::api::path::normalize(target) {
+        Some(segs) => segs.first().is_some_and(|s| s != "openstack"),
+        None => false,
+    }
+}
+
+/// A copy of the one-instance inventory with the instance's security groups set.
+fn with_security_groups(inv: &Inventory, uuid: &str, names: &[String]) -> Inventory {
+    let networks: Vec<_> = inv.networks().cloned().collect();
+    match inv.instance(uuid) {
+        Some(i) => {
+            let mut i = i.clone();
+            i.security_groups = names.to_vec();
+            Inventory::of_one(inv.dhcp_domain().to_owned(), networks, i)
+        }
+        None => Inventory::empty(),
+    }
+}

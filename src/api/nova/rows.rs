@@ -1,0 +1,633 @@
+//! Nova's rows for one instance → the model the renderers use
+//! ([`crate::inventory::Instance`] and its networks), as
+//! `nova.api.metadata.base.InstanceMetadata` reads them.
+//!
+//! Everything here is untrusted input: a cell database is written by many
+//! services, and `instance_extra` holds oslo.versionedobjects JSON that
+//! other releases may shape differently. Every decode names the column and
+//! what was wrong ([`DecodeError`]); the caller turns it into a 500 for that
+//! one instance and a log line. Nothing here panics on a row's content.
+//!
+//! What comes from where (Nova 34):
+//! - `instances`: uuid, project_id, hostname, display_name, launch_index,
+//!   availability_zone, reservation_id, root_device_name, key_name,
+//!   user_data (base64, decoded as Nova's `base64.decode_as_bytes`);
+//! - `instance_extra.flavor` (`{"cur": Flavor}`): the EC2 `instance-type`;
+//! - `instance_extra.keypairs` (`KeyPairList`): the first keypair, shown
+//!   when `instances.key_name` is set (Nova's `meta_data.json` rule);
+//! - `instance_metadata` (not deleted): `meta`;
+//! - `instance_system_metadata` `password_*`: the password, the chunks
+//!   concatenated in key order (`password.extract_password`);
+//! - `instance_info_caches.network_info`: ports, networks, subnets, floating
+//!   IPs (Nova's `network.model.NetworkInfo` as JSON);
+//! - `instance_id_mappings`/`s3_images` ids: the EC2 ids.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::inventory::{self, Cidr, Instance, Ipv6Mode, Key, Network, Port, Route, Subnet};
+
+/// A row of `instances`, the columns the metadata uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceRow {
+    /// `id`: the cell-local integer id (not the EC2 id).
+    pub id: i64,
+    /// `uuid`
+    pub uuid: String,
+    /// `project_id`
+    pub project_id: Option<String>,
+    /// `hostname`
+    pub hostname: Option<String>,
+    /// `display_name`
+    pub display_name: Option<String>,
+    /// `launch_index`
+    pub launch_index: Option<i64>,
+    /// `availability_zone`
+    pub availability_zone: Option<String>,
+    /// `reservation_id`
+    pub reservation_id: Option<String>,
+    /// `image_ref` (a Glance UUID, or empty for volume-backed)
+    pub image_ref: Option<String>,
+    /// `kernel_id`
+    pub kernel_id: Option<String>,
+    /// `ramdisk_id`
+    pub ramdisk_id: Option<String>,
+    /// `key_name`
+    pub key_name: Option<String>,
+    /// `user_data` (base64 text)
+    pub user_data: Option<String>,
+    /// `root_device_name`
+    pub root_device_name: Option<String>,
+}
+
+/// The `instance_extra` columns the metadata uses (JSON text each).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraRow {
+    /// `flavor`
+    pub flavor: Option<String>,
+    /// `keypairs`
+    pub keypairs: Option<String>,
+    /// `device_metadata`
+    pub device_metadata: Option<String>,
+    /// `numa_topology`
+    pub numa_topology: Option<String>,
+}
+
+/// The EC2 integer ids (`instance_id_mappings.id`, `s3_images.id`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ec2Ids {
+    /// `i-%08x`
+    pub instance: i64,
+    /// `ami-%08x`; `None` without an image (a volume-backed instance: Nova
+    /// then shows `None` as the `ami-id`, the renderer `ami-00000000`).
+    pub image: Option<i64>,
+    /// `aki-%08x`
+    pub kernel: Option<i64>,
+    /// `ari-%08x`
+    pub ramdisk: Option<i64>,
+}
+
+/// Everything read for one instance.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    /// `instances`
+    pub instance: InstanceRow,
+    /// `instance_extra` (Nova creates it with the instance).
+    pub extra: Option<ExtraRow>,
+    /// `instance_metadata` (key, value), not deleted, in id order.
+    pub metadata: Vec<(String, Option<String>)>,
+    /// `instance_system_metadata` (key, value), not deleted.
+    pub system_metadata: Vec<(String, Option<String>)>,
+    /// `instance_info_caches.network_info`
+    pub network_info: Option<String>,
+    /// EC2 ids.
+    pub ec2: Ec2Ids,
+    /// Security group names.
+    pub security_groups: Vec<String>,
+}
+
+/// One instance, ready to render.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The instance and the networks its ports are on.
+    pub instance: Instance,
+    /// The networks, one per network id in `network_info`.
+    pub networks: Vec<Network>,
+    /// The stored password, if one is set.
+    pub password: Option<String>,
+}
+
+/// A row that cannot be rendered; names the column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{column}: {message}")]
+pub struct DecodeError {
+    /// `table.column` (plus a JSON path where useful).
+    pub column: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn bad(column: impl Into<String>, message: impl Into<String>) -> DecodeError {
+    DecodeError {
+        column: column.into(),
+        message: message.into(),
+    }
+}
+
+fn json(column: &str, text: &str) -> Result<Value, DecodeError> {
+    serde_json::from_str(text).map_err(|e| bad(column, format!("not valid JSON: {e}")))
+}
+
+/// `nova_object.data` of an oslo.versionedobjects primitive named `name`.
+fn ovo_data<'v>(column: &str, v: &'v Value, name: &str) -> Result<&'v Value, DecodeError> {
+    match v.get("nova_object.name").and_then(Value::as_str) {
+        Some(n) if n == name => {}
+        Some(n) => return Err(bad(column, format!("a {n} where a {name} was expected"))),
+        None => return Err(bad(column, format!("not a {name} object"))),
+    }
+    v.get("nova_object.data")
+        .filter(|d| d.is_object())
+        .ok_or_else(|| bad(column, format!("{name} without nova_object.data")))
+}
+
+fn ec2_id(column: &str, id: i64) -> Result<u32, DecodeError> {
+    u32::try_from(id).map_err(|_| bad(column, format!("id {id} does not fit i-%08x")))
+}
+
+/// The flavor name from `instance_extra.flavor` (`{"cur": Flavor, …}`).
+pub fn flavor_name(text: &str) -> Result<String, DecodeError> {
+    const COL: &str = "instance_extra.flavor";
+    let v = json(COL, text)?;
+    let cur = v.get("cur").ok_or_else(|| bad(COL, "no \"cur\" flavor"))?;
+    let data = ovo_data(COL, cur, "Flavor")?;
+    data.get("name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| bad(COL, "the flavor has no name"))
+}
+
+/// The first keypair of `instance_extra.keypairs` (a `KeyPairList`), if any.
+pub fn first_keypair(text: &str) -> Result<Option<Key>, DecodeError> {
+    const COL: &str = "instance_extra.keypairs";
+    let v = json(COL, text)?;
+    let data = ovo_data(COL, &v, "KeyPairList")?;
+    let objects = data
+        .get("objects")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad(COL, "KeyPairList without objects"))?;
+    let Some(first) = objects.first() else {
+        return Ok(None);
+    };
+    let kp = ovo_data(COL, first, "KeyPair")?;
+    let field = |k: &str| {
+        kp.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| bad(COL, format!("keypair without {k}")))
+    };
+    Ok(Some(Key {
+        name: field("name")?,
+        // KeyPair.type defaults to ssh (keypair_type_ssh) in old rows.
+        kind: kp
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("ssh")
+            .to_owned(),
+        data: field("public_key")?,
+    }))
+}
+
+/// `password.extract_password`: the `password_*` values in key order,
+/// concatenated; `None` when that is empty.
+pub fn extract_password(system_metadata: &[(String, Option<String>)]) -> Option<String> {
+    let mut chunks: Vec<(&str, &str)> = system_metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("password_"))
+        .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or("")))
+        .collect();
+    chunks.sort_unstable();
+    let pw: String = chunks.into_iter().map(|(_, v)| v).collect();
+    (!pw.is_empty()).then_some(pw)
+}
+
+fn str_at<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn ip_at(col: &str, v: &Value) -> Result<Option<IpAddr>, DecodeError> {
+    match v.get("address") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| bad(col, format!("{s:?} is not an IP address"))),
+        Some(other) => Err(bad(col, format!("address {other} is not a string"))),
+    }
+}
+
+fn array<'v>(col: &str, v: &'v Value, key: &str) -> Result<&'v [Value], DecodeError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(_) => Err(bad(col, format!("{key} is not a list"))),
+    }
+}
+
+/// What `network_info` holds: the ports, their networks, the floating IPs.
+pub type NetworkInfo = (Vec<Port>, Vec<Network>, Vec<IpAddr>);
+
+/// Ports, networks and floating IPs from `instance_info_caches.network_info`.
+///
+/// # Errors
+/// Not JSON, not a list of VIFs, or a field of the wrong type.
+pub fn network_info(text: &str) -> Result<NetworkInfo, DecodeError> {
+    const COL: &str = "instance_info_caches.network_info";
+    let v = json(COL, text)?;
+    let vifs = match &v {
+        Value::Null => return Ok(Default::default()),
+        Value::Array(a) => a,
+        _ => return Err(bad(COL, "not a list of VIFs")),
+    };
+    let mut ports = Vec::with_capacity(vifs.len());
+    let mut networks: Vec<Network> = Vec::new();
+    let mut floating = Vec::new();
+    for (i, vif) in vifs.iter().enumerate() {
+        let col = format!("{COL}[{i}]");
+        let id = str_at(vif, "id").ok_or_else(|| bad(&col, "VIF without an id"))?;
+        let mac = str_at(vif, "address")
+            .and_then(inventory::net::parse_mac)
+            .ok_or_else(|| bad(&col, "VIF without a MAC address"))?;
+        let net = vif.get("network").filter(|n| n.is_object());
+        let mut fixed_ips = Vec::new();
+        let mut net_id = String::new();
+        if let Some(net) = net {
+            net_id = str_at(net, "id").unwrap_or_default().to_owned();
+            let meta = net.get("meta");
+            let mut subnets = Vec::new();
+            for (si, s) in array(&col, net, "subnets")?.iter().enumerate() {
+                let scol = format!("{col}.network.subnets[{si}]");
+                let cidr_s = str_at(s, "cidr").ok_or_else(|| bad(&scol, "no cidr"))?;
+                let cidr = Cidr::parse(cidr_s)
+                    .ok_or_else(|| bad(&scol, format!("{cidr_s:?} is not a CIDR")))?;
+                for ip in array(&scol, s, "ips")? {
+                    if let Some(a) = ip_at(&scol, ip)? {
+                        fixed_ips.push(a);
+                    }
+                    for f in array(&scol, ip, "floating_ips")? {
+                        if let Some(a) = ip_at(&scol, f)? {
+                            floating.push(a);
+                        }
+                    }
+                }
+                let mut dns = Vec::new();
+                for d in array(&scol, s, "dns")? {
+                    dns.extend(ip_at(&scol, d)?);
+                }
+                let gateway = match s.get("gateway") {
+                    Some(g) if g.is_object() => ip_at(&scol, g)?,
+                    _ => None,
+                };
+                let mut routes = Vec::new();
+                for r in array(&scol, s, "routes")? {
+                    let dest = str_at(r, "cidr").and_then(Cidr::parse);
+                    let hop = match r.get("gateway") {
+                        Some(g) if g.is_object() => ip_at(&scol, g)?,
+                        _ => None,
+                    };
+                    if let (Some(destination), Some(nexthop)) = (dest, hop) {
+                        routes.push(Route {
+                            destination,
+                            nexthop,
+                        });
+                    }
+                }
+                let smeta = s.get("meta");
+                let ipv6_mode = match smeta.and_then(|m| str_at(m, "ipv6_address_mode")) {
+                    Some("slaac") => Some(Ipv6Mode::Slaac),
+                    Some("dhcpv6-stateful") => Some(Ipv6Mode::Dhcpv6Stateful),
+                    Some("dhcpv6-stateless") => Some(Ipv6Mode::Dhcpv6Stateless),
+                    _ => None,
+                };
+                subnets.push(Subnet {
+                    id: cidr.to_string(),
+                    ip_version: cidr.version(),
+                    cidr,
+                    gateway,
+                    dns,
+                    dhcp: smeta
+                        .and_then(|m| m.get("dhcp_server"))
+                        .is_some_and(|d| !d.is_null()),
+                    ipv6_mode,
+                    routes,
+                });
+            }
+            let mtu = meta
+                .and_then(|m| m.get("mtu"))
+                .and_then(Value::as_u64)
+                .and_then(|m| u32::try_from(m).ok());
+            match networks.iter_mut().find(|n| n.id == net_id) {
+                // Two ports on one network: one network, the union of their subnets.
+                Some(n) => {
+                    for s in subnets {
+                        if !n.subnets.iter().any(|x| x.cidr == s.cidr) {
+                            n.subnets.push(s);
+                        }
+                    }
+                }
+                None => networks.push(Network {
+                    id: net_id.clone(),
+                    name: str_at(net, "label").unwrap_or_default().to_owned(),
+                    project: meta
+                        .and_then(|m| str_at(m, "tenant_id"))
+                        .unwrap_or_default()
+                        .to_owned(),
+                    mtu,
+                    subnets,
+                }),
+            }
+        }
+        let devname = str_at(vif, "devname")
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("tap{}", id.chars().take(11).collect::<String>()));
+        ports.push(Port {
+            id: id.to_owned(),
+            network: net_id,
+            mac,
+            fixed_ips,
+            device_owner: "compute:nova".to_owned(),
+            vif_type: str_at(vif, "type").map(str::to_owned),
+            devname,
+        });
+    }
+    Ok((ports, networks, floating))
+}
+
+/// All rows of one instance → what the renderers take.
+///
+/// # Errors
+/// The first column that cannot be decoded.
+pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
+    let r = &rows.instance;
+    let extra = rows
+        .extra
+        .as_ref()
+        .ok_or_else(|| bad("instance_extra", "no row for this instance"))?;
+    let flavor = flavor_name(
+        extra
+            .flavor
+            .as_deref()
+            .ok_or_else(|| bad("instance_extra.flavor", "NULL"))?,
+    )?;
+    // Nova shows a keypair only when the instance was booted with a key name.
+    let keys = match (&r.key_name, &extra.keypairs) {
+        (Some(name), Some(text)) if !name.is_empty() => first_keypair(text)?.into_iter().collect(),
+        _ => Vec::new(),
+    };
+    // Validate the JSON Nova loads with the instance (a broken row is a 500
+    // in Nova too); their devices and CPUs are not rendered yet.
+    for (col, text) in [
+        ("instance_extra.device_metadata", &extra.device_metadata),
+        ("instance_extra.numa_topology", &extra.numa_topology),
+    ] {
+        if let Some(t) = text {
+            json(col, t)?;
+        }
+    }
+    let user_data = match r.user_data.as_deref() {
+        None => None,
+        Some(b64) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| bad("instances.user_data", format!("not base64: {e}")))?,
+        ),
+    };
+    let (ports, networks, floating_ips) = match rows.network_info.as_deref() {
+        None | Some("") => Default::default(),
+        Some(t) => network_info(t)?,
+    };
+    let meta: BTreeMap<String, String> = rows
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    let launch_index = u32::try_from(r.launch_index.unwrap_or(0))
+        .map_err(|_| bad("instances.launch_index", "negative or too large"))?;
+    let instance = Instance {
+        uuid: r.uuid.clone(),
+        name: r.display_name.clone().unwrap_or_default(),
+        hostname: r.hostname.clone().unwrap_or_default(),
+        project: r.project_id.clone().unwrap_or_default(),
+        availability_zone: r.availability_zone.clone(),
+        launch_index,
+        flavor,
+        ec2_id: ec2_id("instance_id_mappings.id", rows.ec2.instance)?,
+        image_ec2_id: match rows.ec2.image {
+            Some(i) => ec2_id("s3_images.id", i)?,
+            None => 0,
+        },
+        kernel_ec2_id: rows
+            .ec2
+            .kernel
+            .map(|i| ec2_id("s3_images.id", i))
+            .transpose()?,
+        ramdisk_ec2_id: rows
+            .ec2
+            .ramdisk
+            .map(|i| ec2_id("s3_images.id", i))
+            .transpose()?,
+        reservation_id: r.reservation_id.clone().unwrap_or_default(),
+        root_device_name: r.root_device_name.clone().filter(|s| !s.is_empty()),
+        security_groups: rows.security_groups.clone(),
+        user_data,
+        meta,
+        floating_ips,
+        keys,
+        ports,
+    };
+    Ok(Decoded {
+        instance,
+        networks,
+        password: extract_password(&rows.system_metadata),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rows Nova 34 wrote for the peers' vm1 (scripts/peers/nova/populate_nova.py).
+    const FLAVOR: &str = r#"{"cur": {"nova_object.name": "Flavor", "nova_object.namespace": "nova", "nova_object.version": "1.2", "nova_object.data": {"id": 1, "name": "m1.peer", "memory_mb": 512, "vcpus": 1, "root_gb": 1, "ephemeral_gb": 0, "flavorid": "42", "swap": 0, "rxtx_factor": 1.0, "vcpu_weight": 0, "disabled": false, "is_public": true, "extra_specs": {}, "description": null}, "nova_object.changes": ["name"]}, "old": null, "new": null}"#;
+    const KEYPAIRS: &str = r#"{"nova_object.name": "KeyPairList", "nova_object.namespace": "nova", "nova_object.version": "1.3", "nova_object.data": {"objects": [{"nova_object.name": "KeyPair", "nova_object.namespace": "nova", "nova_object.version": "1.4", "nova_object.data": {"name": "peer-key", "user_id": "peer-user", "fingerprint": "00:11", "public_key": "ssh-ed25519 AAAA peer@test", "type": "ssh"}, "nova_object.changes": ["name"]}]}, "nova_object.changes": ["objects"]}"#;
+    const NETWORK_INFO: &str = r#"[{"id": "a0a839ec-c903-4e3a-9d20-465e964e0c41", "address": "fa:16:3e:46:d5:16", "network": {"id": "2af076c2-dfd7-4002-b268-40d5b7ed003b", "bridge": "br-int", "label": "net1", "subnets": [{"cidr": "10.10.0.0/24", "dns": [{"address": "10.0.0.53", "type": "dns", "version": 4, "meta": {}}], "gateway": {"address": "10.10.0.1", "type": "gateway", "version": 4, "meta": {}}, "ips": [{"address": "10.10.0.11", "type": "fixed", "version": 4, "meta": {}, "floating_ips": [{"address": "203.0.113.7", "type": "floating", "version": 4, "meta": {}}]}], "routes": [{"cidr": "192.168.0.0/16", "gateway": {"address": "10.10.0.254"}}], "version": 4, "meta": {}}, {"cidr": "fd00:10::/64", "dns": [], "gateway": null, "ips": [{"address": "fd00:10::11", "version": 6}], "routes": [], "version": 6, "meta": {"ipv6_address_mode": "slaac", "dhcp_server": null}}], "meta": {"injected": false, "tenant_id": "6e1f3b0c9d6a4f0e8b7a2c1d0e9f8a7b", "mtu": 1450}}, "type": "ovs", "details": {}, "devname": "tapa0a839ec-c9", "active": true, "vnic_type": "normal", "meta": {}}]"#;
+
+    fn rows() -> Rows {
+        Rows {
+            instance: InstanceRow {
+                id: 1,
+                uuid: "00000001-0000-4000-8000-000000000001".into(),
+                project_id: Some("6e1f3b0c9d6a4f0e8b7a2c1d0e9f8a7b".into()),
+                hostname: Some("vm1".into()),
+                display_name: Some("VM One".into()),
+                launch_index: Some(0),
+                availability_zone: Some("nova".into()),
+                reservation_id: Some("r-00000001".into()),
+                image_ref: Some("11111111-2222-4333-8444-555555555555".into()),
+                kernel_id: Some(String::new()),
+                ramdisk_id: Some(String::new()),
+                key_name: Some("peer-key".into()),
+                user_data: Some("I2Nsb3VkLWNvbmZpZw==".into()),
+                root_device_name: Some("/dev/vda".into()),
+            },
+            extra: Some(ExtraRow {
+                flavor: Some(FLAVOR.into()),
+                keypairs: Some(KEYPAIRS.into()),
+                device_metadata: None,
+                numa_topology: None,
+            }),
+            metadata: vec![("role".into(), Some("web".into()))],
+            system_metadata: vec![("image_min_disk".into(), Some("1".into()))],
+            network_info: Some(NETWORK_INFO.into()),
+            ec2: Ec2Ids {
+                instance: 1,
+                image: Some(3),
+                kernel: None,
+                ramdisk: None,
+            },
+            security_groups: vec!["default".into()],
+        }
+    }
+
+    #[test]
+    fn novas_own_rows_decode_into_the_rendered_fields() {
+        let d = decode(&rows()).unwrap();
+        let i = &d.instance;
+        assert_eq!(i.name, "VM One");
+        assert_eq!(i.hostname, "vm1");
+        assert_eq!(i.flavor, "m1.peer");
+        assert_eq!((i.ec2_id, i.image_ec2_id), (1, 3));
+        assert_eq!(i.user_data.as_deref(), Some(&b"#cloud-config"[..]));
+        assert_eq!(i.keys.len(), 1);
+        assert_eq!(i.keys[0].name, "peer-key");
+        assert_eq!(i.keys[0].data, "ssh-ed25519 AAAA peer@test");
+        assert_eq!(i.meta.get("role").map(String::as_str), Some("web"));
+        assert_eq!(
+            i.floating_ips,
+            vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(i.ports.len(), 1);
+        let p = &i.ports[0];
+        assert_eq!(p.devname, "tapa0a839ec-c9");
+        assert_eq!(p.vif_type.as_deref(), Some("ovs"));
+        assert_eq!(p.fixed_ips.len(), 2);
+        assert_eq!(d.networks.len(), 1);
+        let n = &d.networks[0];
+        assert_eq!((n.mtu, n.name.as_str()), (Some(1450), "net1"));
+        assert_eq!(n.subnets[0].routes.len(), 1);
+        assert!(!n.subnets[0].dhcp);
+        assert_eq!(n.subnets[1].ipv6_mode, Some(Ipv6Mode::Slaac));
+        assert_eq!(n.subnets[1].gateway, None);
+        assert_eq!(d.password, None);
+    }
+
+    #[test]
+    fn no_key_name_means_no_keys_even_with_a_keypair_row() {
+        let mut r = rows();
+        r.instance.key_name = None;
+        assert!(decode(&r).unwrap().instance.keys.is_empty());
+    }
+
+    #[test]
+    fn the_password_is_the_chunks_in_key_order() {
+        let sm = |v: &[(&str, &str)]| -> Vec<(String, Option<String>)> {
+            v.iter()
+                .map(|(k, v)| ((*k).to_owned(), Some((*v).to_owned())))
+                .collect()
+        };
+        assert_eq!(
+            extract_password(&sm(&[
+                ("password_1", "b"),
+                ("password_0", "a"),
+                ("password_3", ""),
+                ("password_2", "c"),
+                ("other", "x")
+            ])),
+            Some("abc".into())
+        );
+        // Cleared (`nova clear-password` writes four empty chunks): none set.
+        assert_eq!(
+            extract_password(&sm(&[("password_0", ""), ("password_1", "")])),
+            None
+        );
+    }
+
+    #[test]
+    fn malformed_rows_name_the_column_and_never_panic() {
+        type Break = Box<dyn Fn(&mut Rows)>;
+        let cases: Vec<(Break, &str)> = vec![
+            (Box::new(|r| r.extra = None), "instance_extra"),
+            (
+                Box::new(|r| r.extra.as_mut().unwrap().flavor = Some("{".into())),
+                "instance_extra.flavor",
+            ),
+            (
+                Box::new(|r| {
+                    r.extra.as_mut().unwrap().flavor =
+                        Some(r#"{"cur": {"nova_object.name": "KeyPair"}}"#.into())
+                }),
+                "instance_extra.flavor",
+            ),
+            (
+                Box::new(|r| r.extra.as_mut().unwrap().keypairs = Some("[1]".into())),
+                "instance_extra.keypairs",
+            ),
+            (
+                Box::new(|r| r.extra.as_mut().unwrap().numa_topology = Some("nope".into())),
+                "instance_extra.numa_topology",
+            ),
+            (
+                Box::new(|r| r.instance.user_data = Some("!!!".into())),
+                "instances.user_data",
+            ),
+            (
+                Box::new(|r| r.network_info = Some(r#"{"not": "a list"}"#.into())),
+                "instance_info_caches.network_info",
+            ),
+            (
+                Box::new(|r| {
+                    r.network_info = Some(
+                        r#"[{"id": "p", "address": "fa:16:3e:00:00:01", "network": {"id": "n", "subnets": [{"cidr": "10.0.0.0/24", "ips": [{"address": 7}]}]}}]"#
+                            .into(),
+                    )
+                }),
+                "instance_info_caches.network_info[0].network.subnets[0]",
+            ),
+            (
+                Box::new(|r| r.ec2.instance = 1 << 40),
+                "instance_id_mappings.id",
+            ),
+            (
+                Box::new(|r| r.instance.launch_index = Some(-1)),
+                "instances.launch_index",
+            ),
+        ];
+        for (break_it, column) in cases {
+            let mut r = rows();
+            break_it(&mut r);
+            let e = decode(&r).unwrap_err();
+            assert_eq!(e.column, column, "{e}");
+        }
+    }
+
+    #[test]
+    fn an_empty_info_cache_is_an_instance_without_ports() {
+        let mut r = rows();
+        r.network_info = Some("[]".into());
+        let d = decode(&r).unwrap();
+        assert!(d.instance.ports.is_empty() && d.networks.is_empty());
+        r.network_info = None;
+        assert!(decode(&r).unwrap().instance.ports.is_empty());
+    }
+}

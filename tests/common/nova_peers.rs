@@ -1,0 +1,435 @@
+//! The differential against the real Nova metadata API (`scripts/peers/`):
+//! the peers' settings, signing, the request helper, and the comparison of
+//! every path cloud-init and the EC2 crawl request ([`compare_everything`]),
+//! shared by `peers_nova_diff.rs` (our API on an inventory) and
+//! `peers_nova_source.rs` (our API on Nova's own databases).
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use super::Resp;
+
+/// cloud-init's OpenStack reader picks the newest version it knows (Rocky).
+pub const CLOUD_INIT_OS_VERSION: &str = "2018-08-27";
+pub const VENDOR_JSON: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/scripts/peers/nova/vendor_data.json"
+);
+/// Nova (SQLite, one gunicorn worker) can be slow on a busy machine.
+pub const NOVA_TIMEOUT: Duration = Duration::from_secs(30);
+/// The DNS server `scripts/peers/nova/populate_nova.py` puts in every subnet.
+pub const NOVA_DNS: &str = "10.0.0.53";
+
+pub struct Peers {
+    pub fixture: Value,
+    pub nova: SocketAddr,
+    pub secret: String,
+    /// Where `scripts/peers/nova.sh` keeps Nova's SQLite databases.
+    pub nova_dir: PathBuf,
+}
+
+/// `None` (after printing SKIPPED) unless `METAPROXY_PEERS=1`.
+pub fn peers(test: &str) -> Option<Peers> {
+    if std::env::var("METAPROXY_PEERS").as_deref() != Ok("1") {
+        println!("SKIPPED {test}: METAPROXY_PEERS not set (scripts/peers/up.sh, then . /tmp/metaproxy-peers/env)");
+        return None;
+    }
+    let path = std::env::var("METAPROXY_PEERS_FIXTURE")
+        .unwrap_or_else(|_| "/tmp/metaproxy-peers/fixture.json".into());
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("METAPROXY_PEERS=1 but the fixture {path} is unreadable: {e}"));
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let url = std::env::var("METAPROXY_PEERS_NOVA_URL")
+        .unwrap_or_else(|_| fixture["nova_url"].as_str().unwrap().to_owned());
+    let nova = url
+        .strip_prefix("http://")
+        .unwrap_or(&url)
+        .trim_end_matches('/')
+        .parse()
+        .unwrap_or_else(|e| panic!("nova url {url}: {e}"));
+    let secret = std::env::var("METAPROXY_PEERS_SECRET")
+        .unwrap_or_else(|_| fixture["shared_secret"].as_str().unwrap().to_owned());
+    let nova_dir = std::env::var("METAPROXY_PEERS_NOVA_DIR").map_or_else(
+        |_| {
+            std::path::Path::new(&path)
+                .parent()
+                .unwrap_or(std::path::Path::new("/tmp/metaproxy-peers"))
+                .join("nova")
+        },
+        PathBuf::from,
+    );
+    Some(Peers {
+        fixture,
+        nova,
+        secret,
+        nova_dir,
+    })
+}
+
+pub fn sign(secret: &str, id: &str) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(id.as_bytes());
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// The identity headers Neutron's agent sends.
+#[derive(Clone)]
+pub struct Who {
+    pub instance: String,
+    pub tenant: String,
+    pub signature: String,
+    pub forwarded_for: String,
+}
+
+impl Who {
+    pub fn headers(&self) -> String {
+        format!(
+            "X-Forwarded-For: {}\r\nX-Instance-ID: {}\r\nX-Tenant-ID: {}\r\nX-Instance-ID-Signature: {}\r\n",
+            self.forwarded_for, self.instance, self.tenant, self.signature
+        )
+    }
+}
+
+pub fn request(to: SocketAddr, method: &str, path: &str, headers: &str) -> Resp {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}Connection: close\r\n\r\n"
+    );
+    let t0 = Instant::now();
+    loop {
+        match super::get(to, &raw) {
+            Ok(r) => return r,
+            // gunicorn may drop a connection under load; one more try is what
+            // a pooling client does too.
+            Err(e) if t0.elapsed() < NOVA_TIMEOUT => {
+                eprintln!("retrying {method} {path} to {to}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{method} {path} to {to}: {e}"),
+        }
+    }
+}
+
+/// `random_seed` is 512 fresh random bytes per response: replace its value.
+pub fn mask_seed(body: &[u8]) -> Vec<u8> {
+    const KEY: &[u8] = b"\"random_seed\": \"";
+    let Some(at) = body.windows(KEY.len()).position(|w| w == KEY) else {
+        return body.to_vec();
+    };
+    let start = at + KEY.len();
+    let len = body[start..]
+        .iter()
+        .position(|&b| b == b'"')
+        .expect("unterminated random_seed");
+    let mut out = body[..start].to_vec();
+    out.extend_from_slice(b"<masked>");
+    out.extend_from_slice(&body[start + len..]);
+    out
+}
+
+/// A `metaproxy api` child, stopped with SIGTERM when dropped.
+pub struct Api(pub Child);
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// Compares one request on both servers; collects mismatches.
+pub struct Diff {
+    pub nova: SocketAddr,
+    pub ours: SocketAddr,
+    pub compared: usize,
+    pub mismatches: Vec<String>,
+}
+
+impl Diff {
+    /// Send to both; on a 200 compare `Content-Type` and body too. Returns Nova's answer.
+    pub fn check(&mut self, method: &str, path: &str, headers: &str, label: &str) -> Resp {
+        let n = request(self.nova, method, path, headers);
+        let o = request(self.ours, method, path, headers);
+        self.compared += 1;
+        let what = format!("{label}: {method} {path}");
+        if n.status != o.status {
+            self.mismatches.push(format!(
+                "{what}: status nova {} ours {}",
+                n.status, o.status
+            ));
+        } else if n.status == 200 {
+            let (nct, oct) = (n.header("Content-Type"), o.header("Content-Type"));
+            if nct != oct {
+                self.mismatches
+                    .push(format!("{what}: Content-Type nova {nct:?} ours {oct:?}"));
+            }
+            let (nb, ob) = (mask_seed(&n.body), mask_seed(&o.body));
+            if nb != ob {
+                self.mismatches.push(format!(
+                    "{what}: body\n  nova {}\n  ours {}",
+                    String::from_utf8_lossy(&nb),
+                    String::from_utf8_lossy(&ob)
+                ));
+            }
+        }
+        n
+    }
+
+    /// Expect both to answer these statuses (a documented difference).
+    pub fn expect(&mut self, path: &str, headers: &str, nova: u16, ours: u16) {
+        let n = request(self.nova, "GET", path, headers);
+        let o = request(self.ours, "GET", path, headers);
+        self.compared += 1;
+        if (n.status, o.status) != (nova, ours) {
+            self.mismatches.push(format!(
+                "GET {path}: expected nova {nova} / ours {ours}, got {} / {}",
+                n.status, o.status
+            ));
+        }
+    }
+
+    /// cloud-init's EC2 crawl, driven by Nova's listings: every line of every
+    /// listing is fetched (directories with a trailing `/`, `N=name` as
+    /// `N/` and `N/openssh-key`).
+    pub fn crawl(&mut self, dir: &str, headers: &str, label: &str, seen: &mut BTreeSet<String>) {
+        let listing = self.check("GET", dir, headers, label);
+        if listing.status != 200 {
+            return;
+        }
+        for line in listing.text().lines() {
+            if let Some(sub) = line.strip_suffix('/') {
+                self.crawl(&format!("{dir}{sub}/"), headers, label, seen);
+            } else if let Some((idx, _name)) = line.split_once('=') {
+                self.crawl(&format!("{dir}{idx}/"), headers, label, seen);
+                self.check("GET", &format!("{dir}{idx}/openssh-key"), headers, label);
+            } else {
+                let path = format!("{dir}{line}");
+                self.check("GET", &path, headers, label);
+                seen.insert(path);
+            }
+        }
+    }
+}
+
+/// The fixture's instances, by name.
+pub fn instances(p: &Peers) -> Vec<(String, Value)> {
+    p.fixture["instances"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The identity the agent sends for this fixture instance.
+pub fn who(p: &Peers, vm: &Value) -> Who {
+    Who {
+        instance: vm["uuid"].as_str().unwrap().to_owned(),
+        tenant: vm["project_id"].as_str().unwrap().to_owned(),
+        signature: sign(&p.secret, vm["uuid"].as_str().unwrap()),
+        forwarded_for: vm["ip_address"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// Send every request of the differential to Nova and to `ours`.
+pub fn compare_everything(p: &Peers, ours: SocketAddr) -> Diff {
+    let instances = instances(p);
+    assert!(!instances.is_empty(), "fixture has no instances");
+    let who = |vm: &Value| who(p, vm);
+    let mut d = Diff {
+        nova: p.nova,
+        ours,
+        compared: 0,
+        mismatches: Vec::new(),
+    };
+
+    // No identity needed.
+    for path in ["/", "/foo/../", "//"] {
+        d.check("GET", path, "", "anonymous");
+    }
+
+    let mut ec2_leaves = BTreeSet::new();
+    for (name, vm) in &instances {
+        let h = who(vm).headers();
+        let h = h.as_str();
+        let label = name.as_str();
+        // Version lists and the OpenStack reader's probe.
+        for path in [
+            "/ec2",
+            "/ec2/",
+            "/openstack",
+            "/openstack/",
+            "/latest",
+            "/2009-04-04",
+            "/2009-04-04/",
+            "/latest/",
+        ] {
+            d.check("GET", path, h, label);
+        }
+        // cloud-init's OpenStack reader, at the version it picks and at latest.
+        for v in [CLOUD_INIT_OS_VERSION, "latest"] {
+            d.check("GET", &format!("/openstack/{v}"), h, label);
+            d.check("GET", &format!("/openstack/{v}/"), h, label);
+            for file in [
+                "meta_data.json",
+                "user_data",
+                "vendor_data.json",
+                "vendor_data2.json",
+                "network_data.json",
+                "password",
+            ] {
+                d.check("GET", &format!("/openstack/{v}/{file}"), h, label);
+            }
+        }
+        // Every OpenStack version's meta_data.json (version-gated keys).
+        let versions = request(p.nova, "GET", "/openstack", h).text();
+        for v in versions.lines() {
+            d.check("GET", &format!("/openstack/{v}/meta_data.json"), h, label);
+            d.check("GET", &format!("/openstack/{v}"), h, label);
+        }
+        // cloud-init's EC2 version probe, then its crawl.
+        for v in ["2021-03-23", "2018-09-24", "2016-09-02"] {
+            d.check("GET", &format!("/{v}/meta-data/instance-id"), h, label);
+        }
+        for v in ["2009-04-04", "latest"] {
+            d.check("GET", &format!("/{v}/user-data"), h, label);
+            let mut seen = BTreeSet::new();
+            d.crawl(&format!("/{v}/meta-data/"), h, label, &mut seen);
+            d.check("GET", &format!("/{v}/meta-data"), h, label);
+            ec2_leaves.extend(seen);
+        }
+        // Every EC2 version's listing (version-gated keys).
+        for v in request(p.nova, "GET", "/", "").text().lines() {
+            d.check("GET", &format!("/{v}/meta-data/"), h, label);
+        }
+        // Path normalisation, HEAD, and unknown paths.
+        for path in [
+            "/openstack//latest/meta_data.json",
+            "/openstack/latest/../latest/network_data.json",
+            "/ec2/latest/meta-data/hostname",
+            "/ec2/2009-04-04/meta-data/",
+            "/latest//meta-data//placement//",
+            "/latest/meta-data/public-keys/0/openssh-key/",
+            "/openstack/content",
+            "/openstack/2099-01-01/meta_data.json",
+            "/openstack/latest/nope",
+            "/latest/meta-data/nope",
+            "/latest/api/token",
+            "/2016-09-02/meta-data/",
+            "/nope",
+        ] {
+            d.check("GET", path, h, label);
+        }
+        for path in [
+            "/openstack/latest/meta_data.json",
+            "/latest/meta-data/",
+            "/openstack/latest/password",
+        ] {
+            d.check("HEAD", path, h, label);
+        }
+        // Nova's uncaught TypeError one segment below a leaf; two segments is 404 on both.
+        d.expect("/latest/meta-data/hostname/x", h, 500, 404);
+        d.check("GET", "/latest/meta-data/hostname/x/y", h, label);
+
+        // Identity errors.
+        let w = who(vm);
+        let bad_sig = Who {
+            signature: sign("not-the-secret", &w.instance),
+            ..w.clone()
+        };
+        d.check(
+            "GET",
+            "/openstack/latest/meta_data.json",
+            &bad_sig.headers(),
+            label,
+        );
+        let upper = Who {
+            signature: w.signature.to_uppercase(),
+            ..w.clone()
+        };
+        d.check(
+            "GET",
+            "/openstack/latest/meta_data.json",
+            &upper.headers(),
+            label,
+        );
+        let other_tenant = Who {
+            tenant: "ffffffffffffffffffffffffffffffff".into(),
+            ..w.clone()
+        };
+        d.check(
+            "GET",
+            "/openstack/latest/meta_data.json",
+            &other_tenant.headers(),
+            label,
+        );
+        let no_sig = format!(
+            "X-Instance-ID: {}\r\nX-Tenant-ID: {}\r\n",
+            w.instance, w.tenant
+        );
+        d.check("GET", "/openstack/latest/meta_data.json", &no_sig, label);
+        let no_tenant = format!(
+            "X-Instance-ID: {}\r\nX-Instance-ID-Signature: {}\r\n",
+            w.instance, w.signature
+        );
+        d.check("GET", "/openstack/latest/meta_data.json", &no_tenant, label);
+        d.check("GET", "/openstack/latest/meta_data.json", "", label);
+    }
+    let unknown = "ffffffff-0000-4000-8000-00000000ffff";
+    let stranger = Who {
+        instance: unknown.into(),
+        tenant: instances[0].1["project_id"].as_str().unwrap().into(),
+        signature: sign(&p.secret, unknown),
+        forwarded_for: "10.10.0.99".into(),
+    };
+    d.check(
+        "GET",
+        "/openstack/latest/meta_data.json",
+        &stranger.headers(),
+        "unknown instance",
+    );
+
+    // The crawl really walked the tree cloud-init reads.
+    for leaf in [
+        "/2009-04-04/meta-data/instance-id",
+        "/latest/meta-data/placement/availability-zone",
+        "/latest/meta-data/block-device-mapping/root",
+    ] {
+        assert!(
+            ec2_leaves.contains(leaf),
+            "crawl missed {leaf}: {ec2_leaves:?}"
+        );
+    }
+    d
+}
+
+/// Fail with every mismatch, or print how many requests agreed.
+pub fn assert_same(test: &str, p: &Peers, d: &Diff) {
+    println!(
+        "{test}: {} requests compared against {}",
+        d.compared, p.nova
+    );
+    assert!(
+        d.mismatches.is_empty(),
+        "{} of {} differ from Nova:\n{}",
+        d.mismatches.len(),
+        d.compared,
+        d.mismatches.join("\n")
+    );
+}
