@@ -17,6 +17,7 @@ pub mod config;
 pub mod http;
 pub mod inventory;
 pub mod log;
+pub mod metrics;
 pub mod proxy;
 pub mod rt;
 pub mod serve;

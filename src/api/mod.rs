@@ -24,6 +24,7 @@
 pub mod config;
 mod ec2;
 mod json;
+pub mod metrics;
 mod openstack;
 mod password;
 mod path;

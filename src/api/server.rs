@@ -30,6 +30,7 @@ use std::time::Instant;
 use smallvec::SmallVec;
 
 use crate::api::config::ApiConfig;
+use crate::api::metrics::{LoopMetrics, Registry};
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
 use crate::http::{self, RequestHead};
 use crate::inventory::store::{self, Local, Watcher};
@@ -38,7 +39,7 @@ use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
 use crate::serve::admit::{self, Admission, Gate};
-use crate::serve::{self, Answer, Handler, Request, Server, Stop};
+use crate::serve::{self, Answer, Handler, Refusal, Request, Server, Stop};
 
 /// Per-loop state shared by its connection tasks.
 struct ApiLoop {
@@ -49,6 +50,8 @@ struct ApiLoop {
     /// Set when the loop drains.
     stopping: Event,
     server: Rc<Server>,
+    /// This loop's counters.
+    m: Arc<LoopMetrics>,
 }
 
 /// A running API server: its loops, the shared handler and the watcher.
@@ -59,6 +62,8 @@ pub struct ApiHandle {
     controls: Vec<UnboundedSender<Stop>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
     watcher: Option<Watcher>,
+    exporter: Option<crate::metrics::Exporter>,
+    metrics: Registry,
 }
 
 impl std::fmt::Debug for ApiHandle {
@@ -71,6 +76,16 @@ impl std::fmt::Debug for ApiHandle {
 }
 
 impl ApiHandle {
+    /// Where the Prometheus endpoint (`api.metrics_listen`) listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.exporter.as_ref().map(crate::metrics::Exporter::addr)
+    }
+
+    /// The metrics in Prometheus text (what `api.metrics_listen` serves).
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
     /// Re-read the inventory file and swap it in; requests in flight finish on
     /// the old one. On error the old inventory stays and the error is logged.
     ///
@@ -103,15 +118,27 @@ impl ApiHandle {
 /// The inventory or the password store could not be loaded, an address could
 /// not be bound (the daemon must refuse to start), or a thread could not start.
 pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
+    start_sharing(cfg, None)
+}
+
+/// [`start`], serving from `shared` when given (`metaproxy up`: the agent's
+/// and the API's inventory are one [`inventory::Store`], loaded once and
+/// watched by the caller; this server then starts no watcher of its own).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_sharing(
+    cfg: ApiConfig,
+    shared: Option<Arc<inventory::Store>>,
+) -> io::Result<ApiHandle> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
-    let inventory = inventory::Store::load(&cfg.inventory).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", cfg.inventory.display()),
-        )
-    })?;
+    let owned = shared.is_none();
+    let inventory = match shared {
+        Some(s) => s,
+        None => Arc::new(load_store(&cfg.inventory)?),
+    };
     // Private from the start (PasswordStore::open makes it 0700 in any case).
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -130,7 +157,6 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         vendor_data: cfg.vendor_data.clone(),
         dhcp_domain_override: cfg.dhcp_domain.clone(),
     };
-    let inventory = Arc::new(inventory);
     let api = Arc::new(MetadataApi::new(settings, Arc::new(passwords)));
     admit::check_backlog("api", cfg.backlog);
     let mut sockets = Vec::with_capacity(cfg.listen.len());
@@ -159,22 +185,38 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         cfg.max_connections,
         admit::fd_budget().max()
     ));
+    let metrics = Registry::new(workers);
+    let exporter = match cfg.metrics_listen {
+        Some(addr) => {
+            let r = metrics.clone();
+            let e = crate::metrics::serve(addr, "api-metrics", move || r.render())
+                .map_err(|e| io::Error::new(e.kind(), format!("api.metrics_listen {addr}: {e}")))?;
+            log::info(format_args!("api metrics on http://{}/metrics", e.addr()));
+            Some(e)
+        }
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
     let loop_inventory = inventory.clone();
+    let loop_metrics = metrics.clone();
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
         let (cfg, api) = (cfg.clone(), api.clone());
         let (sockets, gate) = (sockets.clone(), gate.clone());
         let store = loop_inventory.clone();
-        async move { run_loop(i, cfg, api, store.local(), &sockets, gate, rx).await }
+        let m = loop_metrics.0.get(i).cloned().unwrap_or_default();
+        async move { run_loop(i, cfg, api, store.local(), m, &sockets, gate, rx).await }
     })?;
-    let watcher = match Watcher::start(
-        inventory.clone(),
-        store::POLL_INTERVAL,
-        "api-inventory-watch",
-    ) {
-        Ok(w) => Some(w),
-        Err(e) => {
+    let watcher = match owned.then(|| {
+        Watcher::start(
+            inventory.clone(),
+            store::POLL_INTERVAL,
+            "api-inventory-watch",
+        )
+    }) {
+        None => None,
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
             log::warn(format_args!(
                 "cannot start the inventory watcher ({e}); reload with SIGHUP"
             ));
@@ -187,6 +229,21 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         controls,
         threads,
         watcher,
+        exporter,
+        metrics,
+    })
+}
+
+/// Load the inventory at start-up (a broken file refuses the start, naming it).
+///
+/// # Errors
+/// The file cannot be read or is not a valid inventory.
+pub fn load_store(path: &std::path::Path) -> io::Result<inventory::Store> {
+    inventory::Store::load(path).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
     })
 }
 
@@ -202,6 +259,7 @@ async fn run_loop(
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
     inventory: Local,
+    m: Arc<LoopMetrics>,
     sockets: &[std::net::TcpListener],
     gate: Arc<Gate>,
     mut control: UnboundedReceiver<Stop>,
@@ -213,6 +271,7 @@ async fn run_loop(
         inventory,
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
+        m,
     });
     if index == 0 {
         log::info(format_args!("api loops use {:?}", rt::engine()));
@@ -265,6 +324,10 @@ impl Handler for ApiConn {
         &self.ctx.stopping
     }
 
+    fn refused(&self, _: &[u8], _: Option<&RequestHead>, why: Refusal, _: Instant) -> u16 {
+        self.ctx.m.refused(why)
+    }
+
     /// Run the handler and render its answer.
     async fn answer(&self, _conn: &TcpConn, req: &Request<'_>, out: &mut Vec<u8>) -> Answer {
         let (buf, head): (&[u8], &RequestHead) = (req.buf, req.head);
@@ -288,6 +351,7 @@ impl Handler for ApiConn {
         }
         let keep = head.keep_alive && !self.ctx.stopping.is_set();
         write_response(&resp, req.is_head(), keep, out);
+        self.ctx.m.answered(resp.status, req.started.elapsed());
         Answer::Write { keep }
     }
 }

@@ -135,8 +135,13 @@ pub fn put_header(out: &mut Vec<u8>, name: HeaderName<'_>, value: HeaderValue<'_
     out.extend_from_slice(b"\r\n");
 }
 
-/// Append `Content-Length: <n>\r\n` (digits only, so no check is needed).
+/// Append `Content-Length: <n>\r\n`.
 pub fn put_content_length(out: &mut Vec<u8>, n: u64) {
+    put_number(out, CONTENT_LENGTH, n);
+}
+
+/// Append `Name: <n>\r\n`, `n` in decimal (digits only, so no check is needed).
+pub fn put_number(out: &mut Vec<u8>, name: HeaderName<'_>, n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut v = n;
@@ -149,7 +154,7 @@ pub fn put_content_length(out: &mut Vec<u8>, n: u64) {
             break;
         }
     }
-    put_header(out, CONTENT_LENGTH, HeaderValue(&digits[i..]));
+    put_header(out, name, HeaderValue(&digits[i..]));
 }
 
 /// Append `HTTP/1.1 <status> <reason>\r\n` (the status as three digits).

@@ -17,6 +17,11 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::http::write::{
+    put_content_length, put_header, put_number, put_status_line, CONNECTION, CONTENT_TYPE,
+};
+use crate::http::{HeaderName, HeaderValue};
+
 /// Headers that mark a request as forwarded by a proxy; a token PUT
 /// carrying any of them is refused with 400 (AWS refuses `X-Forwarded-For`;
 /// `Forwarded` and `X-Real-IP` say the same thing).
@@ -160,6 +165,27 @@ pub struct TokenRequest<'a> {
     pub ttl: &'a [&'a [u8]],
     /// Every token header value.
     pub tokens: &'a [&'a [u8]],
+}
+
+/// The `X-aws-ec2-metadata-token-ttl-seconds` answer header.
+const TTL_ANSWER: HeaderName<'static> =
+    HeaderName::from_static("X-aws-ec2-metadata-token-ttl-seconds");
+
+/// The 200 answer to a token PUT, written with [`crate::http::write`]:
+/// `Content-Type: text/plain`, the TTL echoed, the token as the body (left
+/// out after a HEAD), `Connection: close` when `close`.
+pub fn write_token_answer(out: &mut Vec<u8>, token: &str, ttl: u64, is_head: bool, close: bool) {
+    put_status_line(out, 200, HeaderValue::from_static("OK"));
+    put_header(out, CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    put_number(out, TTL_ANSWER, ttl);
+    put_content_length(out, token.len() as u64);
+    if close {
+        put_header(out, CONNECTION, HeaderValue::from_static("close"));
+    }
+    out.extend_from_slice(b"\r\n");
+    if !is_head {
+        out.extend_from_slice(token.as_bytes());
+    }
 }
 
 /// Decide what to do with a request under `mode`.
