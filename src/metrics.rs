@@ -318,18 +318,26 @@ impl Drop for Exporter {
     }
 }
 
-/// Serve the text `render` makes on `addr` (any path: `GET /metrics` is what
-/// Prometheus asks for), one scrape at a time, from a std thread named
-/// `thread`. A HEAD gets the head alone.
+/// Bind a daemon's `metrics_listen` (before its loops start, so a bad
+/// address refuses the start); the error names `key`.
 ///
 /// # Errors
-/// The address cannot be bound or the thread not spawned.
+/// The address cannot be bound.
+pub fn bind(key: &str, addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{key} {addr}: {e}")))
+}
+
+/// Serve the text `render` makes on `l` (from [`bind`]; any path: `GET
+/// /metrics` is what Prometheus asks for), one scrape at a time, from a std
+/// thread named `thread`. A HEAD gets the head alone.
+///
+/// # Errors
+/// The thread could not be spawned.
 pub fn serve(
-    addr: SocketAddr,
+    l: TcpListener,
     thread: &str,
     render: impl Fn() -> String + Send + 'static,
 ) -> io::Result<Exporter> {
-    let l = TcpListener::bind(addr)?;
     let addr = l.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();

@@ -270,9 +270,8 @@ pub fn start_sharing(
     let exporter = match cfg.metrics_listen {
         Some(addr) => Some({
             let registry = shared.metrics.clone();
-            crate::metrics::serve(addr, "agent-metrics", move || registry.render()).map_err(
-                |e| io::Error::new(e.kind(), format!("agent.metrics_listen {addr}: {e}")),
-            )?
+            let l = crate::metrics::bind("agent.metrics_listen", addr)?;
+            crate::metrics::serve(l, "agent-metrics", move || registry.render())?
         }),
         None => None,
     };

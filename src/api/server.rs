@@ -189,8 +189,8 @@ pub fn start_sharing(
     let exporter = match cfg.metrics_listen {
         Some(addr) => {
             let r = metrics.clone();
-            let e = crate::metrics::serve(addr, "api-metrics", move || r.render())
-                .map_err(|e| io::Error::new(e.kind(), format!("api.metrics_listen {addr}: {e}")))?;
+            let l = crate::metrics::bind("api.metrics_listen", addr)?;
+            let e = crate::metrics::serve(l, "api-metrics", move || r.render())?;
             log::info(format_args!("api metrics on http://{}/metrics", e.addr()));
             Some(e)
         }

@@ -217,6 +217,10 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
     for ns in &cfg.namespaces {
         initial.push((ns.clone(), bind_namespace(ns, cfg.backlog)?));
     }
+    let metrics = cfg
+        .metrics_listen
+        .map(|a| crate::metrics::bind("proxy.metrics_listen", a))
+        .transpose()?;
     let cfg = Arc::new(cfg);
     let workers = cfg.workers.get();
     let tokens = Arc::new(imdsv2::TokenAuthority::new()?);
@@ -230,13 +234,10 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         async move { run_loop(i, cfg, rx, tokens, limiter).await }
     })?;
     let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
-    let exporter = match cfg.metrics_listen {
-        Some(addr) => {
+    let exporter = match metrics {
+        Some(l) => {
             let c = control.clone();
-            let e = crate::metrics::serve(addr, "proxy-metrics", move || c.metrics_text())
-                .map_err(|e| {
-                    io::Error::new(e.kind(), format!("proxy.metrics_listen {addr}: {e}"))
-                })?;
+            let e = crate::metrics::serve(l, "proxy-metrics", move || c.metrics_text())?;
             log::info(format_args!("proxy metrics on http://{}/metrics", e.addr()));
             Some(e)
         }
