@@ -151,8 +151,15 @@ fn each_daemon_counts_real_traffic_and_attacks_on_its_endpoint() {
     // Nothing yet.
     let ns = format!("router_id=\"{ROUTER}\"");
     let p = scrape(proxy_m);
-    assert_eq!(sample(&p, "metaproxy_proxy_requests_total", &[&ns]), Some(0), "{p}");
-    assert_eq!(sample(&p, "metaproxy_proxy_rx_smuggling_total", &[&ns]), Some(0));
+    assert_eq!(
+        sample(&p, "metaproxy_proxy_requests_total", &[&ns]),
+        Some(0),
+        "{p}"
+    );
+    assert_eq!(
+        sample(&p, "metaproxy_proxy_rx_smuggling_total", &[&ns]),
+        Some(0)
+    );
 
     // A guest's request through the whole chain (source 127.0.0.1 is "demo").
     let r = get(
@@ -173,7 +180,10 @@ fn each_daemon_counts_real_traffic_and_attacks_on_its_endpoint() {
     // Ambiguous framing, at the proxy.
     assert_eq!(exchange(c.guest, SMUGGLING), 400);
     // A head that never completes: 408 after http_request.
-    assert_eq!(exchange(c.guest, "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n"), 408);
+    assert_eq!(
+        exchange(c.guest, "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n"),
+        408
+    );
 
     let p = scrape(proxy_m);
     let at = |name: &str| sample(&p, name, &[&ns]);
@@ -194,9 +204,16 @@ fn each_daemon_counts_real_traffic_and_attacks_on_its_endpoint() {
     let _ = s.read_to_end(&mut out);
     assert!(out.starts_with(b"HTTP/1.1 400 "), "{out:?}");
     let a = scrape(agent_m);
-    assert_eq!(sample(&a, "metaproxy_agent_requests_total", &[]), Some(2), "{a}");
+    assert_eq!(
+        sample(&a, "metaproxy_agent_requests_total", &[]),
+        Some(2),
+        "{a}"
+    );
     assert_eq!(sample(&a, "metaproxy_agent_forwarded_total", &[]), Some(2));
-    assert_eq!(sample(&a, "metaproxy_agent_rx_smuggling_total", &[]), Some(1));
+    assert_eq!(
+        sample(&a, "metaproxy_agent_rx_smuggling_total", &[]),
+        Some(1)
+    );
     assert_eq!(
         sample(&a, "metaproxy_agent_responses_total", &["status=\"200\""]),
         Some(2)
@@ -209,7 +226,11 @@ fn each_daemon_counts_real_traffic_and_attacks_on_its_endpoint() {
     // The API: the agent's two, then smuggling straight at it.
     assert_eq!(exchange(c.api.bound[0], SMUGGLING), 400);
     let m = scrape(api_m);
-    assert_eq!(sample(&m, "metaproxy_api_requests_total", &[]), Some(2), "{m}");
+    assert_eq!(
+        sample(&m, "metaproxy_api_requests_total", &[]),
+        Some(2),
+        "{m}"
+    );
     assert_eq!(sample(&m, "metaproxy_api_rx_smuggling_total", &[]), Some(1));
     assert_eq!(
         sample(&m, "metaproxy_api_responses_total", &["status=\"200\""]),
@@ -258,7 +279,10 @@ fn the_proxy_counts_agent_failures_by_what_failed() {
     let r = get(p.bound[0][0], "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert_eq!(r.status, 504);
     // A head over max_head_bytes: 431.
-    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(2000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(2000)
+    );
     assert_eq!(exchange(p.bound[0][0], &big), 431);
     let text = scrape(p.metrics_addr().unwrap());
     assert_eq!(
@@ -334,6 +358,9 @@ fn a_bad_metrics_listen_refuses_to_start_naming_the_key() {
         &agent.path,
         &format!("metrics_listen = \"{}\"", taken.local_addr().unwrap()),
     );
-    let e = metaproxy::proxy::start(cfg).err().expect("refused").to_string();
+    let e = metaproxy::proxy::start(cfg)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("proxy.metrics_listen"), "{e}");
 }

@@ -261,6 +261,27 @@ mod tests {
         out
     }
 
+    #[test]
+    fn the_rewrite_counts_the_trust_headers_it_deletes() {
+        let count = |req: &[u8]| {
+            let head = parse(req);
+            let mut out = Vec::new();
+            let peer = "10.0.0.5".parse().unwrap();
+            rewrite_proxy_request(req, &head, peer, b"X-Neutron-Router-ID", b"r", &mut out)
+        };
+        assert_eq!(
+            count(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            0
+        );
+        assert_eq!(
+            count(
+                b"GET / HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\nx_instance_id: i\r\n\
+                  X-Neutron-Router-ID: other\r\nX-aws-ec2-metadata-token: t\r\n\r\n"
+            ),
+            3
+        );
+    }
+
     /// Re-parse rewritten output and check trust headers are exactly the injected ones.
     fn check_rewritten(out: &[u8]) -> RequestHead {
         let h = parse_request(out, &Limits::default()).unwrap().unwrap();

@@ -252,6 +252,24 @@ fn is_versioned_token_path(path: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_token_answer_has_the_ttl_the_token_and_no_body_after_head() {
+        let mut out = Vec::new();
+        write_token_answer(&mut out, "tok", 21600, false, false);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+              X-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: 3\r\n\r\ntok"
+        );
+        let mut head = Vec::new();
+        write_token_answer(&mut head, "tok", 5, true, true);
+        assert_eq!(
+            head,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+              X-aws-ec2-metadata-token-ttl-seconds: 5\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
+    }
+
     use super::*;
 
     const NS: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
