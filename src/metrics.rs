@@ -3,7 +3,7 @@
 //! serves them (`proxy.metrics_listen`, `agent.metrics_listen`,
 //! `api.metrics_listen`).
 //!
-//! A daemon names its counters once, in a [`counter_set!`]: the macro makes
+//! A daemon names its counters once, in a `counter_set!`: the macro makes
 //! the per-loop block (one `AtomicU64` per event, cache-line aligned), its
 //! plain snapshot that crosses threads (`add` to merge loops), and the
 //! metric names and help texts the endpoint renders. A loop is the only
@@ -58,7 +58,7 @@ pub fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-/// A snapshot of a [`counter_set!`]: its values in the order of
+/// A snapshot of a `counter_set!`: its values in the order of
 /// [`Snapshot::METRICS`].
 pub trait Snapshot {
     /// Each counter's event name and help text.

@@ -203,9 +203,13 @@ pub fn start_sharing(
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
         let (cfg, api) = (cfg.clone(), api.clone());
         let (sockets, gate) = (sockets.clone(), gate.clone());
-        let store = loop_inventory.clone();
-        let m = loop_metrics.0.get(i).cloned().unwrap_or_default();
-        async move { run_loop(i, cfg, api, store.local(), m, &sockets, gate, rx).await }
+        let parts = LoopParts {
+            cfg,
+            api,
+            store: loop_inventory.clone(),
+            m: loop_metrics.0.get(i).cloned().unwrap_or_default(),
+        };
+        async move { run_loop(i, parts, &sockets, gate, rx).await }
     })?;
     let watcher = match owned.then(|| {
         Watcher::start(
@@ -254,21 +258,27 @@ fn bind_with_retry(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpLi
         .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))
 }
 
-async fn run_loop(
-    index: usize,
+/// What a loop starts from (made on the main thread, so all `Send`).
+struct LoopParts {
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
-    inventory: Local,
+    store: Arc<inventory::Store>,
     m: Arc<LoopMetrics>,
+}
+
+async fn run_loop(
+    index: usize,
+    parts: LoopParts,
     sockets: &[std::net::TcpListener],
     gate: Arc<Gate>,
     mut control: UnboundedReceiver<Stop>,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
+    let LoopParts { cfg, api, store, m } = parts;
     let ctx = Rc::new(ApiLoop {
         cfg: cfg.clone(),
         api,
-        inventory,
+        inventory: store.local(),
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
         m,
