@@ -119,6 +119,29 @@ macro_rules! counter_set {
 }
 pub(crate) use counter_set;
 
+/// One metrics block per loop (`T`: a daemon's block), `Arc`-shared only
+/// so that a scrape on another thread can read them.
+#[derive(Debug, Default)]
+pub struct PerLoop<T>(pub Arc<Vec<Arc<T>>>);
+
+impl<T> Clone for PerLoop<T> {
+    fn clone(&self) -> Self {
+        PerLoop(self.0.clone())
+    }
+}
+
+impl<T: Default> PerLoop<T> {
+    /// `n` fresh blocks.
+    pub fn new(n: usize) -> Self {
+        PerLoop(Arc::new((0..n).map(|_| Arc::new(T::default())).collect()))
+    }
+
+    /// Loop `i`'s block (a fresh, unread one past the end).
+    pub fn block(&self, i: usize) -> Arc<T> {
+        self.0.get(i).cloned().unwrap_or_default()
+    }
+}
+
 /// A cumulative histogram with fixed bounds (`N` bounds plus `+Inf`), one per
 /// loop like the counters.
 #[derive(Debug)]
@@ -259,6 +282,15 @@ pub fn write_labelled(o: &mut String, name: &str, help: &str, label: &str, rows:
     head(o, name, help, "counter");
     for (l, v) in rows {
         sample(o, name, &format!("{label}=\"{}\"", label_value(l)), v);
+    }
+}
+
+/// Render one family of `kind` (`counter`, `gauge`) with a sample per row
+/// of (labels text, value), as [`write_counters`] for one value per row.
+pub fn write_rows(o: &mut String, name: &str, help: &str, kind: &str, rows: &[(String, u64)]) {
+    head(o, name, help, kind);
+    for (labels, v) in rows {
+        sample(o, name, labels, v);
     }
 }
 

@@ -13,13 +13,12 @@
 
 use std::ops::Deref;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::metrics::inc;
 use crate::metrics::{
-    self as m, counter_set, Histogram, HistogramSnapshot, StatusCounts, LATENCY_BUCKETS_US,
-    STATUSES,
+    self as m, counter_set, Histogram, HistogramSnapshot, PerLoop, StatusCounts,
+    LATENCY_BUCKETS_US, STATUSES,
 };
 
 /// Upper bounds of the batch-size histogram (keys per Neutron query).
@@ -106,17 +105,9 @@ impl LoopMetrics {
 }
 
 /// Every loop's block.
-#[derive(Debug, Default, Clone)]
-pub struct Registry(pub Arc<Vec<Arc<LoopMetrics>>>);
+pub type Registry = PerLoop<LoopMetrics>;
 
 impl Registry {
-    /// `n` fresh blocks.
-    pub fn new(n: usize) -> Registry {
-        Registry(Arc::new(
-            (0..n).map(|_| Arc::new(LoopMetrics::default())).collect(),
-        ))
-    }
-
     /// The counters summed over loops.
     pub fn counters(&self) -> AgentCounterSnapshot {
         let mut s = AgentCounterSnapshot::default();

@@ -1,13 +1,12 @@
 //! The API's counters ([`crate::metrics`]): one [`LoopMetrics`] per loop,
 //! merged by `api.metrics_listen`'s scrape thread.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::http::HttpError;
 use crate::metrics::{
-    self as m, counter_set, inc, Histogram, HistogramSnapshot, StatusCounts, LATENCY_BUCKETS_US,
-    STATUSES,
+    self as m, counter_set, inc, Histogram, HistogramSnapshot, PerLoop, StatusCounts,
+    LATENCY_BUCKETS_US, STATUSES,
 };
 use crate::serve::Refusal;
 
@@ -55,17 +54,9 @@ impl LoopMetrics {
 }
 
 /// Every loop's block.
-#[derive(Debug, Clone)]
-pub struct Registry(pub Arc<Vec<Arc<LoopMetrics>>>);
+pub type Registry = PerLoop<LoopMetrics>;
 
 impl Registry {
-    /// `n` fresh blocks.
-    pub fn new(n: usize) -> Registry {
-        Registry(Arc::new(
-            (0..n).map(|_| Arc::new(LoopMetrics::default())).collect(),
-        ))
-    }
-
     /// Prometheus text exposition (version 0.0.4).
     pub fn render(&self) -> String {
         let mut counters = ApiCounterSnapshot::default();

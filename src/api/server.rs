@@ -207,7 +207,7 @@ pub fn start_sharing(
             cfg,
             api,
             store: loop_inventory.clone(),
-            m: loop_metrics.0.get(i).cloned().unwrap_or_default(),
+            m: loop_metrics.block(i),
         };
         async move { run_loop(i, parts, &sockets, gate, rx).await }
     })?;

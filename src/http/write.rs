@@ -184,8 +184,25 @@ pub fn write_answer(
     is_head: bool,
     close: bool,
 ) {
+    write_answer_with(out, status, content_type, &[], body, is_head, close);
+}
+
+/// [`write_answer`] with `extra` headers after `Content-Type` (the proxy's
+/// IMDSv2 token answer echoes its TTL).
+pub fn write_answer_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: HeaderValue<'_>,
+    extra: &[(HeaderName<'_>, HeaderValue<'_>)],
+    body: &[u8],
+    is_head: bool,
+    close: bool,
+) {
     put_status_line(out, status, HeaderValue::from_static(super::reason(status)));
     put_header(out, CONTENT_TYPE, content_type);
+    for (n, v) in extra {
+        put_header(out, *n, *v);
+    }
     put_content_length(out, body.len() as u64);
     if close {
         put_header(out, CONNECTION, HeaderValue::from_static("close"));

@@ -286,36 +286,28 @@ impl ControlPlane {
             st.iter().map(|s| (labels(s), s.counters)).collect();
         let mut o = String::new();
         m::write_counters(&mut o, "metaproxy_proxy", &rows);
-        let _ = writeln!(
-            o,
-            "# HELP metaproxy_proxy_connections_open Client connections open now.\n\
-             # TYPE metaproxy_proxy_connections_open gauge"
+        let rows = |f: fn(&NamespaceStatus) -> u64| -> Vec<(String, u64)> {
+            st.iter().map(|s| (labels(s), f(s))).collect()
+        };
+        m::write_rows(
+            &mut o,
+            "metaproxy_proxy_connections_open",
+            "Client connections open now.",
+            "gauge",
+            &rows(|s| s.connections as u64),
         );
-        for s in &st {
-            let _ = writeln!(
-                o,
-                "metaproxy_proxy_connections_open{{{}}} {}",
-                labels(s),
-                s.connections
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP metaproxy_proxy_accept_paused_total Times accepting paused at max_connections or the fd budget.\n\
-             # TYPE metaproxy_proxy_accept_paused_total counter"
+        m::write_rows(
+            &mut o,
+            "metaproxy_proxy_accept_paused_total",
+            "Times accepting paused at max_connections or the fd budget.",
+            "counter",
+            &rows(|s| s.accept_paused),
         );
-        for s in &st {
-            let _ = writeln!(
-                o,
-                "metaproxy_proxy_accept_paused_total{{{}}} {}",
-                labels(s),
-                s.accept_paused
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP metaproxy_proxy_namespaces Namespaces served now.\n# TYPE metaproxy_proxy_namespaces gauge\nmetaproxy_proxy_namespaces {}",
-            st.len()
+        m::write_gauge(
+            &mut o,
+            "metaproxy_proxy_namespaces",
+            "Namespaces served now.",
+            st.len() as u64,
         );
         o
     }

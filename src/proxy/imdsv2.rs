@@ -17,9 +17,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::http::write::{
-    put_content_length, put_header, put_number, put_status_line, CONNECTION, CONTENT_TYPE,
-};
+use crate::http::write::write_answer_with;
 use crate::http::{HeaderName, HeaderValue};
 
 /// Headers that mark a request as forwarded by a proxy; a token PUT
@@ -175,17 +173,20 @@ const TTL_ANSWER: HeaderName<'static> =
 /// `Content-Type: text/plain`, the TTL echoed, the token as the body (left
 /// out after a HEAD), `Connection: close` when `close`.
 pub fn write_token_answer(out: &mut Vec<u8>, token: &str, ttl: u64, is_head: bool, close: bool) {
-    put_status_line(out, 200, HeaderValue::from_static("OK"));
-    put_header(out, CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    put_number(out, TTL_ANSWER, ttl);
-    put_content_length(out, token.len() as u64);
-    if close {
-        put_header(out, CONNECTION, HeaderValue::from_static("close"));
-    }
-    out.extend_from_slice(b"\r\n");
-    if !is_head {
-        out.extend_from_slice(token.as_bytes());
-    }
+    let ttl = ttl.to_string();
+    // Digits only: always a valid value.
+    let extra = HeaderValue::new(ttl.as_bytes())
+        .ok()
+        .map(|v| (TTL_ANSWER, v));
+    write_answer_with(
+        out,
+        200,
+        HeaderValue::from_static("text/plain"),
+        extra.as_slice(),
+        token.as_bytes(),
+        is_head,
+        close,
+    );
 }
 
 /// Decide what to do with a request under `mode`.
