@@ -245,6 +245,24 @@ pub fn dur_or_zero(
     v.as_ref().map_or(Ok(default), |d| d.parse_or_zero(key))
 }
 
+/// An optional `host:port` (a name is resolved once, at start): `None`
+/// when absent.
+///
+/// # Errors
+/// It is not `host:port`, or the host does not resolve; the error names `key`.
+pub fn socket_addr(
+    key: &str,
+    v: &Option<String>,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let Some(s) = v else { return Ok(None) };
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(Some)
+        .ok_or_else(|| invalid(key, format!("{s:?} is not host:port")))
+}
+
 /// Read a config file.
 ///
 /// # Errors

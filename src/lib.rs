@@ -18,6 +18,7 @@ pub mod doctor;
 pub mod http;
 pub mod inventory;
 pub mod log;
+pub mod metrics;
 pub mod ovn;
 pub mod proxy;
 pub mod rt;

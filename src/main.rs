@@ -576,8 +576,28 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
     ) {
         log::warn(format_args!("{w}"));
     }
-    let api = metaproxy::api::server::start(api_cfg).with_context(ctx)?;
-    let agent = metaproxy::agent::start(agent_cfg).with_context(ctx)?;
+    // One inventory for both (check_chain made sure they name the same
+    // file), loaded once and watched by one thread.
+    let inventory = match agent_cfg.backend {
+        metaproxy::agent::config::Backend::Inventory(_) => Some(std::sync::Arc::new(
+            metaproxy::api::server::load_store(&api_cfg.inventory).with_context(ctx)?,
+        )),
+        metaproxy::agent::config::Backend::Neutron(_) => None,
+    };
+    let inventory_watch = match &inventory {
+        Some(s) => Some(
+            metaproxy::inventory::store::Watcher::start(
+                s.clone(),
+                metaproxy::inventory::store::POLL_INTERVAL,
+                "inventory-watch",
+            )
+            .with_context(ctx)?,
+        ),
+        None => None,
+    };
+    let api =
+        metaproxy::api::server::start_sharing(api_cfg, inventory.clone()).with_context(ctx)?;
+    let agent = metaproxy::agent::start_sharing(agent_cfg, inventory.clone()).with_context(ctx)?;
     let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;
     let _ctl = metaproxy::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
         .map_err(|e| {
@@ -605,14 +625,20 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
                         "SIGHUP: keeping the running proxy configuration: {e:#}"
                     )),
                 }
-                let _ = api.reload_inventory();
-                let _ = agent.reload_inventory();
+                // Logged by the store either way; one reload for both daemons.
+                let _ = match &inventory {
+                    Some(s) => s.reload(),
+                    None => api.reload_inventory(),
+                };
             }
             metaproxy::signals::Received::Terminate(sig) => {
                 log::info(format_args!("{sig}: draining and exiting"));
                 break;
             }
         }
+    }
+    if let Some(w) = inventory_watch {
+        w.stop();
     }
     if let Some(w) = watcher {
         w.stop();

@@ -17,13 +17,15 @@ pub mod engine;
 
 pub(crate) use engine::settings;
 pub use engine::{
-    join_loops, reject, run_loops, serve_conn, Answer, End, Handler, Request, Server, Settings,
-    Stop, Timeouts, CONN_TASK_MAX_BYTES,
+    join_loops, reject, run_loops, serve_conn, Answer, End, Handler, Refusal, Request, Server,
+    Settings, Stop, Timeouts, CONN_TASK_MAX_BYTES,
 };
 
 use std::time::{Duration, Instant};
 
-use crate::http::{self, ChunkProgress, ChunkedScanner, Limits, RequestBody, RequestHead};
+use crate::http::{
+    self, ChunkProgress, ChunkedScanner, HttpError, Limits, RequestBody, RequestHead,
+};
 use crate::rt::{self, Stream};
 
 /// Bytes asked for per read while a request (head or body) arrives, and
@@ -95,14 +97,25 @@ pub const IDLE_READ_BYTES: usize = READ_CHUNK_BYTES;
 /// Why a head could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
-    /// It is malformed or over a limit: answer this status and close.
-    Malformed(u16),
+    /// It is malformed or over a limit: answer [`HttpError::status`] and close.
+    Malformed(HttpError),
     /// It was not complete by the deadline (408).
     Timeout,
     /// EOF before it was complete.
     Closed,
     /// A read failed.
     Io,
+}
+
+impl HeadError {
+    /// What the client is refused for, if it is still there to be told.
+    pub fn refusal(self) -> Option<Refusal> {
+        match self {
+            HeadError::Malformed(e) => Some(Refusal::Http(e)),
+            HeadError::Timeout => Some(Refusal::HeadTimeout),
+            HeadError::Closed | HeadError::Io => None,
+        }
+    }
 }
 
 /// Complete the head of the request whose first bytes are in `buf`, reading
@@ -121,7 +134,7 @@ pub async fn read_head<S: Stream>(
         match http::parse_request(buf, limits) {
             Ok(Some(h)) => return Ok(h),
             Ok(None) => {}
-            Err(e) => return Err(HeadError::Malformed(e.status())),
+            Err(e) => return Err(HeadError::Malformed(e)),
         }
         let taken = std::mem::take(buf);
         let (res, b) =
@@ -141,10 +154,24 @@ pub async fn read_head<S: Stream>(
 /// Why a body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyError {
-    /// Answer with this status and close (413, 400, 501, 408).
-    Status(u16),
+    /// Malformed or over a limit (413, 400, 501): answer
+    /// [`HttpError::status`] and close.
+    Refused(HttpError),
+    /// A read waited longer than `client`: answer 408 and close.
+    Timeout,
     /// The client went away (EOF or IO error): just close.
     Gone,
+}
+
+impl BodyError {
+    /// What the client is refused for, if it is still there to be told.
+    pub fn refusal(self) -> Option<Refusal> {
+        match self {
+            BodyError::Refused(e) => Some(Refusal::Http(e)),
+            BodyError::Timeout => Some(Refusal::BodyTimeout),
+            BodyError::Gone => None,
+        }
+    }
 }
 
 /// Read the body of the request whose head is at the start of `buf`; returns
@@ -176,7 +203,8 @@ pub async fn read_body<S: Stream>(
     loop {
         match (&head.body, scanner.as_mut()) {
             (RequestBody::Length(n), _) => {
-                let n = usize::try_from(*n).map_err(|_| BodyError::Status(413))?;
+                let n =
+                    usize::try_from(*n).map_err(|_| BodyError::Refused(HttpError::BodyTooLarge))?;
                 if buf.len() >= start + n {
                     return Ok(start + n);
                 }
@@ -190,7 +218,7 @@ pub async fn read_body<S: Stream>(
                 match progress {
                     Ok(ChunkProgress::Done { consumed }) => return Ok(start + scanned + consumed),
                     Ok(ChunkProgress::NeedMore { consumed }) => scanned += consumed,
-                    Err(e) => return Err(BodyError::Status(e.status())),
+                    Err(e) => return Err(BodyError::Refused(e)),
                 }
             }
             _ => return Ok(start),
@@ -219,7 +247,7 @@ pub async fn read_body<S: Stream>(
         .await
         {
             Ok(r) => r,
-            Err(rt::Elapsed) => return Err(BodyError::Status(408)),
+            Err(rt::Elapsed) => return Err(BodyError::Timeout),
         };
         chunk = b;
         match res {

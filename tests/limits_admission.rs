@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::limits::*;
-use common::{free_port, AgentMode, FakeAgent};
+use common::{held_port, AgentMode, FakeAgent};
 
 /// The small cap of the per-listener tests.
 const CAP: usize = 8;
@@ -199,7 +199,12 @@ fn api_at_max_connections_pauses_accept_and_serves_everyone() {
 
 /// An `[agent]` on the demo inventory; no API behind it (the test's
 /// requests are for an address that is no instance: 404 from the agent).
-fn write_agent_config(dir: &Path, extra: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+/// The API port is one the caller holds ([`common::held_port`]).
+fn write_agent_config(
+    dir: &Path,
+    extra: &str,
+    api_port: u16,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let cfg = dir.join("agent.toml");
     let sock = dir.join("agent.sock");
     let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
@@ -210,7 +215,7 @@ fn write_agent_config(dir: &Path, extra: &str) -> (std::path::PathBuf, std::path
              workers = 2\n{extra}\n[agent.nova]\nnova_metadata_port = {}\n",
             sock.display(),
             inv.display(),
-            free_port()
+            api_port
         ),
     )
     .unwrap();
@@ -227,7 +232,8 @@ fn agent_at_max_connections_pauses_accept_and_serves_everyone() {
         .contains(DEMO_ROUTER));
     raise_nofile(4096);
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, sock) = write_agent_config(dir.path(), &format!("max_connections = {CAP}"));
+    let (_api, api_port) = held_port();
+    let (cfg, sock) = write_agent_config(dir.path(), &format!("max_connections = {CAP}"), api_port);
     let agent = Daemon::start(4096, &["agent"], &cfg, "agent starting");
     let t0 = Instant::now();
     while UnixStream::connect(&sock).is_err() {

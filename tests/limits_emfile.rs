@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::limits::*;
-use common::{free_port, AgentMode, FakeAgent};
+use common::{held_port, AgentMode, FakeAgent};
 
 /// The limit the daemon starts with (its fd budget comes from it).
 const START_NOFILE: u64 = 4096;
@@ -184,6 +184,8 @@ fn agent_emfile_neither_spins_nor_crashes_nor_floods_and_service_resumes() {
     let sock = dir.path().join("agent.sock");
     let inv = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
     let cfg = dir.path().join("agent.toml");
+    // The API is never reached (every request is a 404 from the agent).
+    let (_api, api_port) = held_port();
     std::fs::write(
         &cfg,
         format!(
@@ -191,7 +193,7 @@ fn agent_emfile_neither_spins_nor_crashes_nor_floods_and_service_resumes() {
              workers = 2\n[agent.nova]\nnova_metadata_port = {}\n",
             sock.display(),
             inv.display(),
-            free_port()
+            api_port
         ),
     )
     .unwrap();

@@ -897,17 +897,7 @@ impl TryFrom<&AgentFile> for AgentConfig {
             cache_capacity: f.cache_capacity.unwrap_or(super::cache::DEFAULT_CAPACITY),
             workers,
             pool_size: nonzero("agent.pool_size", f.pool_size, DEFAULT_POOL_SIZE)?,
-            metrics_listen: match &f.metrics_listen {
-                None => None,
-                Some(s) => Some(
-                    s.to_socket_addrs()
-                        .ok()
-                        .and_then(|mut a| a.next())
-                        .ok_or_else(|| {
-                            invalid("agent.metrics_listen", format!("{s:?} is not host:port"))
-                        })?,
-                ),
-            },
+            metrics_listen: crate::config::socket_addr("agent.metrics_listen", &f.metrics_listen)?,
             access_log: f.access_log.unwrap_or(false),
             drain_timeout: dur(
                 "agent.drain_timeout",

@@ -26,11 +26,11 @@ use futures_util::future::{select, Either};
 
 use crate::agent::daemon::AgentLoop;
 use crate::agent::handler;
-use crate::agent::metrics::inc;
-use crate::http::{self, Method};
+use crate::agent::metrics::{inc, LoopMetrics};
+use crate::http::{self, HttpError, Method};
 use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, UnixConn};
-use crate::serve::{self, BodyError, HeadError, Settings};
+use crate::serve::{self, Refusal, Settings};
 
 /// Requests in flight on one connection (resolved and forwarded
 /// concurrently); the reader waits for the writer beyond this.
@@ -222,9 +222,10 @@ async fn next_request(
     // 1. The head.
     let head = match serve::read_head(conn, buf, limits, head_deadline).await {
         Ok(head) => head,
-        Err(HeadError::Malformed(s)) => return Err(Some(http::canned(s).to_vec())),
-        Err(HeadError::Timeout) => return Err(Some(http::canned(408).to_vec())),
-        Err(HeadError::Closed | HeadError::Io) => return Err(None),
+        Err(e) => {
+            let status = e.refusal().map(|why| refused(&ctx.m, why));
+            return Err(status.map(|s| http::canned(s).to_vec()));
+        }
     };
     inc(&ctx.m.requests);
 
@@ -233,12 +234,11 @@ async fn next_request(
     let (max_body, client) = (limits.max_body_bytes, timeouts.client);
     let end = match serve::read_body(conn, buf, &head, max_body, client, Some(&mut decoded)).await {
         Ok(end) => end,
-        Err(BodyError::Status(s)) => {
-            return Err(Some(
-                http::canned_for(s, head.method == Method::Head).to_vec(),
-            ))
+        Err(e) => {
+            let status = e.refusal().map(|why| refused(&ctx.m, why));
+            let is_head = head.method == Method::Head;
+            return Err(status.map(|s| http::canned_for(s, is_head).to_vec()));
         }
-        Err(BodyError::Gone) => return Err(None),
     };
 
     // 3. Resolve, sign, forward on its own task. Draining does not add
@@ -258,4 +258,15 @@ async fn next_request(
         let _ = tx.send(out);
     });
     Ok((AnswerSlot::Pending(rx, is_head), !keep))
+}
+
+/// The agent's edge for requests refused before they were resolved: the
+/// status, and the event counted.
+fn refused(m: &LoopMetrics, why: Refusal) -> u16 {
+    inc(match why {
+        Refusal::Http(HttpError::Smuggling) => &m.rx_smuggling,
+        Refusal::Http(_) => &m.rx_malformed,
+        Refusal::HeadTimeout | Refusal::BodyTimeout => &m.rx_timeout,
+    });
+    why.status()
 }

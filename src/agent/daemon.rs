@@ -78,7 +78,7 @@ pub struct AgentHandle {
     controls: Vec<UnboundedSender<Stop>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
     watcher: Option<Watcher>,
-    exporter: Option<metrics::Exporter>,
+    exporter: Option<crate::metrics::Exporter>,
     shared: Arc<Shared>,
     _report: Option<super::report::Reporter>,
     /// The socket it serves.
@@ -115,7 +115,7 @@ impl AgentHandle {
 
     /// Where the Prometheus endpoint listens, if enabled.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.exporter.as_ref().map(metrics::Exporter::addr)
+        self.exporter.as_ref().map(crate::metrics::Exporter::addr)
     }
 
     /// Reload the inventory now (the file is also polled every second).
@@ -212,17 +212,34 @@ fn bind_socket(cfg: &AgentConfig) -> io::Result<UnixListener> {
 /// The inventory is broken, another agent is running, the socket cannot be
 /// bound, or a thread could not start.
 pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
+    start_sharing(cfg, None)
+}
+
+/// [`start`], resolving from `shared` when given and the backend is the
+/// inventory (`metaproxy up`: the agent's and the API's inventory are one
+/// [`crate::inventory::Store`], loaded once and watched by the caller; the
+/// agent then starts no watcher of its own).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_sharing(
+    cfg: AgentConfig,
+    shared: Option<Arc<crate::inventory::Store>>,
+) -> io::Result<AgentHandle> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
+    let owned = shared.is_none();
     let (store, backend) = match &cfg.backend {
         Backend::Inventory(inv_path) => {
-            let store = crate::inventory::Store::load(inv_path)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            (
-                Some(Arc::new(store)),
-                format!("inventory {}", inv_path.display()),
-            )
+            let store = match shared {
+                Some(s) => s,
+                None => Arc::new(
+                    crate::inventory::Store::load(inv_path)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?,
+                ),
+            };
+            (Some(store), format!("inventory {}", inv_path.display()))
         }
         Backend::Neutron(n) => (
             None,
@@ -237,7 +254,7 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         cfg.max_connections.get(),
     ));
     let budget = admit::fd_budget().max();
-    let watcher = match &store {
+    let watcher = match store.as_ref().filter(|_| owned) {
         Some(s) => Some(Watcher::start(
             s.clone(),
             store::POLL_INTERVAL,
@@ -251,10 +268,11 @@ pub fn start(cfg: AgentConfig) -> io::Result<AgentHandle> {
         metrics: Registry::new(workers),
     });
     let exporter = match cfg.metrics_listen {
-        Some(addr) => Some(
-            metrics::serve(addr, shared.metrics.clone())
-                .map_err(|e| io::Error::new(e.kind(), format!("metrics_listen {addr}: {e}")))?,
-        ),
+        Some(addr) => Some({
+            let registry = shared.metrics.clone();
+            let l = crate::metrics::bind("agent.metrics_listen", addr)?;
+            crate::metrics::serve(l, "agent-metrics", move || registry.render())?
+        }),
         None => None,
     };
     log::info(format_args!(

@@ -64,6 +64,8 @@ const MSG_BACKEND: &str =
 /// which instance that resolved to (`None`: not found, or never resolved).
 #[derive(Default)]
 struct Trace {
+    /// The status answered.
+    status: u16,
     id: Option<Identity>,
     resolved: Option<Rc<Resolved>>,
     cached: bool,
@@ -86,15 +88,9 @@ pub(super) async fn respond(
     let mut out = ctx.server.take_buf();
     let started = Instant::now();
     let trace = answer(ctx, request, head, body, close, &mut out).await;
-    // "HTTP/1.1 NNN …": every answer starts with a status line we wrote.
-    let status = out
-        .get(9..12)
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    ctx.m.response(status);
+    ctx.m.response(trace.status);
     if ctx.cfg.access_log {
-        access(request, head, &trace, status, started);
+        access(request, head, &trace, started);
     }
     out
 }
@@ -122,7 +118,10 @@ async fn answer(
             inc(&c.bad_requests);
             log::debug(format_args!("400: {e}"));
             page(400, &e.message(), is_head, close, out);
-            return Trace::default();
+            return Trace {
+                status: 400,
+                ..Trace::default()
+            };
         }
     };
     let (mut resolved, mut cached) = match ctx.resolver.lookup(&id, false).await {
@@ -130,6 +129,7 @@ async fn answer(
         Err(e) => return backend_failed(ctx, id, &e, is_head, close, out),
     };
     let mut retried = false;
+    let status;
     let guest = GuestRequest {
         method: head.method,
         target: head.target.get(buf),
@@ -145,6 +145,7 @@ async fn answer(
             };
             page(404, &msg, is_head, close, out);
             return Trace {
+                status: 404,
                 id: Some(id),
                 resolved: None,
                 cached,
@@ -160,6 +161,7 @@ async fn answer(
             log::debug(format_args!("400: request not forwardable: {e}"));
             page(400, "The request cannot be forwarded.", is_head, close, out);
             return Trace {
+                status: 400,
                 id: Some(id),
                 resolved,
                 cached,
@@ -181,19 +183,21 @@ async fn answer(
                 };
             }
             Ok(resp) => {
-                let status = resp.head.status;
-                if status == 403 {
+                let relayed = resp.head.status;
+                if relayed == 403 {
                     ctx.forbidden_hint();
                 }
-                if RELAYED.contains(&status) {
+                if RELAYED.contains(&relayed) {
                     relay(&resp, is_head, close, out);
                     ctx.pool.recycle(resp.bytes);
+                    status = relayed;
                 } else {
                     inc(&c.api_errors);
                     log::warn(format_args!(
-                        "metadata API answered unexpected status {status}; answering 500"
+                        "metadata API answered unexpected status {relayed}; answering 500"
                     ));
                     page(500, MSG_UNKNOWN, is_head, close, out);
+                    status = 500;
                 }
                 break;
             }
@@ -205,12 +209,14 @@ async fn answer(
                     ForwardError::Timeout => MSG_TIMEOUT,
                     ForwardError::Broken(_) => MSG_BROKEN,
                 };
-                page(e.status(), msg, is_head, close, out);
+                status = e.status();
+                page(status, msg, is_head, close, out);
                 break;
             }
         }
     }
     Trace {
+        status,
         id: Some(id),
         resolved,
         cached,
@@ -221,7 +227,8 @@ async fn answer(
 /// network it came through, the instance and project it resolved to (`-`
 /// when none) and whether from the cache, then the request line, status and
 /// time. Never a header value: the signature and tokens travel in headers.
-fn access(buf: &[u8], head: &RequestHead, trace: &Trace, status: u16, started: Instant) {
+fn access(buf: &[u8], head: &RequestHead, trace: &Trace, started: Instant) {
+    let status = trace.status;
     let t = head.target.get(buf);
     let target = http::loggable_target(t);
     let (client, scope) = match &trace.id {
@@ -266,6 +273,7 @@ fn backend_failed(
     ));
     page(503, MSG_BACKEND, is_head, close, out);
     Trace {
+        status: 503,
         id: Some(id),
         ..Trace::default()
     }

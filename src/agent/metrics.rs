@@ -8,26 +8,21 @@
 //! bounce the same lines), and per-loop `Cell`s sent over a channel on
 //! scrape (a stalled loop would stall the scrape).
 //!
-//! The Prometheus endpoint ([`serve`]) is a std thread with a blocking
-//! listener: scrapes are rare, and nothing of it runs on the loops.
+//! The counters, histograms and the endpoint are [`crate::metrics`]'s, as for
+//! the proxy and the API; this file names the agent's.
 
-use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-/// Response statuses counted one by one; anything else counts as `other`.
-pub const STATUSES: [u16; 11] = [200, 400, 403, 404, 408, 409, 413, 500, 502, 503, 504];
+pub use crate::metrics::inc;
+use crate::metrics::{
+    self as m, counter_set, Histogram, HistogramSnapshot, PerLoop, StatusCounts,
+    LATENCY_BUCKETS_US, STATUSES,
+};
+
 /// Upper bounds of the batch-size histogram (keys per Neutron query).
 pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
-/// Upper bounds of the forward-latency histogram, in microseconds.
-pub const LATENCY_BUCKETS_US: [u64; 10] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, 10_000_000,
-];
-/// How long a scrape connection may take to send its request.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Kinds of backend (Neutron/Keystone) calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,63 +39,34 @@ pub enum Call {
 
 const CALL_NAMES: [&str; 4] = ["router_networks", "ports", "prefetch", "token"];
 
-/// A cumulative histogram with fixed bounds (`N` bounds plus `+Inf`).
-#[derive(Debug)]
-pub struct Histogram<const N: usize> {
-    counts: [AtomicU64; N],
-    inf: AtomicU64,
-    sum: AtomicU64,
-}
-
-impl<const N: usize> Default for Histogram<N> {
-    fn default() -> Self {
-        Histogram {
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
-            inf: AtomicU64::new(0),
-            sum: AtomicU64::new(0),
-        }
+counter_set! {
+    /// The agent's event counters (`metaproxy_agent_<event>_total`).
+    pub struct AgentCounters / AgentCounterSnapshot {
+        requests: "Requests parsed.",
+        cache_hits: "Resolutions answered by a live positive cache entry.",
+        cache_negative_hits: "Resolutions answered by a live negative cache entry.",
+        cache_misses: "Resolutions that found nothing live in the cache.",
+        inventory_lookups: "Resolutions that read the inventory.",
+        backend_errors: "Neutron or Keystone calls that failed (connect, timeout, 5xx, garbage).",
+        forwarded: "Requests sent to the metadata API.",
+        api_errors: "Metadata API exchanges that failed or gave an unexpected status.",
+        retried_after_404: "Cached mappings dropped and retried after the API answered 404.",
+        bad_requests: "Requests answered 400 for their identity headers.",
+        not_found: "Requests answered 404 because the guest did not resolve.",
+        backend_unavailable: "Requests answered 503 because Neutron failed.",
+        rx_malformed: "Requests refused 400/405/413/431/501 before they were resolved.",
+        rx_smuggling: "Requests refused 400 for ambiguous framing (CL+TE, differing lengths).",
+        rx_timeout: "Requests whose head or body did not arrive in time (408).",
     }
 }
 
-impl<const N: usize> Histogram<N> {
-    fn observe(&self, bounds: &[u64; N], v: u64) {
-        if let Some(i) = bounds.iter().position(|b| v <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.inf.fetch_add(1, Ordering::Relaxed);
-        self.sum.fetch_add(v, Ordering::Relaxed);
-    }
-}
-
-/// One loop's counters (written by that loop only).
+/// One loop's metrics (written by that loop only): the [`AgentCounters`]
+/// (reached through `Deref`) plus the labelled ones and the histograms.
 #[derive(Debug, Default)]
 pub struct LoopMetrics {
-    /// Requests parsed.
-    pub requests: AtomicU64,
-    responses: [AtomicU64; STATUSES.len() + 1],
-    /// Resolutions that went to the inventory.
-    pub inventory_lookups: AtomicU64,
-    /// Cache: live positive entry.
-    pub cache_hits: AtomicU64,
-    /// Cache: live negative entry.
-    pub cache_negative_hits: AtomicU64,
-    /// Cache: nothing live.
-    pub cache_misses: AtomicU64,
-    /// 400 for identity headers.
-    pub bad_requests: AtomicU64,
-    /// 404 because the guest did not resolve.
-    pub not_found: AtomicU64,
-    /// 503 because the backend failed.
-    pub backend_unavailable: AtomicU64,
-    /// Requests sent to the API.
-    pub forwarded: AtomicU64,
-    /// API exchanges that failed or gave an unexpected status.
-    pub api_errors: AtomicU64,
-    /// Cached mappings retried after an API 404.
-    pub retried_after_404: AtomicU64,
+    counters: AgentCounters,
+    responses: StatusCounts,
     backend_calls: [AtomicU64; 4],
-    /// Backend calls that failed (connect, timeout, 5xx, garbage).
-    pub backend_errors: AtomicU64,
     /// Keys looked up in one Neutron call.
     batch_sizes: Histogram<{ BATCH_BUCKETS.len() }>,
     /// Requests waiting for a batched Neutron lookup right now (gauge).
@@ -108,23 +74,17 @@ pub struct LoopMetrics {
     forward_latency: Histogram<{ LATENCY_BUCKETS_US.len() }>,
 }
 
-/// Add one.
-pub fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-fn get(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
+impl Deref for LoopMetrics {
+    type Target = AgentCounters;
+    fn deref(&self) -> &AgentCounters {
+        &self.counters
+    }
 }
 
 impl LoopMetrics {
     /// Count a response status.
     pub fn response(&self, status: u16) {
-        let i = STATUSES
-            .iter()
-            .position(|s| *s == status)
-            .unwrap_or(STATUSES.len());
-        inc(&self.responses[i]);
+        self.responses.count(status);
     }
 
     /// Count a backend call.
@@ -140,227 +100,91 @@ impl LoopMetrics {
 
     /// Record one API exchange's duration.
     pub fn forward_latency(&self, d: Duration) {
-        self.forward_latency.observe(
-            &LATENCY_BUCKETS_US,
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-        );
+        self.forward_latency.observe_micros(&LATENCY_BUCKETS_US, d);
     }
 }
 
 /// Every loop's block.
-#[derive(Debug, Default, Clone)]
-pub struct Registry(pub Arc<Vec<Arc<LoopMetrics>>>);
+pub type Registry = PerLoop<LoopMetrics>;
 
 impl Registry {
-    /// `n` fresh blocks.
-    pub fn new(n: usize) -> Registry {
-        Registry(Arc::new(
-            (0..n).map(|_| Arc::new(LoopMetrics::default())).collect(),
-        ))
+    /// The counters summed over loops.
+    pub fn counters(&self) -> AgentCounterSnapshot {
+        let mut s = AgentCounterSnapshot::default();
+        for l in self.0.iter() {
+            s.add(&l.counters.snapshot());
+        }
+        s
     }
 
     /// Sum of one counter over loops.
     pub fn sum(&self, f: impl Fn(&LoopMetrics) -> &AtomicU64) -> u64 {
-        self.0.iter().map(|m| get(f(m))).sum()
+        self.0.iter().map(|l| m::get(f(l))).sum()
     }
 
     /// Backend calls of one kind, all loops.
     pub fn calls(&self, c: Call) -> u64 {
-        self.sum(|m| &m.backend_calls[c as usize])
+        self.sum(|l| &l.backend_calls[c as usize])
     }
 
     /// Prometheus text exposition (version 0.0.4).
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let mut counter = |name: &str, help: &str, f: &dyn Fn(&LoopMetrics) -> &AtomicU64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(o, "{name} {}", self.sum(f));
-        };
-        counter("metaproxy_agent_requests_total", "Requests parsed.", &|m| {
-            &m.requests
-        });
-        counter(
-            "metaproxy_agent_cache_hits_total",
-            "Resolutions answered by a live positive cache entry.",
-            &|m| &m.cache_hits,
+        m::write_counters(
+            &mut o,
+            "metaproxy_agent",
+            &[(String::new(), self.counters())],
         );
-        counter(
-            "metaproxy_agent_cache_negative_hits_total",
-            "Resolutions answered by a live negative cache entry.",
-            &|m| &m.cache_negative_hits,
-        );
-        counter(
-            "metaproxy_agent_cache_misses_total",
-            "Resolutions that found nothing live in the cache.",
-            &|m| &m.cache_misses,
-        );
-        counter(
-            "metaproxy_agent_inventory_lookups_total",
-            "Resolutions that read the inventory.",
-            &|m| &m.inventory_lookups,
-        );
-        counter(
-            "metaproxy_agent_backend_errors_total",
-            "Neutron or Keystone calls that failed.",
-            &|m| &m.backend_errors,
-        );
-        counter(
-            "metaproxy_agent_forwarded_total",
-            "Requests sent to the metadata API.",
-            &|m| &m.forwarded,
-        );
-        counter(
-            "metaproxy_agent_api_errors_total",
-            "Metadata API exchanges that failed or gave an unexpected status.",
-            &|m| &m.api_errors,
-        );
-        counter(
-            "metaproxy_agent_retried_after_404_total",
-            "Cached mappings dropped and retried after the API answered 404.",
-            &|m| &m.retried_after_404,
-        );
-        let _ = writeln!(
-            o,
-            "# HELP metaproxy_agent_responses_total Responses by status.\n# TYPE metaproxy_agent_responses_total counter"
-        );
-        for (i, s) in STATUSES.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "metaproxy_agent_responses_total{{status=\"{s}\"}} {}",
-                self.sum(|m| &m.responses[i])
-            );
+        let mut statuses = [0; STATUSES.len() + 1];
+        let mut batches = HistogramSnapshot::default();
+        let mut latency = HistogramSnapshot::default();
+        for l in self.0.iter() {
+            l.responses.merge_into(&mut statuses);
+            l.batch_sizes.merge_into(&mut batches);
+            l.forward_latency.merge_into(&mut latency);
         }
-        let _ = writeln!(
-            o,
-            "metaproxy_agent_responses_total{{status=\"other\"}} {}",
-            self.sum(|m| &m.responses[STATUSES.len()])
+        m::write_statuses(
+            &mut o,
+            "metaproxy_agent_responses_total",
+            "Responses by status.",
+            &statuses,
         );
-        let _ = writeln!(
-            o,
-            "# HELP metaproxy_agent_backend_calls_total Calls to Neutron and Keystone.\n# TYPE metaproxy_agent_backend_calls_total counter"
+        let calls: Vec<(&str, u64)> = CALL_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, self.sum(|l| &l.backend_calls[i])))
+            .collect();
+        m::write_labelled(
+            &mut o,
+            "metaproxy_agent_backend_calls_total",
+            "Calls to Neutron and Keystone.",
+            "kind",
+            &calls,
         );
-        for (i, name) in CALL_NAMES.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "metaproxy_agent_backend_calls_total{{kind=\"{name}\"}} {}",
-                self.sum(|m| &m.backend_calls[i])
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP metaproxy_agent_lookups_in_flight Requests waiting for a batched Neutron lookup.\n# TYPE metaproxy_agent_lookups_in_flight gauge\nmetaproxy_agent_lookups_in_flight {}",
-            self.sum(|m| &m.lookups_in_flight)
+        m::write_gauge(
+            &mut o,
+            "metaproxy_agent_lookups_in_flight",
+            "Requests waiting for a batched Neutron lookup.",
+            self.sum(|l| &l.lookups_in_flight),
         );
-        self.histogram(
+        m::write_histogram(
             &mut o,
             "metaproxy_agent_batch_size",
             "Keys per batched Neutron query.",
             &BATCH_BUCKETS,
             1.0,
-            |m| &m.batch_sizes,
+            &batches,
         );
-        self.histogram(
+        m::write_histogram(
             &mut o,
             "metaproxy_agent_forward_latency_seconds",
             "Metadata API exchange time.",
             &LATENCY_BUCKETS_US,
             1e6,
-            |m| &m.forward_latency,
+            &latency,
         );
         o
     }
-
-    fn histogram<const N: usize>(
-        &self,
-        o: &mut String,
-        name: &str,
-        help: &str,
-        bounds: &[u64; N],
-        divisor: f64,
-        f: impl Fn(&LoopMetrics) -> &Histogram<N>,
-    ) {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, b) in bounds.iter().enumerate() {
-            cumulative += self.sum(|m| &f(m).counts[i]);
-            #[allow(clippy::cast_precision_loss)]
-            let le = *b as f64 / divisor;
-            let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let count = self.sum(|m| &f(m).inf);
-        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        #[allow(clippy::cast_precision_loss)]
-        let sum = self.sum(|m| &f(m).sum) as f64 / divisor;
-        let _ = writeln!(o, "{name}_sum {sum}\n{name}_count {count}");
-    }
-}
-
-/// The scrape thread; stops when dropped.
-#[derive(Debug)]
-pub struct Exporter {
-    stop: Arc<AtomicBool>,
-    addr: SocketAddr,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Exporter {
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept.
-        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Serve `GET /metrics` (any path, in fact) on `addr` from a std thread.
-///
-/// # Errors
-/// The address cannot be bound or the thread not spawned.
-pub fn serve(addr: SocketAddr, registry: Registry) -> io::Result<Exporter> {
-    let l = TcpListener::bind(addr)?;
-    let addr = l.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("agent-metrics".into())
-        .spawn(move || {
-            for conn in l.incoming() {
-                if st.load(Ordering::Acquire) {
-                    return;
-                }
-                let Ok(mut c) = conn else { continue };
-                let _ = c.set_read_timeout(Some(SCRAPE_TIMEOUT));
-                let _ = c.set_write_timeout(Some(SCRAPE_TIMEOUT));
-                let mut req = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match c.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let body = registry.render();
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        })?;
-    Ok(Exporter {
-        stop,
-        addr,
-        thread: Some(thread),
-    })
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ pub struct ApiFile {
     pub drain_timeout: Option<DurationFile>,
     /// One line per request (off by default).
     pub access_log: Option<bool>,
+    /// `host:port` of the Prometheus endpoint; off when absent.
+    pub metrics_listen: Option<String>,
     /// `[api.timeouts]`
     #[serde(default)]
     pub timeouts: ApiTimeoutsFile,
@@ -168,6 +170,7 @@ impl std::fmt::Debug for ApiFile {
             .field("max_connections", &self.max_connections)
             .field("drain_timeout", &self.drain_timeout)
             .field("access_log", &self.access_log)
+            .field("metrics_listen", &self.metrics_listen)
             .field("timeouts", &self.timeouts)
             .field("source", &self.source)
             .field("nova", &self.nova)
@@ -242,6 +245,8 @@ pub struct ApiConfig {
     pub limits: Limits,
     /// One line per request.
     pub access_log: bool,
+    /// The Prometheus endpoint, when enabled.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -267,6 +272,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("timeouts", &self.timeouts)
             .field("limits", &self.limits)
             .field("access_log", &self.access_log)
+            .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
 }
@@ -542,6 +548,7 @@ impl TryFrom<&ApiFile> for ApiConfig {
             timeouts,
             limits: Limits::default(),
             access_log: f.access_log.unwrap_or(false),
+            metrics_listen: crate::config::socket_addr("api.metrics_listen", &f.metrics_listen)?,
         })
     }
 }

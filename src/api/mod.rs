@@ -24,6 +24,7 @@
 pub mod config;
 mod ec2;
 mod json;
+pub mod metrics;
 pub mod nova;
 mod openstack;
 mod password;

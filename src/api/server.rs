@@ -30,6 +30,7 @@ use std::time::Instant;
 use smallvec::SmallVec;
 
 use crate::api::config::{ApiConfig, ApiSource};
+use crate::api::metrics::{LoopMetrics, Registry};
 use crate::api::nova;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
 use crate::http::{self, RequestHead};
@@ -39,7 +40,7 @@ use crate::log;
 use crate::rt::sync::{Event, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, TcpAcceptor, TcpConn};
 use crate::serve::admit::{self, Admission, Gate};
-use crate::serve::{self, Answer, Handler, Request, Server, Stop};
+use crate::serve::{self, Answer, Handler, Refusal, Request, Server, Stop};
 
 /// Where a loop's instances come from.
 enum LoopSource {
@@ -80,6 +81,8 @@ struct ApiLoop {
     /// Set when the loop drains.
     stopping: Event,
     server: Rc<Server>,
+    /// This loop's counters.
+    m: Arc<LoopMetrics>,
 }
 
 /// A running API server: its loops, the shared handler and the watcher.
@@ -93,6 +96,8 @@ pub struct ApiHandle {
     controls: Vec<UnboundedSender<Stop>>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
     watcher: Option<Watcher>,
+    exporter: Option<crate::metrics::Exporter>,
+    metrics: Registry,
 }
 
 impl std::fmt::Debug for ApiHandle {
@@ -105,6 +110,16 @@ impl std::fmt::Debug for ApiHandle {
 }
 
 impl ApiHandle {
+    /// Where the Prometheus endpoint (`api.metrics_listen`) listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.exporter.as_ref().map(crate::metrics::Exporter::addr)
+    }
+
+    /// The metrics in Prometheus text (what `api.metrics_listen` serves).
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
     /// Re-read the inventory file and swap it in; requests in flight finish on
     /// the old one. On error the old inventory stays and the error is logged.
     ///
@@ -150,9 +165,23 @@ impl ApiHandle {
 /// The inventory or the password store could not be loaded, an address could
 /// not be bound (the daemon must refuse to start), or a thread could not start.
 pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
+    start_sharing(cfg, None)
+}
+
+/// [`start`], serving from `shared` when given (`metaproxy up`: the agent's
+/// and the API's inventory are one [`inventory::Store`], loaded once and
+/// watched by the caller; this server then starts no watcher of its own).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_sharing(
+    cfg: ApiConfig,
+    shared: Option<Arc<inventory::Store>>,
+) -> io::Result<ApiHandle> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
+    let owned = shared.is_none();
     let settings = ApiSettings {
         shared_secret: cfg.shared_secret.as_bytes().to_vec(),
         service_metadata_proxy: cfg.service_metadata_proxy,
@@ -161,15 +190,12 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
     };
     let (inventory, nova, api, factory) = match &cfg.source {
         ApiSource::Inventory => {
-            let inventory = inventory::Store::load(&cfg.inventory).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", cfg.inventory.display()),
-                )
-            })?;
+            let inventory = match shared {
+                Some(s) => s,
+                None => Arc::new(load_store(&cfg.inventory)?),
+            };
             let passwords = open_password_log(&cfg)?;
             let api = MetadataApi::new(settings, Arc::new(passwords));
-            let inventory = Arc::new(inventory);
             let factory = SourceFactory::Inventory(inventory.clone());
             (Some(inventory), None, api, factory)
         }
@@ -227,15 +253,32 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         cfg.max_connections,
         admit::fd_budget().max()
     ));
+    let metrics = Registry::new(workers);
+    let exporter = match cfg.metrics_listen {
+        Some(addr) => {
+            let r = metrics.clone();
+            let l = crate::metrics::bind("api.metrics_listen", addr)?;
+            let e = crate::metrics::serve(l, "api-metrics", move || r.render())?;
+            log::info(format_args!("api metrics on http://{}/metrics", e.addr()));
+            Some(e)
+        }
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let sockets = Arc::new(sockets);
+    let loop_metrics = metrics.clone();
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
         let (cfg, api) = (cfg.clone(), api.clone());
         let (sockets, gate) = (sockets.clone(), gate.clone());
-        let source = factory.for_loop();
-        async move { run_loop(i, cfg, api, source, &sockets, gate, rx).await }
+        let parts = LoopParts {
+            cfg,
+            api,
+            source: factory.clone(),
+            m: loop_metrics.block(i),
+        };
+        async move { run_loop(i, parts, &sockets, gate, rx).await }
     })?;
-    let watcher = match &inventory {
+    let watcher = match inventory.as_ref().filter(|_| owned) {
         None => None,
         Some(inv) => match Watcher::start(inv.clone(), store::POLL_INTERVAL, "api-inventory-watch")
         {
@@ -255,6 +298,21 @@ pub fn start(cfg: ApiConfig) -> io::Result<ApiHandle> {
         controls,
         threads,
         watcher,
+        exporter,
+        metrics,
+    })
+}
+
+/// Load the inventory at start-up (a broken file refuses the start, naming it).
+///
+/// # Errors
+/// The file cannot be read or is not a valid inventory.
+pub fn load_store(path: &std::path::Path) -> io::Result<inventory::Store> {
+    inventory::Store::load(path).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
     })
 }
 
@@ -300,22 +358,37 @@ fn bind_with_retry(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpLi
         .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))
 }
 
-async fn run_loop(
-    index: usize,
+/// What a loop starts from (made on the main thread, so all `Send`).
+struct LoopParts {
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
-    source: LoopSource,
+    source: SourceFactory,
+    m: Arc<LoopMetrics>,
+}
+
+async fn run_loop(
+    index: usize,
+    parts: LoopParts,
     sockets: &[std::net::TcpListener],
     gate: Arc<Gate>,
     mut control: UnboundedReceiver<Stop>,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
+    let LoopParts {
+        cfg,
+        api,
+        source,
+        m,
+    } = parts;
+    // On the loop's thread: the Neutron client is per loop.
+    let source = source.for_loop();
     let ctx = Rc::new(ApiLoop {
         cfg: cfg.clone(),
         api,
         source,
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
+        m,
     });
     if index == 0 {
         log::info(format_args!("api loops use {:?}", rt::engine()));
@@ -368,6 +441,10 @@ impl Handler for ApiConn {
         &self.ctx.stopping
     }
 
+    fn refused(&self, _: &[u8], _: Option<&RequestHead>, why: Refusal, _: Instant) -> u16 {
+        self.ctx.m.refused(why)
+    }
+
     /// Run the handler and render its answer.
     async fn answer(&self, _conn: &TcpConn, req: &Request<'_>, out: &mut Vec<u8>) -> Answer {
         let (buf, head): (&[u8], &RequestHead) = (req.buf, req.head);
@@ -396,6 +473,7 @@ impl Handler for ApiConn {
         }
         let keep = head.keep_alive && !self.ctx.stopping.is_set();
         write_response(&resp, req.is_head(), keep, out);
+        self.ctx.m.answered(resp.status, req.started.elapsed());
         Answer::Write { keep }
     }
 }

@@ -135,7 +135,8 @@ pub fn write_request_head(
 /// `request_rewrite` checks.
 ///
 /// `id_name` is normally `X-Neutron-Router-ID`, `X-Neutron-Network-ID` or `X-OVN-Network-ID`; it
-/// must itself be a trust header so a client copy of it is dropped.
+/// must itself be a trust header so a client copy of it is dropped. Returns how many trust
+/// headers the client sent (the proxy counts a request with any as `rx_spoofed_header`).
 pub fn rewrite_proxy_request(
     buf: &[u8],
     head: &RequestHead,
@@ -143,20 +144,28 @@ pub fn rewrite_proxy_request(
     id_name: &[u8],
     id_value: &[u8],
     out: &mut Vec<u8>,
-) {
+) -> usize {
     debug_assert!(
         is_trust_header(id_name),
         "id header {id_name:?} would not be de-duplicated"
     );
     let mut xff = Vec::with_capacity(40);
     format_ip_for_xff(peer, &mut xff);
+    let spoofed = std::cell::Cell::new(0);
     write_request_head(
         buf,
         head,
-        |name| !is_trust_header(name) && !is_hop_by_hop(name) && !is_token_header(name),
+        |name| {
+            if is_trust_header(name) {
+                spoofed.set(spoofed.get() + 1);
+                return false;
+            }
+            !is_hop_by_hop(name) && !is_token_header(name)
+        },
         &[(b"X-Forwarded-For", &xff), (id_name, id_value)],
         out,
     );
+    spoofed.get()
 }
 
 /// Response head forwarded to the client: status line and headers unchanged except
@@ -250,6 +259,27 @@ mod tests {
             &mut out,
         );
         out
+    }
+
+    #[test]
+    fn the_rewrite_counts_the_trust_headers_it_deletes() {
+        let count = |req: &[u8]| {
+            let head = parse(req);
+            let mut out = Vec::new();
+            let peer = "10.0.0.5".parse().unwrap();
+            rewrite_proxy_request(req, &head, peer, b"X-Neutron-Router-ID", b"r", &mut out)
+        };
+        assert_eq!(
+            count(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            0
+        );
+        assert_eq!(
+            count(
+                b"GET / HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\nx_instance_id: i\r\n\
+                  X-Neutron-Router-ID: other\r\nX-aws-ec2-metadata-token: t\r\n\r\n"
+            ),
+            3
+        );
     }
 
     /// Re-parse rewritten output and check trust headers are exactly the injected ones.

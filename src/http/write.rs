@@ -135,8 +135,13 @@ pub fn put_header(out: &mut Vec<u8>, name: HeaderName<'_>, value: HeaderValue<'_
     out.extend_from_slice(b"\r\n");
 }
 
-/// Append `Content-Length: <n>\r\n` (digits only, so no check is needed).
+/// Append `Content-Length: <n>\r\n`.
 pub fn put_content_length(out: &mut Vec<u8>, n: u64) {
+    put_number(out, CONTENT_LENGTH, n);
+}
+
+/// Append `Name: <n>\r\n`, `n` in decimal (digits only, so no check is needed).
+pub fn put_number(out: &mut Vec<u8>, name: HeaderName<'_>, n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut v = n;
@@ -149,7 +154,7 @@ pub fn put_content_length(out: &mut Vec<u8>, n: u64) {
             break;
         }
     }
-    put_header(out, CONTENT_LENGTH, HeaderValue(&digits[i..]));
+    put_header(out, name, HeaderValue(&digits[i..]));
 }
 
 /// Append `HTTP/1.1 <status> <reason>\r\n` (the status as three digits).
@@ -179,8 +184,25 @@ pub fn write_answer(
     is_head: bool,
     close: bool,
 ) {
+    write_answer_with(out, status, content_type, &[], body, is_head, close);
+}
+
+/// [`write_answer`] with `extra` headers after `Content-Type` (the proxy's
+/// IMDSv2 token answer echoes its TTL).
+pub fn write_answer_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: HeaderValue<'_>,
+    extra: &[(HeaderName<'_>, HeaderValue<'_>)],
+    body: &[u8],
+    is_head: bool,
+    close: bool,
+) {
     put_status_line(out, status, HeaderValue::from_static(super::reason(status)));
     put_header(out, CONTENT_TYPE, content_type);
+    for (n, v) in extra {
+        put_header(out, *n, *v);
+    }
     put_content_length(out, body.len() as u64);
     if close {
         put_header(out, CONNECTION, HeaderValue::from_static("close"));

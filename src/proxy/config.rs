@@ -94,6 +94,8 @@ pub struct ProxyFile {
     pub drain_timeout: Option<DurationFile>,
     /// One line per request (haproxy's `option httplog`); off by default.
     pub access_log: Option<bool>,
+    /// `host:port` of the Prometheus endpoint; off when absent.
+    pub metrics_listen: Option<String>,
     /// Directory of named namespaces.
     pub netns_dir: Option<PathBuf>,
     /// Timeouts.
@@ -294,6 +296,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// One line per request.
     pub access_log: bool,
+    /// The Prometheus endpoint, when enabled.
+    pub metrics_listen: Option<SocketAddr>,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Request limits.
@@ -335,6 +339,8 @@ pub struct ProxySettings<'a> {
     pub drain_timeout: &'a Duration,
     /// [`ProxyConfig::access_log`].
     pub access_log: &'a bool,
+    /// [`ProxyConfig::metrics_listen`].
+    pub metrics_listen: &'a Option<SocketAddr>,
     /// [`ProxyConfig::timeouts`].
     pub timeouts: &'a Timeouts,
     /// [`ProxyConfig::limits`].
@@ -368,6 +374,7 @@ impl ProxyConfig {
             pool_size,
             drain_timeout,
             access_log,
+            metrics_listen,
             timeouts,
             limits,
             max_response_bytes,
@@ -387,6 +394,7 @@ impl ProxyConfig {
             pool_size,
             drain_timeout,
             access_log,
+            metrics_listen,
             timeouts,
             limits,
             max_response_bytes,
@@ -514,6 +522,7 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 DEFAULT_DRAIN_TIMEOUT,
             )?,
             access_log: f.access_log.unwrap_or(false),
+            metrics_listen: crate::config::socket_addr("proxy.metrics_listen", &f.metrics_listen)?,
             timeouts,
             limits,
             max_response_bytes: l.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),

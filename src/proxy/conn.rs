@@ -16,11 +16,13 @@ use std::time::Instant;
 
 use crate::http::{self, RequestHead};
 use crate::log;
+use crate::metrics::inc;
+use crate::proxy::error::{Downstream, Internal, ProxyError};
 use crate::proxy::imdsv2::{self, Verdict};
 use crate::proxy::{NsRuntime, ProxyLoop};
 use crate::rt::sync::Event;
 use crate::rt::{self, TcpConn};
-use crate::serve::{self, Answer, Handler, Request, Server};
+use crate::serve::{self, Answer, Handler, Refusal, Request, Server};
 
 /// One client connection of a namespace on one loop.
 pub struct ProxyConn {
@@ -42,6 +44,15 @@ pub async fn serve(h: ProxyConn, conn: TcpConn, accepted: Instant) {
 }
 
 impl ProxyConn {
+    /// The edge of the proxy: the status `e` is answered with, its event
+    /// counted ([`ProxyError::classify`]) and the request access-logged.
+    fn fail(&self, e: &ProxyError, req: Option<(&[u8], &RequestHead)>, started: Instant) -> u16 {
+        let (status, counter) = e.classify(&self.ns.counters);
+        inc(counter);
+        self.log(req, status, 0, started);
+        status
+    }
+
     fn log(&self, req: Option<(&[u8], &RequestHead)>, status: u16, bytes: usize, started: Instant) {
         if self.ctx.cfg.access_log {
             access(&self.ns, self.peer, req, status, bytes, started);
@@ -60,15 +71,15 @@ impl Handler for ProxyConn {
         &self.ns.closing
     }
 
-    fn head_timeout(&self, started: Instant) {
-        let c = &self.ns.counters;
-        c.http_request_timeouts
-            .set(c.http_request_timeouts.get() + 1);
-        self.log(None, 408, 0, started);
-    }
-
-    fn refused(&self, buf: &[u8], head: Option<&RequestHead>, status: u16, started: Instant) {
-        self.log(head.map(|h| (buf, h)), status, 0, started);
+    /// The engine's refusals: counted and logged like every other error.
+    fn refused(
+        &self,
+        buf: &[u8],
+        head: Option<&RequestHead>,
+        why: Refusal,
+        started: Instant,
+    ) -> u16 {
+        self.fail(&why.into(), head.map(|h| (buf, h)), started)
     }
 
     /// The rate limit, before any work for the request.
@@ -77,27 +88,22 @@ impl Handler for ProxyConn {
         if l.allow(self.ns.id, rt::peer_ip(self.peer), Instant::now()) {
             return None;
         }
-        let c = &self.ns.counters;
-        c.rate_limited.set(c.rate_limited.get() + 1);
-        self.log(Some((buf, head)), 429, 0, started);
-        Some(429)
+        let e = Downstream::RateLimited.into();
+        Some(self.fail(&e, Some((buf, head)), started))
     }
 
     async fn answer(&self, conn: &TcpConn, req: &Request<'_>, w: &mut Vec<u8>) -> Answer {
         let (ctx, ns, peer) = (&*self.ctx, &*self.ns, self.peer);
         let (buf, head, started) = (req.buf, req.head, req.started);
+        let logged = Some((buf, head));
         // IMDSv2: the token endpoint is answered here; tokens are checked here.
         match token_verdict(ctx, ns, peer, buf, head) {
             Verdict::Relay => {}
             Verdict::Reject(status) => {
-                let c = &ns.counters;
-                c.token_rejected.set(c.token_rejected.get() + 1);
-                self.log(Some((buf, head)), status, 0, started);
-                return Answer::Reject(status);
+                let e = Downstream::Token(status).into();
+                return Answer::Reject(self.fail(&e, logged, started));
             }
             Verdict::Issue { token, ttl } => {
-                let c = &ns.counters;
-                c.tokens_issued.set(c.tokens_issued.get() + 1);
                 // The answer must not survive more than `hop_limit` hops (AWS's
                 // HttpPutResponseHopLimit): a container behind the VM cannot steal it.
                 if let Err(e) = rt::set_ip_ttl(conn, ctx.cfg.hop_limit) {
@@ -105,39 +111,29 @@ impl Handler for ProxyConn {
                         "{}: cannot set IP TTL for a token response: {e}",
                         ns.cfg.name
                     ));
-                    return Answer::Reject(500);
+                    let e = Internal::HopLimit.into();
+                    return Answer::Reject(self.fail(&e, logged, started));
                 }
+                inc(&ns.counters.tokens_issued);
                 let keep = head.keep_alive && !ns.closing.is_set();
-                w.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-aws-ec2-metadata-token-ttl-seconds: ");
-                w.extend_from_slice(ttl.to_string().as_bytes());
-                w.extend_from_slice(b"\r\nContent-Length: ");
-                w.extend_from_slice(token.len().to_string().as_bytes());
-                w.extend_from_slice(if keep {
-                    b"\r\n\r\n" as &[u8]
-                } else {
-                    b"\r\nConnection: close\r\n\r\n"
-                });
-                if !req.is_head() {
-                    w.extend_from_slice(token.as_bytes());
-                }
-                self.log(Some((buf, head)), 200, token.len(), started);
+                imdsv2::write_token_answer(w, &token, ttl, req.is_head(), !keep);
+                self.log(logged, 200, token.len(), started);
                 return Answer::Write { keep };
             }
         }
 
         // Rewrite and relay.
         let mut out = ctx.server.take_buf();
-        upstream_head(buf, head, peer.ip(), &ns.cfg.identity, &mut out);
+        if upstream_head(buf, head, peer.ip(), &ns.cfg.identity, &mut out) > 0 {
+            inc(&ns.counters.rx_spoofed_header);
+        }
         out.extend_from_slice(req.body);
-        ns.counters.requests.set(ns.counters.requests.get() + 1);
+        inc(&ns.counters.requests);
         let resp = match ctx.pool.request(out, head.method).await {
             Ok(r) => r,
             Err(e) => {
-                let c = &ns.counters;
-                c.upstream_errors.set(c.upstream_errors.get() + 1);
                 log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));
-                self.log(Some((buf, head)), e.status(), 0, started);
-                return Answer::Reject(e.status());
+                return Answer::Reject(self.fail(&e.into(), logged, started));
             }
         };
 
@@ -145,12 +141,7 @@ impl Handler for ProxyConn {
         let keep = head.keep_alive && !resp.until_close && !ns.closing.is_set();
         http::write_response_head(&resp.bytes, &resp.head, !keep, w);
         w.extend_from_slice(resp.body());
-        self.log(
-            Some((buf, head)),
-            resp.head.status,
-            resp.body().len(),
-            started,
-        );
+        self.log(logged, resp.head.status, resp.body().len(), started);
         Answer::Write { keep }
     }
 }
@@ -179,14 +170,15 @@ fn access(
 }
 
 /// The head sent to the agent: [`http::rewrite_proxy_request`] with this
-/// namespace's router or network id.
+/// namespace's router or network id. Returns how many trust headers the
+/// client sent (all deleted): a spoofing attempt when not 0.
 pub fn upstream_head(
     buf: &[u8],
     head: &RequestHead,
     peer: std::net::IpAddr,
     id: &crate::proxy::config::NsIdentity,
     out: &mut Vec<u8>,
-) {
+) -> usize {
     http::rewrite_proxy_request(
         buf,
         head,
@@ -194,7 +186,7 @@ pub fn upstream_head(
         id.header_name().as_bytes(),
         id.id().as_bytes(),
         out,
-    );
+    )
 }
 
 /// The IMDSv2 decision for this request.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::log;
 use crate::proxy::config::{NamespaceConfig, ProxyConfig};
-use crate::proxy::{bind_namespace, Control, CounterSnapshot, LoopReport, NamespaceListeners};
+use crate::proxy::{bind_namespace, Control, NamespaceListeners, ProxyCounterSnapshot};
 use crate::rt::sync::UnboundedSender;
 use crate::serve::admit::Gate;
 
@@ -61,7 +61,7 @@ pub struct NamespaceStatus {
     /// Times an accept loop paused at `max_connections`.
     pub accept_paused: u64,
     /// Counters summed over loops.
-    pub counters: CounterSnapshot,
+    pub counters: ProxyCounterSnapshot,
 }
 
 impl ControlPlane {
@@ -122,6 +122,7 @@ impl ControlPlane {
             cfg,
             sockets,
             gate,
+            counters: (0..self.loops.len()).map(|_| Arc::default()).collect(),
         });
         self.broadcast(|| Control::Add(listeners.clone()));
         if let Ok(mut e) = self.entries.lock() {
@@ -236,16 +237,6 @@ impl ControlPlane {
 
     /// Per-namespace status, counters summed over every loop.
     pub fn status(&self) -> Vec<NamespaceStatus> {
-        let (tx, rx) = std::sync::mpsc::channel::<LoopReport>();
-        self.broadcast(|| Control::Report(tx.clone()));
-        drop(tx);
-        let mut reports = Vec::new();
-        while let Ok(r) = rx.recv_timeout(Duration::from_secs(2)) {
-            reports.push(r);
-            if reports.len() == self.loops.len() {
-                break;
-            }
-        }
         let entries = self.entries.lock();
         let Ok(entries) = entries else {
             return Vec::new();
@@ -253,14 +244,6 @@ impl ControlPlane {
         entries
             .iter()
             .map(|(id, e)| {
-                let mut counters = CounterSnapshot::default();
-                for r in &reports {
-                    for (nid, c) in &r.namespaces {
-                        if nid == id {
-                            counters.add(c);
-                        }
-                    }
-                }
                 let l = &e.listeners;
                 NamespaceStatus {
                     id: *id,
@@ -274,10 +257,59 @@ impl ControlPlane {
                         .collect(),
                     connections: l.gate.open(),
                     accept_paused: l.gate.pauses(),
-                    counters,
+                    counters: l.counter_totals(),
                 }
             })
             .collect()
+    }
+
+    /// The Prometheus text `proxy.metrics_listen` serves: every event
+    /// counter of every namespace served now, summed over loops, labelled
+    /// with the namespace and its router or network id; then the
+    /// connections open and the accept pauses per namespace.
+    pub fn metrics_text(&self) -> String {
+        use crate::metrics::{self as m, label_value};
+        let st = self.status();
+        let labels = |s: &NamespaceStatus| -> String {
+            let (key, id) = match s.identity.split_once(": ") {
+                Some(("X-Neutron-Router-ID", id)) => ("router_id", id),
+                Some((_, id)) => ("network_id", id),
+                None => ("network_id", ""),
+            };
+            format!(
+                "namespace=\"{}\",{key}=\"{}\"",
+                label_value(&s.name),
+                label_value(id)
+            )
+        };
+        let rows: Vec<(String, ProxyCounterSnapshot)> =
+            st.iter().map(|s| (labels(s), s.counters)).collect();
+        let mut o = String::new();
+        m::write_counters(&mut o, "metaproxy_proxy", &rows);
+        let rows = |f: fn(&NamespaceStatus) -> u64| -> Vec<(String, u64)> {
+            st.iter().map(|s| (labels(s), f(s))).collect()
+        };
+        m::write_rows(
+            &mut o,
+            "metaproxy_proxy_connections_open",
+            "Client connections open now.",
+            "gauge",
+            &rows(|s| s.connections as u64),
+        );
+        m::write_rows(
+            &mut o,
+            "metaproxy_proxy_accept_paused_total",
+            "Times accepting paused at max_connections or the fd budget.",
+            "counter",
+            &rows(|s| s.accept_paused),
+        );
+        m::write_gauge(
+            &mut o,
+            "metaproxy_proxy_namespaces",
+            "Namespaces served now.",
+            st.len() as u64,
+        );
+        o
     }
 
     /// `status()` as the text `metaproxy ctl status` prints.
@@ -309,11 +341,11 @@ impl ControlPlane {
                 format!("{:?}", s.origin).to_lowercase(),
                 format!("{} -> {}", listeners.join(","), s.identity),
                 s.connections,
-                s.counters.accepted,
+                s.counters.connections_accepted,
                 s.counters.requests,
-                s.counters.upstream_errors,
+                s.counters.upstream_errors(),
                 s.accept_paused,
-                s.counters.http_request_timeouts,
+                s.counters.rx_timeout,
                 s.counters.rate_limited,
                 s.counters.tokens_issued,
                 s.counters.token_rejected

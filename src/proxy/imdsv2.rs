@@ -17,6 +17,9 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::http::write::write_answer_with;
+use crate::http::{HeaderName, HeaderValue};
+
 /// Headers that mark a request as forwarded by a proxy; a token PUT
 /// carrying any of them is refused with 400 (AWS refuses `X-Forwarded-For`;
 /// `Forwarded` and `X-Real-IP` say the same thing).
@@ -162,6 +165,30 @@ pub struct TokenRequest<'a> {
     pub tokens: &'a [&'a [u8]],
 }
 
+/// The `X-aws-ec2-metadata-token-ttl-seconds` answer header.
+const TTL_ANSWER: HeaderName<'static> =
+    HeaderName::from_static("X-aws-ec2-metadata-token-ttl-seconds");
+
+/// The 200 answer to a token PUT, written with [`crate::http::write`]:
+/// `Content-Type: text/plain`, the TTL echoed, the token as the body (left
+/// out after a HEAD), `Connection: close` when `close`.
+pub fn write_token_answer(out: &mut Vec<u8>, token: &str, ttl: u64, is_head: bool, close: bool) {
+    let ttl = ttl.to_string();
+    // Digits only: always a valid value.
+    let extra = HeaderValue::new(ttl.as_bytes())
+        .ok()
+        .map(|v| (TTL_ANSWER, v));
+    write_answer_with(
+        out,
+        200,
+        HeaderValue::from_static("text/plain"),
+        extra.as_slice(),
+        token.as_bytes(),
+        is_head,
+        close,
+    );
+}
+
 /// Decide what to do with a request under `mode`.
 pub fn decide(
     mode: Mode,
@@ -226,6 +253,24 @@ fn is_versioned_token_path(path: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_token_answer_has_the_ttl_the_token_and_no_body_after_head() {
+        let mut out = Vec::new();
+        write_token_answer(&mut out, "tok", 21600, false, false);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+              X-aws-ec2-metadata-token-ttl-seconds: 21600\r\nContent-Length: 3\r\n\r\ntok"
+        );
+        let mut head = Vec::new();
+        write_token_answer(&mut head, "tok", 5, true, true);
+        assert_eq!(
+            head,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+              X-aws-ec2-metadata-token-ttl-seconds: 5\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
+    }
+
     use super::*;
 
     const NS: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";

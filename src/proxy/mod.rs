@@ -30,11 +30,11 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod discover;
+pub mod error;
 pub mod imdsv2;
 pub mod ratelimit;
 pub mod upstream;
 
-use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::log;
+use crate::metrics::{counter_set, inc};
 use crate::proxy::config::{NamespaceConfig, ProxyConfig};
 use crate::rt::sync::{Event, UnboundedReceiver};
 use crate::rt::{self, TcpAcceptor};
@@ -54,8 +55,6 @@ pub enum Control {
     Add(Arc<NamespaceListeners>),
     /// Stop serving a namespace: close its listeners, finish its requests.
     Remove(u64),
-    /// Report this loop's per-namespace counters.
-    Report(std::sync::mpsc::Sender<LoopReport>),
     /// Stop accepting, drain in-flight requests, exit.
     Stop,
 }
@@ -71,6 +70,20 @@ pub struct NamespaceListeners {
     pub sockets: Vec<std::net::TcpListener>,
     /// Its `max_connections` gate: connections open now, across all loops.
     pub gate: Arc<Gate>,
+    /// Its counters, one block per loop (loop `i` writes `counters[i]`;
+    /// `ctl status` and the metrics endpoint sum them).
+    pub counters: Vec<Arc<ProxyCounters>>,
+}
+
+impl NamespaceListeners {
+    /// Its counters summed over loops.
+    pub fn counter_totals(&self) -> ProxyCounterSnapshot {
+        let mut s = ProxyCounterSnapshot::default();
+        for c in &self.counters {
+            s.add(&c.snapshot());
+        }
+        s
+    }
 }
 
 /// Per-namespace state on one loop.
@@ -79,85 +92,45 @@ pub struct NsRuntime {
     pub id: u64,
     /// Its config.
     pub cfg: NamespaceConfig,
-    /// Counters (this loop).
-    pub counters: Counters,
+    /// This loop's counters of the namespace (one of
+    /// [`NamespaceListeners::counters`]).
+    pub counters: Arc<ProxyCounters>,
     /// Set when the namespace is removed or the loop drains: idle
     /// connections close, in-flight requests finish and then close.
     pub closing: Event,
 }
 
-/// Event counters, per loop and namespace.
-#[derive(Default, Debug)]
-pub struct Counters {
-    /// Connections accepted.
-    pub accepted: Cell<u64>,
-    /// Requests relayed to the agent.
-    pub requests: Cell<u64>,
-    /// Requests answered 502/503/504 because of the agent.
-    pub upstream_errors: Cell<u64>,
-    /// Heads that did not arrive within `http_request`.
-    pub http_request_timeouts: Cell<u64>,
-    /// Requests denied with 429.
-    pub rate_limited: Cell<u64>,
-    /// IMDSv2 tokens issued.
-    pub tokens_issued: Cell<u64>,
-    /// Requests rejected for a missing/invalid token (401) or bad token PUT (400/403).
-    pub token_rejected: Cell<u64>,
-}
-
-/// A snapshot of [`Counters`] that can cross threads.
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CounterSnapshot {
-    /// See [`Counters::accepted`].
-    pub accepted: u64,
-    /// See [`Counters::requests`].
-    pub requests: u64,
-    /// See [`Counters::upstream_errors`].
-    pub upstream_errors: u64,
-    /// See [`Counters::http_request_timeouts`].
-    pub http_request_timeouts: u64,
-    /// See [`Counters::rate_limited`].
-    pub rate_limited: u64,
-    /// See [`Counters::tokens_issued`].
-    pub tokens_issued: u64,
-    /// See [`Counters::token_rejected`].
-    pub token_rejected: u64,
-}
-
-impl CounterSnapshot {
-    fn of(c: &Counters) -> Self {
-        CounterSnapshot {
-            accepted: c.accepted.get(),
-            requests: c.requests.get(),
-            upstream_errors: c.upstream_errors.get(),
-            http_request_timeouts: c.http_request_timeouts.get(),
-            rate_limited: c.rate_limited.get(),
-            tokens_issued: c.tokens_issued.get(),
-            token_rejected: c.token_rejected.get(),
-        }
-    }
-
-    /// Field-wise sum.
-    pub fn add(&mut self, o: &CounterSnapshot) {
-        self.accepted += o.accepted;
-        self.requests += o.requests;
-        self.upstream_errors += o.upstream_errors;
-        self.http_request_timeouts += o.http_request_timeouts;
-        self.rate_limited += o.rate_limited;
-        self.tokens_issued += o.tokens_issued;
-        self.token_rejected += o.token_rejected;
+counter_set! {
+    /// The proxy's event counters, per namespace and loop
+    /// (`metaproxy_proxy_<event>_total`); every error is counted by
+    /// [`error::ProxyError::classify`].
+    pub struct ProxyCounters / ProxyCounterSnapshot {
+        connections_accepted: "Connections accepted.",
+        requests: "Requests relayed to the agent.",
+        tokens_issued: "IMDSv2 tokens issued.",
+        rx_spoofed_header: "Requests that carried a trust header (X-Forwarded-For, X-Neutron-*, X-Instance-ID, ...), deleted before relaying.",
+        rx_bad_request: "Requests refused 400: malformed head or chunked body.",
+        rx_smuggling: "Requests refused 400 for ambiguous framing (CL+TE, differing Content-Lengths, TE on HTTP/1.0).",
+        rx_head_too_large: "Requests refused 431: head over max_head_bytes or max_headers.",
+        rx_body_too_large: "Requests refused 413: body over max_body_bytes.",
+        rx_method_not_allowed: "Requests refused 405: a method other than GET, HEAD, POST, PUT.",
+        rx_unsupported_encoding: "Requests refused 501: a transfer coding other than chunked.",
+        rx_timeout: "Heads not complete within timeouts.http_request (408).",
+        rx_body_timeout: "Bodies that stalled longer than timeouts.client (408).",
+        rate_limited: "Requests refused 429 by the rate limit.",
+        token_rejected: "Requests refused for a missing or invalid IMDSv2 token (401) or a bad token PUT (400/403).",
+        upstream_refused: "Requests answered 503: the agent could not be reached.",
+        upstream_broken: "Requests answered 502: the agent's answer was cut off or malformed, or lost after a POST/PUT was sent.",
+        upstream_timeout: "Requests answered 504: the agent did not answer within timeouts.server.",
+        internal_error: "Requests answered 500 by the proxy itself.",
     }
 }
 
-/// One loop's answer to [`Control::Report`].
-#[derive(Debug, Default, Clone)]
-pub struct LoopReport {
-    /// Loop index.
-    pub index: usize,
-    /// Connections this loop serves now.
-    pub active: usize,
-    /// Counters per namespace id.
-    pub namespaces: Vec<(u64, CounterSnapshot)>,
+impl ProxyCounterSnapshot {
+    /// Requests answered 502/503/504 because of the agent (`ctl status`'s `UP_ERR`).
+    pub fn upstream_errors(&self) -> u64 {
+        self.upstream_refused + self.upstream_broken + self.upstream_timeout
+    }
 }
 
 /// Per-loop state shared by its tasks.
@@ -205,11 +178,17 @@ pub struct ProxyHandle {
     /// Add/remove namespaces, reload, report.
     pub control: Arc<control::ControlPlane>,
     threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
+    exporter: Option<crate::metrics::Exporter>,
     /// Actual bound addresses of the configured namespaces, in config order.
     pub bound: Vec<Vec<SocketAddr>>,
 }
 
 impl ProxyHandle {
+    /// Where the Prometheus endpoint (`proxy.metrics_listen`) listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.exporter.as_ref().map(crate::metrics::Exporter::addr)
+    }
+
     /// Ask every loop to drain and wait for them to finish.
     ///
     /// # Errors
@@ -238,6 +217,10 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
     for ns in &cfg.namespaces {
         initial.push((ns.clone(), bind_namespace(ns, cfg.backlog)?));
     }
+    let metrics = cfg
+        .metrics_listen
+        .map(|a| crate::metrics::bind("proxy.metrics_listen", a))
+        .transpose()?;
     let cfg = Arc::new(cfg);
     let workers = cfg.workers.get();
     let tokens = Arc::new(imdsv2::TokenAuthority::new()?);
@@ -251,6 +234,15 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         async move { run_loop(i, cfg, rx, tokens, limiter).await }
     })?;
     let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
+    let exporter = match metrics {
+        Some(l) => {
+            let c = control.clone();
+            let e = crate::metrics::serve(l, "proxy-metrics", move || c.metrics_text())?;
+            log::info(format_args!("proxy metrics on http://{}/metrics", e.addr()));
+            Some(e)
+        }
+        None => None,
+    };
     if let Some(depth) = cfg.ignored_pipeline_depth {
         log::warn(format_args!(
             "proxy.upstream_pipeline_depth = {depth} is ignored: the agent pool now dials up to \
@@ -282,6 +274,7 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
     Ok(ProxyHandle {
         control,
         threads,
+        exporter,
         bound,
     })
 }
@@ -324,7 +317,7 @@ async fn run_loop(
                 let ns = Rc::new(NsRuntime {
                     id: l.id,
                     cfg: l.cfg.clone(),
-                    counters: Counters::default(),
+                    counters: l.counters.get(index).cloned().unwrap_or_default(),
                     closing: Event::default(),
                 });
                 let admission = Admission::for_guests(l.gate.clone());
@@ -351,16 +344,6 @@ async fn run_loop(
                     gone.ns.closing.set();
                 }
             }
-            Control::Report(reply) => {
-                let _ = reply.send(LoopReport {
-                    index,
-                    active: ctx.server.active(),
-                    namespaces: served
-                        .iter()
-                        .map(|(id, l)| (*id, CounterSnapshot::of(&l.ns.counters)))
-                        .collect(),
-                });
-            }
             Control::Stop => break,
         }
     }
@@ -386,7 +369,7 @@ fn accept_loop(
         .clone()
         .accept(acceptor, admission, move |(conn, peer)| {
             let accepted = Instant::now();
-            ns.counters.accepted.set(ns.counters.accepted.get() + 1);
+            inc(&ns.counters.connections_accepted);
             let h = conn::ProxyConn {
                 ctx: ctx.clone(),
                 ns: ns.clone(),

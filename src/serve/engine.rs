@@ -38,7 +38,7 @@ use crate::log;
 use crate::rt::sync::{unbounded, Event, Notify, UnboundedReceiver, UnboundedSender};
 use crate::rt::{self, Stream};
 use crate::serve::admit::{self, Accept, Admission, Slot};
-use crate::serve::{read_body, read_head, BodyError, HeadError, Idle};
+use crate::serve::{read_body, read_head, HeadError, Idle};
 
 /// Upper bound on a connection task's size: it is what every idle
 /// keep-alive connection costs (see docs/adr/0001-runtime.md); checked (debug
@@ -357,12 +357,20 @@ pub trait Handler {
     /// Set when idle connections should close and busy ones close after
     /// their answer (drain, namespace removed).
     fn stop(&self) -> &Event;
-    /// The head did not arrive within `http_request` (answered 408);
-    /// `started`: when its first bytes were there.
-    fn head_timeout(&self, _started: Instant) {}
-    /// The engine answers `status` and closes: a malformed head (`head` is
-    /// `None`) or body.
-    fn refused(&self, _buf: &[u8], _head: Option<&RequestHead>, _status: u16, _started: Instant) {}
+    /// The engine refuses the request for `why` (a malformed head: `head` is
+    /// `None`; a head that did not arrive within `http_request`; a bad or
+    /// late body) and closes after answering the status returned, by
+    /// default [`Refusal::status`]; the hook counts and logs it. `started`:
+    /// when the head's first bytes were there.
+    fn refused(
+        &self,
+        _buf: &[u8],
+        _head: Option<&RequestHead>,
+        why: Refusal,
+        _started: Instant,
+    ) -> u16 {
+        why.status()
+    }
     /// Called once the head is complete, before the body is read:
     /// `Some(status)` rejects it (the proxy's rate limit).
     fn check_head(&self, _buf: &[u8], _head: &RequestHead, _started: Instant) -> Option<u16> {
@@ -370,6 +378,27 @@ pub trait Handler {
     }
     /// Answer `req` into `out` (an empty buffer from the free list).
     async fn answer(&self, conn: &Self::Conn, req: &Request<'_>, out: &mut Vec<u8>) -> Answer;
+}
+
+/// Why the engine refused a request before its handler saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The head or body is malformed, ambiguous or over a limit.
+    Http(http::HttpError),
+    /// The head was not complete within `http_request`.
+    HeadTimeout,
+    /// A body read waited longer than `client`.
+    BodyTimeout,
+}
+
+impl Refusal {
+    /// The status the client is answered: [`http::HttpError::status`], or 408.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Http(e) => e.status(),
+            Refusal::HeadTimeout | Refusal::BodyTimeout => 408,
+        }
+    }
 }
 
 /// How a connection ended (debug logs, and what the engine does to its socket).
@@ -472,13 +501,13 @@ async fn request<H: Handler>(
     // 1. The head.
     let head = match read_head(conn, buf, limits, head_deadline).await {
         Ok(head) => head,
-        Err(HeadError::Malformed(status)) => {
-            h.refused(buf, None, status, started);
+        Err(HeadError::Malformed(e)) => {
+            let status = h.refused(buf, None, Refusal::Http(e), started);
             return Err(reject(conn, status, false, client).await);
         }
         Err(HeadError::Timeout) => {
-            h.head_timeout(started);
-            return Err(reject(conn, 408, false, client).await);
+            let status = h.refused(buf, None, Refusal::HeadTimeout, started);
+            return Err(reject(conn, status, false, client).await);
         }
         Err(HeadError::Closed) => return Err(End::PeerClosed),
         Err(HeadError::Io) => return Err(End::IoError),
@@ -494,11 +523,13 @@ async fn request<H: Handler>(
     let decode = H::DECODE_CHUNKED.then_some(&mut decoded);
     let end = match read_body(conn, buf, &head, max_body, client, decode).await {
         Ok(end) => end,
-        Err(BodyError::Status(status)) => {
-            h.refused(buf, Some(&head), status, started);
+        Err(e) => {
+            let Some(why) = e.refusal() else {
+                return Err(End::PeerClosed);
+            };
+            let status = h.refused(buf, Some(&head), why, started);
             return Err(reject(conn, status, is_head, client).await);
         }
-        Err(BodyError::Gone) => return Err(End::PeerClosed),
     };
     let body: &[u8] = match head.body {
         RequestBody::Chunked if H::DECODE_CHUNKED => &decoded,

@@ -409,6 +409,17 @@ pub fn bound_addr(line: &str) -> Option<SocketAddr> {
     rest.split_whitespace().find_map(|w| w.parse().ok())
 }
 
+/// A port this test holds for as long as it keeps the listener: nobody else
+/// can bind it, and connections to it complete (the kernel's backlog) but are
+/// never answered. For an upstream a config must name but the test never
+/// reaches (an agent's metadata API behind requests that are all 404s): no
+/// race, unlike [`free_port`].
+pub fn held_port() -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
 /// A port nobody listens on right now. Racy (the port is free again before
 /// the child binds it): only for a config that must name a port before its
 /// daemon starts (another daemon's upstream, a restart on the same port) or

@@ -89,7 +89,9 @@ pub fn start_up_logged(
     proxy_extra: &str,
     access_log: bool,
 ) -> (Up, SocketAddr) {
-    let (proxy_port, api_port) = (free_port(), free_port());
+    // The proxy listens on port 0 and its address is read back from the
+    // log; the API's port must be named to the agent in the same file.
+    let api_port = free_port();
     let sock = dir.join("agent.sock");
     let cfg = dir.join("up.toml");
     std::fs::write(
@@ -118,7 +120,7 @@ control_socket = "{ctl}"
 {proxy_extra}
 [[proxy.namespace]]
 router_id = "{router}"
-listen = "127.0.0.1:{proxy_port}"
+listen = "127.0.0.1:0"
 "#,
             inv = inventory.display(),
             state = dir.join("state").display(),
@@ -158,7 +160,15 @@ listen = "127.0.0.1:{proxy_port}"
             }
         }
     }));
-    (up, format!("127.0.0.1:{proxy_port}").parse().unwrap())
+    let proxy = up
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| !l.contains("api listener up:"))
+        .find_map(|l| super::bound_addr(l))
+        .expect("the proxy's `listener up:` line");
+    (up, proxy)
 }
 
 /// `start_up` over `examples/inventory.toml`.
