@@ -875,7 +875,7 @@ pub fn nova_config(section: &str, n: &NovaFile) -> Result<NovaConfig, ConfigErro
         "https" => true,
         other => {
             return Err(invalid(
-                &key("nova_metadata_protocol"),
+                key("nova_metadata_protocol"),
                 format!("{other:?} is not http or https"),
             ))
         }
@@ -900,7 +900,7 @@ pub fn nova_config(section: &str, n: &NovaFile) -> Result<NovaConfig, ConfigErro
             .and_then(|mut a| a.next())
             .ok_or_else(|| {
                 invalid(
-                    &key("nova_metadata_host"),
+                    key("nova_metadata_host"),
                     format!("{host:?} does not resolve"),
                 )
             })?,
@@ -913,7 +913,7 @@ pub fn nova_config(section: &str, n: &NovaFile) -> Result<NovaConfig, ConfigErro
             (None, None) => None,
             _ => {
                 return Err(invalid(
-                    &key("nova_client_cert"),
+                    key("nova_client_cert"),
                     "set both nova_client_cert and nova_client_priv_key, or neither",
                 ))
             }
@@ -933,7 +933,7 @@ pub fn nova_config(section: &str, n: &NovaFile) -> Result<NovaConfig, ConfigErro
             || n.nova_client_cert.is_some()
         {
             return Err(invalid(
-                &key("nova_metadata_protocol"),
+                key("nova_metadata_protocol"),
                 "TLS options are set but the protocol is http",
             ));
         }
