@@ -4,8 +4,8 @@
 //! with Python's `uuid` and Neutron's formula), the OVN bridge and the
 //! sb-cfg key; bumping `SB_Global.nb_cfg` with `ovn-sbctl` makes the sb-cfg
 //! key follow; keys of other writers survive, the other agent's keys are
-//! removed, an id already set is kept (Neutron's `db_add`), a re-created
-//! row is registered again, and the legacy switch writes the metadata
+//! removed, an id already set is kept (Neutron's `db_add`), echoes resume
+//! after the server restarts, a re-created row is registered again, and the legacy switch writes the metadata
 //! agent's keys. The delay unit is shortened to milliseconds for the suite
 //! (the real window is checked as a unit in `src/ovn/liveness.rs`).
 //! Without the packages: `SKIPPED`.
@@ -167,12 +167,20 @@ fn ovn_agent_keys_follow_nb_cfg() {
         "{st:?}"
     );
 
+    // The server restarts: the monitor resumes and the next bump is
+    // echoed over a new connection.
+    sb.kill();
+    sb.start();
+    sb.sbctl(&["set", "SB_Global", ".", "nb_cfg=10"]);
+    wait_key(&sb, "neutron:ovn-neutron-agent-sb-cfg", "10");
+    assert_eq!(live.stats().registrations, 1, "same row, not re-registered");
+
     // ovn-controller re-creates the row (a restart): registered again.
     sb.transact(json!([{"op": "delete", "table": "Chassis_Private",
         "where": [["name", "==", LOCAL]]}]));
-    private_row(&sb, LOCAL, 9, &[("neutron:host", "compute-1")]);
+    private_row(&sb, LOCAL, 10, &[("neutron:host", "compute-1")]);
     wait_key(&sb, "neutron:ovn-neutron-agent-id", OVN_AGENT_ID);
-    wait_key(&sb, "neutron:ovn-neutron-agent-sb-cfg", "9");
+    wait_key(&sb, "neutron:ovn-neutron-agent-sb-cfg", "10");
     assert_eq!(ext_ids(&sb, LOCAL)["neutron:ovn-bridge"], "br-int");
 }
 

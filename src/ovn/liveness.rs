@@ -383,14 +383,36 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Run `ops`. A connection kept from an earlier write may have been
+    /// dropped by the server meanwhile (we do not read while idle, so its
+    /// inactivity probe goes unanswered): on an IO failure of a reused
+    /// connection, retry once on a fresh one.
     fn transact(&mut self, ops: Vec<Value>, stop: &dyn Fn() -> bool) -> Result<(), WriteError> {
-        if self.conn.is_none() {
-            let remote = &self.cfg.remotes[self.next_remote % self.cfg.remotes.len()];
-            self.next_remote += 1;
-            self.conn = Some(Conn::open(remote, &self.cfg.conn).map_err(WriteError::Ovsdb)?);
+        let reused = self.conn.is_some();
+        match self.transact_once(ops.clone(), stop) {
+            Err(WriteError::Ovsdb(e)) if reused && self.conn.is_none() => {
+                log::debug(format_args!(
+                    "ovn: liveness: idle southbound connection gone ({e}); reconnecting"
+                ));
+                self.transact_once(ops, stop)
+            }
+            other => other,
         }
-        let Some(conn) = self.conn.as_mut() else {
-            unreachable!("opened above")
+    }
+
+    fn transact_once(
+        &mut self,
+        ops: Vec<Value>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), WriteError> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let remote = &self.cfg.remotes[self.next_remote % self.cfg.remotes.len()];
+                self.next_remote += 1;
+                let c = Conn::open(remote, &self.cfg.conn).map_err(WriteError::Ovsdb)?;
+                self.conn.insert(c)
+            }
         };
         match conn.transact(SB_DB, ops, stop) {
             Ok(results) => {
