@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::liveness::{AgentKind, DEFAULT_AGENT_DOWN_TIME};
+use super::liveness::{AgentKind, LivenessConfig, DEFAULT_AGENT_DOWN_TIME};
 use super::ovsdb::{tls_config, ConnOptions, Remote, TlsFiles};
 use crate::agent::config::{nova_config, NovaConfig, NovaFile};
 use crate::config::{invalid, ConfigError};
@@ -278,6 +278,22 @@ impl fmt::Debug for OvnConfig {
     }
 }
 
+impl OvnConfig {
+    /// The liveness writer's settings for `chassis` on `bridge` (read from
+    /// the local Open_vSwitch database at start).
+    pub fn liveness(&self, chassis: &str, bridge: &str) -> LivenessConfig {
+        let mut l = LivenessConfig::new(
+            self.ovsdb.sb_remotes.clone(),
+            self.ovsdb.sb_conn.clone(),
+            chassis,
+            bridge,
+        );
+        l.kind = self.agent_kind;
+        l.agent_down_time = self.agent_down_time;
+        l
+    }
+}
+
 impl TryFrom<&OvnFile> for OvnConfig {
     type Error = ConfigError;
 
@@ -382,12 +398,53 @@ base_limit = 3
         assert_eq!(c.rate_limit.unwrap().base.limit, 3);
         assert_eq!(c.agent_kind, AgentKind::MetadataAgent);
         assert_eq!(c.agent_down_time, Duration::from_secs(15));
+        let l = c.liveness("chassis-1", "br-ex");
+        assert_eq!(l.kind, AgentKind::MetadataAgent);
+        assert_eq!(l.agent_down_time, Duration::from_secs(15));
+        assert_eq!(l.delay_unit, Duration::from_secs(1), "Neutron's unit");
+        assert_eq!(l.remotes, c.ovsdb.sb_remotes);
+        assert_eq!(
+            (l.chassis.as_str(), l.bridge.as_str()),
+            ("chassis-1", "br-ex")
+        );
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("s3cret-value"), "{dbg}");
         assert!(dbg.contains("<redacted>"), "{dbg}");
         // A probe of 0 disables it, as in Neutron.
         let c = parse("[ovn]\novsdb_probe_interval = 0\n").unwrap();
         assert!(c.ovsdb.sb_conn.probe_interval.is_zero());
+    }
+
+    #[test]
+    fn ssl_files_load_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["chassis-1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(p("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(p("junk.pem"), "not a certificate").unwrap();
+        let text = |ca: &str| {
+            format!(
+                "[ovn]\novn_sb_connection = \"ssl:192.0.2.1:6642\"\novn_sb_private_key = {:?}\novn_sb_certificate = {:?}\novn_sb_ca_cert = {:?}\n",
+                p("key.pem"),
+                p("cert.pem"),
+                p(ca)
+            )
+        };
+        let c = parse(&text("ca.pem")).unwrap();
+        assert!(c.ovsdb.sb_conn.tls.is_some());
+        let e = err(&text("junk.pem"));
+        assert!(e.contains("`ovn.ovn_sb_ca_cert`"), "{e}");
     }
 
     #[test]

@@ -36,9 +36,10 @@
 //! - Bumps that arrive while an echo is pending are folded into it (Neutron
 //!   arms one timer per event; each timer reads the row when it fires, so
 //!   the values written are the same, only fewer writes here).
-//! - `neutron:ovn-bridge` is written in both modes (Neutron's metadata agent
-//!   writes it; `neutron-ovn-agent` leaves it to its extensions); the
-//!   server reads it to plug ports.
+//! - `neutron:ovn-bridge` is written in both modes. Neutron's metadata
+//!   agent writes it and `neutron-ovn-agent` does not; neutron-server reads
+//!   it (`get_ovn_bridge_from_chassis_private`, falling back to `br-int`),
+//!   so writing the real bridge is right for both.
 //!
 //! The work runs on a thread of its own, reading the [`SbMonitor`]'s
 //! published replica and writing over its own connection, never on a
