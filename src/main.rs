@@ -235,7 +235,12 @@ fn run_ovn_dump(a: OvnDumpArgs) -> Result<()> {
                 println!("{} is valid", path.display());
                 return Ok(());
             }
-            (f.sb_remotes, f.sb_conn, f.ovs_remote, f.ovs_conn)
+            // Give up at --timeout even when the file's connect timeout is
+            // longer (a connect in progress would hold the exit until then).
+            let (mut sb_conn, mut ovs_conn) = (f.sb_conn, f.ovs_conn);
+            sb_conn.connect_timeout = sb_conn.connect_timeout.min(limit);
+            ovs_conn.connect_timeout = ovs_conn.connect_timeout.min(limit);
+            (f.sb_remotes, sb_conn, f.ovs_remote, ovs_conn)
         }
         None => {
             let sb = a.ovn_sb_connection.as_deref().unwrap_or_default();
