@@ -33,9 +33,11 @@
 //! rewritten from a stale copy.
 //!
 //! Differences, on purpose:
-//! - Bumps that arrive while an echo is pending are folded into it (Neutron
-//!   arms one timer per event; each timer reads the row when it fires, so
-//!   the values written are the same, only fewer writes here).
+//! - Bumps that arrive while an echo is pending are folded into it: the
+//!   pending echo writes the latest `nb_cfg` when it fires. Neutron arms one
+//!   timer per event, each writing the `nb_cfg` of the row it was handed;
+//!   ours is never older than theirs and is written no later than the
+//!   first of their timers would.
 //! - `neutron:ovn-bridge` is written in both modes. Neutron's metadata
 //!   agent writes it and `neutron-ovn-agent` does not; neutron-server reads
 //!   it (`get_ovn_bridge_from_chassis_private`, falling back to `br-int`),
