@@ -2,9 +2,10 @@
 //! durations, the request-limit check, and reading the file.
 //!
 //! Each daemon owns its section: [`crate::proxy::config`],
-//! [`crate::agent::config`] and [`crate::api::config`] turn `[proxy]`,
-//! `[agent]` and `[api]` into their runtime structs, and depend on this
-//! module; this module names none of them. The whole-file struct is
+//! [`crate::agent::config`], [`crate::api::config`] and
+//! [`crate::ovn::config`] turn `[proxy]`, `[agent]`, `[api]` and `[ovn]`
+//! into their runtime structs, and depend on this module; this module names
+//! none of them. The whole-file struct is
 //! [`FileConfig`], generic over the type of its `[proxy]` section: the proxy
 //! parses it typed ([`crate::proxy::config::load_file`]) so its errors carry
 //! toml's line and column, as they always have; here it is a raw table.
@@ -178,6 +179,10 @@ pub struct FileConfig<P = toml::Table> {
     /// `[api]`, parsed by `api::config`.
     #[serde(default)]
     pub api: Option<toml::Table>,
+    /// `[ovn]`, parsed by `ovn::config`: for the coming `metaproxy ovn`,
+    /// read today by `metaproxy ovn-dump-replica --config`.
+    #[serde(default)]
+    pub ovn: Option<toml::Table>,
 }
 
 /// `v`, or `default` when absent, as a [`NonZeroUsize`].

@@ -118,9 +118,20 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct OvnDumpArgs {
+    /// Read the OVSDB settings from this file's `[ovn]` section
+    /// (`ovn_sb_connection`, the three `ovn_sb_*` TLS files,
+    /// `ovsdb_probe_interval`, `ovsdb_connection_timeout`, `[ovn.ovs]`
+    /// `ovsdb_connection`), instead of the flags below. The whole section is
+    /// validated, as the coming `metaproxy ovn` will.
+    #[arg(long, conflicts_with_all = ["ovn_sb_connection", "ovsdb_connection", "ovn_sb_private_key", "ovn_sb_certificate", "ovn_sb_ca_cert"])]
+    config: Option<PathBuf>,
+    /// With `--config`: validate the whole `[ovn]` section, print
+    /// `FILE is valid` and exit, connecting to nothing.
+    #[arg(long, requires = "config")]
+    check: bool,
     /// `[ovn] ovn_sb_connection`: comma-separated `tcp:`, `ssl:` or `unix:` remotes, tried in turn.
-    #[arg(long)]
-    ovn_sb_connection: String,
+    #[arg(long, required_unless_present = "config")]
+    ovn_sb_connection: Option<String>,
     /// `[ovs] ovsdb_connection`: the local Open_vSwitch DB, whose
     /// `external_ids:system-id` names this chassis.
     #[arg(long, default_value = "tcp:127.0.0.1:6640")]
@@ -138,7 +149,8 @@ struct OvnDumpArgs {
     #[arg(long)]
     ovn_sb_ca_cert: Option<PathBuf>,
     /// Give up after this many seconds without a snapshot (also the
-    /// connect timeout, `ovsdb_connection_timeout`).
+    /// connect timeout, `ovsdb_connection_timeout`, unless `--config`
+    /// sets it).
     #[arg(long, default_value_t = 30)]
     timeout: u64,
 }
@@ -205,31 +217,61 @@ fn run_doctor(
 fn run_ovn_dump(a: OvnDumpArgs) -> Result<()> {
     use metaproxy::ovn::ovsdb::{read_local_chassis, tls_config, ConnOptions, Remote, TlsFiles};
     use metaproxy::ovn::replica::{SbConfig, SbMonitor};
-    let remotes = Remote::parse_list(&a.ovn_sb_connection).context("--ovn-sb-connection")?;
     let limit = std::time::Duration::from_secs(a.timeout.max(1));
-    let mut conn = ConnOptions {
-        connect_timeout: limit,
-        probe_interval: std::time::Duration::ZERO,
-        ..ConnOptions::default()
-    };
-    match (a.ovn_sb_private_key, a.ovn_sb_certificate, a.ovn_sb_ca_cert) {
-        (Some(private_key), Some(certificate), Some(ca_cert)) => {
-            conn.tls = Some(tls_config(&TlsFiles {
-                private_key,
-                certificate,
-                ca_cert,
-            })?);
+    let (remotes, conn, ovs, ovs_conn) = match &a.config {
+        Some(path) => {
+            let file = metaproxy::config::load_file(path)?;
+            let Some(t) = file.ovn.as_ref() else {
+                bail!("{}: no [ovn] section", path.display());
+            };
+            let f = metaproxy::ovn::config::OvnFile::from_table(t)
+                .and_then(|f| {
+                    // Validate the whole section, then keep its OVSDB part.
+                    metaproxy::ovn::config::OvnConfig::try_from(&f)?;
+                    metaproxy::ovn::config::OvsdbSettings::try_from(&f)
+                })
+                .with_context(|| format!("refusing {}", path.display()))?;
+            if a.check {
+                println!("{} is valid", path.display());
+                return Ok(());
+            }
+            // Give up at --timeout even when the file's connect timeout is
+            // longer (a connect in progress would hold the exit until then).
+            let (mut sb_conn, mut ovs_conn) = (f.sb_conn, f.ovs_conn);
+            sb_conn.connect_timeout = sb_conn.connect_timeout.min(limit);
+            ovs_conn.connect_timeout = ovs_conn.connect_timeout.min(limit);
+            (f.sb_remotes, sb_conn, f.ovs_remote, ovs_conn)
         }
-        (None, None, None) => {}
-        _ => anyhow::bail!(
-            "--ovn-sb-private-key, --ovn-sb-certificate and --ovn-sb-ca-cert go together"
-        ),
-    }
+        None => {
+            let sb = a.ovn_sb_connection.as_deref().unwrap_or_default();
+            let remotes = Remote::parse_list(sb).context("--ovn-sb-connection")?;
+            let mut conn = ConnOptions {
+                connect_timeout: limit,
+                probe_interval: std::time::Duration::ZERO,
+                ..ConnOptions::default()
+            };
+            match (a.ovn_sb_private_key, a.ovn_sb_certificate, a.ovn_sb_ca_cert) {
+                (Some(private_key), Some(certificate), Some(ca_cert)) => {
+                    conn.tls = Some(tls_config(&TlsFiles {
+                        private_key,
+                        certificate,
+                        ca_cert,
+                    })?);
+                }
+                (None, None, None) => {}
+                _ => anyhow::bail!(
+                    "--ovn-sb-private-key, --ovn-sb-certificate and --ovn-sb-ca-cert go together"
+                ),
+            }
+            let ovs = Remote::parse(&a.ovsdb_connection).context("--ovsdb-connection")?;
+            let ovs_conn = conn.clone();
+            (remotes, conn, ovs, ovs_conn)
+        }
+    };
     let chassis = match a.chassis {
         Some(c) => c,
         None => {
-            let ovs = Remote::parse(&a.ovsdb_connection).context("--ovsdb-connection")?;
-            read_local_chassis(&ovs, &conn)
+            read_local_chassis(&ovs, &ovs_conn)
                 .context("reading the chassis name from the local Open_vSwitch DB")?
                 .0
         }

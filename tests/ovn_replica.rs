@@ -776,6 +776,64 @@ fn ovn_dump_replica_prints_the_replica_and_its_index() {
     assert!(err.contains("unix:/nonexistent/sb.sock"), "{err}");
 }
 
+/// `--config FILE`: the same settings from `[ovn]` and `[ovn.ovs]`, in
+/// Neutron's keys; a typo in the section refuses to run, naming the key.
+#[test]
+fn ovn_dump_replica_reads_its_settings_from_the_config_file() {
+    if !available("ovn_dump_replica_reads_its_settings_from_the_config_file") {
+        return;
+    }
+    let sb = Server::southbound(Kind::Standalone);
+    let cloud = Cloud::new(&sb);
+    let a = cloud.network(NET_A);
+    let vm1 = cloud.port(
+        &a,
+        "vm1",
+        "",
+        "fa:16:3e:00:00:05 10.0.0.5",
+        "11111111-1111-4111-8111-111111111111",
+    );
+    cloud.bind("vm1", LOCAL);
+    let ovs = Server::vswitch(LOCAL, None);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("metaproxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[ovn]\novn_sb_connection = \"{}\"\novsdb_probe_interval = 0\novsdb_connection_timeout = 5\n[ovn.ovs]\novsdb_connection = \"{}\"\n",
+            sb.remote(),
+            ovs.remote()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+            .arg("ovn-dump-replica")
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dump["chassis"], LOCAL, "system-id read via [ovn.ovs]");
+    assert_eq!(dump["index"][NET_A]["ip"]["10.0.0.5"], json!([vm1]));
+    // The flags and the file do not mix.
+    let out = run(&["--ovn-sb-connection", &sb.remote()]);
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    std::fs::write(&cfg, "[ovn]\novn_sb_conection = \"tcp:127.0.0.1:6642\"\n").unwrap();
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ovn_sb_conection"), "{err}");
+}
+
 /// A server that sends one endless string: refused at the message bound,
 /// the buffer never past it.
 #[test]

@@ -39,6 +39,15 @@ fn the_network_node_example_is_valid() {
 }
 
 #[test]
+fn the_ovn_compute_node_example_is_valid() {
+    // For the coming `metaproxy ovn`; validated today by ovn-dump-replica.
+    check(
+        "ovn-dump-replica",
+        Path::new("deploy/compute-node-ovn.toml"),
+    );
+}
+
+#[test]
 fn the_controller_example_is_valid() {
     // It names /etc/metaproxy/inventory.toml, which `--check` loads: point it
     // at the example inventory, change nothing else.

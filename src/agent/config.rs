@@ -788,83 +788,7 @@ impl TryFrom<&AgentFile> for AgentConfig {
                 ))
             }
         };
-        let n = &f.nova;
-        let https = match n.nova_metadata_protocol.as_deref().unwrap_or("http") {
-            "http" => false,
-            "https" => true,
-            other => {
-                return Err(invalid(
-                    "agent.nova.nova_metadata_protocol",
-                    format!("{other:?} is not http or https"),
-                ))
-            }
-        };
-        let host = n
-            .nova_metadata_host
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NOVA_HOST.to_string());
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .map_or(host.clone(), str::to_string);
-        let port = n.nova_metadata_port.unwrap_or(DEFAULT_NOVA_PORT);
-        if port == 0 {
-            return Err(invalid("agent.nova.nova_metadata_port", "must not be 0"));
-        }
-        let addr = match host.parse::<IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, port),
-            Err(_) => (host.as_str(), port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| {
-                    invalid(
-                        "agent.nova.nova_metadata_host",
-                        format!("{host:?} does not resolve"),
-                    )
-                })?,
-        };
-        let tls = if https {
-            // Neutron's rule: verify with auth_ca_cert unless insecure; a client
-            // certificate when both nova_client_cert and nova_client_priv_key are set.
-            let client = match (&n.nova_client_cert, &n.nova_client_priv_key) {
-                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                (None, None) => None,
-                _ => {
-                    return Err(invalid(
-                        "agent.nova.nova_client_cert",
-                        "set both nova_client_cert and nova_client_priv_key, or neither",
-                    ))
-                }
-            };
-            let cfg = super::tls::client_config_with_cert(
-                n.nova_metadata_insecure.unwrap_or(false),
-                n.auth_ca_cert.as_deref(),
-                client,
-            )
-            .map_err(|e| invalid("agent.nova.auth_ca_cert", e.to_string()))?;
-            let name = rustls::pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| invalid("agent.nova.nova_metadata_host", e.to_string()))?;
-            Some((cfg, name))
-        } else {
-            if n.nova_metadata_insecure.is_some()
-                || n.auth_ca_cert.is_some()
-                || n.nova_client_cert.is_some()
-            {
-                return Err(invalid(
-                    "agent.nova.nova_metadata_protocol",
-                    "TLS options are set but the protocol is http",
-                ));
-            }
-            None
-        };
-        let nova = NovaConfig {
-            host,
-            port,
-            addr,
-            tls,
-            timeout: dur("agent.nova.timeout", &n.timeout, DEFAULT_NOVA_TIMEOUT)?,
-        };
+        let nova = nova_config("agent.nova", &f.nova)?;
         let workers = nonzero("agent.workers", f.workers, DEFAULT_WORKERS)?;
         if workers.get() > 1024 {
             return Err(invalid("agent.workers", "at most 1024"));
@@ -925,6 +849,93 @@ impl TryFrom<&AgentFile> for AgentConfig {
             report: report_config(f)?,
         })
     }
+}
+
+/// The metadata API options (`nova_metadata_host`, `_port`, `_protocol`,
+/// the TLS files, `timeout`) of `section` (`agent.nova`, `ovn.nova`), as
+/// Neutron reads them; errors name `<section>.<key>`.
+///
+/// # Errors
+/// A bad protocol, a zero port, a host that does not resolve, TLS options
+/// that do not fit together or cannot be loaded.
+pub fn nova_config(section: &str, n: &NovaFile) -> Result<NovaConfig, ConfigError> {
+    let key = |k: &str| format!("{section}.{k}");
+    let https = match n.nova_metadata_protocol.as_deref().unwrap_or("http") {
+        "http" => false,
+        "https" => true,
+        other => {
+            return Err(invalid(
+                key("nova_metadata_protocol"),
+                format!("{other:?} is not http or https"),
+            ))
+        }
+    };
+    let host = n
+        .nova_metadata_host
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NOVA_HOST.to_string());
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .map_or(host.clone(), str::to_string);
+    let port = n.nova_metadata_port.unwrap_or(DEFAULT_NOVA_PORT);
+    if port == 0 {
+        return Err(invalid(key("nova_metadata_port"), "must not be 0"));
+    }
+    let addr = match host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port),
+        Err(_) => (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                invalid(
+                    key("nova_metadata_host"),
+                    format!("{host:?} does not resolve"),
+                )
+            })?,
+    };
+    let tls = if https {
+        // Neutron's rule: verify with auth_ca_cert unless insecure; a client
+        // certificate when both nova_client_cert and nova_client_priv_key are set.
+        let client = match (&n.nova_client_cert, &n.nova_client_priv_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    key("nova_client_cert"),
+                    "set both nova_client_cert and nova_client_priv_key, or neither",
+                ))
+            }
+        };
+        let cfg = super::tls::client_config_with_cert(
+            n.nova_metadata_insecure.unwrap_or(false),
+            n.auth_ca_cert.as_deref(),
+            client,
+        )
+        .map_err(|e| invalid(key("auth_ca_cert"), e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| invalid(key("nova_metadata_host"), e.to_string()))?;
+        Some((cfg, name))
+    } else {
+        if n.nova_metadata_insecure.is_some()
+            || n.auth_ca_cert.is_some()
+            || n.nova_client_cert.is_some()
+        {
+            return Err(invalid(
+                key("nova_metadata_protocol"),
+                "TLS options are set but the protocol is http",
+            ));
+        }
+        None
+    };
+    Ok(NovaConfig {
+        host,
+        port,
+        addr,
+        tls,
+        timeout: dur(&key("timeout"), &n.timeout, DEFAULT_NOVA_TIMEOUT)?,
+    })
 }
 
 fn required(key: &str, v: &Option<String>, why: &str) -> Result<String, ConfigError> {

@@ -485,7 +485,7 @@ impl TryFrom<&ProxyFile> for ProxyConfig {
                 "must be between 1 and 64",
             ));
         }
-        let rate_limit = rate_limit_config(&f.rate_limit)?;
+        let rate_limit = rate_limit_config("proxy.rate_limit", &f.rate_limit)?;
         let discover = discover_config(&f.discover, &netns_dir)?;
         Ok(ProxyConfig {
             control_socket: f
@@ -604,9 +604,17 @@ fn discover_config(
     }))
 }
 
-fn rate_limit_config(
+/// `[proxy.rate_limit]` (or the same keys in another `section`, e.g.
+/// `ovn.metadata_rate_limiting`) → the limiter's settings, `None` when off;
+/// errors name `<section>.<key>`.
+///
+/// # Errors
+/// A zero window, limit or table size.
+pub fn rate_limit_config(
+    section: &str,
     f: &RateLimitFile,
 ) -> Result<Option<crate::proxy::ratelimit::RateLimitConfig>, ConfigError> {
+    let key = |k: &str| format!("{section}.{k}");
     use crate::proxy::ratelimit::{RateLimitConfig, Window, DEFAULT_TABLE_SIZE};
     if !f.enabled.unwrap_or(false) {
         return Ok(None);
@@ -618,19 +626,14 @@ fn rate_limit_config(
     };
     Ok(Some(RateLimitConfig {
         base: Window {
-            window: dur("proxy.rate_limit.base_window", &f.base_window, ten)?,
-            limit: limit("proxy.rate_limit.base_limit", f.base_limit)?,
+            window: dur(&key("base_window"), &f.base_window, ten)?,
+            limit: limit(&key("base_limit"), f.base_limit)?,
         },
         burst: Window {
-            window: dur("proxy.rate_limit.burst_window", &f.burst_window, ten)?,
-            limit: limit("proxy.rate_limit.burst_limit", f.burst_limit)?,
+            window: dur(&key("burst_window"), &f.burst_window, ten)?,
+            limit: limit(&key("burst_limit"), f.burst_limit)?,
         },
-        table_size: nonzero(
-            "proxy.rate_limit.table_size",
-            f.table_size,
-            DEFAULT_TABLE_SIZE,
-        )?
-        .get(),
+        table_size: nonzero(&key("table_size"), f.table_size, DEFAULT_TABLE_SIZE)?.get(),
     }))
 }
 
