@@ -263,3 +263,39 @@ fn the_schema_is_checked_at_start() {
     let e = refused("ab450ba04102", Some("keypairs"));
     assert!(e.contains("instance_extra.keypairs"), "{e}");
 }
+
+/// `metaproxy doctor` on a controller's file: the `nova schema` line is OK on
+/// a supported database (with its instance count) and FAIL, naming the
+/// version, on one the API would refuse; the exit status follows.
+#[test]
+fn doctor_checks_the_nova_schema() {
+    let doctor = |version: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("nova.db");
+        make_db(&db, version, None);
+        let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+            .args(["doctor", "--config"])
+            .arg(config(dir.path(), &db, 1))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("nova schema"))
+            .unwrap_or_else(|| panic!("no nova schema line in {text}"))
+            .to_owned();
+        (out.status.success(), line)
+    };
+    let (ok, line) = doctor("ab450ba04102");
+    assert!(ok, "{line}");
+    assert!(
+        line.starts_with("OK") && line.contains("ab450ba04102") && line.contains("2 instance(s)"),
+        "{line}"
+    );
+    let (ok, line) = doctor("0123456789ab");
+    assert!(!ok, "{line}");
+    assert!(
+        line.starts_with("FAIL") && line.contains("0123456789ab"),
+        "{line}"
+    );
+}

@@ -220,6 +220,9 @@ pub fn run(path: &Path, opts: &Options) -> Vec<Check> {
         out.extend(api_and_secret(agent));
         out.push(registration(agent));
     }
+    if let Some(check) = nova_schema(path) {
+        out.push(check);
+    }
     if let Some(ip) = opts.vm {
         out.extend(vm_path(
             proxy.as_ref(),
@@ -230,6 +233,51 @@ pub fn run(path: &Path, opts: &Options) -> Vec<Check> {
         ));
     }
     out
+}
+
+/// With `[api] source = "nova"`: connect to Nova's databases as the API
+/// would at start, check their alembic versions and tables, and count the
+/// instances (`metaproxy api --check`). `None` without such an `[api]`.
+fn nova_schema(path: &Path) -> Option<Check> {
+    let cfg = match crate::api::config::load(path) {
+        Ok(Some(cfg)) => cfg,
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(Check::fail(
+                "config [api]",
+                e.to_string(),
+                "`metaproxy api --check` names the key",
+            ))
+        }
+    };
+    let crate::api::config::ApiSource::Nova(n) = &cfg.source else {
+        return None;
+    };
+    Some(match crate::api::server::start_nova(n, &cfg) {
+        Ok((source, report)) => {
+            source.stop();
+            let versions: Vec<String> = report
+                .versions
+                .iter()
+                .map(|(db, v)| format!("{db} at {v}"))
+                .collect();
+            let total: i64 = report.instances.iter().map(|(_, n)| n).sum();
+            Check::ok(
+                "nova schema",
+                format!(
+                    "{}; {total} instance(s) in {} cell database(s)",
+                    versions.join(", "),
+                    report.instances.len()
+                ),
+            )
+        }
+        Err(e) => Check::fail(
+            "nova schema",
+            e.to_string(),
+            "the API refuses to start on this database: check [api.nova] connection and \
+             api_connection, and that Nova's release is one the API supports (docs/nova-source.md)",
+        ),
+    })
 }
 
 /// Load `[proxy]` and `[agent]` of `path` as the daemons would; a broken
@@ -289,10 +337,13 @@ fn load(path: &Path, out: &mut Vec<Check>) -> (Option<ProxyConfig>, Option<Agent
         }
         None => None,
     };
-    if proxy.is_none() && agent.is_none() && out.is_empty() {
+    if file.api.is_some() {
+        sections.push("[api]".to_owned());
+    }
+    if proxy.is_none() && agent.is_none() && file.api.is_none() && out.is_empty() {
         out.push(Check::fail(
             "config",
-            format!("{}: neither [proxy] nor [agent]", path.display()),
+            format!("{}: neither [proxy], [agent] nor [api]", path.display()),
             "point --config at the network node's file (/etc/metaproxy/metaproxy.toml)",
         ));
     } else if !sections.is_empty() {
