@@ -1,13 +1,36 @@
 //! The per-loop client to the metadata API: a few keep-alive TCP connections.
 //!
 //! Neutron opens a new TCP connection per request (spec §3.4); we keep up to
-//! `pool_size` idle connections per loop and reuse them. Deliberately simple:
-//! one request in flight per connection (no pipelining to the API: Nova's
-//! eventlet/uwsgi server answers in order anyway, but a slow render would
-//! hold up every request queued behind it, and the API is on the same host or
-//! LAN where a new connection costs little). A connection goes back to the
-//! idle list only when its response was fully framed by length or chunks,
-//! with no stray bytes after it, and the API did not ask to close.
+//! `pool_size` connections per loop and reuse them, in one of two modes:
+//!
+//! - **one request in flight per connection** (the default, and what the
+//!   agent's Neutron and Keystone clients use: a slow answer there would
+//!   hold up every request queued behind it). A connection goes back to the
+//!   idle list only when its response was fully framed by length or chunks,
+//!   with no stray bytes after it, and the API did not ask to close.
+//! - **pipelined** ([`Pool::pipelined`], the agent's pool to the metadata
+//!   API over plain TCP): up to [`PIPELINE_DEPTH`] requests in flight on
+//!   each connection. Each connection has a writer task (every request
+//!   queued since its last write goes out in one write) and a reader task
+//!   (it frames the answers and hands each, whole, to the oldest request in
+//!   flight: HTTP/1.1 answers in order). An idle connection is used first,
+//!   the pool grows to `pool_size` before anything is pipelined, then the
+//!   least-loaded connection with room takes the request. This is what
+//!   `proxy::upstream` does towards the agent; the API renders in
+//!   microseconds and answers a batch in one write
+//!   (`serve::engine::Handler::BATCH_WRITES`), so a batch from the proxy
+//!   goes to the API as one write and comes back as one read (issue 13,
+//!   lever 2; BENCHMARKS.md). Over TLS the pool stays one request at a time.
+//!
+//! Pipelined, the same rules hold per request: answers strictly in order per
+//! connection; bytes that arrive while nothing is in flight, or behind the
+//! answer of the last request in flight, close the connection (the request
+//! whose answer they followed fails, 502); a request whose deadline passes
+//! shuts its connection, because every request behind a silent answer is
+//! stuck too and a late answer must not be taken for the next one's; when a
+//! connection dies, a request never written or a GET/HEAD is re-sent once on
+//! a new connection (if the one it was on had answered before), any other
+//! written request (a password POST) is answered 502 and never sent twice.
 //!
 //! Failure rules (the statuses are the agent's, spec §3.5):
 //! - a *reused* connection that fails before any response byte arrived was
