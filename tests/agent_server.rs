@@ -200,6 +200,12 @@ fn serve_api(conn: TcpStream, seen: &Mutex<Vec<Seen>>, mode: &Mutex<ApiMode>) {
             let _ = w.write_all(b"NOT HTTP AT ALL\r\n\r\n");
             return;
         }
+        if target == "/drop" {
+            // Read, think, close without an answer: what the agent wrote on
+            // this connection after it is lost with it.
+            std::thread::sleep(Duration::from_millis(300));
+            return;
+        }
         if target == "/slow" {
             // A slow render: the answers pipelined behind it are done first.
             std::thread::sleep(Duration::from_millis(300));
@@ -559,6 +565,118 @@ fn a_failure_mid_batch_gets_its_own_answer_and_spares_its_neighbours() {
         rest.is_empty(),
         "closed after the last answer, nothing stray"
     );
+}
+
+fn start_agent_with(api: SocketAddr, timeout: &str, extra: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), api, timeout, extra);
+    let socket = cfg.socket.clone();
+    let handle = metaproxy::agent::start(cfg).unwrap();
+    Agent {
+        handle: Some(handle),
+        socket,
+        _dir: dir,
+    }
+}
+
+/// `ask` from `n` guests at once, `gap` apart, each on its own connection;
+/// the answers in the order asked.
+fn ask_together(socket: &Path, raws: Vec<String>, gap: Duration) -> Vec<Resp> {
+    let threads: Vec<_> = raws
+        .into_iter()
+        .map(|raw| {
+            let socket = socket.to_path_buf();
+            let t = std::thread::spawn(move || ask(&socket, &raw));
+            std::thread::sleep(gap);
+            t
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// With one pooled API connection (`pool_size = 1`), requests from many
+/// guests are pipelined on it behind a slow render: each still gets its own
+/// answer, none is shifted by the slow one at the head.
+#[test]
+fn pipelined_api_requests_behind_a_slow_one_get_their_own_answers() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent_with(api.addr, "5s", "pool_size = 1");
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 200);
+    let slow = router("10.0.0.6").replacen("/latest/meta-data/instance-id?x=1", "/slow", 1);
+    let mut raws = vec![slow];
+    let mut want = vec![VM6];
+    for i in 0..12 {
+        let (xff, vm) = if i % 2 == 0 {
+            ("10.0.0.5", VM5)
+        } else {
+            ("10.0.0.6", VM6)
+        };
+        raws.push(if i % 3 == 0 {
+            network(xff)
+        } else {
+            router(xff)
+        });
+        want.push(vm);
+    }
+    let answers = ask_together(&agent.socket, raws, Duration::from_millis(10));
+    for (i, (r, vm)) in answers.iter().zip(want).enumerate() {
+        assert_eq!(
+            (r.status, r.text()),
+            (200, format!("instance={vm}")),
+            "answer {i}"
+        );
+    }
+    assert_eq!(api.seen().len(), 14, "each request reached the API once");
+}
+
+/// A POST written on a pipelined connection that the API then closes
+/// without answering is answered 502 and never sent twice (the API may have
+/// stored it); a GET pipelined behind it on the same connection is re-sent
+/// on a new one and answered.
+#[test]
+fn a_lost_pipelined_post_is_not_resent_but_the_get_behind_it_is() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent_with(api.addr, "5s", "pool_size = 1");
+    // The pooled connection has answered: a loss on it is a re-send case.
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 200);
+    let post = format!(
+        "POST /drop HTTP/1.1\r\nHost: 169.254.169.254\r\nX-Forwarded-For: 10.0.0.5\r\n\
+         X-Neutron-Router-ID: {ROUTER}\r\nContent-Length: 3\r\n\r\nabc"
+    );
+    let answers = ask_together(
+        &agent.socket,
+        vec![post, router("10.0.0.6")],
+        Duration::from_millis(100),
+    );
+    assert_eq!(answers[0].status, 502, "{}", answers[0].text());
+    assert_eq!(
+        (answers[1].status, answers[1].text()),
+        (200, format!("instance={VM6}"))
+    );
+    let seen = api.seen();
+    let posts = seen.iter().filter(|s| s.method == "POST").count();
+    assert_eq!(posts, 1, "the POST reached the API exactly once");
+}
+
+/// Every pipelined request still has its own deadline: behind a silent API
+/// each gets 504, and the connection they were on is not reused (a late
+/// answer must not become the next request's).
+#[test]
+fn pipelined_requests_to_a_silent_api_each_time_out() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let agent = start_agent_with(api.addr, "300ms", "pool_size = 1");
+    assert_eq!(ask(&agent.socket, &router("10.0.0.5")).status, 200);
+    api.set_mode(ApiMode::Silent);
+    let raws = vec![router("10.0.0.5"), router("10.0.0.6"), network("10.0.0.5")];
+    for (i, r) in ask_together(&agent.socket, raws, Duration::from_millis(5))
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(r.status, 504, "request {i}: {}", r.text());
+    }
+    api.set_mode(ApiMode::Echo);
+    let r = ask(&agent.socket, &router("10.0.0.6"));
+    assert_eq!((r.status, r.text()), (200, format!("instance={VM6}")));
 }
 
 #[test]

@@ -16,6 +16,8 @@ use metaproxy::api::server::{start, ApiHandle};
 const SECRET: &str = "s3cret-for-tests";
 const DEMO: &str = "d0d0d0d0-0000-4000-8000-000000000001";
 const DEMO2: &str = "d0d0d0d0-0000-4000-8000-000000000002";
+/// Signed correctly, but in no inventory.
+const UNKNOWN: &str = "d0d0d0d0-0000-4000-8000-0000000000ff";
 const PROJECT: &str = "d0d0d0d0000040008000000000000000";
 
 fn demo_inventory() -> PathBuf {
@@ -200,6 +202,100 @@ fn keep_alive_and_pipelined_requests_answer_in_order() {
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
+    s.handle.stop().unwrap();
+}
+
+/// The API answers requests pipelined in one write with one write per batch
+/// (`serve::engine`, `BATCH_WRITES`); what a client sees must not change:
+/// every answer in request order across batches (more requests than one
+/// batch holds), an error answer in the middle, a HEAD framed as such, and
+/// nothing after the answer that says `Connection: close`.
+#[test]
+fn pipelined_batches_answer_in_order_and_stop_at_connection_close() {
+    let s = start_demo();
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let n = metaproxy::serve::engine::MAX_BATCH_ANSWERS * 2 + 3;
+    let mut batch = String::new();
+    for i in 0..n {
+        batch += &match i % 4 {
+            0 => signed("GET", "/latest/meta-data/hostname", DEMO2, "", ""),
+            1 => signed("GET", "/latest/meta-data/instance-id", DEMO, "", ""),
+            2 => signed("HEAD", "/latest/meta-data/hostname", DEMO, "", ""),
+            _ => signed("GET", "/latest/meta-data/hostname", UNKNOWN, "", ""),
+        };
+    }
+    batch += "GET /openstack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    batch += &signed("GET", "/latest/meta-data/hostname", DEMO2, "", "");
+    c.write_all(batch.as_bytes()).unwrap();
+    for i in 0..n {
+        let a = read_response(&mut r, i % 4 == 2).unwrap();
+        match i % 4 {
+            0 => assert_eq!(a.text(), "demo2.novalocal", "answer {i}"),
+            1 => assert_eq!(a.text(), "i-00000001", "answer {i}"),
+            2 => {
+                assert_eq!(a.status, 200, "answer {i}");
+                assert!(a.body.is_empty(), "answer {i}: HEAD with a body");
+            }
+            _ => assert_ne!(a.status, 200, "answer {i}: {}", a.text()),
+        }
+        assert_eq!(a.header("Connection"), None, "answer {i} kept alive");
+    }
+    let last = read_response(&mut r, false).unwrap();
+    assert_eq!(last.status, 400, "no identity: {}", last.text());
+    assert_eq!(last.header("Connection"), Some("close"));
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "answered after Connection: close: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    s.handle.stop().unwrap();
+}
+
+/// Answers held back for a batch are written before the server waits for
+/// more bytes: a client that sends two whole requests and half of a third
+/// gets the first two answers without sending the rest; after a malformed
+/// request its 400 comes after the answers before it, then the close.
+#[test]
+fn held_answers_go_out_before_a_read_and_before_a_rejection() {
+    let s = start_demo();
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let third = signed("GET", "/latest/meta-data/instance-id", DEMO, "", "");
+    let (half, rest_of_it) = third.split_at(third.len() / 2);
+    let first = [
+        signed("GET", "/latest/meta-data/hostname", DEMO2, "", ""),
+        signed("GET", "/latest/meta-data/hostname", DEMO, "", ""),
+        half.to_string(),
+    ]
+    .concat();
+    c.write_all(first.as_bytes()).unwrap();
+    let a = read_response(&mut r, false).expect("first answer held while waiting");
+    let b = read_response(&mut r, false).expect("second answer held while waiting");
+    assert_eq!(a.text(), "demo2.novalocal");
+    assert_eq!(b.text(), "demo.novalocal");
+    let second = [
+        rest_of_it.to_string(),
+        signed("GET", "/latest/meta-data/hostname", DEMO2, "", ""),
+        "GET / HTTP/1.1\r\nHost x\r\n\r\n".to_string(),
+        signed("GET", "/latest/meta-data/hostname", DEMO, "", ""),
+    ]
+    .concat();
+    c.write_all(second.as_bytes()).unwrap();
+    let d = read_response(&mut r, false).unwrap();
+    let e = read_response(&mut r, false).unwrap();
+    let f = read_response(&mut r, false).unwrap();
+    assert_eq!(d.text(), "i-00000001");
+    assert_eq!(e.text(), "demo2.novalocal");
+    assert_eq!(f.status, 400);
+    assert_eq!(f.header("Connection"), Some("close"));
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     s.handle.stop().unwrap();
 }
 

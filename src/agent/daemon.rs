@@ -379,7 +379,8 @@ async fn run_loop(
         m,
         resolver,
         pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
-            .with_tls(cfg.nova.tls.clone()),
+            .with_tls(cfg.nova.tls.clone())
+            .pipelined(),
         stopping: Event::default(),
         server: Server::new(serve::settings!(cfg)),
         last_forbidden_hint: Cell::new(None),

@@ -1,13 +1,36 @@
 //! The per-loop client to the metadata API: a few keep-alive TCP connections.
 //!
 //! Neutron opens a new TCP connection per request (spec §3.4); we keep up to
-//! `pool_size` idle connections per loop and reuse them. Deliberately simple:
-//! one request in flight per connection (no pipelining to the API: Nova's
-//! eventlet/uwsgi server answers in order anyway, but a slow render would
-//! hold up every request queued behind it, and the API is on the same host or
-//! LAN where a new connection costs little). A connection goes back to the
-//! idle list only when its response was fully framed by length or chunks,
-//! with no stray bytes after it, and the API did not ask to close.
+//! `pool_size` connections per loop and reuse them, in one of two modes:
+//!
+//! - **one request in flight per connection** (the default, and what the
+//!   agent's Neutron and Keystone clients use: a slow answer there would
+//!   hold up every request queued behind it). A connection goes back to the
+//!   idle list only when its response was fully framed by length or chunks,
+//!   with no stray bytes after it, and the API did not ask to close.
+//! - **pipelined** ([`Pool::pipelined`], the agent's pool to the metadata
+//!   API over plain TCP): up to [`PIPELINE_DEPTH`] requests in flight on
+//!   each connection. Each connection has a writer task (every request
+//!   queued since its last write goes out in one write) and a reader task
+//!   (it frames the answers and hands each, whole, to the oldest request in
+//!   flight: HTTP/1.1 answers in order). An idle connection is used first,
+//!   the pool grows to `pool_size` before anything is pipelined, then the
+//!   least-loaded connection with room takes the request. This is what
+//!   `proxy::upstream` does towards the agent; the API renders in
+//!   microseconds and answers a batch in one write
+//!   (`serve::engine::Handler::BATCH_WRITES`), so a batch from the proxy
+//!   goes to the API as one write and comes back as one read (issue 13,
+//!   lever 2; BENCHMARKS.md). Over TLS the pool stays one request at a time.
+//!
+//! Pipelined, the same rules hold per request: answers strictly in order per
+//! connection; bytes that arrive while nothing is in flight, or behind the
+//! answer of the last request in flight, close the connection (the request
+//! whose answer they followed fails, 502); a request whose deadline passes
+//! shuts its connection, because every request behind a silent answer is
+//! stuck too and a late answer must not be taken for the next one's; when a
+//! connection dies, a request never written or a GET/HEAD is re-sent once on
+//! a new connection (if the one it was on had answered before), any other
+//! written request (a password POST) is answered 502 and never sent twice.
 //!
 //! Failure rules (the statuses are the agent's, spec §3.5):
 //! - a *reused* connection that fails before any response byte arrived was
@@ -49,6 +72,7 @@
 //! when they retry, and neither module reaches into the other.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -63,7 +87,7 @@ use crate::agent::tls::TlsConn;
 use crate::http::write::{put_content_length, put_header, HeaderName, HeaderValue, InvalidHeader};
 use crate::http::{self, ChunkedScanner, Limits, Method, ResponseBody, ResponseHead};
 use crate::log;
-use crate::rt::sync::oneshot;
+use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, PendingInput, TcpConn};
 
 /// Read size for API responses.
@@ -233,6 +257,263 @@ impl Idle {
     }
 }
 
+/// Requests in flight on one pipelined connection at most
+/// ([`Pool::pipelined`]): 8 keeps the latency a request can queue behind
+/// others to 7 API renders (microseconds each) and a batch from the
+/// agent's socket in one write; the pool then holds up to `pool_size` × 8
+/// exchanges.
+pub const PIPELINE_DEPTH: usize = 8;
+
+type Reply = oneshot::Sender<Result<ApiResponse, Attempt>>;
+
+/// A request handed to a pipelined connection, waiting for its answer.
+struct Pending {
+    is_head: bool,
+    /// GET or HEAD: may be re-sent after its bytes were written.
+    idempotent: bool,
+    reply: Reply,
+}
+
+/// One pipelined connection: a writer task writes every queued request in
+/// one write, a reader task frames the answers and hands each to the
+/// request at the head of `in_flight` (HTTP/1.1 answers in order).
+struct Pipe {
+    /// Set once connected (requests queue while it connects).
+    conn: std::cell::OnceCell<Conn>,
+    /// Bytes of the `queued` requests, in order, for the writer's next write.
+    outbox: RefCell<Vec<u8>>,
+    /// Requests not yet taken by the writer (never written).
+    queued: RefCell<VecDeque<Pending>>,
+    /// Requests written (or being written), oldest first: the next answer
+    /// is the front's.
+    in_flight: RefCell<VecDeque<Pending>>,
+    wake_writer: Notify,
+    dead: Cell<bool>,
+    /// Answers delivered on it (a connection that answered before may have
+    /// been closed by the API while idle: its requests are re-sent).
+    answered: Cell<u64>,
+}
+
+impl Pipe {
+    fn load(&self) -> usize {
+        self.queued.borrow().len() + self.in_flight.borrow().len()
+    }
+
+    /// Mark dead, shut the socket and fail every request not answered: the
+    /// front with `first` when given; a request never written, or a GET or
+    /// HEAD, as retryable; any other written one (a password POST) as
+    /// broken, never re-sent (the API may have acted on it).
+    fn kill(&self, first: Option<ForwardError>) {
+        if self.dead.replace(true) {
+            return;
+        }
+        if let Some(c) = self.conn.get() {
+            c.shutdown();
+        }
+        let mut first = first;
+        let in_flight: Vec<Pending> = self.in_flight.borrow_mut().drain(..).collect();
+        for p in in_flight {
+            let e = match first.take() {
+                Some(e) => Attempt::Fatal(e),
+                None if p.idempotent => Attempt::Retryable,
+                None => Attempt::Fatal(ForwardError::Broken(
+                    "connection lost after the request was sent".into(),
+                )),
+            };
+            let _ = p.reply.send(Err(e));
+        }
+        let queued: Vec<Pending> = self.queued.borrow_mut().drain(..).collect();
+        for p in queued {
+            let _ = p.reply.send(Err(Attempt::Retryable));
+        }
+        self.outbox.borrow_mut().clear();
+        self.wake_writer.notify();
+    }
+
+    /// The connection could not be opened: every request on it fails so.
+    fn unreachable(&self, why: &str) {
+        if self.dead.replace(true) {
+            return;
+        }
+        let queued: Vec<Pending> = self.queued.borrow_mut().drain(..).collect();
+        for p in queued {
+            let e = ForwardError::Unreachable(why.to_string());
+            let _ = p.reply.send(Err(Attempt::Fatal(e)));
+        }
+        self.outbox.borrow_mut().clear();
+        self.wake_writer.notify();
+    }
+}
+
+/// Shuts a pipelined connection if the request waiting on it is dropped (its
+/// deadline passed): every request behind a silent answer is stuck too, and
+/// an answer that comes late must not be read as the next one's.
+struct KillOnDrop(Option<Rc<Pipe>>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.kill(None);
+        }
+    }
+}
+
+/// Connect `pipe`, start its reader, then write every queued request in
+/// one write, batch after batch.
+async fn pipe_writer(pipe: Rc<Pipe>, shared: Rc<Shared>) {
+    let tcp = match TcpConn::connect(shared.addr, None).await {
+        Ok(c) => c,
+        Err(e) => {
+            if !shared.down_logged.replace(true) {
+                log::error(format_args!(
+                    "{} at {} unreachable: {e}; answering 503 until it is back",
+                    shared.what, shared.addr
+                ));
+            }
+            pipe.unreachable(&e.to_string());
+            return;
+        }
+    };
+    if shared.down_logged.replace(false) {
+        log::info(format_args!(
+            "{} at {} reachable again",
+            shared.what, shared.addr
+        ));
+    }
+    if pipe.dead.get() || pipe.conn.set(Conn::Plain(tcp)).is_err() {
+        return;
+    }
+    rt::spawn(pipe_reader(pipe.clone(), shared));
+    let Some(conn) = pipe.conn.get() else { return };
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        if pipe.dead.get() {
+            return;
+        }
+        if pipe.queued.borrow().is_empty() {
+            pipe.wake_writer.notified().await;
+            continue;
+        }
+        out.clear();
+        std::mem::swap(&mut *pipe.outbox.borrow_mut(), &mut out);
+        {
+            // Invariant: a request enters `in_flight` in the order its
+            // bytes enter the socket, so the reader matches FIFO.
+            let mut q = pipe.queued.borrow_mut();
+            let mut f = pipe.in_flight.borrow_mut();
+            f.extend(q.drain(..));
+        }
+        let (res, back) = conn.write_all(out).await;
+        out = back;
+        if res.is_err() {
+            pipe.kill(None);
+            return;
+        }
+    }
+}
+
+/// Frame the answers on `pipe` and hand them out in order. Bytes that no
+/// request asked for (while nothing is in flight, or behind the answer of
+/// the last request in flight) close the connection.
+async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
+    let Some(conn) = pipe.conn.get() else { return };
+    let mut buf = shared.take_buf();
+    loop {
+        loop {
+            let (is_head, last) = match pipe.in_flight.borrow().front() {
+                Some(p) => (p.is_head, pipe.in_flight.borrow().len() == 1),
+                None => break,
+            };
+            match frame(&buf, &shared.limits, is_head, false) {
+                Ok(None) => break,
+                Ok(Some((len, head))) => {
+                    if last && len < buf.len() {
+                        shared.unsolicited();
+                        pipe.kill(Some(ForwardError::Broken(
+                            "bytes after the response that no request asked for".into(),
+                        )));
+                        shared.recycle(buf);
+                        return;
+                    }
+                    let bytes = if len == buf.len() {
+                        std::mem::replace(&mut buf, shared.take_buf())
+                    } else {
+                        let mut b = shared.take_buf();
+                        b.extend_from_slice(&buf[..len]);
+                        buf.drain(..len);
+                        b
+                    };
+                    let reusable = head.keep_alive && head.body != ResponseBody::UntilClose;
+                    let p = pipe.in_flight.borrow_mut().pop_front();
+                    if let Some(p) = p {
+                        let _ = p.reply.send(Ok(ApiResponse { bytes, head }));
+                    }
+                    pipe.answered.set(pipe.answered.get() + 1);
+                    if !reusable {
+                        pipe.kill(None);
+                        shared.recycle(buf);
+                        return;
+                    }
+                }
+                Err(why) => {
+                    pipe.kill(Some(ForwardError::Broken(why)));
+                    shared.recycle(buf);
+                    return;
+                }
+            }
+        }
+        if pipe.dead.get() {
+            shared.recycle(buf);
+            return;
+        }
+        if !buf.is_empty() && pipe.in_flight.borrow().is_empty() {
+            shared.unsolicited();
+            pipe.kill(None);
+            shared.recycle(buf);
+            return;
+        }
+        let (res, back) = conn.read_append(buf, READ_BYTES).await;
+        buf = back;
+        match res {
+            Ok(0) => {
+                // A close-delimited answer is complete now; anything else
+                // partial is broken, and requests with nothing received
+                // are failed by the rules of `Pipe::kill`.
+                let front = pipe.in_flight.borrow().front().map(|p| p.is_head);
+                match front {
+                    Some(is_head) if !buf.is_empty() => {
+                        match frame(&buf, &shared.limits, is_head, true) {
+                            Ok(Some((len, head))) => {
+                                buf.truncate(len);
+                                let p = pipe.in_flight.borrow_mut().pop_front();
+                                if let Some(p) = p {
+                                    let bytes = std::mem::take(&mut buf);
+                                    let _ = p.reply.send(Ok(ApiResponse { bytes, head }));
+                                }
+                                pipe.kill(None);
+                            }
+                            _ => {
+                                pipe.kill(Some(ForwardError::Broken("closed mid-response".into())))
+                            }
+                        }
+                    }
+                    _ => pipe.kill(None),
+                }
+                shared.recycle(buf);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let first = (!buf.is_empty())
+                    .then(|| ForwardError::Broken(format!("read failed mid-response: {e}")));
+                pipe.kill(first);
+                shared.recycle(buf);
+                return;
+            }
+        }
+    }
+}
+
 /// One attempt's failure: worth a re-send on a fresh connection, or final.
 enum Attempt {
     Retryable,
@@ -241,17 +522,13 @@ enum Attempt {
 
 /// Per-loop pool of idle keep-alive connections to the API.
 pub struct Pool {
-    /// What the peer is, for logs ("metadata API", "Neutron").
-    what: &'static str,
-    addr: SocketAddr,
+    /// What the reader tasks of pipelined connections share with the pool.
+    shared: Rc<Shared>,
     max_idle: usize,
     timeout: Duration,
-    limits: Limits,
     idle: RefCell<Vec<Idle>>,
     /// `Some` for HTTPS.
     tls: Option<TlsTarget>,
-    /// Log "unreachable" once per outage, not per request.
-    down_logged: Cell<bool>,
     /// Exchanges in progress; at most `max_idle`, so concurrent requests
     /// queue for a pooled connection instead of each opening (and closing) a
     /// fresh one. Without the cap, resolving pipelined requests concurrently
@@ -259,14 +536,67 @@ pub struct Pool {
     /// (connection churn) and took p99 VM completion from 14.5 s to 25 s.
     active: Cell<usize>,
     waiters: RefCell<std::collections::VecDeque<oneshot::Sender<()>>>,
+    /// Requests in flight per connection at most: 1 (one at a time, the
+    /// idle connections above) or, with [`Pool::pipelined`], up to
+    /// [`PIPELINE_DEPTH`] on each of the `pipes`.
+    depth: usize,
+    /// Pipelined connections (`depth` > 1), at most `max_idle` but for a
+    /// moment while one is being replaced.
+    pipes: RefCell<Vec<Rc<Pipe>>>,
+}
+
+/// The part of a pool its pipelined connections' tasks use too.
+struct Shared {
+    /// What the peer is, for logs ("metadata API", "Neutron").
+    what: &'static str,
+    addr: SocketAddr,
+    limits: Limits,
+    /// Buffers kept at most (two per slot).
+    max_bufs: usize,
+    /// Log "unreachable" once per outage, not per request.
+    down_logged: Cell<bool>,
     /// Connections closed because bytes arrived that no request asked for.
     unsolicited: Cell<u64>,
     /// When that was last logged.
     unsolicited_logged: Cell<Option<Instant>>,
-    /// Emptied buffers for request writes and response reads (at most two
-    /// per slot, each at most `POOL_BUFFER_MAX_BYTES`): a request on a
+    /// Emptied buffers for request writes and response reads (at most
+    /// `max_bufs`, each at most `POOL_BUFFER_MAX_BYTES`): a request on a
     /// pooled connection allocates none.
     bufs: RefCell<Vec<Vec<u8>>>,
+}
+
+impl Shared {
+    fn take_buf(&self) -> Vec<u8> {
+        self.bufs.borrow_mut().pop().unwrap_or_default()
+    }
+
+    fn recycle(&self, mut buf: Vec<u8>) {
+        let mut bufs = self.bufs.borrow_mut();
+        if bufs.len() < self.max_bufs && buf.capacity() <= POOL_BUFFER_MAX_BYTES {
+            buf.clear();
+            bufs.push(buf);
+        }
+    }
+
+    /// Count (and log, throttled) a connection closed for unsolicited bytes.
+    fn unsolicited(&self) {
+        self.unsolicited.set(self.unsolicited.get() + 1);
+        let now = Instant::now();
+        if self
+            .unsolicited_logged
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= UNSOLICITED_LOG_EVERY)
+        {
+            self.unsolicited_logged.set(Some(now));
+            log::warn(format_args!(
+                "{} at {} sent bytes no request asked for; connection closed \
+                 ({} so far)",
+                self.what,
+                self.addr,
+                self.unsolicited.get()
+            ));
+        }
+    }
 }
 
 /// Gives the pool slot back (to the next waiter, if any) however the
@@ -321,25 +651,46 @@ impl Pool {
     /// An empty pool to `what` (named in logs).
     pub fn named(what: &'static str, addr: SocketAddr, max_idle: usize, timeout: Duration) -> Pool {
         Pool {
-            what,
-            addr,
+            shared: Rc::new(Shared {
+                what,
+                addr,
+                limits: Limits::default(),
+                max_bufs: 2 * max_idle.max(1),
+                down_logged: Cell::new(false),
+                unsolicited: Cell::new(0),
+                unsolicited_logged: Cell::new(None),
+                bufs: RefCell::new(Vec::new()),
+            }),
             max_idle,
             timeout,
-            limits: Limits::default(),
             idle: RefCell::new(Vec::new()),
             tls: None,
-            down_logged: Cell::new(false),
             active: Cell::new(0),
             waiters: RefCell::new(std::collections::VecDeque::new()),
-            unsolicited: Cell::new(0),
-            unsolicited_logged: Cell::new(None),
-            bufs: RefCell::new(Vec::new()),
+            depth: 1,
+            pipes: RefCell::new(Vec::new()),
         }
     }
 
-    /// Wait for one of the pool's `max_idle` slots.
+    /// Pipeline up to [`PIPELINE_DEPTH`] requests on each connection (plain
+    /// TCP only: over TLS the pool stays one request at a time). For a peer
+    /// that answers in order and quickly, the metadata API; not for Neutron
+    /// or Keystone, whose slow answers would hold up the requests behind.
+    #[must_use]
+    pub fn pipelined(mut self) -> Pool {
+        if self.tls.is_none() {
+            self.depth = PIPELINE_DEPTH;
+            let slots = self.max_idle.max(1) * PIPELINE_DEPTH;
+            Rc::get_mut(&mut self.shared)
+                .expect("pool not yet shared")
+                .max_bufs = 2 * slots;
+        }
+        self
+    }
+
+    /// Wait for one of the pool's `max_idle` × depth slots.
     async fn slot(&self) -> Slot<'_> {
-        if self.active.get() < self.max_idle.max(1) {
+        if self.active.get() < self.max_idle.max(1) * self.depth {
             self.active.set(self.active.get() + 1);
             return Slot(self);
         }
@@ -357,32 +708,35 @@ impl Pool {
         Slot(self)
     }
 
-    /// Speak TLS to the peer.
+    /// Speak TLS to the peer (call it before [`Pool::pipelined`]: a TLS
+    /// pool is not pipelined).
     #[must_use]
     pub fn with_tls(mut self, tls: Option<TlsTarget>) -> Pool {
+        if tls.is_some() && self.depth > 1 {
+            self.depth = 1;
+        }
         self.tls = tls;
         self
     }
 
     /// An empty buffer, reused if one was given back.
     fn take_buf(&self) -> Vec<u8> {
-        self.bufs.borrow_mut().pop().unwrap_or_default()
+        self.shared.take_buf()
     }
 
     /// Give a buffer back for the pool's next request or response (the
     /// caller is done with an [`ApiResponse`]'s `bytes`, say); dropped when
     /// the pool holds enough or it is larger than `POOL_BUFFER_MAX_BYTES`.
-    pub fn recycle(&self, mut buf: Vec<u8>) {
-        let mut bufs = self.bufs.borrow_mut();
-        if bufs.len() < 2 * self.max_idle.max(1) && buf.capacity() <= POOL_BUFFER_MAX_BYTES {
-            buf.clear();
-            bufs.push(buf);
-        }
+    pub fn recycle(&self, buf: Vec<u8>) {
+        self.shared.recycle(buf);
     }
 
-    /// Idle connections held now.
+    /// Idle connections held now (pipelined ones with nothing in flight
+    /// included).
     pub fn idle(&self) -> usize {
-        self.idle.borrow().len()
+        let pipes = self.pipes.borrow();
+        let idle_pipes = pipes.iter().filter(|p| !p.dead.get() && p.load() == 0);
+        self.idle.borrow().len() + idle_pipes.count()
     }
 
     /// Exchanges in progress now (at most `max_idle`).
@@ -404,6 +758,9 @@ impl Pool {
 
     async fn exchange(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
         let _slot = self.slot().await;
+        if self.depth > 1 {
+            return self.exchange_pipelined(req, is_head).await;
+        }
         if let Some((conn, read)) = self.checkout() {
             match self.once(conn, Some(read), req, is_head).await {
                 Ok(r) => return Ok(r),
@@ -411,7 +768,7 @@ impl Pool {
                 Err(Attempt::Retryable) => {
                     log::debug(format_args!(
                         "pooled connection to {} was closed; re-sending on a new one",
-                        self.addr
+                        self.shared.addr
                     ));
                 }
             }
@@ -419,19 +776,19 @@ impl Pool {
         let conn = match self.connect().await {
             Ok(c) => c,
             Err(e) => {
-                if !self.down_logged.replace(true) {
+                if !self.shared.down_logged.replace(true) {
                     log::error(format_args!(
                         "{} at {} unreachable: {e}; answering 503 until it is back",
-                        self.what, self.addr
+                        self.shared.what, self.shared.addr
                     ));
                 }
                 return Err(ForwardError::Unreachable(e.to_string()));
             }
         };
-        if self.down_logged.replace(false) {
+        if self.shared.down_logged.replace(false) {
             log::info(format_args!(
                 "{} at {} reachable again",
-                self.what, self.addr
+                self.shared.what, self.shared.addr
             ));
         }
         match self.once(Rc::new(conn), None, req, is_head).await {
@@ -440,6 +797,112 @@ impl Pool {
             Err(Attempt::Retryable) => Err(ForwardError::Broken(
                 "connection closed before any response".into(),
             )),
+        }
+    }
+
+    /// [`Pool::exchange`] on pipelined connections: an idle one first, a new
+    /// one while fewer than `max_idle` are open, else the least loaded with
+    /// room. A request lost because a connection that had answered before
+    /// closed is re-sent once on a new one, when `Pipe::kill`'s rules allow.
+    async fn exchange_pipelined(
+        &self,
+        req: &[u8],
+        is_head: bool,
+    ) -> Result<ApiResponse, ForwardError> {
+        let idempotent = req.starts_with(b"GET ") || req.starts_with(b"HEAD ");
+        let pipe = self.pick();
+        let reused = pipe.answered.get() > 0;
+        match self.send(&pipe, req, is_head, idempotent).await {
+            Ok(r) => return Ok(r),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Retryable) if reused => {
+                log::debug(format_args!(
+                    "pooled connection to {} was closed; re-sending on a new one",
+                    self.shared.addr
+                ));
+            }
+            Err(Attempt::Retryable) => {
+                return Err(ForwardError::Broken(
+                    "connection closed before any response".into(),
+                ))
+            }
+        }
+        let pipe = self.new_pipe();
+        match self.send(&pipe, req, is_head, idempotent).await {
+            Ok(r) => Ok(r),
+            Err(Attempt::Fatal(e)) => Err(e),
+            Err(Attempt::Retryable) => Err(ForwardError::Broken(
+                "connection closed before any response".into(),
+            )),
+        }
+    }
+
+    /// The pipelined connection to use: an idle live one, else a new one
+    /// while fewer than `max_idle` are open (or opening), else the least
+    /// loaded with room (the slots guarantee there is one).
+    fn pick(&self) -> Rc<Pipe> {
+        {
+            let mut pipes = self.pipes.borrow_mut();
+            pipes.retain(|p| !p.dead.get());
+            if let Some(p) = pipes.iter().find(|p| p.load() == 0) {
+                return p.clone();
+            }
+            if pipes.len() >= self.max_idle.max(1) {
+                let least = pipes
+                    .iter()
+                    .filter(|p| p.load() < self.depth)
+                    .min_by_key(|p| p.load());
+                if let Some(p) = least {
+                    return p.clone();
+                }
+            }
+        }
+        self.new_pipe()
+    }
+
+    /// A pipelined connection, pooled at once: requests queue on it while
+    /// its writer task connects (and fail 503 if that fails).
+    fn new_pipe(&self) -> Rc<Pipe> {
+        let pipe = Rc::new(Pipe {
+            conn: std::cell::OnceCell::new(),
+            outbox: RefCell::new(self.take_buf()),
+            queued: RefCell::new(VecDeque::with_capacity(self.depth)),
+            in_flight: RefCell::new(VecDeque::with_capacity(self.depth)),
+            wake_writer: Notify::default(),
+            dead: Cell::new(false),
+            answered: Cell::new(0),
+        });
+        rt::spawn(pipe_writer(pipe.clone(), self.shared.clone()));
+        self.pipes.borrow_mut().push(pipe.clone());
+        pipe
+    }
+
+    /// Queue `req` on `pipe` and wait for its answer.
+    async fn send(
+        &self,
+        pipe: &Rc<Pipe>,
+        req: &[u8],
+        is_head: bool,
+        idempotent: bool,
+    ) -> Result<ApiResponse, Attempt> {
+        if pipe.dead.get() {
+            return Err(Attempt::Retryable);
+        }
+        let (tx, rx) = oneshot::channel();
+        pipe.outbox.borrow_mut().extend_from_slice(req);
+        pipe.queued.borrow_mut().push_back(Pending {
+            is_head,
+            idempotent,
+            reply: tx,
+        });
+        pipe.wake_writer.notify();
+        let mut guard = KillOnDrop(Some(pipe.clone()));
+        let r = rx.await;
+        guard.0 = None;
+        match r {
+            Ok(r) => r,
+            // The connection's tasks ended without a word: it is gone.
+            Err(_) => Err(Attempt::Retryable),
         }
     }
 
@@ -463,31 +926,16 @@ impl Pool {
 
     /// Count (and log, throttled) a connection closed for unsolicited bytes.
     fn unsolicited(&self) {
-        self.unsolicited.set(self.unsolicited.get() + 1);
-        let now = Instant::now();
-        if self
-            .unsolicited_logged
-            .get()
-            .is_none_or(|t| now.duration_since(t) >= UNSOLICITED_LOG_EVERY)
-        {
-            self.unsolicited_logged.set(Some(now));
-            log::warn(format_args!(
-                "{} at {} sent bytes no request asked for; connection closed \
-                 ({} so far)",
-                self.what,
-                self.addr,
-                self.unsolicited.get()
-            ));
-        }
+        self.shared.unsolicited();
     }
 
     /// Connections closed so far because bytes arrived that no request asked for.
     pub fn unsolicited_closes(&self) -> u64 {
-        self.unsolicited.get()
+        self.shared.unsolicited.get()
     }
 
     async fn connect(&self) -> std::io::Result<Conn> {
-        let tcp = TcpConn::connect(self.addr, None).await?;
+        let tcp = TcpConn::connect(self.shared.addr, None).await?;
         match &self.tls {
             None => Ok(Conn::Plain(tcp)),
             Some((cfg, name)) => Ok(Conn::Tls(Box::new(
@@ -518,7 +966,7 @@ impl Pool {
             None => self.take_buf(),
         };
         loop {
-            match frame(&buf, &self.limits, is_head, false) {
+            match frame(&buf, &self.shared.limits, is_head, false) {
                 Ok(Some((len, head))) => {
                     // More than one response's worth: the response we framed
                     // may not be this request's (the connection is out of
@@ -553,7 +1001,7 @@ impl Pool {
             match res {
                 Ok(0) if buf.is_empty() => return Err(Attempt::Retryable),
                 Ok(0) => {
-                    return match frame(&buf, &self.limits, is_head, true) {
+                    return match frame(&buf, &self.shared.limits, is_head, true) {
                         Ok(Some((len, head))) => {
                             buf.truncate(len);
                             Ok(ApiResponse { bytes: buf, head })
@@ -780,8 +1228,18 @@ mod tests {
 
     #[test]
     fn unsolicited_bytes_close_the_connection_and_never_answer_a_request() {
+        unsolicited_bytes_close(false);
+    }
+
+    #[test]
+    fn unsolicited_bytes_close_a_pipelined_connection_and_never_answer_a_request() {
+        unsolicited_bytes_close(true);
+    }
+
+    fn unsolicited_bytes_close(pipelined: bool) {
         let (addr, go, done) = desync_server();
         let pool = Pool::new(addr, 2, Duration::from_secs(5));
+        let pool = if pipelined { pool.pipelined() } else { pool };
         let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
         crate::rt::block_on(async {
             let a = pool.request(&get("/"), false).await.unwrap();
@@ -791,7 +1249,12 @@ mod tests {
             go.send(()).unwrap();
             done.recv().unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
-            while pool.idle.borrow()[0].pending_input() != PendingInput::Bytes {
+            let arrived = |pool: &Pool| match pool.idle.borrow().first() {
+                Some(idle) => idle.pending_input() == PendingInput::Bytes,
+                // A pipelined connection's reader closes it at once.
+                None => pool.unsolicited_closes() == 1,
+            };
+            while !arrived(&pool) {
                 assert!(Instant::now() < deadline, "stale bytes never arrived");
                 // The posted read completes when the loop runs.
                 crate::rt::sleep(Duration::from_millis(1)).await;
@@ -813,6 +1276,92 @@ mod tests {
             assert_eq!(d.payload(), b"2", "not the broken connection");
         })
         .unwrap();
+    }
+
+    /// 40 requests at once on a pipelined pool of one connection: the
+    /// server sees several requests before it answers any (they are
+    /// pipelined, in few writes), never more than `PIPELINE_DEPTH`, and
+    /// every request gets the answer to its own path.
+    #[test]
+    fn pipelined_requests_are_bounded_by_the_depth_and_answered_in_order() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (m2, c2) = (most.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                c2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let m2 = m2.clone();
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    let mut got: Vec<u8> = Vec::new();
+                    loop {
+                        // Take everything that comes for a moment, then
+                        // answer every whole request (its path echoed).
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                got.extend_from_slice(&chunk[..n]);
+                                continue;
+                            }
+                            Err(_) => {}
+                        }
+                        let mut answers = Vec::new();
+                        let mut n = 0;
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                            let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                            answers.extend_from_slice(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                                    path.len()
+                                )
+                                .as_bytes(),
+                            );
+                            got.drain(..end + 4);
+                            n += 1;
+                        }
+                        m2.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                        if s.write_all(&answers).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = std::rc::Rc::new(Pool::new(addr, 1, Duration::from_secs(10)).pipelined());
+        let answered = crate::rt::block_on(async {
+            let tasks: Vec<_> = (0..40)
+                .map(|i| {
+                    let p = pool.clone();
+                    crate::rt::spawn_handle(async move {
+                        let req = format!("GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n");
+                        let r = p.request(req.as_bytes(), false).await;
+                        r.map(|r| r.payload()) == Ok(format!("/{i}").into_bytes())
+                    })
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                if t.join().await == Some(true) {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+        .unwrap();
+        assert_eq!(answered, 40, "every request got its own answer");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let most = most.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(most > 1, "requests were pipelined ({most} at most)");
+        assert!(
+            most <= PIPELINE_DEPTH,
+            "{most} requests in flight on one connection (depth {PIPELINE_DEPTH})"
+        );
+        assert_eq!(pool.active(), 0, "every slot returned");
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub const CONN_TASK_MAX_BYTES: usize = 1536;
 pub const FREE_BUFFERS: usize = 256;
 /// Largest buffer put back on the free list (a larger one is freed).
 pub const FREE_BUFFER_MAX_BYTES: usize = 64 * 1024;
+/// At most this many answers go out in one write to a pipelining client
+/// ([`Handler::BATCH_WRITES`]), and at most [`FREE_BUFFER_MAX_BYTES`] of them:
+/// the first answer of a batch waits for at most 15 handlers behind it.
+pub const MAX_BATCH_ANSWERS: usize = 16;
 
 /// One loop's connections: the limits and timeouts they are held to, how
 /// many are open (for drain and reports), and the buffers they recycle. Per
@@ -352,6 +356,12 @@ pub trait Handler {
     /// Decode a chunked body into [`Request::body`] (the API) rather than
     /// only frame it (the proxy relays the raw bytes).
     const DECODE_CHUNKED: bool = false;
+    /// Answer pipelined requests with one write per batch (the API, whose
+    /// handler takes microseconds): an answer is held back while the next
+    /// request is already whole in the buffer, and written with the answers
+    /// behind it (see [`MAX_BATCH_ANSWERS`]). Off for the proxy: its handler
+    /// waits on the agent, and an answer held behind that wait would be late.
+    const BATCH_WRITES: bool = false;
     /// This loop's server (settings, free list).
     fn server(&self) -> &Server;
     /// Set when idle connections should close and busy ones close after
@@ -424,8 +434,12 @@ pub enum End {
 /// `http_request` deadline.
 ///
 /// Requests pipelined by a client are answered in order, one after another
-/// from the same buffer. While idle between requests the connection owns no
-/// buffer ([`crate::rt::TcpConn::read_idle`]).
+/// from the same buffer; with [`Handler::BATCH_WRITES`], the answers to the
+/// requests that were already whole in the buffer go out in one write (at
+/// most [`MAX_BATCH_ANSWERS`]; written before any read, any rejection, and
+/// with a final `Connection: close` answer, after which nothing is read).
+/// While idle between requests the connection owns no buffer
+/// ([`crate::rt::TcpConn::read_idle`]).
 pub async fn serve_conn<H: Handler>(h: &H, conn: &H::Conn, accepted: Instant) -> End {
     let end = idle_loop(h, conn, accepted).await;
     match end {
@@ -477,7 +491,7 @@ async fn idle_loop<H: Handler>(h: &H, conn: &H::Conn, accepted: Instant) -> End 
             Instant::now() + http_request
         };
         first = false;
-        if let Err(end) = Box::pin(request(h, conn, &mut buf, head_deadline)).await {
+        if let Err(end) = Box::pin(requests(h, conn, &mut buf, head_deadline)).await {
             return end;
         }
         if buf.is_empty() {
@@ -486,20 +500,105 @@ async fn idle_loop<H: Handler>(h: &H, conn: &H::Conn, accepted: Instant) -> End 
     }
 }
 
+/// Answers held back to go out in one write ([`Handler::BATCH_WRITES`]).
+#[derive(Default)]
+struct Held {
+    /// The answers, whole and in request order.
+    bytes: Vec<u8>,
+    /// How many.
+    answers: usize,
+}
+
+/// Serve the request whose first bytes are in `buf`, and the pipelined
+/// requests behind it while their answers are being batched. `Ok` keeps the
+/// connection, with nothing held back; pipelined bytes that followed the
+/// last answered request stay in `buf`.
+async fn requests<H: Handler>(
+    h: &H,
+    conn: &H::Conn,
+    buf: &mut Vec<u8>,
+    mut head_deadline: Instant,
+) -> Result<(), End> {
+    let mut held = Held::default();
+    loop {
+        request(h, conn, buf, head_deadline, &mut held).await?;
+        if held.answers == 0 {
+            return Ok(());
+        }
+        head_deadline = Instant::now() + h.server().settings.timeouts.http_request;
+    }
+}
+
+/// Write the answers held back, if any, within `client`.
+async fn flush<S: Stream>(
+    server: &Server,
+    conn: &S,
+    held: &mut Held,
+    client: Duration,
+) -> Result<(), End> {
+    if held.answers == 0 {
+        return Ok(());
+    }
+    held.answers = 0;
+    let out = std::mem::take(&mut held.bytes);
+    match rt::with_deadline(Instant::now() + client, conn.write_all(out)).await {
+        Ok((Ok(()), b)) => {
+            server.put_buf(b);
+            Ok(())
+        }
+        Ok((Err(_), _)) => Err(End::IoError),
+        Err(rt::Elapsed) => Err(End::Timeout),
+    }
+}
+
+/// The head of the request at the start of `buf` when it and its body are
+/// already whole there (no read needed), else `None`.
+fn buffered_request(buf: &[u8], limits: &Limits) -> Option<RequestHead> {
+    let head = http::parse_request(buf, limits).ok()??;
+    let whole = match head.body {
+        RequestBody::None => true,
+        RequestBody::Length(n) => {
+            usize::try_from(n).is_ok_and(|n| buf.len() >= head.head_len.saturating_add(n))
+        }
+        RequestBody::Chunked => false,
+    };
+    whole.then_some(head)
+}
+
 /// Read one request (its first bytes are in `buf`), have `h` answer it,
-/// write the answer. `Ok` keeps the connection; pipelined bytes that
-/// followed stay in `buf`.
+/// write the answer, after the answers `held` back; or, batching, add it to
+/// them when the next request is already whole in `buf`. `Ok` keeps the
+/// connection; pipelined bytes that followed stay in `buf`.
+///
+/// Answers are held back only while no read is needed: before anything
+/// that may wait on the client, and before any rejection, they are written.
 async fn request<H: Handler>(
     h: &H,
     conn: &H::Conn,
     buf: &mut Vec<u8>,
     head_deadline: Instant,
+    held: &mut Held,
 ) -> Result<(), End> {
     let started = Instant::now();
-    let Settings { timeouts, limits } = &h.server().settings;
+    let server = h.server();
+    let Settings { timeouts, limits } = &server.settings;
     let client = timeouts.client;
-    // 1. The head.
-    let head = match read_head(conn, buf, limits, head_deadline).await {
+    // 1. The head: already parsed when answers are held back (it was whole
+    // in the buffer), else read.
+    let buffered = if held.answers > 0 {
+        let b = buffered_request(buf, limits);
+        if b.is_none() {
+            flush(server, conn, held, client).await?;
+        }
+        b
+    } else {
+        None
+    };
+    let read = match buffered {
+        Some(head) => Ok(head),
+        None => read_head(conn, buf, limits, head_deadline).await,
+    };
+    let head = match read {
         Ok(head) => head,
         Err(HeadError::Malformed(e)) => {
             let status = h.refused(buf, None, Refusal::Http(e), started);
@@ -514,6 +613,7 @@ async fn request<H: Handler>(
     };
     let is_head = head.method == Method::Head;
     if let Some(status) = h.check_head(buf, &head, started) {
+        flush(server, conn, held, client).await?;
         return Err(reject(conn, status, is_head, client).await);
     }
 
@@ -528,6 +628,7 @@ async fn request<H: Handler>(
                 return Err(End::PeerClosed);
             };
             let status = h.refused(buf, Some(&head), why, started);
+            flush(server, conn, held, client).await?;
             return Err(reject(conn, status, is_head, client).await);
         }
     };
@@ -544,18 +645,32 @@ async fn request<H: Handler>(
         end,
         started,
     };
-    let mut out = h.server().take_buf();
+    let mut out = server.take_buf();
     let keep = match h.answer(conn, &req, &mut out).await {
         Answer::Write { keep } => keep,
         Answer::Reject(status) => {
-            h.server().put_buf(out);
+            server.put_buf(out);
+            flush(server, conn, held, client).await?;
             return Err(reject(conn, status, is_head, client).await);
         }
     };
-    match rt::with_deadline(Instant::now() + client, conn.write_all(out)).await {
-        Ok((Ok(()), b)) => h.server().put_buf(b),
-        Ok((Err(_), _)) => return Err(End::IoError),
-        Err(rt::Elapsed) => return Err(End::Timeout),
+    // Behind the answers held back, in order.
+    if held.answers > 0 {
+        held.bytes.extend_from_slice(&out);
+        server.put_buf(out);
+    } else {
+        held.bytes = out;
+    }
+    held.answers += 1;
+    // Hold it while the next request is already here (no read to wait on)
+    // and the batch has room; a final answer is written at once.
+    let batch = H::BATCH_WRITES
+        && keep
+        && buf.len() > end
+        && held.answers < MAX_BATCH_ANSWERS
+        && held.bytes.len() < FREE_BUFFER_MAX_BYTES;
+    if !batch {
+        flush(server, conn, held, client).await?;
     }
     if !keep {
         return Err(if buf.len() > end {
