@@ -98,16 +98,18 @@ fn to_ip(v4: bool, bits: u128) -> IpAddr {
     }
 }
 
-/// Parse `fa:16:3e:00:00:01` (case-insensitive, colon-separated).
+/// Parse `aa:bb:cc:dd:ee:ff` (either case). The one MAC parser: Neutron's
+/// ports, the inventory, Nova's info cache and OVN's `Port_Binding.mac`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.len() != 2 {
+    for byte in &mut out {
+        let part = parts.next()?;
+        // `from_str_radix` alone would accept a sign ("+3").
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        *b = u8::from_str_radix(p, 16).ok()?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
     }
     parts.next().is_none().then_some(out)
 }

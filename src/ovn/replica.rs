@@ -149,19 +149,7 @@ pub fn mac_from_eui64(a: Ipv6Addr) -> [u8; 6] {
     [o[8] ^ 0x02, o[9], o[10], o[13], o[14], o[15]]
 }
 
-/// Parse `aa:bb:cc:dd:ee:ff` (either case).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
+pub use crate::inventory::net::parse_mac;
 
 fn is_link_local(a: &Ipv6Addr) -> bool {
     (a.segments()[0] & 0xffc0) == 0xfe80

@@ -151,20 +151,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
-/// Parse `aa:bb:cc:dd:ee:ff` (either case).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut out {
-        let part = parts.next()?;
-        // `from_str_radix` alone would accept a sign ("+3").
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
+pub use crate::inventory::net::parse_mac;
 
 /// One port from a `GET /v2.0/ports` answer. Missing fields are empty;
 /// `project_id` falls back to `tenant_id`; unparsable fixed IPs are dropped.
