@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step prints the wall time since the start, so a CI log shows where the
+# minutes go (the budget is 35 min on a fresh 2-core machine).
+step() { printf '\n==> [%02d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 # Debian packages the tests use. Installed only when missing (idempotent).
 PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian help2man dpkg-dev
@@ -118,4 +120,4 @@ if [ "${SKIP_PEERS:-0}" != 1 ] && ls tests/peers_*.rs >/dev/null 2>&1; then
 fi
 
 echo
-echo "scripts/test.sh: all green"
+printf 'scripts/test.sh: all green in %d min %d s\n' $((SECONDS / 60)) $((SECONDS % 60))
