@@ -8,6 +8,13 @@
 # Prints req/s and proxy CPU µs per request (utime+stime from /proc) for
 # keep-alive clients and connection-per-request clients. The proxy under test
 # is pinned to CPU 0, wrk to CPU 1.
+#
+# A third row is the physical floor (issue 13): examples/uring_responder.rs,
+# a minimal HTTP responder on the proxy's own runtime seam (same io_uring
+# loop, ring flags, buffer ring) that only accepts, reads, writes the echo
+# agent's answer and closes, with no upstream hop. Its CPU per request is
+# what the kernel and the runtime cost; metaproxy/floor is what the proxy's
+# own work (parse, rewrite, the Unix-socket hop, the relay) adds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/neutron-haproxy.sh
@@ -20,7 +27,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 for t in wrk haproxy taskset; do command -v $t >/dev/null || { echo "need $t (apt-get install wrk haproxy util-linux)"; exit 1; }; done
-cargo build --release --quiet --bin metaproxy --example echo_agent
+cargo build --release --quiet --bin metaproxy --example echo_agent --example uring_responder
 BIN=target/release/metaproxy
 ROUTER=5c0ffee0-0000-4000-8000-000000000001
 
@@ -39,6 +46,7 @@ neutron_haproxy_cfg "$WORK/haproxy.cfg" 18698 "$WORK/agent.sock" "$ROUTER" "$WOR
 
 taskset -c 0 "$BIN" --log-level warn proxy --config "$WORK/proxy.toml" & PIDS+=($!); OURS=$!
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!); HAP=$!
+taskset -c 0 target/release/examples/uring_responder 127.0.0.1:18699 1 2>/dev/null & PIDS+=($!); FLOOR=$!
 sleep 0.5
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -64,10 +72,12 @@ for MODE in keep-alive conn-per-request; do
   [ "$MODE" = conn-per-request ] && extra=(-H "Connection: close")
   run metaproxy "$OURS" 18697 "${extra[@]}"
   run haproxy "$HAP" 18698 "${extra[@]}"
+  run floor "$FLOOR" 18699 "${extra[@]}"
 done
 echo
 awk '{cost[$1" "$2]=$3} END {
   for (m in modes) {}
   split("keep-alive conn-per-request", ms, " ");
   for (i=1;i<=2;i++) { m=ms[i]; if (cost["haproxy "m]>0) printf "ratio %-16s metaproxy/haproxy CPU per request = %.2fx\n", m, cost["metaproxy "m]/cost["haproxy "m] }
+  for (i=1;i<=2;i++) { m=ms[i]; if (cost["floor "m]>0) printf "ratio %-16s metaproxy/floor   CPU per request = %.2fx (floor: uring_responder, no upstream hop)\n", m, cost["metaproxy "m]/cost["floor "m] }
 }' "$WORK/results"
