@@ -480,7 +480,8 @@ fn add_feature_instances(path: &Path) {
             )).await;
         }
         // (instance, deleted, source, destination, guest_format, device), in id order.
-        let bdms: [(&str, i64, &str, &str, Option<&str>, Option<&str>); 9] = [
+        type Bdm<'a> = (&'a str, i64, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+        let bdms: [Bdm; 9] = [
             (TAGGED, 0, "image", "local", None, Some("/dev/vda")),
             (TAGGED, 0, "blank", "local", None, Some("/dev/vdb")),
             (TAGGED, 0, "blank", "local", Some("swap"), Some("/dev/vdc")),

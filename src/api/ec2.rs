@@ -151,7 +151,7 @@ fn block_device_mapping(inst: &Instance) -> BTreeMap<String, Node> {
     for (n, d) in ebs.into_iter().enumerate() {
         bdm.insert(format!("ebs{n}"), name(d));
     }
-    if let Some(d) = of(BlockDeviceKind::Swap).last() {
+    if let Some(d) = of(BlockDeviceKind::Swap).next_back() {
         bdm.insert("swap".to_owned(), name(d));
     }
     for (n, d) in of(BlockDeviceKind::Ephemeral).enumerate() {

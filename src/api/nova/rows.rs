@@ -483,8 +483,9 @@ pub fn device_metadata(text: &str) -> Result<Vec<Device>, DecodeError> {
                             .ok_or_else(|| bad(&col, format!("vlan {v} is not an integer")))?,
                     ),
                 },
+                // Not nullable, with a default: null coerces to False.
                 vf_trusted: match dd.get("vf_trusted") {
-                    None => false,
+                    None | Some(Value::Null) => false,
                     Some(Value::Bool(b)) => *b,
                     Some(other) => {
                         return Err(bad(&col, format!("vf_trusted {other} is not a boolean")))
@@ -560,9 +561,9 @@ pub fn dedicated_cpus(text: &str) -> Result<Vec<i64>, DecodeError> {
             // Too old to upgrade: Nova keeps it as it is.
             need(pcpuset, "pcpuset")?
         } else {
+            // An ephemeral object: an unset cpu_policy is its default, None.
             let policy = match cd.get("cpu_policy") {
-                None => return Err(bad(&col, "a cell without cpu_policy")),
-                Some(Value::Null) => None,
+                None | Some(Value::Null) => None,
                 Some(Value::String(p))
                     if matches!(p.as_str(), "dedicated" | "shared" | "mixed") =>
                 {
@@ -1044,6 +1045,42 @@ mod tests {
                 Box::new(|r| r.instance.launch_index = Some(-1)),
                 "instances.launch_index",
             ),
+            (
+                Box::new(|r| r.extra.as_mut().unwrap().device_metadata = Some("[]".into())),
+                "instance_extra.device_metadata",
+            ),
+            (
+                Box::new(|r| {
+                    r.extra.as_mut().unwrap().device_metadata = Some(devices(&[&ovo(
+                        "DiskMetadata",
+                        "1.0",
+                        &format!(
+                            r#""bus": {}"#,
+                            ovo("PCIDeviceBus", "1.0", r#""address": "pci-0""#)
+                        ),
+                    )]))
+                }),
+                "instance_extra.device_metadata.devices[0].bus",
+            ),
+            (
+                Box::new(|r| {
+                    r.extra.as_mut().unwrap().numa_topology = Some(numa(&[&ovo(
+                        "InstanceNUMACell",
+                        "1.6",
+                        r#""pcpuset": ["1"]"#,
+                    )]))
+                }),
+                "instance_extra.numa_topology.cells[0]",
+            ),
+            (
+                Box::new(|r| {
+                    r.block_devices = vec![BdmRow {
+                        destination_type: Some("cloud".into()),
+                        ..Default::default()
+                    }]
+                }),
+                "block_device_mapping.destination_type",
+            ),
         ];
         for (break_it, column) in cases {
             let mut r = rows();
@@ -1051,6 +1088,183 @@ mod tests {
             let e = decode(&r).unwrap_err();
             assert_eq!(e.column, column, "{e}");
         }
+    }
+
+    fn ovo(name: &str, version: &str, data: &str) -> String {
+        format!(
+            r#"{{"nova_object.name": "{name}", "nova_object.namespace": "nova", "nova_object.version": "{version}", "nova_object.data": {{{data}}}}}"#
+        )
+    }
+
+    fn devices(list: &[&str]) -> String {
+        ovo(
+            "InstanceDeviceMetadata",
+            "1.0",
+            &format!(r#""devices": [{}]"#, list.join(", ")),
+        )
+    }
+
+    fn numa(cells: &[&str]) -> String {
+        ovo(
+            "InstanceNUMATopology",
+            "1.3",
+            &format!(r#""cells": [{}]"#, cells.join(", ")),
+        )
+    }
+
+    #[test]
+    fn devices_are_checked_as_obj_from_primitive_checks_them() {
+        let nic =
+            |version: &str, data: &str| devices(&[&ovo("NetworkInterfaceMetadata", version, data)]);
+        // MAC and PCI address are lower-cased as their fields' coerce does.
+        let bus = ovo("PCIDeviceBus", "1.0", r#""address": "0000:0A:1F.7""#);
+        let d = device_metadata(&nic(
+            "1.2",
+            &format!(r#""bus": {bus}, "mac": "FA-16-3E-00-00-0A""#),
+        ))
+        .unwrap();
+        assert_eq!(
+            d[0],
+            Device {
+                bus: Some(DeviceBus {
+                    kind: BusKind::Pci,
+                    address: Some("0000:0a:1f.7".into())
+                }),
+                kind: DeviceKind::Nic {
+                    mac: "fa:16:3e:00:00:0a".into(),
+                    vlan: None,
+                    vf_trusted: false
+                },
+                tags: None,
+            }
+        );
+        // A newer minor version than Nova 34 has, another major, another
+        // namespace, a class that is not a device, a bad MAC or vlan: refused.
+        for bad in [
+            nic("1.3", r#""mac": "fa:16:3e:00:00:0a""#),
+            nic("2.0", r#""mac": "fa:16:3e:00:00:0a""#),
+            devices(&[&ovo("KeyPair", "1.4", "")]),
+            devices(&[&ovo(
+                "NetworkInterfaceMetadata",
+                "1.2",
+                r#""mac": "fa:16:3e:00:00:0a""#,
+            )
+            .replace("\"nova\"", "\"other\"")]),
+            nic("1.2", r#""mac": "fa:16:3e:00:00""#),
+            nic("1.2", r#""mac": "fa:16:3e:00:00:0a", "vlan": "7""#),
+            nic("1.2", r#""mac": "fa:16:3e:00:00:0a", "vf_trusted": 1"#),
+            nic("1.2", r#""mac": "fa:16:3e:00:00:0a", "tags": "t""#),
+            nic("1.2", r#""tags": ["t"]"#),
+            devices(&[&ovo("ShareMetadata", "1.0", r#""tag": "t""#)]),
+        ] {
+            let e = device_metadata(&bad).unwrap_err();
+            assert!(
+                e.column.starts_with("instance_extra.device_metadata"),
+                "{e}"
+            );
+        }
+        // Bus addresses: Nova's patterns (re.match: a prefix, except PCI).
+        let addr = |bus: &str, a: &str| {
+            let b = ovo(bus, "1.0", &format!(r#""address": "{a}""#));
+            device_metadata(&devices(&[&ovo(
+                "DiskMetadata",
+                "1.0",
+                &format!(r#""bus": {b}"#),
+            )]))
+            .is_ok()
+        };
+        assert!(addr("SCSIDeviceBus", "0:0:0:1") && addr("SCSIDeviceBus", "a:b:c:d-tail"));
+        assert!(!addr("SCSIDeviceBus", "0:0:1") && !addr("SCSIDeviceBus", "A:0:0:1"));
+        assert!(addr("USBDeviceBus", "1:2") && !addr("USBDeviceBus", "1:"));
+        assert!(addr("IDEDeviceBus", "1:0") && !addr("IDEDeviceBus", "2:0"));
+        assert!(addr("XenDeviceBus", "005100") && addr("XenDeviceBus", "51712"));
+        assert!(!addr("XenDeviceBus", "5") && !addr("XenDeviceBus", "0051"));
+        assert!(!addr("PCIDeviceBus", "0000:00:03.0x") && !addr("PCIDeviceBus", "0000:00:23.0"));
+    }
+
+    #[test]
+    fn dedicated_cpus_follow_novas_cell_upgrade() {
+        let cell = |v: &str, data: &str| ovo("InstanceNUMACell", v, data);
+        let cpus = |cells: &[&str]| dedicated_cpus(&numa(cells)).unwrap();
+        // 1.6: pcpuset as it is; across cells sorted, duplicates kept.
+        assert_eq!(
+            cpus(&[
+                &cell(
+                    "1.6",
+                    r#""cpuset": [], "pcpuset": [5, 2], "cpu_policy": "dedicated""#
+                ),
+                &cell(
+                    "1.6",
+                    r#""cpuset": [0], "pcpuset": [2], "cpu_policy": "mixed""#
+                ),
+            ]),
+            [2, 2, 5]
+        );
+        // 1.4/1.5 dedicated without pcpuset: the cpuset is the pinned set.
+        assert_eq!(
+            cpus(&[&cell(
+                "1.4",
+                r#""cpuset": [4, 1], "cpu_policy": "dedicated""#
+            )]),
+            [1, 4]
+        );
+        // 1.4/1.5 shared or no policy: no pinned CPUs, whatever pcpuset says.
+        assert!(cpus(&[&cell(
+            "1.5",
+            r#""cpuset": [1], "pcpuset": [9], "cpu_policy": "shared""#
+        )])
+        .is_empty());
+        assert!(cpus(&[&cell("1.4", r#""cpuset": [1], "cpu_policy": null"#)]).is_empty());
+        assert!(cpus(&[&cell("1.4", r#""cpuset": [1]"#)]).is_empty());
+        // 1.5 dedicated but inconsistent (cpuset set): left as it is.
+        assert_eq!(
+            cpus(&[&cell(
+                "1.5",
+                r#""cpuset": [1], "pcpuset": [7], "cpu_policy": "dedicated""#
+            )]),
+            [7]
+        );
+        // Pre-Liberty (no o.vo envelope): none; no cells: none.
+        assert!(dedicated_cpus(r#"{"cells": [{"cpus": "0-3"}]}"#)
+            .unwrap()
+            .is_empty());
+        assert!(cpus(&[]).is_empty());
+        // Where Nova's load fails, ours does too (a 500).
+        for bad in [
+            numa(&[&cell("1.7", r#""pcpuset": []"#)]),
+            numa(&[&cell("1.6", r#""cpuset": []"#)]),
+            numa(&[&cell("1.6", r#""pcpuset": [], "cpu_policy": "greedy""#)]),
+            "null".to_owned(),
+            ovo("InstanceNUMATopology", "1.3", ""),
+        ] {
+            assert!(dedicated_cpus(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn block_devices_are_volumes_swap_ephemerals_or_not_shown() {
+        let row = |s: &str, d: &str, f: Option<&str>| BdmRow {
+            source_type: Some(s.into()),
+            destination_type: Some(d.into()),
+            guest_format: f.map(Into::into),
+            device_name: Some("/dev/vdb".into()),
+        };
+        let kinds: Vec<BlockDeviceKind> = block_devices(&[
+            row("volume", "volume", None),
+            row("image", "volume", None),
+            row("blank", "local", Some("swap")),
+            row("blank", "local", None),
+            row("image", "local", None),
+            row("snapshot", "local", Some("swap")),
+        ])
+        .unwrap()
+        .into_iter()
+        .map(|b| b.kind)
+        .collect();
+        use BlockDeviceKind::*;
+        assert_eq!(kinds, [Volume, Volume, Swap, Ephemeral, Other, Other]);
+        let e = block_devices(&[row("tape", "local", None)]).unwrap_err();
+        assert_eq!(e.column, "block_device_mapping.source_type");
     }
 
     #[test]
