@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use super::RenderCtx;
+use crate::inventory::{BlockDeviceKind, Instance};
 
 /// Nova's `VERSIONS`; `latest` means the last one.
 pub(crate) const EC2_VERSIONS: [&str; 9] = [
@@ -111,6 +112,54 @@ const DUMMY_MAPPING: [(&str, &str); 4] = [
     ("swap", "sda3"),
 ];
 
+/// `nova.block_device.instance_block_mapping`: the dummy mapping without a
+/// root device name; else `ami`/`root`, the instance's default ephemeral and
+/// swap devices, `ebsN` for volumes sorted by device name (a missing name
+/// first), the last swap BDM as `swap`, and the other blank disks as
+/// `ephemeralN` in row order. A missing device name prints as Nova's `None`.
+fn block_device_mapping(inst: &Instance) -> BTreeMap<String, Node> {
+    let mut bdm = BTreeMap::new();
+    let Some(root) = &inst.root_device_name else {
+        for (k, v) in DUMMY_MAPPING {
+            bdm.insert(k.to_owned(), Node::text(v));
+        }
+        return bdm;
+    };
+    let name = |d: &Option<String>| Node::text(d.as_deref().unwrap_or("None"));
+    let ami = root.strip_prefix("/dev/").unwrap_or(root);
+    bdm.insert("ami".to_owned(), Node::text(ami));
+    bdm.insert("root".to_owned(), Node::text(root.clone()));
+    if let Some(d) = inst
+        .default_ephemeral_device
+        .as_ref()
+        .filter(|d| !d.is_empty())
+    {
+        bdm.insert("ephemeral0".to_owned(), Node::text(d.clone()));
+    }
+    if let Some(d) = inst.default_swap_device.as_ref().filter(|d| !d.is_empty()) {
+        bdm.insert("swap".to_owned(), Node::text(d.clone()));
+    }
+    let of = |k: BlockDeviceKind| {
+        inst.block_devices
+            .iter()
+            .filter(move |b| b.kind == k)
+            .map(|b| &b.device_name)
+    };
+    // Python sorts with the key (x is not None, x): None first.
+    let mut ebs: Vec<&Option<String>> = of(BlockDeviceKind::Volume).collect();
+    ebs.sort();
+    for (n, d) in ebs.into_iter().enumerate() {
+        bdm.insert(format!("ebs{n}"), name(d));
+    }
+    if let Some(d) = of(BlockDeviceKind::Swap).next_back() {
+        bdm.insert("swap".to_owned(), name(d));
+    }
+    for (n, d) in of(BlockDeviceKind::Ephemeral).enumerate() {
+        bdm.insert(format!("ephemeral{n}"), name(d));
+    }
+    bdm
+}
+
 /// The `{meta-data, user-data}` dict of `get_ec2_metadata(version)`.
 pub(crate) fn build(ctx: &RenderCtx<'_>, version: usize) -> Node {
     let inst = ctx.instance;
@@ -119,10 +168,12 @@ pub(crate) fn build(ctx: &RenderCtx<'_>, version: usize) -> Node {
     let mut put = |k: &str, n: Node| {
         md.insert(k.to_owned(), n);
     };
-    put(
-        "ami-id",
-        Node::text(format!("ami-{:08x}", inst.image_ec2_id)),
-    );
+    // No image (booted from a volume): Nova's `ec2_ids.ami_id` is None,
+    // printed by `ec2_md_print` as `str(None)`.
+    let ami = inst
+        .image_ec2_id
+        .map_or_else(|| "None".to_owned(), |i| format!("ami-{i:08x}"));
+    put("ami-id", Node::text(ami));
     put(
         "ami-launch-index",
         Node::text(inst.launch_index.to_string()),
@@ -161,20 +212,10 @@ pub(crate) fn build(ctx: &RenderCtx<'_>, version: usize) -> Node {
         put("instance-type", Node::text(inst.flavor.clone()));
     }
     if at_least(version, "2007-12-15") {
-        let mut bdm = BTreeMap::new();
-        match &inst.root_device_name {
-            Some(root) => {
-                let ami = root.strip_prefix("/dev/").unwrap_or(root);
-                bdm.insert("ami".to_owned(), Node::text(ami));
-                bdm.insert("root".to_owned(), Node::text(root.clone()));
-            }
-            None => {
-                for (k, v) in DUMMY_MAPPING {
-                    bdm.insert(k.to_owned(), Node::text(v));
-                }
-            }
-        }
-        put("block-device-mapping", Node::Dir(bdm));
+        put(
+            "block-device-mapping",
+            Node::Dir(block_device_mapping(inst)),
+        );
         if let Some(k) = inst.kernel_ec2_id {
             put("kernel-id", Node::text(format!("aki-{k:08x}")));
         }

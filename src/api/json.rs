@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone)]
 pub(crate) enum Json {
     Null,
+    Bool(bool),
     Int(i64),
     Str(String),
     Arr(Vec<Json>),
@@ -39,6 +40,7 @@ impl Json {
     fn write(&self, out: &mut String) {
         match self {
             Json::Null => out.push_str("null"),
+            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Json::Int(i) => {
                 let _ = write!(out, "{i}");
             }

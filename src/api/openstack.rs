@@ -9,6 +9,7 @@ use base64::Engine as _;
 
 use super::json::Json;
 use super::RenderCtx;
+use crate::inventory::{Device, DeviceKind};
 
 /// Nova's `OPENSTACK_VERSIONS`; `latest` means the last one.
 pub(crate) const OPENSTACK_VERSIONS: [&str; 10] = [
@@ -29,7 +30,10 @@ const HAVANA: &str = "2013-10-17";
 const LIBERTY: &str = "2015-10-15";
 const NEWTON_ONE: &str = "2016-06-30";
 const NEWTON_TWO: &str = "2016-10-06";
+const OCATA: &str = "2017-02-22";
+const ROCKY: &str = "2018-08-27";
 const VICTORIA: &str = "2020-10-14";
+const EPOXY: &str = "2025-04-04";
 
 /// Size of the per-response `random_seed`, in bytes before base64.
 const RANDOM_SEED_BYTES: usize = 512;
@@ -145,13 +149,78 @@ pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, g
         md.push(("project_id".into(), Json::str(&inst.project)));
     }
     if at_least(version, NEWTON_ONE) {
-        // No tagged devices in the inventory model (yet).
-        md.push(("devices".into(), Json::Arr(Vec::new())));
+        md.push(("devices".into(), devices(&inst.devices, version)));
     }
     if at_least(version, VICTORIA) {
-        md.push(("dedicated_cpus".into(), Json::Arr(Vec::new())));
+        let cpus = inst.dedicated_cpus.iter().map(|c| Json::Int(*c)).collect();
+        md.push(("dedicated_cpus".into(), Json::Arr(cpus)));
     }
     Ok(Json::Obj(md).to_python_string())
+}
+
+/// `devices` (`InstanceMetadata._get_device_metadata`): per device, the
+/// keys in Nova's order; a device on an unknown bus or of an unknown type is
+/// left out, and so is a NIC with nothing to show (no tags, and no `vlan` or
+/// `vf_trusted` at this version). `vlan` shows from Ocata, `vf_trusted` from
+/// Rocky, shares from Epoxy.
+fn devices(devs: &[Device], version: usize) -> Json {
+    let mut out = Vec::with_capacity(devs.len());
+    for d in devs {
+        let (bus, address) = match &d.bus {
+            None => ("none", "none"),
+            Some(b) => match b.kind.name() {
+                Some(name) => (name, b.address.as_deref().unwrap_or("none")),
+                None => continue,
+            },
+        };
+        let mut m: Vec<(String, Json)> = Vec::with_capacity(8);
+        let opt = |v: &Option<String>| v.as_deref().map_or(Json::Null, Json::str);
+        match &d.kind {
+            DeviceKind::Nic {
+                mac,
+                vlan,
+                vf_trusted,
+            } => {
+                if let (true, Some(v)) = (at_least(version, OCATA), vlan) {
+                    m.push(("vlan".into(), Json::Int(*v)));
+                }
+                if at_least(version, ROCKY) {
+                    m.push(("vf_trusted".into(), Json::Bool(*vf_trusted)));
+                }
+                // Shown only with something to show (m holds vlan/vf_trusted).
+                if d.tags.is_none() && m.is_empty() {
+                    continue;
+                }
+                m.push(("type".into(), Json::str("nic")));
+                m.push(("mac".into(), Json::str(mac)));
+            }
+            DeviceKind::Disk { serial, path } => {
+                m.push(("type".into(), Json::str("disk")));
+                if let Some(s) = serial {
+                    m.push(("serial".into(), opt(s)));
+                }
+                if let Some(p) = path {
+                    m.push(("path".into(), opt(p)));
+                }
+            }
+            DeviceKind::Share { share_id, tag } if at_least(version, EPOXY) => {
+                m.push(("type".into(), Json::str("share")));
+                m.push(("share_id".into(), opt(share_id)));
+                m.push(("tag".into(), opt(tag)));
+            }
+            DeviceKind::Share { .. } | DeviceKind::Unknown => continue,
+        }
+        m.push(("bus".into(), Json::str(bus)));
+        m.push(("address".into(), Json::str(address)));
+        if let Some(tags) = &d.tags {
+            m.push((
+                "tags".into(),
+                Json::Arr(tags.iter().map(Json::str).collect()),
+            ));
+        }
+        out.push(Json::Obj(m));
+    }
+    Json::Arr(out)
 }
 
 /// `vendor_data.json`: the static document or `{}`; `None` before Havana.

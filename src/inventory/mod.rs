@@ -218,8 +218,9 @@ pub struct Instance {
     pub flavor: String,
     /// Numeric EC2 id (`instance-id` = `i-%08x`).
     pub ec2_id: u32,
-    /// EC2 id of the image (`ami-id`).
-    pub image_ec2_id: u32,
+    /// EC2 id of the image (`ami-id` = `ami-%08x`); `None` for an instance
+    /// booted from a volume (no image), which Nova shows as `None`.
+    pub image_ec2_id: Option<u32>,
     /// EC2 id of the kernel image (`kernel-id`), if any.
     pub kernel_ec2_id: Option<u32>,
     /// EC2 id of the ramdisk image (`ramdisk-id`), if any.
@@ -228,6 +229,19 @@ pub struct Instance {
     pub reservation_id: String,
     /// Root device (`block-device-mapping/root`), if known.
     pub root_device_name: Option<String>,
+    /// Nova's `instances.default_ephemeral_device` (`block-device-mapping/ephemeral0`
+    /// unless a blank BDM names it).
+    pub default_ephemeral_device: Option<String>,
+    /// Nova's `instances.default_swap_device` (`block-device-mapping/swap`
+    /// unless a swap BDM names it).
+    pub default_swap_device: Option<String>,
+    /// Block device mappings, in Nova's row order (EC2 `ebsN`, `ephemeralN`, `swap`).
+    pub block_devices: Vec<BlockDevice>,
+    /// Tagged devices (`meta_data.json` `devices`), in Nova's order.
+    pub devices: Vec<Device>,
+    /// Host CPUs pinned to this instance (`meta_data.json` `dedicated_cpus`),
+    /// sorted; a CPU in two NUMA cells appears twice, as in Nova.
+    pub dedicated_cpus: Vec<i64>,
     /// Security group names.
     pub security_groups: Vec<String>,
     /// Raw user data, if any.
@@ -240,6 +254,111 @@ pub struct Instance {
     pub keys: Vec<Key>,
     /// Ports in file order.
     pub ports: Vec<Port>,
+}
+
+/// What a block device mapping is, for EC2's `block-device-mapping`
+/// (`nova.block_device.instance_block_mapping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockDeviceKind {
+    /// `destination_type = volume`: an `ebsN` entry.
+    Volume,
+    /// A blank local disk with `guest_format = swap`: `swap`.
+    Swap,
+    /// Any other blank local disk: an `ephemeralN` entry.
+    Ephemeral,
+    /// Anything else (the image itself, a snapshot copied locally): not shown.
+    Other,
+}
+
+/// One row of Nova's `block_device_mapping`, as far as the metadata shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// What it is.
+    pub kind: BlockDeviceKind,
+    /// `device_name` (`/dev/vdb`); Nova shows a missing one as `None`.
+    pub device_name: Option<String>,
+}
+
+/// The bus of a tagged device (Nova's `DeviceBus` subclasses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    /// `PCIDeviceBus`
+    Pci,
+    /// `USBDeviceBus`
+    Usb,
+    /// `SCSIDeviceBus`
+    Scsi,
+    /// `IDEDeviceBus`
+    Ide,
+    /// `XenDeviceBus`
+    Xen,
+    /// The base `DeviceBus`: Nova leaves such a device out.
+    Unknown,
+}
+
+impl BusKind {
+    /// The `bus` value of `meta_data.json`; `None` for [`BusKind::Unknown`].
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            BusKind::Pci => Some("pci"),
+            BusKind::Usb => Some("usb"),
+            BusKind::Scsi => Some("scsi"),
+            BusKind::Ide => Some("ide"),
+            BusKind::Xen => Some("xen"),
+            BusKind::Unknown => None,
+        }
+    }
+}
+
+/// A device bus and its address, if set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceBus {
+    /// Which bus.
+    pub kind: BusKind,
+    /// The address on it (`0000:00:01.0`, `0:0:0:1`), if set.
+    pub address: Option<String>,
+}
+
+/// What a tagged device is (Nova's `DeviceMetadata` subclasses). A field
+/// that is `None` was not set on the object; `Some(None)` was set to null.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// `NetworkInterfaceMetadata`
+    Nic {
+        /// MAC address, lower case.
+        mac: String,
+        /// VLAN, if set.
+        vlan: Option<i64>,
+        /// `vf_trusted` (false when not set).
+        vf_trusted: bool,
+    },
+    /// `DiskMetadata`
+    Disk {
+        /// `serial`, if set.
+        serial: Option<Option<String>>,
+        /// `path`, if set.
+        path: Option<Option<String>>,
+    },
+    /// `ShareMetadata` (shown from the 2025-04-04 version on).
+    Share {
+        /// `share_id`
+        share_id: Option<String>,
+        /// `tag`
+        tag: Option<String>,
+    },
+    /// The base `DeviceMetadata`: Nova leaves it out.
+    Unknown,
+}
+
+/// A device of Nova's `InstanceDeviceMetadata`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The bus, if set (Nova shows `none` / `none` without one).
+    pub bus: Option<DeviceBus>,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Its tags, if set.
+    pub tags: Option<Vec<String>>,
 }
 
 impl Instance {
@@ -800,10 +919,15 @@ fn convert_instance(
         launch_index: i.launch_index,
         flavor: i.flavor,
         ec2_id,
-        image_ec2_id: i.image_ec2_id,
+        image_ec2_id: Some(i.image_ec2_id),
         kernel_ec2_id: i.kernel_ec2_id,
         ramdisk_ec2_id: i.ramdisk_ec2_id,
         root_device_name: i.root_device_name,
+        default_ephemeral_device: None,
+        default_swap_device: None,
+        block_devices: Vec::new(),
+        devices: Vec::new(),
+        dedicated_cpus: Vec::new(),
         security_groups: i.security_groups,
         user_data,
         meta: i.meta,

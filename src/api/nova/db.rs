@@ -22,7 +22,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 
-use super::rows::{Ec2Ids, ExtraRow, InstanceRow, Rows};
+use super::rows::{BdmRow, Ec2Ids, ExtraRow, InstanceRow, Rows};
 use super::url::{DbTarget, DbUrl};
 
 /// Connections per database pool.
@@ -172,6 +172,20 @@ pub const CELL_SCHEMA: &[(&str, &[&str])] = &[
             "key_name",
             "user_data",
             "root_device_name",
+            "default_ephemeral_device",
+            "default_swap_device",
+        ],
+    ),
+    (
+        "block_device_mapping",
+        &[
+            "id",
+            "instance_uuid",
+            "deleted",
+            "source_type",
+            "destination_type",
+            "guest_format",
+            "device_name",
         ],
     ),
     (
@@ -303,7 +317,13 @@ pub async fn cell_of(api: &Db, uuid: &str) -> Result<Option<Option<String>>, DbE
 pub async fn read_instance(db: &Db, uuid: &str) -> Result<Option<Rows>, DbError> {
     const INSTANCE: &str = "SELECT id, uuid, project_id, hostname, display_name, launch_index, \
          availability_zone, reservation_id, image_ref, kernel_id, ramdisk_id, key_name, user_data, \
-         root_device_name FROM instances WHERE uuid = ? AND deleted = 0";
+         root_device_name, default_ephemeral_device, default_swap_device \
+         FROM instances WHERE uuid = ? AND deleted = 0";
+    // Nova's query has no ORDER BY; both engines return these rows in
+    // primary-key order (SQLite's rowid; InnoDB's instance_uuid index
+    // ends in the key), which the ephemeralN numbering depends on.
+    const BDMS: &str = "SELECT source_type, destination_type, guest_format, device_name \
+         FROM block_device_mapping WHERE instance_uuid = ? AND deleted = 0 ORDER BY id";
     const EXTRA: &str = "SELECT flavor, keypairs, device_metadata, numa_topology \
          FROM instance_extra WHERE instance_uuid = ? AND deleted = 0";
     const META: &str = "SELECT `key`, value FROM instance_metadata \
@@ -337,6 +357,8 @@ pub async fn read_instance(db: &Db, uuid: &str) -> Result<Option<Rows>, DbError>
                 key_name: r.try_get("key_name")?,
                 user_data: r.try_get("user_data")?,
                 root_device_name: r.try_get("root_device_name")?,
+                default_ephemeral_device: r.try_get("default_ephemeral_device")?,
+                default_swap_device: r.try_get("default_swap_device")?,
             })
         })()
         .map_err(ctx("decoding instances"))?
@@ -371,6 +393,24 @@ pub async fn read_instance(db: &Db, uuid: &str) -> Result<Option<Rows>, DbError>
             .map_err(ctx("decoding instance_info_caches"))?
             .flatten()
     });
+    let block_devices = with_db!(db, p => {
+        let rows = sqlx::query(BDMS)
+            .bind(uuid)
+            .fetch_all(p)
+            .await
+            .map_err(ctx("reading block_device_mapping"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(BdmRow {
+                    source_type: r.try_get("source_type")?,
+                    destination_type: r.try_get("destination_type")?,
+                    guest_format: r.try_get("guest_format")?,
+                    device_name: r.try_get("device_name")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(ctx("decoding block_device_mapping"))?
+    });
     let image = |id: &Option<String>| id.clone().filter(|s| !s.is_empty());
     let ec2 = Ec2Ids {
         instance: ec2_mapping(db, "instance_id_mappings", uuid).await?,
@@ -393,6 +433,7 @@ pub async fn read_instance(db: &Db, uuid: &str) -> Result<Option<Rows>, DbError>
         metadata,
         system_metadata,
         network_info,
+        block_devices,
         ec2,
         security_groups: Vec::new(),
     }))

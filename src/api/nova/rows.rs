@@ -20,7 +20,21 @@
 //!   concatenated in key order (`password.extract_password`);
 //! - `instance_info_caches.network_info`: ports, networks, subnets, floating
 //!   IPs (Nova's `network.model.NetworkInfo` as JSON);
-//! - `instance_id_mappings`/`s3_images` ids: the EC2 ids.
+//! - `instance_id_mappings`/`s3_images` ids: the EC2 ids;
+//! - `instance_extra.device_metadata` (`InstanceDeviceMetadata`): the tagged
+//!   `devices`; `instance_extra.numa_topology` (`InstanceNUMATopology`): the
+//!   `dedicated_cpus`, after the same upgrade of old cells Nova applies on
+//!   load (`_migrate_legacy_dedicated_instance_cpuset`);
+//! - `block_device_mapping` and `instances.default_{ephemeral,swap}_device`:
+//!   EC2's `block-device-mapping`.
+//!
+//! o.vo objects are checked as `obj_from_primitive` checks them: the name
+//! (a subclass where Nova allows one), the `nova` namespace, and a version
+//! this Nova can read (same major, minor not newer); a value is validated as
+//! its field's `coerce` does (MAC and bus addresses by Nova's patterns).
+//! Where Nova would coerce a value of the wrong JSON type (`"7"` as a CPU,
+//! `1` as `vf_trusted`), we refuse the row instead: no Nova writes those, and
+//! a 500 is safer than a guess.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,7 +42,10 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::inventory::{self, Cidr, Instance, Ipv6Mode, Key, Network, Port, Route, Subnet};
+use crate::inventory::{
+    self, BlockDevice, BlockDeviceKind, BusKind, Cidr, Device, DeviceBus, DeviceKind, Instance,
+    Ipv6Mode, Key, Network, Port, Route, Subnet,
+};
 
 /// A row of `instances`, the columns the metadata uses.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,6 +78,23 @@ pub struct InstanceRow {
     pub user_data: Option<String>,
     /// `root_device_name`
     pub root_device_name: Option<String>,
+    /// `default_ephemeral_device`
+    pub default_ephemeral_device: Option<String>,
+    /// `default_swap_device`
+    pub default_swap_device: Option<String>,
+}
+
+/// A row of `block_device_mapping` (not deleted), the columns EC2 shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BdmRow {
+    /// `source_type` (`blank`, `image`, `snapshot`, `volume`)
+    pub source_type: Option<String>,
+    /// `destination_type` (`local`, `volume`)
+    pub destination_type: Option<String>,
+    /// `guest_format` (`swap` for a swap disk)
+    pub guest_format: Option<String>,
+    /// `device_name`
+    pub device_name: Option<String>,
 }
 
 /// The `instance_extra` columns the metadata uses (JSON text each).
@@ -82,7 +116,7 @@ pub struct Ec2Ids {
     /// `i-%08x`
     pub instance: i64,
     /// `ami-%08x`; `None` without an image (a volume-backed instance: Nova
-    /// then shows `None` as the `ami-id`, the renderer `ami-00000000`).
+    /// then shows `None` as the `ami-id`).
     pub image: Option<i64>,
     /// `aki-%08x`
     pub kernel: Option<i64>,
@@ -103,6 +137,8 @@ pub struct Rows {
     pub system_metadata: Vec<(String, Option<String>)>,
     /// `instance_info_caches.network_info`
     pub network_info: Option<String>,
+    /// `block_device_mapping`, not deleted, in id order.
+    pub block_devices: Vec<BdmRow>,
     /// EC2 ids.
     pub ec2: Ec2Ids,
     /// Security group names.
@@ -211,6 +247,395 @@ pub fn extract_password(system_metadata: &[(String, Option<String>)]) -> Option<
     chunks.sort_unstable();
     let pw: String = chunks.into_iter().map(|(_, v)| v).collect();
     (!pw.is_empty()).then_some(pw)
+}
+
+/// An o.vo primitive as `obj_from_primitive` accepts it: one of `allowed`
+/// (name, newest minor version of major 1 this Nova has), in the `nova`
+/// namespace. Returns the name, the minor version and `nova_object.data`.
+fn ovo<'v>(
+    column: &str,
+    v: &'v Value,
+    allowed: &[(&'static str, u32)],
+) -> Result<(&'static str, u32, &'v Value), DecodeError> {
+    let expected = || {
+        allowed
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    let Some(name) = v.get("nova_object.name").and_then(Value::as_str) else {
+        return Err(bad(column, format!("not a {} object", expected())));
+    };
+    let Some(&(name, newest)) = allowed.iter().find(|(n, _)| *n == name) else {
+        return Err(bad(
+            column,
+            format!("a {name} where a {} was expected", expected()),
+        ));
+    };
+    if v.get("nova_object.namespace").and_then(Value::as_str) != Some("nova") {
+        return Err(bad(column, format!("{name} not in the nova namespace")));
+    }
+    let version = v
+        .get("nova_object.version")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let minor = match version.split_once('.') {
+        Some(("1", m)) => m.parse::<u32>().ok().filter(|m| *m <= newest),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        bad(
+            column,
+            format!("{name} version {version:?}; this Nova reads 1.0 to 1.{newest}"),
+        )
+    })?;
+    let data = v
+        .get("nova_object.data")
+        .filter(|d| d.is_object())
+        .ok_or_else(|| bad(column, format!("{name} without nova_object.data")))?;
+    Ok((name, minor, data))
+}
+
+/// `fields.MACAddress.coerce`: lower case, `-` as `:`, six pairs of hex digits.
+fn mac_field(column: &str, v: &Value) -> Result<String, DecodeError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| bad(column, format!("mac {v} is not a string")))?;
+    let m = s.to_ascii_lowercase().replace('-', ":");
+    let b = m.as_bytes();
+    let ok = b.len() == 17
+        && b.iter().enumerate().all(|(i, c)| {
+            if i % 3 == 2 {
+                *c == b':'
+            } else {
+                matches!(c, b'0'..=b'9' | b'a'..=b'f')
+            }
+        });
+    if !ok {
+        return Err(bad(column, format!("malformed MAC {s:?}")));
+    }
+    Ok(m)
+}
+
+/// `groups` runs of `[a-f0-9]+` joined by `:` at the start of `s` (Nova's
+/// address patterns are matched with `re.match`: a prefix).
+fn hex_groups_prefix(s: &str, groups: usize) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    for g in 0..groups {
+        if g > 0 {
+            if b.get(i) != Some(&b':') {
+                return false;
+            }
+            i += 1;
+        }
+        let start = i;
+        while b
+            .get(i)
+            .is_some_and(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    true
+}
+
+/// A bus address, validated as its field's `coerce` does.
+fn bus_address(column: &str, kind: BusKind, v: &Value) -> Result<String, DecodeError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| bad(column, format!("address {v} is not a string")))?;
+    let digit = |c: Option<&u8>| c.is_some_and(u8::is_ascii_digit);
+    let (ok, value) = match kind {
+        // oslo's PCIAddress: ^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f].[0-7]$ on
+        // the lower-cased value (the `.` is any character).
+        BusKind::Pci => {
+            let l = s.to_ascii_lowercase();
+            let c: Vec<char> = l.chars().collect();
+            let hex = |i: usize| c.get(i).is_some_and(|c| matches!(c, '0'..='9' | 'a'..='f'));
+            let ok = c.len() == 12
+                && (0..4).all(hex)
+                && c[4] == ':'
+                && (5..7).all(hex)
+                && c[7] == ':'
+                && matches!(c[8], '0' | '1')
+                && hex(9)
+                && c[10] != '\n'
+                && matches!(c[11], '0'..='7');
+            (ok, l)
+        }
+        BusKind::Usb => (hex_groups_prefix(s, 2), s.to_owned()),
+        BusKind::Scsi => (hex_groups_prefix(s, 4), s.to_owned()),
+        // [0-1]:[0-1]
+        BusKind::Ide => {
+            let b = s.as_bytes();
+            let bit = |i: usize| matches!(b.get(i), Some(b'0' | b'1'));
+            (bit(0) && b.get(1) == Some(&b':') && bit(2), s.to_owned())
+        }
+        // (00[0-9]{2}00)|[1-9][0-9]+
+        BusKind::Xen => {
+            let b = s.as_bytes();
+            let six = b.len() >= 6
+                && b.starts_with(b"00")
+                && digit(b.get(2))
+                && digit(b.get(3))
+                && b[4..6] == *b"00";
+            let num = matches!(b.first(), Some(b'1'..=b'9')) && digit(b.get(1));
+            (six || num, s.to_owned())
+        }
+        BusKind::Unknown => (true, s.to_owned()),
+    };
+    if !ok {
+        return Err(bad(column, format!("malformed bus address {s:?}")));
+    }
+    Ok(value)
+}
+
+/// A nullable string field: `None` unset, `Some(None)` null.
+fn opt_string(column: &str, v: &Value, key: &str) -> Result<Option<Option<String>>, DecodeError> {
+    match v.get(key) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) => Ok(Some(Some(s.clone()))),
+        Some(other) => Err(bad(column, format!("{key} {other} is not a string"))),
+    }
+}
+
+/// The devices of `instance_extra.device_metadata` (`InstanceDeviceMetadata`).
+///
+/// # Errors
+/// Not JSON, an object Nova would not load, or a field it would refuse.
+pub fn device_metadata(text: &str) -> Result<Vec<Device>, DecodeError> {
+    const COL: &str = "instance_extra.device_metadata";
+    const DEVICES: &[(&str, u32)] = &[
+        ("NetworkInterfaceMetadata", 2),
+        ("DiskMetadata", 0),
+        ("ShareMetadata", 0),
+        ("DeviceMetadata", 0),
+    ];
+    const BUSES: &[(&str, u32)] = &[
+        ("PCIDeviceBus", 0),
+        ("USBDeviceBus", 0),
+        ("SCSIDeviceBus", 0),
+        ("IDEDeviceBus", 0),
+        ("XenDeviceBus", 0),
+        ("DeviceBus", 0),
+    ];
+    let v = json(COL, text)?;
+    let (_, _, data) = ovo(COL, &v, &[("InstanceDeviceMetadata", 0)])?;
+    let list = data
+        .get("devices")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad(COL, "InstanceDeviceMetadata without a devices list"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, d) in list.iter().enumerate() {
+        let col = format!("{COL}.devices[{i}]");
+        let (name, _, dd) = ovo(&col, d, DEVICES)?;
+        let bus = match dd.get("bus") {
+            None => None,
+            Some(b) => {
+                let bcol = format!("{col}.bus");
+                let (bname, _, bd) = ovo(&bcol, b, BUSES)?;
+                let kind = match bname {
+                    "PCIDeviceBus" => BusKind::Pci,
+                    "USBDeviceBus" => BusKind::Usb,
+                    "SCSIDeviceBus" => BusKind::Scsi,
+                    "IDEDeviceBus" => BusKind::Ide,
+                    "XenDeviceBus" => BusKind::Xen,
+                    _ => BusKind::Unknown,
+                };
+                // The base DeviceBus has no address field: one is ignored.
+                let address = match (kind, bd.get("address")) {
+                    (BusKind::Unknown, _) | (_, None) => None,
+                    (_, Some(a)) => Some(bus_address(&bcol, kind, a)?),
+                };
+                Some(DeviceBus { kind, address })
+            }
+        };
+        let tags = match dd.get("tags") {
+            None => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|t| {
+                        t.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| bad(&col, format!("tag {t} is not a string")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Some(other) => return Err(bad(&col, format!("tags {other} is not a list"))),
+        };
+        let kind = match name {
+            "NetworkInterfaceMetadata" => DeviceKind::Nic {
+                mac: mac_field(
+                    &col,
+                    dd.get("mac")
+                        .ok_or_else(|| bad(&col, "a NIC without a mac"))?,
+                )?,
+                vlan: match dd.get("vlan") {
+                    None => None,
+                    Some(v) => Some(
+                        v.as_i64()
+                            .ok_or_else(|| bad(&col, format!("vlan {v} is not an integer")))?,
+                    ),
+                },
+                // Not nullable, with a default: null coerces to False.
+                vf_trusted: match dd.get("vf_trusted") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        return Err(bad(&col, format!("vf_trusted {other} is not a boolean")))
+                    }
+                },
+            },
+            "DiskMetadata" => DeviceKind::Disk {
+                serial: opt_string(&col, dd, "serial")?,
+                path: opt_string(&col, dd, "path")?,
+            },
+            "ShareMetadata" => {
+                let field = |k: &str| {
+                    opt_string(&col, dd, k)?
+                        .ok_or_else(|| bad(&col, format!("a share without {k}")))
+                };
+                DeviceKind::Share {
+                    share_id: field("share_id")?,
+                    tag: field("tag")?,
+                }
+            }
+            _ => DeviceKind::Unknown,
+        };
+        out.push(Device { bus, kind, tags });
+    }
+    Ok(out)
+}
+
+/// `dedicated_cpus` from `instance_extra.numa_topology`: every cell's
+/// `pcpuset`, sorted, after Nova's load-time upgrade of cells older than
+/// 1.6 (`InstanceNUMATopology._migrate_legacy_dedicated_instance_cpuset`).
+/// A pre-Liberty topology (no o.vo envelope) has none (Nova converts it
+/// with an empty `pcpuset`).
+///
+/// # Errors
+/// Not JSON, an object Nova would not load, or a CPU set it could not read.
+pub fn dedicated_cpus(text: &str) -> Result<Vec<i64>, DecodeError> {
+    const COL: &str = "instance_extra.numa_topology";
+    let v = json(COL, text)?;
+    if !v.is_object() {
+        return Err(bad(COL, "not a NUMA topology object"));
+    }
+    if v.get("nova_object.name").is_none() {
+        return Ok(Vec::new());
+    }
+    let (_, _, data) = ovo(COL, &v, &[("InstanceNUMATopology", 3)])?;
+    let cells = data
+        .get("cells")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad(COL, "InstanceNUMATopology without a cells list"))?;
+    let mut out = Vec::new();
+    for (i, c) in cells.iter().enumerate() {
+        let col = format!("{COL}.cells[{i}]");
+        let (_, minor, cd) = ovo(&col, c, &[("InstanceNUMACell", 6)])?;
+        let set = |k: &str| -> Result<Option<Vec<i64>>, DecodeError> {
+            match cd.get(k) {
+                None => Ok(None),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_i64()
+                            .ok_or_else(|| bad(&col, format!("{k} holds {x}, not a CPU number")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                Some(other) => Err(bad(&col, format!("{k} {other} is not a set"))),
+            }
+        };
+        let need = |s: Option<Vec<i64>>, k: &str| {
+            s.ok_or_else(|| bad(&col, format!("a cell without {k}")))
+        };
+        let (cpuset, pcpuset) = (set("cpuset")?, set("pcpuset")?);
+        let pcpus = if minor < 4 {
+            // Too old to upgrade: Nova keeps it as it is.
+            need(pcpuset, "pcpuset")?
+        } else {
+            // An ephemeral object: an unset cpu_policy is its default, None.
+            let policy = match cd.get("cpu_policy") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(p))
+                    if matches!(p.as_str(), "dedicated" | "shared" | "mixed") =>
+                {
+                    Some(p.as_str())
+                }
+                Some(other) => return Err(bad(&col, format!("cpu_policy {other} is unknown"))),
+            };
+            let dedicated = policy == Some("dedicated");
+            if minor >= 6 {
+                need(pcpuset, "pcpuset")?
+            } else if minor == 5
+                && dedicated
+                && (!need(cpuset.clone(), "cpuset")?.is_empty()
+                    || pcpuset.as_ref().is_none_or(Vec::is_empty))
+            {
+                // Inconsistent; Nova logs it and leaves the cell as it is.
+                need(pcpuset, "pcpuset")?
+            } else if dedicated {
+                match pcpuset {
+                    Some(p) if !p.is_empty() => p,
+                    _ => need(cpuset, "cpuset")?,
+                }
+            } else if policy == Some("mixed") {
+                need(pcpuset, "pcpuset")?
+            } else {
+                Vec::new()
+            }
+        };
+        out.extend(pcpus);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// `block_device_mapping` rows → what EC2 shows, with the enum values
+/// Nova's `BlockDeviceMapping` fields accept.
+///
+/// # Errors
+/// A `source_type` or `destination_type` Nova does not know.
+pub fn block_devices(rows: &[BdmRow]) -> Result<Vec<BlockDevice>, DecodeError> {
+    rows.iter()
+        .map(|r| {
+            let check = |col: &str, v: &Option<String>, ok: &[&str]| match v.as_deref() {
+                None => Ok(()),
+                Some(x) if ok.contains(&x) => Ok(()),
+                Some(x) => Err(bad(col, format!("{x:?} is not one of {}", ok.join(", ")))),
+            };
+            check(
+                "block_device_mapping.source_type",
+                &r.source_type,
+                &["blank", "image", "snapshot", "volume"],
+            )?;
+            check(
+                "block_device_mapping.destination_type",
+                &r.destination_type,
+                &["local", "volume"],
+            )?;
+            let kind = if r.destination_type.as_deref() == Some("volume") {
+                BlockDeviceKind::Volume
+            } else if r.source_type.as_deref() != Some("blank") {
+                BlockDeviceKind::Other
+            } else if r.guest_format.as_deref() == Some("swap") {
+                BlockDeviceKind::Swap
+            } else {
+                BlockDeviceKind::Ephemeral
+            };
+            Ok(BlockDevice {
+                kind,
+                device_name: r.device_name.clone(),
+            })
+        })
+        .collect()
 }
 
 fn str_at<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
@@ -386,16 +811,15 @@ pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
         (Some(name), Some(text)) if !name.is_empty() => first_keypair(text)?.into_iter().collect(),
         _ => Vec::new(),
     };
-    // Validate the JSON Nova loads with the instance (a broken row is a 500
-    // in Nova too); their devices and CPUs are not rendered yet.
-    for (col, text) in [
-        ("instance_extra.device_metadata", &extra.device_metadata),
-        ("instance_extra.numa_topology", &extra.numa_topology),
-    ] {
-        if let Some(t) = text {
-            json(col, t)?;
-        }
-    }
+    let devices = match extra.device_metadata.as_deref() {
+        None => Vec::new(),
+        Some(t) => device_metadata(t)?,
+    };
+    let dedicated_cpus = match extra.numa_topology.as_deref() {
+        None => Vec::new(),
+        Some(t) => dedicated_cpus(t)?,
+    };
+    let block_devices = block_devices(&rows.block_devices)?;
     let user_data = match r.user_data.as_deref() {
         None => None,
         Some(b64) => Some(
@@ -424,10 +848,11 @@ pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
         launch_index,
         flavor,
         ec2_id: ec2_id("instance_id_mappings.id", rows.ec2.instance)?,
-        image_ec2_id: match rows.ec2.image {
-            Some(i) => ec2_id("s3_images.id", i)?,
-            None => 0,
-        },
+        image_ec2_id: rows
+            .ec2
+            .image
+            .map(|i| ec2_id("s3_images.id", i))
+            .transpose()?,
         kernel_ec2_id: rows
             .ec2
             .kernel
@@ -439,7 +864,13 @@ pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
             .map(|i| ec2_id("s3_images.id", i))
             .transpose()?,
         reservation_id: r.reservation_id.clone().unwrap_or_default(),
-        root_device_name: r.root_device_name.clone().filter(|s| !s.is_empty()),
+        // NULL is the dummy mapping; an empty name is shown empty, as Nova does.
+        root_device_name: r.root_device_name.clone(),
+        default_ephemeral_device: r.default_ephemeral_device.clone(),
+        default_swap_device: r.default_swap_device.clone(),
+        block_devices,
+        devices,
+        dedicated_cpus,
         security_groups: rows.security_groups.clone(),
         user_data,
         meta,
@@ -480,6 +911,7 @@ mod tests {
                 key_name: Some("peer-key".into()),
                 user_data: Some("I2Nsb3VkLWNvbmZpZw==".into()),
                 root_device_name: Some("/dev/vda".into()),
+                ..Default::default()
             },
             extra: Some(ExtraRow {
                 flavor: Some(FLAVOR.into()),
@@ -490,6 +922,7 @@ mod tests {
             metadata: vec![("role".into(), Some("web".into()))],
             system_metadata: vec![("image_min_disk".into(), Some("1".into()))],
             network_info: Some(NETWORK_INFO.into()),
+            block_devices: Vec::new(),
             ec2: Ec2Ids {
                 instance: 1,
                 image: Some(3),
@@ -507,7 +940,7 @@ mod tests {
         assert_eq!(i.name, "VM One");
         assert_eq!(i.hostname, "vm1");
         assert_eq!(i.flavor, "m1.peer");
-        assert_eq!((i.ec2_id, i.image_ec2_id), (1, 3));
+        assert_eq!((i.ec2_id, i.image_ec2_id), (1, Some(3)));
         assert_eq!(i.user_data.as_deref(), Some(&b"#cloud-config"[..]));
         assert_eq!(i.keys.len(), 1);
         assert_eq!(i.keys[0].name, "peer-key");
@@ -612,6 +1045,42 @@ mod tests {
                 Box::new(|r| r.instance.launch_index = Some(-1)),
                 "instances.launch_index",
             ),
+            (
+                Box::new(|r| r.extra.as_mut().unwrap().device_metadata = Some("[]".into())),
+                "instance_extra.device_metadata",
+            ),
+            (
+                Box::new(|r| {
+                    r.extra.as_mut().unwrap().device_metadata = Some(devices(&[&ovo(
+                        "DiskMetadata",
+                        "1.0",
+                        &format!(
+                            r#""bus": {}"#,
+                            ovo("PCIDeviceBus", "1.0", r#""address": "pci-0""#)
+                        ),
+                    )]))
+                }),
+                "instance_extra.device_metadata.devices[0].bus",
+            ),
+            (
+                Box::new(|r| {
+                    r.extra.as_mut().unwrap().numa_topology = Some(numa(&[&ovo(
+                        "InstanceNUMACell",
+                        "1.6",
+                        r#""pcpuset": ["1"]"#,
+                    )]))
+                }),
+                "instance_extra.numa_topology.cells[0]",
+            ),
+            (
+                Box::new(|r| {
+                    r.block_devices = vec![BdmRow {
+                        destination_type: Some("cloud".into()),
+                        ..Default::default()
+                    }]
+                }),
+                "block_device_mapping.destination_type",
+            ),
         ];
         for (break_it, column) in cases {
             let mut r = rows();
@@ -619,6 +1088,183 @@ mod tests {
             let e = decode(&r).unwrap_err();
             assert_eq!(e.column, column, "{e}");
         }
+    }
+
+    fn ovo(name: &str, version: &str, data: &str) -> String {
+        format!(
+            r#"{{"nova_object.name": "{name}", "nova_object.namespace": "nova", "nova_object.version": "{version}", "nova_object.data": {{{data}}}}}"#
+        )
+    }
+
+    fn devices(list: &[&str]) -> String {
+        ovo(
+            "InstanceDeviceMetadata",
+            "1.0",
+            &format!(r#""devices": [{}]"#, list.join(", ")),
+        )
+    }
+
+    fn numa(cells: &[&str]) -> String {
+        ovo(
+            "InstanceNUMATopology",
+            "1.3",
+            &format!(r#""cells": [{}]"#, cells.join(", ")),
+        )
+    }
+
+    #[test]
+    fn devices_are_checked_as_obj_from_primitive_checks_them() {
+        let nic =
+            |version: &str, data: &str| devices(&[&ovo("NetworkInterfaceMetadata", version, data)]);
+        // MAC and PCI address are lower-cased as their fields' coerce does.
+        let bus = ovo("PCIDeviceBus", "1.0", r#""address": "0000:0A:1F.7""#);
+        let d = device_metadata(&nic(
+            "1.2",
+            &format!(r#""bus": {bus}, "mac": "FA-16-3E-00-00-0A""#),
+        ))
+        .unwrap();
+        assert_eq!(
+            d[0],
+            Device {
+                bus: Some(DeviceBus {
+                    kind: BusKind::Pci,
+                    address: Some("0000:0a:1f.7".into())
+                }),
+                kind: DeviceKind::Nic {
+                    mac: "fa:16:3e:00:00:0a".into(),
+                    vlan: None,
+                    vf_trusted: false
+                },
+                tags: None,
+            }
+        );
+        // A newer minor version than Nova 34 has, another major, another
+        // namespace, a class that is not a device, a bad MAC or vlan: refused.
+        for bad in [
+            nic("1.3", r#""mac": "fa:16:3e:00:00:0a""#),
+            nic("2.0", r#""mac": "fa:16:3e:00:00:0a""#),
+            devices(&[&ovo("KeyPair", "1.4", "")]),
+            devices(&[&ovo(
+                "NetworkInterfaceMetadata",
+                "1.2",
+                r#""mac": "fa:16:3e:00:00:0a""#,
+            )
+            .replace("\"nova\"", "\"other\"")]),
+            nic("1.2", r#""mac": "fa:16:3e:00:00""#),
+            nic("1.2", r#""mac": "fa:16:3e:00:00:0a", "vlan": "7""#),
+            nic("1.2", r#""mac": "fa:16:3e:00:00:0a", "vf_trusted": 1"#),
+            nic("1.2", r#""mac": "fa:16:3e:00:00:0a", "tags": "t""#),
+            nic("1.2", r#""tags": ["t"]"#),
+            devices(&[&ovo("ShareMetadata", "1.0", r#""tag": "t""#)]),
+        ] {
+            let e = device_metadata(&bad).unwrap_err();
+            assert!(
+                e.column.starts_with("instance_extra.device_metadata"),
+                "{e}"
+            );
+        }
+        // Bus addresses: Nova's patterns (re.match: a prefix, except PCI).
+        let addr = |bus: &str, a: &str| {
+            let b = ovo(bus, "1.0", &format!(r#""address": "{a}""#));
+            device_metadata(&devices(&[&ovo(
+                "DiskMetadata",
+                "1.0",
+                &format!(r#""bus": {b}"#),
+            )]))
+            .is_ok()
+        };
+        assert!(addr("SCSIDeviceBus", "0:0:0:1") && addr("SCSIDeviceBus", "a:b:c:d-tail"));
+        assert!(!addr("SCSIDeviceBus", "0:0:1") && !addr("SCSIDeviceBus", "A:0:0:1"));
+        assert!(addr("USBDeviceBus", "1:2") && !addr("USBDeviceBus", "1:"));
+        assert!(addr("IDEDeviceBus", "1:0") && !addr("IDEDeviceBus", "2:0"));
+        assert!(addr("XenDeviceBus", "005100") && addr("XenDeviceBus", "51712"));
+        assert!(!addr("XenDeviceBus", "5") && !addr("XenDeviceBus", "0051"));
+        assert!(!addr("PCIDeviceBus", "0000:00:03.0x") && !addr("PCIDeviceBus", "0000:00:23.0"));
+    }
+
+    #[test]
+    fn dedicated_cpus_follow_novas_cell_upgrade() {
+        let cell = |v: &str, data: &str| ovo("InstanceNUMACell", v, data);
+        let cpus = |cells: &[&str]| dedicated_cpus(&numa(cells)).unwrap();
+        // 1.6: pcpuset as it is; across cells sorted, duplicates kept.
+        assert_eq!(
+            cpus(&[
+                &cell(
+                    "1.6",
+                    r#""cpuset": [], "pcpuset": [5, 2], "cpu_policy": "dedicated""#
+                ),
+                &cell(
+                    "1.6",
+                    r#""cpuset": [0], "pcpuset": [2], "cpu_policy": "mixed""#
+                ),
+            ]),
+            [2, 2, 5]
+        );
+        // 1.4/1.5 dedicated without pcpuset: the cpuset is the pinned set.
+        assert_eq!(
+            cpus(&[&cell(
+                "1.4",
+                r#""cpuset": [4, 1], "cpu_policy": "dedicated""#
+            )]),
+            [1, 4]
+        );
+        // 1.4/1.5 shared or no policy: no pinned CPUs, whatever pcpuset says.
+        assert!(cpus(&[&cell(
+            "1.5",
+            r#""cpuset": [1], "pcpuset": [9], "cpu_policy": "shared""#
+        )])
+        .is_empty());
+        assert!(cpus(&[&cell("1.4", r#""cpuset": [1], "cpu_policy": null"#)]).is_empty());
+        assert!(cpus(&[&cell("1.4", r#""cpuset": [1]"#)]).is_empty());
+        // 1.5 dedicated but inconsistent (cpuset set): left as it is.
+        assert_eq!(
+            cpus(&[&cell(
+                "1.5",
+                r#""cpuset": [1], "pcpuset": [7], "cpu_policy": "dedicated""#
+            )]),
+            [7]
+        );
+        // Pre-Liberty (no o.vo envelope): none; no cells: none.
+        assert!(dedicated_cpus(r#"{"cells": [{"cpus": "0-3"}]}"#)
+            .unwrap()
+            .is_empty());
+        assert!(cpus(&[]).is_empty());
+        // Where Nova's load fails, ours does too (a 500).
+        for bad in [
+            numa(&[&cell("1.7", r#""pcpuset": []"#)]),
+            numa(&[&cell("1.6", r#""cpuset": []"#)]),
+            numa(&[&cell("1.6", r#""pcpuset": [], "cpu_policy": "greedy""#)]),
+            "null".to_owned(),
+            ovo("InstanceNUMATopology", "1.3", ""),
+        ] {
+            assert!(dedicated_cpus(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn block_devices_are_volumes_swap_ephemerals_or_not_shown() {
+        let row = |s: &str, d: &str, f: Option<&str>| BdmRow {
+            source_type: Some(s.into()),
+            destination_type: Some(d.into()),
+            guest_format: f.map(Into::into),
+            device_name: Some("/dev/vdb".into()),
+        };
+        let kinds: Vec<BlockDeviceKind> = block_devices(&[
+            row("volume", "volume", None),
+            row("image", "volume", None),
+            row("blank", "local", Some("swap")),
+            row("blank", "local", None),
+            row("image", "local", None),
+            row("snapshot", "local", Some("swap")),
+        ])
+        .unwrap()
+        .into_iter()
+        .map(|b| b.kind)
+        .collect();
+        use BlockDeviceKind::*;
+        assert_eq!(kinds, [Volume, Volume, Swap, Ephemeral, Other, Other]);
+        let e = block_devices(&[row("tape", "local", None)]).unwrap_err();
+        assert_eq!(e.column, "block_device_mapping.source_type");
     }
 
     #[test]
