@@ -1226,10 +1226,10 @@ impl Provisioner {
         }
         let mut by_bridge: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
         for (b, p) in &remove {
+            let name = st.ports.get(p).map_or("?", |(n, _)| n.as_str());
             if moved.contains(p) {
-                changes.push(format!("port {p} taken off {b}"));
+                changes.push(format!("port {name} taken off {b}"));
             } else {
-                let name = st.ports.get(p).map_or("?", |(n, _)| n.as_str());
                 changes.push(format!("port {name} removed from {b}"));
             }
             by_bridge
