@@ -1075,7 +1075,9 @@ impl Provisioner {
             want.retain(|c| c.addr.is_ipv4());
         }
         for c in &current {
-            if !want.contains(c) && !(*c == kernel_ll && !want.contains(&METADATA_V6)) {
+            // The kernel's own link-local stays on an IPv4-only network (module doc).
+            let kernels = *c == kernel_ll && !want.contains(&METADATA_V6);
+            if !want.contains(c) && !kernels {
                 let s = c.to_string();
                 ip(Some(ns), &["addr", "del", &s, "dev", &v1])?;
                 changes.push(format!("{s} removed"));
@@ -1330,22 +1332,20 @@ fn teardown(ns: &str, net: &str) -> Result<(), ProvisionError> {
     if !links(None, Some(&v0)).unwrap_or_default().is_empty() {
         ip(None, &["link", "del", &v0])?;
     }
-    match links(Some(ns), None) {
-        Ok(l) => {
-            let others: Vec<&str> = l
-                .iter()
-                .map(|l| l.ifname.as_str())
-                .filter(|n| *n != "lo")
-                .collect();
-            if !others.is_empty() {
-                return Err(ProvisionError::State(format!(
-                    "left in place: it holds devices metaproxy did not create ({})",
-                    others.join(", ")
-                )));
-            }
+    // A namespace that cannot be entered is a leftover file; deleting it
+    // is the cleanup.
+    if let Ok(l) = links(Some(ns), None) {
+        let others: Vec<&str> = l
+            .iter()
+            .map(|l| l.ifname.as_str())
+            .filter(|n| *n != "lo")
+            .collect();
+        if !others.is_empty() {
+            return Err(ProvisionError::State(format!(
+                "left in place: it holds devices metaproxy did not create ({})",
+                others.join(", ")
+            )));
         }
-        // Cannot be entered: a leftover file; deleting it is the cleanup.
-        Err(_) => {}
     }
     ip(None, &["netns", "del", ns])?;
     Ok(())
