@@ -428,6 +428,47 @@ fn provisions_exactly_the_local_networks() {
         BTreeSet::from([env.net(0), env.net(2)])
     );
     env.assert_namespaces(&[0, 2]);
+
+    // Someone else on the link holds fe80::a9fe:a9fe (here the root end,
+    // which answers the namespace end's DAD probe): the address is put back,
+    // DAD fails, and that is reported, not fought over.
+    let ns2 = env.ns(2);
+    let [c0, c1] = veth_names(&env.net(2));
+    sh(&[
+        "ip",
+        "-n",
+        &ns2,
+        "addr",
+        "del",
+        "fe80::a9fe:a9fe/128",
+        "dev",
+        &c1,
+    ]);
+    sh(&[
+        "ip",
+        "addr",
+        "add",
+        "fe80::a9fe:a9fe/128",
+        "dev",
+        &c0,
+        "nodad",
+    ]);
+    let r = reconcile(&mut p, &d);
+    assert_eq!(names(&r.updated), BTreeSet::from([env.net(2)]), "{r:#?}");
+    assert_eq!(
+        p.wait_v6(&env.net(2), Duration::from_secs(15)).unwrap(),
+        V6State::DadFailed
+    );
+    let r = reconcile(&mut p, &d);
+    assert!(!r.changed(), "{r:#?}");
+    assert_eq!(
+        r.unchanged
+            .iter()
+            .find(|x| x.network == env.net(2))
+            .unwrap()
+            .v6,
+        V6State::DadFailed
+    );
 }
 
 #[test]

@@ -622,6 +622,7 @@ pub struct Provisioner {
     ipv6_enabled: bool,
     logged_problems: BTreeSet<String>,
     warned_netdev: bool,
+    warned_no_chassis: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -837,6 +838,7 @@ impl Provisioner {
             ipv6_enabled,
             logged_problems: BTreeSet::new(),
             warned_netdev: false,
+            warned_no_chassis: false,
         }
     }
 
@@ -894,11 +896,15 @@ impl Provisioner {
         }
         self.logged_problems = fresh;
         if !want.chassis_known {
-            log::info(format_args!(
-                "ovn: provisioning waits: this chassis' Chassis row is not in the replica yet"
-            ));
+            if !self.warned_no_chassis {
+                self.warned_no_chassis = true;
+                log::info(format_args!(
+                    "ovn: provisioning waits: this chassis' Chassis row is not in the replica yet; nothing is created or removed"
+                ));
+            }
             return Ok(report);
         }
+        self.warned_no_chassis = false;
         let existing = self.existing()?;
         let root = links(None, None)?;
         // Teardown first: a stale root veth could hold a name we need.
