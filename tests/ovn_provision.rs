@@ -589,6 +589,12 @@ fn restart_adopts_or_removes_leftovers_without_duplicates() {
         {"op": "mutate", "table": "Bridge", "where": [["name", "==", "br-old"]],
          "mutations": [["ports", "insert", ["set", [["uuid", pu]]]]]}
     ]));
+    // ... and network 1's interface lost its iface-id to someone's edit.
+    env.ovs.transact(
+        json!([{"op": "mutate", "table": "Interface", "where": [["name", "==", b0]],
+        "mutations": [["external_ids", "delete", ["set", ["iface-id"]]],
+                      ["external_ids", "insert", ["map", [["iface-id", "stale-id"]]]]]}]),
+    );
     assert_eq!(
         env.ovs_ports(&a0),
         vec![("br-old".to_string(), Some("md-0".to_string()))]
