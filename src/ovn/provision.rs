@@ -362,16 +362,30 @@ pub fn desired(replica: &Replica) -> Desired {
             vifs.entry(dp).or_default().push((*u, row));
         }
     }
+    // veth root name -> network: names are cut to ten characters of the id.
+    let mut veths: HashMap<String, String> = HashMap::new();
     for (dp, local) in vifs {
-        if let Some(plan) = plan_network(replica, dp, &local, metadata.get(&dp), &mut out.problems)
-        {
-            if let Some(prev) = out.networks.insert(plan.network.clone(), plan) {
-                out.problems.push(format!(
-                    "network {}: two datapaths carry its name; {} ignored",
-                    prev.network, prev.datapath
-                ));
-            }
+        let Some(plan) = plan_network(replica, dp, &local, metadata.get(&dp), &mut out.problems)
+        else {
+            continue;
+        };
+        if out.networks.contains_key(&plan.network) {
+            out.problems.push(format!(
+                "network {}: two datapaths carry its name; {} ignored",
+                plan.network, plan.datapath
+            ));
+            continue;
         }
+        let [v0, _] = veth_names(&plan.network);
+        if let Some(other) = veths.get(&v0) {
+            out.problems.push(format!(
+                "network {}: its veth name {v0} is network {other}'s too (the same first ten characters); not provisioned",
+                plan.network
+            ));
+            continue;
+        }
+        veths.insert(v0, plan.network.clone());
+        out.networks.insert(plan.network.clone(), plan);
     }
     out
 }
@@ -912,7 +926,11 @@ impl Provisioner {
             if want.networks.contains_key(net) {
                 continue;
             }
-            match teardown(ns, net) {
+            let keep_veth = want
+                .networks
+                .keys()
+                .any(|w| veth_names(w)[0] == veth_names(net)[0]);
+            match teardown(ns, net, keep_veth) {
                 Ok(()) => {
                     log::info(format_args!(
                         "ovn: removed namespace {ns}: no local port on network {net} any more"
@@ -1332,10 +1350,13 @@ fn v6_of(l: &[IpLink]) -> V6State {
 }
 
 /// `teardown_datapath` without the OVS part (done in the one transaction):
-/// the root veth, then the namespace if nothing else is in it.
-fn teardown(ns: &str, net: &str) -> Result<(), ProvisionError> {
-    let [v0, _] = veth_names(net);
-    if !links(None, Some(&v0)).unwrap_or_default().is_empty() {
+/// the root veth, then the namespace if nothing else is in it (our veth's
+/// namespace end goes with its root end).
+fn teardown(ns: &str, net: &str, keep_veth: bool) -> Result<(), ProvisionError> {
+    let [v0, v1] = veth_names(net);
+    // `keep_veth`: a wanted network has the same veth name (and the pair is
+    // recreated for it if it was this namespace's).
+    if !keep_veth && !links(None, Some(&v0)).unwrap_or_default().is_empty() {
         ip(None, &["link", "del", &v0])?;
     }
     // A namespace that cannot be entered is a leftover file; deleting it
@@ -1344,7 +1365,7 @@ fn teardown(ns: &str, net: &str) -> Result<(), ProvisionError> {
         let others: Vec<&str> = l
             .iter()
             .map(|l| l.ifname.as_str())
-            .filter(|n| *n != "lo")
+            .filter(|n| *n != "lo" && *n != v1)
             .collect();
         if !others.is_empty() {
             return Err(ProvisionError::State(format!(
@@ -1500,11 +1521,11 @@ mod tests {
         );
         sb.vif(a, "fa:16:3e:00:00:10 10.0.0.10", Some(ME), &[]);
         // Bound elsewhere: not local.
-        let b = sb.net("neutron-5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a02");
+        let b = sb.net("neutron-6f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a02");
         sb.metadata(b, "fa:16:3e:00:00:02", &[("neutron:cidrs", "10.2.0.2/24")]);
         sb.vif(b, "fa:16:3e:00:00:20 10.2.0.10", Some(OTHER), &[]);
         // Live migration to here: local through additional_chassis; IPv6 only.
-        let c = sb.net("neutron-5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a03");
+        let c = sb.net("neutron-7f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a03");
         sb.metadata(c, "fa:16:3e:00:00:03", &[("neutron:cidrs", "fd00:3::2/64")]);
         sb.vif(c, "fa:16:3e:00:00:30 fd00:3::10", Some(OTHER), &[ME]);
         let d = desired(&sb.replica());
@@ -1517,7 +1538,7 @@ mod tests {
         assert_eq!(pa.logical_port, format!("md-{a:x}"));
         assert_eq!(pa.addresses, cidrs(&["169.254.169.254/32", "10.0.0.2/24"]));
         assert!(!pa.ipv6);
-        let pc = &d.networks["5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a03"];
+        let pc = &d.networks["7f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a03"];
         assert!(pc.ipv6);
         assert_eq!(pc.mtu, None);
         assert_eq!(
@@ -1558,6 +1579,10 @@ mod tests {
         sb.vif(e, "unknown", Some(ME), &[]);
         let f = sb.net("neutron-5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a06");
         sb.vif(f, "fa:16:3e:00:00:60 10.6.0.10", Some(ME), &[]);
+        // The same veth names as NET (Neutron keeps ten characters).
+        let g = sb.net("neutron-5f0ee41c-5b00-4b7b-8b8b-5dcd3b1b0a07");
+        sb.metadata(g, "fa:16:3e:00:00:07", &[]);
+        sb.vif(g, "fa:16:3e:00:00:70 10.7.0.10", Some(ME), &[]);
         let d = desired(&sb.replica());
         assert_eq!(d.networks.keys().collect::<Vec<_>>(), vec![NET]);
         let p = &d.networks[NET];
@@ -1570,11 +1595,12 @@ mod tests {
             "9000000",
             "not-an-ip",
             "../../etc",
+            "same first ten",
             "01:00:5e:00:00:01",
         ] {
             assert!(all.contains(needle), "no line for {needle}: {all}");
         }
-        assert_eq!(d.problems.len(), 6, "{all}");
+        assert_eq!(d.problems.len(), 7, "{all}");
     }
 
     #[test]
