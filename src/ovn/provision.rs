@@ -1087,12 +1087,19 @@ impl Provisioner {
             ip(Some(ns), &["link", "set", "dev", &v1, "up"])?;
             changes.push(format!("{v1} up"));
         }
-        // Addresses: read again (the MAC and link state may have changed them).
-        let now = links(Some(ns), Some(&v1))?;
+        // Addresses: read again if the link changed (a MAC change or link up
+        // changes the kernel's own); else what was read is current.
+        let link_changed = !changes.is_empty();
+        let now = if link_changed {
+            links(Some(ns), Some(&v1))?
+        } else {
+            vec![end.clone()]
+        };
         let current: Vec<Cidr> = now
             .first()
             .map(|l| l.cidrs().into_iter().map(|(c, _)| c).collect())
             .unwrap_or_default();
+        let before = changes.len();
         let kernel_ll = Cidr::link_local(plan.mac);
         let mut want: BTreeSet<Cidr> = plan.addresses.clone();
         if !self.ipv6_enabled {
@@ -1118,7 +1125,11 @@ impl Provisioner {
                 changes.push(format!("{s} added"));
             }
         }
-        let v6 = v6_of(&links(Some(ns), Some(&v1))?);
+        let v6 = if changes.len() == before {
+            v6_of(&now)
+        } else {
+            v6_of(&links(Some(ns), Some(&v1))?)
+        };
         Ok(Provisioned {
             network: plan.network.clone(),
             namespace: ns.to_string(),
