@@ -15,4 +15,5 @@
 pub mod config;
 pub mod liveness;
 pub mod ovsdb;
+pub mod provision;
 pub mod replica;
