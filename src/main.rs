@@ -114,6 +114,28 @@ enum Command {
     /// JSON. Serves nothing and writes nothing.
     #[command(name = "ovn-dump-replica")]
     OvnDumpReplica(OvnDumpArgs),
+    /// OVN compute-node metadata service, in place of
+    /// neutron-ovn-metadata-agent (or neutron-ovn-agent's metadata
+    /// extension) and its haproxies: keep a replica of the OVN Southbound
+    /// database (this chassis from the local Open_vSwitch DB's
+    /// external_ids:system-id), serve 169.254.169.254 (and fe80::a9fe:a9fe)
+    /// in every ovnmeta-<network> namespace, resolve each VM from its
+    /// Port_Binding (network, IP or link-local MAC → neutron:device_id,
+    /// neutron:project_id; no port or several → 404), sign and forward to
+    /// the Nova metadata API with X-Forwarded-For, X-Instance-ID,
+    /// X-Tenant-ID and X-Instance-ID-Signature. Namespaces are not created
+    /// yet: run it where the OVN agent's namespaces exist. It does not
+    /// report liveness to Neutron yet. SIGTERM/SIGINT drain and exit.
+    Ovn {
+        /// Configuration file (TOML: `[ovn]` in Neutron's option names,
+        /// optional `[proxy]` for the listeners' limits, timeouts and IMDSv2).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration, print the effective settings and
+        /// exit, connecting to nothing.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +214,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => run_doctor(&config, namespace, vm, json),
         Command::OvnDumpReplica(args) => run_ovn_dump(args),
+        Command::Ovn { config, check } => run_ovn(&config, check),
     }
 }
 
@@ -292,6 +315,36 @@ fn run_ovn_dump(a: OvnDumpArgs) -> Result<()> {
     let dump = monitor.shared().snapshot().dump();
     drop(monitor);
     println!("{}", serde_json::to_string_pretty(&dump)?);
+    Ok(())
+}
+
+fn run_ovn(path: &Path, check: bool) -> Result<()> {
+    use metaproxy::ovn::serve::{load, OvnServe};
+    let ctx = || format!("refusing to start with {}", path.display());
+    let cfg = load(path).with_context(ctx)?;
+    // The shared secret is redacted by OvnConfig's Debug.
+    log::info(format_args!("effective ovn config: {:?}", cfg.ovn));
+    if check {
+        println!("{:#?}\n{:#?}", cfg.ovn, cfg.proxy);
+        println!("{} is valid", path.display());
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let serve = OvnServe::start(cfg).with_context(ctx)?;
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+            metaproxy::signals::Received::Reload => log::info(format_args!(
+                "SIGHUP: nothing to reload (the replica follows the Southbound database)"
+            )),
+        }
+    }
+    serve.stop()?;
+    log::info(format_args!("stopped"));
     Ok(())
 }
 
@@ -624,7 +677,8 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
         metaproxy::agent::config::Backend::Inventory(_) => Some(std::sync::Arc::new(
             metaproxy::api::server::load_store(&api_cfg.inventory).with_context(ctx)?,
         )),
-        metaproxy::agent::config::Backend::Neutron(_) => None,
+        metaproxy::agent::config::Backend::Neutron(_)
+        | metaproxy::agent::config::Backend::Ovn(_) => None,
     };
     let inventory_watch = match &inventory {
         Some(s) => Some(

@@ -16,3 +16,4 @@ pub mod config;
 pub mod liveness;
 pub mod ovsdb;
 pub mod replica;
+pub mod serve;
