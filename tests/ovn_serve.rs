@@ -122,7 +122,13 @@ fn try_curl(ns: &str, url: &str, extra: &[&str]) -> Option<(u16, String)> {
 }
 
 /// Poll until `ns` gets an answer from `url` that `done` accepts; that answer.
-fn until(ns: &str, url: &str, extra: &[&str], done: impl Fn(u16, &str) -> bool) -> (u16, String) {
+fn until(
+    d: &Daemon,
+    ns: &str,
+    url: &str,
+    extra: &[&str],
+    done: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
     let t0 = Instant::now();
     let mut last = None;
     loop {
@@ -134,7 +140,8 @@ fn until(ns: &str, url: &str, extra: &[&str], done: impl Fn(u16, &str) -> bool) 
         }
         assert!(
             t0.elapsed() < LIMIT,
-            "{ns}: {url} never as expected; last answer {last:?}"
+            "{ns}: {url} never as expected; last answer {last:?}; log:\n{}",
+            d.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -257,6 +264,8 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         "ip", "-n", &meta_a, "addr", "add", "fe80::a9fe:a9fe/128", "dev", "tapc", "nodad",
     ]);
     up(&meta_a, "tapc");
+    // The on-link route an auto-generated link-local address would bring.
+    sh(&["ip", "-n", &meta_a, "route", "add", "fe80::/64", "dev", "tapc"]);
     up(&vm_c, "eth0");
     let mut mounts = Mounts::default();
     for (real, net) in [(&meta_a, &net_a), (&meta_b, &net_b)] {
@@ -366,12 +375,12 @@ control_socket = "{ctl}"
     );
 
     // 1. A VM gets its own instance, through cloud-init's own reader.
-    until(&vm_a, MD, &[], |code, _| code == 200);
+    until(&ovn, &vm_a, MD, &[], |code, _| code == 200);
     let got = cloud_init_read(&vm_a, "http://169.254.169.254");
     assert_eq!(got["openstack"]["metadata"]["uuid"], inst_a.as_str(), "{got:#}");
     assert_eq!(got["openstack"]["metadata"]["hostname"], "vm-a.novalocal");
     // 2. The same IP on the other network is the other instance.
-    let (_, body) = until(&vm_b, MD, &[], |code, _| code == 200);
+    let (_, body) = until(&ovn, &vm_b, MD, &[], |code, _| code == 200);
     assert_eq!(uuid_in(&body), inst_b);
     // 3. A spoofed X-OVN-Network-ID (and the rest) from vm_a is stripped:
     // vm_a still gets its own instance, never vm_b's (same IP, network B).
@@ -387,6 +396,7 @@ control_socket = "{ctl}"
     assert_eq!((code, uuid_in(&body)), (200, inst_a.clone()), "{body}");
     // 4. An IPv6 link-local client is resolved by the MAC in its EUI-64.
     let (_, body) = until(
+        &ovn,
         &vm_c,
         "http://[fe80::a9fe:a9fe%eth0]/openstack/latest/meta_data.json",
         &[],
@@ -407,16 +417,16 @@ control_socket = "{ctl}"
         &inst_dup,
         &project,
     );
-    let (_, body) = until(&vm_a, MD, &[], |code, _| code == 404);
+    let (_, body) = until(&ovn, &vm_a, MD, &[], |code, _| code == 404);
     assert!(!body.contains(&inst_a) && !body.contains(&inst_dup), "{body}");
     let (code, body) = try_curl(&vm_b, MD, &[]).expect("answer");
     assert_eq!((code, uuid_in(&body)), (200, inst_b.clone()));
     cloud.delete_port(&dup);
-    let (_, body) = until(&vm_a, MD, &[], |code, _| code == 200);
+    let (_, body) = until(&ovn, &vm_a, MD, &[], |code, _| code == 200);
     assert_eq!(uuid_in(&body), inst_a);
     // 7. vm_b's port removed from the Southbound: 404.
     cloud.delete_port(&port_b);
-    until(&vm_b, MD, &[], |code, _| code == 404);
+    until(&ovn, &vm_b, MD, &[], |code, _| code == 404);
 
     ovn.assert_running();
     let log = ovn.log_text();
