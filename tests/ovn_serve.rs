@@ -267,18 +267,6 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
     // The on-link route an auto-generated link-local address would bring.
     sh(&["ip", "-n", &meta_a, "route", "add", "fe80::/64", "dev", "tapc"]);
     up(&vm_c, "eth0");
-    let mut mounts = Mounts::default();
-    for (real, net) in [(&meta_a, &net_a), (&meta_b, &net_b)] {
-        let file = netns_dir.join(format!("ovnmeta-{net}"));
-        std::fs::write(&file, b"").unwrap();
-        mounts.0.push(file.clone());
-        sh(&[
-            "mount",
-            "--bind",
-            &format!("/run/netns/{real}"),
-            file.to_str().unwrap(),
-        ]);
-    }
 
     // The Southbound database as Neutron leaves it, and this chassis' OVS DB.
     let sb = Server::southbound(Kind::Standalone);
@@ -374,11 +362,47 @@ control_socket = "{ctl}"
         dir.path(),
     );
 
+    // 0. Not alive to Neutron while nothing serves: in sync with the
+    // Southbound, this chassis' row there, no namespace yet, no keys.
+    let t0 = Instant::now();
+    while !ovn.log_text().contains("in sync") {
+        assert!(t0.elapsed() < LIMIT, "no snapshot:\n{}", ovn.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let keys = || {
+        sb.sbctl(&[
+            "--bare",
+            "--columns=external_ids",
+            "find",
+            "Chassis_Private",
+            &format!("name={CHASSIS}"),
+        ])
+    };
+    assert!(!keys().contains("neutron:ovn-neutron-agent-id"), "{}", keys());
+    // The OVN agent's namespaces appear (as its provisioning makes them).
+    let mut mounts = Mounts::default();
+    for (real, net) in [(&meta_a, &net_a), (&meta_b, &net_b)] {
+        let file = netns_dir.join(format!("ovnmeta-{net}"));
+        std::fs::write(&file, b"").unwrap();
+        mounts.0.push(file.clone());
+        sh(&[
+            "mount",
+            "--bind",
+            &format!("/run/netns/{real}"),
+            file.to_str().unwrap(),
+        ]);
+    }
+
     // 1. A VM gets its own instance, through cloud-init's own reader.
     until(&ovn, &vm_a, MD, &[], |code, _| code == 200);
     let got = cloud_init_read(&vm_a, "http://169.254.169.254");
     assert_eq!(got["openstack"]["metadata"]["uuid"], inst_a.as_str(), "{got:#}");
     assert_eq!(got["openstack"]["metadata"]["hostname"], "vm-a.novalocal");
+    // Serving: now alive to Neutron.
+    common::wait_until("liveness keys written", LIMIT, || {
+        keys().contains("neutron:ovn-neutron-agent-id")
+    });
     // 2. The same IP on the other network is the other instance.
     let (_, body) = until(&ovn, &vm_b, MD, &[], |code, _| code == 200);
     assert_eq!(uuid_in(&body), inst_b);

@@ -47,9 +47,13 @@
 //! once with `ControlPlane::add(NamespaceConfig, Origin)`; discovery would
 //! find it anyway.
 //!
-//! **Liveness** ([`crate::ovn::liveness`]) is not started here: a node must
-//! not look alive to Neutron before provisioning makes it serve the
-//! networks Neutron expects.
+//! **Liveness** ([`crate::ovn::liveness`]): the node must not look alive to
+//! Neutron unless it serves, so the `Chassis_Private` keys are written only
+//! once the first `ovnmeta-` listener is up (a thread watches the control
+//! plane every [`LIVENESS_GATE_POLL`]), and no longer once `metaproxy ovn`
+//! stops (neutron-server then sees the sb-cfg key fall behind). Until
+//! provisioning lands, "serves" means "serves some namespace", not "serves
+//! every network Neutron expects on this chassis".
 
 use std::cell::RefCell;
 use std::io;
@@ -80,6 +84,8 @@ pub const NS_PREFIX: &str = "ovnmeta-";
 /// directory is a file name, never containing `/`): `metaproxy ovn`
 /// serves no router namespaces.
 const NO_ROUTER_PREFIX: &str = "/";
+/// How often the liveness gate looks for the first listener.
+pub const LIVENESS_GATE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The agent backend that resolves from the Southbound replica. Compared by
 /// identity (two configs are equal when they read the same replica).
@@ -326,6 +332,7 @@ pub struct OvnServe {
     proxy: crate::proxy::ProxyHandle,
     watcher: crate::proxy::discover::Watcher,
     ctl: Option<crate::proxy::control::CtlServer>,
+    liveness: LivenessGate,
     dir: PathBuf,
     /// This chassis (`Open_vSwitch external_ids:system-id`).
     pub chassis: String,
@@ -398,12 +405,18 @@ impl OvnServe {
                 .join(", ")
         ));
         let watcher = crate::proxy::discover::start(discover, proxy.control.clone())?;
+        let liveness = LivenessGate::start(
+            cfg.ovn.liveness(&chassis, &bridge),
+            monitor.shared().clone(),
+            proxy.control.clone(),
+        )?;
         Ok(OvnServe {
             monitor,
             agent,
             proxy,
             watcher,
             ctl,
+            liveness,
             dir,
             chassis,
             bridge,
@@ -421,12 +434,14 @@ impl OvnServe {
         self.monitor.shared()
     }
 
-    /// Stop front to back: discovery, listeners (draining), the agent, the
+    /// Stop front to back: liveness (so Neutron stops seeing the node
+    /// alive first), discovery, listeners (draining), the agent, the
     /// monitor; then remove the private directory.
     ///
     /// # Errors
     /// A loop failed while draining.
     pub fn stop(self) -> io::Result<()> {
+        self.liveness.stop();
         self.watcher.stop();
         drop(self.ctl);
         let proxy = self.proxy.stop();
@@ -454,4 +469,60 @@ fn make_private_dir(dir: &Path) -> io::Result<()> {
         )));
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Starts [`crate::ovn::liveness::Liveness`] once the first listener is up.
+struct LivenessGate {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Option<crate::ovn::liveness::Liveness>>>,
+}
+
+impl LivenessGate {
+    fn start(
+        cfg: crate::ovn::liveness::LivenessConfig,
+        sb: Arc<replica::Shared>,
+        control: Arc<crate::proxy::control::ControlPlane>,
+    ) -> io::Result<LivenessGate> {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ovn-liveness-gate".into())
+            .spawn(move || loop {
+                if stopped.load(Ordering::Acquire) {
+                    return None;
+                }
+                let serving = control.status().into_iter().find(|s| !s.listeners.is_empty());
+                if let Some(ns) = serving {
+                    log::info(format_args!(
+                        "ovn: {} serves; reporting this chassis alive to Neutron \
+                         (Chassis_Private {} external_ids {}, {})",
+                        ns.name,
+                        cfg.chassis,
+                        cfg.kind.id_key(),
+                        cfg.kind.sb_cfg_key()
+                    ));
+                    return match crate::ovn::liveness::Liveness::start(cfg, sb) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            log::error(format_args!("ovn: liveness not started: {e}"));
+                            None
+                        }
+                    };
+                }
+                std::thread::sleep(LIVENESS_GATE_POLL);
+            })?;
+        Ok(LivenessGate {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop waiting, and stop the writer if it started.
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            drop(t.join());
+        }
+    }
 }
