@@ -88,19 +88,22 @@ impl<'a> Sb<'a> {
     /// A VM port (`mac` is the Port_Binding's `mac`: "MAC IP..."), bound to `chassis`.
     fn vm_port(&self, dp: &str, name: &str, mac: &str, device: &str, project: &str) -> String {
         let k = self.next();
-        let u = uuid_of(&self.sb.transact(json!([{"op": "insert", "table": "Port_Binding", "row": {
-            "datapath": ["uuid", dp], "logical_port": name, "tunnel_key": k, "type": "",
-            "mac": mac,
-            "external_ids": ["map", [["neutron:device_id", device],
-                                      ["neutron:project_id", project],
-                                      ["neutron:device_owner", "compute:nova"]]]
-        }}])));
+        let u = uuid_of(&self.sb.transact(
+            json!([{"op": "insert", "table": "Port_Binding", "row": {
+                "datapath": ["uuid", dp], "logical_port": name, "tunnel_key": k, "type": "",
+                "mac": mac,
+                "external_ids": ["map", [["neutron:device_id", device],
+                                          ["neutron:project_id", project],
+                                          ["neutron:device_owner", "compute:nova"]]]
+            }}]),
+        ));
         self.sb.sbctl(&["lsp-bind", name, CHASSIS]);
         u
     }
 
     fn delete_port(&self, uuid: &str) {
-        self.sb.transact(json!([{"op": "delete", "table": "Port_Binding",
+        self.sb
+            .transact(json!([{"op": "delete", "table": "Port_Binding",
             "where": [["_uuid", "==", ["uuid", uuid]]]}]));
     }
 }
@@ -152,11 +155,7 @@ fn uuid_in(body: &str) -> String {
     v["uuid"].as_str().unwrap_or_default().to_string()
 }
 
-fn inventory(
-    nets: &[&str],
-    instances: &[(&str, &str, &str, &str, &str)],
-    project: &str,
-) -> String {
+fn inventory(nets: &[&str], instances: &[(&str, &str, &str, &str, &str)], project: &str) -> String {
     let mut s = String::from("dhcp_domain = \"novalocal\"\n");
     for (i, net) in nets.iter().enumerate() {
         s += &format!(
@@ -235,17 +234,37 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
     for n in [&meta_a, &meta_b, &vm_a, &vm_b, &vm_c] {
         nss.add(n);
     }
-    let (mac_a, mac_b, mac_c) = ("fa:16:3e:5e:00:0a", "fa:16:3e:5e:00:0b", "fa:16:3e:5e:00:0c");
+    let (mac_a, mac_b, mac_c) = (
+        "fa:16:3e:5e:00:0a",
+        "fa:16:3e:5e:00:0b",
+        "fa:16:3e:5e:00:0c",
+    );
     for (meta, vm, tap, mac) in [
         (&meta_a, &vm_a, "tapa", mac_a),
         (&meta_b, &vm_b, "tapb", mac_b),
     ] {
         wire(meta, tap, "10.0.0.2/24", vm, Some("10.0.0.5/24"), mac);
-        sh(&["ip", "-n", meta, "addr", "add", "169.254.169.254/32", "dev", tap]);
+        sh(&[
+            "ip",
+            "-n",
+            meta,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            tap,
+        ]);
         up(meta, tap);
         up(vm, "eth0");
         sh(&[
-            "ip", "-n", vm, "route", "add", "169.254.169.254/32", "via", "10.0.0.2",
+            "ip",
+            "-n",
+            vm,
+            "route",
+            "add",
+            "169.254.169.254/32",
+            "via",
+            "10.0.0.2",
         ]);
     }
     // vm_c: its EUI-64 link-local, no DAD (a guest's would pass it).
@@ -258,14 +277,39 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
     }
     sh(&["ip", "-n", &vm_c, "link", "set", "eth0", "address", mac_c]);
     sh(&[
-        "ip", "-n", &vm_c, "addr", "add", "fe80::f816:3eff:fe5e:c/64", "dev", "eth0", "nodad",
+        "ip",
+        "-n",
+        &vm_c,
+        "addr",
+        "add",
+        "fe80::f816:3eff:fe5e:c/64",
+        "dev",
+        "eth0",
+        "nodad",
     ]);
     sh(&[
-        "ip", "-n", &meta_a, "addr", "add", "fe80::a9fe:a9fe/128", "dev", "tapc", "nodad",
+        "ip",
+        "-n",
+        &meta_a,
+        "addr",
+        "add",
+        "fe80::a9fe:a9fe/128",
+        "dev",
+        "tapc",
+        "nodad",
     ]);
     up(&meta_a, "tapc");
     // The on-link route an auto-generated link-local address would bring.
-    sh(&["ip", "-n", &meta_a, "route", "add", "fe80::/64", "dev", "tapc"]);
+    sh(&[
+        "ip",
+        "-n",
+        &meta_a,
+        "route",
+        "add",
+        "fe80::/64",
+        "dev",
+        "tapc",
+    ]);
     up(&vm_c, "eth0");
 
     // The Southbound database as Neutron leaves it, and this chassis' OVS DB.
@@ -273,10 +317,28 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
     let ovs = Server::vswitch(CHASSIS, None);
     let cloud = Sb::new(&sb);
     let (dp_a, dp_b) = (cloud.network(&net_a), cloud.network(&net_b));
-    cloud.vm_port(&dp_a, "port-a", &format!("{mac_a} 10.0.0.5"), &inst_a, &project);
-    let port_b = cloud.vm_port(&dp_b, "port-b", &format!("{mac_b} 10.0.0.5"), &inst_b, &project);
+    cloud.vm_port(
+        &dp_a,
+        "port-a",
+        &format!("{mac_a} 10.0.0.5"),
+        &inst_a,
+        &project,
+    );
+    let port_b = cloud.vm_port(
+        &dp_b,
+        "port-b",
+        &format!("{mac_b} 10.0.0.5"),
+        &inst_b,
+        &project,
+    );
     // vm_c's port has an IPv4 address the guest never configured: found by MAC.
-    cloud.vm_port(&dp_a, "port-c", &format!("{mac_c} 10.0.0.7"), &inst_c, &project);
+    cloud.vm_port(
+        &dp_a,
+        "port-c",
+        &format!("{mac_c} 10.0.0.7"),
+        &inst_c,
+        &project,
+    );
     // A tenant-written device_id that is no instance id.
     cloud.vm_port(
         &dp_a,
@@ -315,7 +377,11 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         ),
     )
     .unwrap();
-    let _api = Daemon::start("api", &["api", "--config", api_cfg.to_str().unwrap()], dir.path());
+    let _api = Daemon::start(
+        "api",
+        &["api", "--config", api_cfg.to_str().unwrap()],
+        dir.path(),
+    );
 
     let cfg = dir.path().join("ovn.toml");
     std::fs::write(
@@ -379,7 +445,11 @@ control_socket = "{ctl}"
             &format!("name={CHASSIS}"),
         ])
     };
-    assert!(!keys().contains("neutron:ovn-neutron-agent-id"), "{}", keys());
+    assert!(
+        !keys().contains("neutron:ovn-neutron-agent-id"),
+        "{}",
+        keys()
+    );
     // The OVN agent's namespaces appear (as its provisioning makes them).
     let mut mounts = Mounts::default();
     for (real, net) in [(&meta_a, &net_a), (&meta_b, &net_b)] {
@@ -397,7 +467,11 @@ control_socket = "{ctl}"
     // 1. A VM gets its own instance, through cloud-init's own reader.
     until(&ovn, &vm_a, MD, &[], |code, _| code == 200);
     let got = cloud_init_read(&vm_a, "http://169.254.169.254");
-    assert_eq!(got["openstack"]["metadata"]["uuid"], inst_a.as_str(), "{got:#}");
+    assert_eq!(
+        got["openstack"]["metadata"]["uuid"],
+        inst_a.as_str(),
+        "{got:#}"
+    );
     assert_eq!(got["openstack"]["metadata"]["hostname"], "vm-a.novalocal");
     // Serving: now alive to Neutron.
     common::wait_until("liveness keys written", LIMIT, || {
@@ -429,7 +503,16 @@ control_socket = "{ctl}"
     assert_eq!(uuid_in(&body), inst_c);
     // 5. A device_id that is not an instance id is a 404, and no header of it
     // reaches the API.
-    sh(&["ip", "-n", &vm_a, "addr", "add", "10.0.0.8/24", "dev", "eth0"]);
+    sh(&[
+        "ip",
+        "-n",
+        &vm_a,
+        "addr",
+        "add",
+        "10.0.0.8/24",
+        "dev",
+        "eth0",
+    ]);
     let (code, body) = try_curl(&vm_a, MD, &["--interface", "10.0.0.8"]).expect("answer");
     assert_eq!(code, 404, "{body}");
     // 6. A second port on network A claiming 10.0.0.5: ambiguous, 404 for
@@ -442,7 +525,10 @@ control_socket = "{ctl}"
         &project,
     );
     let (_, body) = until(&ovn, &vm_a, MD, &[], |code, _| code == 404);
-    assert!(!body.contains(&inst_a) && !body.contains(&inst_dup), "{body}");
+    assert!(
+        !body.contains(&inst_a) && !body.contains(&inst_dup),
+        "{body}"
+    );
     let (code, body) = try_curl(&vm_b, MD, &[]).expect("answer");
     assert_eq!((code, uuid_in(&body)), (200, inst_b.clone()));
     cloud.delete_port(&dup);
@@ -458,7 +544,10 @@ control_socket = "{ctl}"
         log.contains(&format!("chassis {CHASSIS}")) && log.contains("More than one port"),
         "{log}"
     );
-    assert!(!log.contains(SECRET), "the shared secret was logged:\n{log}");
+    assert!(
+        !log.contains(SECRET),
+        "the shared secret was logged:\n{log}"
+    );
     drop(ovn);
     assert!(
         std::fs::read_dir(&runtime).map_or(true, |mut d| d.next().is_none()),

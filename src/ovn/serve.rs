@@ -293,7 +293,7 @@ pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
         ..d.clone()
     };
     let mut proxy = ProxyConfig::try_from(&p)?;
-    proxy.rate_limit = ovn.rate_limit.clone();
+    proxy.rate_limit = ovn.rate_limit;
     Ok(ServeConfig { ovn, proxy })
 }
 
@@ -492,7 +492,10 @@ impl LivenessGate {
                 if stopped.load(Ordering::Acquire) {
                     return None;
                 }
-                let serving = control.status().into_iter().find(|s| !s.listeners.is_empty());
+                let serving = control
+                    .status()
+                    .into_iter()
+                    .find(|s| !s.listeners.is_empty());
                 if let Some(ns) = serving {
                     log::info(format_args!(
                         "ovn: {} serves; reporting this chassis alive to Neutron \
@@ -523,6 +526,162 @@ impl LivenessGate {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         if let Some(t) = self.thread.take() {
             drop(t.join());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ovn::ovsdb::datum::Schema;
+    use serde_json::json;
+
+    const CH: &str = "00000000-0000-4000-8000-0000000000c1";
+    const DP: &str = "00000000-0000-4000-8000-0000000000d1";
+    const NET: &str = "5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a01";
+    const VM: &str = "c0ffee00-0000-4000-8000-000000000001";
+    const PROJECT: &str = "0b3cfd5e3d9f4d1e9c0a1f6b1c2d3e4f";
+
+    fn replica(ports: &[(&str, &str, &str, &str)]) -> Replica {
+        let map = json!({"key": "string", "value": "string", "min": 0, "max": "unlimited"});
+        let opt_ref = json!({"key": {"type": "uuid", "refTable": "Chassis", "refType": "weak"}, "min": 0, "max": 1});
+        let schema = Schema::from_json(&json!({
+            "name": "OVN_Southbound", "version": "20.27.0",
+            "tables": {
+                "Chassis": {"columns": {"name": {"type": "string"}}},
+                "Datapath_Binding": {"columns": {"tunnel_key": {"type": "integer"}, "external_ids": {"type": map}}},
+                "Port_Binding": {"columns": {
+                    "logical_port": {"type": "string"}, "type": {"type": "string"},
+                    "datapath": {"type": {"key": {"type": "uuid", "refTable": "Datapath_Binding"}}},
+                    "chassis": {"type": opt_ref},
+                    "mac": {"type": {"key": "string", "min": 0, "max": "unlimited"}},
+                    "external_ids": {"type": map}}}
+            }
+        }))
+        .unwrap();
+        let mut r = Replica::new("local", &schema);
+        let mut pb = serde_json::Map::new();
+        for (i, (name, mac, device, project)) in ports.iter().enumerate() {
+            pb.insert(
+                format!("00000000-0000-4000-8000-{:012x}", 0x100 + i),
+                json!({"initial": {
+                    "logical_port": name, "datapath": ["uuid", DP], "chassis": ["uuid", CH],
+                    "mac": mac,
+                    "external_ids": ["map", [["neutron:device_id", device], ["neutron:project_id", project]]]
+                }}),
+            );
+        }
+        r.apply(
+            &json!({
+                "Chassis": {CH: {"initial": {"name": "local"}}},
+                "Datapath_Binding": {DP: {"initial": {"tunnel_key": 1,
+                    "external_ids": ["map", [["name", format!("neutron-{NET}")]]]}}},
+                "Port_Binding": pb,
+            }),
+            false,
+        )
+        .unwrap();
+        r
+    }
+
+    fn at(r: &Replica, addr: &str) -> Resolution {
+        resolve(r, NET, addr.parse().unwrap(), &RejectedPorts::default())
+    }
+
+    #[test]
+    fn the_port_s_device_and_project_ids_are_the_instance_and_tenant() {
+        let r = replica(&[("p1", "fa:16:3e:00:00:01 10.0.0.5", VM, PROJECT)]);
+        assert_eq!(
+            at(&r, "10.0.0.5"),
+            Resolution::Found(Resolved::new(VM, PROJECT).unwrap())
+        );
+        // Link-local: by the MAC of its EUI-64.
+        assert_eq!(
+            at(&r, "fe80::f816:3eff:fe00:1"),
+            Resolution::Found(Resolved::new(VM, PROJECT).unwrap())
+        );
+        assert_eq!(at(&r, "10.0.0.6"), Resolution::NotFound);
+        assert_eq!(
+            resolve(
+                &r,
+                "other",
+                "10.0.0.5".parse().unwrap(),
+                &RejectedPorts::default()
+            ),
+            Resolution::NotFound
+        );
+    }
+
+    #[test]
+    fn two_ports_with_the_address_are_ambiguous() {
+        let r = replica(&[
+            ("p1", "fa:16:3e:00:00:01 10.0.0.5", VM, PROJECT),
+            ("p2", "fa:16:3e:00:00:02 10.0.0.5", VM, PROJECT),
+        ]);
+        assert_eq!(at(&r, "10.0.0.5"), Resolution::Ambiguous(2));
+    }
+
+    #[test]
+    fn ids_that_are_not_openstack_ids_resolve_to_nothing() {
+        for (device, project) in [
+            ("vm-1\r\nX-Instance-ID: x", PROJECT),
+            ("", PROJECT),
+            (VM, "proj ect"),
+            (VM, ""),
+        ] {
+            let r = replica(&[("p1", "fa:16:3e:00:00:01 10.0.0.5", device, project)]);
+            let rejected = RejectedPorts::default();
+            let got = resolve(&r, NET, "10.0.0.5".parse().unwrap(), &rejected);
+            assert_eq!(got, Resolution::NotFound, "{device:?} {project:?}");
+            assert!(rejected.reported("p1"));
+        }
+    }
+
+    fn load_str(text: &str) -> Result<ServeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(&p, text).unwrap();
+        load(&p)
+    }
+
+    #[test]
+    fn config_serves_only_ovnmeta_namespaces_with_neutron_s_rate_limits() {
+        let c = load_str(
+            "[ovn]\n[ovn.metadata_rate_limiting]\nenabled = true\n[proxy]\nnetns_dir = \"/x\"\n",
+        )
+        .unwrap();
+        let d = c.proxy.discover.unwrap();
+        assert_eq!(d.ovn_prefixes, ["ovnmeta-"]);
+        assert!(d.network_prefixes.is_empty());
+        assert_eq!(d.dir, Path::new("/x"));
+        assert_eq!(
+            d.classify("qrouter-5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a01"),
+            None
+        );
+        assert!(d.classify(&format!("ovnmeta-{NET}")).is_some());
+        assert!(c.proxy.rate_limit.is_some());
+        assert!(load_str("[ovn]\n").unwrap().proxy.rate_limit.is_none());
+    }
+
+    #[test]
+    fn config_refuses_keys_that_serve_something_else_naming_them() {
+        let err = |t: &str| load_str(t).unwrap_err().to_string();
+        assert!(err("[proxy]\n").contains("ovn"), "{}", err("[proxy]\n"));
+        for (text, key) in [
+            ("[ovn]\n[proxy]\nagent_socket = \"/a\"\n", "proxy.agent_socket"),
+            (
+                "[ovn]\n[[proxy.namespace]]\nnetns = \"x\"\nnetwork_id = \"5f0ee41c-5a43-4b7b-8b8b-5dcd3b1b0a01\"\nlisten = \"169.254.169.254:80\"\n",
+                "proxy.namespace",
+            ),
+            ("[ovn]\n[proxy.rate_limit]\nenabled = true\n", "proxy.rate_limit"),
+            ("[ovn]\n[proxy.discover]\nenabled = false\n", "proxy.discover.enabled"),
+            (
+                "[ovn]\n[proxy.discover]\nrouter_prefix = \"qrouter-\"\n",
+                "proxy.discover.router_prefix",
+            ),
+            ("[ovn]\novsdb_probe_interval = \"x\"\n", "ovsdb_probe_interval"),
+        ] {
+            assert!(err(text).contains(key), "{text}: {}", err(text));
         }
     }
 }
