@@ -365,23 +365,28 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         ),
     )
     .unwrap();
-    let api_port = common::free_port();
     let api_cfg = dir.path().join("api.toml");
     std::fs::write(
         &api_cfg,
         format!(
-            "[api]\nlisten = \"127.0.0.1:{api_port}\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
+            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
              inventory = \"{}\"\nstate_dir = \"{}\"\n",
             inv.display(),
             dir.path().join("state").display()
         ),
     )
     .unwrap();
-    let _api = Daemon::start(
+    let api = Daemon::start(
         "api",
         &["api", "--config", api_cfg.to_str().unwrap()],
         dir.path(),
     );
+    let api_port = api
+        .log_text()
+        .lines()
+        .find_map(common::bound_addr)
+        .expect("api listener up")
+        .port();
 
     let cfg = dir.path().join("ovn.toml");
     std::fs::write(
