@@ -109,23 +109,27 @@ enum Command {
     },
     /// Debugging: build a compute node's replica of the OVN Southbound DB
     /// (localports, this chassis' ports, datapaths, its Chassis and
-    /// Chassis_Private rows, SB_Global) as the coming `metaproxy ovn` will,
+    /// Chassis_Private rows, SB_Global) as `metaproxy ovn` does,
     /// and print it with its (network, IP) and (network, MAC) indexes as
     /// JSON. Serves nothing and writes nothing.
     #[command(name = "ovn-dump-replica")]
     OvnDumpReplica(OvnDumpArgs),
-    /// OVN compute-node metadata service, in place of
-    /// neutron-ovn-metadata-agent (or neutron-ovn-agent's metadata
-    /// extension) and its haproxies: keep a replica of the OVN Southbound
-    /// database (this chassis from the local Open_vSwitch DB's
-    /// external_ids:system-id), serve 169.254.169.254 (and fe80::a9fe:a9fe)
-    /// in every ovnmeta-<network> namespace, resolve each VM from its
-    /// Port_Binding (network, IP or link-local MAC → neutron:device_id,
-    /// neutron:project_id; no port or several → 404), sign and forward to
-    /// the Nova metadata API with X-Forwarded-For, X-Instance-ID,
-    /// X-Tenant-ID and X-Instance-ID-Signature. Namespaces are not created
-    /// yet: run it where the OVN agent's namespaces exist. It does not
-    /// report liveness to Neutron yet. SIGTERM/SIGINT drain and exit.
+    /// OVN compute-node metadata service: serve every ovnmeta-<network>
+    /// namespace in place of neutron-ovn-metadata-agent (or
+    /// neutron-ovn-agent's metadata extension) and its haproxies.
+    ///
+    /// Keeps a replica of the OVN Southbound database (this chassis is the
+    /// local Open_vSwitch DB's external_ids:system-id) and serves
+    /// 169.254.169.254 (and fe80::a9fe:a9fe) in every ovnmeta-<network>
+    /// namespace that exists or appears. A VM is the one bound Port_Binding
+    /// of that network with its IP (or, link-local, its MAC); its
+    /// neutron:device_id and neutron:project_id are sent to the Nova
+    /// metadata API as X-Instance-ID and X-Tenant-ID, with
+    /// X-Instance-ID-Signature and X-Forwarded-For; no port or several is a
+    /// 404. Once the first namespace is served, this chassis' liveness keys
+    /// are written in Chassis_Private, as the agent does. It does not create
+    /// the namespaces yet: run it where the OVN agent created them.
+    /// SIGTERM/SIGINT drain and exit.
     Ovn {
         /// Configuration file (TOML: `[ovn]` in Neutron's option names,
         /// optional `[proxy]` for the listeners' limits, timeouts and IMDSv2).
@@ -144,7 +148,7 @@ struct OvnDumpArgs {
     /// (`ovn_sb_connection`, the three `ovn_sb_*` TLS files,
     /// `ovsdb_probe_interval`, `ovsdb_connection_timeout`, `[ovn.ovs]`
     /// `ovsdb_connection`), instead of the flags below. The whole section is
-    /// validated, as the coming `metaproxy ovn` will.
+    /// validated, as `metaproxy ovn` does.
     #[arg(long, conflicts_with_all = ["ovn_sb_connection", "ovsdb_connection", "ovn_sb_private_key", "ovn_sb_certificate", "ovn_sb_ca_cert"])]
     config: Option<PathBuf>,
     /// With `--config`: validate the whole `[ovn]` section, print
