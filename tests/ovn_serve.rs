@@ -425,6 +425,8 @@ control_socket = "{ctl}"
         String::from_utf8_lossy(&out.stderr)
     );
     let runtime = dir.path().join("run");
+    // Left by a process that is gone (above the largest pid Linux gives).
+    std::fs::create_dir_all(runtime.join("ovn-999999999")).unwrap();
     let mut ovn = Daemon::start_cmd(
         "ovn",
         Command::new(env!("CARGO_BIN_EXE_metaproxy"))
@@ -553,10 +555,16 @@ control_socket = "{ctl}"
         !log.contains(SECRET),
         "the shared secret was logged:\n{log}"
     );
+    // SIGTERM: a clean stop, which removes the private directory.
     drop(ovn);
+    let log = std::fs::read_to_string(dir.path().join("ovn.log")).unwrap();
+    assert!(
+        log.contains("draining and exiting") && log.contains("stopped"),
+        "{log}"
+    );
     assert!(
         std::fs::read_dir(&runtime).map_or(true, |mut d| d.next().is_none()),
-        "the private runtime directory is left behind"
+        "the private runtime directory (or a dead process' one) is left behind"
     );
     drop(mounts);
     drop(nss);

@@ -318,11 +318,44 @@ fn agent_config(
     Ok(a)
 }
 
-/// The base of the private runtime directory.
+/// The base of the private runtime directory: the first of systemd's
+/// `RuntimeDirectory=` paths (colon-separated when there are several), or
+/// `/run/metaproxy`.
 fn runtime_base() -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .map(PathBuf::from)
+    std::env::var("RUNTIME_DIRECTORY")
+        .ok()
+        .and_then(|v| v.split(':').find(|p| !p.is_empty()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/run/metaproxy"))
+}
+
+/// Remove `ovn-<pid>` directories left in `base` by processes that no
+/// longer exist (a crash or SIGKILL skips [`OvnServe::stop`]).
+fn remove_stale_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ovn-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => log::info(format_args!(
+                    "ovn: removed {} (left by process {pid}, gone)",
+                    e.path().display()
+                )),
+                Err(err) => log::warn(format_args!(
+                    "ovn: cannot remove stale {}: {err}",
+                    e.path().display()
+                )),
+            }
+        }
+    }
 }
 
 /// A running `metaproxy ovn`.
@@ -371,7 +404,9 @@ impl OvnServe {
             conn: o.sb_conn.clone(),
             chassis: chassis.clone(),
         })?;
-        let dir = runtime_base().join(format!("ovn-{}", std::process::id()));
+        let base = runtime_base();
+        remove_stale_dirs(&base);
+        let dir = base.join(format!("ovn-{}", std::process::id()));
         make_private_dir(&dir)?;
         let socket = dir.join("agent.sock");
         let backend = OvnReplica(monitor.shared().clone());
