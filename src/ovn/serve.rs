@@ -672,6 +672,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn before_the_first_snapshot_every_guest_is_told_to_retry() {
+        use crate::agent::identity::LookupKey;
+        use crate::ovn::ovsdb::{ConnOptions, Remote};
+        let dir = tempfile::tempdir().unwrap();
+        let nowhere = format!("unix:{}", dir.path().join("no.sock").display());
+        let monitor = SbMonitor::start(SbConfig {
+            remotes: vec![Remote::parse(&nowhere).unwrap()],
+            conn: ConnOptions::default(),
+            chassis: "local".into(),
+        })
+        .unwrap();
+        let r = OvnResolver::new(&OvnReplica(monitor.shared().clone()));
+        let id = Identity {
+            scope: Scope::Network(NET.into()),
+            key: LookupKey::from_addr("10.0.0.5".parse().unwrap()),
+            xff: "10.0.0.5".into(),
+        };
+        // A 503, not a 404 (which cloud-init takes as "no metadata").
+        assert!(matches!(
+            r.lookup(&id),
+            Err(BackendError::Unreachable("OVN Southbound", _))
+        ));
+    }
+
     fn load_str(text: &str) -> Result<ServeConfig, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.toml");
