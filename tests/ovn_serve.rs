@@ -555,6 +555,7 @@ control_socket = "{ctl}"
         !log.contains(SECRET),
         "the shared secret was logged:\n{log}"
     );
+    assert!(log.contains("for ovnmeta-* (OVN network id)\n"), "{log}");
     // SIGTERM: a clean stop, which removes the private directory.
     drop(ovn);
     let log = std::fs::read_to_string(dir.path().join("ovn.log")).unwrap();
