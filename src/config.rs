@@ -179,8 +179,8 @@ pub struct FileConfig<P = toml::Table> {
     /// `[api]`, parsed by `api::config`.
     #[serde(default)]
     pub api: Option<toml::Table>,
-    /// `[ovn]`, parsed by `ovn::config`: for the coming `metaproxy ovn`,
-    /// read today by `metaproxy ovn-dump-replica --config`.
+    /// `[ovn]`, parsed by `ovn::config`: for `metaproxy ovn` and
+    /// `metaproxy ovn-dump-replica --config`.
     #[serde(default)]
     pub ovn: Option<toml::Table>,
 }

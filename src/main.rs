@@ -109,11 +109,37 @@ enum Command {
     },
     /// Debugging: build a compute node's replica of the OVN Southbound DB
     /// (localports, this chassis' ports, datapaths, its Chassis and
-    /// Chassis_Private rows, SB_Global) as the coming `metaproxy ovn` will,
+    /// Chassis_Private rows, SB_Global) as `metaproxy ovn` does,
     /// and print it with its (network, IP) and (network, MAC) indexes as
     /// JSON. Serves nothing and writes nothing.
     #[command(name = "ovn-dump-replica")]
     OvnDumpReplica(OvnDumpArgs),
+    /// OVN compute-node metadata service: serve every ovnmeta-<network>
+    /// namespace in place of neutron-ovn-metadata-agent (or
+    /// neutron-ovn-agent's metadata extension) and its haproxies.
+    ///
+    /// Keeps a replica of the OVN Southbound database (this chassis is the
+    /// local Open_vSwitch DB's external_ids:system-id) and serves
+    /// 169.254.169.254 (and fe80::a9fe:a9fe) in every ovnmeta-<network>
+    /// namespace that exists or appears. A VM is the one bound Port_Binding
+    /// of that network with its IP (or, link-local, its MAC); its
+    /// neutron:device_id and neutron:project_id are sent to the Nova
+    /// metadata API as X-Instance-ID and X-Tenant-ID, with
+    /// X-Instance-ID-Signature and X-Forwarded-For; no port or several is a
+    /// 404. Once the first namespace is served, this chassis' liveness keys
+    /// are written in Chassis_Private, as the agent does. It does not create
+    /// the namespaces yet: run it where the OVN agent created them.
+    /// SIGTERM/SIGINT drain and exit.
+    Ovn {
+        /// Configuration file (TOML: `[ovn]` in Neutron's option names,
+        /// optional `[proxy]` for the listeners' limits, timeouts and IMDSv2).
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Validate the configuration, print the effective settings and
+        /// exit, connecting to nothing.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -122,7 +148,7 @@ struct OvnDumpArgs {
     /// (`ovn_sb_connection`, the three `ovn_sb_*` TLS files,
     /// `ovsdb_probe_interval`, `ovsdb_connection_timeout`, `[ovn.ovs]`
     /// `ovsdb_connection`), instead of the flags below. The whole section is
-    /// validated, as the coming `metaproxy ovn` will.
+    /// validated, as `metaproxy ovn` does.
     #[arg(long, conflicts_with_all = ["ovn_sb_connection", "ovsdb_connection", "ovn_sb_private_key", "ovn_sb_certificate", "ovn_sb_ca_cert"])]
     config: Option<PathBuf>,
     /// With `--config`: validate the whole `[ovn]` section, print
@@ -192,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => run_doctor(&config, namespace, vm, json),
         Command::OvnDumpReplica(args) => run_ovn_dump(args),
+        Command::Ovn { config, check } => run_ovn(&config, check),
     }
 }
 
@@ -292,6 +319,36 @@ fn run_ovn_dump(a: OvnDumpArgs) -> Result<()> {
     let dump = monitor.shared().snapshot().dump();
     drop(monitor);
     println!("{}", serde_json::to_string_pretty(&dump)?);
+    Ok(())
+}
+
+fn run_ovn(path: &Path, check: bool) -> Result<()> {
+    use metaproxy::ovn::serve::{load, OvnServe};
+    let ctx = || format!("refusing to start with {}", path.display());
+    let cfg = load(path).with_context(ctx)?;
+    // The shared secret is redacted by OvnConfig's Debug.
+    log::info(format_args!("effective ovn config: {:?}", cfg.ovn));
+    if check {
+        println!("{:#?}\n{:#?}", cfg.ovn, cfg.proxy);
+        println!("{} is valid", path.display());
+        return Ok(());
+    }
+    let signals = metaproxy::signals::block_terminating()?;
+    let serve = OvnServe::start(cfg).with_context(ctx)?;
+    metaproxy::signals::notify_ready();
+    loop {
+        match signals.wait() {
+            metaproxy::signals::Received::Terminate(sig) => {
+                log::info(format_args!("{sig}: draining and exiting"));
+                break;
+            }
+            metaproxy::signals::Received::Reload => log::info(format_args!(
+                "SIGHUP: nothing to reload (the replica follows the Southbound database)"
+            )),
+        }
+    }
+    serve.stop()?;
+    log::info(format_args!("stopped"));
     Ok(())
 }
 
@@ -624,7 +681,8 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
         metaproxy::agent::config::Backend::Inventory(_) => Some(std::sync::Arc::new(
             metaproxy::api::server::load_store(&api_cfg.inventory).with_context(ctx)?,
         )),
-        metaproxy::agent::config::Backend::Neutron(_) => None,
+        metaproxy::agent::config::Backend::Neutron(_)
+        | metaproxy::agent::config::Backend::Ovn(_) => None,
     };
     let inventory_watch = match &inventory {
         Some(s) => Some(

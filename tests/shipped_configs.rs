@@ -40,11 +40,9 @@ fn the_network_node_example_is_valid() {
 
 #[test]
 fn the_ovn_compute_node_example_is_valid() {
-    // For the coming `metaproxy ovn`; validated today by ovn-dump-replica.
-    check(
-        "ovn-dump-replica",
-        Path::new("deploy/compute-node-ovn.toml"),
-    );
+    for kind in ["ovn", "ovn-dump-replica"] {
+        check(kind, Path::new("deploy/compute-node-ovn.toml"));
+    }
 }
 
 #[test]

@@ -397,6 +397,9 @@ pub enum Backend {
     Inventory(PathBuf),
     /// The Neutron REST API (boxed: it is much larger than a path).
     Neutron(Box<NeutronConfig>),
+    /// The OVN Southbound replica (`metaproxy ovn` only; no file key
+    /// selects it).
+    Ovn(crate::ovn::serve::OvnReplica),
 }
 
 /// An `http(s)://host:port[/prefix]` endpoint, resolved once at start.

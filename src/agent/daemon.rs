@@ -245,6 +245,7 @@ pub fn start_sharing(
             None,
             format!("neutron at {} ({:?})", n.endpoint.addr, n.auth),
         ),
+        Backend::Ovn(r) => (None, format!("{r:?}")),
     };
     let listener = Arc::new(bind_socket(&cfg)?);
     admit::check_backlog("agent", cfg.backlog);
@@ -362,6 +363,7 @@ async fn run_loop(
             cfg.cache_capacity,
             m.clone(),
         )),
+        Backend::Ovn(r) => Resolver::Ovn(crate::ovn::serve::OvnResolver::new(r)),
         Backend::Inventory(_) => {
             let store = shared.store.as_ref();
             let store = store.ok_or_else(|| io::Error::other("inventory not loaded"))?;

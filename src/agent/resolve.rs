@@ -180,6 +180,8 @@ pub enum Resolver {
     Inventory(InventoryResolver),
     /// `backend = "neutron"`.
     Neutron(Rc<NeutronResolver>),
+    /// `metaproxy ovn`: the Southbound replica.
+    Ovn(crate::ovn::serve::OvnResolver),
 }
 
 impl Resolver {
@@ -196,6 +198,7 @@ impl Resolver {
         match self {
             Resolver::Inventory(inv) => Ok(inv.lookup(id, fresh)),
             Resolver::Neutron(n) => n.lookup(&id.scope, &id.key, fresh).await,
+            Resolver::Ovn(o) => o.lookup(id),
         }
     }
 }

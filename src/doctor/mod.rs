@@ -323,6 +323,7 @@ fn load(path: &Path, out: &mut Vec<Check>) -> (Option<ProxyConfig>, Option<Agent
                 match a.backend {
                     Backend::Inventory(_) => "inventory",
                     Backend::Neutron(_) => "neutron",
+                    Backend::Ovn(_) => "ovn",
                 }
             ));
             Some(a)
@@ -762,6 +763,8 @@ fn backend(agent: &AgentConfig) -> Check {
                 ),
             }
         }
+        // Never read from a file: only `metaproxy ovn` builds it.
+        Backend::Ovn(r) => Check::ok("backend ovn", format!("{r:?}")),
     }
 }
 

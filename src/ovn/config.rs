@@ -1,6 +1,6 @@
-//! `[ovn]` → validated [`OvnConfig`], for the coming `metaproxy ovn`; read
-//! today by `metaproxy ovn-dump-replica --config FILE` (its OVSDB part,
-//! [`OvsdbSettings`]).
+//! `[ovn]` → validated [`OvnConfig`], for `metaproxy ovn`
+//! ([`crate::ovn::serve`]); `metaproxy ovn-dump-replica --config FILE` reads
+//! its OVSDB part, [`OvsdbSettings`].
 //!
 //! The keys are Neutron's, so an operator copies them from
 //! `neutron_ovn_metadata_agent.ini` or the OVN agent's file; Neutron's

@@ -6,14 +6,14 @@
 //! scan of every `Port_Binding`. [`liveness`] keeps the keys in this
 //! chassis' `Chassis_Private` row from which neutron-server judges the
 //! agent alive; [`config`] holds the `[ovn]` options in Neutron's terms.
-//! Provisioning `ovnmeta-` namespaces and serving in
-//! them come next; until then nothing here is reachable from the command
-//! line except `metaproxy ovn-dump-replica`, which prints the replica (and
-//! liveness is started by nothing: a node must not look alive to Neutron
-//! while nothing serves).
+//! [`serve`] is `metaproxy ovn`: listeners in every `ovnmeta-` namespace,
+//! guests resolved from the replica, liveness once the first listener is
+//! up. Provisioning the `ovnmeta-` namespaces comes next (issue 16 item 3);
+//! `metaproxy ovn-dump-replica` prints the replica.
 
 pub mod config;
 pub mod liveness;
 pub mod ovsdb;
 pub mod provision;
 pub mod replica;
+pub mod serve;

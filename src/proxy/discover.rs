@@ -97,12 +97,28 @@ pub fn start(cfg: DiscoverConfig, control: Arc<ControlPlane>) -> io::Result<Watc
             | AddWatchFlags::IN_MOVED_FROM,
     )
     .map_err(io::Error::from)?;
+    // A list left empty (`metaproxy ovn` serves no router or DHCP
+    // namespaces; its router prefix holds a `/`, which no name can) is not
+    // named.
+    let routers = std::slice::from_ref(&cfg.router_prefix);
+    let routers = if cfg.router_prefix.contains('/') {
+        &[][..]
+    } else {
+        routers
+    };
+    let what: Vec<String> = [
+        (routers, "router id"),
+        (&cfg.network_prefixes[..], "network id"),
+        (&cfg.ovn_prefixes[..], "OVN network id"),
+    ]
+    .iter()
+    .filter(|(list, _)| !list.is_empty())
+    .map(|(list, id)| format!("{}* ({id})", list.join("*, ")))
+    .collect();
     log::info(format_args!(
-        "discovery: watching {} for {}* (router id), {}* (network id), {}* (OVN network id)",
+        "discovery: watching {} for {}",
         cfg.dir.display(),
-        cfg.router_prefix,
-        cfg.network_prefixes.join("*, "),
-        cfg.ovn_prefixes.join("*, ")
+        what.join(", ")
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
