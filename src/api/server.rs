@@ -187,6 +187,7 @@ pub fn start_sharing(
         service_metadata_proxy: cfg.service_metadata_proxy,
         vendor_data: cfg.vendor_data.clone(),
         dhcp_domain_override: cfg.dhcp_domain.clone(),
+        vendordata: cfg.vendordata.clone(),
     };
     let (inventory, nova, api, factory) = match &cfg.source {
         ApiSource::Inventory => {
@@ -466,7 +467,10 @@ impl Handler for ApiConn {
         };
         let started = Instant::now();
         let resp = match &self.ctx.source {
-            LoopSource::Inventory(local) => self.ctx.api.handle(&local.get().0, &api_req),
+            LoopSource::Inventory(local) => {
+                let inventory = local.get().0;
+                self.ctx.api.handle_async(&inventory, &api_req).await
+            }
             LoopSource::Nova(client, groups) => {
                 nova::answer(&self.ctx.api, client, groups, &api_req).await
             }

@@ -77,7 +77,10 @@ pub async fn answer(
     } else {
         &loaded.inventory
     };
-    match api.handle_with(inventory, req, &today, Passwords::Row(password)) {
+    match api
+        .handle_with_vendordata(inventory, req, &today, Passwords::Row(password))
+        .await
+    {
         Handled::Answer(r) => r,
         Handled::StorePassword(pw) => match client.set_password(&uuid, &pw).await {
             Ok(db::PasswordWrite::Stored) => {
