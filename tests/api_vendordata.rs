@@ -558,3 +558,102 @@ fn bad_vendordata_config_is_refused_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("api.vendordata_providers[1]"), "{err}");
 }
+
+const FLAVOR: &str = r#"{"cur": {"nova_object.name": "Flavor", "nova_object.namespace": "nova", "nova_object.version": "1.2", "nova_object.data": {"name": "m1.small"}}, "old": null, "new": null}"#;
+
+/// A Nova 34 cell database (SQLite, the columns we read) holding VM_A as
+/// Nova stores it: user data as base64 text, metadata and `boot_roles`
+/// rows, its image.
+fn make_nova_db(path: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        for sql in [
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)".to_owned(),
+            "INSERT INTO alembic_version VALUES ('ab450ba04102')".to_owned(),
+            "CREATE TABLE instances (id INTEGER PRIMARY KEY AUTOINCREMENT, uuid VARCHAR(36), deleted INTEGER, \
+             project_id VARCHAR(255), hostname VARCHAR(255), display_name VARCHAR(255), launch_index INTEGER, \
+             availability_zone VARCHAR(255), reservation_id VARCHAR(255), image_ref VARCHAR(255), \
+             kernel_id VARCHAR(255), ramdisk_id VARCHAR(255), key_name VARCHAR(255), user_data MEDIUMTEXT, \
+             root_device_name VARCHAR(255))".to_owned(),
+            "CREATE TABLE instance_extra (id INTEGER PRIMARY KEY, instance_uuid VARCHAR(36), deleted INTEGER, \
+             flavor TEXT, keypairs TEXT, device_metadata TEXT, numa_topology TEXT)".to_owned(),
+            "CREATE TABLE instance_metadata (id INTEGER PRIMARY KEY, instance_uuid VARCHAR(36), deleted INTEGER, \
+             `key` VARCHAR(255), value VARCHAR(255))".to_owned(),
+            "CREATE TABLE instance_system_metadata (id INTEGER PRIMARY KEY, created_at DATETIME, updated_at DATETIME, \
+             instance_uuid VARCHAR(36) NOT NULL, deleted INTEGER, `key` VARCHAR(255) NOT NULL, value VARCHAR(255))".to_owned(),
+            "CREATE TABLE instance_info_caches (id INTEGER PRIMARY KEY, instance_uuid VARCHAR(36), deleted INTEGER, \
+             network_info MEDIUMTEXT)".to_owned(),
+            "CREATE TABLE instance_id_mappings (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at DATETIME, \
+             uuid VARCHAR(36) NOT NULL, deleted INTEGER)".to_owned(),
+            "CREATE TABLE s3_images (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at DATETIME, \
+             uuid VARCHAR(36) NOT NULL, deleted INTEGER)".to_owned(),
+            format!(
+                "INSERT INTO instances (uuid, deleted, project_id, hostname, display_name, launch_index, \
+                 availability_zone, reservation_id, image_ref, kernel_id, ramdisk_id, user_data, root_device_name) \
+                 VALUES ('{VM_A}', 0, '{PROJECT}', 'vm-a', 'vm a', 0, 'nova', 'r-1', '{IMAGE}', '', '', \
+                 'I2Nsb3VkLWNvbmZpZwo=', '/dev/vda')"
+            ),
+            format!("INSERT INTO instance_extra (instance_uuid, deleted, flavor) VALUES ('{VM_A}', 0, '{FLAVOR}')"),
+            format!("INSERT INTO instance_info_caches (instance_uuid, deleted, network_info) VALUES ('{VM_A}', 0, '[]')"),
+            format!("INSERT INTO instance_metadata (instance_uuid, deleted, `key`, value) VALUES \
+                     ('{VM_A}', 0, 'a', 'café'), ('{VM_A}', 0, 'b', '2')"),
+            format!("INSERT INTO instance_system_metadata (instance_uuid, deleted, `key`, value) VALUES \
+                     ('{VM_A}', 0, 'image_min_disk', '1'), ('{VM_A}', 0, 'boot_roles', 'member,reader')"),
+        ] {
+            sqlx::query(&sql)
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        pool.close().await;
+    });
+}
+
+#[test]
+fn nova_source_posts_the_instance_from_novas_rows() {
+    let t = Target::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nova.db");
+    make_nova_db(&db);
+    // Neutron is only asked for EC2 paths: a port held here, never answered.
+    let (_neutron, neutron_port) = common::held_port();
+    let text = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\nsource = \"nova\"\n\
+         vendordata_providers = [\"StaticJSON\", \"DynamicJSON\"]\n\
+         vendordata_dynamic_targets = [\"vd@{}\"]\n\
+         [api.nova]\nconnection = \"sqlite:///{}\"\nlocal_metadata_per_cell = true\n\
+         [api.neutron]\nurl = \"http://127.0.0.1:{neutron_port}\"\nauth_strategy = \"noauth\"\n",
+        t.url("/ok"),
+        db.display()
+    );
+    let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
+    let cfg = ApiConfig::from_table(f.api.as_ref().unwrap()).unwrap();
+    let handle = metaproxy::api::server::start(cfg).unwrap();
+    let addr = handle.bound[0];
+    let r = ask(addr, "/openstack/latest/vendor_data2.json", VM_A);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        format!(
+            "{{\"static\": {{}}, \"vd\": {{\"zeta\": 1, \"for\": \"{VM_A}\", \
+             \"list\": [true, null, \"x\\u00e9\"]}}}}"
+        )
+    );
+    let seen = t.to("/ok");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body, BODY_A, "the same body as from the inventory");
+    // A second request is a second POST, even with the instance cached.
+    assert_eq!(
+        ask(addr, "/openstack/latest/vendor_data2.json", VM_A).status,
+        200
+    );
+    assert_eq!(t.to("/ok").len(), 2);
+    handle.stop().unwrap();
+}
