@@ -62,6 +62,10 @@ struct Target {
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
+/// Tokens the fake Keystone (`POST /v3/auth/tokens` on the same server)
+/// has issued: `tok-1`, `tok-2`, …
+static TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Target {
     fn start() -> Target {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -155,6 +159,28 @@ fn serve(c: TcpStream, seen: &Mutex<Vec<Seen>>) {
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
                 b.len()
             )
+        }
+        "/v3/auth/tokens" => {
+            let n = TOKENS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let b = r#"{"token": {"expires_at": "2099-01-01T00:00:00.000000Z"}}"#;
+            format!(
+                "HTTP/1.1 201 Created\r\nX-Subject-Token: tok-{n}\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            )
+        }
+        // Accepts only the second token Keystone issued: the first is
+        // refused with a 401, as after a revocation.
+        "/needs-token" => {
+            let tok = seen
+                .lock()
+                .unwrap()
+                .last()
+                .and_then(|s| s.header("X-Auth-Token").map(str::to_owned));
+            if tok.as_deref() == Some("tok-2") {
+                ok(&format!(r#"{{"authorized": "{instance}"}}"#))
+            } else {
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".into()
+            }
         }
         "/500" => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\noops!".into(),
         "/html" => {
@@ -486,6 +512,56 @@ fn failure_fatal_is_a_500_and_a_slow_target_is_empty() {
     );
 }
 
+#[test]
+fn a_keystone_token_is_sent_and_renewed_on_a_401() {
+    let t = Target::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "vendordata_providers = [\"DynamicJSON\"]\n\
+             vendordata_dynamic_targets = [\"auth@{}\"]\n\
+             [api.vendordata_dynamic_auth]\nauth_type = \"password\"\n\
+             auth_url = \"{}\"\nusername = \"nova\"\npassword = \"ks-secret-pw\"\n\
+             project_name = \"service\"\n",
+            t.url("/needs-token"),
+            t.url("/v3"),
+        ),
+    );
+    let api = Api::start(&cfg);
+    let r = ask(api.addr, "/openstack/latest/vendor_data2.json", VM_A);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        format!("{{\"auth\": {{\"authorized\": \"{VM_A}\"}}}}")
+    );
+    let posts = t.to("/needs-token");
+    let tokens: Vec<_> = posts.iter().map(|s| s.header("X-Auth-Token")).collect();
+    assert_eq!(
+        tokens,
+        [Some("tok-1"), Some("tok-2")],
+        "a 401 gets a new token, once"
+    );
+    let ks = t.to("/v3/auth/tokens");
+    assert_eq!(ks.len(), 2);
+    let auth: serde_json::Value = serde_json::from_str(&ks[0].body).unwrap();
+    let user = &auth["auth"]["identity"]["password"]["user"];
+    assert_eq!(
+        (user["name"].as_str(), user["password"].as_str()),
+        (Some("nova"), Some("ks-secret-pw"))
+    );
+    assert_eq!(auth["auth"]["scope"]["project"]["name"], "service");
+    // The token is kept: the next request asks Keystone nothing.
+    let r = ask(api.addr, "/openstack/latest/vendor_data2.json", VM_B);
+    assert!(r.text().contains(VM_B), "{}", r.text());
+    assert_eq!(t.to("/v3/auth/tokens").len(), 2);
+    assert!(
+        !api.log_text().contains("ks-secret-pw"),
+        "{}",
+        api.log_text()
+    );
+}
+
 fn config_error(extra: &str) -> String {
     let text = format!("[api]\ninventory = \"i.toml\"\n{extra}");
     let f = metaproxy::config::parse_str(&text, Path::new("t.toml")).unwrap();
@@ -534,9 +610,24 @@ fn bad_vendordata_config_is_refused_naming_the_key() {
             "/nonexistent/ca.pem",
         ),
         (
-            "[api.vendordata_dynamic_auth]\nauth_type = \"password\"",
-            "api.vendordata_dynamic_auth",
+            "[api.vendordata_dynamic_auth]\nauth_type = \"token\"",
+            "api.vendordata_dynamic_auth.auth_type",
             "not supported",
+        ),
+        (
+            "[api.vendordata_dynamic_auth]\nauth_type = \"password\"\nauth_url = \"http://127.0.0.1:1/v3\"",
+            "api.vendordata_dynamic_auth.username",
+            "required",
+        ),
+        (
+            "[api.vendordata_dynamic_auth]\nauth_type = \"password\"",
+            "api.vendordata_dynamic_auth.auth_url",
+            "required",
+        ),
+        (
+            "[api.vendordata_dynamic_auth]\nauth_url = \"http://127.0.0.1:1/v3\"",
+            "api.vendordata_dynamic_auth.auth_type",
+            "required",
         ),
     ] {
         let e = config_error(extra);

@@ -105,8 +105,9 @@ pub struct ApiFile {
     /// nova.conf `[api] vendordata_dynamic_ssl_certfile`: the CA bundle
     /// `https://` targets are verified against.
     pub vendordata_dynamic_ssl_certfile: Option<PathBuf>,
-    /// nova.conf `[vendordata_dynamic_auth]`: refused (not supported).
-    pub vendordata_dynamic_auth: Option<toml::Table>,
+    /// nova.conf `[vendordata_dynamic_auth]`: Keystone credentials for a
+    /// token on the dynamic vendordata POSTs.
+    pub vendordata_dynamic_auth: Option<crate::api::vendordata::AuthFile>,
 }
 
 /// `[api.nova]` as written in the file: nova.conf's options of the same
@@ -212,10 +213,7 @@ impl std::fmt::Debug for ApiFile {
                 "vendordata_dynamic_ssl_certfile",
                 &self.vendordata_dynamic_ssl_certfile,
             )
-            .field(
-                "vendordata_dynamic_auth",
-                &self.vendordata_dynamic_auth.as_ref().map(|_| "<set>"),
-            )
+            .field("vendordata_dynamic_auth", &self.vendordata_dynamic_auth)
             .finish()
     }
 }
@@ -334,6 +332,14 @@ impl ApiConfig {
                     .to_owned(),
             );
         }
+        if vd.is_dynamic() && vd.auth.is_none() {
+            w.push(
+                "api.vendordata_dynamic_targets are POSTed without a Keystone token \
+                 ([api.vendordata_dynamic_auth] is not set; Nova: \"Passing insecure dynamic \
+                 vendordata requests\")"
+                    .to_owned(),
+            );
+        }
         if vd.has(Provider::DynamicJson) && vd.targets.is_empty() {
             w.push(
                 "api.vendordata_providers lists DynamicJSON but vendordata_dynamic_targets is \
@@ -446,14 +452,10 @@ fn vendordata(f: &ApiFile) -> Result<VendordataConfig, ConfigError> {
         list_items, parse_providers, Target, DEFAULT_CONNECT_TIMEOUT_SECS,
         DEFAULT_READ_TIMEOUT_SECS, MIN_CONNECT_TIMEOUT_SECS,
     };
-    if f.vendordata_dynamic_auth.is_some() {
-        return Err(invalid(
-            "api.vendordata_dynamic_auth",
-            "is not supported: dynamic vendordata is POSTed without a Keystone token \
-             (as Nova does when [vendordata_dynamic_auth] is not configured); remove it",
-        ));
-    }
     let mut cfg = VendordataConfig::default();
+    if let Some(a) = &f.vendordata_dynamic_auth {
+        cfg.auth = crate::api::vendordata::parse_auth(a)?;
+    }
     if let Some(p) = &f.vendordata_providers {
         cfg.providers = parse_providers("api.vendordata_providers", &list_items(p))?;
     }

@@ -309,10 +309,15 @@ impl MetadataApi {
     /// [`MetadataApi::handle`] for the server loops: a `vendor_data2.json`
     /// with dynamic targets is answered after their POSTs (on the loop's
     /// runtime: it awaits sockets, never blocks).
-    pub async fn handle_async(&self, inventory: &Inventory, req: &ApiRequest<'_>) -> ApiResponse {
+    pub async fn handle_async(
+        &self,
+        inventory: &Inventory,
+        req: &ApiRequest<'_>,
+        lv: &vendordata::LoopVendordata,
+    ) -> ApiResponse {
         let today = utc_today();
         match self
-            .handle_with_vendordata(inventory, req, &today, Passwords::Log)
+            .handle_with_vendordata(inventory, req, &today, Passwords::Log, lv)
             .await
         {
             Handled::Answer(r) => r,
@@ -344,10 +349,12 @@ impl MetadataApi {
         req: &ApiRequest<'_>,
         today: &str,
         passwords: Passwords<'_>,
+        lv: &vendordata::LoopVendordata,
     ) -> Handled {
         if self.wants_dynamic(req) {
             if let Ok(id) = self.identify(req, inventory) {
-                return match vendordata::fetch_all(&self.settings.vendordata, id.instance).await {
+                return match vendordata::fetch_all(&self.settings.vendordata, lv, id.instance).await
+                {
                     Ok(d) => self.handle_fetched(inventory, req, today, passwords, Some(&d)),
                     Err(vendordata::Fatal) => Handled::Answer(ApiResponse::internal()),
                 };

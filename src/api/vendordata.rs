@@ -32,9 +32,14 @@
 //!   failure;
 //! - the read timeout bounds the whole answer, not each socket read (no
 //!   target can hold a request by trickling bytes);
-//! - `[vendordata_dynamic_auth]` (a Keystone token on the POST) is not
-//!   supported: the keys are refused at start. Nova without them also
-//!   sends no token (it logs "Passing insecure dynamic vendordata requests").
+//! - `[vendordata_dynamic_auth]` (`[api.vendordata_dynamic_auth]` here)
+//!   takes keystoneauth's `password`/`v3password` and
+//!   `v3applicationcredential` plugins only, with Keystone v3; the token
+//!   comes from the agent's Keystone client (one per loop, cached until
+//!   shortly before it expires, fetched again once when a target answers
+//!   401, as keystoneauth re-authenticates). Without the section no token
+//!   is sent, as in Nova (which then logs "Passing insecure dynamic
+//!   vendordata requests").
 //!
 //! Rejected: the agent's pooled client ([`crate::agent::forward::Pool`]):
 //! it has one deadline for connect and answer, its logs speak of 503s, and
@@ -253,6 +258,9 @@ pub struct VendordataConfig {
     pub ssl_certfile: Option<PathBuf>,
     /// Built when a target is `https://`.
     pub(crate) tls: Option<crate::agent::config::TlsClient>,
+    /// `[vendordata_dynamic_auth]`: the Keystone credentials (as a Neutron
+    /// client's, whose token code they reuse; its endpoint is Keystone's).
+    pub auth: Option<crate::agent::config::NeutronConfig>,
 }
 
 impl Default for VendordataConfig {
@@ -266,6 +274,7 @@ impl Default for VendordataConfig {
             failure_fatal: false,
             ssl_certfile: None,
             tls: None,
+            auth: None,
         }
     }
 }
@@ -324,6 +333,163 @@ pub(crate) fn parse_providers(key: &str, items: &[String]) -> Result<Vec<Provide
     Ok(out)
 }
 
+/// `[api.vendordata_dynamic_auth]` as written: keystoneauth's option
+/// names (`[vendordata_dynamic_auth]` in nova.conf), the plugins we speak.
+#[derive(serde::Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// `password`, `v3password` or `v3applicationcredential`.
+    pub auth_type: Option<String>,
+    /// Keystone v3, e.g. `http://controller:5000/v3`.
+    pub auth_url: Option<String>,
+    /// Password plugins: the user.
+    pub username: Option<String>,
+    /// Password plugins: the password. Never logged.
+    pub password: Option<String>,
+    /// Password plugins: the project to scope to.
+    pub project_name: Option<String>,
+    /// Password plugins: the user's domain (default `Default`).
+    pub user_domain_name: Option<String>,
+    /// Password plugins: the project's domain (default `Default`).
+    pub project_domain_name: Option<String>,
+    /// `v3applicationcredential`: the id.
+    pub application_credential_id: Option<String>,
+    /// `v3applicationcredential`: the secret. Never logged.
+    pub application_credential_secret: Option<String>,
+    /// Session: CA bundle for Keystone.
+    pub cafile: Option<PathBuf>,
+    /// Session: accept any certificate from Keystone.
+    pub insecure: Option<bool>,
+    /// Session: timeout of a token request, seconds.
+    pub timeout: Option<u64>,
+}
+
+impl std::fmt::Debug for AuthFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthFile")
+            .field("auth_type", &self.auth_type)
+            .field("auth_url", &self.auth_url)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keystone token requests' timeout without `timeout` (the Neutron client's).
+const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[api.vendordata_dynamic_auth]` → the Keystone settings; errors name
+/// `api.vendordata_dynamic_auth.<key>`.
+///
+/// # Errors
+/// A missing, unknown or invalid key.
+pub(crate) fn parse_auth(
+    f: &AuthFile,
+) -> Result<Option<crate::agent::config::NeutronConfig>, ConfigError> {
+    const P: &str = "api.vendordata_dynamic_auth";
+    let k = |key: &str| format!("{P}.{key}");
+    let application = match f.auth_type.as_deref() {
+        // Nova loads no plugin without auth_type, and sends no token.
+        None => {
+            return Err(invalid(
+                k("auth_type"),
+                "required (password, v3password or v3applicationcredential); without it \
+                 Nova sends no token: remove the section instead",
+            ))
+        }
+        Some("password" | "v3password") => false,
+        Some("v3applicationcredential") => true,
+        Some(other) => {
+            return Err(invalid(
+                k("auth_type"),
+                format!(
+                    "{other:?} is not supported: password, v3password or v3applicationcredential"
+                ),
+            ))
+        }
+    };
+    let Some(auth_url) = f.auth_url.clone().filter(|u| !u.is_empty()) else {
+        return Err(invalid(k("auth_url"), "required (Keystone v3, …/v3)"));
+    };
+    crate::agent::config::Endpoint::parse(&k("auth_url"), &auth_url)?;
+    let (password_keys, app_keys) = (
+        f.username.is_some() || f.password.is_some() || f.project_name.is_some(),
+        f.application_credential_id.is_some() || f.application_credential_secret.is_some(),
+    );
+    if application && password_keys {
+        return Err(invalid(
+            k("auth_type"),
+            "v3applicationcredential takes application_credential_id and _secret, not a username",
+        ));
+    }
+    if !application && app_keys {
+        return Err(invalid(
+            k("auth_type"),
+            "application_credential_* need auth_type = \"v3applicationcredential\"",
+        ));
+    }
+    if application && f.application_credential_id.is_none() {
+        return Err(invalid(
+            k("application_credential_id"),
+            "required with auth_type = \"v3applicationcredential\"",
+        ));
+    }
+    // The Neutron client's section, whose Keystone code this reuses.
+    let section = crate::agent::config::NeutronFile {
+        url: Some(auth_url.clone()),
+        auth_strategy: Some("keystone".into()),
+        auth_url: Some(auth_url),
+        username: f.username.clone(),
+        password: f.password.clone(),
+        project_name: f.project_name.clone(),
+        user_domain_name: f.user_domain_name.clone(),
+        project_domain_name: f.project_domain_name.clone(),
+        application_credential_id: f.application_credential_id.clone(),
+        application_credential_secret: f.application_credential_secret.clone(),
+        region_name: None,
+        timeout: None,
+        insecure: f.insecure,
+        ca_file: f.cafile.clone(),
+    };
+    let mut cfg =
+        crate::agent::config::neutron_section(P, &section, "in [api.vendordata_dynamic_auth]")
+            .map_err(|e| match e {
+                // keystoneauth's name for the Neutron section's `ca_file`.
+                ConfigError::Invalid { key, message } if key == k("ca_file") => {
+                    invalid(k("cafile"), message)
+                }
+                other => other,
+            })?;
+    cfg.timeout = f.timeout.map_or(DEFAULT_AUTH_TIMEOUT, Duration::from_secs);
+    Ok(Some(cfg))
+}
+
+/// One loop's vendordata state: the Keystone client, when a token is sent.
+pub struct LoopVendordata {
+    keystone: Option<crate::agent::neutron::NeutronClient>,
+}
+
+impl std::fmt::Debug for LoopVendordata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopVendordata")
+            .field("keystone", &self.keystone.is_some())
+            .finish()
+    }
+}
+
+impl LoopVendordata {
+    /// For one loop (on its thread: the client is per loop).
+    pub fn new(cfg: &VendordataConfig) -> LoopVendordata {
+        LoopVendordata {
+            keystone: cfg.auth.as_ref().map(|a| {
+                crate::agent::neutron::NeutronClient::new(
+                    a,
+                    std::sync::Arc::new(crate::agent::metrics::LoopMetrics::default()),
+                )
+            }),
+        }
+    }
+}
+
 /// Nova's request body for `inst`: `jsonutils.dumps` of the dict it builds.
 pub(crate) fn request_body(inst: &Instance) -> String {
     let user_data = inst.user_data.as_ref().map_or(Json::Null, |u| {
@@ -352,8 +518,10 @@ const HOST: HeaderName<'static> = HeaderName::from_static("Host");
 const AUTHORIZATION: HeaderName<'static> = HeaderName::from_static("Authorization");
 const APPLICATION_JSON: HeaderValue<'static> = HeaderValue::from_static("application/json");
 
+const X_AUTH_TOKEN: HeaderName<'static> = HeaderName::from_static("X-Auth-Token");
+
 /// The whole POST to `t`.
-fn request(t: &Target, body: &str) -> Result<Vec<u8>, String> {
+fn request(t: &Target, body: &str, token: Option<&str>) -> Result<Vec<u8>, String> {
     let bad = |what: &str| format!("{what} cannot be sent in a header");
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"POST ");
@@ -377,6 +545,13 @@ fn request(t: &Target, body: &str) -> Result<Vec<u8>, String> {
             &mut out,
             AUTHORIZATION,
             HeaderValue::new(v.as_bytes()).map_err(|_| bad("the credentials"))?,
+        );
+    }
+    if let Some(tok) = token {
+        put_header(
+            &mut out,
+            X_AUTH_TOKEN,
+            HeaderValue::new(tok.as_bytes()).map_err(|_| bad("the token"))?,
         );
     }
     put_header(
@@ -433,11 +608,48 @@ pub enum TargetError {
     /// The body is not JSON.
     #[error("the answer is not JSON: {0}")]
     NotJson(String),
+    /// No Keystone token (`[vendordata_dynamic_auth]`).
+    #[error("no Keystone token: {0}")]
+    Token(String),
 }
 
-/// POST `body` to `t`; its JSON answer (`{}` for an empty body).
-async fn fetch_one(cfg: &VendordataConfig, t: &Target, body: &str) -> Result<Json, TargetError> {
-    let req = request(t, body).map_err(TargetError::Broken)?;
+/// POST `body` to `t` with a token when configured, once more with a
+/// fresh one if the target answers 401 (keystoneauth's re-authentication).
+async fn fetch_one(
+    cfg: &VendordataConfig,
+    lv: &LoopVendordata,
+    t: &Target,
+    body: &str,
+) -> Result<Json, TargetError> {
+    let Some(ks) = &lv.keystone else {
+        return post(cfg, t, body, None).await;
+    };
+    let mut retried = false;
+    loop {
+        let token = ks
+            .service_token()
+            .await
+            .map_err(|e| TargetError::Token(e.to_string()))?;
+        match post(cfg, t, body, token.as_deref()).await {
+            Err(TargetError::Status(401)) if !retried => {
+                retried = true;
+                if let Some(tok) = &token {
+                    ks.forget_token(tok);
+                }
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One POST of `body` to `t`; its JSON answer (`{}` for an empty body).
+async fn post(
+    cfg: &VendordataConfig,
+    t: &Target,
+    body: &str,
+    token: Option<&str>,
+) -> Result<Json, TargetError> {
+    let req = request(t, body, token).map_err(TargetError::Broken)?;
     let connect = async {
         let tcp = TcpConn::connect(t.addr, None)
             .await
@@ -524,11 +736,13 @@ pub struct Fatal;
 /// [`Fatal`]: a target failed with `failure_fatal`.
 pub(crate) async fn fetch_all(
     cfg: &VendordataConfig,
+    lv: &LoopVendordata,
     inst: &Instance,
 ) -> Result<Vec<(String, Json)>, Fatal> {
     let body = request_body(inst);
     let answers =
-        futures_util::future::join_all(cfg.targets.iter().map(|t| fetch_one(cfg, t, &body))).await;
+        futures_util::future::join_all(cfg.targets.iter().map(|t| fetch_one(cfg, lv, t, &body)))
+            .await;
     let mut out = Vec::with_capacity(answers.len());
     let mut fatal = false;
     for (t, a) in cfg.targets.iter().zip(answers) {

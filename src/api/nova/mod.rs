@@ -44,6 +44,7 @@ pub async fn answer(
     api: &MetadataApi,
     client: &NovaClient,
     groups: &neutron::SecurityGroups,
+    lv: &crate::api::vendordata::LoopVendordata,
     req: &ApiRequest<'_>,
 ) -> ApiResponse {
     let today = crate::api::utc_today();
@@ -78,7 +79,7 @@ pub async fn answer(
         &loaded.inventory
     };
     match api
-        .handle_with_vendordata(inventory, req, &today, Passwords::Row(password))
+        .handle_with_vendordata(inventory, req, &today, Passwords::Row(password), lv)
         .await
     {
         Handled::Answer(r) => r,
