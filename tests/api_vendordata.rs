@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -82,6 +82,27 @@ impl Target {
         Target { addr, seen }
     }
 
+    /// The same, over TLS with `server`'s certificate.
+    fn start_tls(server: Arc<rustls::ServerConfig>) -> Target {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let (s, server) = (s.clone(), server.clone());
+                std::thread::spawn(move || {
+                    let Ok(tls) = rustls::ServerConnection::new(server) else {
+                        return;
+                    };
+                    serve(rustls::StreamOwned::new(tls, c), &s);
+                });
+            }
+        });
+        Target { addr, seen }
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -100,8 +121,8 @@ impl Target {
     }
 }
 
-fn serve(c: TcpStream, seen: &Mutex<Vec<Seen>>) {
-    let mut r = BufReader::new(c.try_clone().unwrap());
+fn serve(mut c: impl Read + Write, seen: &Mutex<Vec<Seen>>) {
+    let mut r = BufReader::new(&mut c);
     let mut request_line = String::new();
     if r.read_line(&mut request_line).unwrap_or(0) == 0 {
         return;
@@ -125,6 +146,7 @@ fn serve(c: TcpStream, seen: &Mutex<Vec<Seen>>) {
         .map_or(0, |(_, v)| v.parse().unwrap());
     let mut body = vec![0; len];
     r.read_exact(&mut body).unwrap();
+    drop(r);
     let body = String::from_utf8(body).unwrap();
     let path = request_line
         .split(' ')
@@ -140,7 +162,6 @@ fn serve(c: TcpStream, seen: &Mutex<Vec<Seen>>) {
         .ok()
         .and_then(|v| v["instance-id"].as_str().map(str::to_owned))
         .unwrap_or_default();
-    let mut c = c;
     let ok = |b: &str| {
         format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
@@ -200,6 +221,7 @@ fn serve(c: TcpStream, seen: &Mutex<Vec<Seen>>) {
         _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(),
     };
     let _ = c.write_all(answer.as_bytes());
+    let _ = c.flush();
 }
 
 fn write_inventory(dir: &Path) -> std::path::PathBuf {
@@ -559,6 +581,78 @@ fn a_keystone_token_is_sent_and_renewed_on_a_401() {
         !api.log_text().contains("ks-secret-pw"),
         "{}",
         api.log_text()
+    );
+}
+
+/// A CA (its PEM written to `dir/ca.pem`) and a server config for
+/// 127.0.0.1 signed by it.
+fn pki(dir: &Path) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca_pem, Arc::new(server))
+}
+
+#[test]
+fn https_targets_are_verified_against_the_ssl_certfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, server) = pki(dir.path());
+    let t = Target::start_tls(server);
+    let https = format!("https://{}/ok", t.addr);
+    let trusting = write_config(
+        dir.path(),
+        &format!(
+            "vendordata_providers = [\"DynamicJSON\"]\n\
+             vendordata_dynamic_targets = [\"tls@{https}\"]\n\
+             vendordata_dynamic_ssl_certfile = {:?}\n",
+            ca.display().to_string()
+        ),
+    );
+    let api = Api::start(&trusting);
+    let r = ask(api.addr, "/openstack/latest/vendor_data2.json", VM_A);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["tls"]["for"], VM_A, "{v}");
+    assert_eq!(t.to("/ok")[0].body, BODY_A);
+    drop(api);
+    // Without the bundle the self-made CA is not trusted: {} and a log line.
+    let other = tempfile::tempdir().unwrap();
+    let untrusting = write_config(
+        other.path(),
+        &format!(
+            "vendordata_providers = [\"DynamicJSON\"]\n\
+             vendordata_dynamic_targets = [\"tls@{https}\"]\n"
+        ),
+    );
+    let api = Api::start(&untrusting);
+    let r = ask(api.addr, "/openstack/latest/vendor_data2.json", VM_A);
+    assert_eq!((r.status, r.text().as_str()), (200, "{\"tls\": {}}"));
+    common::wait_until("the TLS failure is logged", Duration::from_secs(5), || {
+        let log = api.log_text();
+        log.contains("target \"tls\"") && log.contains("TLS")
+    });
+    assert_eq!(
+        t.to("/ok").len(),
+        1,
+        "nothing was sent to an unverified target"
     );
 }
 
