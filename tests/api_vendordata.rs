@@ -766,7 +766,11 @@ fn make_nova_db(path: &Path) {
              project_id VARCHAR(255), hostname VARCHAR(255), display_name VARCHAR(255), launch_index INTEGER, \
              availability_zone VARCHAR(255), reservation_id VARCHAR(255), image_ref VARCHAR(255), \
              kernel_id VARCHAR(255), ramdisk_id VARCHAR(255), key_name VARCHAR(255), user_data MEDIUMTEXT, \
-             root_device_name VARCHAR(255))".to_owned(),
+             root_device_name VARCHAR(255), default_ephemeral_device VARCHAR(255), \
+             default_swap_device VARCHAR(255))".to_owned(),
+            "CREATE TABLE block_device_mapping (id INTEGER PRIMARY KEY AUTOINCREMENT, instance_uuid VARCHAR(36), \
+             deleted INTEGER, source_type VARCHAR(255), destination_type VARCHAR(255), \
+             guest_format VARCHAR(255), device_name VARCHAR(255), boot_index INTEGER)".to_owned(),
             "CREATE TABLE instance_extra (id INTEGER PRIMARY KEY, instance_uuid VARCHAR(36), deleted INTEGER, \
              flavor TEXT, keypairs TEXT, device_metadata TEXT, numa_topology TEXT)".to_owned(),
             "CREATE TABLE instance_metadata (id INTEGER PRIMARY KEY, instance_uuid VARCHAR(36), deleted INTEGER, \
