@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::api::nova::url::DbUrl;
+use crate::api::vendordata::{Provider, VendordataConfig};
 use crate::config::{
     dur, invalid, ConfigError, DurationFile, OneOrMany, DEFAULT_BACKLOG, DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_HTTP_REQUEST_TIMEOUT, DEFAULT_KEEP_ALIVE_TIMEOUT,
@@ -91,6 +92,22 @@ pub struct ApiFile {
     /// `[api.neutron]`: where security group names come from (with
     /// `source = "nova"`); the same keys as `[agent.neutron]`.
     pub neutron: Option<crate::agent::config::NeutronFile>,
+    /// nova.conf `[api] vendordata_providers`: `StaticJSON`, `DynamicJSON`.
+    pub vendordata_providers: Option<OneOrMany>,
+    /// nova.conf `[api] vendordata_dynamic_targets`: `name@url` items.
+    pub vendordata_dynamic_targets: Option<OneOrMany>,
+    /// nova.conf `[api] vendordata_dynamic_connect_timeout`, seconds (at least 3).
+    pub vendordata_dynamic_connect_timeout: Option<u64>,
+    /// nova.conf `[api] vendordata_dynamic_read_timeout`, seconds.
+    pub vendordata_dynamic_read_timeout: Option<u64>,
+    /// nova.conf `[api] vendordata_dynamic_failure_fatal`.
+    pub vendordata_dynamic_failure_fatal: Option<bool>,
+    /// nova.conf `[api] vendordata_dynamic_ssl_certfile`: the CA bundle
+    /// `https://` targets are verified against.
+    pub vendordata_dynamic_ssl_certfile: Option<PathBuf>,
+    /// nova.conf `[vendordata_dynamic_auth]`: Keystone credentials for a
+    /// token on the dynamic vendordata POSTs.
+    pub vendordata_dynamic_auth: Option<crate::api::vendordata::AuthFile>,
 }
 
 /// `[api.nova]` as written in the file: nova.conf's options of the same
@@ -175,6 +192,28 @@ impl std::fmt::Debug for ApiFile {
             .field("source", &self.source)
             .field("nova", &self.nova)
             .field("neutron", &self.neutron.as_ref().map(|_| "<set>"))
+            .field("vendordata_providers", &self.vendordata_providers)
+            .field(
+                "vendordata_dynamic_targets",
+                &self.vendordata_dynamic_targets.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "vendordata_dynamic_connect_timeout",
+                &self.vendordata_dynamic_connect_timeout,
+            )
+            .field(
+                "vendordata_dynamic_read_timeout",
+                &self.vendordata_dynamic_read_timeout,
+            )
+            .field(
+                "vendordata_dynamic_failure_fatal",
+                &self.vendordata_dynamic_failure_fatal,
+            )
+            .field(
+                "vendordata_dynamic_ssl_certfile",
+                &self.vendordata_dynamic_ssl_certfile,
+            )
+            .field("vendordata_dynamic_auth", &self.vendordata_dynamic_auth)
             .finish()
     }
 }
@@ -229,6 +268,8 @@ pub struct ApiConfig {
     pub vendor_data_json: Option<PathBuf>,
     /// The parsed vendor JSON.
     pub vendor_data: Option<serde_json::Value>,
+    /// Nova's vendordata providers and dynamic targets.
+    pub vendordata: crate::api::vendordata::VendordataConfig,
     /// `dhcp_domain` override.
     pub dhcp_domain: Option<String>,
     /// Event loops.
@@ -264,6 +305,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("source", &self.source)
             .field("state_dir", &self.state_dir)
             .field("vendor_data_json", &self.vendor_data_json)
+            .field("vendordata", &self.vendordata)
             .field("dhcp_domain", &self.dhcp_domain)
             .field("workers", &self.workers)
             .field("backlog", &self.backlog)
@@ -282,6 +324,29 @@ impl ApiConfig {
     /// printed by `--check`.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        let vd = &self.vendordata;
+        if !vd.targets.is_empty() && !vd.has(Provider::DynamicJson) {
+            w.push(
+                "api.vendordata_dynamic_targets is set but vendordata_providers does not list \
+                 DynamicJSON: the targets are never asked"
+                    .to_owned(),
+            );
+        }
+        if vd.is_dynamic() && vd.auth.is_none() {
+            w.push(
+                "api.vendordata_dynamic_targets are POSTed without a Keystone token \
+                 ([api.vendordata_dynamic_auth] is not set; Nova: \"Passing insecure dynamic \
+                 vendordata requests\")"
+                    .to_owned(),
+            );
+        }
+        if vd.has(Provider::DynamicJson) && vd.targets.is_empty() {
+            w.push(
+                "api.vendordata_providers lists DynamicJSON but vendordata_dynamic_targets is \
+                 empty: vendor_data2.json has no dynamic entries"
+                    .to_owned(),
+            );
+        }
         // With service_metadata_proxy = false no signature is checked.
         if self.service_metadata_proxy && self.shared_secret.is_empty() {
             w.push(crate::sign::empty_secret_warning(
@@ -379,6 +444,79 @@ fn nova_settings(
             .metadata_cache_expiration
             .map_or(DEFAULT_METADATA_CACHE_EXPIRATION, Duration::from_secs),
     })
+}
+
+/// The `vendordata_*` keys of `[api]`, as Nova's options of the same names.
+fn vendordata(f: &ApiFile) -> Result<VendordataConfig, ConfigError> {
+    use crate::api::vendordata::{
+        list_items, parse_providers, Target, DEFAULT_CONNECT_TIMEOUT_SECS,
+        DEFAULT_READ_TIMEOUT_SECS, MIN_CONNECT_TIMEOUT_SECS,
+    };
+    let mut cfg = VendordataConfig::default();
+    if let Some(a) = &f.vendordata_dynamic_auth {
+        cfg.auth = crate::api::vendordata::parse_auth(a)?;
+    }
+    if let Some(p) = &f.vendordata_providers {
+        cfg.providers = parse_providers("api.vendordata_providers", &list_items(p))?;
+    }
+    let key = "api.vendordata_dynamic_targets";
+    for (i, item) in f
+        .vendordata_dynamic_targets
+        .as_ref()
+        .map(list_items)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let k = format!("{key}[{i}]");
+        let t = Target::parse(&k, item)?;
+        if cfg.targets.iter().any(|o| o.name == t.name) {
+            return Err(invalid(k, format!("the name {:?} is used twice", t.name)));
+        }
+        if t.name == "static" && cfg.has(Provider::StaticJson) {
+            return Err(invalid(
+                k,
+                "the name \"static\" is StaticJSON's key in vendor_data2.json",
+            ));
+        }
+        cfg.targets.push(t);
+    }
+    let connect = f
+        .vendordata_dynamic_connect_timeout
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS);
+    if connect < MIN_CONNECT_TIMEOUT_SECS {
+        return Err(invalid(
+            "api.vendordata_dynamic_connect_timeout",
+            format!("{connect}: at least {MIN_CONNECT_TIMEOUT_SECS} (seconds), as in Nova"),
+        ));
+    }
+    cfg.connect_timeout = Duration::from_secs(connect);
+    cfg.read_timeout = Duration::from_secs(
+        f.vendordata_dynamic_read_timeout
+            .unwrap_or(DEFAULT_READ_TIMEOUT_SECS),
+    );
+    cfg.failure_fatal = f.vendordata_dynamic_failure_fatal.unwrap_or(false);
+    cfg.ssl_certfile = match &f.vendordata_dynamic_ssl_certfile {
+        Some(p) if p.as_os_str().is_empty() => None, // Nova's default ''
+        other => other.clone(),
+    };
+    let certfile = cfg.ssl_certfile.clone().unwrap_or_default();
+    let bundle = |e: std::io::Error| {
+        let path = &certfile;
+        invalid(
+            "api.vendordata_dynamic_ssl_certfile",
+            format!("{}: {e}", path.display()),
+        )
+    };
+    if cfg.targets.iter().any(Target::is_https) {
+        let tls =
+            crate::agent::tls::client_config(false, cfg.ssl_certfile.as_deref()).map_err(bundle)?;
+        cfg.tls = Some(crate::agent::config::TlsClient(tls));
+    } else if let Some(p) = &cfg.ssl_certfile {
+        // Checked even when unused, so a typo is found before a target turns https.
+        crate::agent::tls::client_config(false, Some(p)).map_err(bundle)?;
+    }
+    Ok(cfg)
 }
 
 fn read_vendor_data(path: &Path) -> Result<serde_json::Value, ConfigError> {
@@ -536,6 +674,7 @@ impl TryFrom<&ApiFile> for ApiConfig {
             state_dir,
             vendor_data_json: f.vendor_data_json.clone(),
             vendor_data,
+            vendordata: vendordata(f)?,
             dhcp_domain: f.dhcp_domain.clone(),
             workers,
             backlog,

@@ -30,11 +30,13 @@ mod openstack;
 mod password;
 pub(crate) mod path;
 pub mod server;
+pub mod vendordata;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::inventory::{Instance, Inventory};
+use crate::log;
 use crate::sign::verify_instance_signature;
 
 pub use password::{PasswordError, PasswordStore, PASSWORD_LOG_NAME};
@@ -62,6 +64,8 @@ pub struct ApiSettings {
     pub vendor_data: Option<serde_json::Value>,
     /// Overrides the inventory's `dhcp_domain` (`Some("")` = no suffix).
     pub dhcp_domain_override: Option<String>,
+    /// Nova's `vendordata_providers` and dynamic targets.
+    pub vendordata: vendordata::VendordataConfig,
 }
 
 impl Default for ApiSettings {
@@ -71,6 +75,7 @@ impl Default for ApiSettings {
             service_metadata_proxy: true,
             vendor_data: None,
             dhcp_domain_override: None,
+            vendordata: vendordata::VendordataConfig::default(),
         }
     }
 }
@@ -156,6 +161,11 @@ pub(crate) struct RenderCtx<'a> {
     /// fallback for instances without a fixed IPv4.
     pub(crate) remote_address: &'a str,
     pub(crate) vendor_data: Option<&'a serde_json::Value>,
+    /// The providers, in order.
+    pub(crate) providers: &'a [vendordata::Provider],
+    /// The dynamic targets' answers for this instance (fetched only for a
+    /// `vendor_data2.json` request).
+    pub(crate) dynamic: Option<&'a [(String, json::Json)]>,
 }
 
 /// Where the password of the identified instance is, for one request.
@@ -216,8 +226,8 @@ fn header<'a>(req: &ApiRequest<'a>, name: &str) -> Header<'a> {
 }
 
 /// Who is asking, once identified.
-struct Identity<'a> {
-    instance: &'a Instance,
+pub(crate) struct Identity<'a> {
+    pub(crate) instance: &'a Instance,
     remote_address: String,
 }
 
@@ -293,6 +303,74 @@ impl MetadataApi {
         today: &str,
         passwords: Passwords<'_>,
     ) -> Handled {
+        self.handle_fetched(inventory, req, today, passwords, None)
+    }
+
+    /// [`MetadataApi::handle`] for the server loops: a `vendor_data2.json`
+    /// with dynamic targets is answered after their POSTs (on the loop's
+    /// runtime: it awaits sockets, never blocks).
+    pub async fn handle_async(
+        &self,
+        inventory: &Inventory,
+        req: &ApiRequest<'_>,
+        lv: &vendordata::LoopVendordata,
+    ) -> ApiResponse {
+        let today = utc_today();
+        match self
+            .handle_with_vendordata(inventory, req, &today, Passwords::Log, lv)
+            .await
+        {
+            Handled::Answer(r) => r,
+            Handled::StorePassword(_) => ApiResponse::internal(),
+        }
+    }
+
+    /// Whether `req` is for a `vendor_data2.json` Nova renders (Newton and
+    /// later) and dynamic targets are configured.
+    fn wants_dynamic(&self, req: &ApiRequest<'_>) -> bool {
+        if !self.settings.vendordata.is_dynamic() {
+            return false;
+        }
+        match path::normalize(req.target).as_deref() {
+            Some([os, v, leaf]) if os == "openstack" && leaf == "vendor_data2.json" => {
+                openstack::version_index(v)
+                    .is_some_and(|v| openstack::at_least(v, openstack::NEWTON_TWO))
+            }
+            _ => false,
+        }
+    }
+
+    /// [`MetadataApi::handle_with`], fetching the dynamic vendordata first
+    /// when the request is for it and its identity checks pass (a forged or
+    /// foreign request makes no POST).
+    pub(crate) async fn handle_with_vendordata(
+        &self,
+        inventory: &Inventory,
+        req: &ApiRequest<'_>,
+        today: &str,
+        passwords: Passwords<'_>,
+        lv: &vendordata::LoopVendordata,
+    ) -> Handled {
+        if self.wants_dynamic(req) {
+            if let Ok(id) = self.identify(req, inventory) {
+                return match vendordata::fetch_all(&self.settings.vendordata, lv, id.instance).await
+                {
+                    Ok(d) => self.handle_fetched(inventory, req, today, passwords, Some(&d)),
+                    Err(vendordata::Fatal) => Handled::Answer(ApiResponse::internal()),
+                };
+            }
+        }
+        self.handle_fetched(inventory, req, today, passwords, None)
+    }
+
+    fn handle_fetched(
+        &self,
+        inventory: &Inventory,
+        req: &ApiRequest<'_>,
+        today: &str,
+        passwords: Passwords<'_>,
+        dynamic: Option<&[(String, json::Json)]>,
+    ) -> Handled {
         let Some(segs) = path::normalize(req.target) else {
             return Handled::Answer(ApiResponse::not_found());
         };
@@ -319,6 +397,8 @@ impl MetadataApi {
             hostname,
             remote_address: &id.remote_address,
             vendor_data: self.settings.vendor_data.as_ref(),
+            providers: &self.settings.vendordata.providers,
+            dynamic,
         };
         match segs[0].as_str() {
             "openstack" => self.openstack(req, &ctx, &segs[1..], today, passwords),
@@ -327,7 +407,7 @@ impl MetadataApi {
         }
     }
 
-    fn identify<'i>(
+    pub(crate) fn identify<'i>(
         &self,
         req: &ApiRequest<'_>,
         inventory: &'i Inventory,
@@ -464,10 +544,23 @@ impl MetadataApi {
                 .map_or_else(ApiResponse::not_found, |b| {
                     ApiResponse::ok(CONTENT_TYPE_JSON, b)
                 }),
-            "vendor_data2.json" => openstack::vendor_data2(ctx, version)
-                .map_or_else(ApiResponse::not_found, |b| {
+            "vendor_data2.json" => {
+                if ctx.dynamic.is_none()
+                    && self.settings.vendordata.is_dynamic()
+                    && openstack::at_least(version, openstack::NEWTON_TWO)
+                {
+                    // Only `handle_with_vendordata` can answer this one:
+                    // rendering without the targets would hide them.
+                    log::error(format_args!(
+                        "api: vendor_data2.json with dynamic targets asked through a \
+                         synchronous handler; answering 500"
+                    ));
+                    return Handled::Answer(ApiResponse::internal());
+                }
+                openstack::vendor_data2(ctx, version).map_or_else(ApiResponse::not_found, |b| {
                     ApiResponse::ok(CONTENT_TYPE_JSON, b)
-                }),
+                })
+            }
             "network_data.json" => ApiResponse::ok(CONTENT_TYPE_TEXT, openstack::network_data(ctx)),
             _ => ApiResponse::not_found(),
         })

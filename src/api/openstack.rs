@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 
 use super::json::Json;
+use super::vendordata::Provider;
 use super::RenderCtx;
 use crate::inventory::{Device, DeviceKind};
 
@@ -29,7 +30,7 @@ pub(crate) const GRIZZLY: &str = "2013-04-04";
 const HAVANA: &str = "2013-10-17";
 const LIBERTY: &str = "2015-10-15";
 const NEWTON_ONE: &str = "2016-06-30";
-const NEWTON_TWO: &str = "2016-10-06";
+pub(crate) const NEWTON_TWO: &str = "2016-10-06";
 const OCATA: &str = "2017-02-22";
 const ROCKY: &str = "2018-08-27";
 const VICTORIA: &str = "2020-10-14";
@@ -223,15 +224,41 @@ fn devices(devs: &[Device], version: usize) -> Json {
     Json::Arr(out)
 }
 
-/// `vendor_data.json`: the static document or `{}`; `None` before Havana.
+/// `vendor_data.json`: the static document or `{}`; `None` before Havana
+/// or without `StaticJSON` in the providers (Nova: a `KeyError`, 404).
 pub(crate) fn vendor_data(ctx: &RenderCtx<'_>, version: usize) -> Option<String> {
-    at_least(version, HAVANA).then(|| static_vendor(ctx).to_python_string())
+    (at_least(version, HAVANA) && ctx.providers.contains(&Provider::StaticJson))
+        .then(|| static_vendor(ctx).to_python_string())
 }
 
-/// `vendor_data2.json`: `{"static": ...}`; `None` before Newton.
+/// `vendor_data2.json` (`_vendor_data2`): per provider in order,
+/// `"static": ...` for `StaticJSON`, each target's answer under its name
+/// for `DynamicJSON` (a name already present is dropped, as Nova removes
+/// duplicate keys); `None` before Newton.
 pub(crate) fn vendor_data2(ctx: &RenderCtx<'_>, version: usize) -> Option<String> {
-    at_least(version, NEWTON_TWO)
-        .then(|| Json::Obj(vec![("static".into(), static_vendor(ctx))]).to_python_string())
+    if !at_least(version, NEWTON_TWO) {
+        return None;
+    }
+    let mut j: Vec<(String, Json)> = Vec::new();
+    for p in ctx.providers {
+        match p {
+            Provider::StaticJson => {
+                let v = static_vendor(ctx);
+                match j.iter_mut().find(|(k, _)| k == "static") {
+                    Some(slot) => slot.1 = v,
+                    None => j.push(("static".into(), v)),
+                }
+            }
+            Provider::DynamicJson => {
+                for (name, v) in ctx.dynamic.unwrap_or_default() {
+                    if !j.iter().any(|(k, _)| k == name) {
+                        j.push((name.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+    }
+    Some(Json::Obj(j).to_python_string())
 }
 
 fn static_vendor(ctx: &RenderCtx<'_>) -> Json {

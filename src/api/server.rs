@@ -78,6 +78,8 @@ struct ApiLoop {
     cfg: Arc<ApiConfig>,
     api: Arc<MetadataApi>,
     source: LoopSource,
+    /// The dynamic vendordata's Keystone client of this loop.
+    vendordata: crate::api::vendordata::LoopVendordata,
     /// Set when the loop drains.
     stopping: Event,
     server: Rc<Server>,
@@ -187,6 +189,7 @@ pub fn start_sharing(
         service_metadata_proxy: cfg.service_metadata_proxy,
         vendor_data: cfg.vendor_data.clone(),
         dhcp_domain_override: cfg.dhcp_domain.clone(),
+        vendordata: cfg.vendordata.clone(),
     };
     let (inventory, nova, api, factory) = match &cfg.source {
         ApiSource::Inventory => {
@@ -383,6 +386,7 @@ async fn run_loop(
     // On the loop's thread: the Neutron client is per loop.
     let source = source.for_loop();
     let ctx = Rc::new(ApiLoop {
+        vendordata: crate::api::vendordata::LoopVendordata::new(&cfg.vendordata),
         cfg: cfg.clone(),
         api,
         source,
@@ -466,9 +470,22 @@ impl Handler for ApiConn {
         };
         let started = Instant::now();
         let resp = match &self.ctx.source {
-            LoopSource::Inventory(local) => self.ctx.api.handle(&local.get().0, &api_req),
+            LoopSource::Inventory(local) => {
+                let inventory = local.get().0;
+                self.ctx
+                    .api
+                    .handle_async(&inventory, &api_req, &self.ctx.vendordata)
+                    .await
+            }
             LoopSource::Nova(client, groups) => {
-                nova::answer(&self.ctx.api, client, groups, &api_req).await
+                nova::answer(
+                    &self.ctx.api,
+                    client,
+                    groups,
+                    &self.ctx.vendordata,
+                    &api_req,
+                )
+                .await
             }
         };
         if self.ctx.cfg.access_log {

@@ -1030,3 +1030,61 @@ fn example_inventory_through_the_api() {
     assert_eq!(v["uuid"], "d0d0d0d0-0000-4000-8000-000000000001");
     assert_eq!(v["hostname"], "demo.novalocal");
 }
+
+/// `vendor_data2.json` follows `vendordata_providers`' order (Nova's
+/// `_vendor_data2`), and a synchronous handler never renders it without the
+/// targets' answers.
+#[test]
+fn vendor_data2_follows_the_providers_order() {
+    use vendordata::{Provider, Target, VendordataConfig};
+    let with = |providers: Vec<Provider>| {
+        let mut s = nova_settings();
+        s.vendordata = VendordataConfig {
+            providers,
+            targets: vec![Target::parse("t", "vd@http://127.0.0.1:9/").unwrap()],
+            ..VendordataConfig::default()
+        };
+        fixture_with(NOVA_FIXTURE, s)
+    };
+    let answers = vec![(
+        "vd".to_owned(),
+        json::Json::Obj(vec![("k".into(), json::Json::Int(1))]),
+    )];
+    let render = |f: &Fixture| {
+        let hs = signed(VM1, PA);
+        let hs: Vec<(&[u8], &[u8])> = hs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let req = ApiRequest {
+            method: "GET",
+            target: b"/openstack/latest/vendor_data2.json",
+            headers: &hs,
+            body: b"",
+            peer: "10.10.0.11".parse().unwrap(),
+        };
+        let sync = f.api.handle_on(&req, TODAY);
+        let fetched =
+            match f
+                .api
+                .api
+                .handle_fetched(&f.api.inv, &req, TODAY, Passwords::Log, Some(&answers))
+            {
+                Handled::Answer(r) => r,
+                Handled::StorePassword(_) => panic!(),
+            };
+        (sync.status, String::from_utf8(fetched.body).unwrap())
+    };
+    let statik = r#""static": {"peer": "static-vendor-data", "answer": 42}"#;
+    assert_eq!(
+        render(&with(vec![Provider::StaticJson, Provider::DynamicJson])),
+        (500, format!("{{{statik}, \"vd\": {{\"k\": 1}}}}"))
+    );
+    assert_eq!(
+        render(&with(vec![Provider::DynamicJson, Provider::StaticJson])),
+        (500, format!("{{\"vd\": {{\"k\": 1}}, {statik}}}"))
+    );
+    // Targets without DynamicJSON are never asked; no providers: `{}`.
+    assert_eq!(
+        render(&with(vec![Provider::StaticJson])),
+        (200, format!("{{{statik}}}"))
+    );
+    assert_eq!(render(&with(Vec::new())), (200, "{}".to_owned()));
+}

@@ -108,6 +108,8 @@ pub(super) struct InstanceFile {
     pub user_data_b64: Option<String>,
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    pub image_ref: Option<String>,
+    pub boot_roles: Option<String>,
     #[serde(default)]
     pub floating_ips: Vec<String>,
     #[serde(default)]

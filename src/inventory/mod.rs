@@ -248,6 +248,12 @@ pub struct Instance {
     pub user_data: Option<Vec<u8>>,
     /// Instance metadata key/value pairs (`meta` in `meta_data.json`).
     pub meta: BTreeMap<String, String>,
+    /// Nova's `image_ref` (the Glance image UUID; empty for a volume-backed
+    /// instance): `image-id` of a dynamic vendordata request.
+    pub image_ref: String,
+    /// The `boot_roles` system metadata (the roles of the user who booted
+    /// it, comma-separated): `boot-roles` of a dynamic vendordata request.
+    pub boot_roles: String,
     /// Floating IPs (EC2 `public-ipv4` is the first).
     pub floating_ips: Vec<IpAddr>,
     /// Keypairs; Nova exposes the first.
@@ -931,6 +937,8 @@ fn convert_instance(
         security_groups: i.security_groups,
         user_data,
         meta: i.meta,
+        image_ref: i.image_ref.unwrap_or_default(),
+        boot_roles: i.boot_roles.unwrap_or_default(),
         floating_ips,
         keys,
         ports,

@@ -236,6 +236,20 @@ impl NeutronClient {
         Ok(value)
     }
 
+    /// A valid Keystone token for a call to another service (the API's
+    /// dynamic vendordata targets); `None` under noauth.
+    ///
+    /// # Errors
+    /// Keystone failed or refused the credentials.
+    pub async fn service_token(&self) -> Result<Option<Rc<str>>, BackendError> {
+        self.token().await
+    }
+
+    /// Forget `bad` (the service answered 401), unless a newer token replaced it already.
+    pub fn forget_token(&self, bad: &Rc<str>) {
+        self.drop_token(bad);
+    }
+
     /// Forget `bad` (Neutron rejected it), unless a newer token replaced it already.
     fn drop_token(&self, bad: &Rc<str>) {
         let mut t = self.token.borrow_mut();

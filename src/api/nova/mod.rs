@@ -44,6 +44,7 @@ pub async fn answer(
     api: &MetadataApi,
     client: &NovaClient,
     groups: &neutron::SecurityGroups,
+    lv: &crate::api::vendordata::LoopVendordata,
     req: &ApiRequest<'_>,
 ) -> ApiResponse {
     let today = crate::api::utc_today();
@@ -77,7 +78,10 @@ pub async fn answer(
     } else {
         &loaded.inventory
     };
-    match api.handle_with(inventory, req, &today, Passwords::Row(password)) {
+    match api
+        .handle_with_vendordata(inventory, req, &today, Passwords::Row(password), lv)
+        .await
+    {
         Handled::Answer(r) => r,
         Handled::StorePassword(pw) => match client.set_password(&uuid, &pw).await {
             Ok(db::PasswordWrite::Stored) => {

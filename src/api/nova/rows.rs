@@ -874,6 +874,13 @@ pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
         security_groups: rows.security_groups.clone(),
         user_data,
         meta,
+        image_ref: r.image_ref.clone().unwrap_or_default(),
+        boot_roles: rows
+            .system_metadata
+            .iter()
+            .find(|(k, _)| k == "boot_roles")
+            .and_then(|(_, v)| v.clone())
+            .unwrap_or_default(),
         floating_ips,
         keys,
         ports,
