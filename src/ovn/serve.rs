@@ -38,22 +38,44 @@
 //! the socket `ovn-<pid>/agent.sock` in a mode-0700 directory, removed at
 //! stop.
 //!
-//! **Which namespaces.** Until provisioning lands (issue 16 item 3,
-//! `crate::ovn::provision`, wired by the lead), every existing and future
-//! `ovnmeta-<uuid>` under the netns directory is served, found by the
-//! proxy's own discovery ([`crate::proxy::discover`], inotify, bind retried
-//! until 169.254.169.254 is there). The provisioner's hook is
-//! [`OvnServe::control`]: after creating a namespace it may also add it at
-//! once with `ControlPlane::add(NamespaceConfig, Origin)`; discovery would
-//! find it anyway.
+//! **Provisioning** ([`crate::ovn::provision`]), as the agent's `sync`: a
+//! thread `ovn-provision` (it blocks on `ip` runs, so never a serving loop)
+//! waits for the replica to be in sync, then reconciles the namespaces of
+//! the first `[proxy.discover] ovn_prefixes` prefix (`ovnmeta-`) with
+//! `desired(&snapshot)`: on every new replica generation whose plan differs
+//! from the one last applied (a burst of changes is one reconcile; an
+//! `nb_cfg` bump or another chassis' port is none), every
+//! [`RESYNC_INTERVAL`], and with backoff (1 s doubling to 60 s) while a
+//! [`Report`] is not complete. For a namespace whose `fe80::a9fe:a9fe` is
+//! tentative it waits for DAD, as Neutron before its haproxy starts
+//! (`wait_until_address_ready`, 30 s), and says if DAD failed (IPv4 only).
+//!
+//! **Which namespaces are served.** Every `ovnmeta-<uuid>` under the
+//! netns directory, found by the proxy's own discovery
+//! ([`crate::proxy::discover`], inotify, a bind retried until
+//! 169.254.169.254 is there, `[fe80::a9fe:a9fe]` bound once the address is
+//! usable, listeners closed when the namespace goes). The provisioner does
+//! not add listeners itself: one path serves every namespace, so a
+//! namespace is never served twice, and the ones the old agent left are
+//! served at start like the ones created later. Rejected: adding the
+//! created namespaces with `ControlPlane::add` at once, which races with
+//! discovery's own add of the same namespace (the loser's bind fails with
+//! `EADDRINUSE`, and a failed add is retried and logged as a problem), to
+//! save the tens of milliseconds of discovery's first retries. `ip netns` creates
+//! namespaces only in `/run/netns`; with another `[proxy] netns_dir` there
+//! is no provisioning (logged at start), and what is there is served as
+//! found (tests with hand-made namespaces use that).
 //!
 //! **Liveness** ([`crate::ovn::liveness`]): the node must not look alive to
-//! Neutron unless it serves, so the `Chassis_Private` keys are written only
-//! once the first `ovnmeta-` listener is up (a thread watches the control
-//! plane every [`LIVENESS_GATE_POLL`]), and no longer once `metaproxy ovn`
-//! stops (neutron-server then sees the sb-cfg key fall behind). Until
-//! provisioning lands, "serves" means "serves some namespace", not "serves
-//! every network Neutron expects on this chassis".
+//! Neutron unless it serves. Neutron's `start()` runs `sync()` and only
+//! then registers the chassis, so the `Chassis_Private` keys are written
+//! once the first provisioning pass is done and every namespace it
+//! provisioned is served (at most [`SERVE_WAIT`], then a warning naming
+//! the rest); on a node with no local VM, once the pass is done. Without
+//! provisioning, once the first `ovnmeta-` listener is up (a thread watches
+//! the control plane every [`LIVENESS_GATE_POLL`]). No longer once
+//! `metaproxy ovn` stops: neutron-server then sees the sb-cfg key fall
+//! behind. The namespaces stay at stop, as the agent leaves them.
 
 use std::cell::RefCell;
 use std::io;
