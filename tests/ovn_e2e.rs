@@ -195,14 +195,14 @@ fn metaproxy_ovn_provisions_serves_and_tears_down_like_the_ovn_agent() {
         "row": {"tunnel_key": 1, "external_ids": ["map", [["name", format!("neutron-{net}")], ["name2", "private"]]]}}])));
     sb.transact(json!([{"op": "insert", "table": "Port_Binding", "row": {
         "datapath": ["uuid", dp], "logical_port": "md-port", "tunnel_key": 1,
-        "type": "localport", "mac": format!("{md_mac} 10.77.0.2"),
-        "external_ids": ["map", [["neutron:cidrs", "10.77.0.2/24"], ["neutron:mtu", "1400"],
+        "type": "localport", "mac": format!("{md_mac} 10.77.0.2 fd77::2"),
+        "external_ids": ["map", [["neutron:cidrs", "10.77.0.2/24 fd77::2/64"], ["neutron:mtu", "1400"],
                                   ["neutron:device_owner", "network:distributed"],
                                   ["neutron:device_id", format!("ovnmeta-{net}")]]]
     }}]));
     sb.transact(json!([{"op": "insert", "table": "Port_Binding", "row": {
         "datapath": ["uuid", dp], "logical_port": "vm-port", "tunnel_key": 2, "type": "",
-        "mac": format!("{vm_mac} 10.77.0.5"),
+        "mac": format!("{vm_mac} 10.77.0.5 fd77::5"),
         "external_ids": ["map", [["neutron:device_id", inst.as_str()],
                                   ["neutron:project_id", project.as_str()],
                                   ["neutron:device_owner", "compute:nova"]]]
@@ -342,14 +342,23 @@ ovn_prefixes = ["{prefix}"]
     assert_eq!(namespaces(&prefix), BTreeSet::new());
 
     // 2. The VM's port is bound here: its network's namespace appears with
-    // 169.254.169.254 and the metadata port's address, MAC and MTU, and the
-    // root end is on br-int with the metadata port's iface-id.
+    // 169.254.169.254 and the metadata port's address, MAC and MTU (and, the
+    // VM having IPv6, fe80::a9fe:a9fe and the metadata MAC's link-local;
+    // never an IPv6 subnet's CIDR, as Neutron), and the root end is on
+    // br-int with the metadata port's iface-id.
     sb.sbctl(&["lsp-bind", "vm-port", CHASSIS]);
-    poll(&ovn, "namespace provisioned", || {
-        link(Some(&ns), &tap1).is_some_and(|l| {
-            let a = addrs(&l);
-            a.contains("169.254.169.254/32") && a.contains("10.77.0.2/24")
-        })
+    let want = BTreeSet::from(
+        [
+            "169.254.169.254/32",
+            "10.77.0.2/24",
+            "fe80::a9fe:a9fe/128",
+            "fe80::f816:3eff:fee2:2/64",
+        ]
+        .map(String::from),
+    );
+    // Exactly these (the reconcile adds them one by one).
+    poll(&ovn, "namespace provisioned with its addresses", || {
+        link(Some(&ns), &tap1).is_some_and(|l| addrs(&l) == want)
     });
     let end = link(Some(&ns), &tap1).unwrap();
     assert_eq!(end["address"], md_mac);
@@ -402,7 +411,7 @@ ovn_prefixes = ["{prefix}"]
         last = try_curl(&vm, MD);
         last.as_ref().is_some_and(|(code, _)| *code == 200)
     });
-    assert_eq!(uuid_in(&last.unwrap().1), inst);
+    assert_eq!(uuid_in(&last.take().unwrap().1), inst);
     let got = cloud_init_read(&vm, "http://169.254.169.254");
     assert_eq!(
         got["openstack"]["metadata"]["uuid"],
@@ -410,6 +419,22 @@ ovn_prefixes = ["{prefix}"]
         "{got:#}"
     );
     assert_eq!(got["openstack"]["metadata"]["hostname"], "vm-e2e.novalocal");
+    // Over IPv6 link-local too, once DAD is done on both sides: the VM is
+    // found by the MAC in its EUI-64 address.
+    poll(&ovn, "the VM's meta_data.json over fe80::a9fe:a9fe", || {
+        last = try_curl(
+            &vm,
+            "http://[fe80::a9fe:a9fe%eth0]/openstack/latest/meta_data.json",
+        );
+        last.as_ref().is_some_and(|(code, _)| *code == 200)
+    });
+    assert_eq!(uuid_in(&last.take().unwrap().1), inst);
+    assert!(
+        ovn.log_text()
+            .contains(&format!("listener up: {ns} [fe80::a9fe:a9fe%")),
+        "{}",
+        ovn.log_text()
+    );
     drop(ovn);
 
     // 4. A restart adopts the namespace (no second one, nothing recreated),

@@ -768,10 +768,12 @@ impl ProvisionCtx {
             let mut state = p.v6;
             while state == V6State::Tentative && Instant::now() < until && !self.stopped() {
                 std::thread::sleep(PROVISION_POLL);
-                state = self
-                    .provisioner
-                    .v6_state(&p.network)
-                    .unwrap_or(V6State::Tentative);
+                // A namespace that cannot be read now is the next
+                // reconcile's business, not a reason to wait.
+                let Ok(now) = self.provisioner.v6_state(&p.network) else {
+                    break;
+                };
+                state = now;
             }
             match (p.v6, state) {
                 (before, V6State::DadFailed)
