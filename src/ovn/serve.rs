@@ -1074,6 +1074,15 @@ mod tests {
     }
 
     #[test]
+    fn only_ip_netns_own_directory_is_provisioned() {
+        assert!(is_ip_netns_dir(Path::new("/run/netns")));
+        assert!(is_ip_netns_dir(Path::new("/var/run/netns")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_ip_netns_dir(dir.path()));
+        assert!(!is_ip_netns_dir(Path::new("/run/netns-private")));
+    }
+
+    #[test]
     fn config_refuses_keys_that_serve_something_else_naming_them() {
         let err = |t: &str| load_str(t).unwrap_err().to_string();
         assert!(err("[proxy]\n").contains("ovn"), "{}", err("[proxy]\n"));
