@@ -662,7 +662,7 @@ impl ProvisionCtx {
     }
 
     fn run(mut self) {
-        // The generation and plan of the last reconcile that completed.
+        // The plan of the last reconcile that completed.
         let mut applied: Option<Desired> = None;
         let mut seen_generation = None;
         let mut due = Instant::now();
@@ -679,6 +679,7 @@ impl ProvisionCtx {
                 self.pause(PROVISION_POLL);
                 continue;
             }
+            waiting_logged = false;
             let generation = self.sb.generation();
             let moved = seen_generation != Some(generation);
             let now = Instant::now();
