@@ -437,8 +437,13 @@ ovn_prefixes = ["{prefix}"]
     );
     drop(ovn);
 
-    // 4. A restart adopts the namespace (no second one, nothing recreated),
-    // and reports alive only once it is served again.
+    // 4. While metaproxy ovn is down, Neutron changes the network's MTU. A
+    // restart adopts the namespace (no second one, nothing recreated),
+    // fixes the MTU, and reports alive only once it is served again.
+    sb.transact(json!([{"op": "mutate", "table": "Port_Binding",
+        "where": [["logical_port", "==", "md-port"]],
+        "mutations": [["external_ids", "delete", ["map", [["neutron:mtu", "1400"]]]],
+                      ["external_ids", "insert", ["map", [["neutron:mtu", "1450"]]]]]}]));
     let ovn = start("ovn2");
     poll(&ovn, "liveness after restart", || {
         ovn.log_text().contains(ALIVE)
@@ -450,6 +455,9 @@ ovn_prefixes = ["{prefix}"]
         "{log}"
     );
     assert!(!log.contains("provisioned namespace"), "{log}");
+    assert!(log.contains(&format!("updated namespace {ns}")), "{log}");
+    assert_eq!(link(Some(&ns), &tap1).unwrap()["mtu"], 1450);
+    assert_eq!(link(None, &tap0).unwrap()["mtu"], 1450);
     assert_eq!(namespaces(&prefix), BTreeSet::from([ns.clone()]));
     let (code, body) = try_curl(&vm, MD).expect("served after restart");
     assert_eq!((code, uuid_in(&body)), (200, inst.clone()));
