@@ -114,22 +114,28 @@ enum Command {
     /// JSON. Serves nothing and writes nothing.
     #[command(name = "ovn-dump-replica")]
     OvnDumpReplica(OvnDumpArgs),
-    /// OVN compute-node metadata service: serve every ovnmeta-<network>
-    /// namespace in place of neutron-ovn-metadata-agent (or
-    /// neutron-ovn-agent's metadata extension) and its haproxies.
+    /// OVN compute-node metadata service: create and serve every
+    /// ovnmeta-<network> namespace in place of neutron-ovn-metadata-agent
+    /// (or neutron-ovn-agent's metadata extension) and its haproxies.
     ///
     /// Keeps a replica of the OVN Southbound database (this chassis is the
-    /// local Open_vSwitch DB's external_ids:system-id) and serves
-    /// 169.254.169.254 (and fe80::a9fe:a9fe) in every ovnmeta-<network>
-    /// namespace that exists or appears. A VM is the one bound Port_Binding
-    /// of that network with its IP (or, link-local, its MAC); its
-    /// neutron:device_id and neutron:project_id are sent to the Nova
-    /// metadata API as X-Instance-ID and X-Tenant-ID, with
-    /// X-Instance-ID-Signature and X-Forwarded-For; no port or several is a
-    /// 404. Once the first namespace is served, this chassis' liveness keys
-    /// are written in Chassis_Private, as the agent does. It does not create
-    /// the namespaces yet: run it where the OVN agent created them.
-    /// SIGTERM/SIGINT drain and exit.
+    /// local Open_vSwitch DB's external_ids:system-id). For every network
+    /// with a VM port bound to this chassis it creates ovnmeta-<network>
+    /// (veth tap<net[:10]>0/1, the metadata port's MAC, MTU and addresses,
+    /// 169.254.169.254, the OVS port with iface-id on the OVN bridge), and
+    /// removes it after the last one leaves; at start, and again every 60 s
+    /// and after every Southbound change. It serves 169.254.169.254 (and
+    /// fe80::a9fe:a9fe, after DAD) in every ovnmeta-<network> namespace. A
+    /// VM is the one bound Port_Binding of that network with its IP (or,
+    /// link-local, its MAC); its neutron:device_id and neutron:project_id
+    /// are sent to the Nova metadata API as X-Instance-ID and X-Tenant-ID,
+    /// with X-Instance-ID-Signature and X-Forwarded-For; no port or several
+    /// is a 404. Once the first provisioning pass is done and its
+    /// namespaces are served (also with none), this chassis' liveness keys
+    /// are written in Chassis_Private, as the agent does after its sync.
+    /// With a [proxy] netns_dir other than /run/netns (where `ip netns`
+    /// creates namespaces) nothing is provisioned: the namespaces found
+    /// there are served. SIGTERM/SIGINT drain and exit.
     Ovn {
         /// Configuration file (TOML: `[ovn]` in Neutron's option names,
         /// optional `[proxy]` for the listeners' limits, timeouts and IMDSv2).

@@ -8,7 +8,10 @@
 //!
 //! The `ovnmeta-` names live in a private netns directory (bind mounts of
 //! namespaces whose `/run/netns` names match nobody's discovery), so no
-//! other process on the machine serves them and we serve nobody else's.
+//! other process on the machine serves them and we serve nobody else's;
+//! `ip netns` cannot create namespaces there, so `metaproxy ovn` does not
+//! provision (the namespaces are left as made; `tests/ovn_e2e.rs` covers
+//! provisioning).
 //! Without root, `ip`, `curl`, cloud-init or the OVN packages: `SKIPPED`.
 
 mod common;
@@ -556,6 +559,9 @@ control_socket = "{ctl}"
         "the shared secret was logged:\n{log}"
     );
     assert!(log.contains("for ovnmeta-* (OVN network id)\n"), "{log}");
+    // A netns directory `ip netns` does not manage: its namespaces are
+    // served as found, never provisioned or torn down.
+    assert!(log.contains("ovn: not provisioning namespaces"), "{log}");
     // SIGTERM: a clean stop, which removes the private directory.
     drop(ovn);
     let log = std::fs::read_to_string(dir.path().join("ovn.log")).unwrap();

@@ -6,9 +6,11 @@
 //! scan of every `Port_Binding`. [`liveness`] keeps the keys in this
 //! chassis' `Chassis_Private` row from which neutron-server judges the
 //! agent alive; [`config`] holds the `[ovn]` options in Neutron's terms.
-//! [`serve`] is `metaproxy ovn`: listeners in every `ovnmeta-` namespace,
-//! guests resolved from the replica, liveness once the first listener is
-//! up. Provisioning the `ovnmeta-` namespaces comes next (issue 16 item 3);
+//! [`provision`] computes the `ovnmeta-<network>` namespaces a replica
+//! calls for and makes the host match. [`serve`] is `metaproxy ovn`:
+//! provisioning on a thread of its own after every replica change,
+//! listeners in every `ovnmeta-` namespace, guests resolved from the
+//! replica, liveness once the first provisioning pass is done and served.
 //! `metaproxy ovn-dump-replica` prints the replica.
 
 pub mod config;

@@ -38,29 +38,53 @@
 //! the socket `ovn-<pid>/agent.sock` in a mode-0700 directory, removed at
 //! stop.
 //!
-//! **Which namespaces.** Until provisioning lands (issue 16 item 3,
-//! `crate::ovn::provision`, wired by the lead), every existing and future
-//! `ovnmeta-<uuid>` under the netns directory is served, found by the
-//! proxy's own discovery ([`crate::proxy::discover`], inotify, bind retried
-//! until 169.254.169.254 is there). The provisioner's hook is
-//! [`OvnServe::control`]: after creating a namespace it may also add it at
-//! once with `ControlPlane::add(NamespaceConfig, Origin)`; discovery would
-//! find it anyway.
+//! **Provisioning** ([`crate::ovn::provision`]), as the agent's `sync`: a
+//! thread `ovn-provision` (it blocks on `ip` runs, so never a serving loop)
+//! waits for the replica to be in sync, then reconciles the namespaces of
+//! the first `[proxy.discover] ovn_prefixes` prefix (`ovnmeta-`) with
+//! `desired(&snapshot)`: on every new replica generation whose plan differs
+//! from the one last applied (a burst of changes is one reconcile; an
+//! `nb_cfg` bump or another chassis' port is none), every
+//! [`RESYNC_INTERVAL`], and with backoff (1 s doubling to 60 s) while a
+//! [`Report`] is not complete. For a namespace whose `fe80::a9fe:a9fe` is
+//! tentative it waits for DAD, as Neutron before its haproxy starts
+//! (`wait_until_address_ready`, 30 s), and says if DAD failed (IPv4 only).
+//!
+//! **Which namespaces are served.** Every `ovnmeta-<uuid>` under the
+//! netns directory, found by the proxy's own discovery
+//! ([`crate::proxy::discover`], inotify, a bind retried until
+//! 169.254.169.254 is there, `[fe80::a9fe:a9fe]` bound once the address is
+//! usable, listeners closed when the namespace goes). The provisioner does
+//! not add listeners itself: one path serves every namespace, so a
+//! namespace is never served twice, and the ones the old agent left are
+//! served at start like the ones created later. Rejected: adding the
+//! created namespaces with `ControlPlane::add` at once, which races with
+//! discovery's own add of the same namespace (the loser's bind fails with
+//! `EADDRINUSE`, and a failed add is retried and logged as a problem), to
+//! save the tens of milliseconds of discovery's first retries. `ip netns` creates
+//! namespaces only in `/run/netns`; with another `[proxy] netns_dir` there
+//! is no provisioning (logged at start), and what is there is served as
+//! found (tests with hand-made namespaces use that).
 //!
 //! **Liveness** ([`crate::ovn::liveness`]): the node must not look alive to
-//! Neutron unless it serves, so the `Chassis_Private` keys are written only
-//! once the first `ovnmeta-` listener is up (a thread watches the control
-//! plane every [`LIVENESS_GATE_POLL`]), and no longer once `metaproxy ovn`
-//! stops (neutron-server then sees the sb-cfg key fall behind). Until
-//! provisioning lands, "serves" means "serves some namespace", not "serves
-//! every network Neutron expects on this chassis".
+//! Neutron unless it serves. Neutron's `start()` runs `sync()` and only
+//! then registers the chassis, so the `Chassis_Private` keys are written
+//! once the first provisioning pass is done and every namespace it
+//! provisioned is served (at most [`SERVE_WAIT`], then a warning naming
+//! the rest); on a node with no local VM, once the pass is done. Without
+//! provisioning, once the first `ovnmeta-` listener is up (a thread watches
+//! the control plane every [`LIVENESS_GATE_POLL`]). No longer once
+//! `metaproxy ovn` stops: neutron-server then sees the sb-cfg key fall
+//! behind. The namespaces stay at stop, as the agent leaves them.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::agent::config::{AgentConfig, AgentFile, Backend, SocketMode};
 use crate::agent::identity::{Identity, Scope};
@@ -71,6 +95,7 @@ use crate::config::{invalid, ConfigError};
 use crate::log;
 use crate::ovn::config::OvnConfig;
 use crate::ovn::ovsdb::read_local_chassis;
+use crate::ovn::provision::{desired, Desired, Provisioner, ProvisionerConfig, Report, V6State};
 use crate::ovn::replica::{self, Lookup, Replica, SbConfig, SbMonitor};
 use crate::proxy::config::{DiscoverFile, ProxyConfig, ProxyFile};
 
@@ -85,7 +110,7 @@ pub const NS_PREFIX: &str = "ovnmeta-";
 /// serves no router namespaces.
 const NO_ROUTER_PREFIX: &str = "/";
 /// How often the liveness gate looks for the first listener.
-pub const LIVENESS_GATE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+pub const LIVENESS_GATE_POLL: Duration = Duration::from_millis(100);
 
 /// The agent backend that resolves from the Southbound replica. Compared by
 /// identity (two configs are equal when they read the same replica).
@@ -366,6 +391,7 @@ pub struct OvnServe {
     watcher: crate::proxy::discover::Watcher,
     ctl: Option<crate::proxy::control::CtlServer>,
     liveness: LivenessGate,
+    provisioning: Option<Provisioning>,
     dir: PathBuf,
     /// This chassis (`Open_vSwitch external_ids:system-id`).
     pub chassis: String,
@@ -439,11 +465,47 @@ impl OvnServe {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        let v6_port = discover.network_v6_port.is_some();
+        let netns_dir = discover.dir.clone();
+        let prefix = discover.ovn_prefixes.first().cloned();
         let watcher = crate::proxy::discover::start(discover, proxy.control.clone())?;
+        // Invariant: discovery runs before provisioning, so every namespace
+        // the provisioner creates is seen (inotify) and served by it alone.
+        let (provisioning, gate) = match prefix {
+            Some(prefix) if is_ip_netns_dir(&netns_dir) => {
+                let mut pc =
+                    ProvisionerConfig::new(vec![o.ovs_remote.clone()], o.ovs_conn.clone(), &bridge);
+                pc.ns_prefix = prefix.clone();
+                pc.netns_dir = netns_dir.clone();
+                log::info(format_args!(
+                    "ovn: provisioning {prefix}<network> namespaces under {} for the networks with a port on this chassis (bridge {bridge}, Open_vSwitch database {})",
+                    netns_dir.display(),
+                    o.ovs_remote
+                ));
+                let ready = Arc::new(AtomicBool::new(false));
+                let p = Provisioning::start(ProvisionCtx {
+                    provisioner: Provisioner::new(pc),
+                    sb: monitor.shared().clone(),
+                    control: proxy.control.clone(),
+                    v6_port,
+                    stop: Arc::new(AtomicBool::new(false)),
+                    ready: ready.clone(),
+                })?;
+                (Some(p), GateOn::Provisioned(ready))
+            }
+            _ => {
+                log::warn(format_args!(
+                    "ovn: not provisioning namespaces: `ip netns` creates them only in {} and netns_dir is {}; serving the ovnmeta- namespaces found there (liveness once the first is served)",
+                    crate::rt::netns::DEFAULT_NETNS_DIR,
+                    netns_dir.display()
+                ));
+                (None, GateOn::FirstListener(proxy.control.clone()))
+            }
+        };
         let liveness = LivenessGate::start(
             cfg.ovn.liveness(&chassis, &bridge),
             monitor.shared().clone(),
-            proxy.control.clone(),
+            gate,
         )?;
         Ok(OvnServe {
             monitor,
@@ -452,6 +514,7 @@ impl OvnServe {
             watcher,
             ctl,
             liveness,
+            provisioning,
             dir,
             chassis,
             bridge,
@@ -470,13 +533,18 @@ impl OvnServe {
     }
 
     /// Stop front to back: liveness (so Neutron stops seeing the node
-    /// alive first), discovery, listeners (draining), the agent, the
-    /// monitor; then remove the private directory.
+    /// alive first), provisioning (after its current `ip` run; the
+    /// namespaces stay, as the OVN agent leaves them), discovery, listeners
+    /// (draining), the agent, the monitor; then remove the private
+    /// directory.
     ///
     /// # Errors
     /// A loop failed while draining.
     pub fn stop(self) -> io::Result<()> {
         self.liveness.stop();
+        if let Some(p) = self.provisioning {
+            p.stop();
+        }
         self.watcher.stop();
         drop(self.ctl);
         let proxy = self.proxy.stop();
@@ -484,6 +552,274 @@ impl OvnServe {
         drop(self.monitor);
         let _ = std::fs::remove_dir_all(&self.dir);
         proxy.and(agent)
+    }
+}
+
+/// How often provisioning reconciles with nothing changed (Neutron resyncs
+/// on reconnects only; a periodic pass also repairs what someone else
+/// changed on the host, as `ip netns del` by hand).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// First retry after a reconcile that did not complete; doubled up to
+/// [`RESYNC_INTERVAL`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// How often the provisioning thread looks for a new replica generation.
+const PROVISION_POLL: Duration = Duration::from_millis(100);
+/// How long the first reconcile's namespaces may take to be served before
+/// this chassis is reported alive anyway (with a warning naming them), as
+/// Neutron registers after its `sync` even when a haproxy failed.
+pub const SERVE_WAIT: Duration = crate::ovn::provision::DAD_WAIT;
+
+/// Whether `dir` is where `ip netns` (iproute2's `NETNS_RUN_DIR`, and
+/// Neutron's pyroute2) creates named namespaces: the only directory the
+/// provisioner can create them in.
+pub fn is_ip_netns_dir(dir: &Path) -> bool {
+    let real = |p: &Path| std::fs::canonicalize(p).ok();
+    let run = Path::new(crate::rt::netns::DEFAULT_NETNS_DIR);
+    dir == run
+        || dir == Path::new("/var/run/netns")
+        || real(dir).is_some_and(|d| Some(d) == real(run))
+}
+
+/// Whether every namespace in `names` has an IPv4 listener, and an IPv6 one
+/// where `v6` says its `fe80::a9fe:a9fe` is usable; the ones that do not.
+fn unserved(
+    control: &crate::proxy::control::ControlPlane,
+    names: &[(String, bool)],
+) -> Vec<String> {
+    let status = control.status();
+    names
+        .iter()
+        .filter(|(ns, v6)| {
+            let addrs: Vec<std::net::SocketAddr> = status
+                .iter()
+                .filter(|s| &s.name == ns)
+                .flat_map(|s| s.listeners.iter().copied())
+                .collect();
+            !(addrs.iter().any(std::net::SocketAddr::is_ipv4)
+                && (!v6 || addrs.iter().any(std::net::SocketAddr::is_ipv6)))
+        })
+        .map(|(ns, _)| ns.clone())
+        .collect()
+}
+
+/// The `ovn-provision` thread: reconciles the `ovnmeta-` namespaces with
+/// the replica (see the module doc), and says when the first pass is done
+/// and served.
+struct Provisioning {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the provisioning thread works with.
+struct ProvisionCtx {
+    provisioner: Provisioner,
+    sb: Arc<replica::Shared>,
+    control: Arc<crate::proxy::control::ControlPlane>,
+    /// Whether discovery binds `[fe80::a9fe:a9fe]` (`network_v6_port`).
+    v6_port: bool,
+    stop: Arc<AtomicBool>,
+    /// Set once the first reconcile is done and its namespaces are served.
+    ready: Arc<AtomicBool>,
+}
+
+impl Provisioning {
+    fn start(ctx: ProvisionCtx) -> io::Result<Provisioning> {
+        let stop = ctx.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ovn-provision".into())
+            .spawn(move || ctx.run())?;
+        Ok(Provisioning {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop after the current step (an `ip` run, or one DAD/serve poll).
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            drop(t.join());
+        }
+    }
+}
+
+impl ProvisionCtx {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Sleep `d` in [`PROVISION_POLL`] steps; false if stopped meanwhile.
+    fn pause(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        while !self.stopped() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(PROVISION_POLL));
+        }
+        false
+    }
+
+    fn run(mut self) {
+        // The plan of the last reconcile that completed.
+        let mut applied: Option<Desired> = None;
+        let mut seen_generation = None;
+        let mut due = Instant::now();
+        let mut backoff = RETRY_FIRST;
+        let mut waiting_logged = false;
+        while !self.stopped() {
+            if !self.sb.stats().synced {
+                if !waiting_logged {
+                    waiting_logged = true;
+                    log::info(format_args!(
+                        "ovn: provisioning waits for the Southbound replica to be in sync"
+                    ));
+                }
+                self.pause(PROVISION_POLL);
+                continue;
+            }
+            waiting_logged = false;
+            let generation = self.sb.generation();
+            let moved = seen_generation != Some(generation);
+            let now = Instant::now();
+            if !moved && now < due {
+                self.pause(PROVISION_POLL);
+                continue;
+            }
+            seen_generation = Some(generation);
+            let want = desired(&self.sb.snapshot());
+            // Coalesced: a Southbound change that changes no plan (another
+            // chassis' port, an nb_cfg bump) costs no `ip` run.
+            if now < due && applied.as_ref() == Some(&want) {
+                continue;
+            }
+            match self.provisioner.reconcile(&want) {
+                Ok(report) => {
+                    if !want.chassis_known {
+                        // The provisioner logged that it waits; the Chassis
+                        // row's arrival is a new generation.
+                        applied = None;
+                        due = now + RESYNC_INTERVAL;
+                        continue;
+                    }
+                    self.after(&report);
+                    if report.complete() {
+                        backoff = RETRY_FIRST;
+                        due = Instant::now() + RESYNC_INTERVAL;
+                        applied = Some(want);
+                    } else {
+                        log::warn(format_args!(
+                            "ovn: provisioning incomplete ({} network(s) failed, {} teardown(s) failed{}); retrying in {}s",
+                            report.failed.len(),
+                            report.teardown_failed.len(),
+                            report
+                                .ovs_error
+                                .as_ref()
+                                .map_or(String::new(), |e| format!(", Open_vSwitch: {e}")),
+                            backoff.as_secs()
+                        ));
+                        due = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(RESYNC_INTERVAL);
+                        applied = None;
+                    }
+                }
+                Err(e) => {
+                    log::error(format_args!(
+                        "ovn: provisioning failed: {e}; retrying in {}s",
+                        backoff.as_secs()
+                    ));
+                    due = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(RESYNC_INTERVAL);
+                    applied = None;
+                }
+            }
+        }
+    }
+
+    /// After a reconcile: a summary line if it changed something, Neutron's
+    /// DAD wait for the new `fe80::a9fe:a9fe`s, and on the first pass the
+    /// wait for every provisioned namespace to be served, then `ready`.
+    fn after(&self, report: &Report) {
+        if report.changed() || !report.complete() {
+            let nets = |l: &[crate::ovn::provision::Provisioned]| {
+                l.iter().map(|p| p.namespace.clone()).collect::<Vec<_>>()
+            };
+            log::info(format_args!(
+                "ovn: reconciled: created [{}], updated [{}], removed [{}], failed [{}], {} unchanged",
+                nets(&report.created).join(", "),
+                nets(&report.updated).join(", "),
+                report.removed.join(", "),
+                report
+                    .failed
+                    .iter()
+                    .map(|f| f.namespace.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                report.unchanged.len()
+            ));
+        }
+        // Discovery binds [fe80::a9fe:a9fe] once the address is usable
+        // (a bind of a tentative one fails and is retried); this is the wait
+        // Neutron does before its haproxy starts, so that the first pass is
+        // "done" only after DAD, and a failed DAD is said once.
+        let mut v6_ok: Vec<(String, bool)> = Vec::new();
+        let until = Instant::now() + crate::ovn::provision::DAD_WAIT;
+        for p in report.serving() {
+            let mut state = p.v6;
+            while state == V6State::Tentative && Instant::now() < until && !self.stopped() {
+                std::thread::sleep(PROVISION_POLL);
+                // A namespace that cannot be read now is the next
+                // reconcile's business, not a reason to wait.
+                let Ok(now) = self.provisioner.v6_state(&p.network) else {
+                    break;
+                };
+                state = now;
+            }
+            match (p.v6, state) {
+                (before, V6State::DadFailed)
+                    if before == V6State::Tentative || !p.changes.is_empty() =>
+                {
+                    log::warn(format_args!(
+                        "ovn: {}: DAD failed for fe80::a9fe:a9fe (another node answers for it); serving IPv4 only, as Neutron does",
+                        p.namespace
+                    ));
+                }
+                (V6State::Tentative, V6State::Tentative) => log::warn(format_args!(
+                    "ovn: {}: fe80::a9fe:a9fe still tentative after {}s; IPv6 served once DAD ends",
+                    p.namespace,
+                    crate::ovn::provision::DAD_WAIT.as_secs()
+                )),
+                _ => {}
+            }
+            v6_ok.push((p.namespace.clone(), self.v6_port && state == V6State::Ready));
+        }
+        if self.ready.load(Ordering::Acquire) {
+            return;
+        }
+        let t0 = Instant::now();
+        loop {
+            let left = unserved(&self.control, &v6_ok);
+            if left.is_empty() {
+                log::info(format_args!(
+                    "ovn: first provisioning pass done: {} namespace(s) provisioned and served",
+                    v6_ok.len()
+                ));
+                break;
+            }
+            if t0.elapsed() >= SERVE_WAIT {
+                log::warn(format_args!(
+                    "ovn: first provisioning pass done, but not served after {}s: {}",
+                    SERVE_WAIT.as_secs(),
+                    left.join(", ")
+                ));
+                break;
+            }
+            if !self.pause(PROVISION_POLL) {
+                return;
+            }
+        }
+        self.ready.store(true, Ordering::Release);
     }
 }
 
@@ -506,9 +842,20 @@ fn make_private_dir(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Starts [`crate::ovn::liveness::Liveness`] once the first listener is up.
+/// When [`LivenessGate`] starts the liveness writer.
+enum GateOn {
+    /// Once the provisioning thread's first pass is done and served
+    /// (Neutron's `start()`: `sync()`, then register), even with no
+    /// namespace at all on a node without local VMs.
+    Provisioned(Arc<AtomicBool>),
+    /// Once the first listener is up (no provisioning: someone else makes
+    /// the namespaces).
+    FirstListener(Arc<crate::proxy::control::ControlPlane>),
+}
+
+/// Starts [`crate::ovn::liveness::Liveness`] once [`GateOn`] says so.
 struct LivenessGate {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Option<crate::ovn::liveness::Liveness>>>,
 }
 
@@ -516,10 +863,9 @@ impl LivenessGate {
     fn start(
         cfg: crate::ovn::liveness::LivenessConfig,
         sb: Arc<replica::Shared>,
-        control: Arc<crate::proxy::control::ControlPlane>,
+        on: GateOn,
     ) -> io::Result<LivenessGate> {
-        use std::sync::atomic::Ordering;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ovn-liveness-gate".into())
@@ -527,15 +873,20 @@ impl LivenessGate {
                 if stopped.load(Ordering::Acquire) {
                     return None;
                 }
-                let serving = control
-                    .status()
-                    .into_iter()
-                    .find(|s| !s.listeners.is_empty());
-                if let Some(ns) = serving {
+                let why = match &on {
+                    GateOn::Provisioned(ready) => ready
+                        .load(Ordering::Acquire)
+                        .then(|| "the first provisioning pass is done".to_string()),
+                    GateOn::FirstListener(control) => control
+                        .status()
+                        .into_iter()
+                        .find(|s| !s.listeners.is_empty())
+                        .map(|ns| format!("{} serves", ns.name)),
+                };
+                if let Some(why) = why {
                     log::info(format_args!(
-                        "ovn: {} serves; reporting this chassis alive to Neutron \
+                        "ovn: {why}; reporting this chassis alive to Neutron \
                          (Chassis_Private {} external_ids {}, {})",
-                        ns.name,
                         cfg.chassis,
                         cfg.kind.id_key(),
                         cfg.kind.sb_cfg_key()
@@ -558,7 +909,7 @@ impl LivenessGate {
 
     /// Stop waiting, and stop the writer if it started.
     fn stop(mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             drop(t.join());
         }
@@ -721,6 +1072,15 @@ mod tests {
         assert!(d.classify(&format!("ovnmeta-{NET}")).is_some());
         assert!(c.proxy.rate_limit.is_some());
         assert!(load_str("[ovn]\n").unwrap().proxy.rate_limit.is_none());
+    }
+
+    #[test]
+    fn only_ip_netns_own_directory_is_provisioned() {
+        assert!(is_ip_netns_dir(Path::new("/run/netns")));
+        assert!(is_ip_netns_dir(Path::new("/var/run/netns")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_ip_netns_dir(dir.path()));
+        assert!(!is_ip_netns_dir(Path::new("/run/netns-private")));
     }
 
     #[test]
