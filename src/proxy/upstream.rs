@@ -18,6 +18,10 @@
 //! pool pipelines onto the least-loaded connection that is not stalled
 //! (requests waiting and no response for 20 ms, `STALLED_AFTER`: a
 //! connection that keeps answering under a storm is busy, not stalled).
+//! "No response" is judged by when the reader delivered the last one, so
+//! before taking every connection for stalled the pool lets the loop reap
+//! its ring once ([`rt::next_turn`]): a loop that was itself away for 20 ms
+//! (descheduled on a loaded host) must not blame the agent and dial.
 //! When all are stalled (more
 //! concurrent misses than connections), the pool grows to
 //! 4 × size instead (`OVERFLOW_FACTOR`), and closes the surplus once they are
@@ -330,6 +334,8 @@ impl Pool {
     /// the surplus (idle ones) once nothing is stalled any more.
     async fn pick(&self) -> Result<Rc<UpConn>, UpstreamError> {
         let p = &self.0;
+        // Whether the loop has reaped its completions since this pick began.
+        let mut looked = false;
         loop {
             let now = Instant::now();
             let all_stalled = {
@@ -361,7 +367,22 @@ impl Pool {
             } else {
                 p.cfg.size
             };
-            let full = p.conns.borrow().len() + p.dialing.get() >= cap;
+            let open = p.conns.borrow().len() + p.dialing.get();
+            let full = open >= cap;
+            // `answered` is when the reader *delivered* the last answer, not
+            // when it arrived: a loop that was busy or descheduled for 20 ms
+            // (a loaded host) has the agent's answers waiting in its ring
+            // while every connection looks stalled, and this request may run
+            // before the readers do. Growing then only churns connections
+            // (issue 13: 0.01-0.02 connects per request in a storm). So
+            // before growing past `size` because all look stalled, let the
+            // loop reap what has arrived once (the readers it wakes run
+            // before this task resumes) and judge again.
+            if all_stalled && !looked && open >= p.cfg.size && !full {
+                looked = true;
+                rt::next_turn().await;
+                continue;
+            }
             match best {
                 Some(c) if c.load() == 0 || full => return Ok(c),
                 _ if !full => {
@@ -586,5 +607,128 @@ async fn reader(pool: Pool, conn: Rc<UpConn>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    /// A Unix-socket agent that counts its connections and answers every
+    /// request `200 ok` at once, except the first one it ever reads: that
+    /// one it reports on `got`, answers when told on `go`, then reports on
+    /// `answered` (so the test knows the answer is in the proxy's socket).
+    struct HeldAgent {
+        connections: Arc<AtomicUsize>,
+        got: mpsc::Receiver<()>,
+        go: mpsc::Sender<()>,
+        answered: mpsc::Receiver<()>,
+    }
+
+    fn held_agent(path: &std::path::Path) -> HeldAgent {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (got_tx, got) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (answered_tx, answered) = mpsc::channel();
+        let held = Arc::new(std::sync::Mutex::new(Some((got_tx, go_rx, answered_tx))));
+        let count = connections.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                let held = held.clone();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let first = held.lock().unwrap().take();
+                            if let Some((got, go, _)) = &first {
+                                got.send(()).unwrap();
+                                go.recv().unwrap();
+                            }
+                            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if s.write_all(answer).is_err() {
+                                return;
+                            }
+                            if let Some((_, _, answered)) = first {
+                                answered.send(()).unwrap();
+                            }
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        HeldAgent {
+            connections,
+            got,
+            go,
+            answered,
+        }
+    }
+
+    /// Regression (issue 13): the agent answered in time, but the proxy's
+    /// loop did not run for longer than [`STALLED_AFTER`] (a loaded host
+    /// deschedules it; here the test blocks the loop's thread). The next
+    /// request ran before the reader that had the answer waiting, took the
+    /// only connection for stalled and dialled a new one. It must reuse it.
+    #[test]
+    fn a_late_loop_does_not_take_an_answered_connection_for_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let HeldAgent {
+            connections,
+            got,
+            go,
+            answered,
+        } = held_agent(&path);
+        let pool = Pool::new(PoolConfig {
+            socket: path,
+            size: 1,
+            connect_timeout: Duration::from_secs(5),
+            server_timeout: Duration::from_secs(5),
+            limits: Limits::default(),
+            max_response_bytes: 1 << 20,
+        });
+        let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        // On a spawned task, as every proxy request runs (`block_on` polls
+        // its own future before the loop's tasks, so it would not see the
+        // order the loop gives them).
+        let test = async move {
+            let first = {
+                let pool = pool.clone();
+                let bytes = req("/first");
+                rt::spawn_handle(async move { pool.request(bytes, Method::Get).await })
+            };
+            // Let the loop write the first request; the agent holds it.
+            while got.try_recv().is_err() {
+                rt::sleep(Duration::from_millis(1)).await;
+            }
+            // From here on this task does not yield: the loop is "away".
+            go.send(()).unwrap();
+            answered.recv().unwrap();
+            std::thread::sleep(STALLED_AFTER * 2);
+            let second = pool.request(req("/second"), Method::Get).await.unwrap();
+            assert_eq!(second.head.status, 200);
+            let first = first.join().await.unwrap().unwrap();
+            assert_eq!(first.head.status, 200);
+        };
+        rt::block_on(async { rt::spawn_handle(test).join().await })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1,
+            "the answered connection was taken for stalled and another dialled"
+        );
     }
 }
