@@ -129,7 +129,9 @@ impl Handler for ProxyConn {
         }
         out.extend_from_slice(req.body);
         inc(&ns.counters.requests);
-        let resp = match ctx.pool.request(out, head.method).await {
+        let (res, out) = ctx.pool.request(out, head.method).await;
+        ctx.server.put_buf(out);
+        let resp = match res {
             Ok(r) => r,
             Err(e) => {
                 log::debug(format_args!("{}: request from {peer}: {e}", ns.cfg.name));

@@ -163,6 +163,22 @@ pub async fn sleep(d: Duration) {
     compio::time::sleep(d).await;
 }
 
+/// Resume after the loop has polled its ring once: every completion that
+/// had arrived by then has been reaped, and the tasks it woke were queued
+/// ahead of this one, so they run first. A task that judges a peer by
+/// state its other tasks update (the proxy's pool deciding that the agent
+/// is stalled) uses it to make sure it is not looking at its own lateness.
+/// It is a timer [`NEXT_TURN_AFTER`] ahead, because compio wakes timers
+/// right after it reaps the ring, in the same poll.
+pub async fn next_turn() {
+    compio::time::sleep(NEXT_TURN_AFTER).await;
+}
+
+/// How far ahead [`next_turn`]'s timer is set: far enough to be still in
+/// the future when it is registered (a timer already due would not wait
+/// for the poll at all), short next to the connect it usually precedes.
+pub const NEXT_TURN_AFTER: Duration = Duration::from_micros(100);
+
 /// Run `fut` until `deadline`. On expiry the future is dropped, which cancels
 /// its in-flight io_uring operations (compio submits ASYNC_CANCEL and keeps the
 /// buffer until the kernel completes the cancellation), so an expired read
