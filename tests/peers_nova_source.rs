@@ -1,6 +1,8 @@
 //! `[api] source = "nova"` against the real Nova metadata API (nova 34,
-//! `scripts/peers/`): both read the same SQLite databases, which Nova's own
-//! migrations created and Nova's own objects populated.
+//! `scripts/peers/`): both read the same databases, which Nova's own
+//! migrations created and Nova's own objects populated: MariaDB in CI
+//! (`NOVA_DB=mariadb`, as production runs Nova), SQLite files for local runs.
+//! The URLs are nova.conf's, from the env file `up.sh` writes.
 //!
 //! Opt-in, as every `peers_*` test: runs only with `METAPROXY_PEERS=1`
 //! (`scripts/peers/up.sh && . /tmp/metaproxy-peers/env`), else SKIPPED.
@@ -44,7 +46,6 @@ fn neutron_url() -> String {
 fn start_nova_api(p: &Peers, dir: &Path, name: &str) -> (Api, SocketAddr) {
     let port = free_port();
     let cfg = dir.join(format!("{name}.toml"));
-    let db = |f: &str| format!("sqlite:///{}", p.nova_dir.join(f).display());
     std::fs::write(
         &cfg,
         format!(
@@ -53,8 +54,8 @@ fn start_nova_api(p: &Peers, dir: &Path, name: &str) -> (Api, SocketAddr) {
              [api.nova]\nconnection = {cell:?}\napi_connection = {api:?}\nmetadata_cache_expiration = 0\n\
              [api.neutron]\nurl = {neutron:?}\nauth_strategy = \"noauth\"\n",
             secret = Value::from(p.secret.as_str()),
-            cell = db("nova.db"),
-            api = db("nova_api.db"),
+            cell = p.nova_connection,
+            api = p.nova_api_connection,
             neutron = neutron_url(),
         ),
     )
@@ -96,14 +97,13 @@ fn check_reads_novas_schema_and_counts_its_instances() {
     };
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
-    let db = |f: &str| format!("sqlite:///{}", p.nova_dir.join(f).display());
     std::fs::write(
         &cfg,
         format!(
             "[api]\nsource = \"nova\"\n[api.nova]\nconnection = {:?}\napi_connection = {:?}\n\
              [api.neutron]\nurl = {:?}\nauth_strategy = \"noauth\"\n",
-            db("nova.db"),
-            db("nova_api.db"),
+            p.nova_connection,
+            p.nova_api_connection,
             neutron_url()
         ),
     )
@@ -132,32 +132,32 @@ fn check_reads_novas_schema_and_counts_its_instances() {
 
 /// Sets every fixture instance's password chunks to "" (what
 /// `nova clear-password` leaves), now and when dropped.
-struct ClearPasswords(std::path::PathBuf);
+struct ClearPasswords<'a>(&'a Peers);
 
-impl ClearPasswords {
+impl ClearPasswords<'_> {
     fn clear(&self) {
-        // Python's sqlite3, as the peers' scripts use: no SQLite client in
-        // our dependencies for tests alone.
-        let status = Command::new("python3")
+        // SQLAlchemy in Nova's venv, on nova.conf's own URL: SQLite or
+        // MariaDB (PyMySQL) alike, and no database client in our
+        // dependencies for tests alone.
+        let status = Command::new(&self.0.nova_python)
             .arg("-c")
             .arg(
-                "import sqlite3,sys\n\
-                 c=sqlite3.connect(sys.argv[1],timeout=30)\n\
-                 c.execute(\"UPDATE instance_system_metadata SET value='' WHERE key LIKE 'password_%' AND deleted=0\")\n\
-                 c.commit()\n",
+                "import sys, sqlalchemy as sa\n\
+                 e=sa.create_engine(sys.argv[1])\n\
+                 with e.begin() as c:\n \
+                 c.execute(sa.text(\"UPDATE instance_system_metadata SET value='' WHERE `key` LIKE 'password_%' AND deleted=0\"))\n",
             )
-            .arg(&self.0)
+            .arg(&self.0.nova_connection)
             .status()
             .unwrap();
         assert!(
             status.success(),
-            "clearing passwords in {}",
-            self.0.display()
+            "clearing passwords in Nova's cell database"
         );
     }
 }
 
-impl Drop for ClearPasswords {
+impl Drop for ClearPasswords<'_> {
     fn drop(&mut self) {
         self.clear();
     }
@@ -185,7 +185,7 @@ fn passwords_are_shared_with_nova() {
     };
     let vms = instances(&p);
     assert!(vms.len() >= 3, "the password test needs 3 instances");
-    let guard = ClearPasswords(p.nova_dir.join("nova.db"));
+    let guard = ClearPasswords(&p);
     guard.clear();
     let dir = tempfile::tempdir().unwrap();
     let (api, ours) = start_nova_api(&p, dir.path(), "a");

@@ -33,8 +33,16 @@ pub struct Peers {
     pub fixture: Value,
     pub nova: SocketAddr,
     pub secret: String,
-    /// Where `scripts/peers/nova.sh` keeps Nova's SQLite databases.
+    /// Where `scripts/peers/nova.sh` keeps Nova's state (and, on SQLite, its databases).
     pub nova_dir: PathBuf,
+    /// nova.conf's `[database] connection` (the cell), an oslo.db URL:
+    /// `sqlite:///…/nova.db`, or `mysql+pymysql://…` with `NOVA_DB=mariadb`.
+    pub nova_connection: String,
+    /// nova.conf's `[api_database] connection`.
+    pub nova_api_connection: String,
+    /// The Nova venv's python (SQLAlchemy and PyMySQL), for test set-up
+    /// writes into Nova's databases whatever their engine.
+    pub nova_python: PathBuf,
 }
 
 /// `None` (after printing SKIPPED) unless `METAPROXY_PEERS=1`.
@@ -67,11 +75,30 @@ pub fn peers(test: &str) -> Option<Peers> {
         },
         PathBuf::from,
     );
+    // Env files of up.sh before NOVA_DB existed name no URLs: SQLite in nova_dir.
+    let url = |var: &str, file: &str| {
+        std::env::var(var)
+            .unwrap_or_else(|_| format!("sqlite:///{}", nova_dir.join(file).display()))
+    };
+    let nova_connection = url("METAPROXY_PEERS_NOVA_CONNECTION", "nova.db");
+    let nova_api_connection = url("METAPROXY_PEERS_NOVA_API_CONNECTION", "nova_api.db");
+    let nova_python = std::env::var("METAPROXY_PEERS_NOVA_PYTHON").map_or_else(
+        |_| {
+            nova_dir
+                .parent()
+                .unwrap_or(std::path::Path::new("/tmp/metaproxy-peers"))
+                .join("nova-venv/bin/python")
+        },
+        PathBuf::from,
+    );
     Some(Peers {
         fixture,
         nova,
         secret,
         nova_dir,
+        nova_connection,
+        nova_api_connection,
+        nova_python,
     })
 }
 
