@@ -35,7 +35,8 @@ use serde_json::Value;
 
 use common::free_port;
 use common::nova_peers::{
-    assert_same, compare_everything, instances, peers, request, who, Api, Peers, VENDOR_JSON,
+    assert_same, compare_everything, compare_features, features, instances, peers, request, who,
+    Api, Peers, VENDOR_JSON,
 };
 
 fn neutron_url() -> String {
@@ -90,6 +91,101 @@ fn nova_source_answers_what_nova_answers() {
     assert_same("peers_nova_source", &p, &d);
 }
 
+/// Differences from Nova on the feature instances that are not ours to fix
+/// on this branch: the branch `nova-render` renders these from Nova's rows
+/// (`devices`, `dedicated_cpus`, the EC2 block-device-mapping's ephemeral and
+/// swap, a volume-backed instance's `ami-id`). Each entry is (instance,
+/// a substring of "METHOD /path", why). Any other difference fails the test,
+/// and so does an entry that no longer differs: when `nova-render` merges,
+/// delete the entries it fixed (the failure names them). An entry covers
+/// the whole answer of its paths (all of `meta_data.json` for vm8 and vm9,
+/// at the versions that have `devices` / `dedicated_cpus`), so keep it no
+/// longer than needed.
+const PENDING_NOVA_RENDER: &[(&str, &str, &str)] = &[
+    (
+        "vm8",
+        "/meta_data.json",
+        "devices: NIC tags, VLAN, trusted VF, disk tags (instance_extra.device_metadata)",
+    ),
+    (
+        "vm8",
+        "/meta-data/block-device-mapping/",
+        "EC2 ebs0 of the tagged volume (block_device_mapping)",
+    ),
+    (
+        "vm9",
+        "/meta_data.json",
+        "dedicated_cpus [2, 3] (instance_extra.numa_topology)",
+    ),
+    (
+        "vm10",
+        "/meta-data/block-device-mapping/",
+        "EC2 ephemeral0 and swap (block_device_mapping)",
+    ),
+    (
+        "vm11",
+        "/meta-data/block-device-mapping/",
+        "EC2 ebs0, the volume root (block_device_mapping)",
+    ),
+    (
+        "vm11",
+        "/meta-data/ami-id",
+        "Nova's None for a volume-backed instance, ours ami-00000000",
+    ),
+];
+
+#[test]
+fn nova_source_renders_every_feature_as_nova_does() {
+    let Some(p) = peers("peers_nova_source") else {
+        return;
+    };
+    let feats = features(&p);
+    assert!(
+        feats.len() >= 8,
+        "the fixture has {} feature instances; scripts/peers/up.sh writes 8",
+        feats.len()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_api, ours) = start_nova_api(&p, dir.path(), "features");
+    let d = compare_features(&p, ours, &feats);
+    let pending = |label: &str, at: &str| {
+        PENDING_NOVA_RENDER
+            .iter()
+            .position(|(vm, path, _)| *vm == label && at.contains(path))
+    };
+    let mut used = vec![false; PENDING_NOVA_RENDER.len()];
+    let mut unexpected = Vec::new();
+    for (m, (label, at)) in d.mismatches.iter().zip(&d.at) {
+        match pending(label, at) {
+            Some(i) => used[i] = true,
+            None => unexpected.push(m.as_str()),
+        }
+    }
+    println!(
+        "peers_nova_source features: {} requests to {} feature instances, {} differ as listed in PENDING_NOVA_RENDER",
+        d.compared,
+        feats.len(),
+        d.mismatches.len() - unexpected.len()
+    );
+    assert!(
+        unexpected.is_empty(),
+        "{} of {} differ from Nova:\n{}",
+        unexpected.len(),
+        d.compared,
+        unexpected.join("\n")
+    );
+    let fixed: Vec<_> = PENDING_NOVA_RENDER
+        .iter()
+        .zip(&used)
+        .filter(|(_, u)| !**u)
+        .map(|(e, _)| e)
+        .collect();
+    assert!(
+        fixed.is_empty(),
+        "these now answer as Nova does: delete them from PENDING_NOVA_RENDER: {fixed:?}"
+    );
+}
+
 #[test]
 fn check_reads_novas_schema_and_counts_its_instances() {
     let Some(p) = peers("peers_nova_source") else {
@@ -119,7 +215,7 @@ fn check_reads_novas_schema_and_counts_its_instances() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let n = instances(&p).len();
+    let n = instances(&p).len() + features(&p).len();
     assert!(
         stdout.contains(&format!("({n} instance(s) in")),
         "expected {n} instances: {stdout}"
@@ -130,9 +226,10 @@ fn check_reads_novas_schema_and_counts_its_instances() {
     );
 }
 
-/// Sets every fixture instance's password chunks to "" (what
-/// `nova clear-password` leaves), now and when dropped.
-struct ClearPasswords<'a>(&'a Peers);
+/// Sets the password chunks of the instances the password test uses to ""
+/// (what `nova clear-password` leaves), now and when dropped. (The feature
+/// instance with a password set stays as it is.)
+struct ClearPasswords<'a>(&'a Peers, Vec<String>);
 
 impl ClearPasswords<'_> {
     fn clear(&self) {
@@ -145,9 +242,11 @@ impl ClearPasswords<'_> {
                 "import sys, sqlalchemy as sa\n\
                  e=sa.create_engine(sys.argv[1])\n\
                  with e.begin() as c:\n \
-                 c.execute(sa.text(\"UPDATE instance_system_metadata SET value='' WHERE `key` LIKE 'password_%' AND deleted=0\"))\n",
+                 for u in sys.argv[2:]:\n  \
+                 c.execute(sa.text(\"UPDATE instance_system_metadata SET value='' WHERE `key` LIKE 'password_%' AND deleted=0 AND instance_uuid=:u\"), {'u': u})\n",
             )
             .arg(&self.0.nova_connection)
+            .args(&self.1)
             .status()
             .unwrap();
         assert!(
@@ -185,7 +284,12 @@ fn passwords_are_shared_with_nova() {
     };
     let vms = instances(&p);
     assert!(vms.len() >= 3, "the password test needs 3 instances");
-    let guard = ClearPasswords(&p);
+    let guard = ClearPasswords(
+        &p,
+        vms.iter()
+            .map(|(_, vm)| vm["uuid"].as_str().unwrap().to_owned())
+            .collect(),
+    );
     guard.clear();
     let dir = tempfile::tempdir().unwrap();
     let (api, ours) = start_nova_api(&p, dir.path(), "a");

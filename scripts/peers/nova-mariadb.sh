@@ -4,20 +4,24 @@
 # scripts/test.sh does); nova-manage and nova-api-metadata then use it through
 # PyMySQL, and `metaproxy api --source nova` reads the same databases.
 #
-#   scripts/peers/nova-mariadb.sh start    fresh datadir ($MARIADB_DIR/data,
-#                                          mariadb-install-db), mariadbd on
+#   scripts/peers/nova-mariadb.sh start    fresh datadir (mariadb-install-db),
+#                                          mariadbd on
 #                                          127.0.0.1:$MARIADB_PORT (13306) and
 #                                          the socket $MARIADB_DIR/sock; empty
 #                                          databases nova, nova_api, nova_cell0
 #                                          and a user nova with a password that
 #                                          needs percent-encoding in a URL;
 #                                          writes $MARIADB_DIR/env (MARIADB_URL)
-#   scripts/peers/nova-mariadb.sh stop     kill the recorded mariadbd PID only
+#   scripts/peers/nova-mariadb.sh stop     kill the recorded mariadbd PID only,
+#                                          then delete its datadir
 #   scripts/peers/nova-mariadb.sh status
 #
 # The server reads no /etc/mysql configuration (--no-defaults), listens on
 # loopback only, and trades durability for speed (no fsync, no binlog): its
-# data is thrown away by the next start.
+# data is thrown away by stop. The datadir is on tmpfs (/dev/shm) when there
+# is one: on a disk shared with builds, Nova's DDL (about 300 CREATE TABLEs)
+# waits for the disk even without fsync, 44 s instead of 19 s here.
+# MARIADB_DATADIR overrides it. Logs, socket and PID stay in $MARIADB_DIR.
 #
 # Needs Debian's mariadb-server installed without starting its service, as
 # scripts/test.sh does it:
@@ -29,11 +33,18 @@ set -euo pipefail
 
 RUN=$MARIADB_DIR
 PIDFILE=$RUN/mariadbd.pid
+if [ -z "${MARIADB_DATADIR:-}" ]; then
+  if [ -d /dev/shm ] && [ -w /dev/shm ] && [ "$(stat -f -c %T /dev/shm)" = tmpfs ]; then
+    MARIADB_DATADIR=/dev/shm/metaproxy-peers-mariadb.$MARIADB_PORT
+  else
+    MARIADB_DATADIR=$RUN/data
+  fi
+fi
 # A password with URL-reserved characters: nova.conf carries it percent-encoded.
 URL="mysql+pymysql://nova:p%40ss%3Aw0rd@127.0.0.1:$MARIADB_PORT"
 # Throw-away data: no fsync, no binlog, a small redo log; Debian's defaults
 # for the character set (its /etc/mysql is not read).
-FAST=(--skip-log-bin --innodb-flush-log-at-trx-commit=0 --innodb-flush-method=nosync
+FAST=(--skip-log-bin --sync-frm=0 --innodb-flush-log-at-trx-commit=0 --innodb-flush-method=nosync
   --innodb-doublewrite=0 --innodb-log-file-size=32M --innodb-buffer-pool-size=128M
   --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci)
 
@@ -43,11 +54,14 @@ start() {
   [ -f "$PIDFILE" ] && stop
   port_busy "$MARIADB_PORT" && peers_die "127.0.0.1:$MARIADB_PORT is already in use by another process"
   local t0=$SECONDS
-  rm -rf "$RUN"; mkdir -p "$RUN"; chown mysql:mysql "$RUN"
-  mariadb-install-db --no-defaults --user=mysql --datadir="$RUN/data" \
+  case $MARIADB_DATADIR in /|/dev/shm|/tmp|"") peers_die "refusing datadir '$MARIADB_DATADIR'" ;; esac
+  rm -rf "$RUN" "$MARIADB_DATADIR"; mkdir -p "$RUN" "$MARIADB_DATADIR"
+  chown mysql:mysql "$RUN" "$MARIADB_DATADIR"
+  echo "$MARIADB_DATADIR" >"$RUN/datadir"
+  mariadb-install-db --no-defaults --user=mysql --datadir="$MARIADB_DATADIR" \
     --auth-root-authentication-method=socket --skip-test-db "${FAST[@]}" \
     >"$RUN/install.log" 2>&1 || { tail -n 20 "$RUN/install.log" >&2; peers_die "mariadb-install-db failed; log $RUN/install.log"; }
-  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$RUN/data" --socket="$RUN/sock" \
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$MARIADB_DATADIR" --socket="$RUN/sock" \
     --port="$MARIADB_PORT" --bind-address=127.0.0.1 --pid-file="$RUN/server.pid" \
     --log-error="$RUN/err.log" --skip-name-resolve "${FAST[@]}" \
     </dev/null >/dev/null 2>&1 &
@@ -65,7 +79,7 @@ start() {
     GRANT ALL ON nova_cell0.* TO 'nova'@'127.0.0.1';" \
     || { stop; peers_die "mariadbd did not accept connections on $RUN/sock; log $RUN/err.log"; }
   printf '# written by scripts/peers/nova-mariadb.sh\nMARIADB_URL=%q\n' "$URL" >"$RUN/env"
-  peers_log "mariadbd $(/usr/sbin/mariadbd --version | awk '{print $3}') ready in $((SECONDS - t0)) s: pid $pid, 127.0.0.1:$MARIADB_PORT, socket $RUN/sock"
+  peers_log "mariadbd $(/usr/sbin/mariadbd --version | awk '{print $3}') ready in $((SECONDS - t0)) s: pid $pid, 127.0.0.1:$MARIADB_PORT, socket $RUN/sock, datadir $MARIADB_DATADIR"
 }
 
 # Kill exactly the recorded PID, if it still is a mariadbd, and wait for it.
@@ -83,6 +97,12 @@ stop() {
     peers_log "mariadbd: pid $pid is not a running mariadbd: not touching it"
   fi
   rm -f "$PIDFILE" "$RUN/env"
+  # The datadir this script made (recorded at start): tmpfs is memory.
+  if [ -f "$RUN/datadir" ] && { ! kill -0 "$pid" 2>/dev/null || is_zombie "$pid"; }; then
+    local d; d=$(cat "$RUN/datadir")
+    case $d in /dev/shm/metaproxy-peers-mariadb.*|"$RUN"/data) rm -rf "$d" ;; esac
+    rm -f "$RUN/datadir"
+  fi
 }
 
 case ${1:-} in

@@ -101,8 +101,8 @@ start() {
       "$PEERS_HERE/nova-mariadb.sh" start
       # shellcheck disable=SC1091
       . "$MARIADB_DIR/env"
-      API_URL=$MARIADB_URL/nova_api?charset=utf8 CELL_URL=$MARIADB_URL/nova?charset=utf8
-      CELL0_URL=$MARIADB_URL/nova_cell0?charset=utf8 ;;
+      API_URL="$MARIADB_URL/nova_api?charset=utf8" CELL_URL="$MARIADB_URL/nova?charset=utf8"
+      CELL0_URL="$MARIADB_URL/nova_cell0?charset=utf8" ;;
     *) peers_die "NOVA_DB must be sqlite or mariadb, not '$NOVA_DB'" ;;
   esac
   render_config
