@@ -91,48 +91,14 @@ fn nova_source_answers_what_nova_answers() {
     assert_same("peers_nova_source", &p, &d);
 }
 
-/// Differences from Nova on the feature instances that are not ours to fix
-/// on this branch: the branch `nova-render` renders these from Nova's rows
-/// (`devices`, `dedicated_cpus`, the EC2 block-device-mapping's ephemeral and
-/// swap, a volume-backed instance's `ami-id`). Each entry is (instance,
-/// a substring of "METHOD /path", why). Any other difference fails the test,
-/// and so does an entry that no longer differs: when `nova-render` merges,
-/// delete the entries it fixed (the failure names them). An entry covers
-/// the whole answer of its paths (all of `meta_data.json` for vm8 and vm9,
-/// at the versions that have `devices` / `dedicated_cpus`), so keep it no
-/// longer than needed.
-const PENDING_NOVA_RENDER: &[(&str, &str, &str)] = &[
-    (
-        "vm8",
-        "/meta_data.json",
-        "devices: NIC tags, VLAN, trusted VF, disk tags (instance_extra.device_metadata)",
-    ),
-    (
-        "vm8",
-        "/meta-data/block-device-mapping/",
-        "EC2 ebs0 of the tagged volume (block_device_mapping)",
-    ),
-    (
-        "vm9",
-        "/meta_data.json",
-        "dedicated_cpus [2, 3] (instance_extra.numa_topology)",
-    ),
-    (
-        "vm10",
-        "/meta-data/block-device-mapping/",
-        "EC2 ephemeral0 and swap (block_device_mapping)",
-    ),
-    (
-        "vm11",
-        "/meta-data/block-device-mapping/",
-        "EC2 ebs0, the volume root (block_device_mapping)",
-    ),
-    (
-        "vm11",
-        "/meta-data/ami-id",
-        "Nova's None for a volume-backed instance, ours ami-00000000",
-    ),
-];
+/// Differences from Nova on the feature instances that another branch is
+/// fixing, each (instance, a substring of "METHOD /path", why). Any other
+/// difference fails the test, and so does an entry that no longer differs.
+/// Empty: the entries for `devices`, `dedicated_cpus`, the EC2
+/// block-device-mapping and a volume root's `ami-id` went when `nova-render`
+/// merged. An entry covers the whole answer of its paths: keep one no longer
+/// than needed.
+const PENDING: &[(&str, &str, &str)] = &[];
 
 #[test]
 fn nova_source_renders_every_feature_as_nova_does() {
@@ -149,11 +115,11 @@ fn nova_source_renders_every_feature_as_nova_does() {
     let (_api, ours) = start_nova_api(&p, dir.path(), "features");
     let d = compare_features(&p, ours, &feats);
     let pending = |label: &str, at: &str| {
-        PENDING_NOVA_RENDER
+        PENDING
             .iter()
             .position(|(vm, path, _)| *vm == label && at.contains(path))
     };
-    let mut used = vec![false; PENDING_NOVA_RENDER.len()];
+    let mut used = vec![false; PENDING.len()];
     let mut unexpected = Vec::new();
     for (m, (label, at)) in d.mismatches.iter().zip(&d.at) {
         match pending(label, at) {
@@ -162,7 +128,7 @@ fn nova_source_renders_every_feature_as_nova_does() {
         }
     }
     println!(
-        "peers_nova_source features: {} requests to {} feature instances, {} differ as listed in PENDING_NOVA_RENDER",
+        "peers_nova_source features: {} requests to {} feature instances, {} differ as listed in PENDING",
         d.compared,
         feats.len(),
         d.mismatches.len() - unexpected.len()
@@ -174,7 +140,7 @@ fn nova_source_renders_every_feature_as_nova_does() {
         d.compared,
         unexpected.join("\n")
     );
-    let fixed: Vec<_> = PENDING_NOVA_RENDER
+    let fixed: Vec<_> = PENDING
         .iter()
         .zip(&used)
         .filter(|(_, u)| !**u)
@@ -182,7 +148,7 @@ fn nova_source_renders_every_feature_as_nova_does() {
         .collect();
     assert!(
         fixed.is_empty(),
-        "these now answer as Nova does: delete them from PENDING_NOVA_RENDER: {fixed:?}"
+        "these now answer as Nova does: delete them from PENDING: {fixed:?}"
     );
 }
 
