@@ -5,6 +5,7 @@
 #   SKIP_INSTALL=1   do not touch system packages
 #   SKIP_PEERS=1     skip the real Neutron/Nova stage (it installs two venvs under /tmp)
 #   SKIP_CHAIN=1     skip the real neutron-metadata-agent chain (RabbitMQ) inside it
+#   NOVA_DB=sqlite   the peers' Nova on SQLite files instead of a private MariaDB (faster)
 #   FUZZ_SECS=N      seconds per fuzz target (default 20; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ step() { printf '\n==> [%02d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*
 
 # Debian packages the tests use. Installed only when missing (idempotent).
 PACKAGES=(iproute2 curl haproxy procps cloud-init nftables wrk bc util-linux lintian help2man dpkg-dev
-  ovn-central ovn-common openvswitch-common openvswitch-switch)
+  ovn-central ovn-common openvswitch-common openvswitch-switch mariadb-server)
 
 install_packages() {
   local missing=()
@@ -28,14 +29,22 @@ install_packages() {
     return
   fi
   step "installing ${missing[*]}"
-  # Keep package scripts from starting services (haproxy, ovsdb-server, ovn-northd)
-  # on this machine: the OVN tests start their own database servers on private sockets.
+  # Keep package scripts from starting services (haproxy, ovsdb-server, ovn-northd,
+  # mariadb) on this machine: the OVN tests start their own database servers on
+  # private sockets, the peers stage its own mariadbd (scripts/peers/nova-mariadb.sh).
   local prc=/usr/sbin/policy-rc.d created=0
   if [ ! -e "$prc" ]; then printf '#!/bin/sh\nexit 101\n' >"$prc"; chmod +x "$prc"; created=1; fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   [ "$created" = 1 ] && rm -f "$prc"
+  # mariadb-server's postinst bootstraps /var/lib/mysql with a mariadbd that
+  # exits; its service start is what the guard denies. Check that none stayed.
+  local pid; pid=$(cat /run/mysqld/mysqld.pid 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    echo "ERROR: installing mariadb-server left the system mariadbd running (pid $pid)" >&2
+    return 1
+  fi
   return 0
 }
 
@@ -96,7 +105,9 @@ if [ "${SKIP_PEERS:-0}" != 1 ] && ls tests/peers_*.rs >/dev/null 2>&1; then
   step "real OpenStack peers: neutron 29 API + nova 34 metadata API (scripts/peers)"
   trap 'scripts/peers/down.sh >/dev/null 2>&1 || true' EXIT
   # A short agent_down_time: tests/peers_report.rs waits for our killed agent to show dead.
-  NEUTRON_AGENT_DOWN_TIME=${NEUTRON_AGENT_DOWN_TIME:-6} scripts/peers/up.sh
+  # Nova on MariaDB, as production runs it (a private mariadbd, stopped by PID
+  # in down.sh); NOVA_DB=sqlite is the fast local path.
+  NEUTRON_AGENT_DOWN_TIME=${NEUTRON_AGENT_DOWN_TIME:-6} NOVA_DB=${NOVA_DB:-mariadb} scripts/peers/up.sh
   # shellcheck disable=SC1091
   . /tmp/metaproxy-peers/env
   peer_tests=()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent install of the pinned OpenStack peers, OUTSIDE the repo:
 #   $PEERS_DIR/neutron-venv   neutron==29.0.0 + gunicorn
-#   $PEERS_DIR/nova-venv      nova==34.0.0 + gunicorn
+#   $PEERS_DIR/nova-venv      nova==34.0.0 + gunicorn + PyMySQL (Nova's
+#                             MySQL driver, for NOVA_DB=mariadb)
 # (PEERS_DIR defaults to /tmp/metaproxy-peers.)  A venv whose pinned
 # version already imports is skipped.  Prints timings.
 #
@@ -23,8 +24,9 @@ done
 
 mkdir -p "$PEERS_DIR/logs"
 
-install_venv() {   # VENV DIST VERSION
+install_venv() {   # VENV DIST VERSION [EXTRA-REQUIREMENT...]
   local venv=$1 dist=$2 ver=$3 t0 log=$PEERS_DIR/logs/pip-$2.log
+  shift 3
   if venv_ok "$venv" "$dist" "$ver"; then
     peers_log "$dist $ver already importable in $venv: skip"
     return 0
@@ -36,7 +38,7 @@ install_venv() {   # VENV DIST VERSION
   {
     "$venv/bin/pip" install -U pip
     # neutron's closure has one sdist (`ovs`, a small C extension): builds in seconds
-    "$venv/bin/pip" install "$dist==$ver" gunicorn
+    "$venv/bin/pip" install "$dist==$ver" gunicorn "$@"
   } >"$log" 2>&1 || { tail -n 40 "$log" >&2; peers_die "pip install $dist failed; log: $log"; }
   venv_ok "$venv" "$dist" "$ver" || peers_die "$dist $ver not importable after install"
   peers_log "installed $dist $ver in $((SECONDS - t0)) s; venv $(du -sh "$venv" | cut -f1)"
@@ -46,7 +48,17 @@ T0=$SECONDS
 "$PEERS_PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
   || peers_die "$PEERS_PYTHON is older than 3.10 (set PEERS_PYTHON)"
 install_venv "$NEUTRON_VENV" neutron "$NEUTRON_VERSION"
-install_venv "$NOVA_VENV" nova "$NOVA_VERSION"
+install_venv "$NOVA_VENV" nova "$NOVA_VERSION" "PyMySQL==$PYMYSQL_VERSION"
+# PyMySQL, the driver of nova.conf's mysql+pymysql:// URLs; also into a
+# venv installed before it was part of the set.
+if "$NOVA_VENV/bin/python" -c 'import pymysql' 2>/dev/null; then
+  peers_log "PyMySQL already importable in $NOVA_VENV: skip"
+else
+  t0=$SECONDS
+  "$NOVA_VENV/bin/pip" install "PyMySQL==$PYMYSQL_VERSION" >"$PEERS_DIR/logs/pip-pymysql.log" 2>&1 \
+    || { tail -n 20 "$PEERS_DIR/logs/pip-pymysql.log" >&2; peers_die "pip install PyMySQL failed"; }
+  peers_log "installed PyMySQL $PYMYSQL_VERSION into $NOVA_VENV in $((SECONDS - t0)) s"
+fi
 
 if [ "$CHAIN" = 1 ]; then
   if command -v haproxy >/dev/null && command -v rabbitmq-server >/dev/null; then

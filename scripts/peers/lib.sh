@@ -8,12 +8,18 @@ NEUTRON_VENV=${NEUTRON_VENV:-$PEERS_DIR/neutron-venv}
 NOVA_VENV=${NOVA_VENV:-$PEERS_DIR/nova-venv}
 NEUTRON_VERSION=29.0.0
 NOVA_VERSION=34.0.0
+PYMYSQL_VERSION=1.2.4
 NEUTRON_PORT=${NEUTRON_PORT:-9696}
 NOVA_PORT=${NOVA_PORT:-8775}
 NEUTRON_URL=http://127.0.0.1:$NEUTRON_PORT
 NOVA_URL=http://127.0.0.1:$NOVA_PORT
 PEERS_SECRET=${PEERS_SECRET:-s3cr3t-shared}
 PEERS_FIXTURE=${PEERS_FIXTURE:-$PEERS_DIR/fixture.json}
+# Nova's databases: "mariadb" (as production runs them; what scripts/test.sh
+# uses) or "sqlite" (no server, the fast path for local runs).
+NOVA_DB=${NOVA_DB:-sqlite}
+MARIADB_PORT=${MARIADB_PORT:-13306}
+MARIADB_DIR=$PEERS_DIR/mariadb
 
 peers_log() { echo "[peers $(date -u +%H:%M:%S)] $*"; }
 peers_die() { echo "[peers] ERROR: $*" >&2; exit 1; }

@@ -1,9 +1,13 @@
-"""Compare two metadata APIs on the peers fixture: every OpenStack file at
+"""Compare two metadata APIs on the peers fixture (its instances and feature
+instances): every OpenStack file at
 every version, the EC2 crawl at four versions (bodies with random_seed
 masked, statuses, content types); then 8 concurrent password POSTs to the
 second one for vm3 (exactly one must be 200). Leaves vm3's password set.
 
 Usage: nova-compare.py NOVA_PORT OURS_PORT
+e.g. after scripts/peers/up.sh (NOVA_DB=mariadb or sqlite):
+  metaproxy api --config /tmp/metaproxy-peers/nova/metaproxy-api.toml &
+  python3 scripts/peers/nova-compare.py 8775 18777
 """
 import hmac, hashlib, json, os, re, http.client, sys, threading
 NOVA, OURS = int(sys.argv[1]), int(sys.argv[2])
@@ -32,7 +36,7 @@ def crawl(d, h):
         elif '=' in line:
             i = line.split('=')[0]; crawl(d + i + '/', h); cmp(d + i + '/openssh-key', h)
         else: cmp(d + line, h)
-for name, vm in sorted(fx['instances'].items()):
+for name, vm in sorted({**fx['instances'], **fx.get('features', {})}.items()):
     h = hdr(vm)
     for v in get(NOVA, '/openstack', h)[2].decode().splitlines():
         for f in ['', '/meta_data.json', '/user_data', '/vendor_data.json', '/vendor_data2.json', '/network_data.json', '/password']:

@@ -311,7 +311,8 @@ pub(crate) fn network_data(ctx: &RenderCtx<'_>) -> String {
             .as_deref()
             .filter(|t| LEGACY_EXPOSED_VIF_TYPES.contains(t))
             .unwrap_or("phy");
-        let mtu = if subnets.iter().any(|(s, _)| s.dhcp) {
+        // nova.virt.netutils._get_link_mtu: null when a DHCP port serves it.
+        let mtu = if subnets.iter().any(|(s, _)| s.dhcp_server) {
             Json::Null
         } else {
             network.mtu.map_or(Json::Null, |m| Json::Int(i64::from(m)))
@@ -341,7 +342,8 @@ pub(crate) fn network_data(ctx: &RenderCtx<'_>) -> String {
                 .filter(|ip| !services.contains(ip))
                 .collect();
             services.extend(fresh);
-            if subnet.dhcp {
+            // _get_nets: an ipv6_address_mode wins over DHCP.
+            if subnet.dhcp && subnet.ipv6_mode.is_none() {
                 nets.push(Json::Obj(vec![
                     ("id".into(), Json::Str(id)),
                     ("type".into(), Json::Str(format!("ipv{version}_dhcp"))),

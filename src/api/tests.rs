@@ -656,6 +656,34 @@ fn network_data_json_shapes() {
     serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
 }
 
+/// Nova's `_get_nets`: an `ipv6_address_mode` wins over a DHCP server (a
+/// SLAAC subnet with Neutron's DHCP on stays `ipv6_slaac`, with its address);
+/// the DHCP server still nulls the link's `mtu`.
+#[test]
+fn an_ipv6_mode_wins_over_dhcp() {
+    let slaac = "dhcp = false\nipv6_mode = \"slaac\"";
+    assert!(NET_TOML.contains(slaac));
+    let f = fixture_with(
+        &NET_TOML.replace(slaac, "dhcp = true\nipv6_mode = \"slaac\""),
+        ApiSettings {
+            shared_secret: SECRET.to_vec(),
+            ..ApiSettings::default()
+        },
+    );
+    let r = call(
+        &f.api,
+        "GET",
+        "/openstack/latest/network_data.json",
+        &signed("u1", "p"),
+        b"",
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["links"][0]["mtu"], serde_json::Value::Null, "{v}");
+    let n1 = &v["networks"][1];
+    assert_eq!(n1["type"], "ipv6_slaac", "{v}");
+    assert_eq!(n1["ip_address"], "fd00:10::5", "{v}");
+}
+
 #[test]
 fn head_post_put_on_data_paths_return_data() {
     let f = nova();

@@ -123,8 +123,13 @@ pub struct Subnet {
     pub dns: Vec<IpAddr>,
     /// 4 or 6.
     pub ip_version: u8,
-    /// A DHCP server serves this subnet (Nova then renders `ipv4_dhcp`/`ipv6_dhcp`).
+    /// Nova renders this subnet `ipv4_dhcp`/`ipv6_dhcp` (unless it has an
+    /// `ipv6_mode`): a DHCP server serves it, or Neutron's `enable_dhcp`.
     pub dhcp: bool,
+    /// A DHCP port serves this subnet (Nova's info cache `dhcp_server`):
+    /// Nova then leaves the link's `mtu` null (DHCP hands it out). The
+    /// inventory's `dhcp` sets both.
+    pub dhcp_server: bool,
     /// `ipv6_address_mode`, for IPv6 subnets that set it.
     pub ipv6_mode: Option<Ipv6Mode>,
     /// Host routes.
@@ -802,6 +807,7 @@ fn convert_network(key: &str, n: file::NetworkFile) -> Result<Network, Inventory
             dns,
             ip_version: version,
             dhcp: s.dhcp,
+            dhcp_server: s.dhcp,
             ipv6_mode,
             routes,
         });

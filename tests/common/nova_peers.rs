@@ -33,8 +33,16 @@ pub struct Peers {
     pub fixture: Value,
     pub nova: SocketAddr,
     pub secret: String,
-    /// Where `scripts/peers/nova.sh` keeps Nova's SQLite databases.
+    /// Where `scripts/peers/nova.sh` keeps Nova's state (and, on SQLite, its databases).
     pub nova_dir: PathBuf,
+    /// nova.conf's `[database] connection` (the cell), an oslo.db URL:
+    /// `sqlite:///…/nova.db`, or `mysql+pymysql://…` with `NOVA_DB=mariadb`.
+    pub nova_connection: String,
+    /// nova.conf's `[api_database] connection`.
+    pub nova_api_connection: String,
+    /// The Nova venv's python (SQLAlchemy and PyMySQL), for test set-up
+    /// writes into Nova's databases whatever their engine.
+    pub nova_python: PathBuf,
 }
 
 /// `None` (after printing SKIPPED) unless `METAPROXY_PEERS=1`.
@@ -67,11 +75,30 @@ pub fn peers(test: &str) -> Option<Peers> {
         },
         PathBuf::from,
     );
+    // Env files of up.sh before NOVA_DB existed name no URLs: SQLite in nova_dir.
+    let url = |var: &str, file: &str| {
+        std::env::var(var)
+            .unwrap_or_else(|_| format!("sqlite:///{}", nova_dir.join(file).display()))
+    };
+    let nova_connection = url("METAPROXY_PEERS_NOVA_CONNECTION", "nova.db");
+    let nova_api_connection = url("METAPROXY_PEERS_NOVA_API_CONNECTION", "nova_api.db");
+    let nova_python = std::env::var("METAPROXY_PEERS_NOVA_PYTHON").map_or_else(
+        |_| {
+            nova_dir
+                .parent()
+                .unwrap_or(std::path::Path::new("/tmp/metaproxy-peers"))
+                .join("nova-venv/bin/python")
+        },
+        PathBuf::from,
+    );
     Some(Peers {
         fixture,
         nova,
         secret,
         nova_dir,
+        nova_connection,
+        nova_api_connection,
+        nova_python,
     })
 }
 
@@ -159,6 +186,8 @@ pub struct Diff {
     pub ours: SocketAddr,
     pub compared: usize,
     pub mismatches: Vec<String>,
+    /// For each mismatch, its (label, "METHOD /path").
+    pub at: Vec<(String, String)>,
 }
 
 impl Diff {
@@ -168,6 +197,7 @@ impl Diff {
         let o = request(self.ours, method, path, headers);
         self.compared += 1;
         let what = format!("{label}: {method} {path}");
+        let before = self.mismatches.len();
         if n.status != o.status {
             self.mismatches.push(format!(
                 "{what}: status nova {} ours {}",
@@ -188,6 +218,9 @@ impl Diff {
                 ));
             }
         }
+        for _ in before..self.mismatches.len() {
+            self.at.push((label.to_owned(), format!("{method} {path}")));
+        }
         n
     }
 
@@ -201,6 +234,7 @@ impl Diff {
                 "GET {path}: expected nova {nova} / ours {ours}, got {} / {}",
                 n.status, o.status
             ));
+            self.at.push((String::new(), format!("GET {path}")));
         }
     }
 
@@ -237,6 +271,16 @@ pub fn instances(p: &Peers) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The fixture's feature instances (vm5..vm12: several NICs, every subnet
+/// mode, keys, device tags, pinned CPUs, BDMs, ...), by name; none in a
+/// fixture written before they existed.
+pub fn features(p: &Peers) -> Vec<(String, Value)> {
+    p.fixture["features"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
 /// The identity the agent sends for this fixture instance.
 pub fn who(p: &Peers, vm: &Value) -> Who {
     Who {
@@ -251,12 +295,12 @@ pub fn who(p: &Peers, vm: &Value) -> Who {
 pub fn compare_everything(p: &Peers, ours: SocketAddr) -> Diff {
     let instances = instances(p);
     assert!(!instances.is_empty(), "fixture has no instances");
-    let who = |vm: &Value| who(p, vm);
     let mut d = Diff {
         nova: p.nova,
         ours,
         compared: 0,
         mismatches: Vec::new(),
+        at: Vec::new(),
     };
 
     // No identity needed.
@@ -264,8 +308,83 @@ pub fn compare_everything(p: &Peers, ours: SocketAddr) -> Diff {
         d.check("GET", path, "", "anonymous");
     }
 
+    let ec2_leaves = compare_instances(p, &mut d, &instances);
+    let unknown = "ffffffff-0000-4000-8000-00000000ffff";
+    let stranger = Who {
+        instance: unknown.into(),
+        tenant: instances[0].1["project_id"].as_str().unwrap().into(),
+        signature: sign(&p.secret, unknown),
+        forwarded_for: "10.10.0.99".into(),
+    };
+    d.check(
+        "GET",
+        "/openstack/latest/meta_data.json",
+        &stranger.headers(),
+        "unknown instance",
+    );
+
+    // The crawl really walked the tree cloud-init reads.
+    for leaf in [
+        "/2009-04-04/meta-data/instance-id",
+        "/latest/meta-data/placement/availability-zone",
+        "/latest/meta-data/block-device-mapping/root",
+    ] {
+        assert!(
+            ec2_leaves.contains(leaf),
+            "crawl missed {leaf}: {ec2_leaves:?}"
+        );
+    }
+    d
+}
+
+/// The feature instances' differential: the paths whose answers depend on
+/// what an instance has (the instance-independent ones, identity errors,
+/// path normalisation and the crawl at every version, are
+/// [`compare_everything`]'s, on the basic instances). For each:
+/// `meta_data.json` and `network_data.json` at every OpenStack version Nova
+/// lists; what cloud-init and cloudbase-init read at `latest` (`user_data`,
+/// `vendor_data*.json`, `password`); the EC2 crawl of `latest/meta-data/`
+/// (a superset of cloud-init's `2009-04-04`), `2009-04-04/user-data`, and
+/// the `meta-data/` listing at every EC2 version.
+pub fn compare_features(p: &Peers, ours: SocketAddr, features: &[(String, Value)]) -> Diff {
+    let mut d = Diff {
+        nova: p.nova,
+        ours,
+        compared: 0,
+        mismatches: Vec::new(),
+        at: Vec::new(),
+    };
+    let ec2_versions = request(p.nova, "GET", "/", "").text();
+    for (name, vm) in features {
+        let h = who(p, vm).headers();
+        let versions = request(p.nova, "GET", "/openstack", &h).text();
+        for v in versions.lines() {
+            for file in ["meta_data.json", "network_data.json"] {
+                d.check("GET", &format!("/openstack/{v}/{file}"), &h, name);
+            }
+        }
+        for file in [
+            "user_data",
+            "vendor_data.json",
+            "vendor_data2.json",
+            "password",
+        ] {
+            d.check("GET", &format!("/openstack/latest/{file}"), &h, name);
+        }
+        d.check("GET", "/2009-04-04/user-data", &h, name);
+        d.crawl("/latest/meta-data/", &h, name, &mut BTreeSet::new());
+        for v in ec2_versions.lines() {
+            d.check("GET", &format!("/{v}/meta-data/"), &h, name);
+        }
+    }
+    d
+}
+
+/// The per-instance part of the differential; returns the EC2 leaves crawled.
+fn compare_instances(p: &Peers, d: &mut Diff, instances: &[(String, Value)]) -> BTreeSet<String> {
+    let who = |vm: &Value| who(p, vm);
     let mut ec2_leaves = BTreeSet::new();
-    for (name, vm) in &instances {
+    for (name, vm) in instances {
         let h = who(vm).headers();
         let h = h.as_str();
         let label = name.as_str();
@@ -391,32 +510,7 @@ pub fn compare_everything(p: &Peers, ours: SocketAddr) -> Diff {
         d.check("GET", "/openstack/latest/meta_data.json", &no_tenant, label);
         d.check("GET", "/openstack/latest/meta_data.json", "", label);
     }
-    let unknown = "ffffffff-0000-4000-8000-00000000ffff";
-    let stranger = Who {
-        instance: unknown.into(),
-        tenant: instances[0].1["project_id"].as_str().unwrap().into(),
-        signature: sign(&p.secret, unknown),
-        forwarded_for: "10.10.0.99".into(),
-    };
-    d.check(
-        "GET",
-        "/openstack/latest/meta_data.json",
-        &stranger.headers(),
-        "unknown instance",
-    );
-
-    // The crawl really walked the tree cloud-init reads.
-    for leaf in [
-        "/2009-04-04/meta-data/instance-id",
-        "/latest/meta-data/placement/availability-zone",
-        "/latest/meta-data/block-device-mapping/root",
-    ] {
-        assert!(
-            ec2_leaves.contains(leaf),
-            "crawl missed {leaf}: {ec2_leaves:?}"
-        );
-    }
-    d
+    ec2_leaves
 }
 
 /// Fail with every mismatch, or print how many requests agreed.

@@ -730,6 +730,9 @@ pub fn network_info(text: &str) -> Result<NetworkInfo, DecodeError> {
                     }
                 }
                 let smeta = s.get("meta");
+                let dhcp_server = smeta
+                    .and_then(|m| m.get("dhcp_server"))
+                    .is_some_and(|d| !d.is_null());
                 let ipv6_mode = match smeta.and_then(|m| str_at(m, "ipv6_address_mode")) {
                     Some("slaac") => Some(Ipv6Mode::Slaac),
                     Some("dhcpv6-stateful") => Some(Ipv6Mode::Dhcpv6Stateful),
@@ -742,9 +745,15 @@ pub fn network_info(text: &str) -> Result<NetworkInfo, DecodeError> {
                     cidr,
                     gateway,
                     dns,
-                    dhcp: smeta
-                        .and_then(|m| m.get("dhcp_server"))
-                        .is_some_and(|d| !d.is_null()),
+                    // nova.virt.netutils: a DHCP port Neutron has on the
+                    // subnet (`dhcp_server`: ipv4_dhcp and a null link mtu),
+                    // or (Nova's fix of bug 2055245, for OVN's native DHCP)
+                    // the subnet's `enable_dhcp`, truthy: ipv4_dhcp only.
+                    dhcp: dhcp_server
+                        || smeta
+                            .and_then(|m| m.get("enable_dhcp"))
+                            .is_some_and(py_truthy),
+                    dhcp_server,
                     ipv6_mode,
                     routes,
                 });
@@ -890,6 +899,18 @@ pub fn decode(rows: &Rows) -> Result<Decoded, DecodeError> {
         networks,
         password: extract_password(&rows.system_metadata),
     })
+}
+
+/// Python's truth value of a JSON value, as Nova tests a meta field.
+fn py_truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }
 
 #[cfg(test)]
@@ -1272,6 +1293,35 @@ mod tests {
         assert_eq!(kinds, [Volume, Volume, Swap, Ephemeral, Other, Other]);
         let e = block_devices(&[row("tape", "local", None)]).unwrap_err();
         assert_eq!(e.column, "block_device_mapping.source_type");
+    }
+
+    /// What nova.network.neutron caches for a subnet with DHCP on and no
+    /// DHCP port (OVN): `enable_dhcp` alone makes it `ipv4_dhcp`, as the
+    /// peers' feature instances showed Nova rendering it.
+    #[test]
+    fn enable_dhcp_in_the_info_cache_is_a_dhcp_subnet() {
+        for (meta, dhcp) in [
+            (r#""meta": {}"#, false),
+            (r#""meta": {"enable_dhcp": false}"#, false),
+            (r#""meta": {"enable_dhcp": true}"#, true),
+            (r#""meta": {"dhcp_server": "10.10.0.2"}"#, true),
+            (
+                r#""meta": {"dhcp_server": null, "enable_dhcp": true}"#,
+                true,
+            ),
+        ] {
+            let mut r = rows();
+            r.network_info = Some(NETWORK_INFO.replacen(
+                r#""version": 4, "meta": {}}, {"cidr""#,
+                &format!(r#""version": 4, {meta}}}, {{"cidr""#),
+                1,
+            ));
+            assert!(NETWORK_INFO.contains(r#""version": 4, "meta": {}}, {"cidr""#));
+            let d = decode(&r).unwrap();
+            let s = &d.networks[0].subnets[0];
+            assert_eq!(s.dhcp, dhcp, "{meta}");
+            assert_eq!(s.dhcp_server, meta.contains("10.10.0.2"), "{meta}");
+        }
     }
 
     #[test]
