@@ -17,7 +17,15 @@
 //!   survives a restart of ours; many concurrent POSTs through two of our
 //!   API processes give exactly one 200.
 //!
-//! Both tests run our API with `metadata_cache_expiration = 0`, as the
+//! - `cloud_init_reads_its_own_vm_through_our_whole_chain_on_novas_rows`:
+//!   the whole path on real data. VMs in network namespaces behind two
+//!   routers (vm1 and vm3 share 10.10.0.11 on two networks) run cloud-init's
+//!   own readers through our proxy -> our agent (`backend = "neutron"`, on
+//!   the real neutron-server) -> our API (`source = "nova"`, on Nova's
+//!   rows), and each gets its own instance id, hostname, keys, user data and
+//!   network. Needs root and Debian's cloud-init, else SKIPPED.
+//!
+//! The tests run our API with `metadata_cache_expiration = 0`, as the
 //! peers' nova.conf does, so neither side answers from a copy. The password
 //! test clears the passwords it set (four empty chunks, as
 //! `nova clear-password` leaves them) before and after, so the other peers
@@ -34,9 +42,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use common::free_port;
+use common::netns::{can_run, cloud_init_read, curl_in, router_lan, Daemon, Namespaces};
 use common::nova_peers::{
-    assert_same, compare_everything, compare_features, features, instances, peers, request, who,
-    Api, Peers, VENDOR_JSON,
+    assert_same, check_own_data, compare_everything, compare_features, features, instances,
+    peer_vm, peers, request, who, Api, Peers, VENDOR_JSON,
 };
 
 fn neutron_url() -> String {
@@ -312,4 +321,141 @@ fn passwords_are_shared_with_nova() {
     assert_eq!(get_password(p.nova, &h2), stored);
     assert_eq!(get_password(ours_b, &h2), stored);
     drop(guard);
+}
+
+/// The whole path on the peers' real data: cloud-init's readers in VM
+/// namespaces -> our proxy (router namespaces) -> our agent (Neutron
+/// backend, the real neutron-server) -> our API (`source = "nova"`, the
+/// database the real Nova populated). vm1 and vm3 have the same address on
+/// two networks behind two routers: only the router id our proxy stamps,
+/// resolved by our agent in the real Neutron, tells them apart.
+#[test]
+fn cloud_init_reads_its_own_vm_through_our_whole_chain_on_novas_rows() {
+    let Some(p) = peers("peers_nova_source") else {
+        return;
+    };
+    if let Err(why) = can_run(&[]) {
+        println!(
+            "SKIPPED cloud_init_reads_its_own_vm_through_our_whole_chain_on_novas_rows: {why}"
+        );
+        return;
+    }
+    let pid = std::process::id();
+    let vms = ["vm1", "vm2", "vm3"].map(|n| peer_vm(&p.fixture, n, format!("mpnova-{pid}-{n}")));
+    let (r1, r2) = (vms[0].router_id.clone(), vms[2].router_id.clone());
+    assert_eq!(vms[1].router_id, r1, "fixture: vm2 is behind router1");
+    assert_ne!(r1, r2, "fixture: vm3 must sit behind another router");
+    assert_ne!(
+        vms[0].network_id, vms[2].network_id,
+        "fixture: vm3 on another network"
+    );
+    assert_eq!(
+        vms[0].ip, vms[2].ip,
+        "fixture: vm1 and vm3 share an address"
+    );
+
+    let mut nss = Namespaces::default();
+    let (r1_ns, r2_ns) = (format!("qrouter-{r1}-{pid}"), format!("qrouter-{r2}-{pid}"));
+    for n in [&r1_ns, &r2_ns]
+        .into_iter()
+        .chain(vms.iter().map(|v| &v.ns))
+    {
+        nss.add(n);
+    }
+    router_lan(
+        &r1_ns,
+        "10.10.0.1/24",
+        &[(&vms[0].ns, &vms[0].ip), (&vms[1].ns, &vms[1].ip)],
+    );
+    router_lan(&r2_ns, "10.10.0.1/24", &[(&vms[2].ns, &vms[2].ip)]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let api_port = free_port();
+    let sock = dir.path().join("agent.sock");
+    let secret = Value::from(p.secret.as_str());
+    let backend = dir.path().join("backend.toml");
+    std::fs::write(
+        &backend,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:{api_port}\"\nmetadata_proxy_shared_secret = {secret}\n\
+             source = \"nova\"\nvendor_data_json = {VENDOR_JSON:?}\n\
+             [api.nova]\nconnection = {cell:?}\napi_connection = {api:?}\n\
+             [api.neutron]\nurl = {neutron:?}\nauth_strategy = \"noauth\"\n\
+             [agent]\nsocket = {sock:?}\nbackend = \"neutron\"\nmetadata_proxy_shared_secret = {secret}\n\
+             [agent.nova]\nnova_metadata_host = \"127.0.0.1\"\nnova_metadata_port = {api_port}\n\
+             [agent.neutron]\nurl = {neutron:?}\nauth_strategy = \"noauth\"\ntimeout = \"20s\"\n",
+            cell = p.nova_connection,
+            api = p.nova_api_connection,
+            neutron = neutron_url(),
+            sock = sock.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let b = backend.to_str().unwrap();
+    // Dropped (stopped) in reverse order: proxy, agent, api.
+    let mut api = Daemon::start("api", &["api", "--config", b], dir.path());
+    let mut agent = Daemon::start("agent", &["agent", "--config", b], dir.path());
+    let proxy_cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &proxy_cfg,
+        format!(
+            "[proxy]\nworkers = 1\nagent_socket = {sock:?}\ncontrol_socket = {ctl:?}\n\
+             [[proxy.namespace]]\nnetns = {r1_ns:?}\nrouter_id = {r1:?}\nlisten = \"169.254.169.254:80\"\n\
+             [[proxy.namespace]]\nnetns = {r2_ns:?}\nrouter_id = {r2:?}\nlisten = \"169.254.169.254:80\"\n",
+            sock = sock.display().to_string(),
+            ctl = dir.path().join("ctl.sock").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut proxy = Daemon::start(
+        "proxy",
+        &["proxy", "--config", proxy_cfg.to_str().unwrap()],
+        dir.path(),
+    );
+
+    // The VMs on one address run cloud-init at once; vm2 asks too.
+    let pair = [&vms[0], &vms[2]];
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = pair
+            .iter()
+            .map(|vm| s.spawn(|| cloud_init_read(&vm.ns, "http://169.254.169.254")))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (vm, got) in pair.iter().zip(&results) {
+        check_own_data(got, vm, &vms);
+    }
+    // The EC2 instance id is Nova's, from instance_id_mappings (created on
+    // first use, shared with nova-api-metadata): the same through the chain
+    // as from the real Nova.
+    for (vm, got) in pair.iter().zip(&results) {
+        let nova = request(
+            p.nova,
+            "GET",
+            "/latest/meta-data/instance-id",
+            &who(&p, &p.fixture["instances"][vm.name]).headers(),
+        );
+        assert_eq!(nova.status, 200, "{}", nova.text());
+        assert_eq!(
+            got["ec2"]["instance-id"],
+            nova.text().as_str(),
+            "{}",
+            vm.name
+        );
+    }
+    let (status, body) = curl_in(
+        &vms[1].ns,
+        "http://169.254.169.254/openstack/latest/meta_data.json",
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["uuid"], vms[1].uuid.as_str(), "{body}");
+    assert!(
+        v.get("public_keys").is_none(),
+        "vm2 has no key in Nova: {body}"
+    );
+    for d in [&mut proxy, &mut agent, &mut api] {
+        d.assert_running();
+    }
 }

@@ -527,3 +527,109 @@ pub fn assert_same(test: &str, p: &Peers, d: &Diff) {
         d.mismatches.join("\n")
     );
 }
+
+/// One fixture instance as the whole-path tests (`peers_chain.rs`,
+/// `peers_nova_source.rs`) need it: what `populate_nova.py` wrote into
+/// Nova's rows for it, and where it sits in Neutron.
+pub struct PeerVm {
+    pub name: &'static str,
+    /// The VM's network namespace in the test.
+    pub ns: String,
+    pub ip: String,
+    pub uuid: String,
+    pub hostname: String,
+    pub key: Option<(String, String)>,
+    pub user_data: Option<String>,
+    pub router_id: String,
+    pub network_id: String,
+}
+
+pub fn peer_vm(fx: &Value, name: &'static str, ns: String) -> PeerVm {
+    let i = &fx["instances"][name];
+    let s = |v: &Value| {
+        v.as_str()
+            .unwrap_or_else(|| panic!("fixture {name}: {v}"))
+            .to_string()
+    };
+    let nova = &i["nova"];
+    PeerVm {
+        name,
+        ns,
+        ip: s(&i["ip_address"]),
+        uuid: s(&i["uuid"]),
+        hostname: s(&nova["hostname"]),
+        key: nova["key_name"]
+            .as_str()
+            .map(|k| (k.to_string(), s(&nova["public_key"]))),
+        user_data: nova["user_data"].as_str().map(str::to_string),
+        router_id: s(&i["router_id"]),
+        network_id: s(&i["network_id"]),
+    }
+}
+
+/// What cloud-init's readers got (`netns::cloud_init_read`) is `vm`'s own
+/// data, as in Nova's rows, and names no other VM of `all`.
+pub fn check_own_data(got: &Value, vm: &PeerVm, all: &[PeerVm]) {
+    let os = &got["openstack"]["metadata"];
+    assert_eq!(os["uuid"], vm.uuid.as_str(), "{}: {got:#}", vm.name);
+    let host = os["hostname"].as_str().unwrap_or_default();
+    assert!(
+        host.split('.').next() == Some(vm.hostname.as_str()),
+        "{}: hostname {host}",
+        vm.name
+    );
+    assert_eq!(
+        got["ec2"]["local-ipv4"],
+        vm.ip.as_str(),
+        "{}: {got:#}",
+        vm.name
+    );
+    assert_eq!(
+        got["ec2"]["instance-id"]
+            .as_str()
+            .map(|s| s.starts_with("i-")),
+        Some(true),
+        "{}: {got:#}",
+        vm.name
+    );
+    match &vm.key {
+        Some((name, data)) => {
+            assert_eq!(
+                os["public_keys"][name],
+                data.as_str(),
+                "{}: {got:#}",
+                vm.name
+            );
+            assert!(got["ec2"]["public-keys"][name]
+                .to_string()
+                .contains(data.as_str()));
+        }
+        None => assert!(os
+            .get("public_keys")
+            .is_none_or(|k| k.as_object().is_none_or(|o| o.is_empty()))),
+    }
+    let ud = got["openstack"]["userdata"].as_str().unwrap_or_default();
+    assert_eq!(
+        ud,
+        vm.user_data.as_deref().unwrap_or_default(),
+        "{}: user-data",
+        vm.name
+    );
+    let nets = &got["openstack"]["networkdata"]["networks"];
+    assert!(
+        nets.as_array()
+            .is_some_and(|n| n.iter().any(|n| n["network_id"] == vm.network_id.as_str())),
+        "{}: network_data.json without {}: {got:#}",
+        vm.name,
+        vm.network_id
+    );
+    let text = got.to_string();
+    for other in all.iter().filter(|o| o.uuid != vm.uuid) {
+        assert!(
+            !text.contains(&other.uuid),
+            "{} saw {}: {got:#}",
+            vm.name,
+            other.name
+        );
+    }
+}
