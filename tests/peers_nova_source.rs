@@ -13,9 +13,13 @@
 //!   config but nova.conf's URLs: the EC2 ids, keys, user data, networks and
 //!   security groups (from the Neutron peer) all come from Nova's rows.
 //! - `passwords_are_shared_with_nova`: a password POSTed through ours is
-//!   what Nova's GET returns and a 409 through Nova, and the reverse; it
-//!   survives a restart of ours; many concurrent POSTs through two of our
-//!   API processes give exactly one 200.
+//!   what Nova's GET returns and a 409 through Nova, and the reverse; both
+//!   survive a restart of both APIs (a nova-api-metadata of the test's own,
+//!   `scripts/peers/nova-extra.sh`, with Nova's default cache); two of our
+//!   API processes POSTing at once give exactly one 200 and one 409 in each
+//!   of 24 rounds, and the rows are the winner's password in 4 whole
+//!   chunks; 8 at once give exactly one 200. (A race between ours and
+//!   Nova's own POST is Nova's window: `docs/nova-source.md`.)
 //!
 //! - `cloud_init_reads_its_own_vm_through_our_whole_chain_on_novas_rows`:
 //!   the whole path on real data. VMs in network namespaces behind two
@@ -45,7 +49,7 @@ use common::free_port;
 use common::netns::{can_run, cloud_init_read, curl_in, router_lan, Daemon, Namespaces};
 use common::nova_peers::{
     assert_same, check_own_data, compare_everything, compare_features, features, instances,
-    peer_vm, peers, request, who, Api, Peers, VENDOR_JSON,
+    peer_vm, peers, request, who, Api, NovaExtra, Peers, SysMeta, VENDOR_JSON,
 };
 
 fn neutron_url() -> String {
@@ -268,32 +272,96 @@ fn passwords_are_shared_with_nova() {
     guard.clear();
     let dir = tempfile::tempdir().unwrap();
     let (api, ours) = start_nova_api(&p, dir.path(), "a");
+    // A nova-api-metadata of the test's own on the same database, with
+    // Nova's default cache (15 s), so that it can be restarted.
+    let nova = NovaExtra::start(&p, "passwords", 1, "default");
 
     // Ours first: Nova reads it back, and refuses a second one.
     let h0 = who(&p, &vms[0].1).headers();
     // Longer than one 255-character chunk, with multi-byte characters.
     let pw0 = format!("{}é-ours", "x".repeat(300));
     assert_eq!(post(ours, &h0, &pw0), 200);
-    assert_eq!(get_password(p.nova, &h0), pw0);
+    assert_eq!(get_password(nova.addr, &h0), pw0);
     assert_eq!(get_password(ours, &h0), pw0);
+    assert_eq!(post(nova.addr, &h0, "nova-second"), 409);
     assert_eq!(post(p.nova, &h0, "nova-second"), 409);
     assert_eq!(post(ours, &h0, "ours-second"), 409);
 
     // Nova first: ours reads it back and refuses a second one.
     let h1 = who(&p, &vms[1].1).headers();
-    assert_eq!(post(p.nova, &h1, "set-through-nova"), 200);
-    assert_eq!(get_password(ours, &h1), "set-through-nova");
+    let pw1 = "set-through-nova";
+    assert_eq!(post(nova.addr, &h1, pw1), 200);
+    assert_eq!(get_password(ours, &h1), pw1);
     assert_eq!(post(ours, &h1, "ours-second"), 409);
 
-    // Across a restart of ours: the database keeps it.
+    // Across a restart of both APIs: the database keeps both, each side
+    // reads what the other stored, and both still refuse a second one.
     drop(api);
+    drop(nova);
     let (_api, ours) = start_nova_api(&p, dir.path(), "a");
-    assert_eq!(get_password(ours, &h0), pw0);
+    let nova = NovaExtra::start(&p, "passwords", 1, "default");
+    for (h, pw) in [(&h0, pw0.as_str()), (&h1, pw1)] {
+        assert_eq!(get_password(ours, h), pw, "ours after the restart");
+        assert_eq!(get_password(nova.addr, h), pw, "Nova after the restart");
+        assert_eq!(post(nova.addr, h, "after-restart"), 409);
+        assert_eq!(post(ours, h, "after-restart"), 409);
+    }
+    drop(nova);
 
-    // Many POSTs at once through two of our API processes on one database:
-    // exactly one is stored; Nova's GET returns that one.
+    // Two of our API processes on one database, one POST each at once, many
+    // rounds, from no rows at all (the INSERT path) and from blank chunks
+    // (the UPDATE path, what `nova clear-password` leaves): exactly one 200
+    // and one 409, and the rows are the winner's password, whole, in Nova's
+    // 4 chunks, each key once.
     let (_api_b, ours_b) = start_nova_api(&p, dir.path(), "b");
+    let uuid2 = vms[2].1["uuid"].as_str().unwrap().to_owned();
     let h2 = who(&p, &vms[2].1).headers();
+    let mut sysmeta = SysMeta::open(&p);
+    const ROUNDS: usize = 24;
+    for round in 0..ROUNDS {
+        sysmeta.reset(&uuid2, round % 2 == 0);
+        // 901 characters: four chunks, the last one partial.
+        let pws = ["a", "b"].map(|who| format!("{round:02}{who}{}é", "p".repeat(897)));
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = [ours, ours_b]
+            .into_iter()
+            .zip(pws.clone())
+            .map(|(to, pw)| {
+                let (barrier, h) = (barrier.clone(), h2.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    post(to, &h, &pw)
+                })
+            })
+            .collect();
+        let st: Vec<u16> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        let mut sorted = st.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            [200, 409],
+            "round {round}: one 200, one 409: {st:?}"
+        );
+        let winner = &pws[st.iter().position(|s| *s == 200).unwrap()];
+        let rows = sysmeta.rows(&uuid2);
+        let keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["password_0", "password_1", "password_2", "password_3"],
+            "round {round}: each chunk once"
+        );
+        let lens: Vec<usize> = rows.iter().map(|(_, v)| v.chars().count()).collect();
+        assert_eq!(lens, [255, 255, 255, 136], "round {round}");
+        let stored: String = rows.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(&stored, winner, "round {round}: the winner's, whole");
+        assert_eq!(&get_password(ours_b, &h2), winner, "round {round}");
+    }
+    // Nova (cache 0) reads the last winner too.
+    assert_eq!(get_password(p.nova, &h2).len(), 902);
+
+    // Many POSTs at once through the two: exactly one is stored; Nova's GET
+    // returns that one.
+    sysmeta.reset(&uuid2, false);
     const RACERS: usize = 8;
     let barrier = Arc::new(Barrier::new(RACERS));
     let racers: Vec<_> = (0..RACERS)

@@ -633,3 +633,116 @@ pub fn check_own_data(got: &Value, vm: &PeerVm, all: &[PeerVm]) {
         );
     }
 }
+
+/// Another real nova-api-metadata on the peers' databases
+/// (`scripts/peers/nova-extra.sh`), which a test may stop and start again;
+/// stopped (by its PID) when dropped.
+pub struct NovaExtra {
+    name: String,
+    peers_dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+fn nova_extra(peers_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/peers/nova-extra.sh"
+    ))
+    .args(args)
+    .env("PEERS_DIR", peers_dir)
+    .stderr(std::process::Stdio::inherit())
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "nova-extra.sh {args:?}: {}",
+        out.status
+    );
+    out
+}
+
+impl NovaExtra {
+    /// `cache`: `metadata_cache_expiration` in seconds, or `"default"` (15 s).
+    pub fn start(p: &Peers, name: &str, workers: u32, cache: &str) -> NovaExtra {
+        let peers_dir = p
+            .nova_dir
+            .parent()
+            .unwrap_or(std::path::Path::new("/tmp/metaproxy-peers"))
+            .to_owned();
+        let port = super::free_port();
+        nova_extra(
+            &peers_dir,
+            &[
+                "start",
+                name,
+                &port.to_string(),
+                &workers.to_string(),
+                cache,
+            ],
+        );
+        NovaExtra {
+            name: name.to_owned(),
+            peers_dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for NovaExtra {
+    fn drop(&mut self) {
+        nova_extra(&self.peers_dir, &["stop", &self.name]);
+    }
+}
+
+/// `scripts/peers/nova/sysmeta.py`: Nova's password rows, read and reset
+/// directly in its cell database (SQLite or MariaDB), one long-lived
+/// process for many rounds.
+pub struct SysMeta {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl SysMeta {
+    pub fn open(p: &Peers) -> SysMeta {
+        let mut child = std::process::Command::new(&p.nova_python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/peers/nova/sysmeta.py"
+            ))
+            .arg(&p.nova_connection)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        SysMeta { child, out }
+    }
+
+    fn call(&mut self, cmd: &str, uuid: &str) -> Value {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd} {uuid}").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("sysmeta.py {cmd}: {e}: {line:?}"))
+    }
+
+    /// The instance's non-deleted `password_*` rows, (key, value), by key.
+    pub fn rows(&mut self, uuid: &str) -> Vec<(String, String)> {
+        serde_json::from_value(self.call("rows", uuid)).unwrap()
+    }
+
+    /// Blank the chunks (`nova clear-password`), or delete the rows.
+    pub fn reset(&mut self, uuid: &str, delete: bool) {
+        let r = self.call(if delete { "delete" } else { "blank" }, uuid);
+        assert_eq!(r, "ok");
+    }
+}
+
+impl Drop for SysMeta {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
