@@ -359,6 +359,14 @@ fn passwords_are_shared_with_nova() {
     // Nova (cache 0) reads the last winner too.
     assert_eq!(get_password(p.nova, &h2).len(), 902);
 
+    // Two rows per chunk, as Nova's unlocked POST racing another writer
+    // leaves them: both read the newer rows, as Nova's dict does.
+    sysmeta.twice(&uuid2);
+    let newer = "newer-0newer-1newer-2newer-3";
+    assert_eq!(get_password(p.nova, &h2), newer);
+    assert_eq!(get_password(ours, &h2), newer);
+    assert_eq!(post(ours, &h2, "on-duplicates"), 409);
+
     // Many POSTs at once through the two: exactly one is stored; Nova's GET
     // returns that one.
     sysmeta.reset(&uuid2, false);

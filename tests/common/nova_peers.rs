@@ -733,6 +733,12 @@ impl SysMeta {
         serde_json::from_value(self.call("rows", uuid)).unwrap()
     }
 
+    /// Two rows per chunk key, `older-N` then `newer-N` (what a Nova POST
+    /// racing another writer leaves).
+    pub fn twice(&mut self, uuid: &str) {
+        assert_eq!(self.call("twice", uuid), "ok");
+    }
+
     /// Blank the chunks (`nova clear-password`), or delete the rows.
     pub fn reset(&mut self, uuid: &str, delete: bool) {
         let r = self.call(if delete { "delete" } else { "blank" }, uuid);

@@ -8,9 +8,12 @@ line per answer, so that a test can run many rounds without a process each.
   blank UUID   -> "ok"  sets their values to '' (what `nova clear-password`
                   leaves)
   delete UUID  -> "ok"  deletes the rows (an instance that never had one)
+  twice UUID   -> "ok"  replaces them with two rows per key, as a Nova POST
+                  racing another writer leaves them: older-N, then newer-N
 
 Usage: sysmeta.py CELL_URL   (run with the Nova venv's python)
 """
+import datetime
 import json
 import sys
 
@@ -35,6 +38,18 @@ for line in sys.stdin:
         elif cmd == 'delete':
             c.execute(sa.text('DELETE FROM instance_system_metadata WHERE '
                               + WHERE), {'u': uuid})
+            out = 'ok'
+        elif cmd == 'twice':
+            c.execute(sa.text('DELETE FROM instance_system_metadata WHERE '
+                              + WHERE), {'u': uuid})
+            for which in ('older', 'newer'):
+                for i in range(4):
+                    c.execute(sa.text(
+                        'INSERT INTO instance_system_metadata (created_at, '
+                        'deleted, instance_uuid, `key`, value) VALUES '
+                        '(:t, 0, :u, :k, :v)'),
+                        {'t': datetime.datetime.utcnow(), 'u': uuid,
+                         'k': 'password_%d' % i, 'v': '%s-%d' % (which, i)})
             out = 'ok'
         else:
             out = {'error': 'unknown command %r' % cmd}
