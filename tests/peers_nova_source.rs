@@ -368,8 +368,8 @@ fn passwords_are_shared_with_nova() {
     assert_eq!(post(ours, &h2, "on-duplicates"), 409);
 
     // Many POSTs at once through the two: exactly one is stored; Nova's GET
-    // returns that one.
-    sysmeta.reset(&uuid2, false);
+    // returns that one. (Deleted, not blanked: no duplicates left behind.)
+    sysmeta.reset(&uuid2, true);
     const RACERS: usize = 8;
     let barrier = Arc::new(Barrier::new(RACERS));
     let racers: Vec<_> = (0..RACERS)

@@ -3,8 +3,8 @@ through the real nova-api-metadata give when they meet on the same
 instance, over many rounds (issue 14). Not a test: Nova's outcome depends on
 timing and on its cache, and this prints how often each outcome happened.
 
-Each round blanks the instance's password rows (what `nova clear-password`
-leaves; with --delete, deletes them), then, by --order:
+Each round resets the instance's password rows to four blank ones (what
+`nova clear-password` leaves; with --delete, to none), then, by --order:
   ours-first   POST through ours, then (after its 200) POST through Nova
   nova-first   POST through Nova, then (after its 200) POST through ours
   together     both at once (a barrier, then one POST each)
@@ -19,6 +19,7 @@ Usage (Nova venv python, peers up, `. $PEERS_DIR/env`):
   nova-password-race.py OURS_PORT NOVA_PORT ROUNDS ORDER [--warm] [--delete]
 """
 import collections
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -59,13 +60,19 @@ def req(port, method, body=None):
 
 
 def reset():
+    """Delete the rows (duplicates a previous round left too); unless
+    --delete, put back four blank ones, as `nova clear-password` leaves."""
     with engine.begin() as c:
-        if delete:
-            c.execute(sa.text('DELETE FROM instance_system_metadata WHERE '
-                              + WHERE), {'u': uuid})
-        else:
-            c.execute(sa.text("UPDATE instance_system_metadata SET value = '' "
-                              'WHERE ' + WHERE), {'u': uuid})
+        c.execute(sa.text('DELETE FROM instance_system_metadata WHERE '
+                          + WHERE), {'u': uuid})
+        if not delete:
+            for i in range(4):
+                c.execute(sa.text(
+                    'INSERT INTO instance_system_metadata (created_at, '
+                    "deleted, instance_uuid, `key`, value) VALUES "
+                    "(:t, 0, :u, :k, '')"),
+                    {'t': datetime.datetime.utcnow(), 'u': uuid,
+                     'k': 'password_%d' % i})
 
 
 def rows():
