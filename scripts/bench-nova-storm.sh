@@ -31,7 +31,8 @@
 # Prints, per tier: VMs completed, requests, req/s, request p99, VM p99, and
 # CPU seconds of the API tier's processes (ours: the api; Nova: gunicorn
 # master + workers; utime+stime from /proc over the storm only) per 1 000
-# requests, with the load average at the start.
+# requests, with the load average at the start. KEEP=1 keeps the work
+# directory (logs of every process, the storm's JSON reports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 INSTANCES=2000 VMS=400 RAMP=20s PROFILE=openstack TIMEOUT=120s BIN='' ONLY=''
@@ -73,7 +74,7 @@ cleanup() {
   local rc=$?
   stop_pids
   scripts/peers/nova-extra.sh stop storm >/dev/null 2>&1 || true
-  rm -rf "$WORK"
+  if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK (logs, storm reports)"; else rm -rf "$WORK"; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -147,6 +148,8 @@ TOML
   wait_tcp "$API_PORT"
   rm -f "$WORK/agent.sock"
   "$BIN" --log-level warn agent --config "$WORK/chain.toml" >"$WORK/agent.log" 2>&1 & PIDS+=($!)
+  for _ in $(seq 1 300); do [ -S "$WORK/agent.sock" ] && break; sleep 0.1; done
+  [ -S "$WORK/agent.sock" ] || { log "the agent did not listen"; exit 1; }
   "$BIN" --log-level warn proxy --config "$WORK/chain.toml" >"$WORK/proxy.log" 2>&1 & PIDS+=($!)
   wait_tcp "$PROXY_PORT"
   load=$(cut -d' ' -f1-3 /proc/loadavg)

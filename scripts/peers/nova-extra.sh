@@ -12,7 +12,8 @@
 #       prints its PID.
 #   scripts/peers/nova-extra.sh stop NAME
 #       SIGTERM to the recorded gunicorn master PID only, which stops its
-#       workers; SIGKILL after 10 s.
+#       workers (--graceful-timeout 1: a stop does not wait for idle
+#       keep-alive connections); SIGKILL after 10 s.
 # State: $PEERS_DIR/nova-extra/NAME/ (nova.conf, gunicorn.pid, gunicorn.log).
 set -euo pipefail
 # shellcheck source=scripts/peers/lib.sh
@@ -37,7 +38,7 @@ start() {
     { print }' "$CONF0" >"$run/nova.conf"
   OS_NOVA_CONFIG_DIR=/ OS_NOVA_CONFIG_FILES="$NOVA_VENV/etc/nova/api-paste.ini;$run/nova.conf" \
     setsid "$NOVA_VENV/bin/gunicorn" --chdir "$PEERS_HERE/nova" \
-      -b "127.0.0.1:$port" -w "$workers" -k gthread --threads 4 --timeout 120 \
+      -b "127.0.0.1:$port" -w "$workers" -k gthread --threads 4 --timeout 120 --graceful-timeout 1 \
       --no-control-socket \
       nova_metadata_app:application >"$run/gunicorn.log" 2>&1 </dev/null &
   local pid=$!
