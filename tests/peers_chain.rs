@@ -19,89 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::netns::*;
-
-/// One fixture instance as the test needs it.
-struct PeerVm {
-    name: &'static str,
-    ns: String,
-    ip: String,
-    uuid: String,
-    hostname: String,
-    key: Option<(String, String)>,
-    user_data: Option<String>,
-    router_id: String,
-}
-
-fn peer_vm(fx: &serde_json::Value, name: &'static str, ns: String) -> PeerVm {
-    let i = &fx["instances"][name];
-    let s = |v: &serde_json::Value| {
-        v.as_str()
-            .unwrap_or_else(|| panic!("fixture {name}: {v}"))
-            .to_string()
-    };
-    let nova = &i["nova"];
-    PeerVm {
-        name,
-        ns,
-        ip: s(&i["ip_address"]),
-        uuid: s(&i["uuid"]),
-        hostname: s(&nova["hostname"]),
-        key: nova["key_name"]
-            .as_str()
-            .map(|k| (k.to_string(), s(&nova["public_key"]))),
-        user_data: nova["user_data"].as_str().map(str::to_string),
-        router_id: s(&i["router_id"]),
-    }
-}
-
-fn check(got: &serde_json::Value, vm: &PeerVm, all: &[PeerVm]) {
-    let os = &got["openstack"]["metadata"];
-    assert_eq!(os["uuid"], vm.uuid.as_str(), "{}: {got:#}", vm.name);
-    let host = os["hostname"].as_str().unwrap_or_default();
-    assert!(
-        host.split('.').next() == Some(vm.hostname.as_str()),
-        "{}: hostname {host}",
-        vm.name
-    );
-    assert_eq!(
-        got["ec2"]["local-ipv4"],
-        vm.ip.as_str(),
-        "{}: {got:#}",
-        vm.name
-    );
-    match &vm.key {
-        Some((name, data)) => {
-            assert_eq!(
-                os["public_keys"][name],
-                data.as_str(),
-                "{}: {got:#}",
-                vm.name
-            );
-            assert!(got["ec2"]["public-keys"][name]
-                .to_string()
-                .contains(data.as_str()));
-        }
-        None => assert!(os
-            .get("public_keys")
-            .is_none_or(|k| k.as_object().is_none_or(|o| o.is_empty()))),
-    }
-    let ud = got["openstack"]["userdata"].as_str().unwrap_or_default();
-    assert_eq!(
-        ud,
-        vm.user_data.as_deref().unwrap_or_default(),
-        "{}: user-data",
-        vm.name
-    );
-    let text = got.to_string();
-    for other in all.iter().filter(|o| o.uuid != vm.uuid) {
-        assert!(
-            !text.contains(&other.uuid),
-            "{} saw {}: {got:#}",
-            vm.name,
-            other.name
-        );
-    }
-}
+use common::nova_peers::{check_own_data, peer_vm};
 
 #[test]
 fn our_proxy_in_front_of_the_real_neutron_metadata_agent() {
@@ -214,7 +132,7 @@ listen = "169.254.169.254:80"
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (vm, got) in pair.iter().zip(&results) {
-        check(got, vm, &vms);
+        check_own_data(got, vm, &vms);
     }
     eprintln!("cloud-init in vm1 and vm3: {:?}", t0.elapsed());
     let (status, body) = curl_in(

@@ -527,3 +527,228 @@ pub fn assert_same(test: &str, p: &Peers, d: &Diff) {
         d.mismatches.join("\n")
     );
 }
+
+/// One fixture instance as the whole-path tests (`peers_chain.rs`,
+/// `peers_nova_source.rs`) need it: what `populate_nova.py` wrote into
+/// Nova's rows for it, and where it sits in Neutron.
+pub struct PeerVm {
+    pub name: &'static str,
+    /// The VM's network namespace in the test.
+    pub ns: String,
+    pub ip: String,
+    pub uuid: String,
+    pub hostname: String,
+    pub key: Option<(String, String)>,
+    pub user_data: Option<String>,
+    pub router_id: String,
+    pub network_id: String,
+}
+
+pub fn peer_vm(fx: &Value, name: &'static str, ns: String) -> PeerVm {
+    let i = &fx["instances"][name];
+    let s = |v: &Value| {
+        v.as_str()
+            .unwrap_or_else(|| panic!("fixture {name}: {v}"))
+            .to_string()
+    };
+    let nova = &i["nova"];
+    PeerVm {
+        name,
+        ns,
+        ip: s(&i["ip_address"]),
+        uuid: s(&i["uuid"]),
+        hostname: s(&nova["hostname"]),
+        key: nova["key_name"]
+            .as_str()
+            .map(|k| (k.to_string(), s(&nova["public_key"]))),
+        user_data: nova["user_data"].as_str().map(str::to_string),
+        router_id: s(&i["router_id"]),
+        network_id: s(&i["network_id"]),
+    }
+}
+
+/// What cloud-init's readers got (`netns::cloud_init_read`) is `vm`'s own
+/// data, as in Nova's rows, and names no other VM of `all`.
+pub fn check_own_data(got: &Value, vm: &PeerVm, all: &[PeerVm]) {
+    let os = &got["openstack"]["metadata"];
+    assert_eq!(os["uuid"], vm.uuid.as_str(), "{}: {got:#}", vm.name);
+    let host = os["hostname"].as_str().unwrap_or_default();
+    assert!(
+        host.split('.').next() == Some(vm.hostname.as_str()),
+        "{}: hostname {host}",
+        vm.name
+    );
+    assert_eq!(
+        got["ec2"]["local-ipv4"],
+        vm.ip.as_str(),
+        "{}: {got:#}",
+        vm.name
+    );
+    assert_eq!(
+        got["ec2"]["instance-id"]
+            .as_str()
+            .map(|s| s.starts_with("i-")),
+        Some(true),
+        "{}: {got:#}",
+        vm.name
+    );
+    match &vm.key {
+        Some((name, data)) => {
+            assert_eq!(
+                os["public_keys"][name],
+                data.as_str(),
+                "{}: {got:#}",
+                vm.name
+            );
+            assert!(got["ec2"]["public-keys"][name]
+                .to_string()
+                .contains(data.as_str()));
+        }
+        None => assert!(os
+            .get("public_keys")
+            .is_none_or(|k| k.as_object().is_none_or(|o| o.is_empty()))),
+    }
+    let ud = got["openstack"]["userdata"].as_str().unwrap_or_default();
+    assert_eq!(
+        ud,
+        vm.user_data.as_deref().unwrap_or_default(),
+        "{}: user-data",
+        vm.name
+    );
+    let nets = &got["openstack"]["networkdata"]["networks"];
+    assert!(
+        nets.as_array()
+            .is_some_and(|n| n.iter().any(|n| n["network_id"] == vm.network_id.as_str())),
+        "{}: network_data.json without {}: {got:#}",
+        vm.name,
+        vm.network_id
+    );
+    let text = got.to_string();
+    for other in all.iter().filter(|o| o.uuid != vm.uuid) {
+        assert!(
+            !text.contains(&other.uuid),
+            "{} saw {}: {got:#}",
+            vm.name,
+            other.name
+        );
+    }
+}
+
+/// Another real nova-api-metadata on the peers' databases
+/// (`scripts/peers/nova-extra.sh`), which a test may stop and start again;
+/// stopped (by its PID) when dropped.
+pub struct NovaExtra {
+    name: String,
+    peers_dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+fn nova_extra(peers_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/peers/nova-extra.sh"
+    ))
+    .args(args)
+    .env("PEERS_DIR", peers_dir)
+    .stderr(std::process::Stdio::inherit())
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "nova-extra.sh {args:?}: {}",
+        out.status
+    );
+    out
+}
+
+impl NovaExtra {
+    /// `cache`: `metadata_cache_expiration` in seconds, or `"default"` (15 s).
+    pub fn start(p: &Peers, name: &str, workers: u32, cache: &str) -> NovaExtra {
+        let peers_dir = p
+            .nova_dir
+            .parent()
+            .unwrap_or(std::path::Path::new("/tmp/metaproxy-peers"))
+            .to_owned();
+        let port = super::free_port();
+        nova_extra(
+            &peers_dir,
+            &[
+                "start",
+                name,
+                &port.to_string(),
+                &workers.to_string(),
+                cache,
+            ],
+        );
+        NovaExtra {
+            name: name.to_owned(),
+            peers_dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for NovaExtra {
+    fn drop(&mut self) {
+        nova_extra(&self.peers_dir, &["stop", &self.name]);
+    }
+}
+
+/// `scripts/peers/nova/sysmeta.py`: Nova's password rows, read and reset
+/// directly in its cell database (SQLite or MariaDB), one long-lived
+/// process for many rounds.
+pub struct SysMeta {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl SysMeta {
+    pub fn open(p: &Peers) -> SysMeta {
+        let mut child = std::process::Command::new(&p.nova_python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/peers/nova/sysmeta.py"
+            ))
+            .arg(&p.nova_connection)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        SysMeta { child, out }
+    }
+
+    fn call(&mut self, cmd: &str, uuid: &str) -> Value {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd} {uuid}").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("sysmeta.py {cmd}: {e}: {line:?}"))
+    }
+
+    /// The instance's non-deleted `password_*` rows, (key, value), by key.
+    pub fn rows(&mut self, uuid: &str) -> Vec<(String, String)> {
+        serde_json::from_value(self.call("rows", uuid)).unwrap()
+    }
+
+    /// Two rows per chunk key, `older-N` then `newer-N` (what a Nova POST
+    /// racing another writer leaves).
+    pub fn twice(&mut self, uuid: &str) {
+        assert_eq!(self.call("twice", uuid), "ok");
+    }
+
+    /// Blank the chunks (`nova clear-password`), or delete the rows.
+    pub fn reset(&mut self, uuid: &str, delete: bool) {
+        let r = self.call(if delete { "delete" } else { "blank" }, uuid);
+        assert_eq!(r, "ok");
+    }
+}
+
+impl Drop for SysMeta {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}

@@ -543,11 +543,13 @@ pub async fn set_password_once(
 ) -> Result<PasswordWrite, DbError> {
     const LOCK_MY: &str = "SELECT id FROM instances WHERE uuid = ? AND deleted = 0 FOR UPDATE";
     const EXISTS: &str = "SELECT id FROM instances WHERE uuid = ? AND deleted = 0";
+    // In id order: of duplicate rows of a key, the last one counts
+    // (`rows::extract_password`).
     const SYSMETA: &str = "SELECT `key`, value FROM instance_system_metadata \
-         WHERE instance_uuid = ? AND deleted = 0";
+         WHERE instance_uuid = ? AND deleted = 0 ORDER BY id";
     // A locking read: it sees what a writer that held the lock committed.
     const SYSMETA_MY: &str = "SELECT `key`, value FROM instance_system_metadata \
-         WHERE instance_uuid = ? AND deleted = 0 FOR UPDATE";
+         WHERE instance_uuid = ? AND deleted = 0 ORDER BY id FOR UPDATE";
     const UPDATE: &str = "UPDATE instance_system_metadata SET value = ?, updated_at = ? \
          WHERE instance_uuid = ? AND `key` = ? AND deleted = 0";
     const INSERT: &str = "INSERT INTO instance_system_metadata \

@@ -238,14 +238,20 @@ pub fn first_keypair(text: &str) -> Result<Option<Key>, DecodeError> {
 
 /// `password.extract_password`: the `password_*` values in key order,
 /// concatenated; `None` when that is empty.
+///
+/// `system_metadata` is in row id order. A key may have several rows: the
+/// table has no unique key, and a nova-api-metadata POST racing another
+/// writer (two Nova workers, or Nova and us) inserts its chunks unlocked
+/// (`docs/nova-source.md`). Nova loads the rows into a dict
+/// (`utils.metadata_to_dict`), so the last row of a key wins, and so it
+/// does here: never both values glued together.
 pub fn extract_password(system_metadata: &[(String, Option<String>)]) -> Option<String> {
-    let mut chunks: Vec<(&str, &str)> = system_metadata
+    let chunks: std::collections::BTreeMap<&str, &str> = system_metadata
         .iter()
         .filter(|(k, _)| k.starts_with("password_"))
         .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or("")))
         .collect();
-    chunks.sort_unstable();
-    let pw: String = chunks.into_iter().map(|(_, v)| v).collect();
+    let pw: String = chunks.into_values().collect();
     (!pw.is_empty()).then_some(pw)
 }
 
@@ -1020,6 +1026,21 @@ mod tests {
         // Cleared (`nova clear-password` writes four empty chunks): none set.
         assert_eq!(
             extract_password(&sm(&[("password_0", ""), ("password_1", "")])),
+            None
+        );
+        // Duplicate rows of a key (Nova's unlocked insert racing another
+        // writer): the last row wins, as in Nova's dict.
+        assert_eq!(
+            extract_password(&sm(&[
+                ("password_0", "first"),
+                ("password_1", ""),
+                ("password_0", "second"),
+                ("password_1", "")
+            ])),
+            Some("second".into())
+        );
+        assert_eq!(
+            extract_password(&sm(&[("password_0", "set"), ("password_0", "")])),
             None
         );
     }
