@@ -774,3 +774,107 @@ fn devices_dedicated_cpus_block_devices_and_no_image_render_as_nova_does() {
         200
     );
 }
+
+/// A cell whose `cell_mappings.database_connection` is a template, as
+/// `nova-manage cell_v2 create_cell --database_connection '{scheme}://…'`
+/// stores one to keep credentials out of the API database: its fields are
+/// filled from `[database] connection` (Nova's `CellMapping.format_db_url`),
+/// so the instance mapped to it is read from that other file.
+#[test]
+fn a_templated_cell_connection_is_filled_from_database_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("cell1.db");
+    make_db(&local, "ab450ba04102", None);
+    // The second cell: `{path}` is the local file's path without its
+    // leading '/', so `{scheme}:////{path}-cell2` is the file next to it.
+    let cell2 = dir.path().join("cell1.db-cell2");
+    make_db(&cell2, "ab450ba04102", None);
+    let api = dir.path().join("api.db");
+    rt().block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&cell2)
+            .create_if_missing(false);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        exec(
+            &pool,
+            &format!("UPDATE instances SET display_name = 'in cell2' WHERE uuid = '{GOOD}'"),
+        )
+        .await;
+        pool.close().await;
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&api)
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        for sql in [
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)".to_owned(),
+            "INSERT INTO alembic_version VALUES ('cdeec0c85668')".to_owned(),
+            "CREATE TABLE cell_mappings (id INTEGER PRIMARY KEY, name VARCHAR(255), \
+             database_connection TEXT)"
+                .to_owned(),
+            "CREATE TABLE instance_mappings (id INTEGER PRIMARY KEY, instance_uuid VARCHAR(36), \
+             cell_id INTEGER)"
+                .to_owned(),
+            format!(
+                "INSERT INTO cell_mappings VALUES (1, 'cell1', 'sqlite:///{}'), \
+                 (2, 'cell2', '{{scheme}}:////{{path}}-cell2')",
+                local.display()
+            ),
+            format!("INSERT INTO instance_mappings VALUES (1, '{GOOD}', 2), (2, '{BROKEN}', 1)"),
+        ] {
+            exec(&pool, &sql).await;
+        }
+        pool.close().await;
+    });
+    let port = common::free_port();
+    let cfg = dir.path().join("api.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:{port}\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\nsource = \"nova\"\n\
+             [api.nova]\nconnection = \"sqlite:///{}\"\napi_connection = \"sqlite:///{}\"\n\
+             [api.neutron]\nurl = \"http://127.0.0.1:9\"\nauth_strategy = \"noauth\"\n",
+            local.display(),
+            api.display()
+        ),
+    )
+    .unwrap();
+    // --check reads both cells at start: the template is filled, not refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["api", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("cell1.db-cell2"),
+        "the filled cell URL is checked: {text}"
+    );
+    let log = dir.path().join("api.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["api", "--config"])
+        .arg(&cfg)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Child(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "metaproxy api did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = send(addr, "GET", "/openstack/latest/meta_data.json", GOOD, "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("\"name\": \"in cell2\""),
+        "read from the templated cell: {}",
+        r.text()
+    );
+}

@@ -152,6 +152,9 @@ pub struct NovaSettings {
     pub connection: DbUrl,
     /// The API database; `None` only with `local_metadata_per_cell`.
     pub api_connection: Option<DbUrl>,
+    /// `[database] connection`'s parts, for a templated
+    /// `cell_mappings.database_connection` (as Nova fills one).
+    pub templates: crate::api::nova::url::TemplateFields,
     /// Read the local cell only (no `instance_mappings` lookup).
     pub local_metadata_per_cell: bool,
     /// How long a loaded instance is served before it is read again.
@@ -404,8 +407,12 @@ fn nova_settings(
     let url = |key: &str, v: &str| {
         DbUrl::parse(v).map_err(|e| invalid(format!("api.nova.{key}"), e.to_string()))
     };
-    let connection = match f.connection.as_deref() {
-        Some(c) => url("connection", c)?,
+    let (connection, templates) = match f.connection.as_deref() {
+        Some(c) => (
+            url("connection", c)?,
+            crate::api::nova::url::TemplateFields::of(c)
+                .map_err(|e| invalid("api.nova.connection", e.to_string()))?,
+        ),
         None => {
             return Err(invalid(
                 "api.nova.connection",
@@ -439,6 +446,7 @@ fn nova_settings(
         neutron,
         connection,
         api_connection,
+        templates,
         local_metadata_per_cell: local,
         metadata_cache_expiration: f
             .metadata_cache_expiration

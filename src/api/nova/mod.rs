@@ -21,11 +21,13 @@
 //! Security group names come from Neutron ([`neutron`], `[api.neutron]`),
 //! only for EC2 paths, as the OpenStack tree does not show them.
 //!
-//! Not yet (the first part of issue 14): `devices` and `dedicated_cpus` from
-//! `device_metadata`/`numa_topology` (validated, rendered as `[]`),
-//! ephemeral and swap entries of `block-device-mapping`, templated
-//! `cell_mappings.database_connection`, TLS to MySQL, and identifying
-//! guests by address (`service_metadata_proxy = false`).
+//! A templated `cell_mappings.database_connection` (`{username}`,
+//! `{password}`, `{hostname}`, … as `nova-manage cell_v2 create_cell`
+//! stores one) is filled from `[api.nova] connection` as Nova fills it from
+//! `[database] connection` ([`url::TemplateFields`]).
+//!
+//! Not yet: TLS to MySQL, and identifying guests by address
+//! (`service_metadata_proxy = false`).
 
 pub mod db;
 pub mod neutron;

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use super::db::{self, Db, PasswordWrite};
 use super::rows;
-use super::url::DbUrl;
+use super::url::{DbUrl, TemplateFields};
 use crate::api::config::NovaSettings;
 use crate::inventory::Inventory;
 use crate::log;
@@ -194,6 +194,8 @@ struct Dbs {
     api: Option<Db>,
     per_cell: bool,
     dhcp_domain: String,
+    /// For templated cell URLs.
+    templates: TemplateFields,
     /// Other cells' pools, by their `database_connection`.
     cells: Mutex<HashMap<String, Db>>,
 }
@@ -312,7 +314,8 @@ async fn open_and_check(
                     .await
                     .map_err(|e| format!("api.nova.api_connection {url}: {e}"))?
                 {
-                    let parsed = cell_url(&conn).map_err(|e| format!("cell {name:?}: {e}"))?;
+                    let parsed =
+                        cell_url(&conn, &s.templates).map_err(|e| format!("cell {name:?}: {e}"))?;
                     if parsed == s.connection {
                         continue;
                     }
@@ -337,17 +340,20 @@ async fn open_and_check(
             api,
             per_cell: s.local_metadata_per_cell,
             dhcp_domain,
+            templates: s.templates.clone(),
             cells: Mutex::new(cells),
         },
         report,
     ))
 }
 
-/// A `cell_mappings.database_connection`. Nova also accepts templates
-/// (`{username}` … filled from `[database] connection`); not yet here.
-fn cell_url(conn: &str) -> Result<DbUrl, String> {
-    if conn.contains('{') {
-        return Err("a templated database_connection ({…} fields) is not supported yet".into());
+/// A `cell_mappings.database_connection`, filled first when it is a
+/// template (`{username}`, `{password}`, `{hostname}`, … from
+/// `[database] connection`, as Nova's `CellMapping.format_db_url`).
+fn cell_url(conn: &str, templates: &TemplateFields) -> Result<DbUrl, String> {
+    if conn.contains(['{', '}']) {
+        let filled = templates.fill(conn).map_err(|e| e.to_string())?;
+        return DbUrl::parse(&filled).map_err(|e| format!("templated database_connection: {e}"));
     }
     DbUrl::parse(conn).map_err(|e| e.to_string())
 }
@@ -377,7 +383,7 @@ async fn cell_for(dbs: &Dbs, uuid: &str) -> Result<Option<Db>, NovaError> {
     if let Some(db) = cells.get(&conn) {
         return Ok(Some(db.clone()));
     }
-    let url = cell_url(&conn).map_err(NovaError::Db)?;
+    let url = cell_url(&conn, &dbs.templates).map_err(NovaError::Db)?;
     // A cell added after start-up (its schema was not checked at start;
     // a missing column then fails that cell's requests, named in the log).
     let db = Db::open(&url);

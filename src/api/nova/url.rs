@@ -78,6 +78,9 @@ pub enum UrlError {
     /// A bad percent escape.
     #[error("bad percent-encoding in {0}")]
     Percent(&'static str),
+    /// A templated `database_connection` that cannot be filled.
+    #[error("templated database_connection: {0}")]
+    Template(String),
 }
 
 fn percent_decode(s: &str, what: &'static str) -> Result<String, UrlError> {
@@ -231,6 +234,182 @@ fn split_host_port(hp: &str) -> Result<(String, u16), UrlError> {
     }
 }
 
+/// What Nova fills into a templated `cell_mappings.database_connection`
+/// (`CellMapping.format_db_url` → `_format_url`): the parts of
+/// `[database] connection` as Python's `urllib.parse.urlparse` gives them,
+/// raw (not percent-decoded; the filled URL is decoded when it is parsed),
+/// the host lower-cased, `path` without its leading `/`. `Debug` redacts
+/// the password.
+///
+/// A template such as
+/// `mysql+pymysql://{username}:{password}@{hostname}/nova_cell1` lets
+/// `nova-manage cell_v2 create_cell` store no credentials in the API
+/// database; every service fills in its own.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct TemplateFields {
+    scheme: String,
+    username: Option<String>,
+    password: Option<String>,
+    hostname: Option<String>,
+    port: Option<String>,
+    path: String,
+    query: String,
+    fragment: String,
+}
+
+impl fmt::Debug for TemplateFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TemplateFields")
+            .field("scheme", &self.scheme)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("hostname", &self.hostname)
+            .field("port", &self.port)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TemplateFields {
+    /// Split `raw` (nova.conf's `[database] connection`) as `urlparse` does.
+    ///
+    /// # Errors
+    /// A port that is not a number 0-65535: `urlparse(...).port` raises
+    /// there (Nova then logs the exception and leaves the template unfilled,
+    /// so that cell cannot be read).
+    pub fn of(raw: &str) -> Result<TemplateFields, UrlError> {
+        let raw = raw.trim();
+        // urlsplit: a scheme is letters, digits, `+-.` before the first ':'.
+        let (scheme, rest) = match raw.split_once(':') {
+            Some((s, r))
+                if s.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+            {
+                (s.to_ascii_lowercase(), r)
+            }
+            _ => (String::new(), raw),
+        };
+        let (netloc, rest) = match rest.strip_prefix("//") {
+            Some(r) => {
+                let end = r.find(['/', '?', '#']).unwrap_or(r.len());
+                (&r[..end], &r[end..])
+            }
+            None => ("", rest),
+        };
+        let (rest, fragment) = rest.split_once('#').unwrap_or((rest, ""));
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // urlparse (not urlsplit) also cuts `;params` off the last segment.
+        let last = path.rfind('/').map_or(0, |i| i + 1);
+        let path = match path[last..].find(';') {
+            Some(i) => &path[..last + i],
+            None => path,
+        };
+        let (userinfo, hostinfo) = match netloc.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, netloc),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(u) => match u.split_once(':') {
+                Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
+                None => (Some(u.to_owned()), None),
+            },
+        };
+        let (host, port) = match hostinfo.strip_prefix('[') {
+            Some(v6) => {
+                let (h, after) = v6.split_once(']').unwrap_or((v6, ""));
+                (h, after.split_once(':').map_or("", |(_, p)| p))
+            }
+            None => hostinfo.split_once(':').unwrap_or((hostinfo, "")),
+        };
+        let port = if port.is_empty() {
+            None
+        } else {
+            match port.parse::<u32>() {
+                Ok(p) if port.bytes().all(|b| b.is_ascii_digit()) && p <= 65535 => {
+                    Some(p.to_string())
+                }
+                _ => {
+                    return Err(UrlError::Authority(
+                        "the port of [database] connection is not a number 0-65535".into(),
+                    ))
+                }
+            }
+        };
+        let hostname = (!host.is_empty()).then(|| match host.split_once('%') {
+            Some((h, zone)) => format!("{}%{zone}", h.to_lowercase()),
+            None => host.to_lowercase(),
+        });
+        Ok(TemplateFields {
+            scheme,
+            username,
+            password,
+            hostname,
+            port,
+            path: path.trim_start_matches('/').to_owned(),
+            query: query.to_owned(),
+            fragment: fragment.to_owned(),
+        })
+    }
+
+    /// Fill `template` as Python's `str.format(**fields)` does: `{name}` is
+    /// replaced (an absent value prints `None`, as Python's `str(None)`),
+    /// `{{` and `}}` are literal braces. Format specs, conversions,
+    /// positional or indexed fields are refused.
+    ///
+    /// # Errors
+    /// An unknown or unsupported field, or an unbalanced brace. The message
+    /// gives the byte offset, never the text: a literal password in the
+    /// template may contain braces.
+    pub fn fill(&self, template: &str) -> Result<String, UrlError> {
+        let mut out = String::with_capacity(template.len() + 64);
+        let mut rest = template;
+        let mut at = 0;
+        while let Some(i) = rest.find(['{', '}']) {
+            out.push_str(&rest[..i]);
+            let tail = &rest[i..];
+            let (piece, used) = if tail.starts_with("{{") {
+                ("{".to_owned(), 2)
+            } else if tail.starts_with("}}") {
+                ("}".to_owned(), 2)
+            } else if tail.starts_with('}') {
+                return Err(UrlError::Template(format!(
+                    "a single '}}' at byte {}",
+                    at + i
+                )));
+            } else {
+                let close = tail.find('}').ok_or_else(|| {
+                    UrlError::Template(format!("an unclosed '{{' at byte {}", at + i))
+                })?;
+                let value = match &tail[1..close] {
+                    "scheme" => Some(self.scheme.as_str()),
+                    "username" => self.username.as_deref(),
+                    "password" => self.password.as_deref(),
+                    "hostname" => self.hostname.as_deref(),
+                    "port" => self.port.as_deref(),
+                    "path" => Some(self.path.as_str()),
+                    "query" => Some(self.query.as_str()),
+                    "fragment" => Some(self.fragment.as_str()),
+                    _ => {
+                        return Err(UrlError::Template(format!(
+                            "the field at byte {} is not one Nova fills \
+                             (scheme, username, password, hostname, port, path, query, fragment)",
+                            at + i
+                        )))
+                    }
+                };
+                (value.unwrap_or("None").to_owned(), close + 1)
+            };
+            out.push_str(&piece);
+            rest = &tail[used..];
+            at += i + used;
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
 impl fmt::Display for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
@@ -279,6 +458,72 @@ impl fmt::Debug for DbTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Expected values are what Python 3.11's `urlparse` + `str.format`
+    /// (Nova's `CellMapping._format_url`) give for the same strings.
+    #[test]
+    fn templates_are_filled_as_nova_fills_them() {
+        let f = TemplateFields::of(
+            "mysql+pymysql://nova:s3cr%40t@DB.Example:3307/nova?charset=utf8#frag",
+        )
+        .unwrap();
+        assert_eq!(
+            f.fill("{scheme}://{username}:{password}@{hostname}:{port}/{path}_cell1?{query}#{fragment}")
+                .unwrap(),
+            "mysql+pymysql://nova:s3cr%40t@db.example:3307/nova_cell1?charset=utf8#frag"
+        );
+        // No port: Python's str(None).
+        let f = TemplateFields::of("mysql+pymysql://nova@db/nova").unwrap();
+        assert_eq!(
+            f.fill("mysql://{username}@{hostname}:{port}/c1").unwrap(),
+            "mysql://nova@db:None/c1"
+        );
+        assert_eq!(
+            f.fill("mysql://{password}@h/c").unwrap(),
+            "mysql://None@h/c"
+        );
+        let f = TemplateFields::of("sqlite:////var/lib/nova/nova.sqlite").unwrap();
+        assert_eq!(
+            f.fill("{{x}}{path}").unwrap(),
+            "{x}var/lib/nova/nova.sqlite"
+        );
+        // IPv6: brackets stripped, lower-cased up to the zone; `;params` cut.
+        let f = TemplateFields::of("mysql://u:p@[FE80::1%25ETH0]:3306/nova;p=1").unwrap();
+        assert_eq!(
+            f.fill("mysql://{username}:{password}@[{hostname}]/c")
+                .unwrap(),
+            "mysql://u:p@[fe80::1%25ETH0]/c"
+        );
+        // A filled template parses like any URL.
+        let f = TemplateFields::of("mysql+pymysql://nova:pw@db:3306/nova").unwrap();
+        let url = DbUrl::parse(
+            &f.fill("{scheme}://{username}:{password}@{hostname}:{port}/nova_cell2")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(url.to_string(), "mysql://nova:***@db:3306/nova_cell2");
+    }
+
+    #[test]
+    fn a_template_nova_cannot_fill_is_refused_without_its_text() {
+        let f = TemplateFields::of("mysql+pymysql://nova:hunter2@db/nova").unwrap();
+        for t in [
+            "mysql://{userzq}@h/c",
+            "mysql://{port:zq}@h/c",
+            "mysql://{0}@h/zq",
+            "mysql://{username!zq}@h/c",
+            "mysql://nova:pa}zq@h/c",
+            "mysql://nova:pa{zq@h/c",
+        ] {
+            let e = f.fill(t).unwrap_err().to_string();
+            assert!(e.starts_with("templated database_connection: "), "{t}: {e}");
+            assert!(!e.contains("zq") && !e.contains("hunter2"), "{t}: {e}");
+        }
+        assert!(TemplateFields::of("mysql://u@h:99999/nova").is_err());
+        assert!(TemplateFields::of("mysql://u@h:-1/nova").is_err());
+        let dbg = format!("{:?}", f);
+        assert!(!dbg.contains("hunter2") && dbg.contains("***"), "{dbg}");
+    }
 
     fn mysql(s: &str) -> DbTarget {
         DbUrl::parse(s).unwrap().target
