@@ -381,11 +381,12 @@ fn provisioning_retries_with_backoff_until_open_vswitch_is_back() {
         log.find("retrying in 1s")
             .is_some_and(|a| log[a..].contains("retrying in 2s"))
     });
+    // Incomplete because of the Open_vSwitch part only, said with the delay.
     let log = ovn.log_text();
     assert!(
         log.contains(
             "provisioning incomplete (0 network(s) failed, 0 teardown(s) failed, Open_vSwitch: "
-        ) || log.contains("provisioning incomplete (1 network(s) failed"),
+        ),
         "{log}"
     );
     // Back: the next retry completes on its own.
