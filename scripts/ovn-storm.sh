@@ -76,8 +76,8 @@ for t in ovsdb-server ovsdb-tool ovsdb-client haproxy ip python3 curl; do
 done
 SB_SCHEMA=/usr/share/ovn/ovn-sb.ovsschema
 VS_SCHEMA=/usr/share/openvswitch/vswitch.ovsschema
-[ -f $SB_SCHEMA ] && [ -f $VS_SCHEMA ] || { echo "needs $SB_SCHEMA and $VS_SCHEMA" >&2; exit 1; }
-[ "$NETS" -ge 1 ] && [ "$NETS" -le 150 ] || { echo "--networks must be 1..150" >&2; exit 2; }
+if [ ! -f $SB_SCHEMA ] || [ ! -f $VS_SCHEMA ]; then echo "needs $SB_SCHEMA and $VS_SCHEMA" >&2; exit 1; fi
+if [ "$NETS" -lt 1 ] || [ "$NETS" -gt 150 ]; then echo "--networks must be 1..150" >&2; exit 2; fi
 [ $(( (VMS + NETS - 1) / NETS )) -le 60000 ] || { echo "at most 60 000 VMs per network" >&2; exit 2; }
 
 if [ -z "$BIN" ]; then
@@ -124,7 +124,7 @@ start_db() { # NAME SCHEMA: ovsdb-server on $WORK/NAME.sock
   ovsdb-tool create "$WORK/$1.db" "$2"
   ovsdb-server --remote="punix:$WORK/$1.sock" --unixctl="$WORK/$1.ctl" -vconsole:off \
     --log-file="$WORK/$1-server.log" "$WORK/$1.db" </dev/null >/dev/null 2>"$WORK/$1.err" &
-  PIDS+=($!)
+  PIDS+=("$!")
   local i
   for i in $(seq 200); do
     ovsdb-client --timeout=2 list-tables "unix:$WORK/$1.sock" >/dev/null 2>&1 && return 0
@@ -154,7 +154,7 @@ state_dir = "$WORK/api-state"
 EOF
 "$BIN" api --config "$WORK/api.toml" 2>"$WORK/api.log" &
 API_PID=$!
-PIDS+=($API_PID)
+PIDS+=("$API_PID")
 for _ in $(seq 300); do
   API_PORT=$(sed -n 's/.*api listener up: 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/api.log" | head -1)
   [ -n "$API_PORT" ] && break
@@ -250,7 +250,7 @@ wait_served ours
 
 "$BIN" agent --config "$WORK/agent.toml" 2>"$WORK/agent.log" &
 AGENT_PID=$!
-PIDS+=($AGENT_PID)
+PIDS+=("$AGENT_PID")
 for _ in $(seq 300); do [ -S "$AGENT_SOCK" ] && break; sleep 0.1; done
 
 # Neutron's OVN haproxy template (neutron/agent/ovn/metadata/driver.py via
@@ -282,7 +282,7 @@ listen listener
     http-request add-header X-OVN-Network-ID $net
 CFG
     ip netns exec "$PREFIX$net" haproxy -f "$WORK/haproxy-$n.cfg" -db 2>>"$WORK/haproxy.log" &
-    HAP_PIDS+=($!)
+    HAP_PIDS+=("$!")
     n=$((n + 1))
   done
 }
