@@ -222,13 +222,23 @@ ip netns add "$VMNS"
 ip -n "$VMNS" link set lo up
 ip netns exec "$VMNS" sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
 : >"$WORK/vm-addrs.batch"
-python3 - "$INV" "$WORK/nets.txt" >"$WORK/vm-addrs.batch" <<'PY'
+# Also, per network, a permanent neighbour entry for each VM in its ovnmeta-
+# namespace: the IPv4 neighbour table is one table for all namespaces, and
+# past net.ipv4.neigh.default.gc_thresh3 (1024) dynamic entries fail
+# ("neighbour table overflow": the namespace cannot answer a VM's SYN).
+# Permanent entries do not count against it, and this changes no host
+# setting. Both setups get the same entries.
+python3 - "$INV" "$WORK/nets.txt" "$WORK" "$PREFIX" >"$WORK/vm-addrs.batch" <<'PY'
 import sys, tomllib
 inv = tomllib.load(open(sys.argv[1], "rb"))
 nets = [l.split()[0] for l in open(sys.argv[2]) if l.strip()]
+neigh = [open(f"{sys.argv[3]}/neigh-{n}.batch", "w") for n in range(len(nets))]
 for vm in inv.get("instance", []):
     p = vm["port"][0]
-    print(f"addr add {p['fixed_ips'][0]}/16 dev e{nets.index(p['network'])}")
+    n = nets.index(p["network"])
+    print(f"addr add {p['fixed_ips'][0]}/16 dev e{n}")
+    neigh[n].write(f"neigh replace {p['fixed_ips'][0]} lladdr 02:00:00:00:{n:02x}:01 "
+                   f"dev tap{nets[n][:10]}1 nud permanent\n")
 PY
 n=0
 for line in "${NET_LINES[@]}"; do
@@ -240,7 +250,9 @@ for line in "${NET_LINES[@]}"; do
   ip link set "tap${net:0:10}0" master "$br"
   ip link set "$br" up
   ip link set "osv${n}_$TAG" up
+  ip -n "$VMNS" link set "e$n" address "02:00:00:00:$(printf %02x "$n"):01"
   ip -n "$VMNS" link set "e$n" up
+  ip -n "$PREFIX$net" -batch "$WORK/neigh-$n.batch"
   ip -n "$VMNS" rule add from "$prefix.0.0/16" table $((100 + n))
   ip -n "$VMNS" route add 169.254.169.254/32 via "$prefix.0.2" dev "e$n" onlink table $((100 + n))
   n=$((n + 1))
