@@ -42,7 +42,8 @@
 # from its start to its last answer), CPU seconds per 1 000 requests of the
 # metadata tier (ours: the `metaproxy ovn` process; theirs: every haproxy +
 # the stand-in agent; utime+stime from /proc/PID/stat over the storm only),
-# the api's likewise, errors and wrong-VM answers, and the load average.
+# how much of theirs is the stand-in agent, the api's likewise, errors and
+# wrong-VM answers, and the load average.
 # Exit status 1 if any storm failed (a VM not served, an error, a wrong VM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -310,27 +311,29 @@ cpu_ticks() { # PID...: utime+stime summed
 
 # The haproxy processes: `ip netns exec` execs haproxy in place, so the PID
 # we started is haproxy's.
-storm() { # SETUP RUN TIER_PIDS...
-  local setup=$1 run=$2 c0 c1 a0 a1 rc=0
-  shift 2
+storm() { # SETUP RUN AGENT_PID|- TIER_PIDS...: the tier's CPU, and of it the agent's
+  local setup=$1 run=$2 agent=$3 c0 c1 a0 a1 g0=0 g1=0 rc=0
+  shift 3
+  [ "$agent" = - ] || g0=$(cpu_ticks "$agent")
   c0=$(cpu_ticks "$@"); a0=$(cpu_ticks "$API_PID")
   ip netns exec "$VMNS" "$BIN" --log-level warn storm --target 169.254.169.254:80 \
     --inventory "$INV" --vms "$VMS" --ramp "$RAMP" --profile "$PROFILE" --timeout "$TIMEOUT" \
     --json "$WORK/$setup-$run.json" >"$WORK/$setup-$run.out" 2>&1 || rc=$?
   c1=$(cpu_ticks "$@"); a1=$(cpu_ticks "$API_PID")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" "$run" $((c1 - c0)) $((a1 - a0)) \
-    "$(cut -d' ' -f1-3 /proc/loadavg)" "$rc" >>"$WORK/rows.tsv"
+  [ "$agent" = - ] || g1=$(cpu_ticks "$agent")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" "$run" $((c1 - c0)) $((a1 - a0)) \
+    "$(cut -d' ' -f1-3 /proc/loadavg)" "$rc" $((g1 - g0)) >>"$WORK/rows.tsv"
   log "$setup run $run: rc=$rc $(grep -m1 -i 'req/s\|requests' "$WORK/$setup-$run.out" || true)"
 }
 
 : >"$WORK/rows.tsv"
 for ((r = 1; r <= RUNS; r++)); do
   [ -n "$OVN_PID" ] || { start_ovn; wait_served ours; }
-  storm ours "$r" "$OVN_PID"
+  storm ours "$r" - "$OVN_PID"
   stop_ovn
   start_haproxys
   wait_served theirs
-  storm theirs "$r" "${HAP_PIDS[@]}" "$AGENT_PID"
+  storm theirs "$r" "$AGENT_PID" "${HAP_PIDS[@]}" "$AGENT_PID"
   stop_haproxys
 done
 
@@ -340,7 +343,7 @@ work, hz, vms, nets, profile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.a
 rows = {"ours": [], "theirs": []}
 failed = False
 for line in open(f"{work}/rows.tsv"):
-    setup, run, cpu, api, load, rc = line.rstrip("\n").split("\t")
+    setup, run, cpu, api, load, rc, agent = line.rstrip("\n").split("\t")
     try:
         r = json.load(open(f"{work}/{setup}-{run}.json"))
     except (OSError, ValueError):
@@ -354,18 +357,19 @@ for line in open(f"{work}/rows.tsv"):
         p50=r["request_latency_us"]["p50"] / 1000, p99=r["request_latency_us"]["p99"] / 1000,
         vm50=r["vm_complete_us"]["p50"] / 1e6, vm99=r["vm_complete_us"]["p99"] / 1e6,
         cpu=int(cpu) / hz * 1000 / n, api=int(api) / hz * 1000 / n,
+        agent=int(agent) / hz * 1000 / n,
         err=r["errors"]["connect"] + r["errors"]["timeout"] + r["errors"]["io"]
             + r["errors"]["status"] + r["errors"]["body"],
         wrong=r["errors"]["wrong_vm"], done=f'{r["vms_completed"]}/{r["vms"]}', load=load,
         passed=r["passed"]))
 names = {"ours": "metaproxy ovn (1 process)", "theirs": f"{nets} haproxy + stand-in agent"}
 print(f"\n{vms} VMs over {nets} networks, profile {profile}; CPU = utime+stime over the storm, per 1 000 requests")
-print("| setup | run | VMs done | requests | req/s | req p50 ms | req p99 ms | VM p50 s | VM p99 s | tier CPU s/1k req | api CPU s/1k req | errors | wrong VM | load avg |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| setup | run | VMs done | requests | req/s | req p50 ms | req p99 ms | VM p50 s | VM p99 s | tier CPU s/1k req | of it the stand-in agent | api CPU s/1k req | errors | wrong VM | load avg |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for s, rs in rows.items():
     for x in rs:
         print(f'| {names[s]} | {x["run"]} | {x["done"]} | {x["req"]} | {x["rps"]:.0f} | {x["p50"]:.1f} | {x["p99"]:.1f} | '
-              f'{x["vm50"]:.2f} | {x["vm99"]:.2f} | {x["cpu"]:.3f} | {x["api"]:.3f} | {x["err"]} | {x["wrong"]} | {x["load"]} |')
+              f'{x["vm50"]:.2f} | {x["vm99"]:.2f} | {x["cpu"]:.3f} | {x["agent"] if s == "theirs" else "-":{".3f" if s == "theirs" else ""}} | {x["api"]:.3f} | {x["err"]} | {x["wrong"]} | {x["load"]} |')
 med = lambda rs, k: statistics.median(x[k] for x in rs)
 if rows["ours"] and rows["theirs"]:
     print(f"\nmedians of {len(rows['ours'])}/{len(rows['theirs'])} runs")
@@ -373,8 +377,13 @@ if rows["ours"] and rows["theirs"]:
     print("|---|---|---|---|")
     for k, label in [("rps", "req/s"), ("p50", "request p50 ms"), ("p99", "request p99 ms"),
                      ("vm50", "VM complete p50 s"), ("vm99", "VM complete p99 s"),
-                     ("cpu", "metadata tier CPU s per 1 000 req"), ("api", "api CPU s per 1 000 req")]:
+                     ("cpu", "metadata tier CPU s per 1 000 req"),
+                     ("agent", "of it the stand-in agent"), ("api", "api CPU s per 1 000 req")]:
         a, b = med(rows["ours"], k), med(rows["theirs"], k)
-        print(f"| {label} | {a:.3f} | {b:.3f} | {a / b if b else float('nan'):.2f} |")
+        if k == "agent":
+            print(f"| {label} | in-process | {b:.3f} | |")
+            continue
+        ratio = f"{a / b:.2f}" if b else "n/a"
+        print(f"| {label} | {a:.3f} | {b:.3f} | {ratio} |")
 sys.exit(1 if failed else 0)
 PY
