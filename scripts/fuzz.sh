@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../fuzz"
 SECS=${1:-30}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(request_rewrite response_framing chunked imdsv2_token inventory_loader agent_identity agent_request)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(request_rewrite response_framing chunked imdsv2_token inventory_loader agent_identity agent_request ovsdb_decoder)
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-target}
 # An explicit --target keeps RUSTFLAGS off build scripts and proc macros.

@@ -100,7 +100,7 @@ grep -q '^[[:space:]]*deb-systemd-invoke try-restart metaproxy-' "$WORK/control/
 grep -q 'deb-systemd-invoke stop metaproxy-' "$WORK/control/prerm" || fail "prerm does not stop the units on removal"
 
 # --- 2. install, check what is installed ------------------------------------
-UNITS=(metaproxy-agent metaproxy-api metaproxy-proxy metaproxy-qrouter-rules metaproxy-up)
+UNITS=(metaproxy-agent metaproxy-api metaproxy-ovn metaproxy-proxy metaproxy-qrouter-rules metaproxy-up)
 units_disabled() {
   local u
   for u in "${UNITS[@]}"; do
