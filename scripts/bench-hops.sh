@@ -5,6 +5,7 @@
 #   scripts/bench-hops.sh [rounds=3] [requests=200000] [conns=8] [depth=4]
 #   COUNT=1 scripts/bench-hops.sh ...   also count syscalls and io_uring
 #                                       submissions per request (perf stat)
+#   BIN=PATH scripts/bench-hops.sh ...  run that metaproxy binary (A/B runs)
 #
 # Three setups, each driven by examples/hop_driver.rs the way the proxy's
 # pool drives the agent: `conns` connections opened once, `depth` requests
@@ -27,6 +28,9 @@
 # CPU per request is utime and stime from /proc (user and kernel apart).
 # Loopback TCP and Unix sends run the receiver's side in the sender's
 # context, so a process's kernel time includes part of its peer's receive.
+# The driver reports its own CPU per request too: in the relay setup that
+# is the client half of a pooled Unix hop (write a batch, read and frame the
+# answers), the least the proxy's hop to the agent can cost the proxy.
 # Daemons are pinned to CPU 0, the driver to CPU 1; setups are interleaved
 # (agent relay api, agent relay api, ...) and the medians printed.
 set -euo pipefail
@@ -38,8 +42,13 @@ DEPTH=${4:-4}
 VMS=1000
 for t in taskset python3; do command -v $t >/dev/null || { echo "need $t" >&2; exit 1; }; done
 [ "${COUNT:-0}" = 1 ] && { command -v perf >/dev/null || { echo "need perf (apt-get install linux-perf)" >&2; exit 1; }; }
-cargo build --release --quiet --bin metaproxy --example hop_driver --example hop_relay --example uring_responder
-BIN=target/release/metaproxy
+if [ -n "${BIN:-}" ]; then
+  BIN=$(realpath "$BIN")
+  cargo build --release --quiet --example hop_driver --example hop_relay --example uring_responder
+else
+  cargo build --release --quiet --bin metaproxy --example hop_driver --example hop_relay --example uring_responder
+  BIN=$PWD/target/release/metaproxy
+fi
 EX=target/release/examples
 WORK=$(mktemp -d /tmp/mp-hops.XXXXXX)
 PIDS=()
@@ -156,7 +165,9 @@ for round in $(seq 1 "$ROUNDS"); do
       || { echo "$s: driver failed: $out" >&2; tail -n 5 "$WORK"/*.log >&2; exit 1; }
     for p in "${perfs[@]}"; do kill -INT "$p"; wait "$p" 2>/dev/null || true; done
     rps=$(echo "$out" | awk '{print $6}')
-    line="round $round $s load $load req/s $rps"
+    du=$(echo "$out" | awk '{print $10}'); ds=$(echo "$out" | awk '{print $12}')
+    line="round $round $s load $load req/s $rps | driver user $du sys $ds"
+    echo "$s driver $du $ds $(awk -v a="$du" -v b="$ds" 'BEGIN{print a+b}')" >>"$WORK/results"
     for rp in $(roles_of $s); do
       role=${rp%%=*}
       read -r u0 s0 <<<"${B[$role]}"; read -r u1 s1 <<<"$(ticks "${rp#*=}")"
@@ -188,6 +199,7 @@ g = lambda s, r: med.get((s, r), (0, 0, 0))[2]
 if g("relay", "relay") and g("relay", "responder"):
     print(f"\nagent / relay floor      = {g('agent','agent'):.2f} / {g('relay','relay'):.2f} = {g('agent','agent')/g('relay','relay'):.2f}x")
     print(f"api   / responder floor  = {g('api','api'):.2f} / {g('relay','responder'):.2f} = {g('api','api')/g('relay','responder'):.2f}x")
+    print(f"client half of a pooled Unix hop (driver in the relay setup) = {g('relay','driver'):.2f}")
 PY
 if [ "${COUNT:-0}" = 1 ]; then
   echo; echo "per request, medians (perf stat; counting costs CPU, read counts not times from a COUNT run):"
