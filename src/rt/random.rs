@@ -106,6 +106,10 @@ mod tests {
             used = now;
         }
         fill_random(&mut seed).unwrap();
-        assert_eq!(since_key(), Some(seed.len()), "rekeyed once the budget was spent");
+        assert_eq!(
+            since_key(),
+            Some(seed.len()),
+            "rekeyed once the budget was spent"
+        );
     }
 }
