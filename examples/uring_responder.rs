@@ -12,15 +12,33 @@
 //! keep-alive are honoured. Nothing else is parsed: this is a measuring stick,
 //! not a server.
 //!
-//! Usage: `cargo run --release --example uring_responder -- 127.0.0.1:18699 [loops=1]`
+//! Usage: `cargo run --release --example uring_responder -- 127.0.0.1:18699 [loops=1] [body_bytes]`
+//!
+//! With `body_bytes` the body is that many bytes (the echo agent's JSON,
+//! padded with spaces), so that `scripts/bench-hops.sh` can hand the agent
+//! an answer the size of the API's.
 
 use std::net::SocketAddr;
 
 use metaproxy::rt;
 
-/// The echo agent's answer (its body is 94 bytes), keep-alive and closing.
-const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 94\r\n\r\n{\"uuid\": \"d0d0d0d0-0000-4000-8000-000000000001\", \"hostname\": \"demo.novalocal\", \"name\": \"demo\"}";
-const ANSWER_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 94\r\nConnection: close\r\n\r\n{\"uuid\": \"d0d0d0d0-0000-4000-8000-000000000001\", \"hostname\": \"demo.novalocal\", \"name\": \"demo\"}";
+/// The echo agent's body (94 bytes).
+const BODY: &str = r#"{"uuid": "d0d0d0d0-0000-4000-8000-000000000001", "hostname": "demo.novalocal", "name": "demo"}"#;
+
+/// The answer, keep-alive and closing, built once at start-up.
+static ANSWERS: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+
+fn answers(body_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    let body = format!("{BODY:<body_bytes$}");
+    let head = |extra: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    (head(""), head("Connection: close\r\n"))
+}
 
 /// Whether the request head asks to close after its answer.
 fn wants_close(head: &[u8]) -> bool {
@@ -36,7 +54,8 @@ fn wants_close(head: &[u8]) -> bool {
 
 async fn serve(conn: rt::TcpConn) {
     let mut buf: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::with_capacity(ANSWER_CLOSE.len());
+    let (answer, answer_close) = ANSWERS.get_or_init(|| answers(BODY.len()));
+    let mut out: Vec<u8> = Vec::with_capacity(answer_close.len());
     loop {
         let (res, b) = if buf.is_empty() {
             conn.read_idle(Vec::new(), 4096).await
@@ -52,7 +71,7 @@ async fn serve(conn: rt::TcpConn) {
         let mut close = false;
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             close = wants_close(&buf[..end]);
-            out.extend_from_slice(if close { ANSWER_CLOSE } else { ANSWER });
+            out.extend_from_slice(if close { answer_close } else { answer });
             buf.drain(..end + 4);
             if close {
                 break;
@@ -92,6 +111,13 @@ fn main() -> std::io::Result<()> {
     let loops: usize = args.next().map_or(Ok(1), |s| s.parse()).map_err(|e| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("loops: {e}"))
     })?;
+    let body_bytes: usize = args
+        .next()
+        .map_or(Ok(BODY.len()), |s| s.parse())
+        .map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("body_bytes: {e}"))
+        })?;
+    let _ = ANSWERS.set(answers(body_bytes));
     let std_listener = std::sync::Arc::new(rt::listen_tcp(addr, 4096)?);
     eprintln!("uring_responder listening on {addr}, {loops} loop(s)");
     let handles = rt::run_loops(loops, "responder", move |_| {

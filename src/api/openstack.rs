@@ -140,7 +140,7 @@ pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, g
     ));
     if at_least(version, GRIZZLY) {
         let mut seed = [0u8; RANDOM_SEED_BYTES];
-        getrandom::fill(&mut seed)?;
+        crate::rt::fill_random(&mut seed)?;
         md.push((
             "random_seed".into(),
             Json::Str(base64::engine::general_purpose::STANDARD.encode(seed)),

@@ -14,9 +14,11 @@
 //! because each ring is used by exactly one thread (thread-per-core).
 
 pub mod netns;
+mod random;
 mod sock;
 pub mod sync;
 
+pub use random::{fill_random, RESEED_AFTER_BYTES};
 pub use sock::{
     listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener,
     PendingInput, Stream, TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY,
