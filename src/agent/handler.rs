@@ -41,7 +41,10 @@ use crate::agent::metrics::inc;
 use crate::agent::neutron::BackendError;
 use crate::agent::resolve::Resolved;
 use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
-use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
+use crate::http::{
+    self, ChunkProgress, ChunkedScanner, HeaderName, HeaderValue, HttpError, Method, RequestBody,
+    RequestHead,
+};
 use crate::log;
 
 /// Statuses of the API relayed as they are (Neutron era C's list); others → 500.
@@ -81,18 +84,102 @@ pub(super) async fn respond(
     decoded: &[u8],
     close: bool,
 ) -> Vec<u8> {
+    let mut out = ctx.server.take_buf();
+    respond_into(ctx, request, head, decoded, close, &mut out).await;
+    out
+}
+
+/// [`respond`], appending the answer to `out`; returns its status.
+async fn respond_into(
+    ctx: &AgentLoop,
+    request: &[u8],
+    head: &RequestHead,
+    decoded: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) -> u16 {
     let body: &[u8] = match head.body {
         RequestBody::Chunked => decoded,
         _ => &request[head.head_len..],
     };
-    let mut out = ctx.server.take_buf();
     let started = Instant::now();
-    let trace = answer(ctx, request, head, body, close, &mut out).await;
+    let trace = answer(ctx, request, head, body, close, out).await;
     ctx.m.response(trace.status);
     if ctx.cfg.access_log {
         access(request, head, &trace, started);
     }
-    out
+    trace.status
+}
+
+/// What the agent stage made of a request handed to it in-process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InProcessAnswer {
+    /// The whole answer was appended to `out`: its status and body bytes.
+    Answered {
+        /// The status answered.
+        status: u16,
+        /// Body bytes (0 after a HEAD).
+        body_bytes: usize,
+    },
+    /// The request broke one of the agent's limits before it was resolved
+    /// (the proxy's own are checked first; these are `[agent.limits]`):
+    /// answer this status's canned page and close, as the agent's
+    /// connection would.
+    Refused(u16),
+}
+
+/// The agent stage run by a proxy loop on its own thread (`metaproxy ovn`,
+/// `metaproxy up`): `request` is exactly what the proxy would have written
+/// to the agent's socket (the rewritten head with `X-Forwarded-For` and
+/// the router or network id, then the body as the guest framed it). It is
+/// parsed again with the agent's limits, so identity, limits, statuses,
+/// pages, counters and access log lines are the agent's own, byte for
+/// byte; then [`respond`]'s path runs with `close` (the proxy's decision
+/// for the guest's connection) and the answer is appended to `out`.
+pub async fn respond_in_process(
+    ctx: &AgentLoop,
+    request: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) -> InProcessAnswer {
+    let limits = &ctx.cfg.limits;
+    let head = match http::parse_request(request, limits) {
+        Ok(Some(head)) => head,
+        // The request is whole: a head still incomplete is one over the cap.
+        Ok(None) => return refused(ctx, HttpError::HeadTooLarge),
+        Err(e) => return refused(ctx, e),
+    };
+    inc(&ctx.m.requests);
+    let mut decoded = Vec::new();
+    if head.body == RequestBody::Chunked {
+        let mut scanner = ChunkedScanner::new(limits.max_body_bytes);
+        match scanner.decode(&request[head.head_len..], &mut decoded) {
+            Ok(ChunkProgress::Done { .. }) => {}
+            Ok(ChunkProgress::NeedMore { .. }) => return refused(ctx, HttpError::BadChunk),
+            Err(e) => return refused(ctx, e),
+        }
+    }
+    let start = out.len();
+    let status = respond_into(ctx, request, &head, &decoded, close, out).await;
+    let answer = &out[start..];
+    let head_len = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |p| p + 4);
+    InProcessAnswer::Answered {
+        status,
+        body_bytes: answer.len() - head_len,
+    }
+}
+
+/// A request the agent's connection would have refused: counted as there.
+fn refused(ctx: &AgentLoop, e: HttpError) -> InProcessAnswer {
+    inc(if e == HttpError::Smuggling {
+        &ctx.m.rx_smuggling
+    } else {
+        &ctx.m.rx_malformed
+    });
+    InProcessAnswer::Refused(e.status())
 }
 
 /// Build the whole response to one parsed request into `out`.

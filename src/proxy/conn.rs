@@ -14,11 +14,14 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::agent::daemon::AgentLoop;
+use crate::agent::handler::{self, InProcessAnswer};
 use crate::http::{self, RequestHead};
 use crate::log;
 use crate::metrics::inc;
 use crate::proxy::error::{Downstream, Internal, ProxyError};
 use crate::proxy::imdsv2::{self, Verdict};
+use crate::proxy::upstream::{Pool, Upstream};
 use crate::proxy::{NsRuntime, ProxyLoop};
 use crate::rt::sync::Event;
 use crate::rt::{self, TcpConn};
@@ -129,7 +132,21 @@ impl Handler for ProxyConn {
         }
         out.extend_from_slice(req.body);
         inc(&ns.counters.requests);
-        let (res, out) = ctx.pool.request(out, head.method).await;
+        match &ctx.upstream {
+            Upstream::Socket(pool) => self.relay(pool, out, req, w).await,
+            Upstream::InProcess(agent) => self.in_process(agent, out, req, w).await,
+        }
+    }
+}
+
+impl ProxyConn {
+    /// Send the rewritten request `out` over the agent's socket and frame
+    /// its answer back into `w`.
+    async fn relay(&self, pool: &Pool, out: Vec<u8>, req: &Request<'_>, w: &mut Vec<u8>) -> Answer {
+        let (ctx, ns, peer) = (&*self.ctx, &*self.ns, self.peer);
+        let (head, started) = (req.head, req.started);
+        let logged = Some((req.buf, head));
+        let (res, out) = pool.request(out, head.method).await;
         ctx.server.put_buf(out);
         let resp = match res {
             Ok(r) => r,
@@ -145,6 +162,38 @@ impl Handler for ProxyConn {
         w.extend_from_slice(resp.body());
         self.log(logged, resp.head.status, resp.body().len(), started);
         Answer::Write { keep }
+    }
+
+    /// Run the agent stage on this loop with the rewritten request `out`:
+    /// its answer is written straight into `w`, already framed for the
+    /// guest (Content-Length, `Connection: close` when the guest's
+    /// connection ends after it).
+    async fn in_process(
+        &self,
+        agent: &AgentLoop,
+        out: Vec<u8>,
+        req: &Request<'_>,
+        w: &mut Vec<u8>,
+    ) -> Answer {
+        let (ctx, ns) = (&*self.ctx, &*self.ns);
+        let (head, started) = (req.head, req.started);
+        let logged = Some((req.buf, head));
+        // Decided before the answer is written, since the agent frames it;
+        // a drain that starts meanwhile closes the connection at its next
+        // request instead.
+        let keep = head.keep_alive && !ns.closing.is_set();
+        let answer = handler::respond_in_process(agent, &out, !keep, w).await;
+        ctx.server.put_buf(out);
+        match answer {
+            InProcessAnswer::Answered { status, body_bytes } => {
+                self.log(logged, status, body_bytes, started);
+                Answer::Write { keep }
+            }
+            InProcessAnswer::Refused(status) => {
+                self.log(logged, status, 0, started);
+                Answer::Reject(status)
+            }
+        }
     }
 }
 

@@ -82,6 +82,31 @@ const OVERFLOW_FACTOR: usize = 4;
 /// request from then on).
 pub const ONE_SHOT_AFTER: u32 = 3;
 
+/// How the proxy reaches the agent, chosen once at start
+/// ([`crate::proxy::start_with`]).
+#[derive(Clone, Debug)]
+pub enum AgentLink {
+    /// Over `agent_socket` ([`Pool`]): `metaproxy proxy` in front of
+    /// `metaproxy agent` or neutron-metadata-agent.
+    Socket,
+    /// The agent stage runs on each proxy loop itself
+    /// ([`crate::agent::InProcess`]): `metaproxy ovn` and `metaproxy up`.
+    InProcess(crate::agent::daemon::Stage),
+}
+
+/// One proxy loop's next hop: what [`crate::proxy::conn`] hands the
+/// rewritten request to.
+pub enum Upstream {
+    /// The pooled, pipelined connections to the agent's socket.
+    Socket(Pool),
+    /// This loop's agent state (resolver and cache, signer, pooled API
+    /// client), on this same thread:
+    /// [`crate::agent::handler::respond_in_process`] resolves, signs,
+    /// forwards and writes the agent's answer, with no socket, no second
+    /// parse of the answer, no task per request.
+    InProcess(Rc<crate::agent::daemon::AgentLoop>),
+}
+
 /// Why an upstream exchange failed; [`UpstreamError::status`] classifies it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
