@@ -13,6 +13,11 @@
 //! A connection is [`super::conn`] (a pipelined reader and an in-order
 //! writer on the engine's [`Server`]); a request is [`super::handler`]
 //! (resolve → sign → forward → relay).
+//!
+//! [`start_in_process`] is the agent with no socket and no loops of its own
+//! (`metaproxy up`, `metaproxy ovn`): it starts only the shared pieces, and
+//! each loop of the proxy builds its [`AgentLoop`] from the [`Stage`] and
+//! runs the handler itself (why: [`crate::proxy::upstream`]).
 
 use std::cell::Cell;
 use std::io;

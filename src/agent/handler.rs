@@ -24,6 +24,10 @@
 //! one would become the start of the next VM's answer on that pooled
 //! connection.
 //!
+//! The same path serves a request read from the agent's socket
+//! ([`super::conn`]) and one handed over in-process by a proxy loop
+//! ([`respond_in_process`]: `metaproxy up` and `metaproxy ovn`).
+//!
 //! The request to the API is written by [`forward::write_api_request`] from
 //! a [`Resolved`], whose ids were parsed where the backend returned them: a
 //! tenant's `device_id` cannot put a byte into the head that an id may not
@@ -134,7 +138,7 @@ pub enum InProcessAnswer {
 /// the router or network id, then the body as the guest framed it). It is
 /// parsed again with the agent's limits, so identity, limits, statuses,
 /// pages, counters and access log lines are the agent's own, byte for
-/// byte; then [`respond`]'s path runs with `close` (the proxy's decision
+/// byte; then the socket path's handler runs with `close` (the proxy's decision
 /// for the guest's connection) and the answer is appended to `out`.
 pub async fn respond_in_process(
     ctx: &AgentLoop,

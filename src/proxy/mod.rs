@@ -8,8 +8,10 @@
 //! bound with `SO_REUSEPORT` would silently take half the traffic, where a
 //! plain bind fails loudly with "address in use".
 //!
-//! Per loop: a [`ProxyLoop`] (config, upstream pool, the engine's
-//! [`Server`] with its buffer free list) and per
+//! Per loop: a [`ProxyLoop`] (config, upstream: the agent's socket pool
+//! or, in `up` and `ovn`, the agent stage on the loop itself
+//! ([`upstream::Upstream`]), the engine's [`Server`] with its buffer free
+//! list) and per
 //! namespace a [`NsRuntime`] (its config, counters and a `closing` event). The
 //! per-namespace connection count is the one cross-core value (an atomic in
 //! the namespace's [`Gate`]), because `max_connections` is a namespace limit,
