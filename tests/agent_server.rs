@@ -949,14 +949,16 @@ fn in_process_agent_stage_answers_as_the_agent_with_no_socket() {
     let send = |r: &mut BufReader<TcpStream>, raw: &str| r.get_mut().write_all(raw.as_bytes());
 
     // 1. Spoofed identity: stripped by the proxy, the guest's own instance.
-    let mut r = guest("127.0.0.1");
+    // (Its connection stays on one loop, so its cache entry is that loop's.)
+    let mut first = guest("127.0.0.1");
+    let r = &mut first;
     let spoofed = format!(
         "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\
          X-Forwarded-For: 10.0.0.5\r\nX-Instance-ID: {VM5}\r\nX-Neutron-Router-ID: {ROUTER}\r\n\r\n"
     );
     for _ in 0..2 {
-        send(&mut r, &spoofed).unwrap();
-        let resp = read_response(&mut r, false).unwrap();
+        send(r, &spoofed).unwrap();
+        let resp = read_response(r, false).unwrap();
         assert_eq!(resp.status, 200, "{}", resp.text());
         assert_eq!(resp.text(), format!("instance={VM_LO}"));
     }
@@ -994,11 +996,12 @@ fn in_process_agent_stage_answers_as_the_agent_with_no_socket() {
     send(&mut r, get).unwrap();
     assert_eq!(read_response(&mut r, false).unwrap().status, 404, "in step");
 
-    // 3. The API's 404 for the cached mapping: retried once, then relayed.
+    // 3. The API's 404 for the mapping cached on that connection's loop:
+    // retried once, then relayed.
     api.set_mode(ApiMode::Status(404));
-    let mut r = guest("127.0.0.1");
-    send(&mut r, &spoofed).unwrap();
-    let resp = read_response(&mut r, false).unwrap();
+    let r = &mut first;
+    send(r, &spoofed).unwrap();
+    let resp = read_response(r, false).unwrap();
     assert_eq!((resp.status, resp.text()), (404, "status 404".to_string()));
     assert_eq!(api.seen().len(), 4, "one retry after the cached 404");
     let stats = agent.stats();
