@@ -83,11 +83,13 @@ fn each_vm_gets_its_own_metadata_whatever_it_sends() {
 }
 
 /// `[proxy.limits] max_head_bytes = 32768`, above what the agent accepts: a
-/// 12 KiB head passes the proxy and gets the agent's canned 431, which says
-/// `Connection: close`. That closes one pooled connection, and nothing more:
-/// the pool does not switch to one connection per request for good (which
-/// left one fd open per later request until the agent's idle timeout), so
-/// the fd count stays flat over 60 later requests, all answered.
+/// 12 KiB head passes the proxy and gets the agent's canned 431 (its
+/// `[agent.limits]` still apply with the agent stage in-process, where the
+/// request is parsed again with them). Nothing more: no later request is
+/// refused and no fd is left behind (with the old Unix-socket hop, the
+/// pool once switched to one connection per request for good and left one
+/// fd open per later request), so the fd count stays flat over 60 later
+/// requests, all answered.
 #[test]
 fn one_rejection_by_the_agent_neither_degrades_the_pool_nor_leaks_fds() {
     let dir = tempfile::tempdir().unwrap();
