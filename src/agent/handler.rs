@@ -89,30 +89,30 @@ pub(super) async fn respond(
     close: bool,
 ) -> Vec<u8> {
     let mut out = ctx.server.take_buf();
-    respond_into(ctx, request, head, decoded, close, &mut out).await;
+    let started = Instant::now();
+    let body = body_of(request, head, decoded);
+    let trace = answer(ctx, request, head, body, close, &mut out).await;
+    answered(ctx, request, head, &trace, started);
     out
 }
 
-/// [`respond`], appending the answer to `out`; returns its status.
-async fn respond_into(
-    ctx: &AgentLoop,
-    request: &[u8],
-    head: &RequestHead,
-    decoded: &[u8],
-    close: bool,
-    out: &mut Vec<u8>,
-) -> u16 {
-    let body: &[u8] = match head.body {
+/// The body the API gets: the raw bytes after the head, or a chunked
+/// body's decoded payload.
+fn body_of<'a>(request: &'a [u8], head: &RequestHead, decoded: &'a [u8]) -> &'a [u8] {
+    match head.body {
         RequestBody::Chunked => decoded,
         _ => &request[head.head_len..],
-    };
-    let started = Instant::now();
-    let trace = answer(ctx, request, head, body, close, out).await;
+    }
+}
+
+/// Count the answer's status and write its access-log line. (Not folded
+/// into a wrapper `async fn` around [`answer`]: one more future layer per
+/// request on the socket path.)
+fn answered(ctx: &AgentLoop, request: &[u8], head: &RequestHead, trace: &Trace, started: Instant) {
     ctx.m.response(trace.status);
     if ctx.cfg.access_log {
-        access(request, head, &trace, started);
+        access(request, head, trace, started);
     }
-    trace.status
 }
 
 /// What the agent stage made of a request handed to it in-process.
@@ -164,7 +164,11 @@ pub async fn respond_in_process(
         }
     }
     let start = out.len();
-    let status = respond_into(ctx, request, &head, &decoded, close, out).await;
+    let started = Instant::now();
+    let body = body_of(request, &head, &decoded);
+    let trace = answer(ctx, request, &head, body, close, out).await;
+    answered(ctx, request, &head, &trace, started);
+    let status = trace.status;
     let answer = &out[start..];
     let head_len = answer
         .windows(4)
