@@ -18,6 +18,8 @@
 #   api     `metaproxy api` behind the agent (signed headers, render)
 #   floor   `metaproxy api` alone in direct mode (service_metadata_proxy =
 #           false), the client talking to it directly: the one-hop limit
+#   up      `metaproxy up` with the same file, the whole path in one process
+#           (not in the default roles: compare it with proxy + agent + api)
 #
 # Each role runs twice, serving 100 and 100 + REQUESTS requests, and exits on
 # SIGTERM; the difference of the totals over REQUESTS is the cost per request
@@ -171,6 +173,8 @@ instr() {
   rm -f "$WORK/agent.sock"
   if [ "$role" = floor ]; then
     run floor api "$WORK/floor.toml" "$n"
+  elif [ "$role" = up ]; then
+    run up up "$WORK/chain.toml" "$n"
   else
     run "$role" api "$WORK/chain.toml" "$n"; wait_up "$API_PORT"
     run "$role" agent "$WORK/chain.toml" "$n"; wait_up "$WORK/agent.sock"

@@ -55,14 +55,16 @@ enum Command {
         check: bool,
     },
     /// All three on loopback in one process (the embedded default): metadata
-    /// API, agent and namespace proxy, each on its own pinned loops, wired
-    /// together by `[api]`, `[agent]` and `[proxy]` of one file.
+    /// API, agent and namespace proxy, wired together by `[api]`, `[agent]`
+    /// and `[proxy]` of one file. The agent runs on the proxy's loops, with
+    /// no socket between them (`agent.socket`, `proxy.agent_socket` and
+    /// `agent.workers` are not used); the API has loops of its own.
     Up {
         /// Configuration file (TOML with `[api]`, `[agent]` and `[proxy]`).
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
         /// Validate all three sections, the inventory and how they are wired
-        /// together (socket, API address, shared secret), then exit.
+        /// together (API address, shared secret), then exit.
         #[arg(long)]
         check: bool,
     },
@@ -580,7 +582,7 @@ fn up_warnings(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Vec
 /// - the agent resolving from another inventory file than the API serves:
 ///   the instance the agent signs for an address is then not the one the
 ///   API's file gives that address (a stale copy hands a VM another's data).
-fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Result<()> {
+fn check_chain(api: &ApiConfig, agent: &AgentConfig) -> Result<()> {
     if !api.service_metadata_proxy {
         bail!(
             "api.service_metadata_proxy = false: inside `up` the API's TCP peer is always the agent, \
@@ -615,13 +617,6 @@ fn check_chain(api: &ApiConfig, agent: &AgentConfig, proxy: &ProxyConfig) -> Res
             );
         }
     }
-    if proxy.agent_socket != agent.socket {
-        bail!(
-            "proxy.agent_socket ({}) is not agent.socket ({}): the proxy would not reach this agent",
-            proxy.agent_socket.display(),
-            agent.socket.display()
-        );
-    }
     let nova = agent.nova.addr;
     if !api
         .listen
@@ -641,7 +636,7 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
     let api_cfg = load_api_config(path).with_context(ctx)?;
     let agent_cfg = load_agent_config(path).with_context(ctx)?;
     let proxy_cfg = load_proxy_config(path).with_context(ctx)?;
-    check_chain(&api_cfg, &agent_cfg, &proxy_cfg).with_context(ctx)?;
+    check_chain(&api_cfg, &agent_cfg).with_context(ctx)?;
     if check {
         println!("{api_cfg:#?}\n{agent_cfg:#?}\n{proxy_cfg:#?}");
         print_warnings(&up_warnings(&api_cfg, &agent_cfg, &proxy_cfg));
@@ -703,8 +698,13 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
     };
     let api =
         metaproxy::api::server::start_sharing(api_cfg, inventory.clone()).with_context(ctx)?;
-    let agent = metaproxy::agent::start_sharing(agent_cfg, inventory.clone()).with_context(ctx)?;
-    let proxy = metaproxy::proxy::start(proxy_cfg).with_context(ctx)?;
+    // The agent stage runs on the proxy's own loops: no agent socket, no
+    // loops of its own (see `proxy::upstream::Upstream`).
+    let loops = proxy_cfg.workers.get();
+    let agent = metaproxy::agent::start_in_process(agent_cfg, inventory.clone(), loops)
+        .with_context(ctx)?;
+    let link = metaproxy::proxy::upstream::AgentLink::InProcess(agent.stage());
+    let proxy = metaproxy::proxy::start_with(proxy_cfg, link).with_context(ctx)?;
     let _ctl = metaproxy::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
         .map_err(|e| {
             log::warn(format_args!(
@@ -751,7 +751,7 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
     }
     // Front to back, so nothing in flight loses its next hop.
     proxy.stop()?;
-    agent.stop()?;
+    agent.stop();
     api.stop()?;
     log::info(format_args!("stopped"));
     Ok(())

@@ -915,3 +915,131 @@ fn a_dead_broker_does_not_affect_serving_or_stopping() {
         t0.elapsed()
     );
 }
+
+/// The agent stage on the proxy's own loops (`metaproxy up`, `metaproxy
+/// ovn`): no agent socket exists, and through the proxy a guest still gets
+/// everything the agent answers over its socket: its own instance whatever
+/// it spoofs (the proxy strips and counts, the agent signs), the agent's
+/// 404 page for an address no port has and the same head with no body for
+/// a HEAD (the next request on that connection still in step), the API's
+/// 404 for a cached mapping retried once with a fresh lookup, and the
+/// agent's 503 page when the API is down. The agent's counters count it.
+#[test]
+fn in_process_agent_stage_answers_as_the_agent_with_no_socket() {
+    let api = FakeApi::start(ApiMode::Echo);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), api.addr, "5s", "");
+    let socket = cfg.socket.clone();
+    let proxy_cfg = common::proxy_config(&socket, "");
+    let agent = metaproxy::agent::start_in_process(cfg, None, proxy_cfg.workers.get()).unwrap();
+    let link = metaproxy::proxy::upstream::AgentLink::InProcess(agent.stage());
+    let proxy = metaproxy::proxy::start_with(proxy_cfg, link).unwrap();
+    assert!(!socket.exists(), "an agent socket was created");
+    let addr = proxy.bound[0][0];
+    let guest = |from: &str| {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        BufReader::new(s)
+    };
+    let send = |r: &mut BufReader<TcpStream>, raw: &str| r.get_mut().write_all(raw.as_bytes());
+
+    // 1. Spoofed identity: stripped by the proxy, the guest's own instance.
+    // (Its connection stays on one loop, so its cache entry is that loop's.)
+    let mut first = guest("127.0.0.1");
+    let r = &mut first;
+    let spoofed = format!(
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+         X-Forwarded-For: 10.0.0.5\r\nX-Instance-ID: {VM5}\r\nX-Neutron-Router-ID: {ROUTER}\r\n\r\n"
+    );
+    for _ in 0..2 {
+        send(r, &spoofed).unwrap();
+        let resp = read_response(r, false).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.text(), format!("instance={VM_LO}"));
+    }
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].get("X-Forwarded-For"), Some("127.0.0.1"));
+    assert_eq!(seen[0].get("X-Instance-ID"), Some(VM_LO));
+    assert_eq!(
+        seen[0].get("X-Instance-ID-Signature"),
+        Some(sign_instance_id(SECRET.as_bytes(), VM_LO).as_str())
+    );
+    let spoofs = proxy.control.status()[0].counters.rx_spoofed_header;
+    assert_eq!(spoofs, 2, "the proxy counts each spoofed request");
+
+    // 2. No port has 127.0.0.2: the agent's own 404 page, keep-alive; a
+    // HEAD gets its head and no body, and the connection stays in step.
+    let mut r = guest("127.0.0.2");
+    let get = "GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n";
+    send(&mut r, get).unwrap();
+    let page = read_response(&mut r, false).unwrap();
+    assert_eq!(page.status, 404);
+    assert!(
+        page.text().contains(&format!(
+            "Instance was not found on router {}.",
+            common::ROUTER
+        )),
+        "{}",
+        page.text()
+    );
+    send(&mut r, &get.replacen("GET", "HEAD", 1)).unwrap();
+    let head = read_response(&mut r, true).unwrap();
+    assert_eq!(head.status, 404);
+    let len = page.text().len().to_string();
+    assert_eq!(head.header("Content-Length"), Some(len.as_str()));
+    send(&mut r, get).unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().status, 404, "in step");
+
+    // 3. The API's 404 for the mapping cached on that connection's loop:
+    // retried once, then relayed.
+    api.set_mode(ApiMode::Status(404));
+    let r = &mut first;
+    send(r, &spoofed).unwrap();
+    let resp = read_response(r, false).unwrap();
+    assert_eq!((resp.status, resp.text()), (404, "status 404".to_string()));
+    assert_eq!(api.seen().len(), 4, "one retry after the cached 404");
+    let stats = agent.stats();
+    assert_eq!(stats.retried_after_404, 1);
+    assert_eq!(
+        stats.inventory_lookups, 3,
+        "127.0.0.1 twice, 127.0.0.2 once"
+    );
+    assert_eq!(stats.requests, 6);
+    proxy.stop().unwrap();
+    agent.stop();
+}
+
+/// In-process, the API unreachable is the agent's 503 page.
+#[test]
+fn in_process_agent_stage_with_the_api_down_is_the_agent_s_503() {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), addr, "5s", "");
+    let proxy_cfg = common::proxy_config(&cfg.socket, "");
+    let agent = metaproxy::agent::start_in_process(cfg, None, proxy_cfg.workers.get()).unwrap();
+    let link = metaproxy::proxy::upstream::AgentLink::InProcess(agent.stage());
+    let proxy = metaproxy::proxy::start_with(proxy_cfg, link).unwrap();
+    let mut s = TcpStream::connect(proxy.bound[0][0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut BufReader::new(s), false).unwrap();
+    assert_eq!(resp.status, 503);
+    assert!(
+        resp.text().contains("temporarily unavailable"),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(agent.stats().api_errors, 1);
+    proxy.stop().unwrap();
+    agent.stop();
+}

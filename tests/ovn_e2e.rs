@@ -307,13 +307,14 @@ ovn_prefixes = ["{prefix}"]
         ),
     )
     .unwrap();
-    let runtime = dir.path().join("run");
     let start = |tag: &str| {
         Daemon::start_cmd(
             tag,
-            Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-                .args(["ovn", "--config", cfg.to_str().unwrap()])
-                .env("RUNTIME_DIRECTORY", &runtime),
+            Command::new(env!("CARGO_BIN_EXE_metaproxy")).args([
+                "ovn",
+                "--config",
+                cfg.to_str().unwrap(),
+            ]),
             dir.path(),
         )
     };

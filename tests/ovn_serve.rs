@@ -427,9 +427,8 @@ control_socket = "{ctl}"
         "--check: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Where the first version put its agent socket: nothing goes there now.
     let runtime = dir.path().join("run");
-    // Left by a process that is gone (above the largest pid Linux gives).
-    std::fs::create_dir_all(runtime.join("ovn-999999999")).unwrap();
     let mut ovn = Daemon::start_cmd(
         "ovn",
         Command::new(env!("CARGO_BIN_EXE_metaproxy"))
@@ -483,6 +482,12 @@ control_socket = "{ctl}"
         "{got:#}"
     );
     assert_eq!(got["openstack"]["metadata"]["hostname"], "vm-a.novalocal");
+    // No hop to an agent: the agent stage runs on the listeners' own
+    // loops, so the only Unix socket `metaproxy ovn` listens on is
+    // `metaproxy ctl`'s, and it made no runtime directory for one.
+    let ctl = dir.path().join("ctl.sock").display().to_string();
+    assert_eq!(common::unix_listeners(ovn.pid()), vec![ctl]);
+    assert!(!runtime.exists(), "a runtime directory was created");
     // Serving: now alive to Neutron.
     common::wait_until("liveness keys written", LIMIT, || {
         keys().contains("neutron:ovn-neutron-agent-id")
@@ -562,17 +567,14 @@ control_socket = "{ctl}"
     // A netns directory `ip netns` does not manage: its namespaces are
     // served as found, never provisioned or torn down.
     assert!(log.contains("ovn: not provisioning namespaces"), "{log}");
-    // SIGTERM: a clean stop, which removes the private directory.
+    // SIGTERM: a clean stop.
     drop(ovn);
     let log = std::fs::read_to_string(dir.path().join("ovn.log")).unwrap();
     assert!(
         log.contains("draining and exiting") && log.contains("stopped"),
         "{log}"
     );
-    assert!(
-        std::fs::read_dir(&runtime).map_or(true, |mut d| d.next().is_none()),
-        "the private runtime directory (or a dead process' one) is left behind"
-    );
+    assert!(!runtime.exists(), "a runtime directory was left behind");
     drop(mounts);
     drop(nss);
 }

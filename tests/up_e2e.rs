@@ -83,11 +83,13 @@ fn each_vm_gets_its_own_metadata_whatever_it_sends() {
 }
 
 /// `[proxy.limits] max_head_bytes = 32768`, above what the agent accepts: a
-/// 12 KiB head passes the proxy and gets the agent's canned 431, which says
-/// `Connection: close`. That closes one pooled connection, and nothing more:
-/// the pool does not switch to one connection per request for good (which
-/// left one fd open per later request until the agent's idle timeout), so
-/// the fd count stays flat over 60 later requests, all answered.
+/// 12 KiB head passes the proxy and gets the agent's canned 431 (its
+/// `[agent.limits]` still apply with the agent stage in-process, where the
+/// request is parsed again with them). Nothing more: no later request is
+/// refused and no fd is left behind (with the old Unix-socket hop, the
+/// pool once switched to one connection per request for good and left one
+/// fd open per later request), so the fd count stays flat over 60 later
+/// requests, all answered.
 #[test]
 fn one_rejection_by_the_agent_neither_degrades_the_pool_nor_leaks_fds() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,4 +131,55 @@ fn one_rejection_by_the_agent_neither_degrades_the_pool_nor_leaks_fds() {
         );
         std::thread::yield_now();
     }
+}
+
+/// `up` runs the agent on the proxy's own loops: the `[agent] socket` of
+/// its file is never created, the process listens on no Unix socket but
+/// `metaproxy ctl`'s (so no guest request crosses a socket to an agent),
+/// and `metaproxy doctor` on that file says why there is no socket rather
+/// than failing its agent socket check. A HEAD through that path gets the
+/// agent's 404 head with no body, and the connection stays in step.
+#[test]
+fn up_has_no_agent_socket_and_doctor_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, proxy) = start_example(dir.path());
+    assert_eq!(
+        ask("127.0.0.1", proxy, "/openstack/latest/meta_data.json", "").status,
+        200
+    );
+    assert!(!dir.path().join("agent.sock").exists(), "an agent socket");
+    let ctl = dir.path().join("ctl.sock").display().to_string();
+    assert_eq!(common::unix_listeners(up.pid()), vec![ctl]);
+
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // 127.0.0.1 is `demo`; the router is the example's: a HEAD for a path
+    // the API has not, then a GET on the same connection.
+    let get = "GET /openstack/latest/nothing-here HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n";
+    s.write_all(get.replacen("GET", "HEAD", 1).as_bytes())
+        .unwrap();
+    let head = read_response(&mut r, true).unwrap();
+    assert_eq!(head.status, 404);
+    assert!(head.body.is_empty());
+    s.write_all(get.as_bytes()).unwrap();
+    let page = read_response(&mut r, false).unwrap();
+    assert_eq!(page.status, 404);
+    let len = page.body.len().to_string();
+    assert_eq!(head.header("Content-Length"), Some(len.as_str()));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["--log-level", "warn", "doctor", "--config"])
+        .arg(dir.path().join("up.toml"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let line = report
+        .lines()
+        .find(|l| l.contains("agent socket"))
+        .unwrap_or_else(|| panic!("no agent socket check:\n{report}"));
+    assert!(
+        line.starts_with("OK") && line.contains("runs the agent in-process"),
+        "{report}"
+    );
 }

@@ -13,6 +13,11 @@
 //! A connection is [`super::conn`] (a pipelined reader and an in-order
 //! writer on the engine's [`Server`]); a request is [`super::handler`]
 //! (resolve → sign → forward → relay).
+//!
+//! [`start_in_process`] is the agent with no socket and no loops of its own
+//! (`metaproxy up`, `metaproxy ovn`): it starts only the shared pieces, and
+//! each loop of the proxy builds its [`AgentLoop`] from the [`Stage`] and
+//! runs the handler itself (why: [`crate::proxy::upstream`]).
 
 use std::cell::Cell;
 use std::io;
@@ -67,10 +72,35 @@ pub struct AgentStats {
     pub retried_after_404: u64,
 }
 
-struct Shared {
+/// What every loop of one agent shares: the inventory and the counters'
+/// registry (one block per loop).
+pub(crate) struct Shared {
     /// The inventory (`backend = "inventory"` only).
     store: Option<Arc<crate::inventory::Store>>,
     metrics: Registry,
+}
+
+impl Shared {
+    fn stats(&self) -> AgentStats {
+        use metrics::Call;
+        let r = &self.metrics;
+        AgentStats {
+            requests: r.sum(|m| &m.requests),
+            inventory_lookups: r.sum(|m| &m.inventory_lookups),
+            cache_hits: r.sum(|m| &m.cache_hits) + r.sum(|m| &m.cache_negative_hits),
+            cache_misses: r.sum(|m| &m.cache_misses),
+            neutron_calls: r.calls(Call::RouterNetworks)
+                + r.calls(Call::Ports)
+                + r.calls(Call::Prefetch),
+            token_requests: r.calls(Call::Token),
+            backend_unavailable: r.sum(|m| &m.backend_unavailable),
+            bad_requests: r.sum(|m| &m.bad_requests),
+            not_found: r.sum(|m| &m.not_found),
+            forwarded: r.sum(|m| &m.forwarded),
+            api_errors: r.sum(|m| &m.api_errors),
+            retried_after_404: r.sum(|m| &m.retried_after_404),
+        }
+    }
 }
 
 /// A running agent.
@@ -88,24 +118,7 @@ pub struct AgentHandle {
 impl AgentHandle {
     /// Counters so far, summed over loops.
     pub fn stats(&self) -> AgentStats {
-        use metrics::Call;
-        let r = &self.shared.metrics;
-        AgentStats {
-            requests: r.sum(|m| &m.requests),
-            inventory_lookups: r.sum(|m| &m.inventory_lookups),
-            cache_hits: r.sum(|m| &m.cache_hits) + r.sum(|m| &m.cache_negative_hits),
-            cache_misses: r.sum(|m| &m.cache_misses),
-            neutron_calls: r.calls(Call::RouterNetworks)
-                + r.calls(Call::Ports)
-                + r.calls(Call::Prefetch),
-            token_requests: r.calls(Call::Token),
-            backend_unavailable: r.sum(|m| &m.backend_unavailable),
-            bad_requests: r.sum(|m| &m.bad_requests),
-            not_found: r.sum(|m| &m.not_found),
-            forwarded: r.sum(|m| &m.forwarded),
-            api_errors: r.sum(|m| &m.api_errors),
-            retried_after_404: r.sum(|m| &m.retried_after_404),
-        }
+        self.shared.stats()
     }
 
     /// The metrics in Prometheus text (what `agent.metrics_listen` serves).
@@ -226,72 +239,26 @@ pub fn start_sharing(
     cfg: AgentConfig,
     shared: Option<Arc<crate::inventory::Store>>,
 ) -> io::Result<AgentHandle> {
-    for w in cfg.warnings() {
-        log::warn(format_args!("{w}"));
-    }
-    let owned = shared.is_none();
-    let (store, backend) = match &cfg.backend {
-        Backend::Inventory(inv_path) => {
-            let store = match shared {
-                Some(s) => s,
-                None => Arc::new(
-                    crate::inventory::Store::load(inv_path)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?,
-                ),
-            };
-            (Some(store), format!("inventory {}", inv_path.display()))
-        }
-        Backend::Neutron(n) => (
-            None,
-            format!("neutron at {} ({:?})", n.endpoint.addr, n.auth),
-        ),
-        Backend::Ovn(r) => (None, format!("{r:?}")),
-    };
-    let listener = Arc::new(bind_socket(&cfg)?);
-    admit::check_backlog("agent", cfg.backlog);
-    let gate = Arc::new(Gate::new(
-        "agent",
-        "max_connections",
-        cfg.max_connections.get(),
-    ));
-    let budget = admit::fd_budget().max();
-    let watcher = match store.as_ref().filter(|_| owned) {
-        Some(s) => Some(Watcher::start(
-            s.clone(),
-            store::POLL_INTERVAL,
-            "agent-inventory",
-        )?),
-        None => None,
-    };
     let workers = cfg.workers.get();
-    let shared = Arc::new(Shared {
-        store,
-        metrics: Registry::new(workers),
-    });
-    let exporter = match cfg.metrics_listen {
-        Some(addr) => Some({
-            let registry = shared.metrics.clone();
-            let l = crate::metrics::bind("agent.metrics_listen", addr)?;
-            crate::metrics::serve(l, "agent-metrics", move || registry.render())?
-        }),
-        None => None,
-    };
-    log::info(format_args!(
-        "agent starting: socket {} (mode {:o}, max_connections {}, fd budget {budget}), \
-         {workers} loop(s), {backend}, metadata API {}{}",
+    let budget = admit::fd_budget().max();
+    let served = format!(
+        "socket {} (mode {:o}, max_connections {}, fd budget {budget}), {workers} loop(s)",
         cfg.socket.display(),
         cfg.socket_mode.bits(),
         cfg.max_connections,
-        cfg.nova.addr,
-        exporter.as_ref().map_or(String::new(), |e| format!(
-            ", metrics on http://{}/metrics",
-            e.addr()
-        ))
-    ));
-    let report = super::report::start_for(&cfg)?;
+    );
     let socket = cfg.socket.clone();
-    let cfg = Arc::new(cfg);
-    let sh = shared.clone();
+    let (common, listener) = Common::start(cfg, shared, workers, &served, |cfg| {
+        let listener = Arc::new(bind_socket(cfg)?);
+        admit::check_backlog("agent", cfg.backlog);
+        Ok(listener)
+    })?;
+    let gate = Arc::new(Gate::new(
+        "agent",
+        "max_connections",
+        common.stage.cfg.max_connections.get(),
+    ));
+    let (cfg, sh) = (common.stage.cfg.clone(), common.stage.shared.clone());
     let (controls, threads) = serve::run_loops(workers, "agent", move |i, rx| {
         let (cfg, shared) = (cfg.clone(), sh.clone());
         let (listener, gate) = (listener.clone(), gate.clone());
@@ -300,16 +267,195 @@ pub fn start_sharing(
     Ok(AgentHandle {
         controls,
         threads,
-        watcher,
-        exporter,
-        shared,
-        _report: report,
+        watcher: common.watcher,
+        exporter: common.exporter,
+        shared: common.stage.shared,
+        _report: common.report,
         socket,
     })
 }
 
-/// Per-loop state shared by its tasks.
-pub(super) struct AgentLoop {
+/// What a socket-serving agent and an in-process one both start: the
+/// backend's store (and its watcher when the agent owns it), the counters,
+/// the metrics endpoint, Neutron's `report_state`.
+struct Common {
+    stage: Stage,
+    watcher: Option<Watcher>,
+    exporter: Option<crate::metrics::Exporter>,
+    report: Option<super::report::Reporter>,
+}
+
+impl Common {
+    /// `loops`: how many loops will resolve (one counter block each);
+    /// `served`: how they are reached, for the start line; `bind` runs once
+    /// the backend is loaded and before anything is started (a bad
+    /// inventory refuses the start before a socket exists).
+    fn start<T>(
+        cfg: AgentConfig,
+        shared: Option<Arc<crate::inventory::Store>>,
+        loops: usize,
+        served: &str,
+        bind: impl FnOnce(&AgentConfig) -> io::Result<T>,
+    ) -> io::Result<(Common, T)> {
+        for w in cfg.warnings() {
+            log::warn(format_args!("{w}"));
+        }
+        let owned = shared.is_none();
+        let (store, backend) = match &cfg.backend {
+            Backend::Inventory(inv_path) => {
+                let store =
+                    match shared {
+                        Some(s) => s,
+                        None => Arc::new(crate::inventory::Store::load(inv_path).map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+                        })?),
+                    };
+                (Some(store), format!("inventory {}", inv_path.display()))
+            }
+            Backend::Neutron(n) => (
+                None,
+                format!("neutron at {} ({:?})", n.endpoint.addr, n.auth),
+            ),
+            Backend::Ovn(r) => (None, format!("{r:?}")),
+        };
+        let bound = bind(&cfg)?;
+        let watcher = match store.as_ref().filter(|_| owned) {
+            Some(s) => Some(Watcher::start(
+                s.clone(),
+                store::POLL_INTERVAL,
+                "agent-inventory",
+            )?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            store,
+            metrics: Registry::new(loops),
+        });
+        let exporter = match cfg.metrics_listen {
+            Some(addr) => Some({
+                let registry = shared.metrics.clone();
+                let l = crate::metrics::bind("agent.metrics_listen", addr)?;
+                crate::metrics::serve(l, "agent-metrics", move || registry.render())?
+            }),
+            None => None,
+        };
+        log::info(format_args!(
+            "agent starting: {served}, {backend}, metadata API {}{}",
+            cfg.nova.addr,
+            exporter.as_ref().map_or(String::new(), |e| format!(
+                ", metrics on http://{}/metrics",
+                e.addr()
+            ))
+        ));
+        let report = super::report::start_for(&cfg)?;
+        let common = Common {
+            stage: Stage {
+                cfg: Arc::new(cfg),
+                shared,
+            },
+            watcher,
+            exporter,
+            report,
+        };
+        Ok((common, bound))
+    }
+}
+
+/// What a loop of another daemon needs to run the agent stage on itself
+/// (see [`InProcess`]): the config and the shared counters and store.
+/// Cheap to clone and `Send`: each loop builds its own [`AgentLoop`] from it
+/// on its own thread ([`Stage::on_this_loop`]).
+#[derive(Clone)]
+pub struct Stage {
+    cfg: Arc<AgentConfig>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("metadata_api", &self.cfg.nova.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stage {
+    /// Loop `index`'s agent state (resolver and cache, signer, pooled API
+    /// client), sharing the calling loop's buffers (`server`). Call it on
+    /// that loop's thread: the state is per-loop and not `Send`.
+    ///
+    /// # Errors
+    /// `index` is past the loops the stage was started for, or the
+    /// inventory is not loaded.
+    pub fn on_this_loop(&self, index: usize, server: Rc<Server>) -> io::Result<Rc<AgentLoop>> {
+        AgentLoop::new(self.cfg.clone(), &self.shared, index, server)
+    }
+}
+
+/// The agent without a socket (`metaproxy ovn`, `metaproxy up`): no
+/// listener, no loops of its own; every loop of the proxy runs the agent
+/// stage itself, from [`InProcess::stage`] ([`crate::proxy::upstream`]'s
+/// `Upstream::InProcess`). This holds what the agent owns besides its
+/// loops: the inventory watcher, the metrics endpoint and counters, the
+/// `report_state` thread.
+pub struct InProcess {
+    common: Common,
+}
+
+/// Start the agent's shared pieces for `loops` loops of another daemon
+/// (`store` as in [`start_sharing`]). The `[agent]` keys about its socket
+/// and its own loops (`socket`, `socket_mode`, `workers`, `backlog`,
+/// `max_connections`) have no effect.
+///
+/// # Errors
+/// The inventory is broken, or the metrics endpoint cannot be bound.
+pub fn start_in_process(
+    cfg: AgentConfig,
+    store: Option<Arc<crate::inventory::Store>>,
+    loops: usize,
+) -> io::Result<InProcess> {
+    let served = format!("in-process on the proxy's {loops} loop(s), no socket");
+    let (common, ()) = Common::start(cfg, store, loops, &served, |_| Ok(()))?;
+    Ok(InProcess { common })
+}
+
+impl InProcess {
+    /// What each proxy loop builds its agent state from.
+    pub fn stage(&self) -> Stage {
+        self.common.stage.clone()
+    }
+
+    /// Counters so far, summed over loops.
+    pub fn stats(&self) -> AgentStats {
+        self.common.stage.shared.stats()
+    }
+
+    /// The metrics in Prometheus text (what `agent.metrics_listen` serves).
+    pub fn metrics_text(&self) -> String {
+        self.common.stage.shared.metrics.render()
+    }
+
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.common
+            .exporter
+            .as_ref()
+            .map(crate::metrics::Exporter::addr)
+    }
+
+    /// Stop the inventory watcher and the metrics endpoint (after the
+    /// proxy's loops, which hold the per-loop state, have stopped).
+    pub fn stop(mut self) {
+        if let Some(w) = self.common.watcher.take() {
+            w.stop();
+        }
+        self.common.exporter.take();
+    }
+}
+
+/// Per-loop state shared by its tasks: the agent's own loop's, or a proxy
+/// loop's that runs the agent stage itself ([`Stage::on_this_loop`]).
+pub struct AgentLoop {
     pub(super) cfg: Arc<AgentConfig>,
     /// This loop's counters.
     pub(super) m: Arc<LoopMetrics>,
@@ -321,12 +467,59 @@ pub(super) struct AgentLoop {
     pub(super) pool: forward::Pool,
     /// Set when the loop drains.
     pub(super) stopping: Event,
-    /// This loop's connections and their buffers.
+    /// This loop's buffers (and, on the agent's own loops, its connections).
     pub(super) server: Rc<Server>,
     last_forbidden_hint: Cell<Option<Instant>>,
 }
 
 impl AgentLoop {
+    fn new(
+        cfg: Arc<AgentConfig>,
+        shared: &Shared,
+        index: usize,
+        server: Rc<Server>,
+    ) -> io::Result<Rc<AgentLoop>> {
+        let m = shared
+            .metrics
+            .0
+            .get(index)
+            .cloned()
+            .ok_or_else(|| io::Error::other(format!("agent loop {index}: no counters")))?;
+        let resolver = match &cfg.backend {
+            Backend::Neutron(n) => Resolver::Neutron(NeutronResolver::new(
+                n,
+                cfg.cache_ttl,
+                cfg.negative_cache_ttl,
+                cfg.cache_capacity,
+                m.clone(),
+            )),
+            Backend::Ovn(r) => Resolver::Ovn(crate::ovn::serve::OvnResolver::new(r)),
+            Backend::Inventory(_) => {
+                let store = shared.store.as_ref();
+                let store = store.ok_or_else(|| io::Error::other("inventory not loaded"))?;
+                Resolver::Inventory(InventoryResolver::new(
+                    store.local(),
+                    cfg.cache_ttl,
+                    cfg.negative_cache_ttl,
+                    cfg.cache_capacity,
+                    m.clone(),
+                ))
+            }
+        };
+        Ok(Rc::new(AgentLoop {
+            host_header: cfg.nova.host_header(),
+            m,
+            resolver,
+            pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
+                .with_tls(cfg.nova.tls.clone())
+                .pipelined(),
+            stopping: Event::default(),
+            server,
+            last_forbidden_hint: Cell::new(None),
+            cfg,
+        }))
+    }
+
     pub(super) fn forbidden_hint(&self) {
         let now = Instant::now();
         let due = self
@@ -354,40 +547,8 @@ async fn run_loop(
     index: usize,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
-    let m = shared.metrics.0[index].clone();
-    let resolver = match &cfg.backend {
-        Backend::Neutron(n) => Resolver::Neutron(NeutronResolver::new(
-            n,
-            cfg.cache_ttl,
-            cfg.negative_cache_ttl,
-            cfg.cache_capacity,
-            m.clone(),
-        )),
-        Backend::Ovn(r) => Resolver::Ovn(crate::ovn::serve::OvnResolver::new(r)),
-        Backend::Inventory(_) => {
-            let store = shared.store.as_ref();
-            let store = store.ok_or_else(|| io::Error::other("inventory not loaded"))?;
-            Resolver::Inventory(InventoryResolver::new(
-                store.local(),
-                cfg.cache_ttl,
-                cfg.negative_cache_ttl,
-                cfg.cache_capacity,
-                m.clone(),
-            ))
-        }
-    };
-    let ctx = Rc::new(AgentLoop {
-        host_header: cfg.nova.host_header(),
-        m,
-        resolver,
-        pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
-            .with_tls(cfg.nova.tls.clone())
-            .pipelined(),
-        stopping: Event::default(),
-        server: Server::new(serve::settings!(cfg)),
-        last_forbidden_hint: Cell::new(None),
-        cfg,
-    });
+    let server = Server::new(serve::settings!(cfg));
+    let ctx = AgentLoop::new(cfg, &shared, index, server)?;
     let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
     let c = ctx.clone();
     let accept = ctx

@@ -24,6 +24,10 @@
 //! one would become the start of the next VM's answer on that pooled
 //! connection.
 //!
+//! The same path serves a request read from the agent's socket
+//! ([`super::conn`]) and one handed over in-process by a proxy loop
+//! ([`respond_in_process`]: `metaproxy up` and `metaproxy ovn`).
+//!
 //! The request to the API is written by [`forward::write_api_request`] from
 //! a [`Resolved`], whose ids were parsed where the backend returned them: a
 //! tenant's `device_id` cannot put a byte into the head that an id may not
@@ -41,7 +45,10 @@ use crate::agent::metrics::inc;
 use crate::agent::neutron::BackendError;
 use crate::agent::resolve::Resolved;
 use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
-use crate::http::{self, HeaderName, HeaderValue, Method, RequestBody, RequestHead};
+use crate::http::{
+    self, ChunkProgress, ChunkedScanner, HeaderName, HeaderValue, HttpError, Method, RequestBody,
+    RequestHead,
+};
 use crate::log;
 
 /// Statuses of the API relayed as they are (Neutron era C's list); others → 500.
@@ -81,18 +88,106 @@ pub(super) async fn respond(
     decoded: &[u8],
     close: bool,
 ) -> Vec<u8> {
-    let body: &[u8] = match head.body {
-        RequestBody::Chunked => decoded,
-        _ => &request[head.head_len..],
-    };
     let mut out = ctx.server.take_buf();
     let started = Instant::now();
+    let body = body_of(request, head, decoded);
     let trace = answer(ctx, request, head, body, close, &mut out).await;
+    answered(ctx, request, head, &trace, started);
+    out
+}
+
+/// The body the API gets: the raw bytes after the head, or a chunked
+/// body's decoded payload.
+fn body_of<'a>(request: &'a [u8], head: &RequestHead, decoded: &'a [u8]) -> &'a [u8] {
+    match head.body {
+        RequestBody::Chunked => decoded,
+        _ => &request[head.head_len..],
+    }
+}
+
+/// Count the answer's status and write its access-log line. (Not folded
+/// into a wrapper `async fn` around [`answer`]: one more future layer per
+/// request on the socket path.)
+fn answered(ctx: &AgentLoop, request: &[u8], head: &RequestHead, trace: &Trace, started: Instant) {
     ctx.m.response(trace.status);
     if ctx.cfg.access_log {
-        access(request, head, &trace, started);
+        access(request, head, trace, started);
     }
-    out
+}
+
+/// What the agent stage made of a request handed to it in-process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InProcessAnswer {
+    /// The whole answer was appended to `out`: its status and body bytes.
+    Answered {
+        /// The status answered.
+        status: u16,
+        /// Body bytes (0 after a HEAD).
+        body_bytes: usize,
+    },
+    /// The request broke one of the agent's limits before it was resolved
+    /// (the proxy's own are checked first; these are `[agent.limits]`):
+    /// answer this status's canned page and close, as the agent's
+    /// connection would.
+    Refused(u16),
+}
+
+/// The agent stage run by a proxy loop on its own thread (`metaproxy ovn`,
+/// `metaproxy up`): `request` is exactly what the proxy would have written
+/// to the agent's socket (the rewritten head with `X-Forwarded-For` and
+/// the router or network id, then the body as the guest framed it). It is
+/// parsed again with the agent's limits, so identity, limits, statuses,
+/// pages, counters and access log lines are the agent's own, byte for
+/// byte; then the socket path's handler runs with `close` (the proxy's decision
+/// for the guest's connection) and the answer is appended to `out`.
+pub async fn respond_in_process(
+    ctx: &AgentLoop,
+    request: &[u8],
+    close: bool,
+    out: &mut Vec<u8>,
+) -> InProcessAnswer {
+    let limits = &ctx.cfg.limits;
+    let head = match http::parse_request(request, limits) {
+        Ok(Some(head)) => head,
+        // The request is whole: a head still incomplete is one over the cap.
+        Ok(None) => return refused(ctx, HttpError::HeadTooLarge),
+        Err(e) => return refused(ctx, e),
+    };
+    inc(&ctx.m.requests);
+    let mut decoded = Vec::new();
+    if head.body == RequestBody::Chunked {
+        let mut scanner = ChunkedScanner::new(limits.max_body_bytes);
+        match scanner.decode(&request[head.head_len..], &mut decoded) {
+            Ok(ChunkProgress::Done { .. }) => {}
+            Ok(ChunkProgress::NeedMore { .. }) => return refused(ctx, HttpError::BadChunk),
+            Err(e) => return refused(ctx, e),
+        }
+    }
+    let start = out.len();
+    let started = Instant::now();
+    let body = body_of(request, &head, &decoded);
+    let trace = answer(ctx, request, &head, body, close, out).await;
+    answered(ctx, request, &head, &trace, started);
+    let status = trace.status;
+    let answer = &out[start..];
+    let head_len = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |p| p + 4);
+    InProcessAnswer::Answered {
+        status,
+        body_bytes: answer.len() - head_len,
+    }
+}
+
+/// A request the agent's connection would have refused: counted as there.
+fn refused(ctx: &AgentLoop, e: HttpError) -> InProcessAnswer {
+    inc(if e == HttpError::Smuggling {
+        &ctx.m.rx_smuggling
+    } else {
+        &ctx.m.rx_malformed
+    });
+    InProcessAnswer::Refused(e.status())
 }
 
 /// Build the whole response to one parsed request into `out`.

@@ -50,4 +50,4 @@ pub mod resolve;
 pub mod tls;
 
 pub use config::AgentConfig;
-pub use daemon::{start, start_sharing, AgentHandle, AgentStats};
+pub use daemon::{start, start_in_process, start_sharing, AgentHandle, AgentStats, InProcess};

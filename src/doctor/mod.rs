@@ -195,11 +195,24 @@ pub fn run(path: &Path, opts: &Options) -> Vec<Check> {
         }
         out.push(fd_budget(path, proxy, &all));
     }
+    // A running `metaproxy up` runs the agent on the proxy's loops: there
+    // is no socket to probe, and its keys are not used.
+    let up = running_daemon(path)
+        .map(|(pid, _)| pid)
+        .filter(|&pid| runs_up(pid));
     let socket = agent
         .as_ref()
         .map(|a| a.socket.clone())
-        .or_else(|| proxy.as_ref().map(|p| p.agent_socket.clone()));
-    if let (Some(p), Some(a)) = (&proxy, &agent) {
+        .or_else(|| proxy.as_ref().map(|p| p.agent_socket.clone()))
+        .filter(|_| up.is_none());
+    if let Some(pid) = up {
+        out.push(Check::ok(
+            "agent socket",
+            format!(
+                "none: `metaproxy up` (pid {pid}) runs the agent in-process, on the proxy's loops"
+            ),
+        ));
+    } else if let (Some(p), Some(a)) = (&proxy, &agent) {
         if p.agent_socket != a.socket {
             out.push(Check::fail(
                 "agent socket path",
@@ -661,6 +674,23 @@ fn running_daemon(path: &Path) -> Option<(u32, u64)> {
         return Some((pid, soft));
     }
     None
+}
+
+/// Whether process `pid` is `metaproxy up` (its first argument after the
+/// options is the subcommand; `--log-level` takes a value).
+fn runs_up(pid: u32) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmd.split(|&b| b == 0).skip(1);
+    while let Some(a) = args.next() {
+        if a == b"--log-level" {
+            args.next();
+        } else if !a.starts_with(b"-") {
+            return a == b"up";
+        }
+    }
+    false
 }
 
 fn unix_connect(sock: &Path) -> Result<UnixStream, String> {

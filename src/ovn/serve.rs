@@ -21,22 +21,19 @@
 //!   agent's pooled client to the metadata API of `[ovn.nova]` (Nova's, or
 //!   `metaproxy api`).
 //!
-//! **Which design this is.** The issue prefers no Unix-socket hop between
-//! the listener and the resolution. This module builds the acceptable first
-//! step instead: the agent ([`crate::agent`]) runs in-process with a third
-//! backend, [`OvnReplica`] (beside the inventory and Neutron), and the proxy
-//! reaches it over a private Unix socket in a runtime directory of its own,
-//! as `metaproxy up` wires its pieces. Why: the agent's connection, handler,
-//! signing, pooled forwarding, 404-retry and error pages are one tested
-//! pipeline that reads a request from a socket; running it inside the
-//! proxy's connection task is a change to the engine that did not fit the
-//! time this was built in. The hop costs one local `connect` per pooled
-//! connection and one copy of each request and answer; resolution itself is
-//! an index lookup on an `Arc` snapshot, O(1), with no lock on the path
-//! once a loop has the current snapshot. The runtime directory is
-//! `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`) or `/run/metaproxy`,
-//! the socket `ovn-<pid>/agent.sock` in a mode-0700 directory, removed at
-//! stop.
+//! **No socket between the listener and the resolution.** The agent
+//! ([`crate::agent`]) runs with a third backend, [`OvnReplica`] (beside the
+//! inventory and Neutron), as a stage on each of the proxy's loops
+//! ([`crate::agent::InProcess`], [`crate::proxy::upstream::Upstream`]'s
+//! `InProcess`): after the proxy's rewrite, the same thread resolves from
+//! the replica, signs, and forwards over that loop's pooled API client,
+//! and writes the agent's answer (its statuses, error pages, 404 retry,
+//! HEAD framing and limits) straight to the guest. Resolution is an index
+//! lookup on an `Arc` snapshot, O(1), with no lock on the path once a loop
+//! has the current snapshot. The first version reached an agent on its own
+//! loops over a private Unix socket in a runtime directory
+//! (`ovn-<pid>/agent.sock`); that socket, its directory and the second
+//! set of loops are gone.
 //!
 //! **Provisioning** ([`crate::ovn::provision`]), as the agent's `sync`: a
 //! thread `ovn-provision` (it blocks on `ip` runs, so never a serving loop)
@@ -86,7 +83,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::agent::config::{AgentConfig, AgentFile, Backend, SocketMode};
+use crate::agent::config::{AgentConfig, AgentFile, Backend};
 use crate::agent::identity::{Identity, Scope};
 use crate::agent::inventory::Resolution;
 use crate::agent::neutron::BackendError;
@@ -281,7 +278,7 @@ pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
     if p.agent_socket.is_some() {
         return refuse(
             "agent_socket",
-            "metaproxy ovn resolves in-process over a private socket; remove it",
+            "metaproxy ovn resolves in-process, with no agent socket; remove it",
         );
     }
     if p.rate_limit.enabled.unwrap_or(false) {
@@ -324,11 +321,7 @@ pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
 
 /// The agent's settings for the in-process OVN backend: Neutron's metadata
 /// options from `[ovn]` and `[ovn.nova]`, the agent's defaults otherwise.
-fn agent_config(
-    cfg: &OvnConfig,
-    backend: OvnReplica,
-    socket: PathBuf,
-) -> Result<AgentConfig, ConfigError> {
+fn agent_config(cfg: &OvnConfig, backend: OvnReplica) -> Result<AgentConfig, ConfigError> {
     // The defaults need a backend to validate; it is replaced below.
     let f = AgentFile {
         inventory: Some(PathBuf::from("unused")),
@@ -336,63 +329,20 @@ fn agent_config(
     };
     let mut a = AgentConfig::try_from(&f)?;
     a.backend = Backend::Ovn(backend);
-    a.socket = socket;
-    a.socket_mode = SocketMode::User;
     a.shared_secret = cfg.shared_secret.clone();
     a.nova = cfg.nova.clone();
     Ok(a)
 }
 
-/// The base of the private runtime directory: the first of systemd's
-/// `RuntimeDirectory=` paths (colon-separated when there are several), or
-/// `/run/metaproxy`.
-fn runtime_base() -> PathBuf {
-    std::env::var("RUNTIME_DIRECTORY")
-        .ok()
-        .and_then(|v| v.split(':').find(|p| !p.is_empty()).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/run/metaproxy"))
-}
-
-/// Remove `ovn-<pid>` directories left in `base` by processes that no
-/// longer exist (a crash or SIGKILL skips [`OvnServe::stop`]).
-fn remove_stale_dirs(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("ovn-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => log::info(format_args!(
-                    "ovn: removed {} (left by process {pid}, gone)",
-                    e.path().display()
-                )),
-                Err(err) => log::warn(format_args!(
-                    "ovn: cannot remove stale {}: {err}",
-                    e.path().display()
-                )),
-            }
-        }
-    }
-}
-
 /// A running `metaproxy ovn`.
 pub struct OvnServe {
     monitor: SbMonitor,
-    agent: crate::agent::AgentHandle,
+    agent: crate::agent::InProcess,
     proxy: crate::proxy::ProxyHandle,
     watcher: crate::proxy::discover::Watcher,
     ctl: Option<crate::proxy::control::CtlServer>,
     liveness: LivenessGate,
     provisioning: Option<Provisioning>,
-    dir: PathBuf,
     /// This chassis (`Open_vSwitch external_ids:system-id`).
     pub chassis: String,
     /// Its integration bridge (`external_ids:ovn-bridge`, default `br-int`).
@@ -401,8 +351,8 @@ pub struct OvnServe {
 
 impl OvnServe {
     /// Read this chassis' name from the local Open_vSwitch database, start
-    /// the Southbound monitor, the agent on a private socket and the
-    /// listeners with `ovnmeta-` discovery.
+    /// the Southbound monitor, the agent stage on the listeners' loops and
+    /// the listeners with `ovnmeta-` discovery.
     ///
     /// # Errors
     /// The local Open_vSwitch database cannot be read, or a piece fails to
@@ -430,22 +380,17 @@ impl OvnServe {
             conn: o.sb_conn.clone(),
             chassis: chassis.clone(),
         })?;
-        let base = runtime_base();
-        remove_stale_dirs(&base);
-        let dir = base.join(format!("ovn-{}", std::process::id()));
-        make_private_dir(&dir)?;
-        let socket = dir.join("agent.sock");
         let backend = OvnReplica(monitor.shared().clone());
-        let agent_cfg = agent_config(&cfg.ovn, backend, socket.clone())
+        let agent_cfg = agent_config(&cfg.ovn, backend)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let agent = crate::agent::start(agent_cfg)?;
-        let mut proxy_cfg = cfg.proxy;
-        proxy_cfg.agent_socket = socket;
+        let proxy_cfg = cfg.proxy;
+        let agent = crate::agent::start_in_process(agent_cfg, None, proxy_cfg.workers.get())?;
         let ctl_path = proxy_cfg.control_socket.clone();
         let Some(discover) = proxy_cfg.discover.clone() else {
             return Err(io::Error::other("ovnmeta- discovery is not configured"));
         };
-        let proxy = crate::proxy::start(proxy_cfg)?;
+        let link = crate::proxy::upstream::AgentLink::InProcess(agent.stage());
+        let proxy = crate::proxy::start_with(proxy_cfg, link)?;
         let ctl = crate::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
             .map_err(|e| {
                 log::warn(format_args!(
@@ -515,7 +460,6 @@ impl OvnServe {
             ctl,
             liveness,
             provisioning,
-            dir,
             chassis,
             bridge,
         })
@@ -535,8 +479,8 @@ impl OvnServe {
     /// Stop front to back: liveness (so Neutron stops seeing the node
     /// alive first), provisioning (after its current `ip` run; the
     /// namespaces stay, as the OVN agent leaves them), discovery, listeners
-    /// (draining), the agent, the monitor; then remove the private
-    /// directory.
+    /// (draining, each loop's agent stage with them), the agent's shared
+    /// pieces, the monitor.
     ///
     /// # Errors
     /// A loop failed while draining.
@@ -548,10 +492,9 @@ impl OvnServe {
         self.watcher.stop();
         drop(self.ctl);
         let proxy = self.proxy.stop();
-        let agent = self.agent.stop();
+        self.agent.stop();
         drop(self.monitor);
-        let _ = std::fs::remove_dir_all(&self.dir);
-        proxy.and(agent)
+        proxy
     }
 }
 
@@ -821,25 +764,6 @@ impl ProvisionCtx {
         }
         self.ready.store(true, Ordering::Release);
     }
-}
-
-/// `dir` (and its parents), mode 0700, owned by us: the agent's socket is
-/// reachable only through it.
-fn make_private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::Uid::effective().as_raw() {
-        return Err(io::Error::other(format!(
-            "{} is not a directory of ours",
-            dir.display()
-        )));
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// When [`LivenessGate`] starts the liveness writer.

@@ -8,8 +8,10 @@
 //! bound with `SO_REUSEPORT` would silently take half the traffic, where a
 //! plain bind fails loudly with "address in use".
 //!
-//! Per loop: a [`ProxyLoop`] (config, upstream pool, the engine's
-//! [`Server`] with its buffer free list) and per
+//! Per loop: a [`ProxyLoop`] (config, upstream: the agent's socket pool
+//! or, in `up` and `ovn`, the agent stage on the loop itself
+//! ([`upstream::Upstream`]), the engine's [`Server`] with its buffer free
+//! list) and per
 //! namespace a [`NsRuntime`] (its config, counters and a `closing` event). The
 //! per-namespace connection count is the one cross-core value (an atomic in
 //! the namespace's [`Gate`]), because `max_connections` is a namespace limit,
@@ -137,8 +139,9 @@ impl ProxyCounterSnapshot {
 pub struct ProxyLoop {
     /// Validated configuration.
     pub cfg: Arc<ProxyConfig>,
-    /// Upstream pool of this loop.
-    pub pool: upstream::Pool,
+    /// Where this loop relays: the agent's socket, or the agent stage on
+    /// this loop ([`upstream::Upstream`]).
+    pub upstream: upstream::Upstream,
     /// This loop's connections and their buffers.
     pub server: Rc<Server>,
     /// IMDSv2 token issuer/validator (one per process).
@@ -207,11 +210,23 @@ impl ProxyHandle {
     }
 }
 
-/// Bind every configured listener and start `cfg.workers` loops serving them.
+/// Bind every configured listener and start `cfg.workers` loops serving
+/// them, relaying to the agent's socket (`cfg.agent_socket`).
 ///
 /// # Errors
 /// Binding failed (the daemon must refuse to start) or a thread could not start.
 pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
+    start_with(cfg, upstream::AgentLink::Socket)
+}
+
+/// [`start`], relaying as `link` says: with
+/// [`upstream::AgentLink::InProcess`] every loop runs the agent stage
+/// itself (started for `cfg.workers` loops) and `cfg.agent_socket` is not
+/// used.
+///
+/// # Errors
+/// As [`start`]; a loop that cannot build its agent state ends with the error.
+pub fn start_with(cfg: ProxyConfig, link: upstream::AgentLink) -> io::Result<ProxyHandle> {
     // Bind everything first: a bad namespace or address refuses the start.
     let mut initial = Vec::with_capacity(cfg.namespaces.len());
     for ns in &cfg.namespaces {
@@ -228,10 +243,14 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         .rate_limit
         .map(|r| Arc::new(ratelimit::RateLimiter::new(r)));
     let loop_cfg = cfg.clone();
+    let agent = match &link {
+        upstream::AgentLink::Socket => format!("agent socket {}", cfg.agent_socket.display()),
+        upstream::AgentLink::InProcess(_) => "agent in-process on each loop".to_string(),
+    };
     let (controls, threads) = serve::run_loops(workers, "proxy", move |i, rx| {
         let cfg = loop_cfg.clone();
-        let (tokens, limiter) = (tokens.clone(), limiter.clone());
-        async move { run_loop(i, cfg, rx, tokens, limiter).await }
+        let (tokens, limiter, link) = (tokens.clone(), limiter.clone(), link.clone());
+        async move { run_loop(i, cfg, rx, tokens, limiter, link).await }
     })?;
     let control = Arc::new(control::ControlPlane::new(cfg.clone(), controls));
     let exporter = match metrics {
@@ -258,9 +277,8 @@ pub fn start(cfg: ProxyConfig) -> io::Result<ProxyHandle> {
         ));
     }
     log::info(format_args!(
-        "proxy starting: {} namespace(s), {workers} loop(s), agent socket {}, pool {} per loop, imdsv2 {:?}, rate limit {}, max_connections {} per namespace",
+        "proxy starting: {} namespace(s), {workers} loop(s), {agent}, pool {} per loop, imdsv2 {:?}, rate limit {}, max_connections {} per namespace",
         initial.len(),
-        cfg.agent_socket.display(),
         cfg.pool_size,
         cfg.imdsv2,
         if cfg.rate_limit.is_some() { "on" } else { "off" },
@@ -290,20 +308,30 @@ async fn run_loop(
     mut control: UnboundedReceiver<Control>,
     tokens: Arc<imdsv2::TokenAuthority>,
     limiter: Option<Arc<ratelimit::RateLimiter>>,
+    link: upstream::AgentLink,
 ) -> io::Result<()> {
     use futures_util::StreamExt;
-    let pool = upstream::Pool::new(upstream::PoolConfig {
-        socket: cfg.agent_socket.clone(),
-        size: cfg.pool_size.get(),
-        connect_timeout: cfg.timeouts.connect,
-        server_timeout: cfg.timeouts.server,
-        limits: cfg.limits,
-        max_response_bytes: cfg.max_response_bytes,
-    });
+    let server = Server::new(serve::settings!(cfg));
+    let upstream = match link {
+        upstream::AgentLink::Socket => {
+            upstream::Upstream::Socket(upstream::Pool::new(upstream::PoolConfig {
+                socket: cfg.agent_socket.clone(),
+                size: cfg.pool_size.get(),
+                connect_timeout: cfg.timeouts.connect,
+                server_timeout: cfg.timeouts.server,
+                limits: cfg.limits,
+                max_response_bytes: cfg.max_response_bytes,
+            }))
+        }
+        // Built here, on the loop's own thread: the state is per-loop.
+        upstream::AgentLink::InProcess(stage) => {
+            upstream::Upstream::InProcess(stage.on_this_loop(index, server.clone())?)
+        }
+    };
     let ctx = Rc::new(ProxyLoop {
         cfg: cfg.clone(),
-        pool,
-        server: Server::new(serve::settings!(cfg)),
+        upstream,
+        server,
         tokens,
         limiter,
     });

@@ -1,4 +1,35 @@
-//! The per-loop pool of pipelined HTTP/1.1 connections to the agent's Unix socket.
+//! A proxy loop's next hop ([`Upstream`]): the per-loop pool of pipelined
+//! HTTP/1.1 connections to the agent's Unix socket ([`Pool`]), or the agent
+//! stage itself on the same loop (`Upstream::InProcess`).
+//!
+//! **In-process** (`metaproxy up`, `metaproxy ovn`; [`AgentLink`] is chosen
+//! once at start). When proxy and agent are one process, the socket between
+//! them buys nothing: no privilege boundary, no independent restart. It
+//! cost, per request, a Unix write and read on each side, the proxy's parse
+//! of the agent's answer, and a task and a oneshot in the agent; per
+//! process, a second set of per-core loops (`up` ran 6 loop threads on 2
+//! cores and measured 1.80× the one-hop floor's CPU per request against
+//! 1.46–1.49× for the three daemons, issue 13). So each proxy loop holds its
+//! own [`crate::agent::daemon::AgentLoop`] (resolver and cache, signer,
+//! pooled API client), built on that loop's thread from the shareable
+//! [`crate::agent::daemon::Stage`], and [`crate::proxy::conn`] hands the
+//! rewritten request to [`crate::agent::handler::respond_in_process`], whose
+//! answer, already framed for the guest, goes straight into the guest's
+//! write. The request bytes are the very ones the socket would have carried
+//! and are parsed again with `[agent.limits]`, so the agent's identity
+//! checks, limits, statuses, pages, 404 retry, counters and access log are
+//! its own, not a copy. The proxy's `server` timeout has no place there: the
+//! stage is bounded by the agent's own timeouts (the API's, Neutron's), which
+//! answer the agent's 504/503 pages.
+//!
+//! Rejected for in-process: a loopback socketpair per loop between the two
+//! (still a write, a read and two parses per request, and the agent's loops
+//! stay); the agent's `Identity` built directly from the proxy's peer and
+//! namespace, skipping the second parse (it saves about a parse of a ~200
+//! byte head, but it is a second identity path beside
+//! `identity::parse_identity` that could drift from what the agent accepts
+//! over its socket); a trait object for the upstream (an enum match is free
+//! on the socket path, which must not grow: the three daemons use it).
 //!
 //! Requests from many VMs are multiplexed over a few persistent connections.
 //! Each connection has one writer task (it batches every queued request into
@@ -81,6 +112,31 @@ const OVERFLOW_FACTOR: usize = 4;
 /// agent is taken to close after every response (one connection per
 /// request from then on).
 pub const ONE_SHOT_AFTER: u32 = 3;
+
+/// How the proxy reaches the agent, chosen once at start
+/// ([`crate::proxy::start_with`]).
+#[derive(Clone, Debug)]
+pub enum AgentLink {
+    /// Over `agent_socket` ([`Pool`]): `metaproxy proxy` in front of
+    /// `metaproxy agent` or neutron-metadata-agent.
+    Socket,
+    /// The agent stage runs on each proxy loop itself
+    /// ([`crate::agent::InProcess`]): `metaproxy ovn` and `metaproxy up`.
+    InProcess(crate::agent::daemon::Stage),
+}
+
+/// One proxy loop's next hop: what [`crate::proxy::conn`] hands the
+/// rewritten request to.
+pub enum Upstream {
+    /// The pooled, pipelined connections to the agent's socket.
+    Socket(Pool),
+    /// This loop's agent state (resolver and cache, signer, pooled API
+    /// client), on this same thread:
+    /// [`crate::agent::handler::respond_in_process`] resolves, signs,
+    /// forwards and writes the agent's answer, with no socket, no second
+    /// parse of the answer, no task per request.
+    InProcess(Rc<crate::agent::daemon::AgentLoop>),
+}
 
 /// Why an upstream exchange failed; [`UpstreamError::status`] classifies it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

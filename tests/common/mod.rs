@@ -434,6 +434,37 @@ pub fn free_port() -> u16 {
 }
 
 pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
+/// The paths of the Unix sockets process `pid` listens on (its fds'
+/// socket inodes matched against `/proc/<pid>/net/unix`, listening flag
+/// set; `@…` for an abstract name, `-` for none).
+pub fn unix_listeners(pid: u32) -> Vec<String> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .collect();
+    // Num RefCount Protocol Flags Type St Inode [Path]; Flags 00010000 = listening.
+    const LISTENING: u32 = 0x0001_0000;
+    std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let inode = f.get(6)?;
+            (flags & LISTENING != 0 && inodes.contains(*inode))
+                .then(|| f.get(7).map_or("-".to_string(), |p| (*p).to_string()))
+        })
+        .collect()
+}
+
 pub mod attack;
 pub mod daemons;
 pub mod limits;

@@ -422,6 +422,11 @@ impl Daemon {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the daemon wrote to stderr so far.
     pub fn log_text(&self) -> String {
         let mut s = String::new();
