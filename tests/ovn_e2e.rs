@@ -27,6 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{api_port, namespaces, start_api, vswitch_with_br_int, write_ovn_config};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -41,17 +42,6 @@ fn uuid_of(result: &Value) -> String {
         .as_str()
         .expect("insert uuid")
         .to_string()
-}
-
-fn namespaces(prefix: &str) -> BTreeSet<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Deletes on drop every namespace with the test's prefix, the network's
@@ -208,12 +198,7 @@ fn metaproxy_ovn_provisions_serves_and_tears_down_like_the_ovn_agent() {
                                   ["neutron:device_owner", "compute:nova"]]]
     }}]));
     // This chassis' Open_vSwitch database, with its integration bridge.
-    let ovs = Server::vswitch(CHASSIS, None);
-    ovs.transact(json!([
-        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-        {"op": "mutate", "table": "Open_vSwitch", "where": [],
-         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-    ]));
+    let ovs = vswitch_with_br_int(CHASSIS);
     // The OVS interfaces named `tap0`, as (bridge, iface-id).
     let ovs_port = || -> Vec<String> {
         let v = ovs.transact(json!([{"op": "select", "table": "Interface",
@@ -258,55 +243,10 @@ fixed_ips = ["10.77.0.5"]
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
 
-    let cfg = dir.path().join("ovn.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[ovn]
-ovn_sb_connection = "{sb}"
-metadata_proxy_shared_secret = "{SECRET}"
-[ovn.ovs]
-ovsdb_connection = "{ovs}"
-[ovn.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = {api_port}
-
-[proxy]
-workers = 1
-control_socket = "{ctl}"
-[proxy.discover]
-ovn_prefixes = ["{prefix}"]
-"#,
-            sb = sb.remote(),
-            ovs = ovs.remote(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, &prefix);
     let start = |tag: &str| {
         Daemon::start_cmd(
             tag,

@@ -20,6 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{api_port, start_api, vswitch_with_br_int};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -113,12 +114,7 @@ impl Node {
                 "external_ids": ["map", [["neutron:device_id", inst.as_str()],
                                           ["neutron:project_id", project.as_str()]]]}}
         ]));
-        let ovs = Server::vswitch(CHASSIS, None);
-        ovs.transact(json!([
-            {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-            {"op": "mutate", "table": "Open_vSwitch", "where": [],
-             "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-        ]));
+        let ovs = vswitch_with_br_int(CHASSIS);
         let inv = dir.path().join("inventory.toml");
         std::fs::write(
             &inv,
@@ -131,22 +127,7 @@ impl Node {
             ),
         )
         .unwrap();
-        let api_cfg = dir.path().join("api.toml");
-        std::fs::write(
-            &api_cfg,
-            format!(
-                "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-                 inventory = \"{}\"\nstate_dir = \"{}\"\n",
-                inv.display(),
-                dir.path().join("state").display()
-            ),
-        )
-        .unwrap();
-        let api = Daemon::start(
-            "api",
-            &["api", "--config", api_cfg.to_str().unwrap()],
-            dir.path(),
-        );
+        let api = start_api(dir.path(), &inv);
         Node {
             net,
             inst,
@@ -160,15 +141,7 @@ impl Node {
     }
 
     fn start(&self) -> Daemon {
-        let api_port = self
-            .api
-            .as_ref()
-            .unwrap()
-            .log_text()
-            .lines()
-            .find_map(common::bound_addr)
-            .expect("api listener up")
-            .port();
+        let api_port = api_port(self.api.as_ref().unwrap());
         let cfg = self.dir.path().join("ovn.toml");
         std::fs::write(
             &cfg,

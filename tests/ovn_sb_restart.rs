@@ -48,6 +48,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{
+    api_port, dump_replica, namespaces, start_api, vswitch_with_br_int, write_ovn_config,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -62,17 +65,6 @@ fn uuid_of(result: &Value) -> String {
         .as_str()
         .expect("insert uuid")
         .to_string()
-}
-
-fn namespaces(prefix: &str) -> BTreeSet<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Deletes on drop every namespace with the test's prefix, the networks'
@@ -261,22 +253,7 @@ fn wire_vm(
 /// What a fresh replica of `sb` says each address of `net` resolves to:
 /// `metaproxy ovn-dump-replica`, a new monitor with its own snapshot.
 fn fresh_answers(sb: &Server, ovs: &Server, net: &str) -> BTreeMap<IpAddr, Option<String>> {
-    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args([
-            "ovn-dump-replica",
-            "--ovn-sb-connection",
-            &sb.remote(),
-            "--ovsdb-connection",
-            &ovs.remote(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dump = dump_replica(sb, ovs);
     let ports = &dump["tables"]["Port_Binding"];
     dump["index"][net]["ip"]
         .as_object()
@@ -401,12 +378,7 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
     for lp in ["vm1", "vm2", "vm3"] {
         sb.sbctl(&["lsp-bind", lp, CHASSIS]);
     }
-    let ovs = Server::vswitch(CHASSIS, None);
-    ovs.transact(json!([
-        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-        {"op": "mutate", "table": "Open_vSwitch", "where": [],
-         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-    ]));
+    let ovs = vswitch_with_br_int(CHASSIS);
 
     // Our metadata API knows every instance, also the port's new owner
     // (instance 4) and network B's VM (instance 5).
@@ -427,54 +399,9 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
-    let cfg = dir.path().join("ovn.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[ovn]
-ovn_sb_connection = "{sb}"
-metadata_proxy_shared_secret = "{SECRET}"
-[ovn.ovs]
-ovsdb_connection = "{ovs}"
-[ovn.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = {api_port}
-
-[proxy]
-workers = 1
-control_socket = "{ctl}"
-[proxy.discover]
-ovn_prefixes = ["{prefix}"]
-"#,
-            sb = sb.remote(),
-            ovs = ovs.remote(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, &prefix);
     let ovn = Daemon::start_cmd(
         "ovn",
         Command::new(env!("CARGO_BIN_EXE_metaproxy"))

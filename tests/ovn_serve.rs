@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{api_port, start_api};
 use common::ovsdb::{available, Kind, Server};
 use serde_json::{json, Value};
 
@@ -368,28 +369,8 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
 
     let cfg = dir.path().join("ovn.toml");
     std::fs::write(

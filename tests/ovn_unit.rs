@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{api_port, start_api, vswitch_with_br_int};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -257,12 +258,7 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
             "external_ids": ["map", [["neutron:device_id", inst.as_str()],
                                       ["neutron:project_id", project.as_str()]]]}}
     ]));
-    let ovs = Server::vswitch(CHASSIS, None);
-    ovs.transact(json!([
-        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-        {"op": "mutate", "table": "Open_vSwitch", "where": [],
-         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-    ]));
+    let ovs = vswitch_with_br_int(CHASSIS);
 
     let inv = dir.path().join("inventory.toml");
     std::fs::write(
@@ -276,28 +272,8 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
     // The compute node's config, in the file ExecStart= names (here a temp
     // path; the daemon reads it as root, its owner).
     let cfg = dir.path().join("metaproxy.toml");

@@ -1,0 +1,123 @@
+//! Fixtures the OVN integration tests share: this chassis' Open_vSwitch
+//! database with its integration bridge, `metaproxy api` on an inventory,
+//! the `metaproxy ovn` config the namespace tests run, the test's network
+//! namespaces, and `metaproxy ovn-dump-replica`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use super::netns::{Daemon, SECRET};
+use super::ovsdb::Server;
+
+/// The network namespaces in `/run/netns` whose name starts with `prefix`.
+pub fn namespaces(prefix: &str) -> BTreeSet<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The Open_vSwitch database of chassis `chassis`, with its integration
+/// bridge `br-int`.
+pub fn vswitch_with_br_int(chassis: &str) -> Server {
+    let ovs = Server::vswitch(chassis, None);
+    ovs.transact(json!([
+        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
+        {"op": "mutate", "table": "Open_vSwitch", "where": [],
+         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
+    ]));
+    ovs
+}
+
+/// `metaproxy api` serving the inventory `inv` on an ephemeral loopback
+/// port, with its config (`api.toml`) and state under `dir`.
+pub fn start_api(dir: &Path, inv: &Path) -> Daemon {
+    let api_cfg = dir.join("api.toml");
+    std::fs::write(
+        &api_cfg,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
+             inventory = \"{}\"\nstate_dir = \"{}\"\n",
+            inv.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    Daemon::start("api", &["api", "--config", api_cfg.to_str().unwrap()], dir)
+}
+
+/// The port `api` (from [`start_api`]) says in its log it listens on.
+pub fn api_port(api: &Daemon) -> u16 {
+    api.log_text()
+        .lines()
+        .find_map(super::bound_addr)
+        .expect("api listener up")
+        .port()
+}
+
+/// Writes `dir/ovn.toml`: `metaproxy ovn` on `sb` and `ovs`, sending to
+/// the API on `api_port`, one worker, its control socket `dir/ctl.sock`,
+/// adopting the namespaces named `prefix…`. Returns the path.
+pub fn write_ovn_config(
+    dir: &Path,
+    sb: &Server,
+    ovs: &Server,
+    api_port: u16,
+    prefix: &str,
+) -> PathBuf {
+    let cfg = dir.join("ovn.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[ovn]
+ovn_sb_connection = "{sb}"
+metadata_proxy_shared_secret = "{SECRET}"
+[ovn.ovs]
+ovsdb_connection = "{ovs}"
+[ovn.nova]
+nova_metadata_host = "127.0.0.1"
+nova_metadata_port = {api_port}
+
+[proxy]
+workers = 1
+control_socket = "{ctl}"
+[proxy.discover]
+ovn_prefixes = ["{prefix}"]
+"#,
+            sb = sb.remote(),
+            ovs = ovs.remote(),
+            ctl = dir.join("ctl.sock").display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// `metaproxy ovn-dump-replica` on `sb` and `ovs`: a fresh replica's
+/// tables and index, as JSON. Fails the test if the command fails.
+pub fn dump_replica(sb: &Server, ovs: &Server) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args([
+            "ovn-dump-replica",
+            "--ovn-sb-connection",
+            &sb.remote(),
+            "--ovsdb-connection",
+            &ovs.remote(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
