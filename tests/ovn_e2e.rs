@@ -24,10 +24,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, namespaces, start_api, vswitch_with_br_int, write_ovn_config};
+use common::ovn::{
+    api_port, namespaces, poll_daemon, start_api, vswitch_with_br_int, write_ovn_config,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -93,16 +95,8 @@ fn addrs(l: &Value) -> BTreeSet<String> {
 
 /// Poll `ready` every 50 ms (it runs `ip` or `curl`) until `LIMIT`; on
 /// timeout, fail with `what` and the daemon's log.
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 /// `curl` from inside `ns`: `None` when nothing answered.

@@ -17,10 +17,10 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, start_api, vswitch_with_br_int};
+use common::ovn::{api_port, init_chassis, poll_daemon, start_api, vswitch_with_br_int};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -29,16 +29,8 @@ const CHASSIS: &str = "compute-retry";
 const LIMIT: Duration = Duration::from_secs(30);
 const ALIVE: &str = "reporting this chassis alive";
 
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 fn at(log: &str, needle: &str) -> usize {
@@ -88,17 +80,7 @@ impl Node {
         let ns = format!("{prefix}{net}");
         let dir = tempfile::tempdir().unwrap();
         let sb = Server::southbound(Kind::Standalone);
-        sb.sbctl(&["init"]);
-        sb.sbctl(&["chassis-add", CHASSIS, "geneve", "192.0.2.1"]);
-        let ch = sb.sbctl(&[
-            "--bare",
-            "--columns=_uuid",
-            "find",
-            "Chassis",
-            &format!("name={CHASSIS}"),
-        ]);
-        sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
-            "row": {"name": CHASSIS, "chassis": ["uuid", ch.trim()]}}]));
+        init_chassis(&sb, CHASSIS);
         let dp = sb.transact(json!([{"op": "insert", "table": "Datapath_Binding",
             "row": {"tunnel_key": 1, "external_ids": ["map", [["name", format!("neutron-{net}")]]]}}]));
         let dp = dp[0]["uuid"][1].as_str().unwrap().to_string();

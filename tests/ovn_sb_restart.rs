@@ -49,7 +49,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{can_run, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
-    api_port, dump_replica, namespaces, start_api, vswitch_with_br_int, write_ovn_config,
+    api_port, dump_replica, init_chassis, namespaces, poll_daemon, start_api, vswitch_with_br_int,
+    write_ovn_config,
 };
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
@@ -189,16 +190,8 @@ impl Vm {
 
 /// Poll `ready` every 50 ms until `LIMIT`; on timeout fail with `what` and
 /// the daemon's log.
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 /// A VM namespace on `net`'s provisioned root veth end through a Linux
@@ -334,20 +327,7 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
     // metadata localport and three VMs bound here; network B with its
     // metadata port and one VM port not bound yet.
     let sb = Server::southbound(kind);
-    sb.sbctl(&["init"]);
-    sb.sbctl(&["chassis-add", CHASSIS, "geneve", "192.0.2.1"]);
-    let chassis = sb
-        .sbctl(&[
-            "--bare",
-            "--columns=_uuid",
-            "find",
-            "Chassis",
-            &format!("name={CHASSIS}"),
-        ])
-        .trim()
-        .to_string();
-    sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
-        "row": {"name": CHASSIS, "chassis": ["uuid", chassis.as_str()]}}]));
+    let chassis = init_chassis(&sb, CHASSIS);
     let network = |net: &str, key: u32, md_mac: &str, cidr: &str, md_ip: &str| -> String {
         let dp = uuid_of(&sb.transact(json!([{"op": "insert", "table": "Datapath_Binding",
             "row": {"tunnel_key": key, "external_ids": ["map", [["name", format!("neutron-{net}")]]]}}])));

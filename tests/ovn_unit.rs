@@ -21,10 +21,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, start_api, vswitch_with_br_int};
+use common::ovn::{api_port, init_chassis, poll_daemon, start_api, vswitch_with_br_int};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -161,16 +161,8 @@ fn addrs(ns: &str, dev: &str) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 /// Deletes on drop the test's namespaces, the network's veths and links.
@@ -232,17 +224,7 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
     let dir = tempfile::tempdir().unwrap();
 
     let sb = Server::southbound(Kind::Standalone);
-    sb.sbctl(&["init"]);
-    sb.sbctl(&["chassis-add", CHASSIS, "geneve", "192.0.2.1"]);
-    let ch = sb.sbctl(&[
-        "--bare",
-        "--columns=_uuid",
-        "find",
-        "Chassis",
-        &format!("name={CHASSIS}"),
-    ]);
-    sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
-        "row": {"name": CHASSIS, "chassis": ["uuid", ch.trim()]}}]));
+    let ch = init_chassis(&sb, CHASSIS);
     let dp = sb.transact(json!([{"op": "insert", "table": "Datapath_Binding",
         "row": {"tunnel_key": 1, "external_ids": ["map", [["name", format!("neutron-{net}")]]]}}]));
     let dp = dp[0]["uuid"][1].as_str().unwrap().to_string();
@@ -254,7 +236,7 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
                                       ["neutron:device_owner", "network:distributed"]]]}},
         {"op": "insert", "table": "Port_Binding", "row": {
             "datapath": ["uuid", dp.as_str()], "logical_port": "vm-port", "tunnel_key": 2,
-            "type": "", "mac": "fa:16:3e:0a:00:05 10.79.0.5", "chassis": ["uuid", ch.trim()],
+            "type": "", "mac": "fa:16:3e:0a:00:05 10.79.0.5", "chassis": ["uuid", ch.as_str()],
             "external_ids": ["map", [["neutron:device_id", inst.as_str()],
                                       ["neutron:project_id", project.as_str()]]]}}
     ]));

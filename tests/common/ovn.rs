@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -120,4 +121,39 @@ pub fn dump_replica(sb: &Server, ovs: &Server) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `ready` every 50 ms until `limit`; on timeout, fails with `what`
+/// and the daemon's log.
+pub fn poll_daemon(d: &Daemon, limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ready() {
+        assert!(
+            t0.elapsed() < limit,
+            "not within {limit:?}: {what}; log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Initialises `sb` with the chassis `chassis` (geneve, 192.0.2.1) and
+/// its `Chassis_Private` row, as ovn-controller leaves them. Returns the
+/// `Chassis` row's UUID.
+pub fn init_chassis(sb: &Server, chassis: &str) -> String {
+    sb.sbctl(&["init"]);
+    sb.sbctl(&["chassis-add", chassis, "geneve", "192.0.2.1"]);
+    let uuid = sb
+        .sbctl(&[
+            "--bare",
+            "--columns=_uuid",
+            "find",
+            "Chassis",
+            &format!("name={chassis}"),
+        ])
+        .trim()
+        .to_string();
+    sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
+        "row": {"name": chassis, "chassis": ["uuid", uuid.as_str()]}}]));
+    uuid
 }
