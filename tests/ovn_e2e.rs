@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
-    api_port, namespaces, poll_daemon, start_api, vswitch_with_br_int, write_ovn_config,
+    api_port, namespaces, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
+    write_ovn_config,
 };
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
@@ -331,16 +332,7 @@ fixed_ips = ["10.77.0.5"]
     ]);
     sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"]);
     // The host route Neutron's DHCP gives: via the metadata port.
-    sh(&[
-        "ip",
-        "-n",
-        &vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        "10.77.0.2",
-    ]);
+    route_metadata_via(&vm, "10.77.0.2");
     let mut last = None;
     poll(&ovn, "the VM's meta_data.json", || {
         last = try_curl(&vm, MD);

@@ -20,7 +20,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, init_chassis, poll_daemon, start_api, vswitch_with_br_int};
+use common::ovn::{
+    api_port, init_chassis, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -190,16 +192,39 @@ fn wire_vm(nss: &mut Namespaces, vm: &str, bridge: &str, root: &str, tap0: &str)
     ]);
     sh(&["ip", "-n", vm, "addr", "add", "10.83.0.5/24", "dev", "eth0"]);
     sh(&["ip", "-n", vm, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        "10.83.0.2",
-    ]);
+    route_metadata_via(vm, "10.83.0.2");
+}
+
+/// The node for test `name`, set up with `tag`; `None`, saying why, when the
+/// test cannot run here.
+fn node_for(name: &str, tag: u8) -> Option<Node> {
+    if let Err(why) = can_run(&[]) {
+        eprintln!("SKIPPED {name}: {why}");
+        return None;
+    }
+    if !available(name) {
+        return None;
+    }
+    Some(Node::new(tag))
+}
+
+/// The links wiring a VM to `node`'s network, named after `c`: the
+/// network's veth pair, the bridge, the VM's root-side veth and the VM's
+/// namespace; and the guard that deletes them (and the network's
+/// namespace) on drop.
+fn vm_links(node: &Node, c: char) -> ([String; 2], String, String, String, Guard) {
+    let pid = std::process::id();
+    let [tap0, tap1] = veth_names(&node.net);
+    let (bridge, root, vm) = (
+        format!("brr{c}{pid:x}"),
+        format!("vmr{c}{pid:x}"),
+        format!("mprt{pid}{c}"),
+    );
+    let guard = Guard {
+        ns: node.ns.clone(),
+        links: vec![tap0.clone(), bridge.clone(), root.clone()],
+    };
+    ([tap0, tap1], bridge, root, vm, guard)
 }
 
 fn meta_data(vm: &str) -> Option<String> {
@@ -221,26 +246,10 @@ fn meta_data(vm: &str) -> Option<String> {
 
 #[test]
 fn failed_dad_serves_ipv4_only_and_still_reports_alive() {
-    let name = "failed_dad_serves_ipv4_only_and_still_reports_alive";
-    if let Err(why) = can_run(&[]) {
-        eprintln!("SKIPPED {name}: {why}");
+    let Some(node) = node_for("failed_dad_serves_ipv4_only_and_still_reports_alive", 0xd1) else {
         return;
-    }
-    if !available(name) {
-        return;
-    }
-    let node = Node::new(0xd1);
-    let pid = std::process::id();
-    let [tap0, tap1] = veth_names(&node.net);
-    let (bridge, root, vm) = (
-        format!("brrd{pid:x}"),
-        format!("vmrd{pid:x}"),
-        format!("mprt{pid}d"),
-    );
-    let guard = Guard {
-        ns: node.ns.clone(),
-        links: vec![tap0.clone(), bridge.clone(), root.clone()],
     };
+    let ([tap0, tap1], bridge, root, vm, guard) = vm_links(&node, 'd');
     // The network's namespace is already there (a leftover the daemon
     // adopts), wired to the VM, and the VM already holds fe80::a9fe:a9fe:
     // the namespace end's DAD for it must fail.
@@ -303,26 +312,13 @@ fn failed_dad_serves_ipv4_only_and_still_reports_alive() {
 
 #[test]
 fn provisioning_retries_with_backoff_until_open_vswitch_is_back() {
-    let name = "provisioning_retries_with_backoff_until_open_vswitch_is_back";
-    if let Err(why) = can_run(&[]) {
-        eprintln!("SKIPPED {name}: {why}");
+    let Some(node) = node_for(
+        "provisioning_retries_with_backoff_until_open_vswitch_is_back",
+        0xb1,
+    ) else {
         return;
-    }
-    if !available(name) {
-        return;
-    }
-    let node = Node::new(0xb1);
-    let pid = std::process::id();
-    let [tap0, _] = veth_names(&node.net);
-    let (bridge, root, vm) = (
-        format!("brrb{pid:x}"),
-        format!("vmrb{pid:x}"),
-        format!("mprt{pid}b"),
-    );
-    let guard = Guard {
-        ns: node.ns.clone(),
-        links: vec![tap0.clone(), bridge.clone(), root.clone()],
     };
+    let ([tap0, _], bridge, root, vm, guard) = vm_links(&node, 'b');
     let ovn = node.start();
     poll(&ovn, "first pass with no VM", || {
         ovn.log_text()

@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{can_run, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
-    api_port, dump_replica, init_chassis, namespaces, poll_daemon, start_api, vswitch_with_br_int,
-    write_ovn_config,
+    api_port, dump_replica, init_chassis, namespaces, poll_daemon, route_metadata_via, start_api,
+    vswitch_with_br_int, write_ovn_config,
 };
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
@@ -231,16 +231,7 @@ fn wire_vm(
         ]);
     }
     sh(&["ip", "-n", vm, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        md_ip,
-    ]);
+    route_metadata_via(vm, md_ip);
 }
 
 /// What a fresh replica of `sb` says each address of `net` resolves to:

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, start_api};
+use common::ovn::{api_port, route_metadata_via, start_api};
 use common::ovsdb::{available, Kind, Server};
 use serde_json::{json, Value};
 
@@ -260,16 +260,7 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         ]);
         up(meta, tap);
         up(vm, "eth0");
-        sh(&[
-            "ip",
-            "-n",
-            vm,
-            "route",
-            "add",
-            "169.254.169.254/32",
-            "via",
-            "10.0.0.2",
-        ]);
+        route_metadata_via(vm, "10.0.0.2");
     }
     // vm_c: its EUI-64 link-local, no DAD (a guest's would pass it).
     sh(&[

@@ -24,7 +24,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, init_chassis, poll_daemon, start_api, vswitch_with_br_int};
+use common::ovn::{
+    api_port, init_chassis, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -376,16 +378,7 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
         "eth0",
     ]);
     sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        "10.79.0.2",
-    ]);
+    route_metadata_via(&vm, "10.79.0.2");
     let mut body = String::new();
     poll(&ovn, "the VM's meta_data.json", || {
         let out = in_ns(&vm, "curl")

@@ -157,3 +157,18 @@ pub fn init_chassis(sb: &Server, chassis: &str) -> String {
         "row": {"name": chassis, "chassis": ["uuid", uuid.as_str()]}}]));
     uuid
 }
+
+/// Gives the VM in namespace `vm` the host route Neutron's DHCP gives for
+/// the metadata address: 169.254.169.254/32 via `md_ip`, the metadata port.
+pub fn route_metadata_via(vm: &str, md_ip: &str) {
+    super::netns::sh(&[
+        "ip",
+        "-n",
+        vm,
+        "route",
+        "add",
+        "169.254.169.254/32",
+        "via",
+        md_ip,
+    ]);
+}
