@@ -29,7 +29,7 @@ use std::time::Duration;
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
     api_port, namespaces, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
-    write_ovn_config,
+    write_ovn_config, Netns,
 };
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
@@ -241,7 +241,7 @@ fixed_ips = ["10.77.0.5"]
     let api = start_api(dir.path(), &inv);
     let api_port = api_port(&api);
 
-    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, &prefix);
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, Netns::Discover(&prefix));
     let start = |tag: &str| {
         Daemon::start_cmd(
             tag,

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use common::netns::{can_run, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
     api_port, dump_replica, init_chassis, namespaces, poll_daemon, route_metadata_via, start_api,
-    vswitch_with_br_int, write_ovn_config,
+    vswitch_with_br_int, write_ovn_config, Netns,
 };
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
@@ -372,7 +372,7 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
     .unwrap();
     let api = start_api(dir.path(), &inv);
     let api_port = api_port(&api);
-    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, &prefix);
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, Netns::Discover(&prefix));
     let ovn = Daemon::start_cmd(
         "ovn",
         Command::new(env!("CARGO_BIN_EXE_metaproxy"))

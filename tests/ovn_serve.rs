@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, route_metadata_via, start_api};
+use common::ovn::{api_port, route_metadata_via, start_api, write_ovn_config, Netns};
 use common::ovsdb::{available, Kind, Server};
 use serde_json::{json, Value};
 
@@ -363,32 +363,7 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
     let api = start_api(dir.path(), &inv);
     let api_port = api_port(&api);
 
-    let cfg = dir.path().join("ovn.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[ovn]
-ovn_sb_connection = "{sb}"
-metadata_proxy_shared_secret = "{SECRET}"
-[ovn.ovs]
-ovsdb_connection = "{ovs}"
-[ovn.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = {api_port}
-
-[proxy]
-workers = 1
-netns_dir = "{netns}"
-control_socket = "{ctl}"
-"#,
-            sb = sb.remote(),
-            ovs = ovs.remote(),
-            netns = netns_dir.display(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, Netns::Dir(&netns_dir));
     let cfg = cfg.to_str().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
         .args(["ovn", "--config", cfg, "--check"])

@@ -63,16 +63,36 @@ pub fn api_port(api: &Daemon) -> u16 {
         .port()
 }
 
+/// Which network namespaces the `metaproxy ovn` of [`write_ovn_config`]
+/// serves.
+pub enum Netns<'a> {
+    /// It discovers and adopts the namespaces named `prefix…`
+    /// (`[proxy.discover] ovn_prefixes`).
+    Discover(&'a str),
+    /// It keeps its namespaces in this directory (`[proxy] netns_dir`).
+    Dir(&'a Path),
+}
+
 /// Writes `dir/ovn.toml`: `metaproxy ovn` on `sb` and `ovs`, sending to
 /// the API on `api_port`, one worker, its control socket `dir/ctl.sock`,
-/// adopting the namespaces named `prefix…`. Returns the path.
+/// serving the namespaces `netns` says. Returns the path.
 pub fn write_ovn_config(
     dir: &Path,
     sb: &Server,
     ovs: &Server,
     api_port: u16,
-    prefix: &str,
+    netns: Netns,
 ) -> PathBuf {
+    let (netns_dir, discover) = match netns {
+        Netns::Discover(prefix) => (
+            String::new(),
+            format!("[proxy.discover]\novn_prefixes = [\"{prefix}\"]\n"),
+        ),
+        Netns::Dir(path) => (
+            format!("netns_dir = \"{}\"\n", path.display()),
+            String::new(),
+        ),
+    };
     let cfg = dir.join("ovn.toml");
     std::fs::write(
         &cfg,
@@ -89,10 +109,8 @@ nova_metadata_port = {api_port}
 
 [proxy]
 workers = 1
-control_socket = "{ctl}"
-[proxy.discover]
-ovn_prefixes = ["{prefix}"]
-"#,
+{netns_dir}control_socket = "{ctl}"
+{discover}"#,
             sb = sb.remote(),
             ovs = ovs.remote(),
             ctl = dir.join("ctl.sock").display(),
