@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
-    api_port, namespaces, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
+    api_port, namespaces, poll_daemon, route_metadata_via, start_api, uuid_of, vswitch_with_br_int,
     write_ovn_config, Netns,
 };
 use common::ovsdb::{available, Kind, Server};
@@ -39,13 +39,6 @@ const CHASSIS: &str = "compute-e2e";
 const OTHER: &str = "compute-e2e-other";
 const LIMIT: Duration = Duration::from_secs(20);
 const MD: &str = "http://169.254.169.254/openstack/latest/meta_data.json";
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
-}
 
 /// Deletes on drop every namespace with the test's prefix, the network's
 /// veths, the VM's root veth and the bridge.

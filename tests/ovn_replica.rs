@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use common::ovn::dump_replica;
+use common::ovn::{dump_replica, uuid_of};
 use common::ovsdb::{available, Kind, Server};
 use common::wait_until;
 use metaproxy::ovn::ovsdb::datum::Uuid;
@@ -47,13 +47,6 @@ fn monitor(sb: &Server, probe: Duration) -> SbMonitor {
         chassis: LOCAL.to_string(),
     })
     .unwrap()
-}
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
 }
 
 /// What Neutron (through northd) leaves in the Southbound DB.

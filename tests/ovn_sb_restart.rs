@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use common::netns::{can_run, sh, Daemon, Namespaces, SECRET};
 use common::ovn::{
     api_port, dump_replica, init_chassis, namespaces, poll_daemon, route_metadata_via, start_api,
-    vswitch_with_br_int, write_ovn_config, Netns,
+    uuid_of, vswitch_with_br_int, write_ovn_config, Netns,
 };
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
@@ -60,13 +60,6 @@ const CHASSIS: &str = "compute-sbk";
 const LIMIT: Duration = Duration::from_secs(30);
 /// What cloud-init asks first and what names the instance.
 const PATHS: [&str; 2] = ["/openstack/latest/meta_data.json", "/openstack"];
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
-}
 
 /// Deletes on drop every namespace with the test's prefix, the networks'
 /// veths and the test's own links.

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
-use common::ovn::{api_port, route_metadata_via, start_api, write_ovn_config, Netns};
+use common::ovn::{api_port, route_metadata_via, start_api, uuid_of, write_ovn_config, Netns};
 use common::ovsdb::{available, Kind, Server};
 use serde_json::{json, Value};
 
@@ -29,13 +29,6 @@ const CHASSIS: &str = "compute-serve";
 const OTHER: &str = "compute-other";
 const LIMIT: Duration = Duration::from_secs(20);
 const MD: &str = "http://169.254.169.254/openstack/latest/meta_data.json";
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
-}
 
 /// Bind mounts under the private netns directory, unmounted on drop.
 #[derive(Default)]

@@ -190,3 +190,12 @@ pub fn route_metadata_via(vm: &str, md_ip: &str) {
         md_ip,
     ]);
 }
+
+/// The UUID of the row the first operation of an OVSDB `transact` result
+/// inserted.
+pub fn uuid_of(result: &Value) -> String {
+    result[0]["uuid"][1]
+        .as_str()
+        .expect("insert uuid")
+        .to_string()
+}
