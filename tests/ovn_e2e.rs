@@ -24,9 +24,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{
+    api_port, namespaces, poll_daemon, route_metadata_via, start_api, uuid_of, vswitch_with_br_int,
+    write_ovn_config, Netns,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -35,24 +39,6 @@ const CHASSIS: &str = "compute-e2e";
 const OTHER: &str = "compute-e2e-other";
 const LIMIT: Duration = Duration::from_secs(20);
 const MD: &str = "http://169.254.169.254/openstack/latest/meta_data.json";
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
-}
-
-fn namespaces(prefix: &str) -> BTreeSet<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Deletes on drop every namespace with the test's prefix, the network's
 /// veths, the VM's root veth and the bridge.
@@ -103,16 +89,8 @@ fn addrs(l: &Value) -> BTreeSet<String> {
 
 /// Poll `ready` every 50 ms (it runs `ip` or `curl`) until `LIMIT`; on
 /// timeout, fail with `what` and the daemon's log.
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 /// `curl` from inside `ns`: `None` when nothing answered.
@@ -208,12 +186,7 @@ fn metaproxy_ovn_provisions_serves_and_tears_down_like_the_ovn_agent() {
                                   ["neutron:device_owner", "compute:nova"]]]
     }}]));
     // This chassis' Open_vSwitch database, with its integration bridge.
-    let ovs = Server::vswitch(CHASSIS, None);
-    ovs.transact(json!([
-        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-        {"op": "mutate", "table": "Open_vSwitch", "where": [],
-         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-    ]));
+    let ovs = vswitch_with_br_int(CHASSIS);
     // The OVS interfaces named `tap0`, as (bridge, iface-id).
     let ovs_port = || -> Vec<String> {
         let v = ovs.transact(json!([{"op": "select", "table": "Interface",
@@ -258,55 +231,10 @@ fixed_ips = ["10.77.0.5"]
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
 
-    let cfg = dir.path().join("ovn.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[ovn]
-ovn_sb_connection = "{sb}"
-metadata_proxy_shared_secret = "{SECRET}"
-[ovn.ovs]
-ovsdb_connection = "{ovs}"
-[ovn.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = {api_port}
-
-[proxy]
-workers = 1
-control_socket = "{ctl}"
-[proxy.discover]
-ovn_prefixes = ["{prefix}"]
-"#,
-            sb = sb.remote(),
-            ovs = ovs.remote(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, Netns::Discover(&prefix));
     let start = |tag: &str| {
         Daemon::start_cmd(
             tag,
@@ -397,16 +325,7 @@ ovn_prefixes = ["{prefix}"]
     ]);
     sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"]);
     // The host route Neutron's DHCP gives: via the metadata port.
-    sh(&[
-        "ip",
-        "-n",
-        &vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        "10.77.0.2",
-    ]);
+    route_metadata_via(&vm, "10.77.0.2");
     let mut last = None;
     poll(&ovn, "the VM's meta_data.json", || {
         last = try_curl(&vm, MD);

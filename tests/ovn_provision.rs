@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
+use common::ovn::namespaces;
 use common::ovsdb::{available, Kind, Server};
 use common::wait_until;
 use metaproxy::ovn::ovsdb::{ConnOptions, Remote};
@@ -81,17 +82,6 @@ impl Drop for Guard {
             }
         }
     }
-}
-
-fn namespaces(prefix: &str) -> BTreeSet<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn sh(args: &[&str]) -> String {

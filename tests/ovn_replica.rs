@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
+use common::ovn::{dump_replica, uuid_of};
 use common::ovsdb::{available, Kind, Server};
 use common::wait_until;
 use metaproxy::ovn::ovsdb::datum::Uuid;
@@ -46,13 +47,6 @@ fn monitor(sb: &Server, probe: Duration) -> SbMonitor {
         chassis: LOCAL.to_string(),
     })
     .unwrap()
-}
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
 }
 
 /// What Neutron (through northd) leaves in the Southbound DB.
@@ -735,22 +729,7 @@ fn ovn_dump_replica_prints_the_replica_and_its_index() {
     cloud.bind("vm1", LOCAL);
     // The chassis name comes from the local Open_vSwitch DB.
     let ovs = Server::vswitch(LOCAL, None);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args([
-            "ovn-dump-replica",
-            "--ovn-sb-connection",
-            &sb.remote(),
-            "--ovsdb-connection",
-            &ovs.remote(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dump = dump_replica(&sb, &ovs);
     assert_eq!(dump["chassis"], LOCAL);
     assert_eq!(dump["index"][NET_A]["ip"]["10.0.0.5"], json!([vm1]));
     assert_eq!(

@@ -17,9 +17,12 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{
+    api_port, init_chassis, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -28,16 +31,8 @@ const CHASSIS: &str = "compute-retry";
 const LIMIT: Duration = Duration::from_secs(30);
 const ALIVE: &str = "reporting this chassis alive";
 
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 fn at(log: &str, needle: &str) -> usize {
@@ -87,17 +82,7 @@ impl Node {
         let ns = format!("{prefix}{net}");
         let dir = tempfile::tempdir().unwrap();
         let sb = Server::southbound(Kind::Standalone);
-        sb.sbctl(&["init"]);
-        sb.sbctl(&["chassis-add", CHASSIS, "geneve", "192.0.2.1"]);
-        let ch = sb.sbctl(&[
-            "--bare",
-            "--columns=_uuid",
-            "find",
-            "Chassis",
-            &format!("name={CHASSIS}"),
-        ]);
-        sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
-            "row": {"name": CHASSIS, "chassis": ["uuid", ch.trim()]}}]));
+        init_chassis(&sb, CHASSIS);
         let dp = sb.transact(json!([{"op": "insert", "table": "Datapath_Binding",
             "row": {"tunnel_key": 1, "external_ids": ["map", [["name", format!("neutron-{net}")]]]}}]));
         let dp = dp[0]["uuid"][1].as_str().unwrap().to_string();
@@ -113,12 +98,7 @@ impl Node {
                 "external_ids": ["map", [["neutron:device_id", inst.as_str()],
                                           ["neutron:project_id", project.as_str()]]]}}
         ]));
-        let ovs = Server::vswitch(CHASSIS, None);
-        ovs.transact(json!([
-            {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-            {"op": "mutate", "table": "Open_vSwitch", "where": [],
-             "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-        ]));
+        let ovs = vswitch_with_br_int(CHASSIS);
         let inv = dir.path().join("inventory.toml");
         std::fs::write(
             &inv,
@@ -131,22 +111,7 @@ impl Node {
             ),
         )
         .unwrap();
-        let api_cfg = dir.path().join("api.toml");
-        std::fs::write(
-            &api_cfg,
-            format!(
-                "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-                 inventory = \"{}\"\nstate_dir = \"{}\"\n",
-                inv.display(),
-                dir.path().join("state").display()
-            ),
-        )
-        .unwrap();
-        let api = Daemon::start(
-            "api",
-            &["api", "--config", api_cfg.to_str().unwrap()],
-            dir.path(),
-        );
+        let api = start_api(dir.path(), &inv);
         Node {
             net,
             inst,
@@ -160,15 +125,7 @@ impl Node {
     }
 
     fn start(&self) -> Daemon {
-        let api_port = self
-            .api
-            .as_ref()
-            .unwrap()
-            .log_text()
-            .lines()
-            .find_map(common::bound_addr)
-            .expect("api listener up")
-            .port();
+        let api_port = api_port(self.api.as_ref().unwrap());
         let cfg = self.dir.path().join("ovn.toml");
         std::fs::write(
             &cfg,
@@ -235,16 +192,39 @@ fn wire_vm(nss: &mut Namespaces, vm: &str, bridge: &str, root: &str, tap0: &str)
     ]);
     sh(&["ip", "-n", vm, "addr", "add", "10.83.0.5/24", "dev", "eth0"]);
     sh(&["ip", "-n", vm, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        "10.83.0.2",
-    ]);
+    route_metadata_via(vm, "10.83.0.2");
+}
+
+/// The node for test `name`, set up with `tag`; `None`, saying why, when the
+/// test cannot run here.
+fn node_for(name: &str, tag: u8) -> Option<Node> {
+    if let Err(why) = can_run(&[]) {
+        eprintln!("SKIPPED {name}: {why}");
+        return None;
+    }
+    if !available(name) {
+        return None;
+    }
+    Some(Node::new(tag))
+}
+
+/// The links wiring a VM to `node`'s network, named after `c`: the
+/// network's veth pair, the bridge, the VM's root-side veth and the VM's
+/// namespace; and the guard that deletes them (and the network's
+/// namespace) on drop.
+fn vm_links(node: &Node, c: char) -> ([String; 2], String, String, String, Guard) {
+    let pid = std::process::id();
+    let [tap0, tap1] = veth_names(&node.net);
+    let (bridge, root, vm) = (
+        format!("brr{c}{pid:x}"),
+        format!("vmr{c}{pid:x}"),
+        format!("mprt{pid}{c}"),
+    );
+    let guard = Guard {
+        ns: node.ns.clone(),
+        links: vec![tap0.clone(), bridge.clone(), root.clone()],
+    };
+    ([tap0, tap1], bridge, root, vm, guard)
 }
 
 fn meta_data(vm: &str) -> Option<String> {
@@ -266,26 +246,10 @@ fn meta_data(vm: &str) -> Option<String> {
 
 #[test]
 fn failed_dad_serves_ipv4_only_and_still_reports_alive() {
-    let name = "failed_dad_serves_ipv4_only_and_still_reports_alive";
-    if let Err(why) = can_run(&[]) {
-        eprintln!("SKIPPED {name}: {why}");
+    let Some(node) = node_for("failed_dad_serves_ipv4_only_and_still_reports_alive", 0xd1) else {
         return;
-    }
-    if !available(name) {
-        return;
-    }
-    let node = Node::new(0xd1);
-    let pid = std::process::id();
-    let [tap0, tap1] = veth_names(&node.net);
-    let (bridge, root, vm) = (
-        format!("brrd{pid:x}"),
-        format!("vmrd{pid:x}"),
-        format!("mprt{pid}d"),
-    );
-    let guard = Guard {
-        ns: node.ns.clone(),
-        links: vec![tap0.clone(), bridge.clone(), root.clone()],
     };
+    let ([tap0, tap1], bridge, root, vm, guard) = vm_links(&node, 'd');
     // The network's namespace is already there (a leftover the daemon
     // adopts), wired to the VM, and the VM already holds fe80::a9fe:a9fe:
     // the namespace end's DAD for it must fail.
@@ -348,26 +312,13 @@ fn failed_dad_serves_ipv4_only_and_still_reports_alive() {
 
 #[test]
 fn provisioning_retries_with_backoff_until_open_vswitch_is_back() {
-    let name = "provisioning_retries_with_backoff_until_open_vswitch_is_back";
-    if let Err(why) = can_run(&[]) {
-        eprintln!("SKIPPED {name}: {why}");
+    let Some(node) = node_for(
+        "provisioning_retries_with_backoff_until_open_vswitch_is_back",
+        0xb1,
+    ) else {
         return;
-    }
-    if !available(name) {
-        return;
-    }
-    let node = Node::new(0xb1);
-    let pid = std::process::id();
-    let [tap0, _] = veth_names(&node.net);
-    let (bridge, root, vm) = (
-        format!("brrb{pid:x}"),
-        format!("vmrb{pid:x}"),
-        format!("mprt{pid}b"),
-    );
-    let guard = Guard {
-        ns: node.ns.clone(),
-        links: vec![tap0.clone(), bridge.clone(), root.clone()],
     };
+    let ([tap0, _], bridge, root, vm, guard) = vm_links(&node, 'b');
     let ovn = node.start();
     poll(&ovn, "first pass with no VM", || {
         ovn.log_text()

@@ -48,6 +48,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{
+    api_port, dump_replica, init_chassis, namespaces, poll_daemon, route_metadata_via, start_api,
+    uuid_of, vswitch_with_br_int, write_ovn_config, Netns,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -56,24 +60,6 @@ const CHASSIS: &str = "compute-sbk";
 const LIMIT: Duration = Duration::from_secs(30);
 /// What cloud-init asks first and what names the instance.
 const PATHS: [&str; 2] = ["/openstack/latest/meta_data.json", "/openstack"];
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
-}
-
-fn namespaces(prefix: &str) -> BTreeSet<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_string))
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Deletes on drop every namespace with the test's prefix, the networks'
 /// veths and the test's own links.
@@ -197,16 +183,8 @@ impl Vm {
 
 /// Poll `ready` every 50 ms until `LIMIT`; on timeout fail with `what` and
 /// the daemon's log.
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 /// A VM namespace on `net`'s provisioned root veth end through a Linux
@@ -246,37 +224,13 @@ fn wire_vm(
         ]);
     }
     sh(&["ip", "-n", vm, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        md_ip,
-    ]);
+    route_metadata_via(vm, md_ip);
 }
 
 /// What a fresh replica of `sb` says each address of `net` resolves to:
 /// `metaproxy ovn-dump-replica`, a new monitor with its own snapshot.
 fn fresh_answers(sb: &Server, ovs: &Server, net: &str) -> BTreeMap<IpAddr, Option<String>> {
-    let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args([
-            "ovn-dump-replica",
-            "--ovn-sb-connection",
-            &sb.remote(),
-            "--ovsdb-connection",
-            &ovs.remote(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dump = dump_replica(sb, ovs);
     let ports = &dump["tables"]["Port_Binding"];
     dump["index"][net]["ip"]
         .as_object()
@@ -357,20 +311,7 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
     // metadata localport and three VMs bound here; network B with its
     // metadata port and one VM port not bound yet.
     let sb = Server::southbound(kind);
-    sb.sbctl(&["init"]);
-    sb.sbctl(&["chassis-add", CHASSIS, "geneve", "192.0.2.1"]);
-    let chassis = sb
-        .sbctl(&[
-            "--bare",
-            "--columns=_uuid",
-            "find",
-            "Chassis",
-            &format!("name={CHASSIS}"),
-        ])
-        .trim()
-        .to_string();
-    sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
-        "row": {"name": CHASSIS, "chassis": ["uuid", chassis.as_str()]}}]));
+    let chassis = init_chassis(&sb, CHASSIS);
     let network = |net: &str, key: u32, md_mac: &str, cidr: &str, md_ip: &str| -> String {
         let dp = uuid_of(&sb.transact(json!([{"op": "insert", "table": "Datapath_Binding",
             "row": {"tunnel_key": key, "external_ids": ["map", [["name", format!("neutron-{net}")]]]}}])));
@@ -401,12 +342,7 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
     for lp in ["vm1", "vm2", "vm3"] {
         sb.sbctl(&["lsp-bind", lp, CHASSIS]);
     }
-    let ovs = Server::vswitch(CHASSIS, None);
-    ovs.transact(json!([
-        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-        {"op": "mutate", "table": "Open_vSwitch", "where": [],
-         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-    ]));
+    let ovs = vswitch_with_br_int(CHASSIS);
 
     // Our metadata API knows every instance, also the port's new owner
     // (instance 4) and network B's VM (instance 5).
@@ -427,54 +363,9 @@ fn sb_killed_mid_storm(kind: Kind, name: &str) {
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
-    let cfg = dir.path().join("ovn.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[ovn]
-ovn_sb_connection = "{sb}"
-metadata_proxy_shared_secret = "{SECRET}"
-[ovn.ovs]
-ovsdb_connection = "{ovs}"
-[ovn.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = {api_port}
-
-[proxy]
-workers = 1
-control_socket = "{ctl}"
-[proxy.discover]
-ovn_prefixes = ["{prefix}"]
-"#,
-            sb = sb.remote(),
-            ovs = ovs.remote(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, Netns::Discover(&prefix));
     let ovn = Daemon::start_cmd(
         "ovn",
         Command::new(env!("CARGO_BIN_EXE_metaproxy"))

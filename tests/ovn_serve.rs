@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::{can_run, cloud_init_read, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{api_port, route_metadata_via, start_api, uuid_of, write_ovn_config, Netns};
 use common::ovsdb::{available, Kind, Server};
 use serde_json::{json, Value};
 
@@ -28,13 +29,6 @@ const CHASSIS: &str = "compute-serve";
 const OTHER: &str = "compute-other";
 const LIMIT: Duration = Duration::from_secs(20);
 const MD: &str = "http://169.254.169.254/openstack/latest/meta_data.json";
-
-fn uuid_of(result: &Value) -> String {
-    result[0]["uuid"][1]
-        .as_str()
-        .expect("insert uuid")
-        .to_string()
-}
 
 /// Bind mounts under the private netns directory, unmounted on drop.
 #[derive(Default)]
@@ -259,16 +253,7 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         ]);
         up(meta, tap);
         up(vm, "eth0");
-        sh(&[
-            "ip",
-            "-n",
-            vm,
-            "route",
-            "add",
-            "169.254.169.254/32",
-            "via",
-            "10.0.0.2",
-        ]);
+        route_metadata_via(vm, "10.0.0.2");
     }
     // vm_c: its EUI-64 link-local, no DAD (a guest's would pass it).
     sh(&[
@@ -368,55 +353,10 @@ fn vms_in_ovnmeta_namespaces_get_their_own_instance_from_the_southbound_replica(
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
 
-    let cfg = dir.path().join("ovn.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[ovn]
-ovn_sb_connection = "{sb}"
-metadata_proxy_shared_secret = "{SECRET}"
-[ovn.ovs]
-ovsdb_connection = "{ovs}"
-[ovn.nova]
-nova_metadata_host = "127.0.0.1"
-nova_metadata_port = {api_port}
-
-[proxy]
-workers = 1
-netns_dir = "{netns}"
-control_socket = "{ctl}"
-"#,
-            sb = sb.remote(),
-            ovs = ovs.remote(),
-            netns = netns_dir.display(),
-            ctl = dir.path().join("ctl.sock").display(),
-        ),
-    )
-    .unwrap();
+    let cfg = write_ovn_config(dir.path(), &sb, &ovs, api_port, Netns::Dir(&netns_dir));
     let cfg = cfg.to_str().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
         .args(["ovn", "--config", cfg, "--check"])

@@ -21,9 +21,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::{can_run, in_ns, sh, Daemon, Namespaces, SECRET};
+use common::ovn::{
+    api_port, init_chassis, poll_daemon, route_metadata_via, start_api, vswitch_with_br_int,
+};
 use common::ovsdb::{available, Kind, Server};
 use metaproxy::ovn::provision::veth_names;
 use serde_json::{json, Value};
@@ -160,16 +163,8 @@ fn addrs(ns: &str, dev: &str) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn poll(d: &Daemon, what: &str, mut ready: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ready() {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "not within {LIMIT:?}: {what}; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn poll(d: &Daemon, what: &str, ready: impl FnMut() -> bool) {
+    poll_daemon(d, LIMIT, what, ready);
 }
 
 /// Deletes on drop the test's namespaces, the network's veths and links.
@@ -231,17 +226,7 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
     let dir = tempfile::tempdir().unwrap();
 
     let sb = Server::southbound(Kind::Standalone);
-    sb.sbctl(&["init"]);
-    sb.sbctl(&["chassis-add", CHASSIS, "geneve", "192.0.2.1"]);
-    let ch = sb.sbctl(&[
-        "--bare",
-        "--columns=_uuid",
-        "find",
-        "Chassis",
-        &format!("name={CHASSIS}"),
-    ]);
-    sb.transact(json!([{"op": "insert", "table": "Chassis_Private",
-        "row": {"name": CHASSIS, "chassis": ["uuid", ch.trim()]}}]));
+    let ch = init_chassis(&sb, CHASSIS);
     let dp = sb.transact(json!([{"op": "insert", "table": "Datapath_Binding",
         "row": {"tunnel_key": 1, "external_ids": ["map", [["name", format!("neutron-{net}")]]]}}]));
     let dp = dp[0]["uuid"][1].as_str().unwrap().to_string();
@@ -253,16 +238,11 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
                                       ["neutron:device_owner", "network:distributed"]]]}},
         {"op": "insert", "table": "Port_Binding", "row": {
             "datapath": ["uuid", dp.as_str()], "logical_port": "vm-port", "tunnel_key": 2,
-            "type": "", "mac": "fa:16:3e:0a:00:05 10.79.0.5", "chassis": ["uuid", ch.trim()],
+            "type": "", "mac": "fa:16:3e:0a:00:05 10.79.0.5", "chassis": ["uuid", ch.as_str()],
             "external_ids": ["map", [["neutron:device_id", inst.as_str()],
                                       ["neutron:project_id", project.as_str()]]]}}
     ]));
-    let ovs = Server::vswitch(CHASSIS, None);
-    ovs.transact(json!([
-        {"op": "insert", "table": "Bridge", "uuid-name": "b", "row": {"name": "br-int"}},
-        {"op": "mutate", "table": "Open_vSwitch", "where": [],
-         "mutations": [["bridges", "insert", ["set", [["named-uuid", "b"]]]]]}
-    ]));
+    let ovs = vswitch_with_br_int(CHASSIS);
 
     let inv = dir.path().join("inventory.toml");
     std::fs::write(
@@ -276,28 +256,8 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
         ),
     )
     .unwrap();
-    let api_cfg = dir.path().join("api.toml");
-    std::fs::write(
-        &api_cfg,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:0\"\nmetadata_proxy_shared_secret = \"{SECRET}\"\n\
-             inventory = \"{}\"\nstate_dir = \"{}\"\n",
-            inv.display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let api = Daemon::start(
-        "api",
-        &["api", "--config", api_cfg.to_str().unwrap()],
-        dir.path(),
-    );
-    let api_port = api
-        .log_text()
-        .lines()
-        .find_map(common::bound_addr)
-        .expect("api listener up")
-        .port();
+    let api = start_api(dir.path(), &inv);
+    let api_port = api_port(&api);
     // The compute node's config, in the file ExecStart= names (here a temp
     // path; the daemon reads it as root, its owner).
     let cfg = dir.path().join("metaproxy.toml");
@@ -418,16 +378,7 @@ fn the_ovn_unit_provisions_and_serves_a_namespace_the_host_sees() {
         "eth0",
     ]);
     sh(&["ip", "-n", &vm, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &vm,
-        "route",
-        "add",
-        "169.254.169.254/32",
-        "via",
-        "10.79.0.2",
-    ]);
+    route_metadata_via(&vm, "10.79.0.2");
     let mut body = String::new();
     poll(&ovn, "the VM's meta_data.json", || {
         let out = in_ns(&vm, "curl")

@@ -472,5 +472,6 @@ pub mod netns;
 pub mod neutron;
 pub mod nova_peers;
 pub mod oracle;
+pub mod ovn;
 pub mod ovsdb;
 pub mod up;
