@@ -47,6 +47,8 @@
 # Exit status 1 if any storm failed (a VM not served, an error, a wrong VM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/neutron-haproxy.sh
+. scripts/lib/neutron-haproxy.sh
 
 VMS=2000
 NETS=10
@@ -272,28 +274,7 @@ start_haproxys() {
   local n=0 line net
   for line in "${NET_LINES[@]}"; do
     net=${line%% *}
-    cat >"$WORK/haproxy-$n.cfg" <<CFG
-global
-    maxconn     1024
-    nbthread    2
-    pidfile     $WORK/haproxy-$n.pid
-
-defaults
-    mode http
-    option http-server-close
-    option forwardfor
-    retries                 3
-    timeout http-request    30s
-    timeout connect         30s
-    timeout client          32s
-    timeout server          32s
-    timeout http-keep-alive 30s
-
-listen listener
-    bind 169.254.169.254:80
-    server metadata $AGENT_SOCK
-    http-request add-header X-OVN-Network-ID $net
-CFG
+    neutron_ovn_haproxy_cfg "$WORK/haproxy-$n.cfg" 169.254.169.254:80 "$AGENT_SOCK" "$net" "$WORK/haproxy-$n.pid"
     ip netns exec "$PREFIX$net" haproxy -f "$WORK/haproxy-$n.cfg" -db 2>>"$WORK/haproxy.log" &
     HAP_PIDS+=("$!")
     n=$((n + 1))

@@ -153,6 +153,30 @@ impl Drop for Child {
     }
 }
 
+/// `metaproxy api --config cfg`, its stderr in `log`, once it accepts on
+/// `port` (20 s at most).
+fn start_api(cfg: &Path, port: u16, log: &Path) -> (Child, SocketAddr) {
+    let child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
+        .args(["api", "--config"])
+        .arg(cfg)
+        .stderr(std::fs::File::create(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "metaproxy api did not start: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, addr)
+}
+
 #[test]
 fn a_malformed_row_is_that_instances_500_and_passwords_land_in_system_metadata() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,24 +184,7 @@ fn a_malformed_row_is_that_instances_500_and_passwords_land_in_system_metadata()
     make_db(&db, "ab450ba04102", None);
     let port = common::free_port();
     let log = dir.path().join("api.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args(["api", "--config"])
-        .arg(config(dir.path(), &db, port))
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Child(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "metaproxy api did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_child, addr) = start_api(&config(dir.path(), &db, port), port, &log);
     let md = "/openstack/latest/meta_data.json";
     let r = send(addr, "GET", md, GOOD, "");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -640,24 +647,11 @@ fn devices_dedicated_cpus_block_devices_and_no_image_render_as_nova_does() {
     let oracle = nova_oracle(&db);
     let port = common::free_port();
     let log = dir.path().join("api.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args(["api", "--config"])
-        .arg(config_with_neutron(dir.path(), &db, port, fake_neutron()))
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Child(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "metaproxy api did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_child, addr) = start_api(
+        &config_with_neutron(dir.path(), &db, port, fake_neutron()),
+        port,
+        &log,
+    );
     let get = |path: &str, uuid: &str| {
         let r = send(addr, "GET", path, uuid, "");
         assert_eq!(r.status, 200, "{path}: {}", r.text());
@@ -852,24 +846,7 @@ fn a_templated_cell_connection_is_filled_from_database_connection() {
         "the filled cell URL is checked: {text}"
     );
     let log = dir.path().join("api.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_metaproxy"))
-        .args(["api", "--config"])
-        .arg(&cfg)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Child(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "metaproxy api did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_child, addr) = start_api(&cfg, port, &log);
     let r = send(addr, "GET", "/openstack/latest/meta_data.json", GOOD, "");
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(

@@ -6,12 +6,18 @@
 # here; Neutron's `log /dev/log` would only add cost to haproxy).
 #
 #   neutron_haproxy_cfg OUT PORT AGENT_SOCKET ROUTER_ID PIDFILE
-neutron_haproxy_cfg() {
+#     the L3 router's (qrouter-): stamps X-Neutron-Router-ID.
+#   neutron_ovn_haproxy_cfg OUT BIND AGENT_SOCKET NETWORK_ID PIDFILE
+#     the OVN metadata agent's (ovnmeta-, neutron/agent/ovn/metadata/driver.py):
+#     binds BIND (169.254.169.254:80 in the namespace), adds X-OVN-Network-ID.
+
+# The global and defaults sections both templates share (driver_base.py).
+_neutron_haproxy_head() {
   cat >"$1" <<CFG
 global
     maxconn     1024
     nbthread    2
-    pidfile     $5
+    pidfile     $2
 
 defaults
     mode http
@@ -23,6 +29,12 @@ defaults
     timeout client          32s
     timeout server          32s
     timeout http-keep-alive 30s
+CFG
+}
+
+neutron_haproxy_cfg() {
+  _neutron_haproxy_head "$1" "$5"
+  cat >>"$1" <<CFG
 
 listen listener
     bind 127.0.0.1:$2
@@ -30,5 +42,16 @@ listen listener
 
     http-request del-header X-Neutron-Network-ID
     http-request set-header X-Neutron-Router-ID $4
+CFG
+}
+
+neutron_ovn_haproxy_cfg() {
+  _neutron_haproxy_head "$1" "$5"
+  cat >>"$1" <<CFG
+
+listen listener
+    bind $2
+    server metadata $3
+    http-request add-header X-OVN-Network-ID $4
 CFG
 }
