@@ -58,18 +58,8 @@ done
 if [ -z "$BIN" ]; then cargo build --release --quiet --bin metaproxy; BIN=$PWD/target/release/metaproxy; fi
 
 WORK=$(mktemp -d /tmp/mp-nova-storm.XXXXXX)
-PIDS=()
-stop_pids() {
-  local i p
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    p=${PIDS[i]}
-    kill -TERM "$p" 2>/dev/null || continue
-    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  PIDS=()
-}
+# shellcheck source=scripts/lib/pids.sh
+. scripts/lib/pids.sh
 cleanup() {
   local rc=$?
   stop_pids

@@ -159,19 +159,8 @@ if [[ " ${SETUPS[*]} " == *" haproxy "* ]] && ! command -v haproxy >/dev/null; t
 fi
 
 WORK=$(mktemp -d /tmp/mp-storm.XXXXXX)
-PIDS=()
-# stop_pids: TERM each started process (newest first), KILL after 10 s.
-stop_pids() {
-  local i p
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    p=${PIDS[i]}
-    kill -TERM "$p" 2>/dev/null || continue
-    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  PIDS=()
-}
+# shellcheck source=scripts/lib/pids.sh
+. scripts/lib/pids.sh
 cleanup() {
   local rc=$?
   stop_pids
