@@ -21,7 +21,7 @@
 //! names the line or key).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -33,7 +33,9 @@ use crate::api::config::{ApiConfig, ApiSource};
 use crate::api::metrics::{LoopMetrics, Registry};
 use crate::api::nova;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
-use crate::http::{self, RequestHead};
+use crate::http::{
+    self, ChunkProgress, ChunkedScanner, HttpError, Method, RequestBody, RequestHead,
+};
 use crate::inventory::store::{self, Local, Watcher};
 use crate::inventory::{self, InventoryError};
 use crate::log;
@@ -180,6 +182,33 @@ pub fn start_sharing(
     cfg: ApiConfig,
     shared: Option<Arc<inventory::Store>>,
 ) -> io::Result<ApiHandle> {
+    start_with_stage(cfg, shared, None).map(|(handle, _)| handle)
+}
+
+/// [`start_sharing`], and the [`Stage`] that `loops` loops of another
+/// daemon run the API on themselves (`metaproxy up`), naming `peer` as the
+/// client in the access log. The API still listens on `api.listen` with
+/// its own loops (other agents may use it); the stage's loops count into
+/// the same metrics, after the API's own.
+///
+/// # Errors
+/// As [`start`].
+pub fn start_in_process(
+    cfg: ApiConfig,
+    shared: Option<Arc<inventory::Store>>,
+    loops: usize,
+    peer: IpAddr,
+) -> io::Result<(ApiHandle, Stage)> {
+    let (handle, stage) = start_with_stage(cfg, shared, Some((loops, peer)))?;
+    let stage = stage.ok_or_else(|| io::Error::other("api: no in-process stage"))?;
+    Ok((handle, stage))
+}
+
+fn start_with_stage(
+    cfg: ApiConfig,
+    shared: Option<Arc<inventory::Store>>,
+    in_process: Option<(usize, IpAddr)>,
+) -> io::Result<(ApiHandle, Option<Stage>)> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
@@ -256,7 +285,8 @@ pub fn start_sharing(
         cfg.max_connections,
         admit::fd_budget().max()
     ));
-    let metrics = Registry::new(workers);
+    let stage_loops = in_process.map_or(0, |(n, _)| n);
+    let metrics = Registry::new(workers + stage_loops);
     let exporter = match cfg.metrics_listen {
         Some(addr) => {
             let r = metrics.clone();
@@ -268,6 +298,15 @@ pub fn start_sharing(
         None => None,
     };
     let cfg = Arc::new(cfg);
+    let stage = in_process.map(|(loops, peer)| Stage {
+        cfg: cfg.clone(),
+        api: api.clone(),
+        source: factory.clone(),
+        metrics: metrics.clone(),
+        first_block: workers,
+        loops,
+        peer,
+    });
     let sockets = Arc::new(sockets);
     let loop_metrics = metrics.clone();
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
@@ -294,7 +333,7 @@ pub fn start_sharing(
             }
         },
     };
-    Ok(ApiHandle {
+    let handle = ApiHandle {
         bound,
         inventory,
         nova,
@@ -303,7 +342,8 @@ pub fn start_sharing(
         watcher,
         exporter,
         metrics,
-    })
+    };
+    Ok((handle, stage))
 }
 
 /// Load the inventory at start-up (a broken file refuses the start, naming it).
@@ -454,47 +494,192 @@ impl Handler for ApiConn {
 
     /// Run the handler and render its answer.
     async fn answer(&self, _conn: &TcpConn, req: &Request<'_>, out: &mut Vec<u8>) -> Answer {
-        let (buf, head): (&[u8], &RequestHead) = (req.buf, req.head);
-        // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
-        let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
-            .headers
-            .iter()
-            .map(|h| (h.name.get(buf), h.value.get(buf)))
-            .collect();
-        let api_req = ApiRequest {
-            method: head.method.as_str(),
-            target: head.target.get(buf),
-            headers: &headers,
-            body: req.body,
-            peer: rt::peer_ip(self.peer),
-        };
-        let started = Instant::now();
-        let resp = match &self.ctx.source {
-            LoopSource::Inventory(local) => {
-                let inventory = local.get().0;
-                self.ctx
-                    .api
-                    .handle_async(&inventory, &api_req, &self.ctx.vendordata)
-                    .await
-            }
-            LoopSource::Nova(client, groups) => {
-                nova::answer(
-                    &self.ctx.api,
-                    client,
-                    groups,
-                    &self.ctx.vendordata,
-                    &api_req,
-                )
-                .await
-            }
-        };
-        if self.ctx.cfg.access_log {
-            access(&api_req, &resp, started);
-        }
-        let keep = head.keep_alive && !self.ctx.stopping.is_set();
-        write_response(&resp, req.is_head(), keep, out);
-        self.ctx.m.answered(resp.status, req.started.elapsed());
+        let keep = req.head.keep_alive && !self.ctx.stopping.is_set();
+        let peer = rt::peer_ip(self.peer);
+        render(
+            &self.ctx,
+            req.buf,
+            req.head,
+            req.body,
+            peer,
+            req.started,
+            keep,
+            out,
+        )
+        .await;
         Answer::Write { keep }
+    }
+}
+
+/// The API's answer to one request read whole (`buf`: where `head`'s spans
+/// point; `body`: its payload), from `peer`, for both ways in: a
+/// connection of its own loops ([`ApiConn`]) and the in-process stage
+/// ([`LoopStage::exchange`]). Handler, access log, rendering and counters
+/// are this one path's; `keep`: the answer does not say `Connection: close`.
+#[allow(clippy::too_many_arguments)] // the request's parts, as the engine hands them over
+async fn render(
+    ctx: &ApiLoop,
+    buf: &[u8],
+    head: &RequestHead,
+    body: &[u8],
+    peer: IpAddr,
+    request_started: Instant,
+    keep: bool,
+    out: &mut Vec<u8>,
+) {
+    // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
+    let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
+        .headers
+        .iter()
+        .map(|h| (h.name.get(buf), h.value.get(buf)))
+        .collect();
+    let api_req = ApiRequest {
+        method: head.method.as_str(),
+        target: head.target.get(buf),
+        headers: &headers,
+        body,
+        peer,
+    };
+    let started = Instant::now();
+    let resp = match &ctx.source {
+        LoopSource::Inventory(local) => {
+            let inventory = local.get().0;
+            ctx.api
+                .handle_async(&inventory, &api_req, &ctx.vendordata)
+                .await
+        }
+        LoopSource::Nova(client, groups) => {
+            nova::answer(&ctx.api, client, groups, &ctx.vendordata, &api_req).await
+        }
+    };
+    if ctx.cfg.access_log {
+        access(&api_req, &resp, started);
+    }
+    write_response(&resp, head.method == Method::Head, keep, out);
+    ctx.m.answered(resp.status, request_started.elapsed());
+}
+
+/// What another daemon's loop needs to run the API stage itself
+/// (`metaproxy up`: the agent stage hands it the signed request it would
+/// have written to `api.listen`, on the same thread, with no socket; see
+/// [`LoopStage`]). Cheap to clone and `Send`: each loop builds its own
+/// [`LoopStage`] from it on its own thread ([`Stage::on_this_loop`]).
+#[derive(Clone)]
+pub struct Stage {
+    cfg: Arc<ApiConfig>,
+    api: Arc<MetadataApi>,
+    source: SourceFactory,
+    metrics: Registry,
+    /// The API's own loops come first in `metrics`; in-process loop `i`
+    /// counts into block `first_block + i`.
+    first_block: usize,
+    loops: usize,
+    /// The peer address the access log names (the agent's, as its TCP
+    /// connection to `api.listen` would have shown it).
+    peer: IpAddr,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("loops", &self.loops)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stage {
+    /// In-process loop `index`'s API state: its [`LoopSource`] (its copy of
+    /// the inventory, or its Neutron client), its vendordata client and its
+    /// block of counters. Call it on that loop's thread: the state is
+    /// per-loop and not `Send`.
+    ///
+    /// # Errors
+    /// `index` is past the loops the stage was started for.
+    pub fn on_this_loop(&self, index: usize) -> io::Result<Rc<LoopStage>> {
+        if index >= self.loops {
+            return Err(io::Error::other(format!(
+                "api stage: loop {index} of {}",
+                self.loops
+            )));
+        }
+        let cfg = self.cfg.clone();
+        Ok(Rc::new(LoopStage {
+            ctx: ApiLoop {
+                vendordata: crate::api::vendordata::LoopVendordata::new(&cfg.vendordata),
+                source: self.source.for_loop(),
+                api: self.api.clone(),
+                stopping: Event::default(),
+                server: Server::new(serve::settings!(cfg)),
+                m: self.metrics.block(self.first_block + index),
+                cfg,
+            },
+            peer: self.peer,
+        }))
+    }
+}
+
+/// The API stage on one loop of another daemon (`metaproxy up`): what a
+/// connection of the API's own loops does with a request, minus the socket.
+pub struct LoopStage {
+    ctx: ApiLoop,
+    peer: IpAddr,
+}
+
+impl LoopStage {
+    /// Answer `req`, one whole request as it would have been written to
+    /// `api.listen` (the agent's signed request), appending the API's
+    /// answer to `out`, byte for byte what its connection would have
+    /// written: the request is parsed with `[api.limits]` (a refusal is the
+    /// canned page with `Connection: close`, counted as the engine counts
+    /// it), then [`render`]ed by the same handler, signature check included.
+    pub async fn exchange(&self, req: &[u8], out: &mut Vec<u8>) {
+        let started = Instant::now();
+        let limits = &self.ctx.cfg.limits;
+        let head = match http::parse_request(req, limits) {
+            Ok(Some(head)) => head,
+            // The request is whole: a head still incomplete is one over the cap.
+            Ok(None) => return self.refuse(HttpError::HeadTooLarge, false, out),
+            Err(e) => return self.refuse(e, false, out),
+        };
+        let is_head = head.method == Method::Head;
+        let mut decoded = Vec::new();
+        let body = match head.body {
+            RequestBody::None => &[][..],
+            RequestBody::Length(n) => {
+                let end = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| head.head_len.checked_add(n))
+                    .filter(|&end| end <= req.len());
+                match end {
+                    Some(end) => &req[head.head_len..end],
+                    // Shorter than it says: its connection would have timed out.
+                    None => return self.refuse_timeout(is_head, out),
+                }
+            }
+            RequestBody::Chunked => {
+                let mut scanner = ChunkedScanner::new(limits.max_body_bytes);
+                match scanner.decode(&req[head.head_len..], &mut decoded) {
+                    Ok(ChunkProgress::Done { .. }) => &decoded[..],
+                    Ok(ChunkProgress::NeedMore { .. }) => return self.refuse_timeout(is_head, out),
+                    Err(e) => return self.refuse(e, is_head, out),
+                }
+            }
+        };
+        let keep = head.keep_alive && !self.ctx.stopping.is_set();
+        render(&self.ctx, req, &head, body, self.peer, started, keep, out).await;
+    }
+
+    /// The engine's refusal of a malformed or oversized request.
+    fn refuse(&self, e: HttpError, is_head: bool, out: &mut Vec<u8>) {
+        let status = self.ctx.m.refused(Refusal::Http(e));
+        out.extend_from_slice(http::canned_for(status, is_head));
+    }
+
+    /// The engine's refusal of a body that never came whole.
+    fn refuse_timeout(&self, is_head: bool, out: &mut Vec<u8>) {
+        let status = self.ctx.m.refused(Refusal::BodyTimeout);
+        out.extend_from_slice(http::canned_for(status, is_head));
     }
 }
 
