@@ -718,6 +718,77 @@ fn write_response(resp: &ApiResponse, head_only: bool, keep: bool, out: &mut Vec
 mod tests {
     use super::*;
 
+    const DEMO: &str = "d0d0d0d0-0000-4000-8000-000000000001";
+
+    /// The in-process stage (`metaproxy up`) is the API's connection minus
+    /// the socket: it verifies every request's signature (a forged one is
+    /// 403, never rendered), refuses what the engine refuses with its
+    /// canned page, counts all of it, and answers a well-signed request
+    /// with the bytes `api.listen` answers the same request with.
+    #[test]
+    fn the_in_process_stage_checks_signatures_and_answers_as_the_listener() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nmetadata_proxy_shared_secret = \"s\"\n\
+             inventory = \"{}/examples/inventory.toml\"\nstate_dir = \"{}\"\n",
+            env!("CARGO_MANIFEST_DIR"),
+            dir.path().display()
+        );
+        let file = crate::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
+        let cfg = ApiConfig::from_table(file.api.as_ref().unwrap()).unwrap();
+        let peer = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let (handle, stage) = start_in_process(cfg, None, 1, peer).unwrap();
+        let request = |sig: &str| {
+            format!(
+                "GET /2009-04-04/meta-data/hostname HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 127.0.0.1\r\n\
+                 X-Instance-ID: {DEMO}\r\nX-Tenant-ID: d0d0d0d0000040008000000000000000\r\n\
+                 X-Instance-ID-Signature: {sig}\r\n\r\n"
+            )
+        };
+        let good = request(&crate::sign::sign_instance_id(b"s", DEMO));
+        let forged = request(&crate::sign::sign_instance_id(b"not the secret", DEMO));
+        let smuggling =
+            "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
+        let answers = rt::block_on(async {
+            let on_loop = stage.on_this_loop(0).unwrap();
+            let mut answers = Vec::new();
+            for req in [&good, &forged, smuggling] {
+                let mut out = Vec::new();
+                on_loop.exchange(req.as_bytes(), &mut out).await;
+                answers.push(out);
+            }
+            answers
+        })
+        .unwrap();
+        let text: Vec<String> = answers
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(text[0].starts_with("HTTP/1.1 200 "), "{}", text[0]);
+        assert!(text[0].ends_with("\r\n\r\ndemo.novalocal"), "{}", text[0]);
+        assert!(text[1].starts_with("HTTP/1.1 403 "), "{}", text[1]);
+        assert!(!text[1].contains("demo.novalocal"));
+        assert_eq!(answers[2], http::canned_for(400, false));
+        let m = handle.metrics_text();
+        for counted in [
+            "metaproxy_api_requests_total 2",
+            "metaproxy_api_rx_smuggling_total 1",
+        ] {
+            assert!(m.lines().any(|l| l == counted), "{counted}:\n{m}");
+        }
+
+        // The same signed request to `api.listen`: the same bytes back.
+        let mut conn = std::net::TcpStream::connect(handle.bound[0]).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(good.as_bytes()).unwrap();
+        let mut direct = vec![0; answers[0].len()];
+        conn.read_exact(&mut direct).unwrap();
+        assert_eq!(direct, answers[0]);
+        handle.stop().unwrap();
+    }
+
     #[test]
     fn head_response_keeps_the_length_and_drops_the_body() {
         let resp = ApiResponse {
