@@ -56,9 +56,12 @@ enum Command {
     },
     /// All three on loopback in one process (the embedded default): metadata
     /// API, agent and namespace proxy, wired together by `[api]`, `[agent]`
-    /// and `[proxy]` of one file. The agent runs on the proxy's loops, with
-    /// no socket between them (`agent.socket`, `proxy.agent_socket` and
-    /// `agent.workers` are not used); the API has loops of its own.
+    /// and `[proxy]` of one file. The agent and the API stages run on the
+    /// proxy's loops, with no socket between the three (`agent.socket`,
+    /// `proxy.agent_socket` and `agent.workers` are not used): the agent
+    /// hands the API its signed request on the same thread, and the API
+    /// still checks the signature. The API also serves `api.listen` on loops
+    /// of its own, for other agents and operators.
     Up {
         /// Configuration file (TOML with `[api]`, `[agent]` and `[proxy]`).
         #[arg(long, short, default_value = "config.toml")]
