@@ -13,6 +13,13 @@
 //! a 200 durable); POSTs happen once per instance lifetime, so blocking the
 //! loop for one fsync was preferred over a blocking-pool hop for every request.
 //!
+//! In `metaproxy up` the API also runs as a stage on the proxy's loops
+//! ([`start_in_process`] → [`Stage`] → [`LoopStage`] per loop): the agent
+//! stage hands it the signed request it would have written to `api.listen`
+//! and the stage answers it with the same parse limits, handler, signature
+//! check, access log, rendering and counters as a connection here (one
+//! `render` for both), minus the loopback TCP hop (`agent::link`).
+//!
 //! Inventory reload: an [`inventory::Store`] (shared with the agent's
 //! design) with its watcher thread; each loop reads through its own
 //! [`inventory::store::Local`] copy, so a request takes no lock.
@@ -589,7 +596,7 @@ impl std::fmt::Debug for Stage {
 }
 
 impl Stage {
-    /// In-process loop `index`'s API state: its [`LoopSource`] (its copy of
+    /// In-process loop `index`'s API state: its `LoopSource` (its copy of
     /// the inventory, or its Neutron client), its vendordata client and its
     /// block of counters. Call it on that loop's thread: the state is
     /// per-loop and not `Send`.
@@ -632,7 +639,8 @@ impl LoopStage {
     /// answer to `out`, byte for byte what its connection would have
     /// written: the request is parsed with `[api.limits]` (a refusal is the
     /// canned page with `Connection: close`, counted as the engine counts
-    /// it), then [`render`]ed by the same handler, signature check included.
+    /// it), then rendered by the path its connections run (handler with the
+    /// signature check, access log, `write_response`, counters).
     pub async fn exchange(&self, req: &[u8], out: &mut Vec<u8>) {
         let started = Instant::now();
         let limits = &self.ctx.cfg.limits;
