@@ -193,20 +193,33 @@ fn up_has_no_agent_socket_and_doctor_says_so() {
 
 const PROJECT: &str = "d0d0d0d0000040008000000000000000";
 
-/// TCP sockets of this network namespace with an end on `port`, listeners
-/// left out (`/proc/net/tcp{,6}`: state `0A` is LISTEN), as
-/// `local remote state` in the kernel's hex.
-fn tcp_sockets_on(port: u16) -> Vec<String> {
+/// The TCP sockets process `pid` holds with an end on `port`, listeners
+/// left out (its fds' socket inodes matched against `/proc/<pid>/net/tcp{,6}`;
+/// state `0A` is LISTEN), as `local remote state` in the kernel's hex. Only
+/// the process's own: a socket of another test or storm that happens to use
+/// the port (a TIME_WAIT one has no owner) is not `up`'s.
+fn tcp_sockets_on(pid: u32, port: u16) -> Vec<String> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
     let hex = format!(":{port:04X}");
     let mut found = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
         for line in text.lines().skip(1) {
+            // sl local remote st tx:rx tr:when retrnsmt uid timeout inode ...
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, remote, state) = (f[1], f[2], f[3]);
-            if state != "0A" && (local.ends_with(&hex) || remote.ends_with(&hex)) {
+            let (local, remote, state, inode) = (f[1], f[2], f[3], f[9]);
+            let on_port = local.ends_with(&hex) || remote.ends_with(&hex);
+            if state != "0A" && on_port && inodes.contains(inode) {
                 found.push(format!("{local} {remote} {state}"));
             }
         }
@@ -324,7 +337,7 @@ fn up_answers_through_the_api_stage_in_process_as_its_listener_would() {
     // (the API's 404 came for a cached mapping, so the agent looked the
     // guest up again and asked once more), none of them over a socket to it.
     let api_answered = 10;
-    let sockets = tcp_sockets_on(api_port);
+    let sockets = tcp_sockets_on(up.pid(), api_port);
     assert!(sockets.is_empty(), "TCP to the API's port: {sockets:?}");
     let m = api_metrics(&up);
     assert_eq!(
@@ -368,7 +381,7 @@ fn up_answers_through_the_api_stage_in_process_as_its_listener_would() {
         );
     }
     // ... over a connection this check sees (so its emptiness above meant something).
-    assert!(!tcp_sockets_on(api_port).is_empty());
+    assert!(!tcp_sockets_on(up.pid(), api_port).is_empty());
     let m = api_metrics(&up);
     assert_eq!(
         metric(&m, "metaproxy_api_requests_total"),
