@@ -56,9 +56,12 @@ enum Command {
     },
     /// All three on loopback in one process (the embedded default): metadata
     /// API, agent and namespace proxy, wired together by `[api]`, `[agent]`
-    /// and `[proxy]` of one file. The agent runs on the proxy's loops, with
-    /// no socket between them (`agent.socket`, `proxy.agent_socket` and
-    /// `agent.workers` are not used); the API has loops of its own.
+    /// and `[proxy]` of one file. The agent and the API stages run on the
+    /// proxy's loops, with no socket between the three (`agent.socket`,
+    /// `proxy.agent_socket` and `agent.workers` are not used): the agent
+    /// hands the API its signed request on the same thread, and the API
+    /// still checks the signature. The API also serves `api.listen` on loops
+    /// of its own, for other agents and operators.
     Up {
         /// Configuration file (TOML with `[api]`, `[agent]` and `[proxy]`).
         #[arg(long, short, default_value = "config.toml")]
@@ -696,14 +699,25 @@ fn run_up(path: &Path, check: bool) -> Result<()> {
         ),
         None => None,
     };
-    let api =
-        metaproxy::api::server::start_sharing(api_cfg, inventory.clone()).with_context(ctx)?;
-    // The agent stage runs on the proxy's own loops: no agent socket, no
-    // loops of its own (see `proxy::upstream::Upstream`).
+    // The agent and the API stages run on the proxy's own loops: no agent
+    // socket, no loops of the agent's own, no TCP hop from the agent to the
+    // API (see `proxy::upstream::Upstream`, `agent::link::ApiLink`). The
+    // API's loops still serve `api.listen` for anyone else; its access log
+    // names the agent's address as the in-process requests' peer, as the
+    // TCP connection would have.
     let loops = proxy_cfg.workers.get();
+    let agent_ip = match agent_cfg.nova.addr.ip() {
+        ip if ip.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        ip => ip,
+    };
+    let (api, api_stage) =
+        metaproxy::api::server::start_in_process(api_cfg, inventory.clone(), loops, agent_ip)
+            .with_context(ctx)?;
     let agent = metaproxy::agent::start_in_process(agent_cfg, inventory.clone(), loops)
         .with_context(ctx)?;
-    let link = metaproxy::proxy::upstream::AgentLink::InProcess(agent.stage());
+    let link = metaproxy::proxy::upstream::AgentLink::InProcess(
+        agent.stage().with_api_in_process(api_stage),
+    );
     let proxy = metaproxy::proxy::start_with(proxy_cfg, link).with_context(ctx)?;
     let _ctl = metaproxy::proxy::control::serve_ctl(&ctl_path, proxy.control.clone())
         .map_err(|e| {

@@ -16,18 +16,25 @@ const DEMO2: &str = "d0d0d0d0-0000-4000-8000-000000000002";
 
 /// One request from a given loopback source address (a distinct "VM").
 fn ask(from: &str, to: SocketAddr, path: &str, extra: &str) -> common::Resp {
+    send(
+        from,
+        to,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// `raw` on a new connection from `from`; the answer.
+fn send(from: &str, to: SocketAddr, raw: &str) -> common::Resp {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
         .unwrap();
     sock.connect(&to.into()).unwrap();
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    read_response(&mut BufReader::new(s), false).unwrap()
+    s.write_all(raw.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(s), raw.starts_with("HEAD ")).unwrap()
 }
 
 #[test]
@@ -182,4 +189,228 @@ fn up_has_no_agent_socket_and_doctor_says_so() {
         line.starts_with("OK") && line.contains("runs the agent in-process"),
         "{report}"
     );
+}
+
+const PROJECT: &str = "d0d0d0d0000040008000000000000000";
+
+/// The TCP sockets process `pid` holds with an end on `port`, listeners
+/// left out (its fds' socket inodes matched against `/proc/<pid>/net/tcp{,6}`;
+/// state `0A` is LISTEN), as `local remote state` in the kernel's hex. Only
+/// the process's own: a socket of another test or storm that happens to use
+/// the port (a TIME_WAIT one has no owner) is not `up`'s.
+fn tcp_sockets_on(pid: u32, port: u16) -> Vec<String> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let hex = format!(":{port:04X}");
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            // sl local remote st tx:rx tr:when retrnsmt uid timeout inode ...
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state, inode) = (f[1], f[2], f[3], f[9]);
+            let on_port = local.ends_with(&hex) || remote.ends_with(&hex);
+            if state != "0A" && on_port && inodes.contains(inode) {
+                found.push(format!("{local} {remote} {state}"));
+            }
+        }
+    }
+    found
+}
+
+/// A body to compare: `meta_data.json`'s `random_seed` is new on every
+/// answer (as Nova's), so it is left out; any other body as it is.
+fn without_seed(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut o)) => {
+            o.remove("random_seed");
+            serde_json::to_vec(&o).unwrap()
+        }
+        _ => body.to_vec(),
+    }
+}
+
+/// The API's Prometheus text, from `api.metrics_listen`.
+fn api_metrics(up: &common::up::Up) -> String {
+    let addr: SocketAddr = up
+        .start_log()
+        .lines()
+        .find_map(|l| l.split_once("api metrics on http://"))
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .expect("the API's `metrics on` line");
+    common::get(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap()
+    .text()
+}
+
+/// A counter's value in Prometheus text (0 when absent).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// In `up` the agent stage hands its signed request to the API stage on the
+/// same loop: every kind of answer (OpenStack and EC2 trees, user-data, a
+/// HEAD, the API's 404 and the agent's, a password POST and its 409) comes
+/// back, the API's handler answered each one (its counters and access log:
+/// the request it saw carried the agent's `X-Instance-ID`, and it checked
+/// the signature, else 403), and no TCP connection was made to `api.listen`
+/// for any of them (the agent's pooled keep-alive connections were there
+/// before). The API still listens there, and a request signed as the agent
+/// signs gets the same status, type and body from it.
+#[test]
+fn up_answers_through_the_api_stage_in_process_as_its_listener_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
+    let ((up, proxy), api_port) = common::up::start_up_full(
+        dir.path(),
+        &inv,
+        common::up::EXAMPLE_ROUTER,
+        common::up::UP_SECRET,
+        "metrics_listen = \"127.0.0.1:0\"\n",
+        "",
+        true,
+    );
+    let gets = [
+        ("/openstack/latest/meta_data.json", 200),
+        ("/2009-04-04/meta-data/hostname", 200),
+        ("/2009-04-04/user-data", 200),
+        ("/openstack/latest/user_data", 200),
+        ("/openstack/latest/nothing-here", 404),
+    ];
+    let mut answers = Vec::new();
+    for (path, status) in gets {
+        let r = ask("127.0.0.1", proxy, path, "");
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        answers.push((path, r));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&answers[0].1.body).unwrap();
+    assert_eq!(v["uuid"], DEMO);
+    assert_eq!(answers[1].1.text(), "demo.novalocal");
+    assert!(!answers[2].1.body.is_empty());
+
+    let head = send(
+        "127.0.0.1",
+        proxy,
+        "HEAD /openstack/latest/meta_data.json HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    let len = answers[0].1.body.len().to_string();
+    assert_eq!(head.header("Content-Length"), Some(len.as_str()));
+
+    // The agent's own 404: no instance, so nothing reaches the API.
+    let r = ask("127.0.0.9", proxy, "/openstack/latest/meta_data.json", "");
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("Instance was not found on router"));
+
+    let post = |pw: &str| {
+        send(
+            "127.0.0.2",
+            proxy,
+            &format!(
+                "POST /openstack/latest/password HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{pw}",
+                pw.len()
+            ),
+        )
+        .status
+    };
+    assert_eq!(post("first"), 200);
+    assert_eq!(post("second"), 409);
+    let r = ask("127.0.0.2", proxy, "/openstack/latest/password", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "first"));
+
+    // 5 GETs, a HEAD, 2 POSTs and a GET: 10 answers of the API's handler
+    // (the API's 404 came for a cached mapping, so the agent looked the
+    // guest up again and asked once more), none of them over a socket to it.
+    let api_answered = 10;
+    let sockets = tcp_sockets_on(up.pid(), api_port);
+    assert!(sockets.is_empty(), "TCP to the API's port: {sockets:?}");
+    let m = api_metrics(&up);
+    assert_eq!(
+        metric(&m, "metaproxy_api_requests_total"),
+        api_answered,
+        "{m}"
+    );
+    common::wait_until("the API's access log lines", Duration::from_secs(5), || {
+        let log = up.log();
+        log.contains(&format!(
+            "127.0.0.1 as {DEMO} \"GET /openstack/latest/meta_data.json\" 200"
+        )) && log.contains(&format!(
+            "127.0.0.1 as {DEMO2} \"POST /openstack/latest/password\" 409"
+        ))
+    });
+
+    // `api.listen` still serves: the same answers to the agent's request.
+    let sig = metaproxy::sign::sign_instance_id(common::up::UP_SECRET.as_bytes(), DEMO);
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let mut held = TcpStream::connect(api).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut held_reader = BufReader::new(held.try_clone().unwrap());
+    for (path, via_up) in &answers {
+        let signed = format!(
+            "GET {path} HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 127.0.0.1\r\nX-Instance-ID: {DEMO}\r\n\
+             X-Tenant-ID: {PROJECT}\r\nX-Instance-ID-Signature: {sig}\r\n\r\n"
+        );
+        held.write_all(signed.as_bytes()).unwrap();
+        let direct = read_response(&mut held_reader, false).unwrap();
+        assert_eq!(direct.status, via_up.status, "{path}");
+        assert_eq!(
+            direct.header("Content-Type"),
+            via_up.header("Content-Type"),
+            "{path}"
+        );
+        assert_eq!(
+            without_seed(&direct.body),
+            without_seed(&via_up.body),
+            "{path}"
+        );
+    }
+    // ... over a connection this check sees (so its emptiness above meant something).
+    assert!(!tcp_sockets_on(up.pid(), api_port).is_empty());
+    let m = api_metrics(&up);
+    assert_eq!(
+        metric(&m, "metaproxy_api_requests_total"),
+        api_answered + answers.len() as u64
+    );
+}
+
+/// SIGHUP reloads the one inventory `up` loaded, and the API stage on the
+/// proxy's loops renders from the new one.
+#[test]
+fn up_renders_the_reloaded_inventory_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/inventory.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let inv = dir.path().join("inventory.toml");
+    std::fs::write(&inv, &text).unwrap();
+    let (up, proxy) = common::up::start_up(dir.path(), &inv, common::up::EXAMPLE_ROUTER);
+    let name = || {
+        let r = ask("127.0.0.1", proxy, "/openstack/latest/meta_data.json", "");
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v["name"].as_str().unwrap().to_string()
+    };
+    assert_eq!(name(), "demo");
+    let renamed = text.replacen("name = \"demo\"", "name = \"demo-renamed\"", 1);
+    assert_ne!(renamed, text);
+    std::fs::write(&inv, renamed).unwrap();
+    up.sighup();
+    common::wait_until("the renamed instance", Duration::from_secs(10), || {
+        name() == "demo-renamed"
+    });
 }

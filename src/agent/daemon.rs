@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::config::{AgentConfig, Backend};
 use crate::agent::forward;
+use crate::agent::link::ApiLink;
 use crate::agent::metrics::{self, LoopMetrics, Registry};
 use crate::agent::neutron::NeutronResolver;
 use crate::agent::resolve::{InventoryResolver, Resolver};
@@ -352,6 +353,7 @@ impl Common {
             stage: Stage {
                 cfg: Arc::new(cfg),
                 shared,
+                api: None,
             },
             watcher,
             exporter,
@@ -369,12 +371,16 @@ impl Common {
 pub struct Stage {
     cfg: Arc<AgentConfig>,
     shared: Arc<Shared>,
+    /// The API stage each loop hands its signed requests to, in-process
+    /// (`metaproxy up`); `None`: over TCP to `[agent.nova]`.
+    api: Option<crate::api::server::Stage>,
 }
 
 impl std::fmt::Debug for Stage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stage")
             .field("metadata_api", &self.cfg.nova.addr)
+            .field("api_in_process", &self.api.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -388,7 +394,26 @@ impl Stage {
     /// `index` is past the loops the stage was started for, or the
     /// inventory is not loaded.
     pub fn on_this_loop(&self, index: usize, server: Rc<Server>) -> io::Result<Rc<AgentLoop>> {
-        AgentLoop::new(self.cfg.clone(), &self.shared, index, server)
+        AgentLoop::new(
+            self.cfg.clone(),
+            &self.shared,
+            index,
+            server,
+            self.api.as_ref(),
+        )
+    }
+
+    /// Whether its signed requests go to an API stage on the same loop.
+    pub fn api_in_process(&self) -> bool {
+        self.api.is_some()
+    }
+
+    /// This stage, handing its signed requests to `api` on the same loop
+    /// instead of over TCP to `[agent.nova]` (`metaproxy up`, where the API
+    /// is in the same process; see [`super::link`]).
+    pub fn with_api_in_process(mut self, api: crate::api::server::Stage) -> Stage {
+        self.api = Some(api);
+        self
     }
 }
 
@@ -463,8 +488,9 @@ pub struct AgentLoop {
     pub(super) resolver: Resolver,
     /// The `Host` sent to the API.
     pub(super) host_header: String,
-    /// This loop's connections to the API.
-    pub(super) pool: forward::Pool,
+    /// This loop's way to the API: its connections, or the API stage on
+    /// this loop.
+    pub(super) pool: ApiLink,
     /// Set when the loop drains.
     pub(super) stopping: Event,
     /// This loop's buffers (and, on the agent's own loops, its connections).
@@ -478,6 +504,7 @@ impl AgentLoop {
         shared: &Shared,
         index: usize,
         server: Rc<Server>,
+        api: Option<&crate::api::server::Stage>,
     ) -> io::Result<Rc<AgentLoop>> {
         let m = shared
             .metrics
@@ -506,13 +533,23 @@ impl AgentLoop {
                 ))
             }
         };
+        let pool = match api {
+            Some(api) => ApiLink::InProcess {
+                api: api.on_this_loop(index)?,
+                server: server.clone(),
+                timeout: cfg.nova.timeout,
+            },
+            None => ApiLink::Pool(
+                forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
+                    .with_tls(cfg.nova.tls.clone())
+                    .pipelined(),
+            ),
+        };
         Ok(Rc::new(AgentLoop {
             host_header: cfg.nova.host_header(),
             m,
             resolver,
-            pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
-                .with_tls(cfg.nova.tls.clone())
-                .pipelined(),
+            pool,
             stopping: Event::default(),
             server,
             last_forbidden_hint: Cell::new(None),
@@ -548,7 +585,7 @@ async fn run_loop(
 ) -> io::Result<()> {
     use futures_util::StreamExt;
     let server = Server::new(serve::settings!(cfg));
-    let ctx = AgentLoop::new(cfg, &shared, index, server)?;
+    let ctx = AgentLoop::new(cfg, &shared, index, server, None)?;
     let acceptor = UnixAcceptor::from_std(listener.try_clone()?)?;
     let c = ctx.clone();
     let accept = ctx

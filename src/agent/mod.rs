@@ -24,7 +24,8 @@
 //! through a per-loop cache, or [`neutron`]: its [`neutron::resolver`] with
 //! cache, prefetch, single flight and batching over its [`neutron::client`]
 //! with Keystone), [`forward`] (the pooled client to the API and to
-//! Neutron), [`metrics`] (per-loop counters, Prometheus), configured by
+//! Neutron), [`link`] (that client, or the API stage on the same loop in
+//! `metaproxy up`), [`metrics`] (per-loop counters, Prometheus), configured by
 //! [`config`]; [`report`] sends Neutron's `report_state` over RabbitMQ
 //! on a thread of its own, so the agent shows in `openstack network agent
 //! list`.
@@ -43,6 +44,7 @@ pub mod forward;
 pub mod handler;
 pub mod identity;
 pub mod inventory;
+pub mod link;
 pub mod metrics;
 pub mod neutron;
 pub mod report;

@@ -13,6 +13,13 @@
 //! a 200 durable); POSTs happen once per instance lifetime, so blocking the
 //! loop for one fsync was preferred over a blocking-pool hop for every request.
 //!
+//! In `metaproxy up` the API also runs as a stage on the proxy's loops
+//! ([`start_in_process`] → [`Stage`] → [`LoopStage`] per loop): the agent
+//! stage hands it the signed request it would have written to `api.listen`
+//! and the stage answers it with the same parse limits, handler, signature
+//! check, access log, rendering and counters as a connection here (one
+//! `render` for both), minus the loopback TCP hop (`agent::link`).
+//!
 //! Inventory reload: an [`inventory::Store`] (shared with the agent's
 //! design) with its watcher thread; each loop reads through its own
 //! [`inventory::store::Local`] copy, so a request takes no lock.
@@ -21,7 +28,7 @@
 //! names the line or key).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -33,7 +40,9 @@ use crate::api::config::{ApiConfig, ApiSource};
 use crate::api::metrics::{LoopMetrics, Registry};
 use crate::api::nova;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
-use crate::http::{self, RequestHead};
+use crate::http::{
+    self, ChunkProgress, ChunkedScanner, HttpError, Method, RequestBody, RequestHead,
+};
 use crate::inventory::store::{self, Local, Watcher};
 use crate::inventory::{self, InventoryError};
 use crate::log;
@@ -180,6 +189,33 @@ pub fn start_sharing(
     cfg: ApiConfig,
     shared: Option<Arc<inventory::Store>>,
 ) -> io::Result<ApiHandle> {
+    start_with_stage(cfg, shared, None).map(|(handle, _)| handle)
+}
+
+/// [`start_sharing`], and the [`Stage`] that `loops` loops of another
+/// daemon run the API on themselves (`metaproxy up`), naming `peer` as the
+/// client in the access log. The API still listens on `api.listen` with
+/// its own loops (other agents may use it); the stage's loops count into
+/// the same metrics, after the API's own.
+///
+/// # Errors
+/// As [`start`].
+pub fn start_in_process(
+    cfg: ApiConfig,
+    shared: Option<Arc<inventory::Store>>,
+    loops: usize,
+    peer: IpAddr,
+) -> io::Result<(ApiHandle, Stage)> {
+    let (handle, stage) = start_with_stage(cfg, shared, Some((loops, peer)))?;
+    let stage = stage.ok_or_else(|| io::Error::other("api: no in-process stage"))?;
+    Ok((handle, stage))
+}
+
+fn start_with_stage(
+    cfg: ApiConfig,
+    shared: Option<Arc<inventory::Store>>,
+    in_process: Option<(usize, IpAddr)>,
+) -> io::Result<(ApiHandle, Option<Stage>)> {
     for w in cfg.warnings() {
         log::warn(format_args!("{w}"));
     }
@@ -256,7 +292,8 @@ pub fn start_sharing(
         cfg.max_connections,
         admit::fd_budget().max()
     ));
-    let metrics = Registry::new(workers);
+    let stage_loops = in_process.map_or(0, |(n, _)| n);
+    let metrics = Registry::new(workers + stage_loops);
     let exporter = match cfg.metrics_listen {
         Some(addr) => {
             let r = metrics.clone();
@@ -268,6 +305,15 @@ pub fn start_sharing(
         None => None,
     };
     let cfg = Arc::new(cfg);
+    let stage = in_process.map(|(loops, peer)| Stage {
+        cfg: cfg.clone(),
+        api: api.clone(),
+        source: factory.clone(),
+        metrics: metrics.clone(),
+        first_block: workers,
+        loops,
+        peer,
+    });
     let sockets = Arc::new(sockets);
     let loop_metrics = metrics.clone();
     let (controls, threads) = serve::run_loops(workers, "api", move |i, rx| {
@@ -294,7 +340,7 @@ pub fn start_sharing(
             }
         },
     };
-    Ok(ApiHandle {
+    let handle = ApiHandle {
         bound,
         inventory,
         nova,
@@ -303,7 +349,8 @@ pub fn start_sharing(
         watcher,
         exporter,
         metrics,
-    })
+    };
+    Ok((handle, stage))
 }
 
 /// Load the inventory at start-up (a broken file refuses the start, naming it).
@@ -454,47 +501,193 @@ impl Handler for ApiConn {
 
     /// Run the handler and render its answer.
     async fn answer(&self, _conn: &TcpConn, req: &Request<'_>, out: &mut Vec<u8>) -> Answer {
-        let (buf, head): (&[u8], &RequestHead) = (req.buf, req.head);
-        // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
-        let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
-            .headers
-            .iter()
-            .map(|h| (h.name.get(buf), h.value.get(buf)))
-            .collect();
-        let api_req = ApiRequest {
-            method: head.method.as_str(),
-            target: head.target.get(buf),
-            headers: &headers,
-            body: req.body,
-            peer: rt::peer_ip(self.peer),
-        };
-        let started = Instant::now();
-        let resp = match &self.ctx.source {
-            LoopSource::Inventory(local) => {
-                let inventory = local.get().0;
-                self.ctx
-                    .api
-                    .handle_async(&inventory, &api_req, &self.ctx.vendordata)
-                    .await
-            }
-            LoopSource::Nova(client, groups) => {
-                nova::answer(
-                    &self.ctx.api,
-                    client,
-                    groups,
-                    &self.ctx.vendordata,
-                    &api_req,
-                )
-                .await
-            }
-        };
-        if self.ctx.cfg.access_log {
-            access(&api_req, &resp, started);
-        }
-        let keep = head.keep_alive && !self.ctx.stopping.is_set();
-        write_response(&resp, req.is_head(), keep, out);
-        self.ctx.m.answered(resp.status, req.started.elapsed());
+        let keep = req.head.keep_alive && !self.ctx.stopping.is_set();
+        let peer = rt::peer_ip(self.peer);
+        render(
+            &self.ctx,
+            req.buf,
+            req.head,
+            req.body,
+            peer,
+            req.started,
+            keep,
+            out,
+        )
+        .await;
         Answer::Write { keep }
+    }
+}
+
+/// The API's answer to one request read whole (`buf`: where `head`'s spans
+/// point; `body`: its payload), from `peer`, for both ways in: a
+/// connection of its own loops ([`ApiConn`]) and the in-process stage
+/// ([`LoopStage::exchange`]). Handler, access log, rendering and counters
+/// are this one path's; `keep`: the answer does not say `Connection: close`.
+#[allow(clippy::too_many_arguments)] // the request's parts, as the engine hands them over
+async fn render(
+    ctx: &ApiLoop,
+    buf: &[u8],
+    head: &RequestHead,
+    body: &[u8],
+    peer: IpAddr,
+    request_started: Instant,
+    keep: bool,
+    out: &mut Vec<u8>,
+) {
+    // On the stack for up to 24 fields (cloud-init sends 5, the agent adds 5).
+    let headers: SmallVec<[(&[u8], &[u8]); 24]> = head
+        .headers
+        .iter()
+        .map(|h| (h.name.get(buf), h.value.get(buf)))
+        .collect();
+    let api_req = ApiRequest {
+        method: head.method.as_str(),
+        target: head.target.get(buf),
+        headers: &headers,
+        body,
+        peer,
+    };
+    let started = Instant::now();
+    let resp = match &ctx.source {
+        LoopSource::Inventory(local) => {
+            let inventory = local.get().0;
+            ctx.api
+                .handle_async(&inventory, &api_req, &ctx.vendordata)
+                .await
+        }
+        LoopSource::Nova(client, groups) => {
+            nova::answer(&ctx.api, client, groups, &ctx.vendordata, &api_req).await
+        }
+    };
+    if ctx.cfg.access_log {
+        access(&api_req, &resp, started);
+    }
+    write_response(&resp, head.method == Method::Head, keep, out);
+    ctx.m.answered(resp.status, request_started.elapsed());
+}
+
+/// What another daemon's loop needs to run the API stage itself
+/// (`metaproxy up`: the agent stage hands it the signed request it would
+/// have written to `api.listen`, on the same thread, with no socket; see
+/// [`LoopStage`]). Cheap to clone and `Send`: each loop builds its own
+/// [`LoopStage`] from it on its own thread ([`Stage::on_this_loop`]).
+#[derive(Clone)]
+pub struct Stage {
+    cfg: Arc<ApiConfig>,
+    api: Arc<MetadataApi>,
+    source: SourceFactory,
+    metrics: Registry,
+    /// The API's own loops come first in `metrics`; in-process loop `i`
+    /// counts into block `first_block + i`.
+    first_block: usize,
+    loops: usize,
+    /// The peer address the access log names (the agent's, as its TCP
+    /// connection to `api.listen` would have shown it).
+    peer: IpAddr,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("loops", &self.loops)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stage {
+    /// In-process loop `index`'s API state: its `LoopSource` (its copy of
+    /// the inventory, or its Neutron client), its vendordata client and its
+    /// block of counters. Call it on that loop's thread: the state is
+    /// per-loop and not `Send`.
+    ///
+    /// # Errors
+    /// `index` is past the loops the stage was started for.
+    pub fn on_this_loop(&self, index: usize) -> io::Result<Rc<LoopStage>> {
+        if index >= self.loops {
+            return Err(io::Error::other(format!(
+                "api stage: loop {index} of {}",
+                self.loops
+            )));
+        }
+        let cfg = self.cfg.clone();
+        Ok(Rc::new(LoopStage {
+            ctx: ApiLoop {
+                vendordata: crate::api::vendordata::LoopVendordata::new(&cfg.vendordata),
+                source: self.source.for_loop(),
+                api: self.api.clone(),
+                stopping: Event::default(),
+                server: Server::new(serve::settings!(cfg)),
+                m: self.metrics.block(self.first_block + index),
+                cfg,
+            },
+            peer: self.peer,
+        }))
+    }
+}
+
+/// The API stage on one loop of another daemon (`metaproxy up`): what a
+/// connection of the API's own loops does with a request, minus the socket.
+pub struct LoopStage {
+    ctx: ApiLoop,
+    peer: IpAddr,
+}
+
+impl LoopStage {
+    /// Answer `req`, one whole request as it would have been written to
+    /// `api.listen` (the agent's signed request), appending the API's
+    /// answer to `out`, byte for byte what its connection would have
+    /// written: the request is parsed with `[api.limits]` (a refusal is the
+    /// canned page with `Connection: close`, counted as the engine counts
+    /// it), then rendered by the path its connections run (handler with the
+    /// signature check, access log, `write_response`, counters).
+    pub async fn exchange(&self, req: &[u8], out: &mut Vec<u8>) {
+        let started = Instant::now();
+        let limits = &self.ctx.cfg.limits;
+        let head = match http::parse_request(req, limits) {
+            Ok(Some(head)) => head,
+            // The request is whole: a head still incomplete is one over the cap.
+            Ok(None) => return self.refuse(HttpError::HeadTooLarge, false, out),
+            Err(e) => return self.refuse(e, false, out),
+        };
+        let is_head = head.method == Method::Head;
+        let mut decoded = Vec::new();
+        let body = match head.body {
+            RequestBody::None => &[][..],
+            RequestBody::Length(n) => {
+                let end = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| head.head_len.checked_add(n))
+                    .filter(|&end| end <= req.len());
+                match end {
+                    Some(end) => &req[head.head_len..end],
+                    // Shorter than it says: its connection would have timed out.
+                    None => return self.refuse_timeout(is_head, out),
+                }
+            }
+            RequestBody::Chunked => {
+                let mut scanner = ChunkedScanner::new(limits.max_body_bytes);
+                match scanner.decode(&req[head.head_len..], &mut decoded) {
+                    Ok(ChunkProgress::Done { .. }) => &decoded[..],
+                    Ok(ChunkProgress::NeedMore { .. }) => return self.refuse_timeout(is_head, out),
+                    Err(e) => return self.refuse(e, is_head, out),
+                }
+            }
+        };
+        let keep = head.keep_alive && !self.ctx.stopping.is_set();
+        render(&self.ctx, req, &head, body, self.peer, started, keep, out).await;
+    }
+
+    /// The engine's refusal of a malformed or oversized request.
+    fn refuse(&self, e: HttpError, is_head: bool, out: &mut Vec<u8>) {
+        let status = self.ctx.m.refused(Refusal::Http(e));
+        out.extend_from_slice(http::canned_for(status, is_head));
+    }
+
+    /// The engine's refusal of a body that never came whole.
+    fn refuse_timeout(&self, is_head: bool, out: &mut Vec<u8>) {
+        let status = self.ctx.m.refused(Refusal::BodyTimeout);
+        out.extend_from_slice(http::canned_for(status, is_head));
     }
 }
 
@@ -532,6 +725,77 @@ fn write_response(resp: &ApiResponse, head_only: bool, keep: bool, out: &mut Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DEMO: &str = "d0d0d0d0-0000-4000-8000-000000000001";
+
+    /// The in-process stage (`metaproxy up`) is the API's connection minus
+    /// the socket: it verifies every request's signature (a forged one is
+    /// 403, never rendered), refuses what the engine refuses with its
+    /// canned page, counts all of it, and answers a well-signed request
+    /// with the bytes `api.listen` answers the same request with.
+    #[test]
+    fn the_in_process_stage_checks_signatures_and_answers_as_the_listener() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\nworkers = 1\nmetadata_proxy_shared_secret = \"s\"\n\
+             inventory = \"{}/examples/inventory.toml\"\nstate_dir = \"{}\"\n",
+            env!("CARGO_MANIFEST_DIR"),
+            dir.path().display()
+        );
+        let file = crate::config::parse_str(&text, std::path::Path::new("t.toml")).unwrap();
+        let cfg = ApiConfig::from_table(file.api.as_ref().unwrap()).unwrap();
+        let peer = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let (handle, stage) = start_in_process(cfg, None, 1, peer).unwrap();
+        let request = |sig: &str| {
+            format!(
+                "GET /2009-04-04/meta-data/hostname HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 127.0.0.1\r\n\
+                 X-Instance-ID: {DEMO}\r\nX-Tenant-ID: d0d0d0d0000040008000000000000000\r\n\
+                 X-Instance-ID-Signature: {sig}\r\n\r\n"
+            )
+        };
+        let good = request(&crate::sign::sign_instance_id(b"s", DEMO));
+        let forged = request(&crate::sign::sign_instance_id(b"not the secret", DEMO));
+        let smuggling =
+            "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
+        let answers = rt::block_on(async {
+            let on_loop = stage.on_this_loop(0).unwrap();
+            let mut answers = Vec::new();
+            for req in [&good, &forged, smuggling] {
+                let mut out = Vec::new();
+                on_loop.exchange(req.as_bytes(), &mut out).await;
+                answers.push(out);
+            }
+            answers
+        })
+        .unwrap();
+        let text: Vec<String> = answers
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(text[0].starts_with("HTTP/1.1 200 "), "{}", text[0]);
+        assert!(text[0].ends_with("\r\n\r\ndemo.novalocal"), "{}", text[0]);
+        assert!(text[1].starts_with("HTTP/1.1 403 "), "{}", text[1]);
+        assert!(!text[1].contains("demo.novalocal"));
+        assert_eq!(answers[2], http::canned_for(400, false));
+        let m = handle.metrics_text();
+        for counted in [
+            "metaproxy_api_requests_total 2",
+            "metaproxy_api_rx_smuggling_total 1",
+        ] {
+            assert!(m.lines().any(|l| l == counted), "{counted}:\n{m}");
+        }
+
+        // The same signed request to `api.listen`: the same bytes back.
+        let mut conn = std::net::TcpStream::connect(handle.bound[0]).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(good.as_bytes()).unwrap();
+        let mut direct = vec![0; answers[0].len()];
+        conn.read_exact(&mut direct).unwrap();
+        assert_eq!(direct, answers[0]);
+        handle.stop().unwrap();
+    }
 
     #[test]
     fn head_response_keeps_the_length_and_drops_the_body() {

@@ -245,6 +245,9 @@ pub fn start_with(cfg: ProxyConfig, link: upstream::AgentLink) -> io::Result<Pro
     let loop_cfg = cfg.clone();
     let agent = match &link {
         upstream::AgentLink::Socket => format!("agent socket {}", cfg.agent_socket.display()),
+        upstream::AgentLink::InProcess(s) if s.api_in_process() => {
+            "agent and metadata API in-process on each loop".to_string()
+        }
         upstream::AgentLink::InProcess(_) => "agent in-process on each loop".to_string(),
     };
     let (controls, threads) = serve::run_loops(workers, "proxy", move |i, rx| {

@@ -18,8 +18,10 @@ pub const EXAMPLE_ROUTER: &str = "d0d0d0d0-0000-4000-8000-00000000c001";
 /// task is caught by the runtime and would otherwise go unnoticed).
 pub struct Up {
     child: Child,
-    /// Start-up lines (up to "serving"), then every `panicked` line after.
+    /// Start-up lines (up to "serving"), then every line after.
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// How many of `lines` were logged while starting.
+    start_lines: usize,
     stderr: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -31,7 +33,21 @@ impl Up {
 
     /// What `up` logged while starting (through its "serving" line).
     pub fn start_log(&self) -> String {
-        self.lines.lock().unwrap().concat()
+        self.lines.lock().unwrap()[..self.start_lines].concat()
+    }
+
+    /// Every line `up` logged so far, one per line.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Send it `SIGHUP` (reload).
+    pub fn sighup(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
     }
 }
 
@@ -89,6 +105,20 @@ pub fn start_up_logged(
     proxy_extra: &str,
     access_log: bool,
 ) -> (Up, SocketAddr) {
+    start_up_full(dir, inventory, router, secret, "", proxy_extra, access_log).0
+}
+
+/// [`start_up_logged`] with `api_extra` appended to `[api]`; also returns
+/// the API's port (its `api.listen`, which the agent names).
+pub fn start_up_full(
+    dir: &Path,
+    inventory: &Path,
+    router: &str,
+    secret: &str,
+    api_extra: &str,
+    proxy_extra: &str,
+    access_log: bool,
+) -> ((Up, SocketAddr), u16) {
     // The proxy listens on port 0 and its address is read back from the
     // log; the API's port must be named to the agent in the same file.
     let api_port = free_port();
@@ -104,6 +134,7 @@ listen = "127.0.0.1:{api_port}"
 metadata_proxy_shared_secret = "{secret}"
 inventory = "{inv}"
 state_dir = "{state}"
+{api_extra}
 
 [agent]
 access_log = {access_log}
@@ -139,6 +170,7 @@ listen = "127.0.0.1:0"
     let mut up = Up {
         child,
         lines: Default::default(),
+        start_lines: 0,
         stderr: None,
     };
     let t0 = Instant::now();
@@ -152,12 +184,11 @@ listen = "127.0.0.1:0"
         }
         assert!(t0.elapsed() < Duration::from_secs(15), "up did not start");
     }
+    up.start_lines = up.lines.lock().unwrap().len();
     let lines = up.lines.clone();
     up.stderr = Some(std::thread::spawn(move || {
         for l in err.lines().map_while(Result::ok) {
-            if l.contains("panicked") {
-                lines.lock().unwrap().push(l);
-            }
+            lines.lock().unwrap().push(l);
         }
     }));
     let proxy = up
@@ -168,7 +199,7 @@ listen = "127.0.0.1:0"
         .filter(|l| !l.contains("api listener up:"))
         .find_map(|l| super::bound_addr(l))
         .expect("the proxy's `listener up:` line");
-    (up, proxy)
+    ((up, proxy), api_port)
 }
 
 /// `start_up` over `examples/inventory.toml`.
