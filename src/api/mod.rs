@@ -493,9 +493,13 @@ impl MetadataApi {
         let Some(version) = ec2::version_index(version) else {
             return ApiResponse::not_found();
         };
-        let tree = ec2::build(ctx, version);
+        let tree = ec2::Tree::new(ctx, version);
         match tree.find(rest) {
-            Some(node) => ApiResponse::ok(CONTENT_TYPE_TEXT, node.render()),
+            Some(node) => {
+                let mut body = Vec::new();
+                tree.render(node, &mut body);
+                ApiResponse::ok(CONTENT_TYPE_TEXT, body)
+            }
             None => ApiResponse::not_found(),
         }
     }
