@@ -126,7 +126,7 @@ pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, g
             ])]),
         ));
     }
-    md.push(("hostname".into(), Json::str(&ctx.hostname)));
+    md.push(("hostname".into(), Json::str(&*ctx.hostname)));
     md.push(("name".into(), Json::str(&inst.name)));
     md.push((
         "launch_index".into(),

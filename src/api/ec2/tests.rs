@@ -330,7 +330,7 @@ fn every_path_answers_as_the_whole_tree_did() {
             let ctx = RenderCtx {
                 inventory: &inv,
                 instance: &inst,
-                hostname: hostname.to_owned(),
+                hostname: hostname.into(),
                 remote_address: remote,
                 vendor_data: None,
                 providers: &[],
