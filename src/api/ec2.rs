@@ -233,10 +233,7 @@ impl<'a> Tree<'a> {
     }
 
     /// `meta-data/`, in sorted order of the names.
-    fn meta_data(
-        &self,
-        f: &mut dyn FnMut(&str, Node<'a>) -> ControlFlow<()>,
-    ) -> ControlFlow<()> {
+    fn meta_data(&self, f: &mut dyn FnMut(&str, Node<'a>) -> ControlFlow<()>) -> ControlFlow<()> {
         let inst = self.inst;
         // No image (booted from a volume): Nova's `ec2_ids.ami_id` is None,
         // printed by `ec2_md_print` as `str(None)`.
@@ -274,7 +271,10 @@ impl<'a> Tree<'a> {
         }
         if v2007_01_19 {
             f("public-hostname", Node::Text(self.hostname))?;
-            let public = inst.floating_ips.first().map_or(Node::Text(""), |ip| Node::Ip(*ip));
+            let public = inst
+                .floating_ips
+                .first()
+                .map_or(Node::Text(""), |ip| Node::Ip(*ip));
             f("public-ipv4", public)?;
         }
         if let Some(key) = inst.keys.first() {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use base64::Engine as _;
 
-use super::json::Json;
+use super::json::{self, Arr, Json, Obj};
 use super::vendordata::Provider;
 use super::RenderCtx;
 use crate::inventory::{Device, DeviceKind};
@@ -99,64 +99,75 @@ pub(crate) fn version_dir(ctx: &RenderCtx<'_>, version: usize) -> String {
     ret.join("\n")
 }
 
-/// `meta_data.json`. Fails only if the OS random source fails.
+/// `meta_data.json`, written straight into its buffer in Nova's key order.
+/// Fails only if the OS random source fails.
 pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, getrandom::Error> {
     let inst = ctx.instance;
-    let mut md: Vec<(String, Json)> = Vec::with_capacity(12);
-    md.push(("uuid".into(), Json::str(&inst.uuid)));
+    let key = inst.keys.first();
+    // Room for everything but a long key list or many devices, so the
+    // buffer is allocated once: the seed alone is 684 characters.
+    let mut out = String::with_capacity(
+        1024 + key.map_or(0, |k| 2 * k.data.len())
+            + inst
+                .meta
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+            + 160 * inst.devices.len(),
+    );
+    let mut md = Obj::new(&mut out);
+    json::str_to(md.key("uuid"), &inst.uuid);
     if !inst.meta.is_empty() {
-        let meta = inst
-            .meta
-            .iter()
-            .map(|(k, v)| (k.clone(), Json::str(v)))
-            .collect();
-        md.push(("meta".into(), Json::Obj(meta)));
+        let mut meta = Obj::new(md.key("meta"));
+        for (k, v) in &inst.meta {
+            json::str_to(meta.key(k), v);
+        }
+        meta.end();
     }
-    if let Some(key) = inst.keys.first() {
-        md.push((
-            "public_keys".into(),
-            Json::Obj(vec![(key.name.clone(), Json::str(&key.data))]),
-        ));
-        md.push((
-            "keys".into(),
-            Json::Arr(vec![Json::Obj(vec![
-                ("name".into(), Json::str(&key.name)),
-                ("type".into(), Json::str(&key.kind)),
-                ("data".into(), Json::str(&key.data)),
-            ])]),
-        ));
+    if let Some(key) = key {
+        let mut public = Obj::new(md.key("public_keys"));
+        json::str_to(public.key(&key.name), &key.data);
+        public.end();
+        let mut keys = Arr::new(md.key("keys"));
+        let mut k = Obj::new(keys.item());
+        json::str_to(k.key("name"), &key.name);
+        json::str_to(k.key("type"), &key.kind);
+        json::str_to(k.key("data"), &key.data);
+        k.end();
+        keys.end();
     }
-    md.push(("hostname".into(), Json::str(&*ctx.hostname)));
-    md.push(("name".into(), Json::str(&inst.name)));
-    md.push((
-        "launch_index".into(),
-        Json::Int(i64::from(inst.launch_index)),
-    ));
-    md.push((
-        "availability_zone".into(),
-        inst.availability_zone
-            .as_deref()
-            .map_or(Json::Null, Json::str),
-    ));
+    json::str_to(md.key("hostname"), &ctx.hostname);
+    json::str_to(md.key("name"), &inst.name);
+    json::int_to(md.key("launch_index"), i64::from(inst.launch_index));
+    json::opt_str_to(
+        md.key("availability_zone"),
+        inst.availability_zone.as_deref(),
+    );
     if at_least(version, GRIZZLY) {
         let mut seed = [0u8; RANDOM_SEED_BYTES];
         crate::rt::fill_random(&mut seed)?;
-        md.push((
-            "random_seed".into(),
-            Json::Str(base64::engine::general_purpose::STANDARD.encode(seed)),
-        ));
+        // Base64 is plain ASCII (no quote, backslash or control): no
+        // escaping pass over its 684 characters.
+        let o = md.key("random_seed");
+        o.push('"');
+        base64::engine::general_purpose::STANDARD.encode_string(seed, o);
+        o.push('"');
     }
     if at_least(version, LIBERTY) {
-        md.push(("project_id".into(), Json::str(&inst.project)));
+        json::str_to(md.key("project_id"), &inst.project);
     }
     if at_least(version, NEWTON_ONE) {
-        md.push(("devices".into(), devices(&inst.devices, version)));
+        devices(md.key("devices"), &inst.devices, version);
     }
     if at_least(version, VICTORIA) {
-        let cpus = inst.dedicated_cpus.iter().map(|c| Json::Int(*c)).collect();
-        md.push(("dedicated_cpus".into(), Json::Arr(cpus)));
+        let mut cpus = Arr::new(md.key("dedicated_cpus"));
+        for c in &inst.dedicated_cpus {
+            json::int_to(cpus.item(), *c);
+        }
+        cpus.end();
     }
-    Ok(Json::Obj(md).to_python_string())
+    md.end();
+    Ok(out)
 }
 
 /// `devices` (`InstanceMetadata._get_device_metadata`): per device, the
@@ -164,8 +175,8 @@ pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, g
 /// left out, and so is a NIC with nothing to show (no tags, and no `vlan` or
 /// `vf_trusted` at this version). `vlan` shows from Ocata, `vf_trusted` from
 /// Rocky, shares from Epoxy.
-fn devices(devs: &[Device], version: usize) -> Json {
-    let mut out = Vec::with_capacity(devs.len());
+fn devices(out: &mut String, devs: &[Device], version: usize) {
+    let mut arr = Arr::new(out);
     for d in devs {
         let (bus, address) = match &d.bus {
             None => ("none", "none"),
@@ -174,8 +185,21 @@ fn devices(devs: &[Device], version: usize) -> Json {
                 None => continue,
             },
         };
-        let mut m: Vec<(String, Json)> = Vec::with_capacity(8);
-        let opt = |v: &Option<String>| v.as_deref().map_or(Json::Null, Json::str);
+        // Decided before anything is written: which devices show at all.
+        let shown = match &d.kind {
+            DeviceKind::Nic { vlan, .. } => {
+                d.tags.is_some()
+                    || (at_least(version, OCATA) && vlan.is_some())
+                    || at_least(version, ROCKY)
+            }
+            DeviceKind::Disk { .. } => true,
+            DeviceKind::Share { .. } => at_least(version, EPOXY),
+            DeviceKind::Unknown => false,
+        };
+        if !shown {
+            continue;
+        }
+        let mut m = Obj::new(arr.item());
         match &d.kind {
             DeviceKind::Nic {
                 mac,
@@ -183,45 +207,44 @@ fn devices(devs: &[Device], version: usize) -> Json {
                 vf_trusted,
             } => {
                 if let (true, Some(v)) = (at_least(version, OCATA), vlan) {
-                    m.push(("vlan".into(), Json::Int(*v)));
+                    json::int_to(m.key("vlan"), *v);
                 }
                 if at_least(version, ROCKY) {
-                    m.push(("vf_trusted".into(), Json::Bool(*vf_trusted)));
+                    m.key("vf_trusted")
+                        .push_str(if *vf_trusted { "true" } else { "false" });
                 }
-                // Shown only with something to show (m holds vlan/vf_trusted).
-                if d.tags.is_none() && m.is_empty() {
-                    continue;
-                }
-                m.push(("type".into(), Json::str("nic")));
-                m.push(("mac".into(), Json::str(mac)));
+                json::str_to(m.key("type"), "nic");
+                json::str_to(m.key("mac"), mac);
             }
             DeviceKind::Disk { serial, path } => {
-                m.push(("type".into(), Json::str("disk")));
+                json::str_to(m.key("type"), "disk");
                 if let Some(s) = serial {
-                    m.push(("serial".into(), opt(s)));
+                    json::opt_str_to(m.key("serial"), s.as_deref());
                 }
                 if let Some(p) = path {
-                    m.push(("path".into(), opt(p)));
+                    json::opt_str_to(m.key("path"), p.as_deref());
                 }
             }
-            DeviceKind::Share { share_id, tag } if at_least(version, EPOXY) => {
-                m.push(("type".into(), Json::str("share")));
-                m.push(("share_id".into(), opt(share_id)));
-                m.push(("tag".into(), opt(tag)));
+            DeviceKind::Share { share_id, tag } => {
+                json::str_to(m.key("type"), "share");
+                json::opt_str_to(m.key("share_id"), share_id.as_deref());
+                json::opt_str_to(m.key("tag"), tag.as_deref());
             }
-            DeviceKind::Share { .. } | DeviceKind::Unknown => continue,
+            // Not shown (above).
+            DeviceKind::Unknown => {}
         }
-        m.push(("bus".into(), Json::str(bus)));
-        m.push(("address".into(), Json::str(address)));
+        json::str_to(m.key("bus"), bus);
+        json::str_to(m.key("address"), address);
         if let Some(tags) = &d.tags {
-            m.push((
-                "tags".into(),
-                Json::Arr(tags.iter().map(Json::str).collect()),
-            ));
+            let mut t = Arr::new(m.key("tags"));
+            for tag in tags {
+                json::str_to(t.item(), tag);
+            }
+            t.end();
         }
-        out.push(Json::Obj(m));
+        m.end();
     }
-    Json::Arr(out)
+    arr.end();
 }
 
 /// `vendor_data.json`: the static document or `{}`; `None` before Havana
@@ -404,3 +427,6 @@ pub(crate) fn network_data(ctx: &RenderCtx<'_>) -> String {
     ])
     .to_python_string()
 }
+
+#[cfg(test)]
+mod tests;

@@ -127,7 +127,10 @@ mod tests {
         assert_eq!(n("http://169.254.169.254"), segs(&[]));
         assert_eq!(n(&"/a".repeat(65)), None);
         assert_eq!(n(&"/a".repeat(64)).map(|v| v.len()), Some(64));
-        assert_eq!(n("/latest/\u{e9}t\u{e9}"), segs(&["latest", "\u{e9}t\u{e9}"]));
+        assert_eq!(
+            n("/latest/\u{e9}t\u{e9}"),
+            segs(&["latest", "\u{e9}t\u{e9}"])
+        );
         assert_eq!(n("/latest/\u{e9}%2ft"), segs(&["latest", "\u{e9}", "t"]));
     }
 }
