@@ -59,6 +59,10 @@ pub(crate) fn version_index(v: &str) -> Option<usize> {
     EC2_VERSIONS.iter().position(|x| *x == v)
 }
 
+/// Bytes to reserve for an answer (the largest listing is `meta-data/`'s,
+/// about 250 bytes).
+pub(crate) const BODY_CAPACITY: usize = 384;
+
 /// Nova's `_dummy_mapping`, used when the instance has no root device name.
 const DUMMY_MAPPING: [(&str, &str); 4] = [
     ("ami", "sda1"),

@@ -506,7 +506,9 @@ impl MetadataApi {
         let tree = ec2::Tree::new(ctx, version);
         match tree.find(rest) {
             Some(node) => {
-                let mut body = Vec::new();
+                // Enough for the `meta-data/` listing (about 250 bytes) and
+                // every value but user data: one allocation.
+                let mut body = Vec::with_capacity(ec2::BODY_CAPACITY);
                 tree.render(node, &mut body);
                 ApiResponse::ok(CONTENT_TYPE_TEXT, body)
             }
