@@ -399,7 +399,11 @@ impl MetadataApi {
         let hostname = if domain.is_empty() {
             Cow::Borrowed(id.instance.hostname.as_str())
         } else {
-            Cow::Owned(format!("{}.{domain}", id.instance.hostname))
+            let mut h = String::with_capacity(id.instance.hostname.len() + 1 + domain.len());
+            h.push_str(&id.instance.hostname);
+            h.push('.');
+            h.push_str(domain);
+            Cow::Owned(h)
         };
         let ctx = RenderCtx {
             inventory,
