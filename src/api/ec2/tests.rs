@@ -336,7 +336,7 @@ fn every_path_answers_as_the_whole_tree_did() {
                 providers: &[],
                 dynamic: None,
             };
-            for version in 0..EC2_VERSIONS.len() {
+            for (version, name) in EC2_VERSIONS.iter().enumerate() {
                 let whole = oracle::build(&ctx, version);
                 let tree = Tree::new(&ctx, version);
                 let mut all = Vec::new();
@@ -353,7 +353,7 @@ fn every_path_answers_as_the_whole_tree_did() {
                         want.as_deref().map(String::from_utf8_lossy),
                         "{} at {}: {path:?}",
                         inst.name,
-                        EC2_VERSIONS[version]
+                        name
                     );
                     compared += 1;
                 }

@@ -291,14 +291,10 @@ fn meta_data_json_is_what_the_tree_wrote() {
                 providers: &[],
                 dynamic: None,
             };
-            for version in 0..OPENSTACK_VERSIONS.len() {
+            for (version, name) in OPENSTACK_VERSIONS.iter().enumerate() {
                 let want = mask_seed(&oracle::meta_data(&ctx, version).unwrap());
                 let got = mask_seed(&super::meta_data(&ctx, version).unwrap());
-                assert_eq!(
-                    got, want,
-                    "{} at {}",
-                    inst.name, OPENSTACK_VERSIONS[version]
-                );
+                assert_eq!(got, want, "{} at {}", inst.name, name);
             }
         }
     }
