@@ -16,8 +16,12 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone)]
 pub(crate) enum Json {
     Null,
+    /// The documents with integers and arrays are written straight into
+    /// their buffers ([`Obj`], [`Arr`]); the tests' oracles still build them.
+    #[cfg(test)]
     Int(i64),
     Str(String),
+    #[cfg(test)]
     Arr(Vec<Json>),
     Obj(Vec<(String, Json)>),
     /// An operator-supplied document (vendor data), rendered in its own key order.
@@ -39,10 +43,12 @@ impl Json {
     fn write(&self, out: &mut String) {
         match self {
             Json::Null => out.push_str("null"),
+            #[cfg(test)]
             Json::Int(i) => {
                 let _ = write!(out, "{i}");
             }
             Json::Str(s) => write_str(out, s),
+            #[cfg(test)]
             Json::Arr(items) => {
                 out.push('[');
                 for (i, v) in items.iter().enumerate() {

@@ -289,143 +289,161 @@ fn static_vendor(ctx: &RenderCtx<'_>) -> Json {
         .map_or(Json::Obj(Vec::new()), |v| Json::Value(v.clone()))
 }
 
-fn dns_service(ip: IpAddr) -> Json {
-    Json::Obj(vec![
-        ("type".into(), Json::str("dns")),
-        ("address".into(), Json::Str(ip.to_string())),
-    ])
+/// A value written with its `Display` (addresses), quoted: nothing in an
+/// address needs escaping.
+fn display_str_to(out: &mut String, v: impl std::fmt::Display) {
+    use std::fmt::Write as _;
+    out.push('"');
+    let _ = write!(out, "{v}");
+    out.push('"');
+}
+
+fn dns_service_to(out: &mut String, ip: IpAddr) {
+    let mut o = Obj::new(out);
+    json::str_to(o.key("type"), "dns");
+    display_str_to(o.key("address"), ip);
+    o.end();
+}
+
+/// The subnets of `network` a port has addresses in, each with the port's
+/// first address there, in the network's order: Nova's VIF carries these.
+fn port_subnets<'a>(
+    port: &'a crate::inventory::Port,
+    network: &'a crate::inventory::Network,
+) -> impl Iterator<Item = (&'a crate::inventory::Subnet, IpAddr)> + Clone + 'a {
+    network.subnets.iter().filter_map(|s| {
+        port.fixed_ips
+            .iter()
+            .copied()
+            .find(|ip| s.cidr.contains(*ip))
+            .map(|ip| (s, ip))
+    })
+}
+
+/// The ports Nova shows, with their network: on a known network, with an
+/// address in one of its subnets.
+fn shown_ports<'a>(
+    ctx: &'a RenderCtx<'_>,
+) -> impl Iterator<Item = (&'a crate::inventory::Port, &'a crate::inventory::Network)> + 'a {
+    ctx.instance.ports.iter().filter_map(|port| {
+        let network = ctx.inventory.network(&port.network)?;
+        port_subnets(port, network)
+            .next()
+            .is_some()
+            .then_some((port, network))
+    })
 }
 
 /// `network_data.json` (`nova.virt.netutils.get_network_metadata`): served for
-/// every version, `{}` when the instance has no ports.
+/// every version, `{}` when the instance has no ports. Written straight
+/// into its buffer: the links in one pass over the ports, the networks
+/// (and the services they add) in a second.
 pub(crate) fn network_data(ctx: &RenderCtx<'_>) -> String {
     let inst = ctx.instance;
     if inst.ports.is_empty() {
         return "{}".to_owned();
     }
-    let mut links = Vec::new();
-    let mut nets = Vec::new();
-    let mut services: Vec<IpAddr> = Vec::new();
-    let mut net_num = 0usize;
-    for port in &inst.ports {
-        let Some(network) = ctx.inventory.network(&port.network) else {
-            continue;
-        };
-        // Nova's VIF carries the subnets the port has addresses in, each with
-        // the port's addresses there.
-        let mut subnets: Vec<(&crate::inventory::Subnet, Vec<IpAddr>)> = Vec::new();
-        for s in &network.subnets {
-            let ips: Vec<IpAddr> = port
-                .fixed_ips
-                .iter()
-                .copied()
-                .filter(|ip| s.cidr.contains(*ip))
-                .collect();
-            if !ips.is_empty() {
-                subnets.push((s, ips));
-            }
-        }
-        if subnets.is_empty() {
-            continue;
-        }
-        let link_id = port.devname.clone();
+    let mut out = String::with_capacity(512 + 640 * inst.ports.len());
+    let mut root = Obj::new(&mut out);
+    let mut links = Arr::new(root.key("links"));
+    for (port, network) in shown_ports(ctx) {
         let nic_type = port
             .vif_type
             .as_deref()
             .filter(|t| LEGACY_EXPOSED_VIF_TYPES.contains(t))
             .unwrap_or("phy");
+        let mut link = Obj::new(links.item());
+        json::str_to(link.key("id"), &port.devname);
+        json::str_to(link.key("vif_id"), &port.id);
+        json::str_to(link.key("type"), nic_type);
         // nova.virt.netutils._get_link_mtu: null when a DHCP port serves it.
-        let mtu = if subnets.iter().any(|(s, _)| s.dhcp_server) {
-            Json::Null
-        } else {
-            network.mtu.map_or(Json::Null, |m| Json::Int(i64::from(m)))
-        };
-        links.push(Json::Obj(vec![
-            ("id".into(), Json::str(&link_id)),
-            ("vif_id".into(), Json::str(&port.id)),
-            ("type".into(), Json::str(nic_type)),
-            ("mtu".into(), mtu),
-            (
-                "ethernet_mac_address".into(),
-                Json::Str(crate::inventory::net::format_mac(&port.mac)),
-            ),
-        ]));
+        let mtu = link.key("mtu");
+        match network.mtu {
+            Some(m) if !port_subnets(port, network).any(|(s, _)| s.dhcp_server) => {
+                json::int_to(mtu, i64::from(m));
+            }
+            _ => mtu.push_str("null"),
+        }
+        display_str_to(
+            link.key("ethernet_mac_address"),
+            crate::inventory::net::Mac(&port.mac),
+        );
+        link.end();
+    }
+    links.end();
+    let mut services: Vec<IpAddr> = Vec::new();
+    let mut net_num = 0usize;
+    let mut nets = Arr::new(root.key("networks"));
+    for (port, network) in shown_ports(ctx) {
+        let link_id = port.devname.as_str();
         for version in [4u8, 6] {
-            let Some((subnet, ips)) = subnets.iter().find(|(s, _)| s.ip_version == version) else {
+            let Some((subnet, ip)) =
+                port_subnets(port, network).find(|(s, _)| s.ip_version == version)
+            else {
                 continue;
             };
-            let id = format!("network{net_num}");
+            let mut net = Obj::new(nets.item());
+            display_str_to(net.key("id"), format_args!("network{net_num}"));
             net_num += 1;
             // As Nova: checked against the list before this subnet's entries
             // are added, so duplicates within one subnet survive.
-            let fresh: Vec<IpAddr> = subnet
-                .dns
-                .iter()
-                .copied()
-                .filter(|ip| !services.contains(ip))
-                .collect();
-            services.extend(fresh);
+            let known = services.len();
+            for ip in &subnet.dns {
+                if !services[..known].contains(ip) {
+                    services.push(*ip);
+                }
+            }
             // _get_nets: an ipv6_address_mode wins over DHCP.
             if subnet.dhcp && subnet.ipv6_mode.is_none() {
-                nets.push(Json::Obj(vec![
-                    ("id".into(), Json::Str(id)),
-                    ("type".into(), Json::Str(format!("ipv{version}_dhcp"))),
-                    ("link".into(), Json::str(&link_id)),
-                    ("network_id".into(), Json::str(&network.id)),
-                ]));
+                display_str_to(net.key("type"), format_args!("ipv{version}_dhcp"));
+                json::str_to(net.key("link"), link_id);
+                json::str_to(net.key("network_id"), &network.id);
+                net.end();
                 continue;
             }
-            let kind = match subnet.ipv6_mode {
-                Some(mode) if version == 6 => format!("ipv6_{}", mode.as_str()),
-                _ => format!("ipv{version}"),
-            };
-            let mut routes = Vec::new();
+            match subnet.ipv6_mode {
+                Some(mode) if version == 6 => {
+                    display_str_to(net.key("type"), format_args!("ipv6_{}", mode.as_str()));
+                }
+                _ => display_str_to(net.key("type"), format_args!("ipv{version}")),
+            }
+            json::str_to(net.key("link"), link_id);
+            display_str_to(net.key("ip_address"), ip);
+            display_str_to(net.key("netmask"), subnet.cidr.netmask());
+            let mut routes = Arr::new(net.key("routes"));
             if let Some(gw) = subnet.gateway {
                 let any = if version == 4 { "0.0.0.0" } else { "::" };
-                routes.push(Json::Obj(vec![
-                    ("network".into(), Json::str(any)),
-                    ("netmask".into(), Json::str(any)),
-                    ("gateway".into(), Json::Str(gw.to_string())),
-                ]));
+                let mut r = Obj::new(routes.item());
+                json::str_to(r.key("network"), any);
+                json::str_to(r.key("netmask"), any);
+                display_str_to(r.key("gateway"), gw);
+                r.end();
             }
-            for r in &subnet.routes {
-                routes.push(Json::Obj(vec![
-                    (
-                        "network".into(),
-                        Json::Str(r.destination.network().to_string()),
-                    ),
-                    (
-                        "netmask".into(),
-                        Json::Str(r.destination.netmask().to_string()),
-                    ),
-                    ("gateway".into(), Json::Str(r.nexthop.to_string())),
-                ]));
+            for route in &subnet.routes {
+                let mut r = Obj::new(routes.item());
+                display_str_to(r.key("network"), route.destination.network());
+                display_str_to(r.key("netmask"), route.destination.netmask());
+                display_str_to(r.key("gateway"), route.nexthop);
+                r.end();
             }
-            let dns: Vec<Json> = subnet.dns.iter().map(|ip| dns_service(*ip)).collect();
-            nets.push(Json::Obj(vec![
-                ("id".into(), Json::Str(id)),
-                ("type".into(), Json::Str(kind)),
-                ("link".into(), Json::str(&link_id)),
-                ("ip_address".into(), Json::Str(ips[0].to_string())),
-                (
-                    "netmask".into(),
-                    Json::Str(subnet.cidr.netmask().to_string()),
-                ),
-                ("routes".into(), Json::Arr(routes)),
-                ("network_id".into(), Json::str(&network.id)),
-                ("services".into(), Json::Arr(dns)),
-            ]));
+            routes.end();
+            json::str_to(net.key("network_id"), &network.id);
+            let mut dns = Arr::new(net.key("services"));
+            for ip in &subnet.dns {
+                dns_service_to(dns.item(), *ip);
+            }
+            dns.end();
+            net.end();
         }
     }
-    Json::Obj(vec![
-        ("links".into(), Json::Arr(links)),
-        ("networks".into(), Json::Arr(nets)),
-        (
-            "services".into(),
-            Json::Arr(services.into_iter().map(dns_service).collect()),
-        ),
-    ])
-    .to_python_string()
+    nets.end();
+    let mut all = Arr::new(root.key("services"));
+    for ip in services {
+        dns_service_to(all.item(), ip);
+    }
+    all.end();
+    root.end();
+    out
 }
 
 #[cfg(test)]

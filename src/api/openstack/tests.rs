@@ -2,7 +2,9 @@
 //! `Json` values built, then written (`oracle`, the code as it was before
 //! the document was written straight into its buffer). Byte for byte the
 //! same but for the random seed, for instances with and without keys,
-//! metadata, devices of every kind and pinned CPUs, at every version.
+//! metadata, devices of every kind and pinned CPUs, at every version; and
+//! `network_data.json` the same way, over ports on IPv4, IPv6 (every
+//! mode), DHCP, routes, shared DNS servers and networks Nova would not show.
 
 use base64::Engine as _;
 
@@ -16,6 +18,9 @@ mod oracle {
     use super::super::{
         at_least, EPOXY, GRIZZLY, LIBERTY, NEWTON_ONE, OCATA, RANDOM_SEED_BYTES, ROCKY, VICTORIA,
     };
+    use std::net::IpAddr;
+
+    use super::super::LEGACY_EXPOSED_VIF_TYPES;
     use crate::api::json::Json;
     use crate::api::RenderCtx;
     use crate::inventory::{Device, DeviceKind};
@@ -149,6 +154,146 @@ mod oracle {
             out.push(Json::Obj(m));
         }
         Json::Arr(out)
+    }
+
+    fn dns_service(ip: IpAddr) -> Json {
+        Json::Obj(vec![
+            ("type".into(), Json::str("dns")),
+            ("address".into(), Json::Str(ip.to_string())),
+        ])
+    }
+
+    /// `network_data.json` (`nova.virt.netutils.get_network_metadata`): served for
+    /// every version, `{}` when the instance has no ports.
+    pub(super) fn network_data(ctx: &RenderCtx<'_>) -> String {
+        let inst = ctx.instance;
+        if inst.ports.is_empty() {
+            return "{}".to_owned();
+        }
+        let mut links = Vec::new();
+        let mut nets = Vec::new();
+        let mut services: Vec<IpAddr> = Vec::new();
+        let mut net_num = 0usize;
+        for port in &inst.ports {
+            let Some(network) = ctx.inventory.network(&port.network) else {
+                continue;
+            };
+            // Nova's VIF carries the subnets the port has addresses in, each with
+            // the port's addresses there.
+            let mut subnets: Vec<(&crate::inventory::Subnet, Vec<IpAddr>)> = Vec::new();
+            for s in &network.subnets {
+                let ips: Vec<IpAddr> = port
+                    .fixed_ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| s.cidr.contains(*ip))
+                    .collect();
+                if !ips.is_empty() {
+                    subnets.push((s, ips));
+                }
+            }
+            if subnets.is_empty() {
+                continue;
+            }
+            let link_id = port.devname.clone();
+            let nic_type = port
+                .vif_type
+                .as_deref()
+                .filter(|t| LEGACY_EXPOSED_VIF_TYPES.contains(t))
+                .unwrap_or("phy");
+            // nova.virt.netutils._get_link_mtu: null when a DHCP port serves it.
+            let mtu = if subnets.iter().any(|(s, _)| s.dhcp_server) {
+                Json::Null
+            } else {
+                network.mtu.map_or(Json::Null, |m| Json::Int(i64::from(m)))
+            };
+            links.push(Json::Obj(vec![
+                ("id".into(), Json::str(&link_id)),
+                ("vif_id".into(), Json::str(&port.id)),
+                ("type".into(), Json::str(nic_type)),
+                ("mtu".into(), mtu),
+                (
+                    "ethernet_mac_address".into(),
+                    Json::Str(crate::inventory::net::format_mac(&port.mac)),
+                ),
+            ]));
+            for version in [4u8, 6] {
+                let Some((subnet, ips)) = subnets.iter().find(|(s, _)| s.ip_version == version)
+                else {
+                    continue;
+                };
+                let id = format!("network{net_num}");
+                net_num += 1;
+                // As Nova: checked against the list before this subnet's entries
+                // are added, so duplicates within one subnet survive.
+                let fresh: Vec<IpAddr> = subnet
+                    .dns
+                    .iter()
+                    .copied()
+                    .filter(|ip| !services.contains(ip))
+                    .collect();
+                services.extend(fresh);
+                // _get_nets: an ipv6_address_mode wins over DHCP.
+                if subnet.dhcp && subnet.ipv6_mode.is_none() {
+                    nets.push(Json::Obj(vec![
+                        ("id".into(), Json::Str(id)),
+                        ("type".into(), Json::Str(format!("ipv{version}_dhcp"))),
+                        ("link".into(), Json::str(&link_id)),
+                        ("network_id".into(), Json::str(&network.id)),
+                    ]));
+                    continue;
+                }
+                let kind = match subnet.ipv6_mode {
+                    Some(mode) if version == 6 => format!("ipv6_{}", mode.as_str()),
+                    _ => format!("ipv{version}"),
+                };
+                let mut routes = Vec::new();
+                if let Some(gw) = subnet.gateway {
+                    let any = if version == 4 { "0.0.0.0" } else { "::" };
+                    routes.push(Json::Obj(vec![
+                        ("network".into(), Json::str(any)),
+                        ("netmask".into(), Json::str(any)),
+                        ("gateway".into(), Json::Str(gw.to_string())),
+                    ]));
+                }
+                for r in &subnet.routes {
+                    routes.push(Json::Obj(vec![
+                        (
+                            "network".into(),
+                            Json::Str(r.destination.network().to_string()),
+                        ),
+                        (
+                            "netmask".into(),
+                            Json::Str(r.destination.netmask().to_string()),
+                        ),
+                        ("gateway".into(), Json::Str(r.nexthop.to_string())),
+                    ]));
+                }
+                let dns: Vec<Json> = subnet.dns.iter().map(|ip| dns_service(*ip)).collect();
+                nets.push(Json::Obj(vec![
+                    ("id".into(), Json::Str(id)),
+                    ("type".into(), Json::Str(kind)),
+                    ("link".into(), Json::str(&link_id)),
+                    ("ip_address".into(), Json::Str(ips[0].to_string())),
+                    (
+                        "netmask".into(),
+                        Json::Str(subnet.cidr.netmask().to_string()),
+                    ),
+                    ("routes".into(), Json::Arr(routes)),
+                    ("network_id".into(), Json::str(&network.id)),
+                    ("services".into(), Json::Arr(dns)),
+                ]));
+            }
+        }
+        Json::Obj(vec![
+            ("links".into(), Json::Arr(links)),
+            ("networks".into(), Json::Arr(nets)),
+            (
+                "services".into(),
+                Json::Arr(services.into_iter().map(dns_service).collect()),
+            ),
+        ])
+        .to_python_string()
     }
 }
 
@@ -298,4 +443,137 @@ fn meta_data_json_is_what_the_tree_wrote() {
             }
         }
     }
+}
+
+const NETWORKS: &str = r#"
+[[network]]
+id = "n1"
+project = "p"
+mtu = 9000
+[[network.subnet]]
+id = "s4"
+cidr = "10.0.0.0/24"
+gateway = "10.0.0.1"
+dns = ["10.0.0.53", "10.0.0.54", "10.0.0.53"]
+dhcp = false
+routes = [{ destination = "192.168.0.0/16", nexthop = "10.0.0.254" }, { destination = "10.20.0.0/20", nexthop = "10.0.0.253" }]
+[[network.subnet]]
+id = "s6"
+cidr = "fd00:10::/64"
+gateway = "fd00:10::1"
+dns = ["10.0.0.53", "fd00::53"]
+dhcp = false
+ipv6_mode = "slaac"
+routes = [{ destination = "fd99::/48", nexthop = "fd00:10::fe" }]
+[[network.subnet]]
+id = "s6b"
+cidr = "fd00:11::/64"
+dns = ["fd00::54"]
+ipv6_mode = "dhcpv6-stateful"
+[[network]]
+id = "n2"
+project = "p"
+mtu = 1450
+[[network.subnet]]
+id = "s2"
+cidr = "172.16.0.0/24"
+dns = ["10.0.0.53", "172.16.0.53"]
+[[network.subnet]]
+id = "s2v6"
+cidr = "fd00:20::/64"
+[[network]]
+id = "n3"
+project = "p"
+[[network.subnet]]
+id = "s3"
+cidr = "10.3.0.0/24"
+dhcp = false
+
+[[instance]]
+uuid = "u1"
+hostname = "h"
+project = "p"
+[[instance.port]]
+id = "0123456789abcdef"
+network = "n1"
+mac = "FA:16:3E:00:00:01"
+fixed_ips = ["fd00:11::5", "10.0.0.5", "10.0.0.6", "fd00:10::5"]
+vif_type = "ovs"
+[[instance.port]]
+id = "p2"
+network = "n2"
+mac = "fa:16:3e:00:00:02"
+fixed_ips = ["172.16.0.5", "fd00:20::5"]
+vif_type = "unbound"
+devname = "eth1"
+[[instance.port]]
+id = "p3"
+network = "n2"
+mac = "fa:16:3e:00:00:03"
+fixed_ips = ["192.0.2.1"]
+[[instance.port]]
+id = "p4"
+network = "n3"
+mac = "fa:16:3e:00:00:04"
+fixed_ips = ["10.9.0.1"]
+[[instance.port]]
+id = "p5"
+network = "n3"
+mac = "fa:16:3e:00:00:05"
+fixed_ips = ["10.3.0.9"]
+vif_type = "vhostuser"
+
+[[instance]]
+uuid = "u2"
+hostname = "h2"
+project = "p"
+[[instance.port]]
+id = "p6"
+network = "n1"
+mac = "fa:16:3e:00:00:06"
+fixed_ips = ["fd00:10::6"]
+
+[[instance]]
+uuid = "u3"
+hostname = "h3"
+project = "p"
+"#;
+
+#[test]
+fn network_data_json_is_what_the_tree_wrote() {
+    let inv = Inventory::from_toml_str(NETWORKS).unwrap();
+    let plain: Vec<_> = inv.networks().cloned().collect();
+    // A DHCP port serving n2's IPv4 subnet: that link's mtu is null.
+    let mut dhcp_server = plain.clone();
+    for n in &mut dhcp_server {
+        if n.id == "n2" {
+            n.subnets[0].dhcp_server = true;
+        }
+    }
+    // n3 unknown (a port on a network the Nova source did not find).
+    let without_n3: Vec<_> = plain.iter().filter(|n| n.id != "n3").cloned().collect();
+    let mut links = 0;
+    for uuid in ["u1", "u2", "u3"] {
+        let inst = inv.instance(uuid).unwrap();
+        let mut reversed = inst.clone();
+        reversed.ports.reverse();
+        for inst in [inst.clone(), reversed] {
+            for networks in [&plain, &dhcp_server, &without_n3] {
+                let inv = Inventory::of_one(String::new(), networks.clone(), inst.clone());
+                let ctx = RenderCtx {
+                    inventory: &inv,
+                    instance: &inst,
+                    hostname: "h".into(),
+                    remote_address: "",
+                    vendor_data: None,
+                    providers: &[],
+                    dynamic: None,
+                };
+                let want = oracle::network_data(&ctx);
+                assert_eq!(super::network_data(&ctx), want, "{uuid}");
+                links += want.matches("\"vif_id\"").count();
+            }
+        }
+    }
+    assert!(links > 10, "{links}");
 }
