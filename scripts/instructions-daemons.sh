@@ -6,12 +6,19 @@
 #   scripts/instructions-daemons.sh [requests=2000] [roles="proxy agent api floor"]
 #   KEEP=DIR scripts/instructions-daemons.sh   also keep the callgrind.out files
 #   BIN=PATH scripts/instructions-daemons.sh   run that metaproxy binary, build nothing
+#   MIX=cloud-init scripts/instructions-daemons.sh   replay the storm's cloud-init profile
+#                                                    instead of meta_data.json only
 #
 # The chain is proxy -> agent -> api on a synthesized 100-VM inventory, each
 # with one loop; the client is one sequential Python process that opens a new
 # connection per request (cloud-init's pattern), binds the address of VM
 # i % 100 and GETs its `openstack/2018-08-27/meta_data.json`, checking the
-# answer is a 200 naming that VM. Roles:
+# answer is a 200 naming that VM. With MIX=cloud-init each VM instead replays
+# what the storm's `cloud-init` profile sends (src/storm/profile.rs): the
+# OpenStack datasource (`/openstack` twice, the five 2018-08-27 files), then
+# the depth-first crawl of `latest/meta-data/` (listings parsed as they come,
+# `N=name` fetched as `N/openssh-key`), every answer a 200; the requests run
+# through the VMs in turn, a whole sequence each. Roles:
 #
 #   proxy   `metaproxy proxy` under callgrind (agent and api native)
 #   agent   `metaproxy agent` (cache hits: cache_ttl is an hour here)
@@ -107,14 +114,16 @@ TOML
 . scripts/lib/no-uring.sh
 build_no_uring "$WORK"
 
-# client.py INVENTORY PORT N: N sequential GETs, a connection each, VM i % 100.
+# client.py INVENTORY PORT N [MIX]: N sequential GETs, a connection each.
 cat >"$WORK/client.py" <<'PY'
 import socket, sys, time, tomllib
 inv, port, n = tomllib.load(open(sys.argv[1], "rb")), int(sys.argv[2]), int(sys.argv[3])
+mix = sys.argv[4] if len(sys.argv) > 4 else ""
 vms = [(i["port"][0]["fixed_ips"][0], i["uuid"]) for i in inv["instance"]]
-req = (b"GET /openstack/2018-08-27/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\n"
-       b"User-Agent: Cloud-Init/22.4.2\r\nAccept: */*\r\nConnection: close\r\n\r\n")
-def get(ip):
+META = "/openstack/2018-08-27/meta_data.json"
+def get(ip, path):
+    req = ("GET %s HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: Cloud-Init/22.4.2\r\n"
+           "Accept: */*\r\nConnection: close\r\n\r\n" % path).encode()
     s = socket.socket()
     s.settimeout(120)
     s.bind((ip, 0))
@@ -128,19 +137,60 @@ def get(ip):
         buf += d
     s.close()
     return buf
+def check(ip, path, r, uuid=None):
+    if not r.startswith(b"HTTP/1.1 200") or (uuid and uuid.encode() not in r):
+        sys.exit("bad answer for %s %s: %r" % (ip, path, r[:120]))
+    return r.split(b"\r\n\r\n", 1)[1].decode()
+def cloud_init(ip, uuid):
+    """The storm's cloud-init profile, one path at a time (src/storm/profile.rs)."""
+    for p in ["/openstack", "/openstack"] + ["/openstack/2018-08-27/" + leaf for leaf in
+              ("meta_data.json", "user_data", "vendor_data.json", "vendor_data2.json",
+               "network_data.json")]:
+        body = yield p
+    todo = ["/latest/meta-data/"]
+    while todo:
+        path = todo.pop()
+        body = yield path
+        if not path.endswith("/"):
+            continue
+        before = len(todo)
+        for line in (l.strip() for l in body.splitlines()):
+            if not line or line.rstrip("/") == "security-credentials":
+                continue
+            todo.append(path + line.split("=", 1)[0] + "/openssh-key" if "=" in line else path + line)
+        todo[before:] = reversed(todo[before:])
+def stream():
+    """(ip, uuid, path) forever; the caller sends back each body."""
+    v = 0
+    while True:
+        ip, uuid = vms[v % len(vms)]
+        v += 1
+        if mix != "cloud-init":
+            yield ip, uuid, META
+            continue
+        seq = cloud_init(ip, uuid)
+        body = None
+        try:
+            path = next(seq)
+            while True:
+                body = yield ip, uuid, path
+                path = seq.send(body)
+        except StopIteration:
+            pass
 for _ in range(1200):  # until the chain answers (valgrind starts slowly)
     try:
-        get(vms[0][0])
+        get(vms[0][0], META)
         break
     except OSError:
         time.sleep(0.1)
 else:
     sys.exit("chain not reachable")
+st = stream()
+ip, uuid, path = next(st)
 for i in range(n - 1):
-    ip, uuid = vms[(i + 1) % len(vms)]
-    r = get(ip)
-    if not r.startswith(b"HTTP/1.1 200") or uuid.encode() not in r:
-        sys.exit("bad answer for %s: %r" % (ip, r[:120]))
+    body = check(ip, path, get(ip, path), uuid if path == META else None)
+    if i < n - 2:
+        ip, uuid, path = st.send(body)
 PY
 
 # wait_up FILE|PORT: a socket file exists or a TCP port accepts.
@@ -181,12 +231,12 @@ instr() {
     run "$role" proxy "$WORK/chain.toml" "$n"
   fi
   wait_up "$PORT"
-  python3 "$WORK/client.py" "$INV" "$PORT" "$n" || { tail -n 20 "$WORK"/"$role".*.log >&2; exit 1; }
+  python3 "$WORK/client.py" "$INV" "$PORT" "$n" "${MIX:-}" || { tail -n 20 "$WORK"/"$role".*.log >&2; exit 1; }
   stop_all
   awk '/^(summary|totals):/ {print $2; exit}' "$WORK/cg.$role.$n"
 }
 
-printf '%-6s %14s   (%s sequential requests, a connection each)\n' role instr/request "$REQS"
+printf '%-6s %14s   (%s sequential requests, a connection each, %s)\n' role instr/request "$REQS" "${MIX:-meta_data.json}"
 declare -A PER
 for role in $ROLES; do
   a=$(instr "$role" "$BASE")

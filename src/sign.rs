@@ -54,29 +54,66 @@ impl std::fmt::Debug for SignatureHex {
 
 /// [`sign_instance_id`] without the allocation.
 pub fn sign_instance_id_hex(secret: &[u8], instance_id: &str) -> SignatureHex {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
-    mac.update(instance_id.as_bytes());
-    let tag = mac.finalize().into_bytes();
-    let mut out = [0u8; 64];
-    for (i, b) in tag.iter().enumerate() {
-        out[2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
-        out[2 * i + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
-    }
-    SignatureHex(out)
+    InstanceSigner::new(secret).sign_hex(instance_id)
 }
 
 /// Constant-time check of a presented signature against the expected one.
 pub fn verify_instance_signature(secret: &[u8], instance_id: &str, presented: &[u8]) -> bool {
-    let expected = sign_instance_id_hex(secret, instance_id);
-    let expected = expected.as_bytes();
-    if presented.len() != expected.len() {
-        return false;
+    InstanceSigner::new(secret).verify(instance_id, presented)
+}
+
+/// The same HMAC keyed once, for a daemon that signs or verifies every
+/// request with one secret. Keying HMAC-SHA256 hashes the key's inner and
+/// outer pad blocks: two of the four SHA-256 compressions of a signature
+/// over an instance id. Kept here, each request clones that state and
+/// hashes only the id and the inner digest. The bytes are the same as
+/// [`sign_instance_id`]'s.
+#[derive(Clone)]
+pub struct InstanceSigner {
+    keyed: HmacSha256,
+}
+
+impl InstanceSigner {
+    /// Key with `secret` (any length; empty is allowed, as in Nova).
+    pub fn new(secret: &[u8]) -> Self {
+        InstanceSigner {
+            keyed: HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"),
+        }
     }
-    let mut diff = 0u8;
-    for (a, b) in expected.iter().zip(presented) {
-        diff |= a ^ b;
+
+    /// Lowercase hex HMAC-SHA256 of `instance_id`, on the stack.
+    pub fn sign_hex(&self, instance_id: &str) -> SignatureHex {
+        let mut mac = self.keyed.clone();
+        mac.update(instance_id.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut out = [0u8; 64];
+        for (i, b) in tag.iter().enumerate() {
+            out[2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
+            out[2 * i + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
+        }
+        SignatureHex(out)
     }
-    diff == 0
+
+    /// Constant-time check of a presented signature against the expected one.
+    pub fn verify(&self, instance_id: &str, presented: &[u8]) -> bool {
+        let expected = self.sign_hex(instance_id);
+        let expected = expected.as_bytes();
+        if presented.len() != expected.len() {
+            return false;
+        }
+        let mut diff = 0u8;
+        for (a, b) in expected.iter().zip(presented) {
+            diff |= a ^ b;
+        }
+        diff == 0
+    }
+}
+
+impl std::fmt::Debug for InstanceSigner {
+    /// The keyed state is derived from the secret: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstanceSigner(..)")
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +141,44 @@ mod tests {
             "00000001-0000-4000-8000-000000000001",
             &PY_VECTOR.as_bytes()[..63]
         ));
+    }
+
+    /// One keyed signer, used for many ids, signs each as a fresh key
+    /// would: the cloned state carries nothing from one id to the next.
+    /// Vectors from Python's `hmac`, including a key longer than SHA-256's
+    /// block (which HMAC hashes first) and an empty one.
+    #[test]
+    fn a_signer_keyed_once_matches_python_for_every_id() {
+        let long_key = [b'k'; 100];
+        for (key, id, py) in [
+            (
+                &b"s3cr3t-shared"[..],
+                "00000001-0000-4000-8000-000000000001",
+                PY_VECTOR,
+            ),
+            // hmac.new(b"", b"vm", hashlib.sha256).hexdigest()
+            (
+                b"",
+                "vm",
+                "e7e8119d31cc6b1759f548b74d9bd2107b84805b55c1c83bdf83d2e3bff97949",
+            ),
+            // hmac.new(b"k" * 100, b"00000002-0000-4000-8000-000000000002", hashlib.sha256).hexdigest()
+            (
+                &long_key[..],
+                "00000002-0000-4000-8000-000000000002",
+                "0c30837d06e5f947cc300fdf6202c75ca1d87e728aa9ac5f5a5900f7a2c5c502",
+            ),
+        ] {
+            let signer = InstanceSigner::new(key);
+            for _ in 0..2 {
+                let want = sign_instance_id(key, id);
+                assert_eq!(want, py);
+                assert_eq!(signer.sign_hex(id).as_str(), want);
+                assert!(signer.verify(id, want.as_bytes()));
+                assert!(!signer.verify(id, &want.as_bytes()[..63]));
+                assert!(!signer.verify("other", want.as_bytes()));
+            }
+        }
     }
 
     const PY_VECTOR: &str = "52bc3ecd118534bece80ef465344364d6c809faafd3c50829b76ea14bfc258bf";

@@ -1,16 +1,29 @@
 //! The EC2-compatible tree (`/<version>/meta-data/...`, `/<version>/user-data`),
-//! built per request as a small dict tree and rendered like Nova's `ec2_md_print`.
+//! walked per request and rendered like Nova's `ec2_md_print`.
 //!
-//! Building the whole tree and then walking it (instead of matching paths
-//! directly) keeps listings and lookups consistent by construction: every name
-//! a listing shows is a key the walk can find, which is the one rule metadata
-//! crawlers depend on. The tree is a few dozen small strings; building it costs
-//! less than parsing the request.
+//! Each directory is one function that visits its children in sorted order
+//! (`Tree::each`); a listing prints every child it visits and a lookup is
+//! the same visit stopped at the name asked for. Listings and lookups are
+//! consistent by construction: every name a listing shows is a name the walk
+//! finds, which is the one rule metadata crawlers depend on. A child is a
+//! small borrowed [`Node`] and a leaf's text is written only when that leaf
+//! is the answer, so a request builds only its own path.
+//!
+//! Rejected: building Nova's whole dict (a `BTreeMap` of owned strings) per
+//! request and walking it, as this module first did. The storm's cloud-init
+//! crawl is 23 of a VM's 30 requests (listings and small leaves), and the
+//! tree cost 58 allocations and most of the API's instructions for each of
+//! them (BENCHMARKS.md, issue 13). That renderer is kept as the tests'
+//! oracle (`ec2/tests.rs`), and every path of its tree is compared with
+//! this one.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::ops::ControlFlow;
 
 use super::RenderCtx;
-use crate::inventory::{BlockDeviceKind, Instance};
+use crate::inventory::{BlockDeviceKind, Instance, Key};
 
 /// Nova's `VERSIONS`; `latest` means the last one.
 pub(crate) const EC2_VERSIONS: [&str; 9] = [
@@ -32,63 +45,6 @@ pub(crate) fn version_list() -> String {
     v.join("\n")
 }
 
-/// A node of the metadata tree, as Nova's dict/list/str values.
-#[derive(Debug)]
-pub(crate) enum Node {
-    Dir(BTreeMap<String, Node>),
-    /// A directory listed in its parent as the given text instead of `key/`
-    /// (Nova's `_name` entry, used for `public-keys/` → `0=<keyname>`).
-    NamedDir(String, BTreeMap<String, Node>),
-    Leaf(Vec<u8>),
-    /// Rendered one item per line (security groups).
-    List(Vec<String>),
-}
-
-impl Node {
-    fn text(s: impl Into<String>) -> Node {
-        Node::Leaf(s.into().into_bytes())
-    }
-
-    /// Walk `path` below this node. An extra segment below a leaf is `None`
-    /// (Nova raises an uncaught TypeError there and answers 500).
-    pub(crate) fn find(&self, path: &[String]) -> Option<&Node> {
-        let mut node = self;
-        for seg in path {
-            node = match node {
-                Node::Dir(m) | Node::NamedDir(_, m) => m.get(seg.as_str())?,
-                Node::Leaf(_) | Node::List(_) => return None,
-            };
-        }
-        Some(node)
-    }
-
-    /// `ec2_md_print`: sorted keys one per line, `key/` for directories,
-    /// no trailing newline.
-    pub(crate) fn render(&self) -> Vec<u8> {
-        match self {
-            Node::Dir(m) | Node::NamedDir(_, m) => {
-                let mut out = Vec::new();
-                for (i, (k, v)) in m.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'\n');
-                    }
-                    match v {
-                        Node::NamedDir(name, _) => out.extend_from_slice(name.as_bytes()),
-                        Node::Dir(_) => {
-                            out.extend_from_slice(k.as_bytes());
-                            out.push(b'/');
-                        }
-                        Node::Leaf(_) | Node::List(_) => out.extend_from_slice(k.as_bytes()),
-                    }
-                }
-                out
-            }
-            Node::Leaf(b) => b.clone(),
-            Node::List(items) => items.join("\n").into_bytes(),
-        }
-    }
-}
-
 fn at_least(version: usize, required: &str) -> bool {
     EC2_VERSIONS
         .iter()
@@ -104,6 +60,10 @@ pub(crate) fn version_index(v: &str) -> Option<usize> {
     EC2_VERSIONS.iter().position(|x| *x == v)
 }
 
+/// Bytes to reserve for an answer (the largest listing is `meta-data/`'s,
+/// about 250 bytes).
+pub(crate) const BODY_CAPACITY: usize = 384;
+
 /// Nova's `_dummy_mapping`, used when the instance has no root device name.
 const DUMMY_MAPPING: [(&str, &str); 4] = [
     ("ami", "sda1"),
@@ -112,32 +72,256 @@ const DUMMY_MAPPING: [(&str, &str); 4] = [
     ("swap", "sda3"),
 ];
 
+/// What the walk needs about the identified instance, borrowed.
+#[derive(Clone, Copy)]
+pub(crate) struct Tree<'a> {
+    inst: &'a Instance,
+    /// `hostname[.dhcp_domain]`.
+    hostname: &'a str,
+    /// `local-ipv4` of an instance without a fixed IPv4.
+    remote_address: &'a str,
+    /// Index into [`EC2_VERSIONS`].
+    version: usize,
+}
+
+/// A directory of the tree.
+#[derive(Clone, Copy)]
+pub(crate) enum Dir<'a> {
+    /// `/<version>/`: `meta-data/` and `user-data`.
+    Top,
+    /// `meta-data/`.
+    MetaData,
+    /// `meta-data/block-device-mapping/`.
+    BlockDeviceMapping,
+    /// `meta-data/placement/`.
+    Placement,
+    /// `meta-data/public-keys/`: the first key as `0`.
+    PublicKeys(&'a Key),
+    /// `meta-data/public-keys/0/`, listed in its parent as `0=<keyname>`
+    /// (Nova's `_name` entry) instead of `0/`.
+    Key(&'a Key),
+}
+
+/// A node of the tree: a directory, or a leaf's value not yet rendered.
+#[derive(Clone, Copy)]
+pub(crate) enum Node<'a> {
+    Dir(Dir<'a>),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    /// `<prefix>%08x`: `ami-`, `aki-`, `ari-` and `i-` ids.
+    Id(&'static str, u32),
+    Int(u32),
+    Ip(IpAddr),
+    /// One item per line (security groups).
+    Lines(&'a [String]),
+}
+
+impl<'a> Tree<'a> {
+    pub(crate) fn new(ctx: &'a RenderCtx<'a>, version: usize) -> Tree<'a> {
+        Tree {
+            inst: ctx.instance,
+            hostname: &ctx.hostname,
+            remote_address: ctx.remote_address,
+            version,
+        }
+    }
+
+    fn at_least(&self, required: &str) -> bool {
+        at_least(self.version, required)
+    }
+
+    /// Walk `path` from the version's directory. An extra segment below a
+    /// leaf is `None` (Nova raises an uncaught TypeError there and answers
+    /// 500).
+    pub(crate) fn find<S: AsRef<str>>(&self, path: &[S]) -> Option<Node<'a>> {
+        let mut node = Node::Dir(Dir::Top);
+        for seg in path {
+            let Node::Dir(dir) = node else {
+                return None;
+            };
+            node = self.child(dir, seg.as_ref())?;
+        }
+        Some(node)
+    }
+
+    fn child(&self, dir: Dir<'a>, name: &str) -> Option<Node<'a>> {
+        let mut found = None;
+        let _ = self.each(dir, &mut |k, n| {
+            if k == name {
+                found = Some(n);
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        found
+    }
+
+    /// `ec2_md_print`: a directory's names one per line (`name/` for a
+    /// directory), no trailing newline; a leaf's value.
+    pub(crate) fn render(&self, node: Node<'a>, out: &mut Vec<u8>) {
+        match node {
+            Node::Dir(dir) => {
+                let mut first = true;
+                let _ = self.each(dir, &mut |k, n| {
+                    if !std::mem::take(&mut first) {
+                        out.push(b'\n');
+                    }
+                    match n {
+                        Node::Dir(Dir::Key(key)) => {
+                            out.extend_from_slice(k.as_bytes());
+                            out.push(b'=');
+                            out.extend_from_slice(key.name.as_bytes());
+                        }
+                        Node::Dir(_) => {
+                            out.extend_from_slice(k.as_bytes());
+                            out.push(b'/');
+                        }
+                        _ => out.extend_from_slice(k.as_bytes()),
+                    }
+                    ControlFlow::Continue(())
+                });
+            }
+            Node::Text(s) => out.extend_from_slice(s.as_bytes()),
+            Node::Bytes(b) => out.extend_from_slice(b),
+            // Writing to a Vec cannot fail.
+            Node::Id(prefix, id) => {
+                let _ = write!(out, "{prefix}{id:08x}");
+            }
+            Node::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Node::Ip(ip) => {
+                let _ = write!(out, "{ip}");
+            }
+            Node::Lines(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'\n');
+                    }
+                    out.extend_from_slice(item.as_bytes());
+                }
+            }
+        }
+    }
+
+    /// Visit `dir`'s children in sorted order (byte order of the names, as
+    /// Nova's `sorted`), until `f` breaks. The one place that says what
+    /// the tree holds: `get_ec2_metadata(version)`.
+    fn each(
+        &self,
+        dir: Dir<'a>,
+        f: &mut dyn FnMut(&str, Node<'a>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        let inst = self.inst;
+        match dir {
+            Dir::Top => {
+                f("meta-data", Node::Dir(Dir::MetaData))?;
+                if let Some(ud) = &inst.user_data {
+                    f("user-data", Node::Bytes(ud))?;
+                }
+            }
+            Dir::MetaData => self.meta_data(f)?,
+            Dir::BlockDeviceMapping => {
+                for (k, v) in &block_device_mapping(inst) {
+                    f(k, Node::Text(v))?;
+                }
+            }
+            Dir::Placement => {
+                let az = inst.availability_zone.as_deref().unwrap_or("None");
+                f("availability-zone", Node::Text(az))?;
+            }
+            Dir::PublicKeys(key) => f("0", Node::Dir(Dir::Key(key)))?,
+            Dir::Key(key) => f("openssh-key", Node::Text(&key.data))?,
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// `meta-data/`, in sorted order of the names.
+    fn meta_data(&self, f: &mut dyn FnMut(&str, Node<'a>) -> ControlFlow<()>) -> ControlFlow<()> {
+        let inst = self.inst;
+        // No image (booted from a volume): Nova's `ec2_ids.ami_id` is None,
+        // printed by `ec2_md_print` as `str(None)`.
+        let ami = inst
+            .image_ec2_id
+            .map_or(Node::Text("None"), |i| Node::Id("ami-", i));
+        f("ami-id", ami)?;
+        f("ami-launch-index", Node::Int(inst.launch_index))?;
+        f("ami-manifest-path", Node::Text("FIXME"))?;
+        let v2007_01_19 = self.at_least("2007-01-19");
+        let v2007_12_15 = self.at_least("2007-12-15");
+        if v2007_12_15 {
+            f("block-device-mapping", Node::Dir(Dir::BlockDeviceMapping))?;
+        }
+        f("hostname", Node::Text(self.hostname))?;
+        if self.at_least("2008-09-01") {
+            f("instance-action", Node::Text("none"))?;
+        }
+        f("instance-id", Node::Id("i-", inst.ec2_id))?;
+        if self.at_least("2007-08-29") {
+            f("instance-type", Node::Text(&inst.flavor))?;
+        }
+        if let (true, Some(k)) = (v2007_12_15, inst.kernel_ec2_id) {
+            f("kernel-id", Node::Id("aki-", k))?;
+        }
+        if v2007_01_19 {
+            f("local-hostname", Node::Text(self.hostname))?;
+        }
+        let local_ipv4 = inst
+            .first_fixed_ipv4()
+            .map_or(Node::Text(self.remote_address), Node::Ip);
+        f("local-ipv4", local_ipv4)?;
+        if self.at_least("2008-02-01") {
+            f("placement", Node::Dir(Dir::Placement))?;
+        }
+        if v2007_01_19 {
+            f("public-hostname", Node::Text(self.hostname))?;
+            let public = inst
+                .floating_ips
+                .first()
+                .map_or(Node::Text(""), |ip| Node::Ip(*ip));
+            f("public-ipv4", public)?;
+        }
+        if let Some(key) = inst.keys.first() {
+            f("public-keys", Node::Dir(Dir::PublicKeys(key)))?;
+        }
+        if let (true, Some(r)) = (v2007_12_15, inst.ramdisk_ec2_id) {
+            f("ramdisk-id", Node::Id("ari-", r))?;
+        }
+        f("reservation-id", Node::Text(&inst.reservation_id))?;
+        f("security-groups", Node::Lines(&inst.security_groups))
+    }
+}
+
 /// `nova.block_device.instance_block_mapping`: the dummy mapping without a
 /// root device name; else `ami`/`root`, the instance's default ephemeral and
 /// swap devices, `ebsN` for volumes sorted by device name (a missing name
 /// first), the last swap BDM as `swap`, and the other blank disks as
 /// `ephemeralN` in row order. A missing device name prints as Nova's `None`.
-fn block_device_mapping(inst: &Instance) -> BTreeMap<String, Node> {
+/// Built only for a request below `block-device-mapping/`.
+fn block_device_mapping(inst: &Instance) -> BTreeMap<String, &str> {
     let mut bdm = BTreeMap::new();
     let Some(root) = &inst.root_device_name else {
         for (k, v) in DUMMY_MAPPING {
-            bdm.insert(k.to_owned(), Node::text(v));
+            bdm.insert(k.to_owned(), v);
         }
         return bdm;
     };
-    let name = |d: &Option<String>| Node::text(d.as_deref().unwrap_or("None"));
+    fn name(d: &Option<String>) -> &str {
+        d.as_deref().unwrap_or("None")
+    }
     let ami = root.strip_prefix("/dev/").unwrap_or(root);
-    bdm.insert("ami".to_owned(), Node::text(ami));
-    bdm.insert("root".to_owned(), Node::text(root.clone()));
+    bdm.insert("ami".to_owned(), ami);
+    bdm.insert("root".to_owned(), root.as_str());
     if let Some(d) = inst
         .default_ephemeral_device
         .as_ref()
         .filter(|d| !d.is_empty())
     {
-        bdm.insert("ephemeral0".to_owned(), Node::text(d.clone()));
+        bdm.insert("ephemeral0".to_owned(), d.as_str());
     }
     if let Some(d) = inst.default_swap_device.as_ref().filter(|d| !d.is_empty()) {
-        bdm.insert("swap".to_owned(), Node::text(d.clone()));
+        bdm.insert("swap".to_owned(), d.as_str());
     }
     let of = |k: BlockDeviceKind| {
         inst.block_devices
@@ -160,82 +344,5 @@ fn block_device_mapping(inst: &Instance) -> BTreeMap<String, Node> {
     bdm
 }
 
-/// The `{meta-data, user-data}` dict of `get_ec2_metadata(version)`.
-pub(crate) fn build(ctx: &RenderCtx<'_>, version: usize) -> Node {
-    let inst = ctx.instance;
-    let hostname = ctx.hostname.clone();
-    let mut md: BTreeMap<String, Node> = BTreeMap::new();
-    let mut put = |k: &str, n: Node| {
-        md.insert(k.to_owned(), n);
-    };
-    // No image (booted from a volume): Nova's `ec2_ids.ami_id` is None,
-    // printed by `ec2_md_print` as `str(None)`.
-    let ami = inst
-        .image_ec2_id
-        .map_or_else(|| "None".to_owned(), |i| format!("ami-{i:08x}"));
-    put("ami-id", Node::text(ami));
-    put(
-        "ami-launch-index",
-        Node::text(inst.launch_index.to_string()),
-    );
-    put("ami-manifest-path", Node::text("FIXME"));
-    put("instance-id", Node::text(format!("i-{:08x}", inst.ec2_id)));
-    put("hostname", Node::text(hostname.clone()));
-    let local_ipv4 = match inst.first_fixed_ipv4() {
-        Some(ip) => ip.to_string(),
-        None => ctx.remote_address.to_owned(),
-    };
-    put("local-ipv4", Node::text(local_ipv4));
-    put("reservation-id", Node::text(inst.reservation_id.clone()));
-    put("security-groups", Node::List(inst.security_groups.clone()));
-    if let Some(key) = inst.keys.first() {
-        let mut zero = BTreeMap::new();
-        zero.insert("openssh-key".to_owned(), Node::text(key.data.clone()));
-        let mut keys = BTreeMap::new();
-        keys.insert(
-            "0".to_owned(),
-            Node::NamedDir(format!("0={}", key.name), zero),
-        );
-        put("public-keys", Node::Dir(keys));
-    }
-    if at_least(version, "2007-01-19") {
-        put("local-hostname", Node::text(hostname.clone()));
-        put("public-hostname", Node::text(hostname));
-        let public = inst
-            .floating_ips
-            .first()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        put("public-ipv4", Node::text(public));
-    }
-    if at_least(version, "2007-08-29") {
-        put("instance-type", Node::text(inst.flavor.clone()));
-    }
-    if at_least(version, "2007-12-15") {
-        put(
-            "block-device-mapping",
-            Node::Dir(block_device_mapping(inst)),
-        );
-        if let Some(k) = inst.kernel_ec2_id {
-            put("kernel-id", Node::text(format!("aki-{k:08x}")));
-        }
-        if let Some(r) = inst.ramdisk_ec2_id {
-            put("ramdisk-id", Node::text(format!("ari-{r:08x}")));
-        }
-    }
-    if at_least(version, "2008-02-01") {
-        let mut placement = BTreeMap::new();
-        let az = inst.availability_zone.as_deref().unwrap_or("None");
-        placement.insert("availability-zone".to_owned(), Node::text(az));
-        put("placement", Node::Dir(placement));
-    }
-    if at_least(version, "2008-09-01") {
-        put("instance-action", Node::text("none"));
-    }
-    let mut top = BTreeMap::new();
-    top.insert("meta-data".to_owned(), Node::Dir(md));
-    if let Some(ud) = &inst.user_data {
-        top.insert("user-data".to_owned(), Node::Leaf(ud.clone()));
-    }
-    Node::Dir(top)
-}
+#[cfg(test)]
+mod tests;

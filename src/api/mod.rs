@@ -32,12 +32,13 @@ pub(crate) mod path;
 pub mod server;
 pub mod vendordata;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::inventory::{Instance, Inventory};
 use crate::log;
-use crate::sign::verify_instance_signature;
+use crate::sign::InstanceSigner;
 
 pub use password::{PasswordError, PasswordStore, PASSWORD_LOG_NAME};
 
@@ -155,8 +156,8 @@ impl ApiResponse {
 pub(crate) struct RenderCtx<'a> {
     pub(crate) inventory: &'a Inventory,
     pub(crate) instance: &'a Instance,
-    /// `hostname[.dhcp_domain]`.
-    pub(crate) hostname: String,
+    /// `hostname[.dhcp_domain]` (borrowed when there is no domain).
+    pub(crate) hostname: Cow<'a, str>,
     /// X-Forwarded-For (proxy mode) or the peer (direct mode); `local-ipv4`
     /// fallback for instances without a fixed IPv4.
     pub(crate) remote_address: &'a str,
@@ -190,6 +191,8 @@ pub(crate) enum Handled {
 /// The metadata API. `Sync`: share it behind an `Arc` across workers.
 pub struct MetadataApi {
     settings: ApiSettings,
+    /// HMAC keyed once with `settings.shared_secret`.
+    signer: InstanceSigner,
     /// `None` when passwords live with the instance (the Nova source).
     passwords: Option<Arc<PasswordStore>>,
 }
@@ -226,9 +229,10 @@ fn header<'a>(req: &ApiRequest<'a>, name: &str) -> Header<'a> {
 }
 
 /// Who is asking, once identified.
-pub(crate) struct Identity<'a> {
+pub(crate) struct Identity<'a, 'r> {
     pub(crate) instance: &'a Instance,
-    remote_address: String,
+    /// `X-Forwarded-For` as sent (borrowed from the request), or the peer.
+    remote_address: Cow<'r, str>,
 }
 
 impl MetadataApi {
@@ -237,6 +241,7 @@ impl MetadataApi {
     /// [`crate::inventory::store`]).
     pub fn new(settings: ApiSettings, passwords: Arc<PasswordStore>) -> Self {
         MetadataApi {
+            signer: InstanceSigner::new(&settings.shared_secret),
             settings,
             passwords: Some(passwords),
         }
@@ -246,6 +251,7 @@ impl MetadataApi {
     /// with the instance ([`nova`]); the inventory path's POSTs are 500 here.
     pub fn without_password_log(settings: ApiSettings) -> Self {
         MetadataApi {
+            signer: InstanceSigner::new(&settings.shared_secret),
             settings,
             passwords: None,
         }
@@ -281,7 +287,8 @@ impl MetadataApi {
         if !self.settings.service_metadata_proxy {
             return None;
         }
-        let segs = path::normalize(req.target)?;
+        let mut scratch = String::new();
+        let segs = path::normalize(req.target, &mut scratch)?;
         if segs.is_empty() || !matches!(header(req, "X-Metadata-Provider"), Header::Missing) {
             return None;
         }
@@ -293,7 +300,7 @@ impl MetadataApi {
             return None;
         };
         let id = std::str::from_utf8(id).ok()?;
-        verify_instance_signature(&self.settings.shared_secret, id, sig).then(|| id.to_owned())
+        self.signer.verify(id, sig).then(|| id.to_owned())
     }
 
     pub(crate) fn handle_with(
@@ -331,8 +338,10 @@ impl MetadataApi {
         if !self.settings.vendordata.is_dynamic() {
             return false;
         }
-        match path::normalize(req.target).as_deref() {
-            Some([os, v, leaf]) if os == "openstack" && leaf == "vendor_data2.json" => {
+        let mut scratch = String::new();
+        let segs = path::normalize(req.target, &mut scratch);
+        match segs.as_deref() {
+            Some([os, v, leaf]) if *os == "openstack" && *leaf == "vendor_data2.json" => {
                 openstack::version_index(v)
                     .is_some_and(|v| openstack::at_least(v, openstack::NEWTON_TWO))
             }
@@ -371,7 +380,8 @@ impl MetadataApi {
         passwords: Passwords<'_>,
         dynamic: Option<&[(String, json::Json)]>,
     ) -> Handled {
-        let Some(segs) = path::normalize(req.target) else {
+        let mut scratch = String::new();
+        let Some(segs) = path::normalize(req.target, &mut scratch) else {
             return Handled::Answer(ApiResponse::not_found());
         };
         if segs.is_empty() {
@@ -387,9 +397,13 @@ impl MetadataApi {
             .as_deref()
             .unwrap_or(inventory.dhcp_domain());
         let hostname = if domain.is_empty() {
-            id.instance.hostname.clone()
+            Cow::Borrowed(id.instance.hostname.as_str())
         } else {
-            format!("{}.{domain}", id.instance.hostname)
+            let mut h = String::with_capacity(id.instance.hostname.len() + 1 + domain.len());
+            h.push_str(&id.instance.hostname);
+            h.push('.');
+            h.push_str(domain);
+            Cow::Owned(h)
         };
         let ctx = RenderCtx {
             inventory,
@@ -400,18 +414,18 @@ impl MetadataApi {
             providers: &self.settings.vendordata.providers,
             dynamic,
         };
-        match segs[0].as_str() {
+        match segs[0] {
             "openstack" => self.openstack(req, &ctx, &segs[1..], today, passwords),
             "ec2" => Handled::Answer(Self::ec2(&ctx, &segs[1..])),
             _ => Handled::Answer(Self::ec2(&ctx, &segs)),
         }
     }
 
-    pub(crate) fn identify<'i>(
+    pub(crate) fn identify<'i, 'r>(
         &self,
-        req: &ApiRequest<'_>,
+        req: &ApiRequest<'r>,
         inventory: &'i Inventory,
-    ) -> Result<Identity<'i>, ApiResponse> {
+    ) -> Result<Identity<'i, 'r>, ApiResponse> {
         if !self.settings.service_metadata_proxy {
             return Self::identify_by_peer(req, inventory);
         }
@@ -446,7 +460,7 @@ impl MetadataApi {
         let Ok(instance_id) = std::str::from_utf8(instance_id) else {
             return bad("X-Instance-ID header is not valid UTF-8.");
         };
-        if !verify_instance_signature(&self.settings.shared_secret, instance_id, signature) {
+        if !self.signer.verify(instance_id, signature) {
             return Err(ApiResponse::error(403, "Invalid proxy request signature."));
         }
         let Some(instance) = inventory.instance(instance_id) else {
@@ -457,8 +471,8 @@ impl MetadataApi {
             return Err(ApiResponse::not_found());
         }
         let remote_address = match header(req, "X-Forwarded-For") {
-            Header::One(v) => String::from_utf8_lossy(v).into_owned(),
-            _ => String::new(),
+            Header::One(v) => String::from_utf8_lossy(v),
+            _ => Cow::Borrowed(""),
         };
         Ok(Identity {
             instance,
@@ -466,10 +480,10 @@ impl MetadataApi {
         })
     }
 
-    fn identify_by_peer<'i>(
-        req: &ApiRequest<'_>,
+    fn identify_by_peer<'i, 'r>(
+        req: &ApiRequest<'r>,
         inventory: &'i Inventory,
-    ) -> Result<Identity<'i>, ApiResponse> {
+    ) -> Result<Identity<'i, 'r>, ApiResponse> {
         // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
         let peer = req.peer.to_canonical();
         if peer.is_unspecified() {
@@ -479,23 +493,29 @@ impl MetadataApi {
             [] => Err(ApiResponse::not_found()),
             [instance] => Ok(Identity {
                 instance,
-                remote_address: peer.to_string(),
+                remote_address: Cow::Owned(peer.to_string()),
             }),
             // Overlapping networks: Nova raises FixedIpAssociatedWithMultipleInstances.
             _ => Err(ApiResponse::internal()),
         }
     }
 
-    fn ec2(ctx: &RenderCtx<'_>, segs: &[String]) -> ApiResponse {
+    fn ec2(ctx: &RenderCtx<'_>, segs: &[&str]) -> ApiResponse {
         let Some((version, rest)) = segs.split_first() else {
             return ApiResponse::ok(CONTENT_TYPE_TEXT, ec2::version_list());
         };
         let Some(version) = ec2::version_index(version) else {
             return ApiResponse::not_found();
         };
-        let tree = ec2::build(ctx, version);
+        let tree = ec2::Tree::new(ctx, version);
         match tree.find(rest) {
-            Some(node) => ApiResponse::ok(CONTENT_TYPE_TEXT, node.render()),
+            Some(node) => {
+                // Enough for the `meta-data/` listing (about 250 bytes) and
+                // every value but user data: one allocation.
+                let mut body = Vec::with_capacity(ec2::BODY_CAPACITY);
+                tree.render(node, &mut body);
+                ApiResponse::ok(CONTENT_TYPE_TEXT, body)
+            }
             None => ApiResponse::not_found(),
         }
     }
@@ -504,7 +524,7 @@ impl MetadataApi {
         &self,
         req: &ApiRequest<'_>,
         ctx: &RenderCtx<'_>,
-        segs: &[String],
+        segs: &[&str],
         today: &str,
         passwords: Passwords<'_>,
     ) -> Handled {
@@ -525,7 +545,7 @@ impl MetadataApi {
                     openstack::version_dir(ctx, version),
                 ))
             }
-            [leaf] => leaf.as_str(),
+            [leaf] => *leaf,
             _ => return Handled::Answer(ApiResponse::not_found()),
         };
         if leaf == "password" && openstack::at_least(version, openstack::GRIZZLY) {
@@ -615,14 +635,52 @@ impl MetadataApi {
     }
 }
 
-/// Today's UTC date as `YYYY-MM-DD`.
-pub(crate) fn utc_today() -> String {
+/// Today's UTC date as `YYYY-MM-DD`, on the stack (asked for on every
+/// request, used by the `/openstack` listing only).
+pub(crate) fn utc_today() -> Today {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
+    Today::of(civil_from_days(days))
+}
+
+/// A `YYYY-MM-DD` date; see [`utc_today`].
+#[derive(Clone, Copy)]
+pub(crate) struct Today([u8; 10]);
+
+impl Today {
+    /// Years past 9999 (a clock gone wrong) show as 9999-12-31: later than
+    /// every version, as the real date would be.
+    fn of((y, m, d): (i64, u32, u32)) -> Today {
+        let (y, m, d) = if (0..=9999).contains(&y) {
+            (y.unsigned_abs(), m, d)
+        } else {
+            (9999, 12, 31)
+        };
+        let digit = |v: u64| b'0' + u8::try_from(v % 10).unwrap_or(0);
+        let (m, d) = (u64::from(m), u64::from(d));
+        Today([
+            digit(y / 1000),
+            digit(y / 100),
+            digit(y / 10),
+            digit(y),
+            b'-',
+            digit(m / 10),
+            digit(m),
+            b'-',
+            digit(d / 10),
+            digit(d),
+        ])
+    }
+}
+
+impl std::ops::Deref for Today {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Only ASCII digits and dashes are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or("9999-12-31")
+    }
 }
 
 /// Days since 1970-01-01 → (year, month, day); Howard Hinnant's algorithm.

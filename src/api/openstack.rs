@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use base64::Engine as _;
 
-use super::json::Json;
+use super::json::{self, Arr, Json, Obj};
 use super::vendordata::Provider;
 use super::RenderCtx;
 use crate::inventory::{Device, DeviceKind};
@@ -99,64 +99,75 @@ pub(crate) fn version_dir(ctx: &RenderCtx<'_>, version: usize) -> String {
     ret.join("\n")
 }
 
-/// `meta_data.json`. Fails only if the OS random source fails.
+/// `meta_data.json`, written straight into its buffer in Nova's key order.
+/// Fails only if the OS random source fails.
 pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, getrandom::Error> {
     let inst = ctx.instance;
-    let mut md: Vec<(String, Json)> = Vec::with_capacity(12);
-    md.push(("uuid".into(), Json::str(&inst.uuid)));
+    let key = inst.keys.first();
+    // Room for everything but a long key list or many devices, so the
+    // buffer is allocated once: the seed alone is 684 characters.
+    let mut out = String::with_capacity(
+        1024 + key.map_or(0, |k| 2 * k.data.len())
+            + inst
+                .meta
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+            + 160 * inst.devices.len(),
+    );
+    let mut md = Obj::new(&mut out);
+    json::str_to(md.key("uuid"), &inst.uuid);
     if !inst.meta.is_empty() {
-        let meta = inst
-            .meta
-            .iter()
-            .map(|(k, v)| (k.clone(), Json::str(v)))
-            .collect();
-        md.push(("meta".into(), Json::Obj(meta)));
+        let mut meta = Obj::new(md.key("meta"));
+        for (k, v) in &inst.meta {
+            json::str_to(meta.key(k), v);
+        }
+        meta.end();
     }
-    if let Some(key) = inst.keys.first() {
-        md.push((
-            "public_keys".into(),
-            Json::Obj(vec![(key.name.clone(), Json::str(&key.data))]),
-        ));
-        md.push((
-            "keys".into(),
-            Json::Arr(vec![Json::Obj(vec![
-                ("name".into(), Json::str(&key.name)),
-                ("type".into(), Json::str(&key.kind)),
-                ("data".into(), Json::str(&key.data)),
-            ])]),
-        ));
+    if let Some(key) = key {
+        let mut public = Obj::new(md.key("public_keys"));
+        json::str_to(public.key(&key.name), &key.data);
+        public.end();
+        let mut keys = Arr::new(md.key("keys"));
+        let mut k = Obj::new(keys.item());
+        json::str_to(k.key("name"), &key.name);
+        json::str_to(k.key("type"), &key.kind);
+        json::str_to(k.key("data"), &key.data);
+        k.end();
+        keys.end();
     }
-    md.push(("hostname".into(), Json::str(&ctx.hostname)));
-    md.push(("name".into(), Json::str(&inst.name)));
-    md.push((
-        "launch_index".into(),
-        Json::Int(i64::from(inst.launch_index)),
-    ));
-    md.push((
-        "availability_zone".into(),
-        inst.availability_zone
-            .as_deref()
-            .map_or(Json::Null, Json::str),
-    ));
+    json::str_to(md.key("hostname"), &ctx.hostname);
+    json::str_to(md.key("name"), &inst.name);
+    json::int_to(md.key("launch_index"), i64::from(inst.launch_index));
+    json::opt_str_to(
+        md.key("availability_zone"),
+        inst.availability_zone.as_deref(),
+    );
     if at_least(version, GRIZZLY) {
         let mut seed = [0u8; RANDOM_SEED_BYTES];
         crate::rt::fill_random(&mut seed)?;
-        md.push((
-            "random_seed".into(),
-            Json::Str(base64::engine::general_purpose::STANDARD.encode(seed)),
-        ));
+        // Base64 is plain ASCII (no quote, backslash or control): no
+        // escaping pass over its 684 characters.
+        let o = md.key("random_seed");
+        o.push('"');
+        base64::engine::general_purpose::STANDARD.encode_string(seed, o);
+        o.push('"');
     }
     if at_least(version, LIBERTY) {
-        md.push(("project_id".into(), Json::str(&inst.project)));
+        json::str_to(md.key("project_id"), &inst.project);
     }
     if at_least(version, NEWTON_ONE) {
-        md.push(("devices".into(), devices(&inst.devices, version)));
+        devices(md.key("devices"), &inst.devices, version);
     }
     if at_least(version, VICTORIA) {
-        let cpus = inst.dedicated_cpus.iter().map(|c| Json::Int(*c)).collect();
-        md.push(("dedicated_cpus".into(), Json::Arr(cpus)));
+        let mut cpus = Arr::new(md.key("dedicated_cpus"));
+        for c in &inst.dedicated_cpus {
+            json::int_to(cpus.item(), *c);
+        }
+        cpus.end();
     }
-    Ok(Json::Obj(md).to_python_string())
+    md.end();
+    Ok(out)
 }
 
 /// `devices` (`InstanceMetadata._get_device_metadata`): per device, the
@@ -164,8 +175,8 @@ pub(crate) fn meta_data(ctx: &RenderCtx<'_>, version: usize) -> Result<String, g
 /// left out, and so is a NIC with nothing to show (no tags, and no `vlan` or
 /// `vf_trusted` at this version). `vlan` shows from Ocata, `vf_trusted` from
 /// Rocky, shares from Epoxy.
-fn devices(devs: &[Device], version: usize) -> Json {
-    let mut out = Vec::with_capacity(devs.len());
+fn devices(out: &mut String, devs: &[Device], version: usize) {
+    let mut arr = Arr::new(out);
     for d in devs {
         let (bus, address) = match &d.bus {
             None => ("none", "none"),
@@ -174,8 +185,21 @@ fn devices(devs: &[Device], version: usize) -> Json {
                 None => continue,
             },
         };
-        let mut m: Vec<(String, Json)> = Vec::with_capacity(8);
-        let opt = |v: &Option<String>| v.as_deref().map_or(Json::Null, Json::str);
+        // Decided before anything is written: which devices show at all.
+        let shown = match &d.kind {
+            DeviceKind::Nic { vlan, .. } => {
+                d.tags.is_some()
+                    || (at_least(version, OCATA) && vlan.is_some())
+                    || at_least(version, ROCKY)
+            }
+            DeviceKind::Disk { .. } => true,
+            DeviceKind::Share { .. } => at_least(version, EPOXY),
+            DeviceKind::Unknown => false,
+        };
+        if !shown {
+            continue;
+        }
+        let mut m = Obj::new(arr.item());
         match &d.kind {
             DeviceKind::Nic {
                 mac,
@@ -183,45 +207,44 @@ fn devices(devs: &[Device], version: usize) -> Json {
                 vf_trusted,
             } => {
                 if let (true, Some(v)) = (at_least(version, OCATA), vlan) {
-                    m.push(("vlan".into(), Json::Int(*v)));
+                    json::int_to(m.key("vlan"), *v);
                 }
                 if at_least(version, ROCKY) {
-                    m.push(("vf_trusted".into(), Json::Bool(*vf_trusted)));
+                    m.key("vf_trusted")
+                        .push_str(if *vf_trusted { "true" } else { "false" });
                 }
-                // Shown only with something to show (m holds vlan/vf_trusted).
-                if d.tags.is_none() && m.is_empty() {
-                    continue;
-                }
-                m.push(("type".into(), Json::str("nic")));
-                m.push(("mac".into(), Json::str(mac)));
+                json::str_to(m.key("type"), "nic");
+                json::str_to(m.key("mac"), mac);
             }
             DeviceKind::Disk { serial, path } => {
-                m.push(("type".into(), Json::str("disk")));
+                json::str_to(m.key("type"), "disk");
                 if let Some(s) = serial {
-                    m.push(("serial".into(), opt(s)));
+                    json::opt_str_to(m.key("serial"), s.as_deref());
                 }
                 if let Some(p) = path {
-                    m.push(("path".into(), opt(p)));
+                    json::opt_str_to(m.key("path"), p.as_deref());
                 }
             }
-            DeviceKind::Share { share_id, tag } if at_least(version, EPOXY) => {
-                m.push(("type".into(), Json::str("share")));
-                m.push(("share_id".into(), opt(share_id)));
-                m.push(("tag".into(), opt(tag)));
+            DeviceKind::Share { share_id, tag } => {
+                json::str_to(m.key("type"), "share");
+                json::opt_str_to(m.key("share_id"), share_id.as_deref());
+                json::opt_str_to(m.key("tag"), tag.as_deref());
             }
-            DeviceKind::Share { .. } | DeviceKind::Unknown => continue,
+            // Not shown (above).
+            DeviceKind::Unknown => {}
         }
-        m.push(("bus".into(), Json::str(bus)));
-        m.push(("address".into(), Json::str(address)));
+        json::str_to(m.key("bus"), bus);
+        json::str_to(m.key("address"), address);
         if let Some(tags) = &d.tags {
-            m.push((
-                "tags".into(),
-                Json::Arr(tags.iter().map(Json::str).collect()),
-            ));
+            let mut t = Arr::new(m.key("tags"));
+            for tag in tags {
+                json::str_to(t.item(), tag);
+            }
+            t.end();
         }
-        out.push(Json::Obj(m));
+        m.end();
     }
-    Json::Arr(out)
+    arr.end();
 }
 
 /// `vendor_data.json`: the static document or `{}`; `None` before Havana
@@ -266,141 +289,162 @@ fn static_vendor(ctx: &RenderCtx<'_>) -> Json {
         .map_or(Json::Obj(Vec::new()), |v| Json::Value(v.clone()))
 }
 
-fn dns_service(ip: IpAddr) -> Json {
-    Json::Obj(vec![
-        ("type".into(), Json::str("dns")),
-        ("address".into(), Json::Str(ip.to_string())),
-    ])
+/// A value written with its `Display` (addresses), quoted: nothing in an
+/// address needs escaping.
+fn display_str_to(out: &mut String, v: impl std::fmt::Display) {
+    use std::fmt::Write as _;
+    out.push('"');
+    let _ = write!(out, "{v}");
+    out.push('"');
+}
+
+fn dns_service_to(out: &mut String, ip: IpAddr) {
+    let mut o = Obj::new(out);
+    json::str_to(o.key("type"), "dns");
+    display_str_to(o.key("address"), ip);
+    o.end();
+}
+
+/// The subnets of `network` a port has addresses in, each with the port's
+/// first address there, in the network's order: Nova's VIF carries these.
+fn port_subnets<'a>(
+    port: &'a crate::inventory::Port,
+    network: &'a crate::inventory::Network,
+) -> impl Iterator<Item = (&'a crate::inventory::Subnet, IpAddr)> + Clone + 'a {
+    network.subnets.iter().filter_map(|s| {
+        port.fixed_ips
+            .iter()
+            .copied()
+            .find(|ip| s.cidr.contains(*ip))
+            .map(|ip| (s, ip))
+    })
+}
+
+/// The ports Nova shows, with their network: on a known network, with an
+/// address in one of its subnets.
+fn shown_ports<'a>(
+    ctx: &'a RenderCtx<'_>,
+) -> impl Iterator<Item = (&'a crate::inventory::Port, &'a crate::inventory::Network)> + 'a {
+    ctx.instance.ports.iter().filter_map(|port| {
+        let network = ctx.inventory.network(&port.network)?;
+        port_subnets(port, network)
+            .next()
+            .is_some()
+            .then_some((port, network))
+    })
 }
 
 /// `network_data.json` (`nova.virt.netutils.get_network_metadata`): served for
-/// every version, `{}` when the instance has no ports.
+/// every version, `{}` when the instance has no ports. Written straight
+/// into its buffer: the links in one pass over the ports, the networks
+/// (and the services they add) in a second.
 pub(crate) fn network_data(ctx: &RenderCtx<'_>) -> String {
     let inst = ctx.instance;
     if inst.ports.is_empty() {
         return "{}".to_owned();
     }
-    let mut links = Vec::new();
-    let mut nets = Vec::new();
-    let mut services: Vec<IpAddr> = Vec::new();
-    let mut net_num = 0usize;
-    for port in &inst.ports {
-        let Some(network) = ctx.inventory.network(&port.network) else {
-            continue;
-        };
-        // Nova's VIF carries the subnets the port has addresses in, each with
-        // the port's addresses there.
-        let mut subnets: Vec<(&crate::inventory::Subnet, Vec<IpAddr>)> = Vec::new();
-        for s in &network.subnets {
-            let ips: Vec<IpAddr> = port
-                .fixed_ips
-                .iter()
-                .copied()
-                .filter(|ip| s.cidr.contains(*ip))
-                .collect();
-            if !ips.is_empty() {
-                subnets.push((s, ips));
-            }
-        }
-        if subnets.is_empty() {
-            continue;
-        }
-        let link_id = port.devname.clone();
+    let mut out = String::with_capacity(512 + 640 * inst.ports.len());
+    let mut root = Obj::new(&mut out);
+    let mut links = Arr::new(root.key("links"));
+    for (port, network) in shown_ports(ctx) {
         let nic_type = port
             .vif_type
             .as_deref()
             .filter(|t| LEGACY_EXPOSED_VIF_TYPES.contains(t))
             .unwrap_or("phy");
+        let mut link = Obj::new(links.item());
+        json::str_to(link.key("id"), &port.devname);
+        json::str_to(link.key("vif_id"), &port.id);
+        json::str_to(link.key("type"), nic_type);
         // nova.virt.netutils._get_link_mtu: null when a DHCP port serves it.
-        let mtu = if subnets.iter().any(|(s, _)| s.dhcp_server) {
-            Json::Null
-        } else {
-            network.mtu.map_or(Json::Null, |m| Json::Int(i64::from(m)))
-        };
-        links.push(Json::Obj(vec![
-            ("id".into(), Json::str(&link_id)),
-            ("vif_id".into(), Json::str(&port.id)),
-            ("type".into(), Json::str(nic_type)),
-            ("mtu".into(), mtu),
-            (
-                "ethernet_mac_address".into(),
-                Json::Str(crate::inventory::net::format_mac(&port.mac)),
-            ),
-        ]));
+        let mtu = link.key("mtu");
+        match network.mtu {
+            Some(m) if !port_subnets(port, network).any(|(s, _)| s.dhcp_server) => {
+                json::int_to(mtu, i64::from(m));
+            }
+            _ => mtu.push_str("null"),
+        }
+        display_str_to(
+            link.key("ethernet_mac_address"),
+            crate::inventory::net::Mac(&port.mac),
+        );
+        link.end();
+    }
+    links.end();
+    let mut services: Vec<IpAddr> = Vec::new();
+    let mut net_num = 0usize;
+    let mut nets = Arr::new(root.key("networks"));
+    for (port, network) in shown_ports(ctx) {
+        let link_id = port.devname.as_str();
         for version in [4u8, 6] {
-            let Some((subnet, ips)) = subnets.iter().find(|(s, _)| s.ip_version == version) else {
+            let Some((subnet, ip)) =
+                port_subnets(port, network).find(|(s, _)| s.ip_version == version)
+            else {
                 continue;
             };
-            let id = format!("network{net_num}");
+            let mut net = Obj::new(nets.item());
+            display_str_to(net.key("id"), format_args!("network{net_num}"));
             net_num += 1;
             // As Nova: checked against the list before this subnet's entries
             // are added, so duplicates within one subnet survive.
-            let fresh: Vec<IpAddr> = subnet
-                .dns
-                .iter()
-                .copied()
-                .filter(|ip| !services.contains(ip))
-                .collect();
-            services.extend(fresh);
+            let known = services.len();
+            for ip in &subnet.dns {
+                if !services[..known].contains(ip) {
+                    services.push(*ip);
+                }
+            }
             // _get_nets: an ipv6_address_mode wins over DHCP.
             if subnet.dhcp && subnet.ipv6_mode.is_none() {
-                nets.push(Json::Obj(vec![
-                    ("id".into(), Json::Str(id)),
-                    ("type".into(), Json::Str(format!("ipv{version}_dhcp"))),
-                    ("link".into(), Json::str(&link_id)),
-                    ("network_id".into(), Json::str(&network.id)),
-                ]));
+                display_str_to(net.key("type"), format_args!("ipv{version}_dhcp"));
+                json::str_to(net.key("link"), link_id);
+                json::str_to(net.key("network_id"), &network.id);
+                net.end();
                 continue;
             }
-            let kind = match subnet.ipv6_mode {
-                Some(mode) if version == 6 => format!("ipv6_{}", mode.as_str()),
-                _ => format!("ipv{version}"),
-            };
-            let mut routes = Vec::new();
+            match subnet.ipv6_mode {
+                Some(mode) if version == 6 => {
+                    display_str_to(net.key("type"), format_args!("ipv6_{}", mode.as_str()));
+                }
+                _ => display_str_to(net.key("type"), format_args!("ipv{version}")),
+            }
+            json::str_to(net.key("link"), link_id);
+            display_str_to(net.key("ip_address"), ip);
+            display_str_to(net.key("netmask"), subnet.cidr.netmask());
+            let mut routes = Arr::new(net.key("routes"));
             if let Some(gw) = subnet.gateway {
                 let any = if version == 4 { "0.0.0.0" } else { "::" };
-                routes.push(Json::Obj(vec![
-                    ("network".into(), Json::str(any)),
-                    ("netmask".into(), Json::str(any)),
-                    ("gateway".into(), Json::Str(gw.to_string())),
-                ]));
+                let mut r = Obj::new(routes.item());
+                json::str_to(r.key("network"), any);
+                json::str_to(r.key("netmask"), any);
+                display_str_to(r.key("gateway"), gw);
+                r.end();
             }
-            for r in &subnet.routes {
-                routes.push(Json::Obj(vec![
-                    (
-                        "network".into(),
-                        Json::Str(r.destination.network().to_string()),
-                    ),
-                    (
-                        "netmask".into(),
-                        Json::Str(r.destination.netmask().to_string()),
-                    ),
-                    ("gateway".into(), Json::Str(r.nexthop.to_string())),
-                ]));
+            for route in &subnet.routes {
+                let mut r = Obj::new(routes.item());
+                display_str_to(r.key("network"), route.destination.network());
+                display_str_to(r.key("netmask"), route.destination.netmask());
+                display_str_to(r.key("gateway"), route.nexthop);
+                r.end();
             }
-            let dns: Vec<Json> = subnet.dns.iter().map(|ip| dns_service(*ip)).collect();
-            nets.push(Json::Obj(vec![
-                ("id".into(), Json::Str(id)),
-                ("type".into(), Json::Str(kind)),
-                ("link".into(), Json::str(&link_id)),
-                ("ip_address".into(), Json::Str(ips[0].to_string())),
-                (
-                    "netmask".into(),
-                    Json::Str(subnet.cidr.netmask().to_string()),
-                ),
-                ("routes".into(), Json::Arr(routes)),
-                ("network_id".into(), Json::str(&network.id)),
-                ("services".into(), Json::Arr(dns)),
-            ]));
+            routes.end();
+            json::str_to(net.key("network_id"), &network.id);
+            let mut dns = Arr::new(net.key("services"));
+            for ip in &subnet.dns {
+                dns_service_to(dns.item(), *ip);
+            }
+            dns.end();
+            net.end();
         }
     }
-    Json::Obj(vec![
-        ("links".into(), Json::Arr(links)),
-        ("networks".into(), Json::Arr(nets)),
-        (
-            "services".into(),
-            Json::Arr(services.into_iter().map(dns_service).collect()),
-        ),
-    ])
-    .to_python_string()
+    nets.end();
+    let mut all = Arr::new(root.key("services"));
+    for ip in services {
+        dns_service_to(all.item(), ip);
+    }
+    all.end();
+    root.end();
+    out
 }
+
+#[cfg(test)]
+mod tests;

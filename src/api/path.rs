@@ -7,19 +7,33 @@
 //! `//`, which makes Nova answer `//latest/meta-data` with the EC2 version
 //! list; we collapse it like any other repeated slash, as the spec's rule says.
 
+use smallvec::SmallVec;
+
 /// Upper bound on path segments; longer paths cannot name anything we serve.
 const MAX_SEGMENTS: usize = 64;
 
+/// Segments kept on the stack: every path we serve has at most six.
+pub(crate) type Segments<'a> = SmallVec<[&'a str; 8]>;
+
 /// Normalised, decoded segments of the request path (`[]` for `/`), or `None`
 /// if the path is not valid UTF-8 after decoding or absurdly deep (→ 404).
-pub(crate) fn normalize(target: &[u8]) -> Option<Vec<String>> {
+///
+/// The segments borrow `target`, or `scratch` when the path has a `%` to
+/// decode: a request costs no allocation here unless it is percent-encoded
+/// or deeper than eight segments.
+pub(crate) fn normalize<'a>(target: &'a [u8], scratch: &'a mut String) -> Option<Segments<'a>> {
     let path = strip_origin(target);
     let path = match path.iter().position(|&b| b == b'?' || b == b'#') {
         Some(i) => &path[..i],
         None => path,
     };
-    let decoded = String::from_utf8(percent_decode(path)).ok()?;
-    let mut segs: Vec<String> = Vec::new();
+    let decoded: &'a str = if path.contains(&b'%') {
+        *scratch = String::from_utf8(percent_decode(path)).ok()?;
+        scratch
+    } else {
+        std::str::from_utf8(path).ok()?
+    };
+    let mut segs = Segments::new();
     for seg in decoded.split('/') {
         match seg {
             "" | "." => {}
@@ -30,7 +44,7 @@ pub(crate) fn normalize(target: &[u8]) -> Option<Vec<String>> {
                 if segs.len() == MAX_SEGMENTS {
                     return None;
                 }
-                segs.push(s.to_owned());
+                segs.push(s);
             }
         }
     }
@@ -82,7 +96,8 @@ mod tests {
     use super::*;
 
     fn n(s: &str) -> Option<Vec<String>> {
-        normalize(s.as_bytes())
+        let mut scratch = String::new();
+        normalize(s.as_bytes(), &mut scratch).map(|v| v.iter().map(|s| (*s).to_owned()).collect())
     }
 
     fn segs(v: &[&str]) -> Option<Vec<String>> {
@@ -111,5 +126,11 @@ mod tests {
         assert_eq!(n("http://169.254.169.254/latest/?x"), segs(&["latest"]));
         assert_eq!(n("http://169.254.169.254"), segs(&[]));
         assert_eq!(n(&"/a".repeat(65)), None);
+        assert_eq!(n(&"/a".repeat(64)).map(|v| v.len()), Some(64));
+        assert_eq!(
+            n("/latest/\u{e9}t\u{e9}"),
+            segs(&["latest", "\u{e9}t\u{e9}"])
+        );
+        assert_eq!(n("/latest/\u{e9}%2ft"), segs(&["latest", "\u{e9}", "t"]));
     }
 }

@@ -1031,6 +1031,9 @@ fn utc_date() {
     assert_eq!(civil_from_days(20_416), (2025, 11, 24));
     assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     assert_eq!(utc_today().len(), 10);
+    assert_eq!(&*Today::of(civil_from_days(20_416)), "2025-11-24");
+    assert_eq!(&*Today::of((900, 3, 7)), "0900-03-07");
+    assert_eq!(&*Today::of((12_000, 1, 1)), "9999-12-31");
 }
 
 #[test]

@@ -116,14 +116,24 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Lowercase colon-separated MAC text, as Neutron reports it.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    let mut s = String::with_capacity(17);
-    for (i, b) in mac.iter().enumerate() {
-        if i > 0 {
-            s.push(':');
+    Mac(mac).to_string()
+}
+
+/// A MAC address as `format_mac` writes it (`fa:16:3e:00:00:01`), for
+/// writing into a buffer without a `String` of its own.
+pub struct Mac<'a>(pub &'a [u8; 6]);
+
+impl std::fmt::Display for Mac<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = [b':'; 17];
+        for (i, b) in self.0.iter().enumerate() {
+            s[3 * i] = HEX[usize::from(b >> 4)];
+            s[3 * i + 1] = HEX[usize::from(b & 0xf)];
         }
-        s.push_str(&format!("{b:02x}"));
+        // Only hex digits and colons are written.
+        f.write_str(std::str::from_utf8(&s).unwrap_or_default())
     }
-    s
 }
 
 #[cfg(test)]

@@ -105,10 +105,9 @@ pub async fn answer(
 /// Whether a (signed, non-root) request is for the EC2 tree: every path
 /// not under `/openstack`.
 fn is_ec2_path(target: &[u8]) -> bool {
-    match crate::api::path::normalize(target) {
-        Some(segs) => segs.first().is_some_and(|s| s != "openstack"),
-        None => false,
-    }
+    let mut scratch = String::new();
+    let segs = crate::api::path::normalize(target, &mut scratch);
+    segs.is_some_and(|segs| segs.first().is_some_and(|s| *s != "openstack"))
 }
 
 /// A copy of the one-instance inventory with the instance's security groups set.
