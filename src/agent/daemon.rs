@@ -465,6 +465,8 @@ pub struct AgentLoop {
     pub(super) host_header: String,
     /// This loop's connections to the API.
     pub(super) pool: forward::Pool,
+    /// The shared secret's HMAC state, keyed once (`X-Instance-ID-Signature`).
+    pub(super) signer: crate::sign::Signer,
     /// Set when the loop drains.
     pub(super) stopping: Event,
     /// This loop's buffers (and, on the agent's own loops, its connections).
@@ -513,6 +515,7 @@ impl AgentLoop {
             pool: forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
                 .with_tls(cfg.nova.tls.clone())
                 .pipelined(),
+            signer: crate::sign::Signer::new(cfg.shared_secret.as_bytes()),
             stopping: Event::default(),
             server,
             last_forbidden_hint: Cell::new(None),

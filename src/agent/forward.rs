@@ -89,6 +89,7 @@ use crate::http::{self, ChunkedScanner, Limits, Method, ResponseBody, ResponseHe
 use crate::log;
 use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, PendingInput, TcpConn};
+use crate::sign::Signer;
 
 /// Read size for API responses.
 const READ_BYTES: usize = 16 * 1024;
@@ -1061,7 +1062,7 @@ pub fn write_api_request(
     host: &str,
     id: &Identity,
     r: &Resolved,
-    secret: &[u8],
+    signer: &Signer,
 ) -> Result<(), InvalidHeader> {
     // The request line has no field syntax of its own: a target is one
     // run of visible bytes (httparse already refused anything else).
@@ -1071,7 +1072,7 @@ pub fn write_api_request(
     let host = HeaderValue::new(host.as_bytes())?;
     let xff = HeaderValue::new(id.xff.as_bytes())?;
     let token = guest.token.map(HeaderValue::new).transpose()?;
-    let sig = crate::sign::sign_instance_id_hex(secret, r.instance.as_str());
+    let sig = signer.sign_hex(r.instance.as_str());
     let sig = HeaderValue::new(sig.as_bytes())?;
     out.extend_from_slice(guest.method.as_str().as_bytes());
     out.push(b' ');
