@@ -35,7 +35,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// oneshot for its answer from the connection's reader task, where it used to
 /// poll its own boxed read (one allocation each), and the count rounds up
 /// from the wake-ups that now cross two tasks.
-const AGENT_CACHE_HIT_MAX: u64 = 19;
+const AGENT_CACHE_HIT_MAX: u64 = 17;
 /// Allocations (and reallocations) per `meta_data.json` render (was 28).
 const API_META_DATA_MAX: u64 = 27;
 

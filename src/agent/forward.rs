@@ -13,9 +13,13 @@
 //!   each connection. Each connection has a writer task (every request
 //!   queued since its last write goes out in one write) and a reader task
 //!   (it frames the answers and hands each, whole, to the oldest request in
-//!   flight: HTTP/1.1 answers in order). An idle connection is used first,
-//!   the pool grows to `pool_size` before anything is pipelined, then the
-//!   least-loaded connection with room takes the request. This is what
+//!   flight: HTTP/1.1 answers in order). A request joins a connection
+//!   whose writer has not yet taken its queue (the requests of one loop
+//!   turn, what one read from the proxy delivered, go out as one write;
+//!   spread over idle connections they cost the API a read and a write
+//!   each), else an idle connection is used, the pool grows to `pool_size`
+//!   before anything else is pipelined, then the least-loaded connection
+//!   with room takes the request. This is what
 //!   `proxy::upstream` does towards the agent; the API renders in
 //!   microseconds and answers a batch in one write
 //!   (`serve::engine::Handler::BATCH_WRITES`), so a batch from the proxy
@@ -301,9 +305,11 @@ impl Pipe {
     }
 
     /// Mark dead, shut the socket and fail every request not answered: the
-    /// front with `first` when given; a request never written, or a GET or
-    /// HEAD, as retryable; any other written one (a password POST) as
-    /// broken, never re-sent (the API may have acted on it).
+    /// front with `first` when given (its answer was the broken one, and a
+    /// GET or HEAD behind it is [`Attempt::Behind`]); a request never
+    /// written, or a GET or HEAD, as retryable; any other written one (a
+    /// password POST) as broken, never re-sent (the API may have acted on
+    /// it).
     fn kill(&self, first: Option<ForwardError>) {
         if self.dead.replace(true) {
             return;
@@ -311,11 +317,13 @@ impl Pipe {
         if let Some(c) = self.conn.get() {
             c.shutdown();
         }
+        let behind = first.is_some();
         let mut first = first;
         let in_flight: Vec<Pending> = self.in_flight.borrow_mut().drain(..).collect();
         for p in in_flight {
             let e = match first.take() {
                 Some(e) => Attempt::Fatal(e),
+                None if p.idempotent && behind => Attempt::Behind,
                 None if p.idempotent => Attempt::Retryable,
                 None => Attempt::Fatal(ForwardError::Broken(
                     "connection lost after the request was sent".into(),
@@ -517,7 +525,14 @@ async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
 
 /// One attempt's failure: worth a re-send on a fresh connection, or final.
 enum Attempt {
+    /// Lost with its connection: re-sent once if that connection had
+    /// answered before (the API may have closed it while idle).
     Retryable,
+    /// A GET or HEAD pipelined behind a request whose answer was broken:
+    /// the blame is that request's, so it is re-sent once on a fresh
+    /// connection however new its own was (requests of one turn share a
+    /// write, so one broken answer must not fail its neighbours).
+    Behind,
     Fatal(ForwardError),
 }
 
@@ -766,7 +781,7 @@ impl Pool {
             match self.once(conn, Some(read), req, is_head).await {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Retryable) => {
+                Err(Attempt::Retryable | Attempt::Behind) => {
                     log::debug(format_args!(
                         "pooled connection to {} was closed; re-sending on a new one",
                         self.shared.addr
@@ -795,7 +810,7 @@ impl Pool {
         match self.once(Rc::new(conn), None, req, is_head).await {
             Ok(r) => Ok(r),
             Err(Attempt::Fatal(e)) => Err(e),
-            Err(Attempt::Retryable) => Err(ForwardError::Broken(
+            Err(Attempt::Retryable | Attempt::Behind) => Err(ForwardError::Broken(
                 "connection closed before any response".into(),
             )),
         }
@@ -822,29 +837,46 @@ impl Pool {
                     self.shared.addr
                 ));
             }
+            Err(Attempt::Behind) => {
+                log::debug(format_args!(
+                    "request pipelined behind a broken answer from {}; re-sending on a new connection",
+                    self.shared.addr
+                ));
+            }
             Err(Attempt::Retryable) => {
                 return Err(ForwardError::Broken(
                     "connection closed before any response".into(),
                 ))
             }
         }
+        // A connection of its own: one re-send that meets a silent API
+        // times out by its own deadline, not by a neighbour's.
         let pipe = self.new_pipe();
         match self.send(&pipe, req, is_head, idempotent).await {
             Ok(r) => Ok(r),
             Err(Attempt::Fatal(e)) => Err(e),
-            Err(Attempt::Retryable) => Err(ForwardError::Broken(
+            Err(Attempt::Retryable | Attempt::Behind) => Err(ForwardError::Broken(
                 "connection closed before any response".into(),
             )),
         }
     }
 
-    /// The pipelined connection to use: an idle live one, else a new one
+    /// The pipelined connection to use: one whose writer has not yet taken
+    /// its queue, if it has room (the request joins that write: the
+    /// requests one read from the proxy delivered go to the API as one
+    /// write, not one per connection); else an idle live one, else a new one
     /// while fewer than `max_idle` are open (or opening), else the least
     /// loaded with room (the slots guarantee there is one).
     fn pick(&self) -> Rc<Pipe> {
         {
             let mut pipes = self.pipes.borrow_mut();
             pipes.retain(|p| !p.dead.get());
+            let unwritten = pipes
+                .iter()
+                .find(|p| !p.queued.borrow().is_empty() && p.load() < self.depth);
+            if let Some(p) = unwritten {
+                return p.clone();
+            }
             if let Some(p) = pipes.iter().find(|p| p.load() == 0) {
                 return p.clone();
             }
@@ -1279,12 +1311,14 @@ mod tests {
         .unwrap();
     }
 
-    /// 40 requests at once on a pipelined pool of one connection: the
-    /// server sees several requests before it answers any (they are
-    /// pipelined, in few writes), never more than `PIPELINE_DEPTH`, and
-    /// every request gets the answer to its own path.
-    #[test]
-    fn pipelined_requests_are_bounded_by_the_depth_and_answered_in_order() {
+    /// A server that takes what arrives for a moment, then answers every
+    /// whole request with its own path in one write. Returns its address,
+    /// the most requests it ever answered at once, and its connections.
+    fn batch_server() -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         use std::io::{Read, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -1333,9 +1367,14 @@ mod tests {
                 });
             }
         });
-        let pool = std::rc::Rc::new(Pool::new(addr, 1, Duration::from_secs(10)).pipelined());
-        let answered = crate::rt::block_on(async {
-            let tasks: Vec<_> = (0..40)
+        (addr, most, conns)
+    }
+
+    /// Send `n` requests on `pool` at once (`GET /i`); how many got the
+    /// answer to their own path.
+    fn own_answers(pool: &std::rc::Rc<Pool>, n: usize) -> usize {
+        crate::rt::block_on(async {
+            let tasks: Vec<_> = (0..n)
                 .map(|i| {
                     let p = pool.clone();
                     crate::rt::spawn_handle(async move {
@@ -1353,8 +1392,22 @@ mod tests {
             }
             ok
         })
-        .unwrap();
-        assert_eq!(answered, 40, "every request got its own answer");
+        .unwrap()
+    }
+
+    /// 40 requests at once on a pipelined pool of one connection: the
+    /// server sees several requests before it answers any (they are
+    /// pipelined, in few writes), never more than `PIPELINE_DEPTH`, and
+    /// every request gets the answer to its own path.
+    #[test]
+    fn pipelined_requests_are_bounded_by_the_depth_and_answered_in_order() {
+        let (addr, most, conns) = batch_server();
+        let pool = std::rc::Rc::new(Pool::new(addr, 1, Duration::from_secs(10)).pipelined());
+        assert_eq!(
+            own_answers(&pool, 40),
+            40,
+            "every request got its own answer"
+        );
         assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1);
         let most = most.load(std::sync::atomic::Ordering::Relaxed);
         assert!(most > 1, "requests were pipelined ({most} at most)");
@@ -1362,6 +1415,20 @@ mod tests {
             most <= PIPELINE_DEPTH,
             "{most} requests in flight on one connection (depth {PIPELINE_DEPTH})"
         );
+        assert_eq!(pool.active(), 0, "every slot returned");
+    }
+
+    /// Requests made in the same loop turn (what one read from the proxy
+    /// delivers) join one write on one connection, although the pool may
+    /// open four: the API reads them in one read and answers them in one
+    /// write, instead of one read and one write per connection.
+    #[test]
+    fn requests_of_one_turn_go_out_in_one_write() {
+        let (addr, most, conns) = batch_server();
+        let pool = std::rc::Rc::new(Pool::new(addr, 4, Duration::from_secs(10)).pipelined());
+        assert_eq!(own_answers(&pool, 4), 4, "every request got its own answer");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(most.load(std::sync::atomic::Ordering::Relaxed), 4);
         assert_eq!(pool.active(), 0, "every slot returned");
     }
 
