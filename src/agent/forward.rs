@@ -33,8 +33,11 @@
 //! shuts its connection, because every request behind a silent answer is
 //! stuck too and a late answer must not be taken for the next one's; when a
 //! connection dies, a request never written or a GET/HEAD is re-sent once on
-//! a new connection (if the one it was on had answered before), any other
-//! written request (a password POST) is answered 502 and never sent twice.
+//! a new connection (if the one it was on had answered before, or the
+//! connection broke on the answer of a request ahead of it: requests of one
+//! turn share a write, and one broken answer must not fail its neighbours),
+//! any other written request (a password POST) is answered 502 and never
+//! sent twice.
 //!
 //! Failure rules (the statuses are the agent's, spec §3.5):
 //! - a *reused* connection that fails before any response byte arrived was
