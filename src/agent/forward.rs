@@ -296,6 +296,8 @@ struct Pipe {
     /// is the front's.
     in_flight: RefCell<VecDeque<Pending>>,
     wake_writer: Notify,
+    /// The writer is in a write: what queues now waits for it to finish.
+    writing: Cell<bool>,
     dead: Cell<bool>,
     /// Answers delivered on it (a connection that answered before may have
     /// been closed by the API while idle: its requests are re-sent).
@@ -415,7 +417,9 @@ async fn pipe_writer(pipe: Rc<Pipe>, shared: Rc<Shared>) {
             let mut f = pipe.in_flight.borrow_mut();
             f.extend(q.drain(..));
         }
+        pipe.writing.set(true);
         let (res, back) = conn.write_all(out).await;
+        pipe.writing.set(false);
         out = back;
         if res.is_err() {
             pipe.kill(None);
@@ -865,18 +869,20 @@ impl Pool {
     }
 
     /// The pipelined connection to use: one whose writer has not yet taken
-    /// its queue, if it has room (the request joins that write: the
-    /// requests one read from the proxy delivered go to the API as one
-    /// write, not one per connection); else an idle live one, else a new one
+    /// its queue and is not in a write, if it has room (the request joins
+    /// that write: the requests one read from the proxy delivered go to the
+    /// API as one write, not one per connection; a write that does not
+    /// finish, an API that stopped reading, keeps no more than what was
+    /// queued behind it); else an idle live one, else a new one
     /// while fewer than `max_idle` are open (or opening), else the least
     /// loaded with room (the slots guarantee there is one).
     fn pick(&self) -> Rc<Pipe> {
         {
             let mut pipes = self.pipes.borrow_mut();
             pipes.retain(|p| !p.dead.get());
-            let unwritten = pipes
-                .iter()
-                .find(|p| !p.queued.borrow().is_empty() && p.load() < self.depth);
+            let unwritten = pipes.iter().find(|p| {
+                !p.queued.borrow().is_empty() && !p.writing.get() && p.load() < self.depth
+            });
             if let Some(p) = unwritten {
                 return p.clone();
             }
@@ -905,6 +911,7 @@ impl Pool {
             queued: RefCell::new(VecDeque::with_capacity(self.depth)),
             in_flight: RefCell::new(VecDeque::with_capacity(self.depth)),
             wake_writer: Notify::default(),
+            writing: Cell::new(false),
             dead: Cell::new(false),
             answered: Cell::new(0),
         });
