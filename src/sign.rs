@@ -54,36 +54,31 @@ impl std::fmt::Debug for SignatureHex {
 
 /// [`sign_instance_id`] without the allocation.
 pub fn sign_instance_id_hex(secret: &[u8], instance_id: &str) -> SignatureHex {
-    InstanceSigner::new(secret).sign_hex(instance_id)
+    Signer::new(secret).sign_hex(instance_id)
 }
 
 /// Constant-time check of a presented signature against the expected one.
 pub fn verify_instance_signature(secret: &[u8], instance_id: &str, presented: &[u8]) -> bool {
-    InstanceSigner::new(secret).verify(instance_id, presented)
+    Signer::new(secret).verify(instance_id, presented)
 }
 
-/// The same HMAC keyed once, for a daemon that signs or verifies every
-/// request with one secret. Keying HMAC-SHA256 hashes the key's inner and
-/// outer pad blocks: two of the four SHA-256 compressions of a signature
-/// over an instance id. Kept here, each request clones that state and
-/// hashes only the id and the inner digest. The bytes are the same as
-/// [`sign_instance_id`]'s.
+/// HMAC-SHA256 keyed once with the shared secret: the key's inner and
+/// outer pads are hashed here, and each signature starts from a copy of
+/// that state, so it costs two SHA-256 blocks instead of four (the key's
+/// two are the same for every request). Same signatures as
+/// [`sign_instance_id`], which is built on it.
 #[derive(Clone)]
-pub struct InstanceSigner {
-    keyed: HmacSha256,
-}
+pub struct Signer(HmacSha256);
 
-impl InstanceSigner {
-    /// Key with `secret` (any length; empty is allowed, as in Nova).
-    pub fn new(secret: &[u8]) -> Self {
-        InstanceSigner {
-            keyed: HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"),
-        }
+impl Signer {
+    /// A signer keyed with `secret` (any length, empty included).
+    pub fn new(secret: &[u8]) -> Signer {
+        Signer(HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"))
     }
 
-    /// Lowercase hex HMAC-SHA256 of `instance_id`, on the stack.
+    /// The signature of `instance_id`, as 64 lowercase hex digits.
     pub fn sign_hex(&self, instance_id: &str) -> SignatureHex {
-        let mut mac = self.keyed.clone();
+        let mut mac = self.0.clone();
         mac.update(instance_id.as_bytes());
         let tag = mac.finalize().into_bytes();
         let mut out = [0u8; 64];
@@ -94,7 +89,8 @@ impl InstanceSigner {
         SignatureHex(out)
     }
 
-    /// Constant-time check of a presented signature against the expected one.
+    /// Constant-time check of `presented` against the signature of
+    /// `instance_id`.
     pub fn verify(&self, instance_id: &str, presented: &[u8]) -> bool {
         let expected = self.sign_hex(instance_id);
         let expected = expected.as_bytes();
@@ -109,10 +105,10 @@ impl InstanceSigner {
     }
 }
 
-impl std::fmt::Debug for InstanceSigner {
-    /// The keyed state is derived from the secret: never printed.
+impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InstanceSigner(..)")
+        // Never the key, nor state derived from it.
+        f.write_str("Signer(..)")
     }
 }
 
@@ -169,7 +165,7 @@ mod tests {
                 "0c30837d06e5f947cc300fdf6202c75ca1d87e728aa9ac5f5a5900f7a2c5c502",
             ),
         ] {
-            let signer = InstanceSigner::new(key);
+            let signer = Signer::new(key);
             for _ in 0..2 {
                 let want = sign_instance_id(key, id);
                 assert_eq!(want, py);

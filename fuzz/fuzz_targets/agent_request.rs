@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let rejected = RejectedPorts::default();
+    let signer = metaproxy::sign::Signer::new(SECRET);
     for p in &ports {
         // Ask for each port the way a guest on its network would.
         let key = match (p.fixed_ips.first(), p.mac()) {
@@ -66,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
                 body,
             };
             let mut out = Vec::new();
-            if write_api_request(&mut out, &guest, "127.0.0.1:8775", &id, &r, SECRET).is_err() {
+            if write_api_request(&mut out, &guest, "127.0.0.1:8775", &id, &r, &signer).is_err() {
                 assert!(out.is_empty(), "nothing written for a refused request");
                 continue;
             }

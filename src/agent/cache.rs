@@ -19,12 +19,36 @@
 //! and a full scan for expired entries on insert (O(n) per insert).
 //!
 //! Single-threaded by design (`&mut self`, `Cell` clock): one cache per core.
+//!
+//! The map is hashbrown's with foldhash, not std's SipHash: a cache hit
+//! hashes its key once per request, and SipHash was ~600 of the agent's
+//! ~52 000 instructions per request (BENCHMARKS.md, issue 13). It stays
+//! keyed: each map's seed comes from `getrandom(2)` (foldhash's own default
+//! seeds from address-space layout and the time only), so the keys (a
+//! router or network id and a guest address, stamped by the proxy) cannot
+//! be chosen to collide without knowing it. [`TtlCache::get`] takes any
+//! [`Equivalent`] of the key, so a hit needs no owned key (no allocation).
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::Hash;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+pub use hashbrown::Equivalent;
+
+/// The map's hasher: foldhash with a seed from the OS.
+type Keyed = foldhash::fast::SeedableRandomState;
+type HashMap<K, V> = hashbrown::HashMap<K, V, Keyed>;
+
+/// A hasher seeded from `getrandom(2)`; foldhash's own random seed if the
+/// OS has none to give (it always has, short of a broken sandbox).
+fn keyed() -> Keyed {
+    match getrandom::u64() {
+        Ok(seed) => Keyed::with_seed(seed, foldhash::SharedSeed::global_random()),
+        Err(_) => Keyed::random(),
+    }
+}
 
 /// Positive entry lifetime: the ~10 s `expiration_time` Neutron's metadata
 /// caching docs recommend (`config-metadata-caching.rst`).
@@ -150,7 +174,7 @@ impl<K: Hash + Eq + Clone, V: Clone, C: Clock> TtlCache<K, V, C> {
     /// zero disables caching: inserts are dropped.
     pub fn new(capacity: usize, positive_ttl: Duration, negative_ttl: Duration, clock: C) -> Self {
         TtlCache {
-            map: HashMap::new(),
+            map: HashMap::with_hasher(keyed()),
             positive_order: VecDeque::new(),
             negative_order: VecDeque::new(),
             next_generation: 0,
@@ -162,8 +186,9 @@ impl<K: Hash + Eq + Clone, V: Clone, C: Clock> TtlCache<K, V, C> {
         }
     }
 
-    /// Look `k` up. An expired entry is removed and reported as a miss.
-    pub fn get(&mut self, k: &K) -> Lookup<V> {
+    /// Look `k` (the key or a borrowed [`Equivalent`] of it, hashing the
+    /// same) up. An expired entry is removed and reported as a miss.
+    pub fn get<Q: Hash + Equivalent<K> + ?Sized>(&mut self, k: &Q) -> Lookup<V> {
         let now = self.clock.now();
         match self.map.get(k) {
             None => {

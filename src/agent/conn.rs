@@ -27,7 +27,7 @@ use futures_util::future::{select, Either};
 use crate::agent::daemon::AgentLoop;
 use crate::agent::handler;
 use crate::agent::metrics::{inc, LoopMetrics};
-use crate::http::{self, HttpError, Method};
+use crate::http::{self, HttpError, Method, RequestBody, RequestHead};
 use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, UnixConn};
 use crate::serve::{self, Refusal, Settings};
@@ -93,8 +93,21 @@ async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
                 break;
             }
         }
-        let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
-        match Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await {
+        // A request already whole in `buf` with no body (a GET or HEAD: a
+        // pipelined batch is many of them) starts at once; anything else is
+        // read by the boxed future (boxed so that the idle reader stays small).
+        let next = match whole_without_body(&ctx, &buf) {
+            Some(head) => {
+                inc(&ctx.m.requests);
+                let end = head.head_len;
+                Ok(start(&ctx, &mut buf, head, end, Vec::new()))
+            }
+            None => {
+                let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
+                Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await
+            }
+        };
+        match next {
             Ok((slot, close)) => {
                 q.slots.borrow_mut().push_back((slot, close));
                 q.more.notify();
@@ -241,7 +254,31 @@ async fn next_request(
         }
     };
 
-    // 3. Resolve, sign, forward on its own task. Draining does not add
+    Ok(start(ctx, buf, head, end, decoded))
+}
+
+/// The head at the front of `buf`, if it is whole, within the limits and
+/// has no body (then the request ends with its head). Anything else (a
+/// partial head, a body, an error) is for [`next_request`] to read or refuse.
+fn whole_without_body(ctx: &AgentLoop, buf: &[u8]) -> Option<RequestHead> {
+    match http::parse_request(buf, &ctx.server.settings().limits) {
+        Ok(Some(head)) if head.body == RequestBody::None => Some(head),
+        _ => None,
+    }
+}
+
+/// Start answering the request that is `buf[..end]` (its head parsed,
+/// `decoded` a chunked body's payload) on its own task; the bytes behind it
+/// stay in `buf`. Returns its answer slot and whether the connection closes
+/// after it.
+fn start(
+    ctx: &Rc<AgentLoop>,
+    buf: &mut Vec<u8>,
+    head: RequestHead,
+    end: usize,
+    decoded: Vec<u8>,
+) -> (AnswerSlot, bool) {
+    // Resolve, sign, forward on its own task. Draining does not add
     // `Connection: close` (metaproxy's proxy would take that as "one-shot
     // agent" for good); the reader stops instead, and a pooled client
     // re-sends what it had pipelined behind.
@@ -257,7 +294,7 @@ async fn next_request(
         c.server.put_buf(request);
         let _ = tx.send(out);
     });
-    Ok((AnswerSlot::Pending(rx, is_head), !keep))
+    (AnswerSlot::Pending(rx, is_head), !keep)
 }
 
 /// The agent's edge for requests refused before they were resolved: the

@@ -491,6 +491,8 @@ pub struct AgentLoop {
     /// This loop's way to the API: its connections, or the API stage on
     /// this loop.
     pub(super) pool: ApiLink,
+    /// The shared secret's HMAC state, keyed once (`X-Instance-ID-Signature`).
+    pub(super) signer: crate::sign::Signer,
     /// Set when the loop drains.
     pub(super) stopping: Event,
     /// This loop's buffers (and, on the agent's own loops, its connections).
@@ -550,6 +552,7 @@ impl AgentLoop {
             m,
             resolver,
             pool,
+            signer: crate::sign::Signer::new(cfg.shared_secret.as_bytes()),
             stopping: Event::default(),
             server,
             last_forbidden_hint: Cell::new(None),

@@ -13,9 +13,13 @@
 //!   each connection. Each connection has a writer task (every request
 //!   queued since its last write goes out in one write) and a reader task
 //!   (it frames the answers and hands each, whole, to the oldest request in
-//!   flight: HTTP/1.1 answers in order). An idle connection is used first,
-//!   the pool grows to `pool_size` before anything is pipelined, then the
-//!   least-loaded connection with room takes the request. This is what
+//!   flight: HTTP/1.1 answers in order). A request joins a connection
+//!   whose writer has not yet taken its queue (the requests of one loop
+//!   turn, what one read from the proxy delivered, go out as one write;
+//!   spread over idle connections they cost the API a read and a write
+//!   each), else an idle connection is used, the pool grows to `pool_size`
+//!   before anything else is pipelined, then the least-loaded connection
+//!   with room takes the request. This is what
 //!   `proxy::upstream` does towards the agent; the API renders in
 //!   microseconds and answers a batch in one write
 //!   (`serve::engine::Handler::BATCH_WRITES`), so a batch from the proxy
@@ -29,8 +33,11 @@
 //! shuts its connection, because every request behind a silent answer is
 //! stuck too and a late answer must not be taken for the next one's; when a
 //! connection dies, a request never written or a GET/HEAD is re-sent once on
-//! a new connection (if the one it was on had answered before), any other
-//! written request (a password POST) is answered 502 and never sent twice.
+//! a new connection (if the one it was on had answered before, or the
+//! connection broke on the answer of a request ahead of it: requests of one
+//! turn share a write, and one broken answer must not fail its neighbours),
+//! any other written request (a password POST) is answered 502 and never
+//! sent twice.
 //!
 //! Failure rules (the statuses are the agent's, spec §3.5):
 //! - a *reused* connection that fails before any response byte arrived was
@@ -89,6 +96,7 @@ use crate::http::{self, ChunkedScanner, Limits, Method, ResponseBody, ResponseHe
 use crate::log;
 use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, PendingInput, TcpConn};
+use crate::sign::Signer;
 
 /// Read size for API responses.
 const READ_BYTES: usize = 16 * 1024;
@@ -288,6 +296,8 @@ struct Pipe {
     /// is the front's.
     in_flight: RefCell<VecDeque<Pending>>,
     wake_writer: Notify,
+    /// The writer is in a write: what queues now waits for it to finish.
+    writing: Cell<bool>,
     dead: Cell<bool>,
     /// Answers delivered on it (a connection that answered before may have
     /// been closed by the API while idle: its requests are re-sent).
@@ -300,9 +310,11 @@ impl Pipe {
     }
 
     /// Mark dead, shut the socket and fail every request not answered: the
-    /// front with `first` when given; a request never written, or a GET or
-    /// HEAD, as retryable; any other written one (a password POST) as
-    /// broken, never re-sent (the API may have acted on it).
+    /// front with `first` when given (its answer was the broken one, and a
+    /// GET or HEAD behind it is [`Attempt::Behind`]); a request never
+    /// written, or a GET or HEAD, as retryable; any other written one (a
+    /// password POST) as broken, never re-sent (the API may have acted on
+    /// it).
     fn kill(&self, first: Option<ForwardError>) {
         if self.dead.replace(true) {
             return;
@@ -310,11 +322,13 @@ impl Pipe {
         if let Some(c) = self.conn.get() {
             c.shutdown();
         }
+        let behind = first.is_some();
         let mut first = first;
         let in_flight: Vec<Pending> = self.in_flight.borrow_mut().drain(..).collect();
         for p in in_flight {
             let e = match first.take() {
                 Some(e) => Attempt::Fatal(e),
+                None if p.idempotent && behind => Attempt::Behind,
                 None if p.idempotent => Attempt::Retryable,
                 None => Attempt::Fatal(ForwardError::Broken(
                     "connection lost after the request was sent".into(),
@@ -403,7 +417,9 @@ async fn pipe_writer(pipe: Rc<Pipe>, shared: Rc<Shared>) {
             let mut f = pipe.in_flight.borrow_mut();
             f.extend(q.drain(..));
         }
+        pipe.writing.set(true);
         let (res, back) = conn.write_all(out).await;
+        pipe.writing.set(false);
         out = back;
         if res.is_err() {
             pipe.kill(None);
@@ -516,7 +532,14 @@ async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
 
 /// One attempt's failure: worth a re-send on a fresh connection, or final.
 enum Attempt {
+    /// Lost with its connection: re-sent once if that connection had
+    /// answered before (the API may have closed it while idle).
     Retryable,
+    /// A GET or HEAD pipelined behind a request whose answer was broken:
+    /// the blame is that request's, so it is re-sent once on a fresh
+    /// connection however new its own was (requests of one turn share a
+    /// write, so one broken answer must not fail its neighbours).
+    Behind,
     Fatal(ForwardError),
 }
 
@@ -765,7 +788,7 @@ impl Pool {
             match self.once(conn, Some(read), req, is_head).await {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Retryable) => {
+                Err(Attempt::Retryable | Attempt::Behind) => {
                     log::debug(format_args!(
                         "pooled connection to {} was closed; re-sending on a new one",
                         self.shared.addr
@@ -794,7 +817,7 @@ impl Pool {
         match self.once(Rc::new(conn), None, req, is_head).await {
             Ok(r) => Ok(r),
             Err(Attempt::Fatal(e)) => Err(e),
-            Err(Attempt::Retryable) => Err(ForwardError::Broken(
+            Err(Attempt::Retryable | Attempt::Behind) => Err(ForwardError::Broken(
                 "connection closed before any response".into(),
             )),
         }
@@ -821,29 +844,48 @@ impl Pool {
                     self.shared.addr
                 ));
             }
+            Err(Attempt::Behind) => {
+                log::debug(format_args!(
+                    "request pipelined behind a broken answer from {}; re-sending on a new connection",
+                    self.shared.addr
+                ));
+            }
             Err(Attempt::Retryable) => {
                 return Err(ForwardError::Broken(
                     "connection closed before any response".into(),
                 ))
             }
         }
+        // A connection of its own: one re-send that meets a silent API
+        // times out by its own deadline, not by a neighbour's.
         let pipe = self.new_pipe();
         match self.send(&pipe, req, is_head, idempotent).await {
             Ok(r) => Ok(r),
             Err(Attempt::Fatal(e)) => Err(e),
-            Err(Attempt::Retryable) => Err(ForwardError::Broken(
+            Err(Attempt::Retryable | Attempt::Behind) => Err(ForwardError::Broken(
                 "connection closed before any response".into(),
             )),
         }
     }
 
-    /// The pipelined connection to use: an idle live one, else a new one
+    /// The pipelined connection to use: one whose writer has not yet taken
+    /// its queue and is not in a write, if it has room (the request joins
+    /// that write: the requests one read from the proxy delivered go to the
+    /// API as one write, not one per connection; a write that does not
+    /// finish, an API that stopped reading, keeps no more than what was
+    /// queued behind it); else an idle live one, else a new one
     /// while fewer than `max_idle` are open (or opening), else the least
     /// loaded with room (the slots guarantee there is one).
     fn pick(&self) -> Rc<Pipe> {
         {
             let mut pipes = self.pipes.borrow_mut();
             pipes.retain(|p| !p.dead.get());
+            let unwritten = pipes.iter().find(|p| {
+                !p.queued.borrow().is_empty() && !p.writing.get() && p.load() < self.depth
+            });
+            if let Some(p) = unwritten {
+                return p.clone();
+            }
             if let Some(p) = pipes.iter().find(|p| p.load() == 0) {
                 return p.clone();
             }
@@ -869,6 +911,7 @@ impl Pool {
             queued: RefCell::new(VecDeque::with_capacity(self.depth)),
             in_flight: RefCell::new(VecDeque::with_capacity(self.depth)),
             wake_writer: Notify::default(),
+            writing: Cell::new(false),
             dead: Cell::new(false),
             answered: Cell::new(0),
         });
@@ -1061,7 +1104,7 @@ pub fn write_api_request(
     host: &str,
     id: &Identity,
     r: &Resolved,
-    secret: &[u8],
+    signer: &Signer,
 ) -> Result<(), InvalidHeader> {
     // The request line has no field syntax of its own: a target is one
     // run of visible bytes (httparse already refused anything else).
@@ -1071,7 +1114,7 @@ pub fn write_api_request(
     let host = HeaderValue::new(host.as_bytes())?;
     let xff = HeaderValue::new(id.xff.as_bytes())?;
     let token = guest.token.map(HeaderValue::new).transpose()?;
-    let sig = crate::sign::sign_instance_id_hex(secret, r.instance.as_str());
+    let sig = signer.sign_hex(r.instance.as_str());
     let sig = HeaderValue::new(sig.as_bytes())?;
     out.extend_from_slice(guest.method.as_str().as_bytes());
     out.push(b' ');
@@ -1278,12 +1321,14 @@ mod tests {
         .unwrap();
     }
 
-    /// 40 requests at once on a pipelined pool of one connection: the
-    /// server sees several requests before it answers any (they are
-    /// pipelined, in few writes), never more than `PIPELINE_DEPTH`, and
-    /// every request gets the answer to its own path.
-    #[test]
-    fn pipelined_requests_are_bounded_by_the_depth_and_answered_in_order() {
+    /// A server that takes what arrives for a moment, then answers every
+    /// whole request with its own path in one write. Returns its address,
+    /// the most requests it ever answered at once, and its connections.
+    fn batch_server() -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         use std::io::{Read, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -1332,9 +1377,14 @@ mod tests {
                 });
             }
         });
-        let pool = std::rc::Rc::new(Pool::new(addr, 1, Duration::from_secs(10)).pipelined());
-        let answered = crate::rt::block_on(async {
-            let tasks: Vec<_> = (0..40)
+        (addr, most, conns)
+    }
+
+    /// Send `n` requests on `pool` at once (`GET /i`); how many got the
+    /// answer to their own path.
+    fn own_answers(pool: &std::rc::Rc<Pool>, n: usize) -> usize {
+        crate::rt::block_on(async {
+            let tasks: Vec<_> = (0..n)
                 .map(|i| {
                     let p = pool.clone();
                     crate::rt::spawn_handle(async move {
@@ -1352,8 +1402,22 @@ mod tests {
             }
             ok
         })
-        .unwrap();
-        assert_eq!(answered, 40, "every request got its own answer");
+        .unwrap()
+    }
+
+    /// 40 requests at once on a pipelined pool of one connection: the
+    /// server sees several requests before it answers any (they are
+    /// pipelined, in few writes), never more than `PIPELINE_DEPTH`, and
+    /// every request gets the answer to its own path.
+    #[test]
+    fn pipelined_requests_are_bounded_by_the_depth_and_answered_in_order() {
+        let (addr, most, conns) = batch_server();
+        let pool = std::rc::Rc::new(Pool::new(addr, 1, Duration::from_secs(10)).pipelined());
+        assert_eq!(
+            own_answers(&pool, 40),
+            40,
+            "every request got its own answer"
+        );
         assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1);
         let most = most.load(std::sync::atomic::Ordering::Relaxed);
         assert!(most > 1, "requests were pipelined ({most} at most)");
@@ -1361,6 +1425,20 @@ mod tests {
             most <= PIPELINE_DEPTH,
             "{most} requests in flight on one connection (depth {PIPELINE_DEPTH})"
         );
+        assert_eq!(pool.active(), 0, "every slot returned");
+    }
+
+    /// Requests made in the same loop turn (what one read from the proxy
+    /// delivers) join one write on one connection, although the pool may
+    /// open four: the API reads them in one read and answers them in one
+    /// write, instead of one read and one write per connection.
+    #[test]
+    fn requests_of_one_turn_go_out_in_one_write() {
+        let (addr, most, conns) = batch_server();
+        let pool = std::rc::Rc::new(Pool::new(addr, 4, Duration::from_secs(10)).pipelined());
+        assert_eq!(own_answers(&pool, 4), 4, "every request got its own answer");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(most.load(std::sync::atomic::Ordering::Relaxed), 4);
         assert_eq!(pool.active(), 0, "every slot returned");
     }
 

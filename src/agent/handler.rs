@@ -247,7 +247,7 @@ async fn answer(
             };
         };
         let mut req = ctx.server.take_buf();
-        let secret = ctx.cfg.shared_secret.as_bytes();
+        let secret = &ctx.signer;
         if let Err(e) =
             forward::write_api_request(&mut req, &guest, &ctx.host_header, &id, r, secret)
         {

@@ -205,8 +205,9 @@ fn single_id<'a>(
     if !valid {
         return Err(IdentityError::BadId(name));
     }
-    // Only ASCII survived validation, so this cannot fail or be lossy.
-    Ok(Some(String::from_utf8_lossy(trimmed).into_owned()))
+    // Only ASCII survived validation, so this cannot fail.
+    let id = std::str::from_utf8(trimmed).map_err(|_| IdentityError::BadId(name))?;
+    Ok(Some(id.to_owned()))
 }
 
 /// The MAC encoded in a link-local (fe80::/10) EUI-64 address, if any.

@@ -21,7 +21,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::cache::{Lookup, SystemClock, TtlCache};
+use crate::agent::cache::{Equivalent, Lookup, SystemClock, TtlCache};
 use crate::agent::identity::{Identity, LookupKey, Scope};
 use crate::agent::metrics::{inc, LoopMetrics};
 use crate::agent::resolve::{BadId, RejectedPorts, Resolved};
@@ -75,6 +75,24 @@ pub fn resolve(
 
 type CacheKey = (Scope, LookupKey);
 
+/// A [`CacheKey`] borrowed from the request's [`Identity`]: a cache hit
+/// looks up with it and allocates no key. It hashes as the tuple does
+/// (each field in order), which [`Equivalent`] lookups require.
+struct KeyRef<'a>(&'a Scope, &'a LookupKey);
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+        self.1.hash(h);
+    }
+}
+
+impl Equivalent<CacheKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &CacheKey) -> bool {
+        *self.0 == key.0 && *self.1 == key.1
+    }
+}
+
 /// One loop's resolver over the inventory: its copy of the file and the
 /// cache filled from it.
 pub struct InventoryResolver {
@@ -123,11 +141,12 @@ impl InventoryResolver {
                 TtlCache::new(self.capacity, self.ttl, self.negative_ttl, SystemClock);
             self.generation.set(generation);
         }
-        let key = (id.scope.clone(), id.key.clone());
         if fresh {
-            self.cache.borrow_mut().invalidate(&key);
+            self.cache
+                .borrow_mut()
+                .invalidate(&(id.scope.clone(), id.key.clone()));
         } else {
-            match self.cache.borrow_mut().get(&key) {
+            match self.cache.borrow_mut().get(&KeyRef(&id.scope, &id.key)) {
                 Lookup::Hit(r) => {
                     inc(&m.cache_hits);
                     return (Some(r), true);
@@ -140,6 +159,7 @@ impl InventoryResolver {
             }
         }
         inc(&m.inventory_lookups);
+        let key = (id.scope.clone(), id.key.clone());
         // `inv` is the file `generation` names, so every answer is cacheable.
         let mut cache = self.cache.borrow_mut();
         match resolve(&inv, &id.scope, &id.key, &self.rejected) {

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use crate::inventory::{Instance, Inventory};
 use crate::log;
-use crate::sign::InstanceSigner;
+use crate::sign::Signer;
 
 pub use password::{PasswordError, PasswordStore, PASSWORD_LOG_NAME};
 
@@ -192,7 +192,7 @@ pub(crate) enum Handled {
 pub struct MetadataApi {
     settings: ApiSettings,
     /// HMAC keyed once with `settings.shared_secret`.
-    signer: InstanceSigner,
+    signer: Signer,
     /// `None` when passwords live with the instance (the Nova source).
     passwords: Option<Arc<PasswordStore>>,
 }
@@ -241,7 +241,7 @@ impl MetadataApi {
     /// [`crate::inventory::store`]).
     pub fn new(settings: ApiSettings, passwords: Arc<PasswordStore>) -> Self {
         MetadataApi {
-            signer: InstanceSigner::new(&settings.shared_secret),
+            signer: Signer::new(&settings.shared_secret),
             settings,
             passwords: Some(passwords),
         }
@@ -251,7 +251,7 @@ impl MetadataApi {
     /// with the instance ([`nova`]); the inventory path's POSTs are 500 here.
     pub fn without_password_log(settings: ApiSettings) -> Self {
         MetadataApi {
-            signer: InstanceSigner::new(&settings.shared_secret),
+            signer: Signer::new(&settings.shared_secret),
             settings,
             passwords: None,
         }

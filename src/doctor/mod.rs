@@ -824,7 +824,7 @@ fn api_request(
         &agent.nova.host_header(),
         &id,
         &resolved,
-        agent.shared_secret.as_bytes(),
+        &crate::sign::Signer::new(agent.shared_secret.as_bytes()),
     )
     .map_err(|e| format!("{e:?}"))?;
     let pool = forward::Pool::new(agent.nova.addr, 1, agent.nova.timeout.min(CHECK_TIMEOUT))
