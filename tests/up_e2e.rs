@@ -199,15 +199,7 @@ const PROJECT: &str = "d0d0d0d0000040008000000000000000";
 /// the process's own: a socket of another test or storm that happens to use
 /// the port (a TIME_WAIT one has no owner) is not `up`'s.
 fn tcp_sockets_on(pid: u32, port: u16) -> Vec<String> {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_string_lossy().into_owned();
-            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-        })
-        .collect();
+    let inodes = common::socket_inodes(pid);
     let hex = format!(":{port:04X}");
     let mut found = Vec::new();
     for table in ["tcp", "tcp6"] {

@@ -434,11 +434,10 @@ pub fn free_port() -> u16 {
 }
 
 pub const ROUTER: &str = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b";
-/// The paths of the Unix sockets process `pid` listens on (its fds'
-/// socket inodes matched against `/proc/<pid>/net/unix`, listening flag
-/// set; `@…` for an abstract name, `-` for none).
-pub fn unix_listeners(pid: u32) -> Vec<String> {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+/// The inodes of the sockets process `pid` holds open (its fds' links
+/// `socket:[inode]`), to match against the kernel's `/proc/<pid>/net/*`.
+pub fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read_link(e.path()).ok())
@@ -448,7 +447,14 @@ pub fn unix_listeners(pid: u32) -> Vec<String> {
                 .and_then(|r| r.strip_suffix(']'))
                 .map(str::to_string)
         })
-        .collect();
+        .collect()
+}
+
+/// The paths of the Unix sockets process `pid` listens on (its fds'
+/// socket inodes matched against `/proc/<pid>/net/unix`, listening flag
+/// set; `@…` for an abstract name, `-` for none).
+pub fn unix_listeners(pid: u32) -> Vec<String> {
+    let inodes = socket_inodes(pid);
     // Num RefCount Protocol Flags Type St Inode [Path]; Flags 00010000 = listening.
     const LISTENING: u32 = 0x0001_0000;
     std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
