@@ -16,7 +16,7 @@
 //! the rows into the renderers' model ([`rows`]: a one-instance
 //! [`Inventory`]) and renders exactly as for the inventory source. A
 //! password POST that passes the handler's checks is stored by the
-//! database thread in one race-free transaction ([`db::set_password_once`]).
+//! database thread in one race-free transaction (`db::set_password_once`).
 //!
 //! Security group names come from Neutron ([`neutron`], `[api.neutron]`),
 //! only for EC2 paths, as the OpenStack tree does not show them.
@@ -29,7 +29,7 @@
 //! Not yet: TLS to MySQL, and identifying guests by address
 //! (`service_metadata_proxy = false`).
 //!
-//! The database half ([`db`], [`source`]: sqlx, and the tokio runtime it
+//! The database half (`db`, [`source`]: sqlx, and the tokio runtime it
 //! runs on) is the Cargo feature `nova-db`, on by default. Without it the
 //! config refuses `source = "nova"` ([`crate::config::NOVA_DB`]), and
 //! `source` is a stand-in with the same types, none of which can be made
