@@ -89,6 +89,60 @@ pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigErro
     }
 }
 
+/// A capability that is a Cargo feature (`[features]` in `Cargo.toml`,
+/// all in `default`): a build can leave out its dependencies, and a config
+/// that asks for it is then refused, naming the key, at load time (so the
+/// daemons, `--check` and `doctor` all say the same).
+#[derive(Debug, Clone, Copy)]
+pub struct Feature {
+    /// The Cargo feature's name.
+    pub name: &'static str,
+    /// What it brings, for the error.
+    pub what: &'static str,
+    /// Whether this binary was built with it.
+    pub built: bool,
+}
+
+/// `[api] source = "nova"`: Nova's databases through sqlx.
+pub const NOVA_DB: Feature = Feature {
+    name: "nova-db",
+    what: "the Nova database source, sqlx",
+    built: cfg!(feature = "nova-db"),
+};
+
+/// `[agent] transport_url`: the agent's `report_state` over RabbitMQ.
+pub const AMQP_REPORT: Feature = Feature {
+    name: "amqp-report",
+    what: "state reports to Neutron over RabbitMQ, lapin",
+    built: cfg!(feature = "amqp-report"),
+};
+
+impl Feature {
+    /// `Ok` in a build with this feature; otherwise [`Feature::refusal`].
+    ///
+    /// # Errors
+    /// The build lacks the feature: `key` asks for it.
+    pub fn require(self, key: &str, asked: &str) -> Result<(), ConfigError> {
+        if self.built {
+            return Ok(());
+        }
+        Err(self.refusal(key, asked))
+    }
+
+    /// The error for `key` (set to `asked`, never a secret) in a build
+    /// without this feature.
+    pub fn refusal(self, key: &str, asked: &str) -> ConfigError {
+        invalid(
+            key,
+            format!(
+                "{asked}: this metaproxy was built without the \"{}\" feature ({}); \
+                 build it with `--features {}` (a default feature)",
+                self.name, self.what, self.name
+            ),
+        )
+    }
+}
+
 /// A duration as written in the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -310,6 +364,32 @@ pub fn parse_as<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, Confi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The refusal of a build without a feature (the config paths that
+    /// return it are checked end to end by `cargo test --no-default-features`:
+    /// `api::config`, `agent::config`).
+    #[test]
+    fn a_feature_left_out_is_refused_naming_the_key_and_the_feature() {
+        let off = Feature {
+            built: false,
+            ..NOVA_DB
+        };
+        let e = off
+            .require("api.source", "\"nova\"")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid `api.source`: \"nova\": this metaproxy was built without the \"nova-db\" \
+             feature (the Nova database source, sqlx); build it with `--features nova-db` (a \
+             default feature)"
+        );
+        let on = Feature {
+            built: true,
+            ..AMQP_REPORT
+        };
+        assert!(on.require("agent.transport_url", "\"rabbit://h/\"").is_ok());
+    }
 
     #[test]
     fn durations_parse() {

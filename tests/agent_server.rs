@@ -889,6 +889,7 @@ fn chunked_guest_body_is_forwarded_with_a_length_and_head_has_no_body() {
 /// agent still stops at once (the reporter's thread is not waited on for its
 /// connect timeout).
 #[test]
+#[cfg(feature = "amqp-report")]
 fn a_dead_broker_does_not_affect_serving_or_stopping() {
     let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
     let refused = common::free_port();

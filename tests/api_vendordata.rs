@@ -744,11 +744,13 @@ fn bad_vendordata_config_is_refused_naming_the_key() {
     assert!(err.contains("api.vendordata_providers[1]"), "{err}");
 }
 
+#[cfg(feature = "nova-db")]
 const FLAVOR: &str = r#"{"cur": {"nova_object.name": "Flavor", "nova_object.namespace": "nova", "nova_object.version": "1.2", "nova_object.data": {"name": "m1.small"}}, "old": null, "new": null}"#;
 
 /// A Nova 34 cell database (SQLite, the columns we read) holding VM_A as
 /// Nova stores it: user data as base64 text, metadata and `boot_roles`
 /// rows, its image.
+#[cfg(feature = "nova-db")]
 fn make_nova_db(path: &Path) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -806,6 +808,7 @@ fn make_nova_db(path: &Path) {
 }
 
 #[test]
+#[cfg(feature = "nova-db")]
 fn nova_source_posts_the_instance_from_novas_rows() {
     let t = Target::start();
     let dir = tempfile::tempdir().unwrap();

@@ -390,6 +390,7 @@ fn fd_budget_against_the_fd_limit() {
 
 /// `[agent]` with backend neutron against a fake Keystone + Neutron.
 #[test]
+#[cfg(feature = "amqp-report")]
 fn neutron_credentials_registration_and_an_unreachable_api() {
     let neutron = common::neutron::FakeKeystoneNeutron::start("pw", Vec::new());
     let dir = tempfile::tempdir().unwrap();

@@ -275,6 +275,10 @@ pub fn report_config(f: &AgentFile) -> Result<Option<super::report::ReportConfig
     if interval.is_zero() {
         return Ok(None);
     }
+    crate::config::AMQP_REPORT.require(
+        "agent.transport_url",
+        &format!("{:?}", transport.redacted()),
+    )?;
     Ok(Some(super::report::ReportConfig {
         transport,
         tls,
@@ -1055,7 +1059,27 @@ mod tests {
         AgentConfig::try_from(&t)
     }
 
+    /// A build without `amqp-report` (`cargo test --no-default-features`):
+    /// a `transport_url` is refused at load, naming the key and the feature
+    /// and never the password; `report_interval = 0` (no reporting) is not.
     #[test]
+    #[cfg(not(feature = "amqp-report"))]
+    fn transport_url_without_the_feature_is_refused_naming_the_key() {
+        let e = agent("inventory = \"i\"\ntransport_url = \"rabbit://u:hunter2@h/\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`agent.transport_url`")
+                && e.contains("built without the \"amqp-report\" feature")
+                && !e.contains("hunter2"),
+            "{e}"
+        );
+        let off = agent("inventory = \"i\"\ntransport_url = \"rabbit://h/\"\nreport_interval = 0");
+        assert_eq!(off.unwrap().report, None);
+    }
+
+    #[test]
+    #[cfg(feature = "amqp-report")]
     fn report_state_settings() {
         assert_eq!(agent("inventory = \"i\"").unwrap().report, None);
         let c = agent(

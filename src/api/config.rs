@@ -602,10 +602,13 @@ impl TryFrom<&ApiFile> for ApiConfig {
                 }
                 ApiSource::Inventory
             }
-            Some("nova") => ApiSource::Nova(Box::new(nova_settings(
-                f.nova.as_ref(),
-                f.neutron.as_ref(),
-            )?)),
+            Some("nova") => {
+                crate::config::NOVA_DB.require("api.source", "\"nova\"")?;
+                ApiSource::Nova(Box::new(nova_settings(
+                    f.nova.as_ref(),
+                    f.neutron.as_ref(),
+                )?))
+            }
             Some(other) => {
                 return Err(invalid(
                     "api.source",
@@ -779,6 +782,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "nova-db")]
     fn nova_source_takes_nova_confs_urls_unchanged() {
         let c = parse(
             "[api]\nsource = \"nova\"\n[api.nova]\n\
@@ -815,6 +819,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "nova-db")]
     fn nova_source_errors_name_the_key() {
         let e = err("[api]\nsource = \"nova\"\n");
         assert!(e.contains("api.nova"), "{e}");
@@ -841,6 +846,22 @@ mod tests {
         assert!(e.contains("api.nova"), "{e}");
         let e = err(&format!("[api]\nsource = \"nova\"\nservice_metadata_proxy = false\n[api.nova]\nconnection = \"sqlite:////x\"\nlocal_metadata_per_cell = true\n{NEUTRON}"));
         assert!(e.contains("api.service_metadata_proxy"), "{e}");
+    }
+
+    /// A build without `nova-db` (`cargo test --no-default-features`):
+    /// `source = "nova"` is refused at load, naming the key and the feature.
+    #[test]
+    #[cfg(not(feature = "nova-db"))]
+    fn nova_source_without_the_feature_is_refused_naming_the_key() {
+        let e = err(
+            "[api]\nsource = \"nova\"\n[api.nova]\nconnection = \"sqlite:////x\"\n\
+             local_metadata_per_cell = true\n\
+             [api.neutron]\nurl = \"http://127.0.0.1:9696\"\nauth_strategy = \"noauth\"\n",
+        );
+        assert!(
+            e.contains("`api.source`") && e.contains("built without the \"nova-db\" feature"),
+            "{e}"
+        );
     }
 
     #[test]

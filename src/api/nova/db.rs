@@ -24,6 +24,7 @@ use sqlx::Row as _;
 
 use super::rows::{BdmRow, Ec2Ids, ExtraRow, InstanceRow, Rows};
 use super::url::{DbTarget, DbUrl};
+use super::PasswordWrite;
 
 /// Connections per database pool.
 pub const POOL_CONNECTIONS: u32 = 4;
@@ -492,17 +493,6 @@ async fn ec2_mapping(db: &Db, table: &'static str, uuid: &str) -> Result<i64, Db
         what: format!("{table}: the row just created is not there"),
         source: sqlx::Error::RowNotFound,
     })
-}
-
-/// What a password write found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PasswordWrite {
-    /// Stored.
-    Stored,
-    /// A password was already set (409).
-    AlreadySet,
-    /// The instance is gone.
-    NoInstance,
 }
 
 /// Nova's `password.CHUNKS` × `CHUNK_LENGTH` (characters, not bytes).

@@ -16,7 +16,7 @@
 //! the rows into the renderers' model ([`rows`]: a one-instance
 //! [`Inventory`]) and renders exactly as for the inventory source. A
 //! password POST that passes the handler's checks is stored by the
-//! database thread in one race-free transaction ([`db::set_password_once`]).
+//! database thread in one race-free transaction (`db::set_password_once`).
 //!
 //! Security group names come from Neutron ([`neutron`], `[api.neutron]`),
 //! only for EC2 paths, as the OpenStack tree does not show them.
@@ -28,18 +28,85 @@
 //!
 //! Not yet: TLS to MySQL, and identifying guests by address
 //! (`service_metadata_proxy = false`).
+//!
+//! The database half (`db`, [`source`]: sqlx, and the tokio runtime it
+//! runs on) is the Cargo feature `nova-db`, on by default. Without it the
+//! config refuses `source = "nova"` ([`crate::config::NOVA_DB`]), and
+//! `source` is a stand-in with the same types, none of which can be made
+//! (`no_db.rs`), so the server's Nova paths compile unchanged and no `cfg`
+//! spreads past this file. The rest (URLs, rows, Neutron) has no driver
+//! in it and is always built.
 
+#[cfg(feature = "nova-db")]
 pub mod db;
 pub mod neutron;
 pub mod rows;
+#[cfg(feature = "nova-db")]
+pub mod source;
+#[cfg(not(feature = "nova-db"))]
+#[path = "no_db.rs"]
 pub mod source;
 pub mod url;
+
+use std::sync::Arc;
 
 use crate::api::{ApiRequest, ApiResponse, Handled, MetadataApi, Passwords, CONTENT_TYPE_HTML};
 use crate::inventory::Inventory;
 use crate::log;
 
-pub use source::{start, Lookup, NovaClient, NovaError, NovaSource, StartReport};
+pub use source::{start, NovaClient, NovaSource};
+
+/// One instance, loaded and decoded.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The instance and its networks, in the renderers' model.
+    pub inventory: Inventory,
+    /// The password stored in `instance_system_metadata`.
+    pub password: Option<String>,
+}
+
+/// What a load found.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// The instance.
+    Found(Arc<Loaded>),
+    /// No such (non-deleted) instance.
+    NotFound,
+}
+
+/// Why an instance could not be served (a 500 for that instance).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NovaError {
+    /// The database failed or timed out.
+    #[error("database: {0}")]
+    Db(String),
+    /// A row could not be decoded.
+    #[error("bad row: {0}")]
+    Corrupt(String),
+    /// The database thread is gone (shutting down).
+    #[error("the database thread has stopped")]
+    Gone,
+}
+
+/// What start-up found, for the log and `--check`.
+#[derive(Debug, Clone)]
+pub struct StartReport {
+    /// (database, alembic version) of every database checked.
+    pub versions: Vec<(String, String)>,
+    /// (cell database, instances) of every cell checked.
+    pub instances: Vec<(String, i64)>,
+}
+
+/// What a password write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordWrite {
+    /// Stored.
+    Stored,
+    /// A password was already set (409).
+    AlreadySet,
+    /// The instance is gone.
+    NoInstance,
+}
 
 /// Answer one request from Nova's databases.
 pub async fn answer(
@@ -86,12 +153,12 @@ pub async fn answer(
     {
         Handled::Answer(r) => r,
         Handled::StorePassword(pw) => match client.set_password(&uuid, &pw).await {
-            Ok(db::PasswordWrite::Stored) => {
+            Ok(PasswordWrite::Stored) => {
                 log::info(format_args!("api: password stored for instance {uuid}"));
                 ApiResponse::ok(CONTENT_TYPE_HTML, Vec::new())
             }
-            Ok(db::PasswordWrite::AlreadySet) => ApiResponse::conflict(),
-            Ok(db::PasswordWrite::NoInstance) => ApiResponse::not_found(),
+            Ok(PasswordWrite::AlreadySet) => ApiResponse::conflict(),
+            Ok(PasswordWrite::NoInstance) => ApiResponse::not_found(),
             Err(e) => {
                 log::error(format_args!(
                     "api: storing the password of instance {uuid}: {e}"

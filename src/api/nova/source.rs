@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use futures_channel::oneshot;
 use tokio::sync::mpsc;
 
-use super::db::{self, Db, PasswordWrite};
+use super::db::{self, Db};
 use super::rows;
 use super::url::{DbUrl, TemplateFields};
+use super::{Loaded, Lookup, NovaError, PasswordWrite, StartReport};
 use crate::api::config::NovaSettings;
 use crate::inventory::Inventory;
 use crate::log;
@@ -41,38 +42,6 @@ pub const DB_TIMEOUT: Duration = Duration::from_secs(15);
 /// Cached instances kept at most; past it, expired entries are dropped
 /// (and, if that is not enough, all of them).
 pub const MAX_CACHED_INSTANCES: usize = 100_000;
-
-/// One instance, loaded and decoded.
-#[derive(Debug)]
-pub struct Loaded {
-    /// The instance and its networks, in the renderers' model.
-    pub inventory: Inventory,
-    /// The password stored in `instance_system_metadata`.
-    pub password: Option<String>,
-}
-
-/// What a load found.
-#[derive(Debug, Clone)]
-pub enum Lookup {
-    /// The instance.
-    Found(Arc<Loaded>),
-    /// No such (non-deleted) instance.
-    NotFound,
-}
-
-/// Why an instance could not be served (a 500 for that instance).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum NovaError {
-    /// The database failed or timed out.
-    #[error("database: {0}")]
-    Db(String),
-    /// A row could not be decoded.
-    #[error("bad row: {0}")]
-    Corrupt(String),
-    /// The database thread is gone (shutting down).
-    #[error("the database thread has stopped")]
-    Gone,
-}
 
 type LoadReply = oneshot::Sender<Result<Lookup, NovaError>>;
 
@@ -136,15 +105,6 @@ impl NovaClient {
             .map_err(|_| NovaError::Gone)?;
         rx.await.map_err(|_| NovaError::Gone)?
     }
-}
-
-/// What start-up found, for the log and `--check`.
-#[derive(Debug, Clone)]
-pub struct StartReport {
-    /// (database, alembic version) of every database checked.
-    pub versions: Vec<(String, String)>,
-    /// (cell database, instances) of every cell checked.
-    pub instances: Vec<(String, i64)>,
 }
 
 /// The running database thread. Dropping it stops the thread.
