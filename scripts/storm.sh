@@ -54,7 +54,9 @@
 # haproxy: haproxy -> agent -> api) and prints both rows and the ratios
 # chain/floor of req/s, CPU per request (per process and summed) and VM
 # p50/p99. Every process's CPU is utime+stime from /proc/PID/stat over the
-# storm only.
+# storm only; the table also gives each process's user-space share (utime)
+# and its context switches per request (voluntary + involuntary, summed over
+# its threads from /proc/PID/task/*/status).
 #
 # --count records, per process, every syscall (raw_syscalls:sys_enter) and
 # every io_uring submission (io_uring:io_uring_submit_req, with its opcode) and
