@@ -589,17 +589,17 @@ if "floor" in rows and len(rows) > 1:
     print(f'| req/s | {f["rps"]:.0f} | {c["rps"]:.0f} | {ratio(c["rps"], f["rps"])} |')
     fs, csum = sum(f["us"].values()), sum(c["us"].values())
     print(f'| CPU us per request, summed | {fs:.1f} | {csum:.1f} | {ratio(csum, fs)} |')
-    for role, us in c["us"].items():
-        fr = f'{f["us"][role]:.1f}' if role in f["us"] else "-"
-        print(f'| CPU us per request: {role} | {fr} | {us:.1f} | {ratio(us, fs)} of floor |')
-    for role, us in c["uus"].items():
-        fr = f'{f["uus"][role]:.1f}' if role in f["uus"] else "-"
-        print(f'| of which user space: {role} | {fr} | {us:.1f} | |')
+    def per_role(key, what, digits, of_floor):
+        """One row per process of the chain: the floor's value (its api's), the chain's."""
+        for role, v in c[key].items():
+            fr = f'{f[key][role]:.{digits}f}' if role in f[key] else "-"
+            share = f"{ratio(v, fs)} of floor" if of_floor else ""
+            print(f'| {what}: {role} | {fr} | {v:.{digits}f} | {share} |')
+    per_role("us", "CPU us per request", 1, True)
+    per_role("uus", "of which user space", 1, False)
     fcs, ccs = sum(f["cs"].values()), sum(c["cs"].values())
     print(f'| context switches per request, summed | {fcs:.2f} | {ccs:.2f} | {ratio(ccs, fcs)} |')
-    for role, n in c["cs"].items():
-        fr = f'{f["cs"][role]:.2f}' if role in f["cs"] else "-"
-        print(f'| context switches per request: {role} | {fr} | {n:.2f} | |')
+    per_role("cs", "context switches per request", 2, False)
     print(f'| VM complete p50 s | {f["vm50"] / 1000:.3f} | {c["vm50"] / 1000:.3f} | {ratio(c["vm50"], f["vm50"])} |')
     print(f'| VM complete p99 s | {f["vm99"] / 1000:.3f} | {c["vm99"] / 1000:.3f} | {ratio(c["vm99"], f["vm99"])} |')
     print(f'| requests | {f["req"]} | {c["req"]} | |')
