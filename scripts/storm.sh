@@ -54,7 +54,9 @@
 # haproxy: haproxy -> agent -> api) and prints both rows and the ratios
 # chain/floor of req/s, CPU per request (per process and summed) and VM
 # p50/p99. Every process's CPU is utime+stime from /proc/PID/stat over the
-# storm only.
+# storm only; the table also gives each process's user-space share (utime)
+# and its context switches per request (voluntary + involuntary, summed over
+# its threads from /proc/PID/task/*/status).
 #
 # --count records, per process, every syscall (raw_syscalls:sys_enter) and
 # every io_uring submission (io_uring:io_uring_submit_req, with its opcode) and
@@ -425,10 +427,33 @@ cpu_ticks() {
   echo "$s"
 }
 
+# ctx_switches PID: voluntary+involuntary context switches of all its threads.
+ctx_switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+}
+
+# role_switches: role=context switches for each of ROLE_PIDS.
+role_switches() {
+  local rp out=()
+  for rp in $ROLE_PIDS; do out+=("${rp%%=*}=$(ctx_switches "${rp#*=}")"); done
+  echo "${out[*]}"
+}
+
 # role_ticks: role=ticks for each of ROLE_PIDS.
 role_ticks() {
   local rp out=()
   for rp in $ROLE_PIDS; do out+=("${rp%%=*}=$(cpu_ticks "${rp#*=}")"); done
+  echo "${out[*]}"
+}
+
+# role_uticks: role=utime ticks (user space only) for each of ROLE_PIDS.
+role_uticks() {
+  local rp out=() t
+  for rp in $ROLE_PIDS; do
+    t=$(awk '{sub(/^.*\) /, ""); print $12}' "/proc/${rp#*=}/stat" 2>/dev/null) || t=0
+    out+=("${rp%%=*}=$t")
+  done
   echo "${out[*]}"
 }
 
@@ -449,6 +474,8 @@ for setup in "${SETUPS[@]}"; do
     sleep 1  # perf attached to every thread
   fi
   r0=$(role_ticks)
+  s0=$(role_switches)
+  u0=$(role_uticks)
   # shellcheck disable=SC2086 # CHAIN_PIDS is a list of PIDs
   read -r c0 a0 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
   load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -478,13 +505,15 @@ for setup in "${SETUPS[@]}"; do
   # shellcheck disable=SC2086
   read -r c1 a1 <<<"$(cpu_ticks "$MEASURED") $(cpu_ticks $CHAIN_PIDS)"
   r1=$(role_ticks)
+  s1=$(role_switches)
+  u1=$(role_uticks)
   for p in "${count_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" || true; done
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$MEASURED/status")
   curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/$setup.metrics" || true
   [ "$rc" = 0 ] || { FAILED=1; log "$setup: storm FAILED (exit $rc)"; }
   [ -f "$WORK/$setup.json" ] || { log "$setup: no report"; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" $((c1 - c0)) $((a1 - a0)) "$hwm" "$load" "$rc" \
-    "$r0" "$r1" >>"$WORK/results.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" $((c1 - c0)) $((a1 - a0)) "$hwm" "$load" "$rc" \
+    "$r0" "$r1" "$s0" "$s1" "$u0" "$u1" >>"$WORK/results.tsv"
   stop_pids
 done
 
@@ -508,9 +537,13 @@ def backend_calls(setup):
     return f"{m.group(1)} inventory lookups" if m else "n/a"
 rows = {}
 for line in open(f"{work}/results.tsv"):
-    setup, cpu, chain_cpu, hwm, load, rc, r0, r1 = line.rstrip("\n").split("\t")
+    setup, cpu, chain_cpu, hwm, load, rc, r0, r1, s0, s1, u0, u1 = line.rstrip("\n").split("\t")
     t0 = dict(x.split("=") for x in r0.split())
     per = {k: (int(v) - int(t0[k])) for k, v in (x.split("=") for x in r1.split())}
+    w0 = dict(x.split("=") for x in s0.split())
+    switches = {k: (int(v) - int(w0[k])) for k, v in (x.split("=") for x in s1.split())}
+    v0 = dict(x.split("=") for x in u0.split())
+    user = {k: (int(v) - int(v0[k])) for k, v in (x.split("=") for x in u1.split())}
     r = json.load(open(f"{work}/{setup}.json"))
     n = max(r["requests"], 1)
     rows[setup] = dict(
@@ -522,7 +555,11 @@ for line in open(f"{work}/results.tsv"):
         done=f'{r["vms_completed"]}/{r["vms"]}', ok="PASS" if r["passed"] else "FAIL", load=load,
         calls=backend_calls(setup),
         # CPU microseconds per request, per process (role -> us).
-        us={k: v / hz * 1e6 / n for k, v in per.items()})
+        us={k: v / hz * 1e6 / n for k, v in per.items()},
+        # User-space CPU microseconds per request, per process.
+        uus={k: v / hz * 1e6 / n for k, v in user.items()},
+        # Context switches per request, per process (role -> count).
+        cs={k: v / n for k, v in switches.items()})
 measured = {"up": "up (all three)", "metaproxy": "metaproxy proxy", "haproxy": "haproxy",
             "floor": "floor: api direct"}
 behind = ("real neutron-metadata-agent + nova" if chain == "openstack"
@@ -552,9 +589,17 @@ if "floor" in rows and len(rows) > 1:
     print(f'| req/s | {f["rps"]:.0f} | {c["rps"]:.0f} | {ratio(c["rps"], f["rps"])} |')
     fs, csum = sum(f["us"].values()), sum(c["us"].values())
     print(f'| CPU us per request, summed | {fs:.1f} | {csum:.1f} | {ratio(csum, fs)} |')
-    for role, us in c["us"].items():
-        fr = f'{f["us"][role]:.1f}' if role in f["us"] else "-"
-        print(f'| CPU us per request: {role} | {fr} | {us:.1f} | {ratio(us, fs)} of floor |')
+    def per_role(key, what, digits, of_floor):
+        """One row per process of the chain: the floor's value (its api's), the chain's."""
+        for role, v in c[key].items():
+            fr = f'{f[key][role]:.{digits}f}' if role in f[key] else "-"
+            share = f"{ratio(v, fs)} of floor" if of_floor else ""
+            print(f'| {what}: {role} | {fr} | {v:.{digits}f} | {share} |')
+    per_role("us", "CPU us per request", 1, True)
+    per_role("uus", "of which user space", 1, False)
+    fcs, ccs = sum(f["cs"].values()), sum(c["cs"].values())
+    print(f'| context switches per request, summed | {fcs:.2f} | {ccs:.2f} | {ratio(ccs, fcs)} |')
+    per_role("cs", "context switches per request", 2, False)
     print(f'| VM complete p50 s | {f["vm50"] / 1000:.3f} | {c["vm50"] / 1000:.3f} | {ratio(c["vm50"], f["vm50"])} |')
     print(f'| VM complete p99 s | {f["vm99"] / 1000:.3f} | {c["vm99"] / 1000:.3f} | {ratio(c["vm99"], f["vm99"])} |')
     print(f'| requests | {f["req"]} | {c["req"]} | |')

@@ -19,6 +19,8 @@
 //! which would serialise a pipelined batch behind its slowest lookup.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -93,19 +95,9 @@ async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
                 break;
             }
         }
-        // A request already whole in `buf` with no body (a GET or HEAD: a
-        // pipelined batch is many of them) starts at once; anything else is
-        // read by the boxed future (boxed so that the idle reader stays small).
-        let next = match whole_without_body(&ctx, &buf) {
-            Some(head) => {
-                inc(&ctx.m.requests);
-                let end = head.head_len;
-                Ok(start(&ctx, &mut buf, head, end, Vec::new()))
-            }
-            None => {
-                let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
-                Box::pin(next_request(&ctx, &conn, &mut buf, head_deadline)).await
-            }
+        let next = match begin(&ctx, &conn, &mut buf) {
+            Next::Started(started) => Ok(started),
+            Next::Read(read) => read.await,
         };
         match next {
             Ok((slot, close)) => {
@@ -221,24 +213,64 @@ fn lost_answer(is_head: bool) -> Vec<u8> {
     b
 }
 
-/// Read one request (its first bytes are in `buf`) and start answering it on
-/// its own task. Returns the answer slot and whether the connection closes
-/// after it; `Err(Some(bytes))` is a rejection to write last, `Err(None)` a
+/// A request started, or the boxed future that reads it.
+enum Next<'a> {
+    /// Started at once (see [`begin`]): its answer slot, and whether the
+    /// connection closes after it.
+    Started((AnswerSlot, bool)),
+    /// Being read by [`next_request`].
+    Read(Pin<Box<dyn Future<Output = NextRequest> + 'a>>),
+}
+
+/// What [`next_request`] gives: the answer slot and whether the connection
+/// closes after it, or a rejection to write last (`Some`) or nothing.
+type NextRequest = Result<(AnswerSlot, bool), Option<Vec<u8>>>;
+
+/// The request whose first bytes are in `buf`. Already whole there with no
+/// body (a GET or HEAD: a pipelined batch is many of them), it starts at
+/// once; anything else is read by the boxed [`next_request`] (boxed so that
+/// the idle reader stays small), which gets a head already whole here
+/// rather than parsing it again. Not `async`: the parsed head must not be
+/// kept in the reader's state across its wait.
+fn begin<'a>(ctx: &'a Rc<AgentLoop>, conn: &'a UnixConn, buf: &'a mut Vec<u8>) -> Next<'a> {
+    let head = match http::parse_request(buf, &ctx.server.settings().limits) {
+        Ok(Some(head)) if head.body == RequestBody::None => {
+            inc(&ctx.m.requests);
+            let end = head.head_len;
+            return Next::Started(start(ctx, buf, head, end, Vec::new()));
+        }
+        Ok(Some(head)) => Some(head),
+        // A partial head is read on; an error is found again by the
+        // reader, which refuses it.
+        Ok(None) | Err(_) => None,
+    };
+    let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
+    Next::Read(Box::pin(next_request(ctx, conn, buf, head, head_deadline)))
+}
+
+/// Read one request (its first bytes are in `buf`; `head`, its head when
+/// that is already whole there) and start answering it on its own task.
+/// Returns the answer slot and whether the connection closes after it;
+/// `Err(Some(bytes))` is a rejection to write last, `Err(None)` a
 /// connection that just ends. Pipelined bytes that followed stay in `buf`.
 async fn next_request(
     ctx: &Rc<AgentLoop>,
     conn: &UnixConn,
     buf: &mut Vec<u8>,
+    head: Option<RequestHead>,
     head_deadline: Instant,
-) -> Result<(AnswerSlot, bool), Option<Vec<u8>>> {
+) -> NextRequest {
     let Settings { timeouts, limits } = ctx.server.settings();
     // 1. The head.
-    let head = match serve::read_head(conn, buf, limits, head_deadline).await {
-        Ok(head) => head,
-        Err(e) => {
-            let status = e.refusal().map(|why| refused(&ctx.m, why));
-            return Err(status.map(|s| http::canned(s).to_vec()));
-        }
+    let head = match head {
+        Some(head) => head,
+        None => match serve::read_head(conn, buf, limits, head_deadline).await {
+            Ok(head) => head,
+            Err(e) => {
+                let status = e.refusal().map(|why| refused(&ctx.m, why));
+                return Err(status.map(|s| http::canned(s).to_vec()));
+            }
+        },
     };
     inc(&ctx.m.requests);
 
@@ -255,16 +287,6 @@ async fn next_request(
     };
 
     Ok(start(ctx, buf, head, end, decoded))
-}
-
-/// The head at the front of `buf`, if it is whole, within the limits and
-/// has no body (then the request ends with its head). Anything else (a
-/// partial head, a body, an error) is for [`next_request`] to read or refuse.
-fn whole_without_body(ctx: &AgentLoop, buf: &[u8]) -> Option<RequestHead> {
-    match http::parse_request(buf, &ctx.server.settings().limits) {
-        Ok(Some(head)) if head.body == RequestBody::None => Some(head),
-        _ => None,
-    }
 }
 
 /// Start answering the request that is `buf[..end]` (its head parsed,
@@ -299,7 +321,7 @@ fn start(
 
 /// The agent's edge for requests refused before they were resolved: the
 /// status, and the event counted.
-fn refused(m: &LoopMetrics, why: Refusal) -> u16 {
+pub(super) fn refused(m: &LoopMetrics, why: Refusal) -> u16 {
     inc(match why {
         Refusal::Http(HttpError::Smuggling) => &m.rx_smuggling,
         Refusal::Http(_) => &m.rx_malformed,

@@ -46,10 +46,10 @@ use crate::agent::neutron::BackendError;
 use crate::agent::resolve::Resolved;
 use crate::http::write::{put_content_length, put_status_line, CONNECTION, TEXT_PLAIN};
 use crate::http::{
-    self, ChunkProgress, ChunkedScanner, HeaderName, HeaderValue, HttpError, Method, RequestBody,
-    RequestHead,
+    self, HeaderName, HeaderValue, Method, RequestBody, RequestHead, WholeRequestError,
 };
 use crate::log;
+use crate::serve::Refusal;
 
 /// Statuses of the API relayed as they are (Neutron era C's list); others → 500.
 const RELAYED: [u16; 9] = [200, 400, 403, 404, 409, 500, 502, 503, 504];
@@ -146,26 +146,19 @@ pub async fn respond_in_process(
     close: bool,
     out: &mut Vec<u8>,
 ) -> InProcessAnswer {
-    let limits = &ctx.cfg.limits;
-    let head = match http::parse_request(request, limits) {
-        Ok(Some(head)) => head,
-        // The request is whole: a head still incomplete is one over the cap.
-        Ok(None) => return refused(ctx, HttpError::HeadTooLarge),
-        Err(e) => return refused(ctx, e),
+    let mut decoded = Vec::new();
+    let (head, body) = match http::parse_whole_request(request, &ctx.cfg.limits, &mut decoded) {
+        Ok(whole) => whole,
+        Err(WholeRequestError::Head(e) | WholeRequestError::Body(e, _)) => {
+            return refused(ctx, Refusal::Http(e))
+        }
+        // Shorter than its framing says: the agent's connection would
+        // still be waiting for the rest, until its body timeout.
+        Err(WholeRequestError::Incomplete(_)) => return refused(ctx, Refusal::BodyTimeout),
     };
     inc(&ctx.m.requests);
-    let mut decoded = Vec::new();
-    if head.body == RequestBody::Chunked {
-        let mut scanner = ChunkedScanner::new(limits.max_body_bytes);
-        match scanner.decode(&request[head.head_len..], &mut decoded) {
-            Ok(ChunkProgress::Done { .. }) => {}
-            Ok(ChunkProgress::NeedMore { .. }) => return refused(ctx, HttpError::BadChunk),
-            Err(e) => return refused(ctx, e),
-        }
-    }
     let start = out.len();
     let started = Instant::now();
-    let body = body_of(request, &head, &decoded);
     let trace = answer(ctx, request, &head, body, close, out).await;
     answered(ctx, request, &head, &trace, started);
     let status = trace.status;
@@ -181,13 +174,8 @@ pub async fn respond_in_process(
 }
 
 /// A request the agent's connection would have refused: counted as there.
-fn refused(ctx: &AgentLoop, e: HttpError) -> InProcessAnswer {
-    inc(if e == HttpError::Smuggling {
-        &ctx.m.rx_smuggling
-    } else {
-        &ctx.m.rx_malformed
-    });
-    InProcessAnswer::Refused(e.status())
+fn refused(ctx: &AgentLoop, why: Refusal) -> InProcessAnswer {
+    InProcessAnswer::Refused(super::conn::refused(&ctx.m, why))
 }
 
 /// Build the whole response to one parsed request into `out`.
@@ -247,9 +235,8 @@ async fn answer(
             };
         };
         let mut req = ctx.server.take_buf();
-        let secret = &ctx.signer;
         if let Err(e) =
-            forward::write_api_request(&mut req, &guest, &ctx.host_header, &id, r, secret)
+            forward::write_api_request(&mut req, &guest, &ctx.host_header, &id, r, &ctx.signer)
         {
             ctx.server.put_buf(req);
             inc(&c.bad_requests);

@@ -40,9 +40,7 @@ use crate::api::config::{ApiConfig, ApiSource};
 use crate::api::metrics::{LoopMetrics, Registry};
 use crate::api::nova;
 use crate::api::{ApiRequest, ApiResponse, ApiSettings, MetadataApi, PasswordStore};
-use crate::http::{
-    self, ChunkProgress, ChunkedScanner, HttpError, Method, RequestBody, RequestHead,
-};
+use crate::http::{self, HttpError, Method, RequestHead, WholeRequestError};
 use crate::inventory::store::{self, Local, Watcher};
 use crate::inventory::{self, InventoryError};
 use crate::log;
@@ -643,35 +641,17 @@ impl LoopStage {
     /// signature check, access log, `write_response`, counters).
     pub async fn exchange(&self, req: &[u8], out: &mut Vec<u8>) {
         let started = Instant::now();
-        let limits = &self.ctx.cfg.limits;
-        let head = match http::parse_request(req, limits) {
-            Ok(Some(head)) => head,
-            // The request is whole: a head still incomplete is one over the cap.
-            Ok(None) => return self.refuse(HttpError::HeadTooLarge, false, out),
-            Err(e) => return self.refuse(e, false, out),
-        };
-        let is_head = head.method == Method::Head;
         let mut decoded = Vec::new();
-        let body = match head.body {
-            RequestBody::None => &[][..],
-            RequestBody::Length(n) => {
-                let end = usize::try_from(n)
-                    .ok()
-                    .and_then(|n| head.head_len.checked_add(n))
-                    .filter(|&end| end <= req.len());
-                match end {
-                    Some(end) => &req[head.head_len..end],
-                    // Shorter than it says: its connection would have timed out.
-                    None => return self.refuse_timeout(is_head, out),
-                }
+        let (head, body) = match http::parse_whole_request(req, &self.ctx.cfg.limits, &mut decoded)
+        {
+            Ok(whole) => whole,
+            Err(WholeRequestError::Head(e)) => return self.refuse(e, false, out),
+            Err(WholeRequestError::Body(e, method)) => {
+                return self.refuse(e, method == Method::Head, out)
             }
-            RequestBody::Chunked => {
-                let mut scanner = ChunkedScanner::new(limits.max_body_bytes);
-                match scanner.decode(&req[head.head_len..], &mut decoded) {
-                    Ok(ChunkProgress::Done { .. }) => &decoded[..],
-                    Ok(ChunkProgress::NeedMore { .. }) => return self.refuse_timeout(is_head, out),
-                    Err(e) => return self.refuse(e, is_head, out),
-                }
+            // Shorter than it says: its connection would have timed out.
+            Err(WholeRequestError::Incomplete(method)) => {
+                return self.refuse_timeout(method == Method::Head, out)
             }
         };
         let keep = head.keep_alive && !self.ctx.stopping.is_set();

@@ -27,7 +27,9 @@ pub use canned::{canned, canned_for, reason, CONTINUE_100};
 pub use chunked::{
     ChunkProgress, ChunkedScanner, MAX_CHUNK_LINE_BYTES, MAX_TRAILER_BYTES, MIN_CHUNK_FRAMING_BYTES,
 };
-pub use request::{parse_request, Method, RequestBody, RequestHead};
+pub use request::{
+    parse_request, parse_whole_request, Method, RequestBody, RequestHead, WholeRequestError,
+};
 pub use response::{frame_response, parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
     format_ip_for_xff, is_hop_by_hop, is_token_header, is_trust_header, rewrite_proxy_request,

@@ -205,6 +205,62 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     }))
 }
 
+/// Why a request handed over whole ([`parse_whole_request`]) is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WholeRequestError {
+    /// The head is malformed or over a limit (a head still incomplete in a
+    /// whole request is one over the cap: [`HttpError::HeadTooLarge`]).
+    Head(HttpError),
+    /// The head parsed (its method given); the chunked body is malformed or
+    /// over `max_body_bytes`.
+    Body(HttpError, Method),
+    /// The head parsed; the body is shorter than its framing says. A
+    /// connection would still be waiting for the rest, so this is its body
+    /// timeout.
+    Incomplete(Method),
+}
+
+/// Parse a request that is known to be whole: an in-process stage's
+/// handover, framed by the stage before it (`metaproxy up` and `metaproxy
+/// ovn` hand the agent stage and the API stage the exact bytes a socket would
+/// have carried). Returns the head and the body's payload: the
+/// `Content-Length` bytes after the head, or a chunked body decoded into
+/// `decoded` within `limits.max_body_bytes`.
+///
+/// # Errors
+/// See [`WholeRequestError`]: each is what the stage's own connection would
+/// have refused.
+pub fn parse_whole_request<'a>(
+    req: &'a [u8],
+    limits: &Limits,
+    decoded: &'a mut Vec<u8>,
+) -> Result<(RequestHead, &'a [u8]), WholeRequestError> {
+    let head = match parse_request(req, limits) {
+        Ok(Some(head)) => head,
+        Ok(None) => return Err(WholeRequestError::Head(HttpError::HeadTooLarge)),
+        Err(e) => return Err(WholeRequestError::Head(e)),
+    };
+    let rest = &req[head.head_len..];
+    let body = match head.body {
+        RequestBody::None => &[][..],
+        RequestBody::Length(n) => match usize::try_from(n).ok().and_then(|n| rest.get(..n)) {
+            Some(body) => body,
+            None => return Err(WholeRequestError::Incomplete(head.method)),
+        },
+        RequestBody::Chunked => {
+            let mut scanner = super::ChunkedScanner::new(limits.max_body_bytes);
+            match scanner.decode(rest, decoded) {
+                Ok(super::ChunkProgress::Done { .. }) => &decoded[..],
+                Ok(super::ChunkProgress::NeedMore { .. }) => {
+                    return Err(WholeRequestError::Incomplete(head.method))
+                }
+                Err(e) => return Err(WholeRequestError::Body(e, head.method)),
+            }
+        }
+    };
+    Ok((head, body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,5 +586,62 @@ mod tests {
         for m in [Method::Get, Method::Head, Method::Post, Method::Put] {
             assert_eq!(Method::from_bytes(m.as_str().as_bytes()), Some(m));
         }
+    }
+
+    #[test]
+    fn a_whole_request_gives_its_head_and_body_payload() {
+        let whole = |req: &[u8]| {
+            let mut decoded = Vec::new();
+            parse_whole_request(req, &Limits::default(), &mut decoded)
+                .map(|(head, body)| (head.method, body.to_vec()))
+        };
+        assert_eq!(whole(CLOUD_INIT_GET), Ok((Method::Get, Vec::new())));
+        let post = b"POST /openstack/latest/password HTTP/1.1\r\nContent-Length: 5\r\n\r\nsecret";
+        assert_eq!(
+            whole(post),
+            Ok((Method::Post, b"secre".to_vec())),
+            "exactly its length"
+        );
+        let chunked =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(whole(chunked), Ok((Method::Post, b"abcde".to_vec())));
+
+        // What the stage's connection would have refused, with the method
+        // once the head parsed (a HEAD's refusal has no body).
+        let short = b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc";
+        assert_eq!(
+            whole(short),
+            Err(WholeRequestError::Incomplete(Method::Post))
+        );
+        let cut = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab";
+        assert_eq!(whole(cut), Err(WholeRequestError::Incomplete(Method::Post)));
+        let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        assert!(matches!(
+            whole(bad),
+            Err(WholeRequestError::Body(HttpError::BadChunk, Method::Post))
+        ));
+        let limits = Limits {
+            max_body_bytes: 4,
+            ..Limits::default()
+        };
+        let mut decoded = Vec::new();
+        assert!(matches!(
+            parse_whole_request(chunked, &limits, &mut decoded),
+            Err(WholeRequestError::Body(
+                HttpError::BodyTooLarge,
+                Method::Post
+            ))
+        ));
+        assert_eq!(
+            whole(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            Err(WholeRequestError::Head(HttpError::HeadTooLarge)),
+            "a head still open in a whole request is over the cap"
+        );
+        let smuggle =
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc";
+        assert_eq!(
+            whole(smuggle),
+            Err(WholeRequestError::Head(HttpError::Smuggling))
+        );
     }
 }
