@@ -219,7 +219,9 @@ where
     let threads = rt::run_loops(workers, name, move |i| {
         let rx = inboxes.take(i);
         let make = make.clone();
-        async move { make(i, rx?).await }
+        // The main future waits for control messages (then drains) while
+        // the tasks it spawned serve: it need not be polled every turn.
+        rt::when_woken(async move { make(i, rx?).await })
     })?;
     Ok((controls, threads))
 }
