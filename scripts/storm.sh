@@ -8,7 +8,7 @@
 #                    [--results DIR] [--cargo-profile release|profiling]
 #                    [--perf ROLE:FILE] [--backend inventory|neutron]
 #                    [--max-connections N] [--access-log] [--floor] [--count]
-#                    [--bin PATH]
+#                    [--bin PATH] [--runs N]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -58,6 +58,12 @@
 # and its context switches per request (voluntary + involuntary, summed over
 # its threads from /proc/PID/task/*/status).
 #
+# --runs N (with --floor) runs the whole floor-then-chain comparison N times,
+# each on freshly started processes, prints each run's tables as it goes, and
+# then one table of every run's ratios (req/s, summed CPU per request, user
+# space above the floor) with their medians: the issue's figures are medians
+# of ratios taken within one run.
+#
 # --count records, per process, every syscall (raw_syscalls:sys_enter) and
 # every io_uring submission (io_uring:io_uring_submit_req, with its opcode) and
 # poll arm (io_uring:io_uring_poll_arm: an op that found its socket not ready)
@@ -99,9 +105,20 @@ MAX_CONNS=
 FLOOR=0
 COUNT=0
 BIN=
+RUNS=1
 ACCESS_LOG= # --access-log: access_log = true in [api], [agent] and [proxy] (lines go to $WORK/*.log)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+# The arguments of one run (--runs re-runs this script with them).
+ONE_RUN=()
+ARGV=("$@")
+i=0
+while [ "$i" -lt ${#ARGV[@]} ]; do
+  case ${ARGV[$i]} in
+    --runs|--results) i=$((i + 2)) ;;
+    *) ONE_RUN+=("${ARGV[$i]}"); i=$((i + 1)) ;;
+  esac
+done
 while [ $# -gt 0 ]; do
   case $1 in
     --vms) VMS=$2; shift 2 ;;
@@ -114,7 +131,6 @@ while [ $# -gt 0 ]; do
     --chain) CHAIN=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
     --timeout) TIMEOUT=$2; shift 2 ;;
-    --results) RESULTS=$2; shift 2 ;;
     --cargo-profile) CARGO_PROFILE=$2; shift 2 ;;
     --perf) PERF=$2; shift 2 ;;
     --backend) BACKEND=$2; shift 2 ;;
@@ -123,6 +139,8 @@ while [ $# -gt 0 ]; do
     --floor) FLOOR=1; shift ;;
     --count) COUNT=1; shift ;;
     --bin) BIN=$(realpath "$2"); shift 2 ;;
+    --runs) RUNS=$2; shift 2 ;;
+    --results) RESULTS=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -138,6 +156,47 @@ if [ "$FLOOR" = 1 ] && { [ "$COMPARE" = 1 ] || [ "$CHAIN" = openstack ]; }; then
 fi
 if [ "$CHAIN" = openstack ] && [ "$UP" = 1 ]; then
   echo "--up and --chain openstack exclude each other (up contains our own agent)" >&2; exit 2
+fi
+
+# --runs N: this script N times (each run on fresh processes), then the
+# medians of the per-run ratios.
+if [ "$RUNS" != 1 ]; then
+  case $RUNS in '' | *[!0-9]* | 0) echo "--runs takes a positive number" >&2; exit 2 ;; esac
+  [ "$FLOOR" = 1 ] || { echo "--runs repeats the --floor comparison: give --floor" >&2; exit 2; }
+  RUNS_DIR=$(mktemp -d /tmp/mp-storm-runs.XXXXXX)
+  status=0
+  for r in $(seq 1 "$RUNS"); do
+    echo "storm.sh: run $r of $RUNS"
+    bash scripts/storm.sh "${ONE_RUN[@]}" --results "$RUNS_DIR/$r" || status=1
+  done
+  python3 - "$RUNS_DIR" "$RUNS" <<'PY' || status=1
+import json, statistics, sys
+d, n = sys.argv[1], int(sys.argv[2])
+runs = []
+for r in range(1, n + 1):
+    try:
+        runs.append(json.load(open(f"{d}/{r}/floor-ratios.json")))
+    except OSError:
+        print(f"run {r}: no floor-ratios.json (it failed before its summary)")
+if not runs:
+    sys.exit(1)
+label = runs[0]["label"]
+print(f"\nstorm.sh --runs {n}: floor vs {label}, ratios within each run, then their medians"
+      " (goal: req/s >= 0.80x, summed CPU per request <= 1.30x)")
+print("| run | load avg | req/s ratio | CPU ratio | floor CPU us (user) | chain CPU us (user) | user above the floor | kernel above the floor | result |")
+print("|---|---|---|---|---|---|---|---|---|")
+for i, x in enumerate(runs, 1):
+    du, dk = x["chain_user"] - x["floor_user"], (x["chain_us"] - x["chain_user"]) - (x["floor_us"] - x["floor_user"])
+    x["du"], x["dk"] = du, dk
+    print(f'| {i} | {x["load"]} | {x["rps_ratio"]:.2f}x | {x["cpu_ratio"]:.2f}x | {x["floor_us"]:.1f} ({x["floor_user"]:.1f}) | '
+          f'{x["chain_us"]:.1f} ({x["chain_user"]:.1f}) | {du:.1f} | {dk:.1f} | {"PASS" if x["passed"] else "FAIL"} |')
+med = lambda k: statistics.median(x[k] for x in runs)
+print(f'| **median of {len(runs)}** | | **{med("rps_ratio"):.2f}x** | **{med("cpu_ratio"):.2f}x** | {med("floor_us"):.1f} ({med("floor_user"):.1f}) | '
+      f'{med("chain_us"):.1f} ({med("chain_user"):.1f}) | {med("du"):.1f} | {med("dk"):.1f} | |')
+PY
+  if [ -n "$RESULTS" ]; then mkdir -p "$RESULTS" && cp -r "$RUNS_DIR"/. "$RESULTS"/; fi
+  rm -rf "$RUNS_DIR"
+  exit "$status"
 fi
 
 # The setups to run, in order.
@@ -604,6 +663,12 @@ if "floor" in rows and len(rows) > 1:
     print(f'| VM complete p99 s | {f["vm99"] / 1000:.3f} | {c["vm99"] / 1000:.3f} | {ratio(c["vm99"], f["vm99"])} |')
     print(f'| requests | {f["req"]} | {c["req"]} | |')
     print(f'| errors / wrong VM | {f["err"]} / {f["wrong"]} | {c["err"]} / {c["wrong"]} | |')
+    # For --runs: this run's ratios, read back by the run that called it.
+    json.dump({"label": label, "load": c["load"], "rps_ratio": c["rps"] / max(f["rps"], 1e-9),
+               "cpu_ratio": csum / max(fs, 1e-9), "floor_us": fs, "chain_us": csum,
+               "floor_user": sum(f["uus"].values()), "chain_user": sum(c["uus"].values()),
+               "passed": f["ok"] == "PASS" and c["ok"] == "PASS"},
+              open(f"{work}/floor-ratios.json", "w"))
 if count:
     names = {}
     for line in open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"):
