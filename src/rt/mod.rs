@@ -94,11 +94,7 @@ pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
 /// wakes the loop's own waker (so that a wake from another thread ends the
 /// loop's wait in the kernel), which is a notification, a syscall.
 pub fn when_woken<F: Future>(fut: F) -> impl Future<Output = F::Output> {
-    WhenWoken {
-        fut,
-        woken: None,
-        waker: None,
-    }
+    WhenWoken { fut, main: None }
 }
 
 pin_project_lite::pin_project! {
@@ -107,8 +103,8 @@ pin_project_lite::pin_project! {
     struct WhenWoken<F> {
         #[pin]
         fut: F,
-        woken: Option<std::sync::Arc<MainWaker>>,
-        waker: Option<std::task::Waker>,
+        // Made at the first poll: the flag, and the waker over it.
+        main: Option<(std::sync::Arc<MainWaker>, std::task::Waker)>,
     }
 }
 
@@ -137,19 +133,17 @@ impl<F: Future> Future for WhenWoken<F> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<F::Output> {
         let this = self.project();
-        let main = this.woken.get_or_insert_with(|| {
-            std::sync::Arc::new(MainWaker {
+        let (main, waker) = this.main.get_or_insert_with(|| {
+            let main = std::sync::Arc::new(MainWaker {
                 // The first poll runs it.
                 woken: std::sync::atomic::AtomicBool::new(true),
                 runtime: cx.waker().clone(),
-            })
+            });
+            (main.clone(), std::task::Waker::from(main))
         });
         if !main.woken.swap(false, std::sync::atomic::Ordering::AcqRel) {
             return std::task::Poll::Pending;
         }
-        let waker = this
-            .waker
-            .get_or_insert_with(|| std::task::Waker::from(main.clone()));
         this.fut.poll(&mut std::task::Context::from_waker(waker))
     }
 }
