@@ -18,8 +18,10 @@ pub mod netns;
 mod random;
 mod sock;
 pub mod sync;
+mod wheel;
 
 pub use random::{fill_random, RESEED_AFTER_BYTES};
+pub use wheel::TICK as DEADLINE_TICK;
 pub use sock::{
     listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener,
     PendingInput, Stream, TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY,
@@ -251,34 +253,38 @@ pub const NEXT_TURN_AFTER: Duration = Duration::from_micros(100);
 /// buffer until the kernel completes the cancellation), so an expired read
 /// can never swallow the peer's next bytes. This is the one deadline helper.
 ///
+/// The deadline is an entry on the loop's timer wheel ([`wheel`]), made only
+/// if `fut` is still pending at its first poll and given back when the
+/// returned future is dropped: no clock read and no compio timer per
+/// deadline. It fires at the first [`DEADLINE_TICK`] boundary at or after
+/// `deadline`, never before it.
+///
 /// It is a plain struct rather than compio's `timeout_at` because that is an
 /// `async fn` over `select!`, which stores the inner future twice: for an idle
 /// connection's read that tripled the per-connection memory (528 → 2 328
-/// bytes). This one costs the inner future plus one timer.
+/// bytes). This one costs the inner future plus 16 bytes.
 ///
 /// # Errors
 /// [`Elapsed`] when the deadline passed first.
-pub fn with_deadline<F: Future>(
-    deadline: Instant,
-    fut: F,
-) -> Deadline<F, impl Future<Output = ()>> {
+pub fn with_deadline<F: Future>(deadline: Instant, fut: F) -> Deadline<F> {
     Deadline {
         fut,
-        sleep: compio::time::sleep_until(deadline),
+        timer: wheel::Timer::new(deadline),
     }
 }
 
 pin_project_lite::pin_project! {
     /// Future returned by [`with_deadline`].
-    pub struct Deadline<F, S> {
+    pub struct Deadline<F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: S,
+        // Polled after `fut`, so a future that is ready at once never
+        // touches the wheel.
+        timer: wheel::Timer,
     }
 }
 
-impl<F: Future, S: Future<Output = ()>> Future for Deadline<F, S> {
+impl<F: Future> Future for Deadline<F> {
     type Output = Result<F::Output, Elapsed>;
 
     fn poll(
@@ -289,7 +295,7 @@ impl<F: Future, S: Future<Output = ()>> Future for Deadline<F, S> {
         if let std::task::Poll::Ready(v) = this.fut.poll(cx) {
             return std::task::Poll::Ready(Ok(v));
         }
-        match this.sleep.poll(cx) {
+        match this.timer.poll(cx) {
             std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(Elapsed)),
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
