@@ -459,7 +459,8 @@ impl Timer {
                 });
                 drop(old);
                 if fired {
-                    *self = Timer::Done;
+                    // The entry is given back already: not through `drop`.
+                    std::mem::forget(std::mem::replace(self, Timer::Done));
                     Poll::Ready(())
                 } else {
                     Poll::Pending
@@ -711,5 +712,191 @@ mod tests {
         w.advance(50, &mut Vec::new());
         assert!(w.insert(50, noop()).is_none());
         assert!(w.insert(51, noop()).is_some());
+    }
+
+    use std::cell::{Cell, RefCell as Shared};
+    use std::rc::Rc;
+
+    use crate::rt::{block_on, spawn, with_deadline, Elapsed};
+
+    /// A future that never completes (the IO a deadline guards, stuck).
+    fn stuck() -> std::future::Pending<()> {
+        std::future::pending()
+    }
+
+    /// Whether the current runtime has any compio timer set.
+    fn compio_timer_set() -> bool {
+        compio::runtime::Runtime::with_current(|rt| rt.current_timeout()).is_some()
+    }
+
+    /// A stuck future under a deadline ends with `Elapsed`, not before its
+    /// `Instant`; a future that is ready never touches the wheel.
+    #[test]
+    fn a_deadline_fires_and_not_before_its_instant() {
+        block_on(async {
+            let deadline = Instant::now() + Duration::from_millis(30);
+            assert_eq!(with_deadline(deadline, stuck()).await, Err(Elapsed));
+            assert!(Instant::now() >= deadline, "fired early");
+            assert_eq!(with_deadline(deadline, async { 7 }).await, Ok(7));
+            let past = Instant::now() - Duration::from_millis(1);
+            assert_eq!(with_deadline(past, stuck()).await, Err(Elapsed));
+            assert_eq!(pending(), (0, false));
+        })
+        .unwrap();
+    }
+
+    /// 10 000 deadlines registered then dropped (the IO they guarded done
+    /// first) leave an empty wheel and no compio timer.
+    #[test]
+    fn cancelled_deadlines_leave_no_timer() {
+        block_on(async {
+            assert!(!compio_timer_set());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut all: Vec<_> = (0..10_000)
+                .map(|_| Box::pin(with_deadline(deadline, stuck())))
+                .collect();
+            std::future::poll_fn(|cx| {
+                for d in &mut all {
+                    assert!(d.as_mut().poll(cx).is_pending());
+                }
+                Poll::Ready(())
+            })
+            .await;
+            // Let the driver run and set its timer.
+            crate::rt::next_turn().await;
+            assert_eq!(pending(), (10_000, true));
+            assert!(compio_timer_set());
+            drop(all);
+            assert_eq!(pending(), (0, false));
+            assert!(!compio_timer_set(), "a compio timer is left set");
+        })
+        .unwrap();
+    }
+
+    /// Tasks whose deadlines are more than one revolution of the lowest
+    /// level (64 ticks, 256 ms) apart each wake in deadline order, each not
+    /// before its own `Instant`: the right task wakes, at the right time.
+    #[test]
+    fn deadlines_beyond_a_revolution_wake_their_own_task_in_order() {
+        let order = Rc::new(Shared::new(Vec::new()));
+        let o = order.clone();
+        block_on(async move {
+            let start = Instant::now();
+            // Spawned latest-first, so the order is the wheel's, not spawning's.
+            let ms = [700u64, 300, 20];
+            let done = Rc::new(Cell::new(0));
+            for (k, &m) in ms.iter().enumerate() {
+                let (o, done) = (o.clone(), done.clone());
+                spawn(async move {
+                    let deadline = start + Duration::from_millis(m);
+                    assert_eq!(with_deadline(deadline, stuck()).await, Err(Elapsed));
+                    assert!(Instant::now() >= deadline, "{m} ms fired early");
+                    o.borrow_mut().push(k);
+                    done.set(done.get() + 1);
+                });
+            }
+            while done.get() < ms.len() {
+                crate::rt::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .unwrap();
+        assert_eq!(*order.borrow(), vec![2, 1, 0]);
+    }
+
+    /// A thousand tasks with the same deadline (one tick) all wake.
+    #[test]
+    fn many_deadlines_in_one_tick_all_fire() {
+        block_on(async {
+            let deadline = Instant::now() + Duration::from_millis(40);
+            let fired = Rc::new(Cell::new(0));
+            for _ in 0..1000 {
+                let fired = fired.clone();
+                spawn(async move {
+                    if with_deadline(deadline, stuck()).await == Err(Elapsed)
+                        && Instant::now() >= deadline
+                    {
+                        fired.set(fired.get() + 1);
+                    }
+                });
+            }
+            // Guarded by the wheel itself: returns once the tick has fired.
+            assert_eq!(with_deadline(deadline, stuck()).await, Err(Elapsed));
+            while fired.get() < 1000 {
+                crate::rt::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(pending(), (0, false));
+        })
+        .unwrap();
+    }
+
+    /// A loop whose deadlines are all gone, fired or cancelled, sets no
+    /// timer: it sleeps in the kernel until its IO or a message wakes it.
+    #[test]
+    fn an_idle_wheel_sets_no_timer() {
+        block_on(async {
+            assert!(!compio_timer_set());
+            let soon = Instant::now() + Duration::from_millis(10);
+            assert_eq!(with_deadline(soon, stuck()).await, Err(Elapsed));
+            crate::rt::next_turn().await;
+            assert_eq!(pending(), (0, false));
+            assert!(!compio_timer_set(), "an idle wheel keeps a timer");
+        })
+        .unwrap();
+    }
+
+    /// A runtime that ends with deadlines pending takes its driver with it;
+    /// the next runtime on the thread gets its own, and its deadlines fire.
+    #[test]
+    fn the_next_runtime_on_a_thread_drives_its_own_deadlines() {
+        block_on(async {
+            spawn(async {
+                let _ = with_deadline(Instant::now() + Duration::from_secs(60), stuck()).await;
+            });
+            let soon = Instant::now() + Duration::from_millis(5);
+            assert_eq!(with_deadline(soon, stuck()).await, Err(Elapsed));
+        })
+        .unwrap();
+        assert_eq!(pending(), (0, false), "the ended runtime's deadline is left");
+        let fired = block_on(async {
+            let soon = Instant::now() + Duration::from_millis(10);
+            let guard = Box::pin(compio::time::sleep(Duration::from_secs(10)));
+            let d = Box::pin(with_deadline(soon, stuck()));
+            matches!(
+                futures_util::future::select(d, guard).await,
+                futures_util::future::Either::Left((Err(Elapsed), _))
+            )
+        })
+        .unwrap();
+        assert!(fired, "a deadline on the second runtime never fired");
+    }
+
+    /// A deadline dropped after its thread's wheel is gone (a thread-local
+    /// destroyed after the wheel's) does not panic.
+    #[test]
+    fn a_deadline_outliving_its_wheel_drops_quietly() {
+        type Held = Pin<Box<dyn Future<Output = Result<(), Elapsed>>>>;
+        thread_local! {
+            static HELD: Shared<Option<Held>> = const { Shared::new(None) };
+        }
+        std::thread::spawn(|| {
+            // Thread-locals are destroyed in the reverse order of first
+            // use: touched first, HELD outlives the wheel.
+            HELD.with(|_| {});
+            block_on(async {
+                let mut d: Held = Box::pin(with_deadline(
+                    Instant::now() + Duration::from_secs(60),
+                    stuck(),
+                ));
+                std::future::poll_fn(|cx| {
+                    assert!(d.as_mut().poll(cx).is_pending());
+                    Poll::Ready(())
+                })
+                .await;
+                HELD.with(|h| *h.borrow_mut() = Some(d));
+            })
+            .unwrap();
+        })
+        .join()
+        .expect("the thread panicked");
     }
 }
