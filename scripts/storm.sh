@@ -8,7 +8,7 @@
 #                    [--results DIR] [--cargo-profile release|profiling]
 #                    [--perf ROLE:FILE] [--backend inventory|neutron]
 #                    [--max-connections N] [--access-log] [--floor] [--count]
-#                    [--bin PATH] [--runs N]
+#                    [--bin PATH] [--runs N] [--chain-first]
 #
 # Builds release, synthesizes an inventory (one router, M networks, N VMs on
 # 127.16.0.0/12), starts the chain, runs `metaproxy storm` against it, stops
@@ -62,7 +62,13 @@
 # each on freshly started processes, prints each run's tables as it goes, and
 # then one table of every run's ratios (req/s, summed CPU per request, user
 # space above the floor) with their medians: the issue's figures are medians
-# of ratios taken within one run.
+# of ratios taken within one run. The runs alternate the order: odd runs
+# measure the floor first, even runs the chain first (--chain-first), so that
+# what one storm leaves behind for the next (TIME_WAIT sockets up to
+# net.ipv4.tcp_max_tw_buckets, a warmer page cache, a hotter CPU) does not
+# always fall on the same side of the ratio.
+#
+# --chain-first (with --floor) runs the chain before the floor.
 #
 # --count records, per process, every syscall (raw_syscalls:sys_enter) and
 # every io_uring submission (io_uring:io_uring_submit_req, with its opcode) and
@@ -106,6 +112,7 @@ FLOOR=0
 COUNT=0
 BIN=
 RUNS=1
+CHAIN_FIRST=0
 ACCESS_LOG= # --access-log: access_log = true in [api], [agent] and [proxy] (lines go to $WORK/*.log)
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -116,6 +123,7 @@ i=0
 while [ "$i" -lt ${#ARGV[@]} ]; do
   case ${ARGV[$i]} in
     --runs|--results) i=$((i + 2)) ;;
+    --chain-first) i=$((i + 1)) ;;
     *) ONE_RUN+=("${ARGV[$i]}"); i=$((i + 1)) ;;
   esac
 done
@@ -140,6 +148,7 @@ while [ $# -gt 0 ]; do
     --count) COUNT=1; shift ;;
     --bin) BIN=$(realpath "$2"); shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
+    --chain-first) CHAIN_FIRST=1; shift ;;
     --results) RESULTS=$2; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "storm.sh: unknown argument $1" >&2; usage 2 ;;
@@ -154,6 +163,9 @@ fi
 if [ "$FLOOR" = 1 ] && { [ "$COMPARE" = 1 ] || [ "$CHAIN" = openstack ]; }; then
   echo "--floor runs the floor and one chain; it excludes --compare and --chain openstack" >&2; exit 2
 fi
+if [ "$CHAIN_FIRST" = 1 ] && [ "$FLOOR" != 1 ]; then
+  echo "--chain-first orders the --floor comparison: give --floor" >&2; exit 2
+fi
 if [ "$CHAIN" = openstack ] && [ "$UP" = 1 ]; then
   echo "--up and --chain openstack exclude each other (up contains our own agent)" >&2; exit 2
 fi
@@ -166,8 +178,10 @@ if [ "$RUNS" != 1 ]; then
   RUNS_DIR=$(mktemp -d /tmp/mp-storm-runs.XXXXXX)
   status=0
   for r in $(seq 1 "$RUNS"); do
-    echo "storm.sh: run $r of $RUNS"
-    bash scripts/storm.sh "${ONE_RUN[@]}" --results "$RUNS_DIR/$r" || status=1
+    order=()
+    if [ $((r % 2)) = 0 ]; then order=(--chain-first); fi
+    echo "storm.sh: run $r of $RUNS ($([ ${#order[@]} = 0 ] && echo "floor first" || echo "chain first"))"
+    bash scripts/storm.sh "${ONE_RUN[@]}" "${order[@]}" --results "$RUNS_DIR/$r" || status=1
   done
   python3 - "$RUNS_DIR" "$RUNS" <<'PY' || status=1
 import json, statistics, sys
@@ -183,15 +197,15 @@ if not runs:
 label = runs[0]["label"]
 print(f"\nstorm.sh --runs {n}: floor vs {label}, ratios within each run, then their medians"
       " (goal: req/s >= 0.80x, summed CPU per request <= 1.30x)")
-print("| run | load avg | req/s ratio | CPU ratio | floor CPU us (user) | chain CPU us (user) | user above the floor | kernel above the floor | result |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| run | first | load avg | req/s ratio | CPU ratio | floor CPU us (user) | chain CPU us (user) | user above the floor | kernel above the floor | result |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for i, x in enumerate(runs, 1):
     du, dk = x["chain_user"] - x["floor_user"], (x["chain_us"] - x["chain_user"]) - (x["floor_us"] - x["floor_user"])
     x["du"], x["dk"] = du, dk
-    print(f'| {i} | {x["load"]} | {x["rps_ratio"]:.2f}x | {x["cpu_ratio"]:.2f}x | {x["floor_us"]:.1f} ({x["floor_user"]:.1f}) | '
+    print(f'| {i} | {x.get("first", "floor")} | {x["load"]} | {x["rps_ratio"]:.2f}x | {x["cpu_ratio"]:.2f}x | {x["floor_us"]:.1f} ({x["floor_user"]:.1f}) | '
           f'{x["chain_us"]:.1f} ({x["chain_user"]:.1f}) | {du:.1f} | {dk:.1f} | {"PASS" if x["passed"] else "FAIL"} |')
 med = lambda k: statistics.median(x[k] for x in runs)
-print(f'| **median of {len(runs)}** | | **{med("rps_ratio"):.2f}x** | **{med("cpu_ratio"):.2f}x** | {med("floor_us"):.1f} ({med("floor_user"):.1f}) | '
+print(f'| **median of {len(runs)}** | | | **{med("rps_ratio"):.2f}x** | **{med("cpu_ratio"):.2f}x** | {med("floor_us"):.1f} ({med("floor_user"):.1f}) | '
       f'{med("chain_us"):.1f} ({med("chain_user"):.1f}) | {med("du"):.1f} | {med("dk"):.1f} | |')
 PY
   if [ -n "$RESULTS" ]; then mkdir -p "$RESULTS" && cp -r "$RUNS_DIR"/. "$RESULTS"/; fi
@@ -204,6 +218,7 @@ SETUPS=()
 if [ "$FLOOR" = 1 ]; then
   SETUPS=(floor)
   if [ "$UP" = 1 ]; then SETUPS+=(up); else SETUPS+=("$PROXY"); fi
+  if [ "$CHAIN_FIRST" = 1 ]; then SETUPS=("${SETUPS[1]}" floor); fi
 elif [ "$COMPARE" = 1 ]; then
   [ "$UP" = 1 ] && SETUPS+=(up)
   SETUPS+=(metaproxy haproxy)
@@ -667,7 +682,8 @@ if "floor" in rows and len(rows) > 1:
     json.dump({"label": label, "load": c["load"], "rps_ratio": c["rps"] / max(f["rps"], 1e-9),
                "cpu_ratio": csum / max(fs, 1e-9), "floor_us": fs, "chain_us": csum,
                "floor_user": sum(f["uus"].values()), "chain_user": sum(c["uus"].values()),
-               "passed": f["ok"] == "PASS" and c["ok"] == "PASS"},
+               "passed": f["ok"] == "PASS" and c["ok"] == "PASS",
+               "first": "floor" if next(iter(rows)) == "floor" else "chain"},
               open(f"{work}/floor-ratios.json", "w"))
 if count:
     names = {}

@@ -269,3 +269,143 @@ fn an_ec2_leaf_or_listing_allocates_a_small_fixed_count() {
         );
     }
 }
+
+/// Allocations (and reallocations) per request the proxy relays to the agent
+/// on a kept-alive guest connection: 14 when this test was written. Most are
+/// the runtime's: compio boxes every IO operation it submits (a request is
+/// about four: the guest's read and write, the pooled connection's write and
+/// read), and with any timer armed its timer map allocates on every turn of
+/// the loop (`BTreeMap::split_off`); then the request future's box and the
+/// pool's oneshot.
+const PROXY_KEEP_ALIVE_MAX: u64 = 14;
+/// Allocations per cloud-init connection through the proxy: accept, one
+/// request relayed, close: 17 when this test was written (the connection's
+/// task, its socket's shared fd and the accept on top of the request's).
+const PROXY_CONNECTION_MAX: u64 = 17;
+
+/// What the fake agent answers every request with.
+const AGENT_ANSWER: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+
+/// An agent on a Unix socket that answers every request head with
+/// [`AGENT_ANSWER`], from fixed buffers (no allocation per request).
+fn fake_agent(path: &std::path::Path) {
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                let mut have = 0;
+                loop {
+                    match c.read(&mut buf[have..]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have += n,
+                    }
+                    // GETs only: a request ends with its head.
+                    while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                        if c.write_all(AGENT_ANSWER).is_err() {
+                            return;
+                        }
+                        buf.copy_within(end + 4..have, 0);
+                        have -= end + 4;
+                    }
+                    if have == buf.len() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Read one relayed answer (a 200 ending in the fake agent's `{}`) into a
+/// fixed buffer; with `to_eof`, also wait for the proxy to close.
+fn read_answer(conn: &mut std::net::TcpStream, to_eof: bool) {
+    let mut buf = [0u8; 1024];
+    let mut have = 0;
+    loop {
+        let got = conn.read(&mut buf[have..]).unwrap();
+        have += got;
+        if got == 0 || (!to_eof && buf[..have].ends_with(b"\r\n\r\n{}")) {
+            break;
+        }
+        assert!(have < buf.len(), "answer too long");
+    }
+    assert!(buf.starts_with(b"HTTP/1.1 200 "), "{:?}", &buf[..have]);
+    assert!(buf[..have].ends_with(b"{}"), "{:?}", &buf[..have]);
+}
+
+#[test]
+fn a_request_through_the_proxy_allocates_a_small_fixed_count() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    fake_agent(&socket);
+    let text = format!(
+        r#"
+[proxy]
+workers = 1
+agent_socket = "{}"
+[[proxy.namespace]]
+router_id = "6e1f3b0c-9d6a-4f0e-8b7a-2c1d0e9f8a7b"
+listen = "127.0.0.1:0"
+"#,
+        socket.display()
+    );
+    let f = metaproxy::proxy::config::parse_str(&text, std::path::Path::new("test.toml")).unwrap();
+    let cfg = metaproxy::proxy::config::ProxyConfig::try_from(f.proxy.as_ref().unwrap()).unwrap();
+    let h = metaproxy::proxy::start(cfg).unwrap();
+    let addr = h.bound[0][0];
+    const KEEP: &[u8] = b"GET /openstack/2018-08-27/meta_data.json HTTP/1.1\r\n\
+        Host: 169.254.169.254\r\nUser-Agent: Cloud-Init/22.4.2\r\nAccept: */*\r\n\r\n";
+    const CLOSE: &[u8] = b"GET /openstack/2018-08-27/meta_data.json HTTP/1.1\r\n\
+        Host: 169.254.169.254\r\nUser-Agent: Cloud-Init/22.4.2\r\nConnection: close\r\n\r\n";
+    let keep_alive = |n: u64| {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let region = Region::new(GLOBAL);
+        for _ in 0..n {
+            c.write_all(KEEP).unwrap();
+            read_answer(&mut c, false);
+        }
+        let s = region.change();
+        (s.allocations + s.reallocations) as u64
+    };
+    let connections = |n: u64| {
+        let region = Region::new(GLOBAL);
+        for _ in 0..n {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(CLOSE).unwrap();
+            read_answer(&mut c, true);
+        }
+        let s = region.change();
+        (s.allocations + s.reallocations) as u64
+    };
+    // Warm: the pooled agent connection, the free lists.
+    keep_alive(200);
+    connections(200);
+    const N: u64 = 1000;
+    let per = |f: &dyn Fn(u64) -> u64| {
+        let (one, two) = (f(N), f(2 * N));
+        (two.saturating_sub(one) + N / 2) / N
+    };
+    let per_request = per(&keep_alive);
+    let per_connection = per(&connections);
+    println!(
+        "proxy: {per_request} allocations per kept-alive request, \
+         {per_connection} per connection (accept, request, close)"
+    );
+    assert!(
+        per_request <= PROXY_KEEP_ALIVE_MAX,
+        "a kept-alive request through the proxy allocates {per_request} times \
+         (at most {PROXY_KEEP_ALIVE_MAX})"
+    );
+    assert!(
+        per_connection <= PROXY_CONNECTION_MAX,
+        "a connection through the proxy allocates {per_connection} times \
+         (at most {PROXY_CONNECTION_MAX})"
+    );
+    h.stop().unwrap();
+}

@@ -33,7 +33,8 @@ pub use request::{
 pub use response::{frame_response, parse_response, ResponseBody, ResponseHead};
 pub use rewrite::{
     format_ip_for_xff, is_hop_by_hop, is_token_header, is_trust_header, rewrite_proxy_request,
-    write_request_head, write_response_head, HOP_BY_HOP, TOKEN_HEADERS, TRUST_HEADERS, TTL_HEADERS,
+    write_request_head, write_response_head, IpText, HOP_BY_HOP, TOKEN_HEADERS, TRUST_HEADERS,
+    TTL_HEADERS,
 };
 pub use write::{put_header, write_answer, HeaderName, HeaderValue, InvalidHeader};
 
