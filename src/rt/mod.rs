@@ -82,8 +82,52 @@ pub fn engine() -> Engine {
 /// # Errors
 /// The ring (and its epoll fallback) could not be created.
 pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
-    let rt = build_runtime()?;
-    Ok(rt.block_on(future))
+    Ok(drive(build_runtime()?, future))
+}
+
+/// Run `future` on `rt` to completion: compio's own `block_on` loop (poll
+/// the future, run the tasks it woke, wait in the kernel for IO), with this
+/// thread's deadlines ([`wheel`]) driven by the loop itself. The wait is cut
+/// to the wheel's next slot, and after it the wheel fires what is due, as
+/// compio fires its own timers after reaping the ring. So a deadline costs
+/// no compio timer and no task, and a busy loop with deadlines pending pays
+/// no timer-map work per turn (see [`wheel`]).
+///
+/// A panic in `future` drops the runtime, and every task on it, only once
+/// the unwind has been caught, as compio's `block_on` does.
+fn drive<F: Future>(rt: compio::runtime::Runtime, future: F) -> F::Output {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.enter(|| {
+            let waker = rt.waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            let mut future = std::pin::pin!(future);
+            loop {
+                if let std::task::Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+                    rt.run();
+                    return v;
+                }
+                let wait = if rt.run() {
+                    // Tasks are still queued: reap what has completed, do
+                    // not wait.
+                    Some(Duration::ZERO)
+                } else {
+                    match (rt.current_timeout(), wheel::timeout()) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                };
+                rt.poll_with(wait);
+                wheel::expire();
+            }
+        })
+    }));
+    match result {
+        Ok(v) => v,
+        Err(panic) => {
+            drop(rt);
+            std::panic::resume_unwind(panic)
+        }
+    }
 }
 
 /// `fut`, polled only when it was woken, for the main future of a loop
@@ -194,8 +238,7 @@ where
                 if let Err(e) = pin_to_cpu(i) {
                     crate::log::warn(format_args!("loop {i}: cannot pin to a core: {e}"));
                 }
-                let rt = build_runtime()?;
-                rt.block_on(make(i))
+                drive(build_runtime()?, make(i))
             })?;
         handles.push(h);
     }
