@@ -21,12 +21,12 @@ pub mod sync;
 mod wheel;
 
 pub use random::{fill_random, RESEED_AFTER_BYTES};
-pub use wheel::TICK as DEADLINE_TICK;
 pub use sock::{
     listen_tcp, listen_tcp_retrying, listen_unix, peer_ip, set_ip_ttl, shutdown_listener,
     PendingInput, Stream, TcpAcceptor, TcpConn, UnixAcceptor, UnixConn, BIND_RETRY_EVERY,
     BIND_RETRY_FOR,
 };
+pub use wheel::TICK as DEADLINE_TICK;
 
 use std::future::Future;
 use std::io;

@@ -734,7 +734,11 @@ mod tests {
             wait_for(|| done.get() == ms.len()).await;
         })
         .unwrap();
-        assert_eq!(*order.borrow(), vec![2, 1, 0], "woken out of order or not at all");
+        assert_eq!(
+            *order.borrow(),
+            vec![2, 1, 0],
+            "woken out of order or not at all"
+        );
     }
 
     /// A thousand tasks with the same deadline (one tick) all wake.
