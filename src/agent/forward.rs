@@ -434,16 +434,21 @@ async fn pipe_writer(pipe: Rc<Pipe>, shared: Rc<Shared>) {
 async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
     let Some(conn) = pipe.conn.get() else { return };
     let mut buf = shared.take_buf();
+    // Invariant: `buf[..pos]` is answers already handed out; the next one
+    // starts at `pos`. The buffer is emptied when all of it was handed out
+    // and compacted before it is read into again: once per read, not once
+    // per answer (a batch of answers is not moved down once per answer).
+    let mut pos = 0;
     loop {
         loop {
             let (is_head, last) = match pipe.in_flight.borrow().front() {
                 Some(p) => (p.is_head, pipe.in_flight.borrow().len() == 1),
                 None => break,
             };
-            match frame(&buf, &shared.limits, is_head, false) {
+            match frame(&buf[pos..], &shared.limits, is_head, false) {
                 Ok(None) => break,
                 Ok(Some((len, head))) => {
-                    if last && len < buf.len() {
+                    if last && pos + len < buf.len() {
                         shared.unsolicited();
                         pipe.kill(Some(ForwardError::Broken(
                             "bytes after the response that no request asked for".into(),
@@ -451,12 +456,18 @@ async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
                         shared.recycle(buf);
                         return;
                     }
-                    let bytes = if len == buf.len() {
+                    // The whole buffer when it is exactly this answer (the
+                    // usual case: one answer per read), else a copy.
+                    let bytes = if pos == 0 && len == buf.len() {
                         std::mem::replace(&mut buf, shared.take_buf())
                     } else {
                         let mut b = shared.take_buf();
-                        b.extend_from_slice(&buf[..len]);
-                        buf.drain(..len);
+                        b.extend_from_slice(&buf[pos..pos + len]);
+                        pos += len;
+                        if pos == buf.len() {
+                            buf.clear();
+                            pos = 0;
+                        }
                         b
                     };
                     let reusable = head.keep_alive && head.body != ResponseBody::UntilClose;
@@ -482,12 +493,14 @@ async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
             shared.recycle(buf);
             return;
         }
-        if !buf.is_empty() && pipe.in_flight.borrow().is_empty() {
+        if pos < buf.len() && pipe.in_flight.borrow().is_empty() {
             shared.unsolicited();
             pipe.kill(None);
             shared.recycle(buf);
             return;
         }
+        buf.drain(..pos);
+        pos = 0;
         let (res, back) = conn.read_append(buf, READ_BYTES).await;
         buf = back;
         match res {
