@@ -28,6 +28,7 @@ use futures_util::future::{select, Either};
 
 use crate::agent::daemon::AgentLoop;
 use crate::agent::handler;
+use crate::agent::link::{ApiLink, Link};
 use crate::agent::metrics::{inc, LoopMetrics};
 use crate::http::{self, HttpError, Method, RequestBody, RequestHead};
 use crate::rt::sync::{oneshot, Notify};
@@ -346,15 +347,49 @@ fn start(
         (request, 0, true)
     };
     let (tx, rx) = oneshot::channel();
-    let c = ctx.clone();
-    rt::spawn(async move {
-        let out = handler::respond(&c, &request[from..], &head, &decoded, !keep).await;
-        if pooled {
-            c.server.put_buf(request);
-        }
-        let _ = tx.send(out);
-    });
+    let task = Task {
+        ctx: ctx.clone(),
+        request,
+        from,
+        pooled,
+        head,
+        decoded,
+        tx,
+    };
+    // One task type per link (see `ApiLink`): the agent's own loops have
+    // the pool, so their tasks have no room for an in-process render.
+    match &ctx.pool {
+        ApiLink::Pool(link) => rt::spawn(task.run(link.clone())),
+        ApiLink::InProcess(link) => rt::spawn(task.run(link.clone())),
+    }
     (AnswerSlot::Pending(rx, is_head), !keep)
+}
+
+/// A request started on its own task: its bytes (from `from` on; `pooled`:
+/// the buffer came from the free list and goes back), parsed head and
+/// decoded body, and where its answer goes.
+struct Task {
+    ctx: Rc<AgentLoop>,
+    request: Vec<u8>,
+    from: usize,
+    pooled: bool,
+    head: RequestHead,
+    decoded: Vec<u8>,
+    tx: oneshot::Sender<Vec<u8>>,
+}
+
+impl Task {
+    /// Answer it, forwarding through `link`.
+    async fn run<L: Link>(self, link: Rc<L>) {
+        let close = !self.head.keep_alive;
+        let request = &self.request[self.from..];
+        let out =
+            handler::respond(&self.ctx, &*link, request, &self.head, &self.decoded, close).await;
+        if self.pooled {
+            self.ctx.server.put_buf(self.request);
+        }
+        let _ = self.tx.send(out);
+    }
 }
 
 /// The agent's edge for requests refused before they were resolved: the

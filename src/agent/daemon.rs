@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::config::{AgentConfig, Backend};
 use crate::agent::forward;
-use crate::agent::link::ApiLink;
+use crate::agent::link::{ApiLink, InProcessApi};
 use crate::agent::metrics::{self, LoopMetrics, Registry};
 use crate::agent::neutron::NeutronResolver;
 use crate::agent::resolve::{InventoryResolver, Resolver};
@@ -536,16 +536,16 @@ impl AgentLoop {
             }
         };
         let pool = match api {
-            Some(api) => ApiLink::InProcess {
+            Some(api) => ApiLink::InProcess(Rc::new(InProcessApi {
                 api: api.on_this_loop(index)?,
                 server: server.clone(),
                 timeout: cfg.nova.timeout,
-            },
-            None => ApiLink::Pool(
+            })),
+            None => ApiLink::Pool(Rc::new(
                 forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
                     .with_tls(cfg.nova.tls.clone())
                     .pipelined(),
-            ),
+            )),
         };
         Ok(Rc::new(AgentLoop {
             host_header: cfg.nova.host_header(),

@@ -41,6 +41,7 @@ use smallvec::SmallVec;
 use crate::agent::daemon::AgentLoop;
 use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
 use crate::agent::identity::{self, Identity, Scope};
+use crate::agent::link::{ApiLink, Link};
 use crate::agent::metrics::inc;
 use crate::agent::neutron::BackendError;
 use crate::agent::resolve::Resolved;
@@ -81,8 +82,9 @@ struct Trace {
 /// Answer one request read whole (`request`: its head and raw body;
 /// `decoded`: a chunked body's payload): resolve, sign, forward, relay,
 /// count its status, log it. Runs on its own task (see [`super::conn`]).
-pub(super) async fn respond(
+pub(super) async fn respond<L: Link>(
     ctx: &AgentLoop,
+    link: &L,
     request: &[u8],
     head: &RequestHead,
     decoded: &[u8],
@@ -91,7 +93,7 @@ pub(super) async fn respond(
     let mut out = ctx.server.take_buf();
     let started = Instant::now();
     let body = body_of(request, head, decoded);
-    let trace = answer(ctx, request, head, body, close, &mut out).await;
+    let trace = answer(ctx, link, request, head, body, close, &mut out).await;
     answered(ctx, request, head, &trace, started);
     out
 }
@@ -159,7 +161,10 @@ pub async fn respond_in_process(
     inc(&ctx.m.requests);
     let start = out.len();
     let started = Instant::now();
-    let trace = answer(ctx, request, &head, body, close, out).await;
+    let trace = match &ctx.pool {
+        ApiLink::Pool(link) => answer(ctx, &**link, request, &head, body, close, out).await,
+        ApiLink::InProcess(link) => answer(ctx, &**link, request, &head, body, close, out).await,
+    };
     answered(ctx, request, &head, &trace, started);
     let status = trace.status;
     let answer = &out[start..];
@@ -178,9 +183,11 @@ fn refused(ctx: &AgentLoop, why: Refusal) -> InProcessAnswer {
     InProcessAnswer::Refused(super::conn::refused(&ctx.m, why))
 }
 
-/// Build the whole response to one parsed request into `out`.
-async fn answer(
+/// Build the whole response to one parsed request into `out`, forwarding
+/// through `link`.
+async fn answer<L: Link>(
     ctx: &AgentLoop,
+    link: &L,
     buf: &[u8],
     head: &RequestHead,
     body: &[u8],
@@ -251,7 +258,7 @@ async fn answer(
         }
         inc(&c.forwarded);
         let started = Instant::now();
-        let result = ctx.pool.request(&req, is_head).await;
+        let result = link.request(&req, is_head).await;
         c.forward_latency(started.elapsed());
         ctx.server.put_buf(req);
         match result {
@@ -271,7 +278,7 @@ async fn answer(
                 }
                 if RELAYED.contains(&relayed) {
                     relay(&resp, is_head, close, out);
-                    ctx.pool.recycle(resp.bytes);
+                    link.recycle(resp.bytes);
                     status = relayed;
                 } else {
                     inc(&c.api_errors);
