@@ -36,7 +36,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// poll its own boxed read (one allocation each), and the count rounds up
 /// from the wake-ups that now cross two tasks. 17 since the HMAC is keyed once
 /// per loop and a cache hit looks up by a key borrowed from the request.
-const AGENT_CACHE_HIT_MAX: u64 = 17;
+/// 15 since the identity's ids and address are held inline (`IdText`).
+const AGENT_CACHE_HIT_MAX: u64 = 15;
 /// Allocations (and reallocations) per `meta_data.json` render (was 28,
 /// then 27 with the document built as a tree of owned values; 2 written
 /// straight into its buffer: the body and the hostname with its domain).
