@@ -30,8 +30,9 @@ use crate::agent::daemon::AgentLoop;
 use crate::agent::handler;
 use crate::agent::link::{ApiLink, Link};
 use crate::agent::metrics::{inc, LoopMetrics};
+use crate::agent::reply;
 use crate::http::{self, HttpError, Method, RequestBody, RequestHead};
-use crate::rt::sync::{oneshot, Notify};
+use crate::rt::sync::Notify;
 use crate::rt::{self, UnixConn};
 use crate::serve::{self, Refusal, Settings};
 
@@ -47,7 +48,7 @@ const WRITE_BATCH_MAX_BYTES: usize = crate::serve::engine::FREE_BUFFER_MAX_BYTES
 /// One answer slot, in request order.
 enum AnswerSlot {
     /// Being resolved and forwarded by its own task (for a HEAD when the bool is set).
-    Pending(oneshot::Receiver<Vec<u8>>, bool),
+    Pending(reply::Receiver<Vec<u8>>, bool),
     /// Already known (a canned rejection).
     Ready(Vec<u8>),
 }
@@ -154,10 +155,14 @@ async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
         q.room.notify();
         let mut out = match slot {
             AnswerSlot::Ready(b) => b,
-            AnswerSlot::Pending(rx, is_head) => match rx.await {
-                Ok(b) => b,
-                Err(_) => lost_answer(is_head),
-            },
+            AnswerSlot::Pending(mut rx, is_head) => {
+                let answer = (&mut rx).await;
+                ctx.replies.recycle(rx);
+                match answer {
+                    Ok(b) => b,
+                    Err(_) => lost_answer(is_head),
+                }
+            }
         };
         if !close {
             close = gather_done(&ctx, &q, &mut out);
@@ -204,7 +209,9 @@ fn gather_done(ctx: &AgentLoop, q: &OutQueue, out: &mut Vec<u8>) -> bool {
             break;
         }
         let close = *close;
-        slots.pop_front();
+        if let Some((AnswerSlot::Pending(rx, _), _)) = slots.pop_front() {
+            ctx.replies.recycle(rx);
+        }
         out.extend_from_slice(&done);
         ctx.server.put_buf(done);
         q.room.notify();
@@ -346,7 +353,7 @@ fn start(
         request.extend_from_slice(&buf[at..at + end]);
         (request, 0, true)
     };
-    let (tx, rx) = oneshot::channel();
+    let (tx, rx) = ctx.replies.channel();
     let task = Task {
         ctx: ctx.clone(),
         request,
@@ -375,7 +382,7 @@ struct Task {
     pooled: bool,
     head: RequestHead,
     decoded: Vec<u8>,
-    tx: oneshot::Sender<Vec<u8>>,
+    tx: reply::Sender<Vec<u8>>,
 }
 
 impl Task {

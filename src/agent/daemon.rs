@@ -33,6 +33,7 @@ use crate::agent::forward;
 use crate::agent::link::{ApiLink, InProcessApi};
 use crate::agent::metrics::{self, LoopMetrics, Registry};
 use crate::agent::neutron::NeutronResolver;
+use crate::agent::reply::Replies;
 use crate::agent::resolve::{InventoryResolver, Resolver};
 use crate::inventory::store::{self, Watcher};
 use crate::log;
@@ -497,6 +498,9 @@ pub struct AgentLoop {
     pub(super) stopping: Event,
     /// This loop's buffers (and, on the agent's own loops, its connections).
     pub(super) server: Rc<Server>,
+    /// Recycled cells of the answers its request tasks hand their
+    /// connections' writers ([`super::conn`]).
+    pub(super) replies: Replies<Vec<u8>>,
     last_forbidden_hint: Cell<Option<Instant>>,
 }
 
@@ -555,6 +559,7 @@ impl AgentLoop {
             signer: crate::sign::Signer::new(cfg.shared_secret.as_bytes()),
             stopping: Event::default(),
             server,
+            replies: Replies::new(serve::engine::FREE_BUFFERS),
             last_forbidden_hint: Cell::new(None),
             cfg,
         }))

@@ -89,6 +89,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::agent::identity::Identity;
+use crate::agent::reply::{self, Replies};
 use crate::agent::resolve::Resolved;
 use crate::agent::tls::TlsConn;
 use crate::http::write::{put_content_length, put_header, HeaderName, HeaderValue, InvalidHeader};
@@ -272,7 +273,7 @@ impl Idle {
 /// exchanges.
 pub const PIPELINE_DEPTH: usize = 8;
 
-type Reply = oneshot::Sender<Result<ApiResponse, Attempt>>;
+type Reply = reply::Sender<Result<ApiResponse, Attempt>>;
 
 /// A request handed to a pipelined connection, waiting for its answer.
 struct Pending {
@@ -599,6 +600,9 @@ struct Shared {
     /// `max_bufs`, each at most `POOL_BUFFER_MAX_BYTES`): a request on a
     /// pooled connection allocates none.
     bufs: RefCell<Vec<Vec<u8>>>,
+    /// Recycled cells of the answers the pipelined connections' readers
+    /// hand to their requests (one per request in flight at most).
+    replies: Replies<Result<ApiResponse, Attempt>>,
 }
 
 impl Shared {
@@ -696,6 +700,7 @@ impl Pool {
                 unsolicited: Cell::new(0),
                 unsolicited_logged: Cell::new(None),
                 bufs: RefCell::new(Vec::new()),
+                replies: Replies::new(max_idle.max(1) * PIPELINE_DEPTH),
             }),
             max_idle,
             timeout,
@@ -944,7 +949,7 @@ impl Pool {
         if pipe.dead.get() {
             return Err(Attempt::Retryable);
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = self.shared.replies.channel();
         pipe.outbox.borrow_mut().extend_from_slice(req);
         pipe.queued.borrow_mut().push_back(Pending {
             is_head,
@@ -953,8 +958,9 @@ impl Pool {
         });
         pipe.wake_writer.notify();
         let mut guard = KillOnDrop(Some(pipe.clone()));
-        let r = rx.await;
+        let r = (&mut rx).await;
         guard.0 = None;
+        self.shared.replies.recycle(rx);
         match r {
             Ok(r) => r,
             // The connection's tasks ended without a word: it is gone.
