@@ -35,9 +35,9 @@ use crate::serve::Server;
 
 /// How one loop's agent stage reaches the metadata API.
 ///
-/// The handler is generic over the [`Link`] of each variant rather than
-/// matching this enum where it awaits the exchange: a request's future
-/// holds the exchange of its own link only. Matched inside, every request
+/// The handler is generic over the (crate-private) `Link` of each variant
+/// rather than matching this enum where it awaits the exchange: a
+/// request's future holds the exchange of its own link only. Matched inside, every request
 /// on the agent's socket carried room for the in-process stage's render
 /// (2.6 KB more in a 10 KB task, moved and allocated per request).
 pub enum ApiLink {
