@@ -1044,3 +1044,244 @@ fn in_process_agent_stage_with_the_api_down_is_the_agent_s_503() {
     proxy.stop().unwrap();
     agent.stop();
 }
+
+/// One request as a fake API reads it: method, target, `X-Instance-ID`,
+/// body (`Content-Length` framed); `None` at end of stream.
+fn read_api_request(r: &mut impl BufRead) -> Option<(String, String, String, String)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let target = parts.next()?.to_string();
+    let (mut instance, mut cl) = (String::new(), 0usize);
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end_matches(['\r', '\n']);
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':')?;
+        if n.eq_ignore_ascii_case("x-instance-id") {
+            instance = v.trim().to_string();
+        } else if n.eq_ignore_ascii_case("content-length") {
+            cl = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0u8; cl];
+    r.read_exact(&mut body).ok()?;
+    Some((method, target, instance, String::from_utf8(body).ok()?))
+}
+
+/// What [`target_echo_api`] answers a request with: who it was for and
+/// what it asked, so an answer handed to the wrong request shows.
+fn target_echo(method: &str, target: &str, instance: &str, body: &str) -> Vec<u8> {
+    let text = format!("{instance} {method} {target} {body}");
+    let payload = if method == "HEAD" { "" } else { text.as_str() };
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{payload}",
+        text.len()
+    )
+    .into_bytes()
+}
+
+/// A keep-alive API answering every request with [`target_echo`].
+fn target_echo_api() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                // One write per answer: without this, Nagle holds the
+                // second until the first is acknowledged.
+                conn.set_nodelay(true).unwrap();
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                while let Some((m, t, i, b)) = read_api_request(&mut r) {
+                    if w.write_all(&target_echo(&m, &t, &i, &b)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A pipelined batch of the shapes a pooled proxy connection carries (GETs
+/// from two guests by router and by network, a guest that does not resolve,
+/// a POST with a length, a HEAD, a chunked POST), and for each the status
+/// and body its own guest must get.
+fn mixed_batch() -> (Vec<String>, Vec<(u16, bool, String)>) {
+    let with_path = |raw: String, from: &str, to: &str| raw.replacen(from, to, 1);
+    let get_r5 = with_path(
+        router("10.0.0.5"),
+        "/latest/meta-data/instance-id?x=1",
+        "/a",
+    );
+    let get_n6 = with_path(
+        network("10.0.0.6"),
+        "/openstack/latest/meta_data.json",
+        "/b",
+    );
+    let unknown = router("10.0.0.99");
+    let post_n5 = format!(
+        "POST /c HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.5\r\n\
+         X-Neutron-Network-ID: {NET}\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    let head_r6 = with_path(
+        router("10.0.0.6"),
+        "/latest/meta-data/instance-id?x=1",
+        "/d",
+    )
+    .replacen("GET", "HEAD", 1);
+    let chunked_r6 = format!(
+        "POST /e HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.6\r\n\
+         X-Neutron-Router-ID: {ROUTER}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nwor\r\n2\r\nld\r\n0\r\n\r\n"
+    );
+    let get_n5 = with_path(
+        network("10.0.0.5"),
+        "/openstack/latest/meta_data.json",
+        "/f",
+    );
+    let raws = vec![
+        get_r5, get_n6, unknown, post_n5, head_r6, chunked_r6, get_n5,
+    ];
+    let want = vec![
+        (200, false, format!("{VM5} GET /a ")),
+        (200, false, format!("{VM6} GET /b ")),
+        (
+            404,
+            false,
+            format!("Instance was not found on router {ROUTER}."),
+        ),
+        (200, false, format!("{VM5} POST /c hello")),
+        (200, true, String::new()),
+        (200, false, format!("{VM6} POST /e world")),
+        (200, false, format!("{VM5} GET /f ")),
+    ];
+    (raws, want)
+}
+
+/// Read the answers to `want` from `r`, checking each is its own request's.
+fn expect_answers(r: &mut impl BufRead, want: &[(u16, bool, String)], split: usize) {
+    for (i, (status, is_head, body)) in want.iter().enumerate() {
+        let a = read_response(r, *is_head)
+            .unwrap_or_else(|e| panic!("split at {split}: answer {i}: {e}"));
+        assert_eq!(a.status, *status, "split at {split}: answer {i}");
+        if *status == 200 {
+            assert_eq!(a.text(), *body, "split at {split}: answer {i}");
+        } else {
+            assert!(
+                a.text().contains(body.as_str()),
+                "split at {split}: answer {i}"
+            );
+        }
+    }
+}
+
+/// The agent reads a pipelined batch as it comes: however the batch is cut
+/// across reads, every request gets its own answer, in order. For every
+/// byte boundary, the first part is written and the answers to the requests
+/// it holds whole are read (so the agent has read it, the partial request
+/// behind them included), then the rest.
+#[test]
+fn a_pipelined_batch_split_at_every_byte_gets_every_answer_in_order() {
+    let agent = start_agent(target_echo_api(), "5s");
+    let (raws, want) = mixed_batch();
+    let batch = raws.concat();
+    let ends: Vec<usize> = raws
+        .iter()
+        .scan(0, |end, r| {
+            *end += r.len();
+            Some(*end)
+        })
+        .collect();
+    // One connection for every split: what is left in the buffer from one
+    // batch must not leak into the next.
+    let mut s = connect(&agent.socket);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for split in 1..=batch.len() {
+        let whole = ends.iter().filter(|&&e| e <= split).count();
+        s.write_all(&batch.as_bytes()[..split]).unwrap();
+        expect_answers(&mut r, &want[..whole], split);
+        s.write_all(&batch.as_bytes()[split..]).unwrap();
+        expect_answers(&mut r, &want[whole..], split);
+    }
+    assert_eq!(agent.stats().requests, (raws.len() * batch.len()) as u64);
+}
+
+/// The API's answers to pipelined requests reach their own requests however
+/// they are cut across the agent's reads of the pooled connection. One
+/// pooled connection (`pool_size = 1`) carries a batch of five; the fake API
+/// reads all five, writes its answers up to a byte boundary, and the rest
+/// only once the guest has read the answers the first part completed.
+#[test]
+fn api_answers_split_at_every_byte_reach_their_own_requests() {
+    use std::sync::mpsc;
+    let (raws, want) = mixed_batch();
+    // Only what reaches the API (the unresolved guest is answered by the agent).
+    let (raws, want): (Vec<String>, Vec<_>) = raws
+        .into_iter()
+        .zip(want)
+        .filter(|(_, (status, _, _))| *status == 200)
+        .take(5)
+        .unzip();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (split_tx, split_rx) = mpsc::channel::<usize>();
+    let (whole_tx, whole_rx) = mpsc::channel::<usize>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (len_tx, len_rx) = mpsc::channel::<usize>();
+    let n = raws.len();
+    std::thread::spawn(move || {
+        let Ok((conn, _)) = l.accept() else { return };
+        conn.set_nodelay(true).unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        loop {
+            let mut out = Vec::new();
+            let mut ends = Vec::new();
+            for _ in 0..n {
+                let Some((m, t, i, b)) = read_api_request(&mut r) else {
+                    return;
+                };
+                out.extend_from_slice(&target_echo(&m, &t, &i, &b));
+                ends.push(out.len());
+            }
+            let _ = len_tx.send(out.len());
+            let Ok(split) = split_rx.recv() else { return };
+            let split = split.min(out.len());
+            w.write_all(&out[..split]).unwrap();
+            let _ = whole_tx.send(ends.iter().filter(|&&e| e <= split).count());
+            if go_rx.recv().is_err() {
+                return;
+            }
+            w.write_all(&out[split..]).unwrap();
+        }
+    });
+    let agent = start_agent_with(addr, "5s", "pool_size = 1");
+    let batch = raws.concat();
+    let mut s = connect(&agent.socket);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut split = 1;
+    loop {
+        s.write_all(batch.as_bytes()).unwrap();
+        let total = len_rx.recv().unwrap();
+        split_tx.send(split).unwrap();
+        let whole = whole_rx.recv().unwrap();
+        expect_answers(&mut r, &want[..whole], split);
+        go_tx.send(()).unwrap();
+        expect_answers(&mut r, &want[whole..], split);
+        if split >= total {
+            break;
+        }
+        split += 1;
+    }
+    assert_eq!(agent.stats().api_errors, 0);
+}

@@ -11,7 +11,7 @@
 use libfuzzer_sys::fuzz_target;
 use metaproxy::agent::neutron::resolved_from_port;
 use metaproxy::agent::forward::{write_api_request, GuestRequest};
-use metaproxy::agent::identity::{Identity, LookupKey, Scope};
+use metaproxy::agent::identity::{IdText, Identity, LookupKey, Scope};
 use metaproxy::agent::neutron::{match_key, parse_ports, PortMatch};
 use metaproxy::agent::resolve::RejectedPorts;
 use metaproxy::http::Method;
@@ -53,8 +53,13 @@ fuzz_target!(|data: &[u8]| {
         let Some(r) = resolved_from_port(found, &rejected) else {
             continue;
         };
+        // What the agent's identity parser would accept: an id of at most
+        // `MAX_ID_CHARS` (a longer one never reaches a lookup).
+        let (Some(network), Some(xff)) = (IdText::new(&p.network_id), IdText::new(&xff)) else {
+            continue;
+        };
         let id = Identity {
-            scope: Scope::Network(p.network_id.clone()),
+            scope: Scope::Network(network),
             key,
             xff,
         };

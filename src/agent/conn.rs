@@ -28,9 +28,11 @@ use futures_util::future::{select, Either};
 
 use crate::agent::daemon::AgentLoop;
 use crate::agent::handler;
+use crate::agent::link::{ApiLink, Link};
 use crate::agent::metrics::{inc, LoopMetrics};
+use crate::agent::reply;
 use crate::http::{self, HttpError, Method, RequestBody, RequestHead};
-use crate::rt::sync::{oneshot, Notify};
+use crate::rt::sync::Notify;
 use crate::rt::{self, UnixConn};
 use crate::serve::{self, Refusal, Settings};
 
@@ -46,7 +48,7 @@ const WRITE_BATCH_MAX_BYTES: usize = crate::serve::engine::FREE_BUFFER_MAX_BYTES
 /// One answer slot, in request order.
 enum AnswerSlot {
     /// Being resolved and forwarded by its own task (for a HEAD when the bool is set).
-    Pending(oneshot::Receiver<Vec<u8>>, bool),
+    Pending(reply::Receiver<Vec<u8>>, bool),
     /// Already known (a canned rejection).
     Ready(Vec<u8>),
 }
@@ -84,6 +86,11 @@ pub(super) async fn serve(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>) {
 /// request, queue its answer slot.
 async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) {
     let mut buf: Vec<u8> = Vec::new();
+    // Invariant: `buf[..pos]` is requests already started; the next one
+    // starts at `pos`. Consumed bytes are dropped when the buffer empties
+    // or before it is read into again, not per request: a pipelined batch
+    // is not moved down once per request it holds.
+    let mut pos = 0;
     loop {
         while q.slots.borrow().len() >= PIPELINE_MAX {
             q.room.notified().await;
@@ -95,9 +102,12 @@ async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
                 break;
             }
         }
-        let next = match begin(&ctx, &conn, &mut buf) {
+        let next = match begin(&ctx, &conn, &mut buf, &mut pos) {
             Next::Started(started) => Ok(started),
-            Next::Read(read) => read.await,
+            Next::Read(read) => read.await.map(|(started, end)| {
+                pos = end;
+                started
+            }),
         };
         match next {
             Ok((slot, close)) => {
@@ -119,8 +129,9 @@ async fn read_requests(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
         if ctx.stopping.is_set() {
             break;
         }
-        if buf.is_empty() {
+        if pos == buf.len() {
             buf = Vec::new(); // release the capacity while idle
+            pos = 0;
         }
     }
     q.reader_done.set(true);
@@ -144,10 +155,14 @@ async fn write_answers(ctx: Rc<AgentLoop>, conn: Rc<UnixConn>, q: Rc<OutQueue>) 
         q.room.notify();
         let mut out = match slot {
             AnswerSlot::Ready(b) => b,
-            AnswerSlot::Pending(rx, is_head) => match rx.await {
-                Ok(b) => b,
-                Err(_) => lost_answer(is_head),
-            },
+            AnswerSlot::Pending(mut rx, is_head) => {
+                let answer = (&mut rx).await;
+                ctx.replies.recycle(rx);
+                match answer {
+                    Ok(b) => b,
+                    Err(_) => lost_answer(is_head),
+                }
+            }
         };
         if !close {
             close = gather_done(&ctx, &q, &mut out);
@@ -194,7 +209,9 @@ fn gather_done(ctx: &AgentLoop, q: &OutQueue, out: &mut Vec<u8>) -> bool {
             break;
         }
         let close = *close;
-        slots.pop_front();
+        if let Some((AnswerSlot::Pending(rx, _), _)) = slots.pop_front() {
+            ctx.replies.recycle(rx);
+        }
         out.extend_from_slice(&done);
         ctx.server.put_buf(done);
         q.room.notify();
@@ -222,37 +239,48 @@ enum Next<'a> {
     Read(Pin<Box<dyn Future<Output = NextRequest> + 'a>>),
 }
 
-/// What [`next_request`] gives: the answer slot and whether the connection
-/// closes after it, or a rejection to write last (`Some`) or nothing.
-type NextRequest = Result<(AnswerSlot, bool), Option<Vec<u8>>>;
+/// What [`next_request`] gives: the answer slot, whether the connection
+/// closes after it and where the bytes behind the request start in the
+/// buffer; or a rejection to write last (`Some`) or nothing.
+type NextRequest = Result<((AnswerSlot, bool), usize), Option<Vec<u8>>>;
 
-/// The request whose first bytes are in `buf`. Already whole there with no
-/// body (a GET or HEAD: a pipelined batch is many of them), it starts at
-/// once; anything else is read by the boxed [`next_request`] (boxed so that
-/// the idle reader stays small), which gets a head already whole here
-/// rather than parsing it again. Not `async`: the parsed head must not be
-/// kept in the reader's state across its wait.
-fn begin<'a>(ctx: &'a Rc<AgentLoop>, conn: &'a UnixConn, buf: &'a mut Vec<u8>) -> Next<'a> {
-    let head = match http::parse_request(buf, &ctx.server.settings().limits) {
+/// The request whose first bytes are at `buf[*pos..]`. Already whole there
+/// with no body (a GET or HEAD: a pipelined batch is many of them), it
+/// starts at once and `*pos` moves past it; anything else is read by the
+/// boxed [`next_request`] (boxed so that the idle reader stays small), which
+/// gets a head already whole here rather than parsing it again, and a
+/// buffer that starts with the request (the bytes before `*pos` are dropped
+/// first, once per read rather than once per request). Not `async`: the
+/// parsed head must not be kept in the reader's state across its wait.
+fn begin<'a>(
+    ctx: &'a Rc<AgentLoop>,
+    conn: &'a UnixConn,
+    buf: &'a mut Vec<u8>,
+    pos: &mut usize,
+) -> Next<'a> {
+    let head = match http::parse_request(&buf[*pos..], &ctx.server.settings().limits) {
         Ok(Some(head)) if head.body == RequestBody::None => {
             inc(&ctx.m.requests);
             let end = head.head_len;
-            return Next::Started(start(ctx, buf, head, end, Vec::new()));
+            return Next::Started(start(ctx, buf, pos, head, end, Vec::new()));
         }
         Ok(Some(head)) => Some(head),
         // A partial head is read on; an error is found again by the
         // reader, which refuses it.
         Ok(None) | Err(_) => None,
     };
+    buf.drain(..*pos);
+    *pos = 0;
     let head_deadline = Instant::now() + ctx.server.settings().timeouts.http_request;
     Next::Read(Box::pin(next_request(ctx, conn, buf, head, head_deadline)))
 }
 
 /// Read one request (its first bytes are in `buf`; `head`, its head when
 /// that is already whole there) and start answering it on its own task.
-/// Returns the answer slot and whether the connection closes after it;
+/// Returns the answer slot, whether the connection closes after it and
+/// where the pipelined bytes that followed start in `buf`;
 /// `Err(Some(bytes))` is a rejection to write last, `Err(None)` a
-/// connection that just ends. Pipelined bytes that followed stay in `buf`.
+/// connection that just ends.
 async fn next_request(
     ctx: &Rc<AgentLoop>,
     conn: &UnixConn,
@@ -286,16 +314,21 @@ async fn next_request(
         }
     };
 
-    Ok(start(ctx, buf, head, end, decoded))
+    let mut pos = 0;
+    let started = start(ctx, buf, &mut pos, head, end, decoded);
+    Ok((started, pos))
 }
 
-/// Start answering the request that is `buf[..end]` (its head parsed,
-/// `decoded` a chunked body's payload) on its own task; the bytes behind it
-/// stay in `buf`. Returns its answer slot and whether the connection closes
-/// after it.
+/// Start answering the request of `end` bytes at `buf[*pos..]` (its head
+/// parsed, with spans from `*pos`; `decoded` a chunked body's payload) on
+/// its own task, and move `*pos` past it. The bytes behind it stay in
+/// `buf`; when there are none, the task takes the whole buffer rather than
+/// a copy of the request (`buf` is left empty, `*pos` 0). Returns its answer
+/// slot and whether the connection closes after it.
 fn start(
     ctx: &Rc<AgentLoop>,
     buf: &mut Vec<u8>,
+    pos: &mut usize,
     head: RequestHead,
     end: usize,
     decoded: Vec<u8>,
@@ -306,17 +339,64 @@ fn start(
     // re-sends what it had pipelined behind.
     let keep = head.keep_alive;
     let is_head = head.method == Method::Head;
-    let mut request = ctx.server.take_buf();
-    request.extend_from_slice(&buf[..end]);
-    buf.drain(..end);
-    let (tx, rx) = oneshot::channel();
-    let c = ctx.clone();
-    rt::spawn(async move {
-        let out = handler::respond(&c, &request, &head, &decoded, !keep).await;
-        c.server.put_buf(request);
-        let _ = tx.send(out);
-    });
+    let at = *pos;
+    // `pooled`: the request was copied into a buffer of the free list, and
+    // goes back there. The read buffer itself is as large as what one read
+    // brought (the idle read sizes it so): freed, not kept, or the free
+    // list would fill with buffers that answers outgrow at once.
+    let (request, from, pooled) = if at + end == buf.len() {
+        *pos = 0;
+        (std::mem::take(buf), at, false)
+    } else {
+        *pos = at + end;
+        let mut request = ctx.server.take_buf();
+        request.extend_from_slice(&buf[at..at + end]);
+        (request, 0, true)
+    };
+    let (tx, rx) = ctx.replies.channel();
+    let task = Task {
+        ctx: ctx.clone(),
+        request,
+        from,
+        pooled,
+        head,
+        decoded,
+        tx,
+    };
+    // One task type per link (see `ApiLink`): the agent's own loops have
+    // the pool, so their tasks have no room for an in-process render.
+    match &ctx.pool {
+        ApiLink::Pool(link) => rt::spawn(task.run(link.clone())),
+        ApiLink::InProcess(link) => rt::spawn(task.run(link.clone())),
+    }
     (AnswerSlot::Pending(rx, is_head), !keep)
+}
+
+/// A request started on its own task: its bytes (from `from` on; `pooled`:
+/// the buffer came from the free list and goes back), parsed head and
+/// decoded body, and where its answer goes.
+struct Task {
+    ctx: Rc<AgentLoop>,
+    request: Vec<u8>,
+    from: usize,
+    pooled: bool,
+    head: RequestHead,
+    decoded: Vec<u8>,
+    tx: reply::Sender<Vec<u8>>,
+}
+
+impl Task {
+    /// Answer it, forwarding through `link`.
+    async fn run<L: Link>(self, link: Rc<L>) {
+        let close = !self.head.keep_alive;
+        let request = &self.request[self.from..];
+        let out =
+            handler::respond(&self.ctx, &*link, request, &self.head, &self.decoded, close).await;
+        if self.pooled {
+            self.ctx.server.put_buf(self.request);
+        }
+        let _ = self.tx.send(out);
+    }
 }
 
 /// The agent's edge for requests refused before they were resolved: the

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use crate::agent::config::{AgentConfig, Backend};
 use crate::agent::forward;
-use crate::agent::link::ApiLink;
+use crate::agent::link::{ApiLink, InProcessApi};
 use crate::agent::metrics::{self, LoopMetrics, Registry};
 use crate::agent::neutron::NeutronResolver;
+use crate::agent::reply::Replies;
 use crate::agent::resolve::{InventoryResolver, Resolver};
 use crate::inventory::store::{self, Watcher};
 use crate::log;
@@ -497,6 +498,9 @@ pub struct AgentLoop {
     pub(super) stopping: Event,
     /// This loop's buffers (and, on the agent's own loops, its connections).
     pub(super) server: Rc<Server>,
+    /// Recycled cells of the answers its request tasks hand their
+    /// connections' writers ([`super::conn`]).
+    pub(super) replies: Replies<Vec<u8>>,
     last_forbidden_hint: Cell<Option<Instant>>,
 }
 
@@ -536,16 +540,16 @@ impl AgentLoop {
             }
         };
         let pool = match api {
-            Some(api) => ApiLink::InProcess {
+            Some(api) => ApiLink::InProcess(Rc::new(InProcessApi {
                 api: api.on_this_loop(index)?,
                 server: server.clone(),
                 timeout: cfg.nova.timeout,
-            },
-            None => ApiLink::Pool(
+            })),
+            None => ApiLink::Pool(Rc::new(
                 forward::Pool::new(cfg.nova.addr, cfg.pool_size.get(), cfg.nova.timeout)
                     .with_tls(cfg.nova.tls.clone())
                     .pipelined(),
-            ),
+            )),
         };
         Ok(Rc::new(AgentLoop {
             host_header: cfg.nova.host_header(),
@@ -555,6 +559,7 @@ impl AgentLoop {
             signer: crate::sign::Signer::new(cfg.shared_secret.as_bytes()),
             stopping: Event::default(),
             server,
+            replies: Replies::new(serve::engine::FREE_BUFFERS),
             last_forbidden_hint: Cell::new(None),
             cfg,
         }))

@@ -89,6 +89,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::agent::identity::Identity;
+use crate::agent::reply::{self, Replies};
 use crate::agent::resolve::Resolved;
 use crate::agent::tls::TlsConn;
 use crate::http::write::{put_content_length, put_header, HeaderName, HeaderValue, InvalidHeader};
@@ -272,7 +273,7 @@ impl Idle {
 /// exchanges.
 pub const PIPELINE_DEPTH: usize = 8;
 
-type Reply = oneshot::Sender<Result<ApiResponse, Attempt>>;
+type Reply = reply::Sender<Result<ApiResponse, Attempt>>;
 
 /// A request handed to a pipelined connection, waiting for its answer.
 struct Pending {
@@ -434,16 +435,21 @@ async fn pipe_writer(pipe: Rc<Pipe>, shared: Rc<Shared>) {
 async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
     let Some(conn) = pipe.conn.get() else { return };
     let mut buf = shared.take_buf();
+    // Invariant: `buf[..pos]` is answers already handed out; the next one
+    // starts at `pos`. The buffer is emptied when all of it was handed out
+    // and compacted before it is read into again: once per read, not once
+    // per answer (a batch of answers is not moved down once per answer).
+    let mut pos = 0;
     loop {
         loop {
             let (is_head, last) = match pipe.in_flight.borrow().front() {
                 Some(p) => (p.is_head, pipe.in_flight.borrow().len() == 1),
                 None => break,
             };
-            match frame(&buf, &shared.limits, is_head, false) {
+            match frame(&buf[pos..], &shared.limits, is_head, false) {
                 Ok(None) => break,
                 Ok(Some((len, head))) => {
-                    if last && len < buf.len() {
+                    if last && pos + len < buf.len() {
                         shared.unsolicited();
                         pipe.kill(Some(ForwardError::Broken(
                             "bytes after the response that no request asked for".into(),
@@ -451,12 +457,18 @@ async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
                         shared.recycle(buf);
                         return;
                     }
-                    let bytes = if len == buf.len() {
+                    // The whole buffer when it is exactly this answer (the
+                    // usual case: one answer per read), else a copy.
+                    let bytes = if pos == 0 && len == buf.len() {
                         std::mem::replace(&mut buf, shared.take_buf())
                     } else {
                         let mut b = shared.take_buf();
-                        b.extend_from_slice(&buf[..len]);
-                        buf.drain(..len);
+                        b.extend_from_slice(&buf[pos..pos + len]);
+                        pos += len;
+                        if pos == buf.len() {
+                            buf.clear();
+                            pos = 0;
+                        }
                         b
                     };
                     let reusable = head.keep_alive && head.body != ResponseBody::UntilClose;
@@ -482,12 +494,14 @@ async fn pipe_reader(pipe: Rc<Pipe>, shared: Rc<Shared>) {
             shared.recycle(buf);
             return;
         }
-        if !buf.is_empty() && pipe.in_flight.borrow().is_empty() {
+        if pos < buf.len() && pipe.in_flight.borrow().is_empty() {
             shared.unsolicited();
             pipe.kill(None);
             shared.recycle(buf);
             return;
         }
+        buf.drain(..pos);
+        pos = 0;
         let (res, back) = conn.read_append(buf, READ_BYTES).await;
         buf = back;
         match res {
@@ -586,6 +600,9 @@ struct Shared {
     /// `max_bufs`, each at most `POOL_BUFFER_MAX_BYTES`): a request on a
     /// pooled connection allocates none.
     bufs: RefCell<Vec<Vec<u8>>>,
+    /// Recycled cells of the answers the pipelined connections' readers
+    /// hand to their requests (one per request in flight at most).
+    replies: Replies<Result<ApiResponse, Attempt>>,
 }
 
 impl Shared {
@@ -683,6 +700,7 @@ impl Pool {
                 unsolicited: Cell::new(0),
                 unsolicited_logged: Cell::new(None),
                 bufs: RefCell::new(Vec::new()),
+                replies: Replies::new(max_idle.max(1) * PIPELINE_DEPTH),
             }),
             max_idle,
             timeout,
@@ -931,7 +949,7 @@ impl Pool {
         if pipe.dead.get() {
             return Err(Attempt::Retryable);
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = self.shared.replies.channel();
         pipe.outbox.borrow_mut().extend_from_slice(req);
         pipe.queued.borrow_mut().push_back(Pending {
             is_head,
@@ -940,8 +958,9 @@ impl Pool {
         });
         pipe.wake_writer.notify();
         let mut guard = KillOnDrop(Some(pipe.clone()));
-        let r = rx.await;
+        let r = (&mut rx).await;
         guard.0 = None;
+        self.shared.replies.recycle(rx);
         match r {
             Ok(r) => r,
             // The connection's tasks ended without a word: it is gone.

@@ -41,6 +41,7 @@ use smallvec::SmallVec;
 use crate::agent::daemon::AgentLoop;
 use crate::agent::forward::{self, ApiResponse, ForwardError, GuestRequest};
 use crate::agent::identity::{self, Identity, Scope};
+use crate::agent::link::{ApiLink, Link};
 use crate::agent::metrics::inc;
 use crate::agent::neutron::BackendError;
 use crate::agent::resolve::Resolved;
@@ -81,17 +82,18 @@ struct Trace {
 /// Answer one request read whole (`request`: its head and raw body;
 /// `decoded`: a chunked body's payload): resolve, sign, forward, relay,
 /// count its status, log it. Runs on its own task (see [`super::conn`]).
-pub(super) async fn respond(
+pub(super) async fn respond<L: Link>(
     ctx: &AgentLoop,
+    link: &L,
     request: &[u8],
     head: &RequestHead,
     decoded: &[u8],
     close: bool,
 ) -> Vec<u8> {
     let mut out = ctx.server.take_buf();
-    let started = Instant::now();
+    let started = ctx.cfg.access_log.then(Instant::now);
     let body = body_of(request, head, decoded);
-    let trace = answer(ctx, request, head, body, close, &mut out).await;
+    let trace = answer(ctx, link, request, head, body, close, &mut out).await;
     answered(ctx, request, head, &trace, started);
     out
 }
@@ -105,12 +107,20 @@ fn body_of<'a>(request: &'a [u8], head: &RequestHead, decoded: &'a [u8]) -> &'a 
     }
 }
 
-/// Count the answer's status and write its access-log line. (Not folded
-/// into a wrapper `async fn` around [`answer`]: one more future layer per
-/// request on the socket path.)
-fn answered(ctx: &AgentLoop, request: &[u8], head: &RequestHead, trace: &Trace, started: Instant) {
+/// Count the answer's status and write its access-log line (`started`:
+/// when the request began, read only with the access log on, so the clock
+/// is not read per request for nothing). (Not folded into a wrapper `async
+/// fn` around [`answer`]: one more future layer per request on the socket
+/// path.)
+fn answered(
+    ctx: &AgentLoop,
+    request: &[u8],
+    head: &RequestHead,
+    trace: &Trace,
+    started: Option<Instant>,
+) {
     ctx.m.response(trace.status);
-    if ctx.cfg.access_log {
+    if let Some(started) = started {
         access(request, head, trace, started);
     }
 }
@@ -158,8 +168,11 @@ pub async fn respond_in_process(
     };
     inc(&ctx.m.requests);
     let start = out.len();
-    let started = Instant::now();
-    let trace = answer(ctx, request, &head, body, close, out).await;
+    let started = ctx.cfg.access_log.then(Instant::now);
+    let trace = match &ctx.pool {
+        ApiLink::Pool(link) => answer(ctx, &**link, request, &head, body, close, out).await,
+        ApiLink::InProcess(link) => answer(ctx, &**link, request, &head, body, close, out).await,
+    };
     answered(ctx, request, &head, &trace, started);
     let status = trace.status;
     let answer = &out[start..];
@@ -178,9 +191,11 @@ fn refused(ctx: &AgentLoop, why: Refusal) -> InProcessAnswer {
     InProcessAnswer::Refused(super::conn::refused(&ctx.m, why))
 }
 
-/// Build the whole response to one parsed request into `out`.
-async fn answer(
+/// Build the whole response to one parsed request into `out`, forwarding
+/// through `link`.
+async fn answer<L: Link>(
     ctx: &AgentLoop,
+    link: &L,
     buf: &[u8],
     head: &RequestHead,
     body: &[u8],
@@ -251,7 +266,7 @@ async fn answer(
         }
         inc(&c.forwarded);
         let started = Instant::now();
-        let result = ctx.pool.request(&req, is_head).await;
+        let result = link.request(&req, is_head).await;
         c.forward_latency(started.elapsed());
         ctx.server.put_buf(req);
         match result {
@@ -271,7 +286,7 @@ async fn answer(
                 }
                 if RELAYED.contains(&relayed) {
                     relay(&resp, is_head, close, out);
-                    ctx.pool.recycle(resp.bytes);
+                    link.recycle(resp.bytes);
                     status = relayed;
                 } else {
                     inc(&c.api_errors);

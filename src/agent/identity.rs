@@ -30,13 +30,52 @@ pub const HEADER_OVN_NETWORK_ID: &str = "X-OVN-Network-ID";
 /// Longest router or network id accepted (UUIDs are 36 chars).
 pub const MAX_ID_CHARS: usize = 64;
 
+/// A short text of the identity (a router or network id, the raw
+/// `X-Forwarded-For`), held inline: parsing a request's identity allocates
+/// nothing (`tests/alloc_counts.rs`). At most [`MAX_ID_CHARS`] bytes, which
+/// bounds the ids already and is more than the longest address text
+/// `IpAddr` parses (45).
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdText(arrayvec::ArrayString<MAX_ID_CHARS>);
+
+impl IdText {
+    /// `s` if it fits.
+    pub fn new(s: &str) -> Option<IdText> {
+        arrayvec::ArrayString::from(s).ok().map(IdText)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for IdText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for IdText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for IdText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// Where the request came from: a router namespace or a network namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// Router id; the guest may be on any network attached to the router.
-    Router(String),
+    Router(IdText),
     /// Network id; the guest is on exactly this network.
-    Network(String),
+    Network(IdText),
 }
 
 impl Scope {
@@ -84,7 +123,7 @@ pub struct Identity {
     /// IP or MAC to find the port by.
     pub key: LookupKey,
     /// The raw `X-Forwarded-For` value, trimmed; forwarded to Nova unchanged.
-    pub xff: String,
+    pub xff: IdText,
 }
 
 /// Why the identity headers were rejected. Every variant is a 400.
@@ -156,14 +195,20 @@ pub fn parse_identity<'a>(
 
     let network = match (neutron_net, ovn_net) {
         (Some(a), Some(b)) if a != b => {
-            return Err(IdentityError::ConflictingNetworks { neutron: a, ovn: b })
+            return Err(IdentityError::ConflictingNetworks {
+                neutron: a.to_string(),
+                ovn: b.to_string(),
+            })
         }
         (Some(a), _) => Some(a),
         (None, b) => b,
     };
     let scope = match (router, network) {
         (Some(router), Some(network)) => {
-            return Err(IdentityError::BothRouterAndNetwork { router, network })
+            return Err(IdentityError::BothRouterAndNetwork {
+                router: router.to_string(),
+                network: network.to_string(),
+            })
         }
         (Some(r), None) => Scope::Router(r),
         (None, Some(n)) => Scope::Network(n),
@@ -183,7 +228,7 @@ pub fn parse_identity<'a>(
     Ok(Identity {
         scope,
         key: LookupKey::from_addr(addr),
-        xff: xff.to_owned(),
+        xff: IdText::new(xff).ok_or(IdentityError::BadForwardedFor)?,
     })
 }
 
@@ -191,7 +236,7 @@ pub fn parse_identity<'a>(
 fn single_id<'a>(
     get_all: &impl Fn(&str) -> SmallVec<[&'a [u8]; 2]>,
     name: &'static str,
-) -> Result<Option<String>, IdentityError> {
+) -> Result<Option<IdText>, IdentityError> {
     let values = get_all(name);
     let raw = match values.as_slice() {
         [] => return Ok(None),
@@ -205,9 +250,10 @@ fn single_id<'a>(
     if !valid {
         return Err(IdentityError::BadId(name));
     }
-    // Only ASCII survived validation, so this cannot fail.
+    // Only ASCII of at most `MAX_ID_CHARS` survived validation, so neither
+    // can fail.
     let id = std::str::from_utf8(trimmed).map_err(|_| IdentityError::BadId(name))?;
-    Ok(Some(id.to_owned()))
+    Ok(Some(IdText::new(id).ok_or(IdentityError::BadId(name))?))
 }
 
 /// The MAC encoded in a link-local (fe80::/10) EUI-64 address, if any.
@@ -317,7 +363,7 @@ mod tests {
     #[test]
     fn xff_is_kept_raw_but_trimmed() {
         let id = with_xff(" ::ffff:10.0.0.5 ").unwrap();
-        assert_eq!(id.xff, "::ffff:10.0.0.5");
+        assert_eq!(id.xff.as_str(), "::ffff:10.0.0.5");
         assert_eq!(id.key, ip("10.0.0.5"));
     }
 
@@ -363,8 +409,8 @@ mod tests {
             router: R.into(),
             network: N.into(),
         };
-        let router = Ok(Scope::Router(R.into()));
-        let network = Ok(Scope::Network(N.into()));
+        let router = Ok(Scope::Router(IdText::new(R).unwrap()));
+        let network = Ok(Scope::Network(IdText::new(N).unwrap()));
         let too_long = "a".repeat(MAX_ID_CHARS + 1);
         let longest = "A".repeat(MAX_ID_CHARS);
         type Case<'h> = (Vec<(&'h str, &'h str)>, Result<Scope, E>);
@@ -418,11 +464,11 @@ mod tests {
             ),
             (
                 vec![xff, (HEADER_ROUTER_ID, longest.as_str())],
-                Ok(Scope::Router(longest.clone())),
+                Ok(Scope::Router(IdText::new(&longest).unwrap())),
             ),
             (
                 vec![xff, (HEADER_ROUTER_ID, " abc-DEF ")],
-                Ok(Scope::Router("abc-DEF".into())),
+                Ok(Scope::Router(IdText::new("abc-DEF").unwrap())),
             ),
         ];
         for (headers, want) in table {
@@ -434,7 +480,7 @@ mod tests {
     #[test]
     fn header_names_are_case_insensitive_for_the_caller() {
         let id = parse(&[("x-neutron-router-id", R), ("X-FORWARDED-FOR", "10.0.0.5")]).unwrap();
-        assert_eq!(id.scope, Scope::Router(R.into()));
+        assert_eq!(id.scope, Scope::Router(IdText::new(R).unwrap()));
         assert_eq!(id.scope.id(), R);
         assert_eq!(
             id.key,

@@ -188,6 +188,7 @@ impl InventoryResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::identity::IdText;
     use std::net::IpAddr;
 
     const INV: &str = r#"
@@ -240,8 +241,8 @@ fixed_ips = ["10.0.0.5"]
     fn one_port_resolves_zero_or_several_do_not() {
         let inv = Inventory::from_toml_str(INV).unwrap();
         let rej = RejectedPorts::default();
-        let n1 = Scope::Network("aaaaaaaa-0000-4000-8000-000000000001".into());
-        let r = Scope::Router("aaaaaaaa-0000-4000-8000-0000000000c1".into());
+        let n1 = Scope::Network(IdText::new("aaaaaaaa-0000-4000-8000-000000000001").unwrap());
+        let r = Scope::Router(IdText::new("aaaaaaaa-0000-4000-8000-0000000000c1").unwrap());
         assert_eq!(
             resolve(&inv, &n1, &ip("10.0.0.5"), &rej),
             Resolution::Found(
@@ -260,7 +261,7 @@ fixed_ips = ["10.0.0.5"]
             resolve(&inv, &r, &ip("10.0.0.5"), &rej),
             Resolution::Ambiguous(2)
         );
-        let unknown = Scope::Router("bbbb".into());
+        let unknown = Scope::Router(IdText::new("bbbb").unwrap());
         assert_eq!(
             resolve(&inv, &unknown, &ip("10.0.0.5"), &rej),
             Resolution::NotFound
@@ -280,7 +281,7 @@ fixed_ips = ["10.0.0.5"]
         );
         assert_ne!(bad, INV);
         let inv = Inventory::from_toml_str(&bad).unwrap();
-        let n1 = Scope::Network("aaaaaaaa-0000-4000-8000-000000000001".into());
+        let n1 = Scope::Network(IdText::new("aaaaaaaa-0000-4000-8000-000000000001").unwrap());
         let rej = RejectedPorts::default();
         assert_eq!(
             resolve(&inv, &n1, &ip("10.0.0.5"), &rej),
@@ -304,9 +305,9 @@ fixed_ips = ["10.0.0.5"]
             m.clone(),
         );
         let id = Identity {
-            scope: Scope::Network("aaaaaaaa-0000-4000-8000-000000000001".into()),
+            scope: Scope::Network(IdText::new("aaaaaaaa-0000-4000-8000-000000000001").unwrap()),
             key: ip("10.0.0.5"),
-            xff: "10.0.0.5".into(),
+            xff: IdText::new("10.0.0.5").unwrap(),
         };
         let found = |(r, cached): (Option<Rc<Resolved>>, bool)| (r.is_some(), cached);
         assert_eq!(found(r.lookup(&id, false)), (true, false));

@@ -34,21 +34,32 @@ use crate::rt;
 use crate::serve::Server;
 
 /// How one loop's agent stage reaches the metadata API.
+///
+/// The handler is generic over the (crate-private) `Link` of each variant
+/// rather than matching this enum where it awaits the exchange: a
+/// request's future holds the exchange of its own link only. Matched
+/// inside, every request task on the agent's socket carried room for the
+/// in-process stage's render: 10 224 bytes per task in the release build,
+/// allocated and moved per request, where 3 776 do.
 pub enum ApiLink {
     /// Over the network: the pooled keep-alive TCP (or TLS) client.
-    Pool(forward::Pool),
+    Pool(Rc<forward::Pool>),
     /// The API stage on this same loop (`metaproxy up`).
-    InProcess {
-        /// This loop's API state.
-        api: Rc<LoopStage>,
-        /// This loop's buffers (the answers are built in them).
-        server: Rc<Server>,
-        /// `[agent.nova] timeout`, as the pool holds an exchange to it.
-        timeout: Duration,
-    },
+    InProcess(Rc<InProcessApi>),
 }
 
-impl ApiLink {
+/// The API stage on the agent stage's own loop.
+pub struct InProcessApi {
+    /// This loop's API state.
+    pub api: Rc<LoopStage>,
+    /// This loop's buffers (the answers are built in them).
+    pub server: Rc<Server>,
+    /// `[agent.nova] timeout`, as the pool holds an exchange to it.
+    pub timeout: Duration,
+}
+
+/// One way to the API: what [`super::handler`] forwards through.
+pub(crate) trait Link {
     /// Send `req` (a complete request, as [`forward::write_api_request`]
     /// wrote it) and return the API's whole response.
     ///
@@ -57,36 +68,40 @@ impl ApiLink {
     /// database query of the Nova source say, took longer than `timeout`)
     /// and `Broken` (an answer that does not frame, which the API never
     /// writes).
-    pub async fn request(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
-        match self {
-            ApiLink::Pool(pool) => pool.request(req, is_head).await,
-            ApiLink::InProcess {
-                api,
-                server,
-                timeout,
-            } => {
-                let mut out = server.take_buf();
-                // An inventory answer is ready at its first poll, and then
-                // the deadline's timer is never armed.
-                let deadline = Instant::now() + *timeout;
-                if rt::with_deadline(deadline, api.exchange(req, &mut out))
-                    .await
-                    .is_err()
-                {
-                    server.put_buf(out);
-                    return Err(ForwardError::Timeout);
-                }
-                frame(out, is_head)
-            }
-        }
-    }
+    async fn request(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError>;
 
     /// Give a response's bytes back once they were relayed.
-    pub fn recycle(&self, buf: Vec<u8>) {
-        match self {
-            ApiLink::Pool(pool) => pool.recycle(buf),
-            ApiLink::InProcess { server, .. } => server.put_buf(buf),
+    fn recycle(&self, buf: Vec<u8>);
+}
+
+impl Link for forward::Pool {
+    async fn request(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
+        forward::Pool::request(self, req, is_head).await
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        forward::Pool::recycle(self, buf);
+    }
+}
+
+impl Link for InProcessApi {
+    async fn request(&self, req: &[u8], is_head: bool) -> Result<ApiResponse, ForwardError> {
+        let mut out = self.server.take_buf();
+        // An inventory answer is ready at its first poll, and then the
+        // deadline's timer is never armed.
+        let deadline = Instant::now() + self.timeout;
+        if rt::with_deadline(deadline, self.api.exchange(req, &mut out))
+            .await
+            .is_err()
+        {
+            self.server.put_buf(out);
+            return Err(ForwardError::Timeout);
         }
+        frame(out, is_head)
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        self.server.put_buf(buf);
     }
 }
 

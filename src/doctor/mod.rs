@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use crate::agent::config::{Backend, NeutronConfig};
 use crate::agent::forward::{self, ApiResponse, GuestRequest};
-use crate::agent::identity::{Identity, LookupKey, Scope};
+use crate::agent::identity::{IdText, Identity, LookupKey, Scope};
 use crate::agent::resolve::Resolved;
 use crate::agent::AgentConfig;
 use crate::http::Method;
@@ -806,10 +806,11 @@ fn api_request(
     xff: IpAddr,
 ) -> Result<ApiResponse, String> {
     let resolved = Resolved::new(instance, project).map_err(|e| format!("{e:?}"))?;
+    let text = |s: &str| IdText::new(s).ok_or_else(|| format!("{s:?} is no identity text"));
     let id = Identity {
-        scope: Scope::Router(crate::agent::report::uuid4(false)),
+        scope: Scope::Router(text(&crate::agent::report::uuid4(false))?),
         key: LookupKey::Ip(xff),
-        xff: xff.to_string(),
+        xff: text(&xff.to_string())?,
     };
     let guest = GuestRequest {
         method: Method::Get,

@@ -843,6 +843,7 @@ impl LivenessGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::identity::IdText;
     use crate::ovn::ovsdb::datum::Schema;
     use serde_json::json;
 
@@ -961,9 +962,9 @@ mod tests {
         .unwrap();
         let r = OvnResolver::new(&OvnReplica(monitor.shared().clone()));
         let id = Identity {
-            scope: Scope::Network(NET.into()),
+            scope: Scope::Network(IdText::new(NET).unwrap()),
             key: LookupKey::from_addr("10.0.0.5".parse().unwrap()),
-            xff: "10.0.0.5".into(),
+            xff: IdText::new("10.0.0.5").unwrap(),
         };
         // A 503, not a 404 (which cloud-init takes as "no metadata").
         assert!(matches!(

@@ -123,7 +123,7 @@ impl NeutronResolver {
         fresh: bool,
     ) -> Result<(Option<Rc<Resolved>>, bool), BackendError> {
         let nets: NetSet = match scope {
-            Scope::Network(n) => Rc::from(vec![n.clone()]),
+            Scope::Network(n) => Rc::from(vec![n.to_string()]),
             Scope::Router(r) => self.router_networks(r).await?,
         };
         if nets.is_empty() {
