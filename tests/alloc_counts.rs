@@ -280,16 +280,17 @@ fn an_ec2_leaf_or_listing_allocates_a_small_fixed_count() {
 /// Allocations (and reallocations) per request the proxy relays to the agent
 /// on a kept-alive guest connection: 14 when this test was written, 8 since
 /// deadlines are on the loop's own timer wheel (compio's timer map allocated
-/// on every turn of the loop while any timer was set). Most of the rest are
-/// the runtime's: compio boxes every IO operation it submits (a request is
-/// about four: the guest's read and write, the pooled connection's write and
-/// read); then the request future's box and the pool's oneshot.
-const PROXY_KEEP_ALIVE_MAX: u64 = 8;
+/// on every turn of the loop while any timer was set), 7 since the pool's
+/// answer cells are recycled (`rt::sync::oneshot::Replies`). Most of the
+/// rest are the runtime's: compio boxes every IO operation it submits (a
+/// request is about four: the guest's read and write, the pooled
+/// connection's write and read); then the request future's box.
+const PROXY_KEEP_ALIVE_MAX: u64 = 7;
 /// Allocations per cloud-init connection through the proxy: accept, one
-/// request relayed, close: 17 when this test was written, 11 with the wheel
-/// (the connection's task, its socket's shared fd and the accept on top of
-/// the request's).
-const PROXY_CONNECTION_MAX: u64 = 11;
+/// request relayed, close: 17 when this test was written, 11 with the wheel,
+/// 10 with the recycled answer cells (the connection's task, its socket's
+/// shared fd and the accept on top of the request's).
+const PROXY_CONNECTION_MAX: u64 = 10;
 
 /// What the fake agent answers every request with.
 const AGENT_ANSWER: &[u8] =

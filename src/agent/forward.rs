@@ -89,12 +89,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::agent::identity::Identity;
-use crate::agent::reply::{self, Replies};
 use crate::agent::resolve::Resolved;
 use crate::agent::tls::TlsConn;
 use crate::http::write::{put_content_length, put_header, HeaderName, HeaderValue, InvalidHeader};
 use crate::http::{self, ChunkedScanner, Limits, Method, ResponseBody, ResponseHead};
 use crate::log;
+use crate::rt::sync::oneshot::{self as reply, Replies};
 use crate::rt::sync::{oneshot, Notify};
 use crate::rt::{self, PendingInput, TcpConn};
 use crate::sign::Signer;

@@ -47,7 +47,6 @@ pub mod inventory;
 pub mod link;
 pub mod metrics;
 pub mod neutron;
-pub mod reply;
 pub mod report;
 pub mod resolve;
 pub mod tls;

@@ -316,7 +316,13 @@ struct PoolInner {
     dialing: Cell<usize>,
     /// Set (and replaced) whenever a pooled dial finishes.
     dial_done: RefCell<Event>,
+    /// The answers' emptied oneshot cells, for the next requests.
+    replies: oneshot::Replies<Outcome>,
 }
+
+/// Emptied answer cells a pool keeps for reuse: about one loop's requests
+/// in flight at once in a storm, a few hundred bytes each.
+const REPLY_CELLS: usize = 256;
 
 impl Pool {
     /// New empty pool; connections are dialled on demand.
@@ -329,6 +335,7 @@ impl Pool {
             down_logged: Cell::new(false),
             dialing: Cell::new(0),
             dial_done: RefCell::new(Event::default()),
+            replies: oneshot::Replies::new(REPLY_CELLS),
         }))
     }
 
@@ -381,7 +388,7 @@ impl Pool {
             Ok(c) => c,
             Err(e) => return (Err(e), bytes),
         };
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = p.replies.channel();
         conn.queue.borrow_mut().push_back(Pending {
             is_head: method == Method::Head,
             idempotent: matches!(method, Method::Get | Method::Head),
@@ -391,7 +398,9 @@ impl Pool {
         });
         conn.wake_writer.notify();
         let deadline = Instant::now() + p.cfg.server_timeout;
-        match rt::with_deadline(deadline, rx).await {
+        let answer = rt::with_deadline(deadline, &mut rx).await;
+        p.replies.recycle(rx);
+        match answer {
             Ok(Ok(Outcome { result, request })) => (result, request),
             // The connection's tasks ended (the loop is going away) and took
             // the request with them: nothing to re-send.

@@ -296,7 +296,7 @@ pub const NEXT_TURN_AFTER: Duration = Duration::from_micros(100);
 /// buffer until the kernel completes the cancellation), so an expired read
 /// can never swallow the peer's next bytes. This is the one deadline helper.
 ///
-/// The deadline is an entry on the loop's timer wheel ([`wheel`]), made only
+/// The deadline is an entry on the loop's timer wheel (`rt/wheel.rs`), made only
 /// if `fut` is still pending at its first poll and given back when the
 /// returned future is dropped: no clock read and no compio timer per
 /// deadline. It fires at the first [`DEADLINE_TICK`] boundary at or after

@@ -6,7 +6,8 @@
 //! both uses. The [`oneshot`] is this loop's own: it carries a request's
 //! answer between two tasks of one loop (the proxy's pool, the agent's
 //! connections and its API pool), where futures-channel's `Send` oneshot
-//! paid for atomics and a lock on every send, poll and drop.
+//! paid for atomics and a lock on every send, poll and drop, and for a new
+//! `Arc` each time: its cells are recycled.
 
 pub use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 
@@ -131,16 +132,31 @@ impl Drop for EventWait {
 }
 
 pub mod oneshot {
-    //! A oneshot channel between two tasks of one loop.
+    //! A oneshot channel between two tasks of one loop, whose cell can be
+    //! recycled: how a request's answer gets from the task that makes it to
+    //! the one that waits for it (the proxy's pool, the agent's connections
+    //! and its API pool), and how the agent's permits and Neutron lookups
+    //! are handed over.
     //!
-    //! The same surface as `futures_channel::oneshot` as far as we use it
-    //! (`channel`, `Sender::send`, `Receiver` as a future, `close`,
-    //! `try_recv`), but `!Send`: a `Cell` per field in one `Rc`, no atomics,
-    //! no lock. Sending to another thread does not compile; use
-    //! `futures_channel::oneshot` there (the Nova source's database thread
-    //! does).
+    //! `!Send`: `Cell`s in one `Rc`, no atomics and no lock, where
+    //! `futures_channel`'s oneshot paid for both on every send, poll and
+    //! drop, and allocated a fresh `Arc` every time. A [`Replies`] list
+    //! keeps the emptied cells of one loop (or one pool) and hands them out
+    //! again, so a reply allocates only while the list has not yet grown to
+    //! the loop's peak of replies in flight; [`channel`] makes a fresh one.
+    //! Sending to another thread does not compile; the Nova source's
+    //! database thread uses `futures_channel::oneshot`.
+    //!
+    //! A cell goes back only from the receiving side, once the value was
+    //! taken and the sender is gone ([`Replies::recycle`]): then nothing
+    //! else holds it. Any other cell is simply dropped, so a cell still
+    //! shared is never reused.
+    //!
+    //! Rejected: `Rc` cells in the reply's owner indexed by a sequence
+    //! number (the connection's queue of answers): one mechanism per user,
+    //! where the users need the same one.
 
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
     use std::fmt;
     use std::future::Future;
     use std::pin::Pin;
@@ -159,75 +175,146 @@ pub mod oneshot {
 
     impl std::error::Error for Canceled {}
 
-    struct Inner<T> {
-        value: Cell<Option<T>>,
-        /// The receiver's waker, set while it waits.
-        waker: Cell<Option<Waker>>,
-        /// The sender has sent or gone.
-        sender_done: Cell<bool>,
-        /// The receiver was closed or dropped: a send gives its value back.
-        receiver_closed: Cell<bool>,
+    /// A new channel on a fresh cell, for a sender and receiver no
+    /// [`Replies`] list recycles.
+    pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
+        let cell = Rc::new(Inner::new());
+        (Sender(Some(cell.clone())), Receiver(Some(cell)))
     }
 
-    /// The sending half: one value, once.
-    pub struct Sender<T>(Rc<Inner<T>>);
+    struct Inner<T> {
+        value: RefCell<Option<T>>,
+        waker: RefCell<Option<Waker>>,
+        /// The sender is gone (sent or dropped).
+        sender_gone: Cell<bool>,
+        /// The receiver is gone.
+        receiver_gone: Cell<bool>,
+    }
 
-    /// The receiving half: a future of the value, or [`Canceled`] when the
-    /// sender went away without sending.
-    pub struct Receiver<T>(Rc<Inner<T>>);
+    impl<T> Inner<T> {
+        fn new() -> Inner<T> {
+            Inner {
+                value: RefCell::new(None),
+                waker: RefCell::new(None),
+                sender_gone: Cell::new(false),
+                receiver_gone: Cell::new(false),
+            }
+        }
+    }
 
-    /// A new channel.
-    pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
-        let inner = Rc::new(Inner {
-            value: Cell::new(None),
-            waker: Cell::new(None),
-            sender_done: Cell::new(false),
-            receiver_closed: Cell::new(false),
-        });
-        (Sender(inner.clone()), Receiver(inner))
+    /// The sending half: [`Sender::send`] once, or drop it (the receiver then
+    /// gets [`Canceled`]).
+    pub struct Sender<T>(Option<Rc<Inner<T>>>);
+
+    /// The receiving half: a future of the value, or [`Canceled`]; poll it by
+    /// `&mut` and give it back with [`Replies::recycle`] once it is done.
+    pub struct Receiver<T>(Option<Rc<Inner<T>>>);
+
+    /// Emptied cells for reuse, at most `max` (one loop's or one pool's).
+    pub struct Replies<T> {
+        free: RefCell<Vec<Rc<Inner<T>>>>,
+        max: usize,
+    }
+
+    impl<T> Replies<T> {
+        /// An empty list that keeps at most `max` cells.
+        pub fn new(max: usize) -> Replies<T> {
+            Replies {
+                free: RefCell::new(Vec::new()),
+                max,
+            }
+        }
+
+        /// A new sender and receiver, on a recycled cell when there is one.
+        pub fn channel(&self) -> (Sender<T>, Receiver<T>) {
+            let cell = self
+                .free
+                .borrow_mut()
+                .pop()
+                .unwrap_or_else(|| Rc::new(Inner::new()));
+            (Sender(Some(cell.clone())), Receiver(Some(cell)))
+        }
+
+        /// Give a receiver's cell back for reuse: kept only when its value was
+        /// taken, its sender is gone and nothing else holds it; otherwise just
+        /// dropped.
+        pub fn recycle(&self, mut rx: Receiver<T>) {
+            let Some(cell) = rx.0.take() else { return };
+            let done = Rc::strong_count(&cell) == 1
+                && cell.sender_gone.get()
+                && cell.value.borrow().is_none();
+            let mut free = self.free.borrow_mut();
+            if done && free.len() < self.max {
+                // Reset for the next pair.
+                cell.sender_gone.set(false);
+                cell.receiver_gone.set(false);
+                *cell.waker.borrow_mut() = None;
+                free.push(cell);
+            } else {
+                cell.receiver_gone.set(true);
+            }
+        }
     }
 
     impl<T> Sender<T> {
-        /// Send `value`; it comes back as the error when the receiver was
-        /// closed or dropped.
-        pub fn send(self, value: T) -> Result<(), T> {
-            if self.0.receiver_closed.get() {
+        /// Send the value; `Err(value)` back if the receiver is gone.
+        ///
+        /// # Errors
+        /// The receiver was dropped.
+        pub fn send(mut self, value: T) -> Result<(), T> {
+            let Some(cell) = self.0.take() else {
+                return Err(value);
+            };
+            cell.sender_gone.set(true);
+            if cell.receiver_gone.get() {
                 return Err(value);
             }
-            self.0.value.set(Some(value));
+            *cell.value.borrow_mut() = Some(value);
+            let waker = cell.waker.borrow_mut().take();
+            drop(cell);
+            if let Some(w) = waker {
+                w.wake();
+            }
             Ok(())
-            // Drop marks the sender done and wakes the receiver.
-        }
-
-        /// Whether the receiver was closed or dropped.
-        pub fn is_canceled(&self) -> bool {
-            self.0.receiver_closed.get()
         }
     }
 
     impl<T> Drop for Sender<T> {
         fn drop(&mut self) {
-            self.0.sender_done.set(true);
-            if let Some(w) = self.0.waker.take() {
-                w.wake();
+            if let Some(cell) = self.0.take() {
+                cell.sender_gone.set(true);
+                let waker = cell.waker.borrow_mut().take();
+                drop(cell);
+                if let Some(w) = waker {
+                    w.wake();
+                }
             }
         }
     }
 
     impl<T> Receiver<T> {
-        /// Refuse what has not been sent yet; a value already sent can
-        /// still be taken with [`Receiver::try_recv`].
+        /// Refuse what has not been sent yet: a later [`Sender::send`] gives its
+        /// value back. A value already sent can still be taken with
+        /// [`Receiver::try_recv`].
         pub fn close(&mut self) {
-            self.0.receiver_closed.set(true);
+            if let Some(cell) = &self.0 {
+                cell.receiver_gone.set(true);
+            }
         }
 
-        /// The value if it was sent (`Ok(Some)`), `Ok(None)` while the
-        /// sender may still send, [`Canceled`] when it went away without.
+        /// The value if it was sent (`Ok(Some)`), not yet (`Ok(None)`), or
+        /// never will be (`Err`).
+        ///
+        /// # Errors
+        /// The sender was dropped without sending.
         pub fn try_recv(&mut self) -> Result<Option<T>, Canceled> {
-            if let Some(v) = self.0.value.take() {
+            let Some(cell) = &self.0 else {
+                return Err(Canceled);
+            };
+            if let Some(v) = cell.value.borrow_mut().take() {
                 return Ok(Some(v));
             }
-            if self.0.sender_done.get() {
+            if cell.sender_gone.get() {
                 Err(Canceled)
             } else {
                 Ok(None)
@@ -239,39 +326,95 @@ pub mod oneshot {
         type Output = Result<T, Canceled>;
 
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            let inner = &self.0;
-            if let Some(v) = inner.value.take() {
-                return Poll::Ready(Ok(v));
+            let this = self.get_mut();
+            match this.try_recv() {
+                Ok(Some(v)) => Poll::Ready(Ok(v)),
+                Err(c) => Poll::Ready(Err(c)),
+                Ok(None) => {
+                    if let Some(cell) = &this.0 {
+                        *cell.waker.borrow_mut() = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
             }
-            if inner.sender_done.get() {
-                return Poll::Ready(Err(Canceled));
-            }
-            let w = match inner.waker.take() {
-                Some(w) if w.will_wake(cx.waker()) => w,
-                _ => cx.waker().clone(),
-            };
-            inner.waker.set(Some(w));
-            Poll::Pending
         }
     }
 
     impl<T> Drop for Receiver<T> {
         fn drop(&mut self) {
-            self.0.receiver_closed.set(true);
-            // A value sent and never taken drops with the last `Rc`.
-            drop(self.0.waker.take());
+            if let Some(cell) = self.0.take() {
+                cell.receiver_gone.set(true);
+                // A value sent but never taken goes with the cell.
+                drop(cell.value.borrow_mut().take());
+            }
         }
     }
 
     #[cfg(test)]
     mod tests {
-        use std::cell::Cell;
-        use std::rc::Rc;
+        use super::*;
+
+        fn poll<T>(rx: &mut Receiver<T>) -> Poll<Result<T, Canceled>> {
+            let mut cx = Context::from_waker(Waker::noop());
+            Pin::new(rx).poll(&mut cx)
+        }
+
+        #[test]
+        fn a_sent_value_is_received_once_and_the_cell_is_reused() {
+            let replies: Replies<u32> = Replies::new(4);
+            let (tx, mut rx) = replies.channel();
+            assert_eq!(poll(&mut rx), Poll::Pending);
+            tx.send(7u32).unwrap();
+            assert_eq!(poll(&mut rx), Poll::Ready(Ok(7)));
+            let first = Rc::as_ptr(rx.0.as_ref().unwrap());
+            replies.recycle(rx);
+            let (tx, mut rx) = replies.channel();
+            assert_eq!(Rc::as_ptr(rx.0.as_ref().unwrap()), first, "the same cell");
+            // Reset: nothing of the last pair is seen.
+            assert_eq!(rx.try_recv(), Ok(None));
+            tx.send(8).unwrap();
+            assert_eq!(rx.try_recv(), Ok(Some(8)));
+        }
+
+        #[test]
+        fn a_dropped_sender_cancels_and_a_dropped_receiver_refuses() {
+            let replies: Replies<u32> = Replies::new(4);
+            let (tx, mut rx) = replies.channel();
+            drop(tx);
+            assert_eq!(poll(&mut rx), Poll::Ready(Err(Canceled)));
+            let (tx, rx) = replies.channel();
+            drop(rx);
+            assert_eq!(tx.send(1u32), Err(1));
+        }
+
+        #[test]
+        fn a_cell_still_shared_or_holding_a_value_is_not_reused() {
+            let replies: Replies<u32> = Replies::new(4);
+            // Sender alive: the receiver gives up, the cell is not kept.
+            let (tx, rx) = replies.channel();
+            replies.recycle(rx);
+            assert!(replies.free.borrow().is_empty());
+            assert_eq!(tx.send(1), Err(1), "the receiver is gone");
+            // A value never taken: not kept either.
+            let (tx, rx) = replies.channel();
+            tx.send(2).unwrap();
+            replies.recycle(rx);
+            assert!(replies.free.borrow().is_empty());
+            // At most `max` kept.
+            let replies: Replies<u32> = Replies::new(1);
+            for _ in 0..3 {
+                let (tx, mut rx) = replies.channel();
+                tx.send(3).unwrap();
+                assert_eq!(rx.try_recv(), Ok(Some(3)));
+                replies.recycle(rx);
+            }
+            assert_eq!(replies.free.borrow().len(), 1);
+        }
+
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Arc;
         use std::time::Duration;
 
-        use super::*;
         use crate::rt;
 
         /// A waker that counts its wakes.
@@ -324,17 +467,10 @@ pub mod oneshot {
             assert_eq!(got.unwrap(), Ok(42));
         }
 
-        /// Sending to a dropped or closed receiver gives the value back (and
-        /// drops nothing that was not the sender's); after `close`, a value
-        /// sent before it is still there to take.
+        /// `close` refuses a later send; a value sent before it is still
+        /// there to take.
         #[test]
-        fn a_closed_or_dropped_receiver_refuses_and_keeps_what_was_sent() {
-            let (tx, rx) = channel();
-            assert!(!tx.is_canceled());
-            drop(rx);
-            assert!(tx.is_canceled());
-            assert_eq!(tx.send(1u32), Err(1));
-
+        fn close_refuses_what_is_not_sent_yet() {
             let (tx, mut rx) = channel();
             rx.close();
             assert_eq!(tx.send(2u32), Err(2));
@@ -345,23 +481,6 @@ pub mod oneshot {
             assert_eq!(tx.send(3u32), Ok(()));
             rx.close();
             assert_eq!(rx.try_recv(), Ok(Some(3)));
-        }
-
-        /// A value sent but never received is dropped with the channel.
-        #[test]
-        fn an_unreceived_value_is_dropped() {
-            struct Counted(Rc<Cell<u32>>);
-            impl Drop for Counted {
-                fn drop(&mut self) {
-                    self.0.set(self.0.get() + 1);
-                }
-            }
-            let drops = Rc::new(Cell::new(0));
-            let (tx, rx) = channel();
-            assert!(tx.send(Counted(drops.clone())).is_ok());
-            assert_eq!(drops.get(), 0);
-            drop(rx);
-            assert_eq!(drops.get(), 1);
         }
     }
 }
