@@ -85,6 +85,30 @@ fixed_ips = ["10.0.0.5"]
 const API_ANSWER: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
 
+/// Answer every request head read from `c` with `answer` until it closes,
+/// reading into a fixed buffer: no allocation per request. GETs only: a
+/// request ends with its head.
+fn answer_every_head(mut c: impl Read + Write, answer: &[u8]) {
+    let mut buf = [0u8; 16384];
+    let mut have = 0;
+    loop {
+        match c.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => have += n,
+        }
+        while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            if c.write_all(answer).is_err() {
+                return;
+            }
+            buf.copy_within(end + 4..have, 0);
+            have -= end + 4;
+        }
+        if have == buf.len() {
+            return;
+        }
+    }
+}
+
 /// A keep-alive HTTP server that answers every request head with
 /// [`API_ANSWER`], reading into a fixed buffer: no allocation per request.
 fn fake_api() -> SocketAddr {
@@ -92,28 +116,8 @@ fn fake_api() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                let mut have = 0;
-                loop {
-                    match c.read(&mut buf[have..]) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => have += n,
-                    }
-                    // GETs only: a request ends with its head.
-                    while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-                        if c.write_all(API_ANSWER).is_err() {
-                            return;
-                        }
-                        buf.copy_within(end + 4..have, 0);
-                        have -= end + 4;
-                    }
-                    if have == buf.len() {
-                        return;
-                    }
-                }
-            });
+            let Ok(c) = conn else { return };
+            std::thread::spawn(move || answer_every_head(c, API_ANSWER));
         }
     });
     addr
@@ -292,38 +296,14 @@ const PROXY_KEEP_ALIVE_MAX: u64 = 7;
 /// shared fd and the accept on top of the request's).
 const PROXY_CONNECTION_MAX: u64 = 10;
 
-/// What the fake agent answers every request with.
-const AGENT_ANSWER: &[u8] =
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
-
 /// An agent on a Unix socket that answers every request head with
-/// [`AGENT_ANSWER`], from fixed buffers (no allocation per request).
+/// [`API_ANSWER`], from fixed buffers (no allocation per request).
 fn fake_agent(path: &std::path::Path) {
     let l = std::os::unix::net::UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16384];
-                let mut have = 0;
-                loop {
-                    match c.read(&mut buf[have..]) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => have += n,
-                    }
-                    // GETs only: a request ends with its head.
-                    while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-                        if c.write_all(AGENT_ANSWER).is_err() {
-                            return;
-                        }
-                        buf.copy_within(end + 4..have, 0);
-                        have -= end + 4;
-                    }
-                    if have == buf.len() {
-                        return;
-                    }
-                }
-            });
+            let Ok(c) = conn else { return };
+            std::thread::spawn(move || answer_every_head(c, API_ANSWER));
         }
     });
 }
