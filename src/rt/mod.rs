@@ -6,7 +6,8 @@
 //! ([`with_deadline`]), listeners created with socket2 so that the backlog and
 //! socket options are ours ([`listen_tcp`], [`listen_unix`]), and per-core
 //! loops ([`run_loops`]; a daemon's main future, which mostly waits, runs
-//! under [`when_woken`]). If profiling ever shows compio itself as the cost,
+//! under [`when_woken`]). The loop is compio's, written out here so that it
+//! also drives the deadlines' timer wheel (`wheel.rs`). If profiling ever shows compio itself as the cost,
 //! the hot path can move to the raw `io-uring` crate behind these same names
 //! without touching `http`, `proxy` or `agent`.
 //!

@@ -1,5 +1,5 @@
 //! The deadlines of a loop: a hierarchical timer wheel per thread, driven by
-//! one compio timer.
+//! the loop itself.
 //!
 //! [`super::with_deadline`] guards almost every read, write and connect of the
 //! three daemons, and almost every one of those deadlines is cancelled long
@@ -9,9 +9,8 @@
 //! every turn of the loop that has any timer pays another `Instant::now()`, a
 //! `split_off` and a `mem::replace`. Here a deadline is an entry in a slab
 //! linked into a slot of the wheel: an insert and an exact cancel are a few
-//! index writes, with no clock read, and the wheel keeps one compio timer,
-//! set for its earliest non-empty slot, so the per-turn cost is compio's for
-//! one timer.
+//! index writes, with no clock read, and no compio timer is set for it, so
+//! compio's per-turn timer work is not paid either.
 //!
 //! Shape: six levels of 64 slots, as in tokio's and the kernel's wheels. A
 //! deadline goes to the level of the highest 6-bit group in which its tick
@@ -27,8 +26,8 @@
 //! The tick is 4 ms because the deadlines guarded here are haproxy's and
 //! Nova's timeouts, configured in seconds (the shortest shipped is a second
 //! or more, tests use 100 ms and up): 4 ms late is below anything a peer can
-//! notice, while more entries share a tick and the driver wakes at most 250
-//! times a second, and only while a deadline is due. A deadline fires at the
+//! notice, while more entries share a tick and the loop wakes for them at
+//! most 250 times a second, and only while a deadline is due. A deadline fires at the
 //! first tick boundary at or after its `Instant` (rounded up, never early), so
 //! at most one tick plus the loop's own latency late.
 //!
@@ -52,7 +51,7 @@
 //!
 //! Rejected: a single-level hashed wheel (every entry further out than one
 //! revolution is walked once per revolution, and its earliest slot says
-//! nothing about when anything is due, so the driver would wake once per
+//! nothing about when anything is due, so the loop would wake once per
 //! revolution per busy slot); lazy deletion (a cancelled entry left in place
 //! until its slot comes round grows with the rate deadlines are created, not
 //! with how many are alive); a fixed-rate tick (a node with a few idle
