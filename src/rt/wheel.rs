@@ -482,7 +482,7 @@ pub(crate) fn timeout() -> Option<Duration> {
 /// (after the loop's wait in the kernel, as compio does for its timers).
 /// Nothing, and no clock read, when no deadline is pending.
 pub(crate) fn expire() {
-    let mut fired = match TIMERS.try_with(|t| {
+    let Ok(mut fired) = TIMERS.try_with(|t| {
         let Ok(mut t) = t.try_borrow_mut() else {
             return Vec::new();
         };
@@ -494,30 +494,20 @@ pub(crate) fn expire() {
         let mut fired = std::mem::take(&mut t.fired);
         t.wheel.advance(now, &mut fired);
         fired
-    }) {
-        Ok(f) => f,
-        Err(_) => return,
+    }) else {
+        return;
     };
-    if fired.is_empty() {
-        give_back(fired);
+    if fired.capacity() == 0 {
         return;
     }
     for w in fired.drain(..) {
         w.wake();
     }
-    give_back(fired);
-}
-
-/// Keep the fired list's allocation for the next [`expire`].
-fn give_back(fired: Vec<Waker>) {
-    if fired.capacity() == 0 {
-        return;
-    }
+    // Back for the next turn, to reuse its allocation: a wake only queues
+    // its task, so nothing took the list meanwhile.
     let _ = TIMERS.try_with(|t| {
         if let Ok(mut t) = t.try_borrow_mut() {
-            if t.fired.capacity() < fired.capacity() {
-                t.fired = fired;
-            }
+            t.fired = fired;
         }
     });
 }
